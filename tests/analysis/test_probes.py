@@ -1,0 +1,90 @@
+"""Ridge linear probes and few-shot splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vitcnn_store.analysis.probes import few_shot_split, fit_ridge, linear_probe_accuracy, predict
+
+
+def blobs(n_per_class, n_classes, dim, seed, sep=4.0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim)) * sep
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    X = centres[y] + rng.normal(size=(y.size, dim))
+    perm = rng.permutation(y.size)
+    return X[perm], y[perm]
+
+
+def reference_ridge(X, y, n_classes, l2):
+    """Primal ridge with an explicit unpenalized bias column on standardized features."""
+    mean, std = X.mean(0), X.std(0)
+    Z = np.hstack([(X - mean) / std, np.ones((len(X), 1))])
+    T = -np.ones((len(X), n_classes))
+    T[np.arange(len(X)), y] = 1
+    P = l2 * np.eye(Z.shape[1])
+    P[-1, -1] = 0.0
+    W = np.linalg.solve(Z.T @ Z + P, Z.T @ T)
+    return lambda Xq: ((Xq - mean) / std) @ W[:-1] + W[-1]
+
+
+@pytest.mark.parametrize(("n_per_class", "dim"), [(30, 5), (4, 40)])  # primal, dual
+def test_fit_matches_reference(n_per_class, dim):
+    X, y = blobs(n_per_class, 3, dim, seed=0)
+    l2 = 0.7
+    W = fit_ridge(X, y, 3, l2=l2)
+    assert W.shape == (dim + 1, 3)
+    Xq = np.random.default_rng(1).normal(size=(10, dim)) * 3
+    np.testing.assert_allclose(Xq @ W[:-1] + W[-1], reference_ridge(X, y, 3, l2)(Xq), atol=1e-9)
+
+
+def test_separable_beats_chance_few_shot_and_full():
+    X, y = blobs(300, 5, 32, seed=2)
+    tr, te = few_shot_split(y, shots=5, seed=0)
+    acc_few = linear_probe_accuracy(X[tr], y[tr], X[te], y[te])
+    acc_full = linear_probe_accuracy(X[:1000], y[:1000], X[1000:], y[1000:])
+    assert acc_few > 0.9 and acc_full > 0.95
+
+
+def test_shuffled_labels_sit_at_chance():
+    X, y = blobs(800, 4, 16, seed=3)
+    y_shuffled = np.random.default_rng(4).permutation(y)
+    n_train = 1200
+    acc = linear_probe_accuracy(
+        X[:n_train], y_shuffled[:n_train], X[n_train:], y_shuffled[n_train:]
+    )
+    n_test = len(y) - n_train
+    sd = np.sqrt(0.25 * 0.75 / n_test)  # binomial sd of accuracy at chance 1/4
+    assert abs(acc - 0.25) < 5 * sd
+
+
+def test_constant_features_and_torch_inputs():
+    torch = pytest.importorskip("torch")
+    X, y = blobs(20, 2, 3, seed=5)
+    X = np.hstack([X, np.full((len(X), 1), 7.0)])  # constant feature must not blow up
+    W = fit_ridge(torch.from_numpy(X), torch.from_numpy(y), 2)
+    assert np.all(np.isfinite(W))
+    assert np.mean(predict(W, X) == y) > 0.9
+
+
+def test_few_shot_split_is_deterministic_and_balanced():
+    y = np.array([0] * 10 + [1] * 6 + [2] * 4 + [-1] * 3)
+    tr, te = few_shot_split(y, shots=3, seed=7)
+    tr2, te2 = few_shot_split(y, shots=3, seed=7)
+    np.testing.assert_array_equal(tr, tr2)
+    np.testing.assert_array_equal(te, te2)
+    assert np.bincount(y[tr]).tolist() == [3, 3, 3]
+    assert set(tr).isdisjoint(te) and set(tr) | set(te) == set(range(20))
+    other = [tuple(few_shot_split(y, shots=3, seed=s)[0]) for s in range(5)]
+    assert len(set(other)) > 1
+    with pytest.raises(ValueError, match="class 2 has 4 examples"):
+        few_shot_split(y, shots=4, seed=0)
+
+
+def test_label_validation():
+    X = np.zeros((3, 2))
+    with pytest.raises(ValueError, match=">= 0"):
+        linear_probe_accuracy(X, [0, 1, -1], X, [0, 1, 1])
+    with pytest.raises(ValueError, match="labels for"):
+        fit_ridge(X, [0, 1], 2)

@@ -1,0 +1,60 @@
+"""vitcnn_store: a distributed activation store and analyses for ViTs and CNNs.
+
+Extract per-layer activations of timm models on a Ray cluster into a zarr v3
+store labelled for xarray, then compare representations offline (CKA,
+attention distance, localization, skip ratios, linear probes).
+
+Examples
+--------
+>>> import vitcnn_store
+>>> store = vitcnn_store.open_store("acts.zarr")  # doctest: +SKIP
+>>> store["vitb16"]["blocks.3"]  # doctest: +SKIP
+<xarray.DataArray 'activation' (image: 512, token: 197, channel: 768) ...>
+"""
+
+from vitcnn_store._version import FORMAT_VERSION, __version__
+from vitcnn_store.errors import (
+    CheckpointError,
+    DtypeOverflowError,
+    ImageDecodeError,
+    ImageSetError,
+    IncompleteRunError,
+    LayerPatternError,
+    ModelError,
+    NonFiniteActivationError,
+    NotAStoreError,
+    RunExistsError,
+    RunMismatchError,
+    RunNotFoundError,
+    StoreError,
+    StoreVersionError,
+    UnknownModelError,
+    UsageError,
+    VitcnnError,
+)
+from vitcnn_store.store.reader import Run, Store, open_store
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "DtypeOverflowError",
+    "ImageDecodeError",
+    "ImageSetError",
+    "IncompleteRunError",
+    "LayerPatternError",
+    "ModelError",
+    "NonFiniteActivationError",
+    "NotAStoreError",
+    "Run",
+    "RunExistsError",
+    "RunMismatchError",
+    "RunNotFoundError",
+    "Store",
+    "StoreError",
+    "StoreVersionError",
+    "UnknownModelError",
+    "UsageError",
+    "VitcnnError",
+    "__version__",
+    "open_store",
+]

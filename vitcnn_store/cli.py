@@ -1,0 +1,254 @@
+"""The ``vitcnn`` command line: a thin shell over the jobs and the store.
+
+Bad input exits with code 2 and a one-line message (``--debug`` shows the
+traceback). Heavy libraries are imported only by the subcommand that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from vitcnn_store.errors import UsageError, VitcnnError
+
+__all__ = ["build_parser", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit 2, like every other bad input
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _model_arg(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"--model-arg wants KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value  # a bare word is a string
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="timm model name, e.g. vit_base_patch16_224 or resnet50")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", action="store_true", help="timm pretrained weights")
+    weights.add_argument("--checkpoint", metavar="PATH", help="local .safetensors/.pth weights")
+    p.add_argument("--img-size", type=_positive_int, metavar="N", help="input resolution")
+    p.add_argument(
+        "--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
+        help="keyword argument for timm.create_model, VALUE a Python literal (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of random-init weights")
+
+
+def _add_extract_options(p: argparse.ArgumentParser) -> None:
+    _add_model_options(p)
+    p.add_argument("--images", required=True, help="folder, CSV manifest, or builtin:NAME")
+    p.add_argument("--store", required=True, help="store path or fsspec URL")
+    p.add_argument("--run", required=True, help="run name inside the store")
+    p.add_argument("--layers", default="preset:blocks", help="comma-separated patterns/presets")
+    p.add_argument("--attention", action="store_true", help="store attention probabilities")
+    p.add_argument("--attention-layers", metavar="PATTERNS", help="restrict --attention")
+    p.add_argument("--inputs", action="store_true", help="store the preprocessed input")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--chunk-size", type=int, default=32, help="images per chunk (= work unit)")
+    p.add_argument("--batch-size", type=int, help="forward batch size (default: chunk size)")
+    p.add_argument("--limit", type=int, metavar="N", help="use only the first N images")
+    p.add_argument("--strict", action="store_true", help="stop if any image fails to decode")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue an existing run")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing run")
+    p.add_argument("--workers", type=int, default=1, help="number of Ray actors")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--autocast", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vitcnn", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("extract", help="extract activations into a store (on Ray)")
+    _add_extract_options(p)
+
+    p = sub.add_parser("layers", help="list a model's capturable layers with output shapes")
+    _add_model_options(p)
+    p.add_argument("--layers", metavar="PATTERNS", help="show only what these patterns select")
+
+    p = sub.add_parser("ls", help="list the runs of a store")
+    p.add_argument("store")
+
+    p = sub.add_parser("show", help="provenance, layers and failed images of a run")
+    p.add_argument("store")
+    p.add_argument("run")
+
+    p = sub.add_parser("query", help="read stored activations of one layer")
+    p.add_argument("store")
+    p.add_argument("run")
+    p.add_argument("layer")
+    p.add_argument("--images", default=":", help="index slice START:STOP or list i,j,k")
+    p.add_argument("--ids", help="comma-separated image ids (instead of --images)")
+    p.add_argument("--attention", action="store_true", help="read attention, not activation")
+    p.add_argument("--out", help="write the array to this .npy file")
+
+    p = sub.add_parser("demo", help="the whole pipeline on built-in images, no network")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
+    p.add_argument("--out", default="vitcnn_demo", help="output folder (store, report)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--pretrained", action="store_true", help="timm pretrained weights")
+    p.add_argument("--vit-checkpoint", metavar="PATH", help="weights for the ViT")
+    p.add_argument("--resnet-checkpoint", metavar="PATH", help="weights for the ResNet")
+    return parser
+
+
+def _model_spec(args: argparse.Namespace) -> Any:
+    from vitcnn_store.models import ModelSpec
+
+    return ModelSpec(
+        name=args.model,
+        pretrained=args.pretrained,
+        checkpoint=args.checkpoint,
+        img_size=args.img_size,
+        model_args=dict(args.model_arg),
+        seed=args.seed,
+    )
+
+
+def _extract_config(args: argparse.Namespace) -> Any:
+    from jobs.extract import ExtractConfig
+
+    return ExtractConfig(
+        model=_model_spec(args), images=args.images, store=args.store, run=args.run,
+        layers=args.layers, attention=args.attention, attention_layers=args.attention_layers,
+        inputs=args.inputs, dtype=args.dtype, chunk_size=args.chunk_size,
+        batch_size=args.batch_size, limit=args.limit, strict=args.strict, resume=args.resume,
+        overwrite=args.overwrite, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker, device=args.device, autocast=args.autocast,
+        address=args.address, progress=not args.no_progress,
+    )  # fmt: skip
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from jobs.extract import extract
+
+    print(extract(_extract_config(args)))
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from vitcnn_store.inspect import describe_model_layers
+
+    print(describe_model_layers(_model_spec(args), args.layers))
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from vitcnn_store.inspect import describe_store
+
+    print(describe_store(args.store))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from vitcnn_store.inspect import describe_run
+
+    print(describe_run(args.store, args.run))
+    return 0
+
+
+def _parse_images(text: str, n: int) -> Any:
+    try:
+        if ":" in text:
+            parts = [int(p) if p else None for p in text.split(":")]
+            if len(parts) > 3:
+                raise ValueError
+            return slice(*parts)
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise UsageError(f"--images wants START:STOP or i,j,k, got {text!r}") from None
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from vitcnn_store.store import open_store
+
+    run = open_store(args.store)[args.run]
+    data = run.attention(args.layer) if args.attention else run[args.layer]
+    if args.ids:
+        ids = [i.strip() for i in args.ids.split(",") if i.strip()]
+        missing = sorted(set(ids) - set(run.image_ids))
+        if missing:
+            raise UsageError(f"unknown image id(s): {', '.join(missing[:5])}")
+        data = data.sel(image=data.image_id.isin(ids))
+    else:
+        sel = _parse_images(args.images, run.n_images)
+        if isinstance(sel, list) and any(not 0 <= i < run.n_images for i in sel):
+            raise UsageError(f"--images: indices must be in 0..{run.n_images - 1}")
+        data = data.isel(image=sel)
+    values = data.values
+    if args.out:
+        np.save(args.out, values)
+    mask = ~np.isnan(values.reshape(values.shape[0], -1)).all(axis=1) if values.size else []
+    print(
+        f"{args.run}/{args.layer} {'attention' if args.attention else 'activation'} "
+        f"{dict(zip(data.dims, values.shape, strict=True))} {values.dtype}, "
+        f"{int(np.sum(mask))} image(s) with data" + (f" -> {args.out}" if args.out else "")
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from jobs.demo import run_demo
+
+    return run_demo(args)
+
+
+COMMANDS = {
+    "extract": cmd_extract,
+    "layers": cmd_layers,
+    "ls": cmd_ls,
+    "show": cmd_show,
+    "query": cmd_query,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vitcnn`` console script."""
+    args = build_parser().parse_args(argv)
+    debug = args.debug or bool(os.environ.get("VITCNN_DEBUG"))
+    try:
+        return COMMANDS[args.command](args)
+    except VitcnnError as e:
+        if debug:
+            raise
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"vitcnn {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vitcnn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Layer names: glob patterns over ``model.named_modules()`` paths and presets.
+
+A pattern is matched against whole module paths: ``*`` matches within one path
+component, ``**`` across components (``blocks.*`` is each block, ``blocks.*.attn``
+each attention module, ``layer*.*`` each ResNet bottleneck, ``**.attn`` every
+module named ``attn``). Presets name the taps of the paper for the ViT and
+ResNet families.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from vitcnn_store.errors import LayerPatternError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "PRESETS",
+    "attention_modules",
+    "expand_layers",
+    "model_family",
+    "module_names",
+    "pattern_regex",
+]
+
+PRESETS = ("preset:blocks", "preset:paper")
+
+
+def pattern_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a layer pattern to a regex over full module paths.
+
+    Examples
+    --------
+    >>> bool(pattern_regex("blocks.*").fullmatch("blocks.3"))
+    True
+    >>> bool(pattern_regex("blocks.*").fullmatch("blocks.3.attn"))
+    False
+    >>> bool(pattern_regex("**.attn").fullmatch("blocks.3.attn"))
+    True
+    """
+    parts = re.split(r"(\*\*|\*)", pattern)
+    regex = "".join(
+        ".*" if p == "**" else "[^.]*" if p == "*" else re.escape(p) for p in parts if p
+    )
+    return re.compile(regex)
+
+
+def module_names(model: torch.nn.Module) -> list[str]:
+    """Every capturable module path, in definition order (the root excluded)."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def model_family(model: torch.nn.Module) -> str | None:
+    """``"vit"`` or ``"resnet"`` for the families with presets, else ``None``."""
+    from timm.models.resnet import ResNet
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, VisionTransformer):
+        return "vit"
+    if isinstance(model, ResNet):
+        return "resnet"
+    return None
+
+
+def attention_modules(model: torch.nn.Module) -> list[str]:
+    """Paths of the attention modules whose softmax probabilities can be captured.
+
+    These are timm's attention modules: they have a ``fused_attn`` switch and
+    apply ``attn_drop`` to the softmax output on the unfused path.
+    """
+    return [
+        name
+        for name, m in model.named_modules()
+        if name and hasattr(m, "fused_attn") and hasattr(m, "attn_drop") and hasattr(m, "qkv")
+    ]
+
+
+def _resnet_stages(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    return [
+        (f"layer{i}.{j}", block)
+        for i in range(1, 5)
+        if hasattr(model, f"layer{i}")
+        for j, block in enumerate(getattr(model, f"layer{i}"))
+    ]
+
+
+def _preset(model: torch.nn.Module, preset: str) -> list[str]:
+    family = model_family(model)
+    if family == "vit":
+        n_blocks = len(model.blocks)  # type: ignore[arg-type]
+        if preset == "preset:blocks":
+            return ["norm_pre"] + [f"blocks.{i}" for i in range(n_blocks)]
+        taps = ["norm1", "attn", "norm2", "mlp.act", "mlp", ""]
+        return ["norm_pre"] + [
+            f"blocks.{i}.{t}" if t else f"blocks.{i}" for i in range(n_blocks) for t in taps
+        ]
+    if family == "resnet":
+        stages = _resnet_stages(model)
+        if preset == "preset:blocks":
+            return ["maxpool"] + [name for name, _ in stages]
+        names = ["maxpool"]
+        for name, block in stages:
+            # The residual branch ends at the last batch norm (bn3 for bottlenecks,
+            # bn2 for basic blocks); the skip path is the downsample when present.
+            branch_end = "bn3" if hasattr(block, "bn3") else "bn2"
+            if getattr(block, "downsample", None) is not None:
+                names.append(f"{name}.downsample")
+            names += [f"{name}.{branch_end}", name]
+        return names
+    raise LayerPatternError(
+        f"{preset} is defined for the ViT (vit_*, deit_*) and ResNet (resnet*) families, "
+        f"not {type(model).__name__}; give module path patterns instead (see `vitcnn layers`)"
+    )
+
+
+def _split(patterns: str | Iterable[str]) -> list[str]:
+    items = patterns.split(",") if isinstance(patterns, str) else list(patterns)
+    out = [p.strip() for p in items if p.strip()]
+    if not out:
+        raise LayerPatternError("no layer patterns given")
+    return out
+
+
+def expand_layers(model: torch.nn.Module, patterns: str | Sequence[str]) -> list[str]:
+    """Resolve comma-separated patterns and presets to module paths.
+
+    The result keeps definition order and has no duplicates. A pattern that
+    matches nothing raises :class:`LayerPatternError` listing near matches.
+
+    Examples
+    --------
+    >>> import timm
+    >>> m = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32)
+    >>> expand_layers(m, "blocks.*")
+    ['blocks.0', 'blocks.1']
+    """
+    names = module_names(model)
+    chosen: set[str] = set()
+    for pattern in _split(patterns):
+        if pattern.startswith("preset:"):
+            if pattern not in PRESETS:
+                raise LayerPatternError(
+                    f"unknown preset {pattern!r}; known presets: {', '.join(PRESETS)}"
+                )
+            chosen.update(_preset(model, pattern))
+            continue
+        regex = pattern_regex(pattern)
+        hits = [n for n in names if regex.fullmatch(n)]
+        if not hits:
+            near = difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
+            hint = f"; near matches: {', '.join(near)}" if near else ""
+            raise LayerPatternError(
+                f"layer pattern {pattern!r} matches no module of {type(model).__name__}{hint}"
+                " (list them with `vitcnn layers MODEL`)"
+            )
+        chosen.update(hits)
+    return [n for n in names if n in chosen]
