@@ -8,6 +8,7 @@ holding at most two units at a time so its write overlaps its next forward.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -237,6 +238,9 @@ def plan_extraction(cfg: ExtractConfig) -> tuple[ExtractionPlan, dict[str, Any],
         layouts = cap.describe(torch.zeros(1, *dcfg["input_size"]))
     layers = sorted(layers, key=lambda n: layouts[n].depth_index)
     sha = weights_sha256(model)
+    is_cnn = not attention_modules(model) and any(
+        isinstance(m, torch.nn.Conv2d) for m in model.modules()
+    )
     provenance = _provenance(cfg, sha, dcfg, images, model_family(model), layers, attention)
     plan = ExtractionPlan(
         model=cfg.model,
@@ -253,6 +257,7 @@ def plan_extraction(cfg: ExtractConfig) -> tuple[ExtractionPlan, dict[str, Any],
         device=_resolve_device(cfg),
         autocast=cfg.autocast,
         threads=max(1, int(cfg.cpus_per_worker)),
+        channels_last=is_cnn,
     )
     return plan, provenance, _array_specs(layouts, dcfg, cfg.inputs)
 
@@ -284,7 +289,7 @@ def _connect(cfg: ExtractConfig) -> bool:
     if ray.is_initialized():
         return False
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"logging_level": "warning", "log_to_driver": True}
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if not address:
         kwargs["include_dashboard"] = False
     ray.init(address=address, **kwargs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,7 +47,7 @@ class ExtractionPlan:
     device: str = "cpu"
     autocast: bool = False
     threads: int | None = None
-    chunk_keys: tuple[str, ...] = field(default=())
+    channels_last: bool = False
 
 
 class UnitExtractor:
@@ -68,6 +68,10 @@ class UnitExtractor:
                 f"worker built other weights ({got[:12]} != {plan.weights_sha256[:12]})"
             )
         self.model = model.to(self.device)
+        if plan.channels_last:
+            # CNN feature maps then come out NHWC in memory: the stored layout, so the
+            # float16 copy is a straight cast; convolutions are faster this way too.
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.transform = make_transform(plan.data_config)
         self.writer = RunWriter(plan.url, plan.run)
         self.capture = Capture(self.model, plan.layers, plan.attention_layers).__enter__()
@@ -111,10 +115,12 @@ class UnitExtractor:
 
         n, bs = batch.shape[0], self.plan.batch_size
         host: dict[str, torch.Tensor] | None = None
-        peaks: list[tuple[str, torch.Tensor]] = []
+        peaks: list[tuple[str, torch.Tensor]] = []  # one (min, max) pair per array and batch
         use_autocast = self.plan.autocast and self.device.type == "cuda"
         for s in range(0, n, bs):
             x = batch[s : s + bs].to(self.device, non_blocking=True)
+            if self.plan.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
                 acts, attn = self.capture(x)
             out = {f"{k}/activation": v for k, v in acts.items()}
@@ -124,7 +130,8 @@ class UnitExtractor:
             if host is None:
                 host = self._host_buffers(n, {k: tuple(v.shape[1:]) for k, v in out.items()})
             for key, t in out.items():
-                peaks.append((key, t.detach().abs().amax().float()))
+                lo, hi = torch.aminmax(t.detach())  # one pass, no |t| temporary
+                peaks.append((key, torch.maximum(-lo, hi).float()))
                 host[key][s : s + t.shape[0]].copy_(t, non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -114,7 +114,7 @@ def describe_run(url: str, run_name: str) -> str:
                  f"{' ...' if len(names) > 10 else ''})")  # fmt: skip
 
     def shape(x: Any) -> str:
-        return shape(x)
+        return str(dict(zip(x.dims[1:], x.shape[1:], strict=True)))
 
     rows = []
     for layer in run.layers:

@@ -225,7 +225,7 @@ def make_transform(cfg: Mapping[str, Any]) -> Callable[[Any], torch.Tensor]:
     """The PIL-image → normalised CHW float tensor transform of ``cfg``."""
     from timm.data import create_transform
 
-    return create_transform(  # type: ignore[no-any-return]
+    return create_transform(
         input_size=tuple(cfg["input_size"]),
         interpolation=cfg["interpolation"],
         mean=tuple(cfg["mean"]),

@@ -6,7 +6,7 @@ import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 from vitcnn_store._version import FORMAT_VERSION
 from vitcnn_store.errors import NotAStoreError, StoreError, StoreVersionError, UsageError
@@ -77,7 +77,7 @@ def _is_empty_location(url: str) -> bool:
     return fs.isdir(path) and not fs.ls(path)
 
 
-def open_root(url: str, mode: str = "r", *, create: bool = False) -> Any:
+def open_root(url: str, mode: Literal["r", "r+", "a"] = "r", *, create: bool = False) -> Any:
     """Open the root group of a vitcnn store (creating an empty store if asked).
 
     Raises :class:`NotAStoreError` for a location holding something else,
@@ -108,7 +108,7 @@ def open_root(url: str, mode: str = "r", *, create: bool = False) -> Any:
         raise NotAStoreError(
             f"{url} is a zarr group but not a vitcnn store ({FORMAT_ATTR} missing)"
         )
-    if int(version) > FORMAT_VERSION:
+    if not isinstance(version, int) or version > FORMAT_VERSION:
         raise StoreVersionError(
             f"{url} has store format {version}; this vitcnn_store reads up to "
             f"{FORMAT_VERSION}: upgrade vitcnn_store"

@@ -1,0 +1,122 @@
+"""Extraction overhead: vitcnn extraction against the bare timm forward, in one process.
+
+Both sides run the same model, images, batch size and torch threads. "bare" is
+what any inference loop does (decode + preprocess + forward); "forward" is the
+model call alone on pre-decoded batches. "vitcnn" is the worker's unit pipeline
+(decode → forward with capture hooks → float16 → zarr write), run two units at
+a time as the Ray actor does so writes overlap forwards.
+
+    python benchmarks/extract_overhead.py                       # CPU, ViT-B/16 and ResNet-50
+    python benchmarks/extract_overhead.py --device cuda --images 512 --batch 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from jobs.extract import ExtractConfig, plan_extraction, prepare_store
+from jobs.worker import UnitExtractor
+from vitcnn_store.inspect import format_bytes, table
+from vitcnn_store.models import ModelSpec, build_model, make_transform
+
+
+def bare(plan, n: int, batch: int, device: str, channels_last: bool) -> tuple[float, float]:
+    """Seconds for decode+preprocess+forward, and for forward alone."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(plan.model).to(device, memory_format=fmt)
+    transform = make_transform(plan.data_config)
+    t0 = time.perf_counter()
+    batches = [
+        torch.stack([transform(plan.images.load(i)) for i in range(s, min(s + batch, n))])
+        for s in range(0, n, batch)
+    ]
+    decode = time.perf_counter() - t0
+    with torch.inference_mode():
+        model(batches[0][:2].to(device, memory_format=fmt))  # warm-up
+        t1 = time.perf_counter()
+        for b in batches:
+            model(b.to(device, memory_format=fmt))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        forward = time.perf_counter() - t1
+    return decode + forward, forward
+
+
+def vitcnn(plan, n_units: int) -> float:
+    extractor = UnitExtractor(plan)
+    with torch.inference_mode():
+        extractor.model(torch.zeros(2, *plan.data_config["input_size"], device=extractor.device))
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:  # the actor's max_concurrency=2
+        list(pool.map(extractor.run_unit, range(n_units)))
+    if plan.device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    extractor.close()
+    return seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="vit_base_patch16_224,resnet50")
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--layers", default="preset:blocks")
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows, notes = [], []
+    for name in args.models.split(","):
+        tmp = Path(tempfile.mkdtemp(prefix="vitcnn-bench-"))
+        try:
+            cfg = ExtractConfig(
+                model=ModelSpec(name), images="builtin:photos", store=str(tmp / "s.zarr"),
+                run="bench", layers=args.layers, dtype=args.dtype, chunk_size=args.batch,
+                limit=args.images, progress=False, device=args.device,
+            )  # fmt: skip
+            plan, provenance, specs = plan_extraction(cfg)
+            plan = type(plan)(**{**plan.__dict__, "threads": args.threads})
+            writer = prepare_store(cfg, plan, provenance, specs)
+            n = writer.n_images
+            t_bare, t_fwd = bare(plan, n, args.batch, args.device, channels_last=False)
+            t_ours = vitcnn(plan, len(writer.units))
+            if plan.channels_last:  # what we run for CNNs, shown for transparency
+                t_cl = bare(plan, n, args.batch, args.device, channels_last=True)[0]
+                notes.append(
+                    f"{name}: vitcnn runs CNNs channels-last; bare channels-last "
+                    f"{n / t_cl:.2f} img/s, vitcnn/that {t_cl / t_ours:.2f}"
+                )
+            stored = sum(
+                f.stat().st_size for f in (tmp / "s.zarr" / "bench").rglob("*") if f.is_file()
+            )
+            raw32 = sum(4 * int(torch.tensor(s.shape).prod()) for s in specs)  # per image, float32
+            rows.append([
+                name, f"{n / t_fwd:.2f}", f"{n / t_bare:.2f}", f"{n / t_ours:.2f}",
+                f"{t_bare / t_ours:.2f}", f"{t_fwd / t_ours:.2f}",
+                format_bytes(stored / n), format_bytes(raw32), f"{stored / n / raw32:.2f}",
+            ])  # fmt: skip
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"\n{args.images} images, batch {args.batch}, {args.threads} threads, {args.device}, "
+        f"layers {args.layers}, {args.dtype}"
+    )
+    print(table(rows, [
+        "model", "forward img/s", "bare img/s", "vitcnn img/s", "vitcnn/bare", "vitcnn/forward",
+        "stored/img", "raw f32/img", "ratio",
+    ]))  # fmt: skip
+    print("\n".join(notes))
+    print("target: vitcnn/bare >= 0.90")
+
+
+if __name__ == "__main__":
+    main()

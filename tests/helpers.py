@@ -1,0 +1,40 @@
+"""Small helpers shared by tests (kept out of conftest so they can be imported)."""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+
+def store_arrays(url: str, run: str) -> dict[str, np.ndarray]:
+    """Every array of a run, read with plain zarr, keyed by path (analyses excluded)."""
+    group = zarr.open_group(url, mode="r", path=run, use_consolidated=False)
+    out: dict[str, np.ndarray] = {}
+
+    def visit(g: zarr.Group, prefix: str) -> None:
+        for key, node in g.members():
+            path = f"{prefix}{key}"
+            if key.startswith("_"):
+                continue
+            if isinstance(node, zarr.Group):
+                visit(node, path + "/")
+            else:
+                values = node[...]
+                if values.dtype.kind not in "biufc":
+                    values = np.array(values.tolist(), dtype=str)
+                out[path] = values
+
+    visit(group, "")
+    return out
+
+
+def assert_runs_identical(url_a: str, run_a: str, url_b: str, run_b: str) -> None:
+    """Array-for-array identity of two runs (NaN equal to NaN)."""
+    a, b = store_arrays(url_a, run_a), store_arrays(url_b, run_b)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].shape == b[key].shape, key
+        if a[key].dtype.kind == "f":
+            assert np.array_equal(a[key], b[key], equal_nan=True), key
+        else:
+            assert np.array_equal(a[key], b[key]), key

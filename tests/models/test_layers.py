@@ -1,0 +1,90 @@
+"""Layer patterns and presets."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import timm
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vitcnn_store.errors import LayerPatternError
+from vitcnn_store.models import attention_modules, expand_layers, pattern_regex
+
+
+@pytest.fixture(scope="module")
+def vit() -> object:
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2)
+
+
+@pytest.fixture(scope="module")
+def resnet() -> object:
+    return timm.create_model("resnet18")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "hit"),
+    [
+        ("blocks.*", "blocks.3", True),
+        ("blocks.*", "blocks.3.attn", False),
+        ("blocks.*.attn", "blocks.3.attn", True),
+        ("layer*.*", "layer2.1", True),
+        ("layer*.*", "layer2.1.conv1", False),
+        ("**.attn", "blocks.11.attn", True),
+        ("blocks.**", "blocks.1.mlp.fc1", True),
+        ("blocks.1", "blocks.11", False),
+    ],
+)
+def test_pattern_semantics(pattern: str, path: str, hit: bool) -> None:
+    assert bool(pattern_regex(pattern).fullmatch(path)) is hit
+
+
+component = st.text(alphabet="abc0123_", min_size=1, max_size=4)
+
+
+@given(st.lists(component, min_size=1, max_size=4))
+def test_single_star_stays_in_one_component(parts: list[str]) -> None:
+    path = ".".join(parts)
+    stars = ".".join("*" for _ in parts)
+    assert pattern_regex(stars).fullmatch(path)
+    assert not pattern_regex(stars).fullmatch(path + ".x")
+    assert pattern_regex("**").fullmatch(path)
+    assert pattern_regex(re.escape(path).replace("\\", "")).fullmatch(path)
+
+
+def test_vit_presets(vit: object) -> None:
+    assert expand_layers(vit, "preset:blocks") == ["norm_pre", "blocks.0", "blocks.1"]
+    paper = expand_layers(vit, "preset:paper")
+    for tap in ["norm1", "attn", "norm2", "mlp.act", "mlp"]:
+        assert f"blocks.1.{tap}" in paper
+    assert len(paper) == 1 + 2 * 6
+
+
+def test_resnet_presets(resnet: object) -> None:
+    blocks = expand_layers(resnet, "preset:blocks")
+    assert blocks[0] == "maxpool" and blocks[1:3] == ["layer1.0", "layer1.1"] and len(blocks) == 9
+    paper = expand_layers(resnet, "preset:paper")
+    assert {"layer1.0.bn2", "layer2.0.downsample", "layer4.1"} <= set(paper)
+
+
+def test_comma_lists_deduplicate_in_definition_order(vit: object) -> None:
+    assert expand_layers(vit, "blocks.1, blocks.*,blocks.0") == ["blocks.0", "blocks.1"]
+
+
+def test_no_match_lists_near_matches(vit: object) -> None:
+    with pytest.raises(LayerPatternError, match=r"near matches: .*blocks\.1"):
+        expand_layers(vit, "block.1")
+
+
+def test_unknown_preset_and_family(vit: object) -> None:
+    with pytest.raises(LayerPatternError, match="preset:blocks"):
+        expand_layers(vit, "preset:nope")
+    convnext = timm.create_model("convnext_atto")
+    with pytest.raises(LayerPatternError, match="ViT"):
+        expand_layers(convnext, "preset:paper")
+
+
+def test_attention_modules(vit: object, resnet: object) -> None:
+    assert attention_modules(vit) == ["blocks.0.attn", "blocks.1.attn"]
+    assert attention_modules(resnet) == []

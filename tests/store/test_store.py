@@ -1,0 +1,160 @@
+"""Store format v1: create from a template, write units, read back, refuse what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from vitcnn_store import open_store
+from vitcnn_store.errors import (
+    DtypeOverflowError,
+    NotAStoreError,
+    RunExistsError,
+    RunMismatchError,
+    RunNotFoundError,
+    StoreError,
+    StoreVersionError,
+    UsageError,
+)
+from vitcnn_store.store import ArraySpec, RunWriter, create_run, prepare_run
+from vitcnn_store.store.layout import FORMAT_ATTR, check_name, unit_bounds
+from vitcnn_store.store.writer import to_store_dtype
+
+TOKENS = {
+    "token_kind": (("token",), np.array(["cls", "patch", "patch"])),
+    "token_y": (("token",), np.array([np.nan, 8.0, 8.0], dtype=np.float32)),
+    "token_x": (("token",), np.array([np.nan, 8.0, 24.0], dtype=np.float32)),
+}
+SPECS = [
+    ArraySpec("blocks.0", "activation", ("token", "channel"), (3, 4), TOKENS,
+              {"kind": "token", "depth_index": 0, "depth_fraction": 0.0}),
+    ArraySpec("layer1.0", "activation", ("y", "x", "channel"), (2, 2, 5),
+              {"y": (("y",), np.array([8.0, 24.0])), "x": (("x",), np.array([8.0, 24.0]))},
+              {"kind": "spatial", "depth_index": 1, "depth_fraction": 1.0}),
+]  # fmt: skip
+PROVENANCE = {"model": "m", "dtype": "float32", "chunk_size": 2, "n_images": 5}
+
+
+def make_run(url: str, name: str = "r", n: int = 5) -> None:
+    create_run(
+        url, name, image_ids=[f"img{i}" for i in range(n)], labels=list(range(n)), chunk=2,
+        dtype="float32", arrays=SPECS, attrs=PROVENANCE,
+    )  # fmt: skip
+
+
+def unit_values(n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "blocks.0/activation": rng.standard_normal((n, 3, 4)).astype(np.float32),
+        "layer1.0/activation": rng.standard_normal((n, 2, 2, 5)).astype(np.float32),
+    }
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    url = str(tmp_path / "s.zarr")
+    make_run(url)
+    writer = RunWriter(url, "r")
+    assert writer.units == unit_bounds(5, 2) == [(0, 2), (2, 4), (4, 5)]
+    written = {}
+    for unit in (2, 0):  # any order
+        start, stop = writer.units[unit]
+        written[unit] = unit_values(stop - start, unit)
+        writer.write_unit(unit, written[unit], np.zeros(stop - start, bool), [""] * (stop - start))
+    assert writer.pending_units() == [1]
+    run = open_store(url)["r"]
+    assert list(run.done) == [True, False, True]
+    assert not run.complete
+    assert list(run.valid) == [True, True, False, False, True]
+    x = run["blocks.0"]
+    assert x.dims == ("image", "token", "channel") and x.chunks[0] == (2, 2, 1)
+    np.testing.assert_array_equal(x.values[:2], written[0]["blocks.0/activation"])
+    assert np.isnan(x.values[2:4]).all()  # unwritten unit reads as NaN
+    assert list(x.sel(image=x.image_id.isin(["img4"])).label.values) == [4]
+    assert run.layers == ["blocks.0", "layer1.0"]
+    assert run["layer1.0"].x.values.tolist() == [8.0, 24.0]
+
+
+def test_opens_with_plain_xarray_and_zarr(tmp_path: Path) -> None:
+    url = str(tmp_path / "s.zarr")
+    make_run(url)
+    tree = xr.open_datatree(url, engine="zarr")
+    assert tree.attrs[FORMAT_ATTR] == 1
+    assert tree["r"]["blocks.0"]["activation"].dims == ("image", "token", "channel")
+    assert list(tree["r"]["image_id"].values) == [f"img{i}" for i in range(5)]
+    assert zarr.open_group(url, mode="r")["r/layer1.0/activation"].shape == (5, 2, 2, 5)
+
+
+def test_unit_write_checks_shapes_and_arrays(tmp_path: Path) -> None:
+    url = str(tmp_path / "s.zarr")
+    make_run(url)
+    writer = RunWriter(url, "r")
+    with pytest.raises(StoreError, match="missing or unknown"):
+        writer.write_unit(0, {"blocks.0/activation": np.zeros((2, 3, 4))}, np.zeros(2), ["", ""])
+    bad = unit_values(3, 0)
+    with pytest.raises(StoreError, match="chunk-aligned"):
+        writer.write_unit(0, bad, np.zeros(2, bool), ["", ""])
+    assert writer.pending_units() == [0, 1, 2]
+
+
+def test_existing_run_resume_and_overwrite(tmp_path: Path) -> None:
+    url = str(tmp_path / "s.zarr")
+    make_run(url)
+    with pytest.raises(RunExistsError, match="--resume"):
+        prepare_run(url, "r", PROVENANCE, resume=False, overwrite=False)
+    assert prepare_run(url, "r", PROVENANCE, resume=True, overwrite=False) is False
+    with pytest.raises(RunMismatchError, match="dtype"):
+        prepare_run(url, "r", {**PROVENANCE, "dtype": "float16"}, resume=True, overwrite=False)
+    assert prepare_run(url, "r", PROVENANCE, resume=False, overwrite=True) is True
+    assert prepare_run(url, "new", PROVENANCE, resume=False, overwrite=False) is True
+
+
+def test_not_a_store_and_newer_version(tmp_path: Path) -> None:
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "file.txt").write_text("hello")
+    with pytest.raises(NotAStoreError):
+        open_store(str(tmp_path / "plain"))
+    zarr.open_group(str(tmp_path / "z.zarr"), mode="w")
+    with pytest.raises(NotAStoreError, match="not a vitcnn store"):
+        open_store(str(tmp_path / "z.zarr"))
+    newer = zarr.open_group(str(tmp_path / "n.zarr"), mode="w")
+    newer.attrs[FORMAT_ATTR] = 99
+    with pytest.raises(StoreVersionError, match="upgrade"):
+        open_store(str(tmp_path / "n.zarr"))
+    with pytest.raises(StoreError, match="no store"):
+        open_store(str(tmp_path / "missing.zarr"))
+
+
+def test_unknown_run_and_layer(tmp_path: Path) -> None:
+    url = str(tmp_path / "s.zarr")
+    make_run(url)
+    with pytest.raises(RunNotFoundError, match="runs: r"):
+        open_store(url)["x"]
+    with pytest.raises(RunNotFoundError, match=r"near: blocks\.0"):
+        open_store(url)["r"]["blocks.00"]
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "_x", ".x", "", "a..b"])
+def test_invalid_names(name: str) -> None:
+    with pytest.raises(UsageError):
+        check_name(name)
+
+
+def test_float16_overflow_is_an_error() -> None:
+    ok = to_store_dtype("l", np.array([1.0, 60000.0]), "float16")
+    assert ok.dtype == np.float16 and np.isfinite(ok).all()
+    with pytest.raises(DtypeOverflowError, match="float32"):
+        to_store_dtype("l", np.array([1.0, 70000.0]), "float16")
+    assert to_store_dtype("l", np.array([70000.0]), "float32")[0] == 70000.0
+
+
+def test_memory_url() -> None:
+    url = "memory://vitcnn-test/s.zarr"
+    make_run(url)
+    writer = RunWriter(url, "r")
+    writer.write_unit(2, unit_values(1, 2), np.array([True]), ["bad file"])
+    run = open_store(url)["r"]
+    assert run.failed == {"img4": "bad file"}

@@ -1,0 +1,76 @@
+"""Capture: canonical layouts, coordinates, and leaving the model as found."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from vitcnn_store.capture import Capture, output_shapes, token_coordinates
+from vitcnn_store.errors import LayerPatternError
+
+
+@pytest.fixture(scope="module")
+def vit() -> torch.nn.Module:
+    return timm.create_model("vit_tiny_patch16_224", img_size=48, depth=2, reg_tokens=2).eval()
+
+
+def test_outputs_and_layouts(vit: torch.nn.Module) -> None:
+    x = torch.randn(2, 3, 48, 48)
+    with Capture(vit, ["blocks.0", "patch_embed.proj", "head"], ["blocks.1.attn"]) as cap:
+        acts, attn = cap(x)
+        layouts = cap.describe(x[:1])
+    assert acts["blocks.0"].shape == (2, 1 + 2 + 9, 192)
+    assert acts["patch_embed.proj"].shape == (2, 3, 3, 192)  # NCHW -> NHWC
+    assert acts["head"].shape == (2, 1000)
+    assert attn["blocks.1.attn"].shape == (2, 3, 12, 12)
+    torch.testing.assert_close(attn["blocks.1.attn"].sum(-1), torch.ones(2, 3, 12))
+    assert layouts["blocks.0"].kind == "token"
+    assert layouts["patch_embed.proj"].kind == "spatial"
+    assert layouts["head"].kind == "pooled"
+    assert layouts["patch_embed.proj"].depth_index < layouts["blocks.0"].depth_index
+    kinds = list(layouts["blocks.0"].coords["token_kind"])
+    assert kinds[:3] == ["cls", "reg", "reg"] and set(kinds[3:]) == {"patch"}
+    np.testing.assert_array_equal(layouts["patch_embed.proj"].coords["x"], [8.0, 24.0, 40.0])
+
+
+def test_model_left_as_found(vit: torch.nn.Module) -> None:
+    fused_before = [m.fused_attn for m in (vit.blocks[0].attn, vit.blocks[1].attn)]
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        before = vit(x)
+    with Capture(vit, ["blocks.0"], ["blocks.0.attn", "blocks.1.attn"]) as cap:
+        assert not vit.blocks[0].attn.fused_attn
+        cap(x)
+    assert [m.fused_attn for m in (vit.blocks[0].attn, vit.blocks[1].attn)] == fused_before
+    assert all(not m._forward_hooks for m in vit.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x), before)
+
+
+def test_hooks_removed_after_error(vit: torch.nn.Module) -> None:
+    with pytest.raises((RuntimeError, AssertionError)), Capture(vit, ["blocks.0"]) as cap:
+        cap(torch.randn(1, 3, 7, 7))  # wrong input size
+    assert all(not m._forward_hooks for m in vit.modules())
+
+
+def test_token_coordinates_of_16px_patches() -> None:
+    model = timm.create_model("vit_tiny_patch16_224", depth=1)
+    c = token_coordinates(model, 197, (224, 224))
+    assert c["token_kind"][0] == "cls" and np.isnan(c["token_x"][0])
+    assert c["token_x"][1] == 8.0 and c["token_y"][1] == 8.0
+    assert c["token_x"][14] == 216.0 and c["token_y"][15] == 24.0
+
+
+def test_unknown_and_non_attention_modules(vit: torch.nn.Module) -> None:
+    with pytest.raises(LayerPatternError, match="no module"):
+        Capture(vit, ["nope"])
+    with pytest.raises(LayerPatternError, match="not an attention"):
+        Capture(vit, [], ["blocks.0"])
+
+
+def test_output_shapes(vit: torch.nn.Module) -> None:
+    shapes = output_shapes(vit, torch.zeros(1, 3, 48, 48))
+    assert shapes["blocks.1.mlp.fc1"] == (1, 12, 768)
+    assert all(not m._forward_hooks for m in vit.modules())

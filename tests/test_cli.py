@@ -1,0 +1,86 @@
+"""The vitcnn CLI: listing, showing, querying, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vitcnn_store.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vitcnn_store.cli", *args], capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+
+
+def test_ls_and_show(tiny_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ls", tiny_store]) == 0
+    out = capsys.readouterr().out
+    assert "vit_tiny_patch16_224" in out and "resnet18" in out and "3/3" in out
+    assert main(["show", tiny_store, "vit"]) == 0
+    out = capsys.readouterr().out
+    assert "weights_source: random-init" in out
+    assert "blocks.1.attn/attention" in out and "failed images: 0" in out
+
+
+def test_query_by_index_and_id(tiny_store: str, tmp_path: Path) -> None:
+    out = tmp_path / "x.npy"
+    assert (
+        main(["query", tiny_store, "vit", "blocks.1", "--images", "0:16", "--out", str(out)]) == 0
+    )
+    assert np.load(out).shape == (16, 5, 192)
+    assert main(["query", tiny_store, "vit", "blocks.1", "--ids", "faces/0100,faces/0000",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert np.load(out).shape == (2, 5, 192)
+    assert main(["query", tiny_store, "vit", "blocks.0.attn", "--attention", "--images", "1,2",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert np.load(out).shape == (2, 3, 5, 5)
+
+
+def test_layers_lists_shapes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["layers", "vit_tiny_patch16_224", "--img-size", "32", "--model-arg", "depth=1",
+                 "--layers", "blocks.*.attn"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "blocks.0.attn" in out and "(5, 192)" in out and "attention" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["extract", "vit_bse_patch16_224", "--images", "builtin:faces", "--store", "{tmp}/s.zarr",
+          "--run", "r"], "closest timm names"),
+        (["extract", "resnet18", "--images", "builtin:faces", "--store", "{tmp}/s.zarr", "--run",
+          "r", "--layers", "layer9.*"], "matches no module"),
+        (["extract", "resnet18", "--images", "{tmp}/nowhere", "--store", "{tmp}/s.zarr", "--run",
+          "r"], "nowhere"),
+        (["extract", "resnet18", "--images", "builtin:faces", "--store", "{tmp}/s.zarr", "--run",
+          "../r"], "invalid run name"),
+        (["extract", "resnet18", "--images", "builtin:faces", "--store", "{tmp}/s.zarr", "--run",
+          "r", "--workers", "0"], "--workers must be positive"),
+        (["ls", "{tmp}"], "not a vitcnn store"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "junk.txt").write_text("not a store")
+    result = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "s.zarr").exists()  # nothing written
+
+
+def test_query_unknown_layer_exit_2(tiny_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["query", tiny_store, "vit", "blocks.7"]) == 2
+    assert "near" in capsys.readouterr().err
+
+
+def test_argparse_errors_exit_2() -> None:
+    result = run_cli("extract", "resnet18")
+    assert result.returncode == 2 and "required" in result.stderr
