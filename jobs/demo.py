@@ -74,7 +74,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
     started = not ray.is_initialized()
     if started:  # one local Ray cluster for every step
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(
+            include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1"
+        )
     try:
         for cfg in (plan.vit, plan.resnet):
             name, weights = cfg.model.name, cfg.model.weights_source

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,7 +33,16 @@ from vitcnn_store.models import (
     weights_sha256,
 )
 from vitcnn_store.store import ArraySpec, RunWriter, consolidate, create_run, prepare_run
-from vitcnn_store.store.layout import check_name
+from vitcnn_store.store.layout import check_name, open_root
+from vitcnn_store.store.lease import (
+    DEFAULT_TTL,
+    Lease,
+    acquire_lease,
+    check_not_leased,
+    new_owner,
+    release_lease,
+    renew_lease,
+)
 
 __all__ = ["ExtractConfig", "ExtractSummary", "extract"]
 
@@ -65,6 +75,7 @@ class ExtractConfig:
     autocast: bool = False
     address: str | None = None
     progress: bool = True
+    lease_ttl: float = DEFAULT_TTL
     extra_attrs: Mapping[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -74,6 +85,7 @@ class ExtractConfig:
             ("--chunk-size", self.chunk_size),
             ("--batch-size", self.batch_size if self.batch_size is not None else 1),
             ("--cpus-per-worker", self.cpus_per_worker),
+            ("--lease-ttl", self.lease_ttl),
         ):
             if value <= 0:
                 raise UsageError(f"{name} must be positive, got {value}")
@@ -265,6 +277,7 @@ def plan_extraction(cfg: ExtractConfig) -> tuple[ExtractionPlan, dict[str, Any],
 def prepare_store(cfg: ExtractConfig, plan: ExtractionPlan, provenance: dict[str, Any],
                   specs: list[ArraySpec]) -> RunWriter:  # fmt: skip
     """Create (or check for resume) the run; nothing is written before all checks pass."""
+    _refuse_if_leased(cfg)
     if cfg.strict:
         bad = plan.images.check_all(progress=cfg.progress)
         if bad:
@@ -282,6 +295,51 @@ def prepare_store(cfg: ExtractConfig, plan: ExtractionPlan, provenance: dict[str
     return RunWriter(cfg.store, cfg.run)
 
 
+def _refuse_if_leased(cfg: ExtractConfig) -> None:
+    try:
+        root = open_root(cfg.store, mode="r")
+    except VitcnnError:
+        return  # no store yet: nothing can hold the run; open errors surface later
+    if cfg.run in root:
+        check_not_leased(cfg.store, cfg.run)
+
+
+class _LeaseKeeper:
+    """Holds a run's lease for one job, renewing it from a background thread."""
+
+    def __init__(self, cfg: ExtractConfig) -> None:
+        self.url, self.run, self.ttl = cfg.store, cfg.run, cfg.lease_ttl
+        self.lease: Lease = acquire_lease(self.url, self.run, new_owner(), self.ttl)
+        self._stop = threading.Event()
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._renew, daemon=True, name="vitcnn-lease")
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                self.lease = renew_lease(self.url, self.run, self.lease, self.ttl)
+            except Exception as e:  # surfaced by check() on the driver's thread
+                self._error = e
+                return
+
+    def check(self) -> None:
+        """Raise if the lease was lost (another job took the run over)."""
+        if self._error is not None:
+            raise self._error
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        release_lease(self.url, self.run, self.lease.owner)
+
+
+def _passthrough_env() -> dict[str, str]:
+    """Credentials and endpoints for object stores, forwarded to the actors."""
+    prefixes = ("AWS_", "FSSPEC_", "GOOGLE_", "GCSFS_", "AZURE_", "S3_")
+    return {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
+
+
 def _connect(cfg: ExtractConfig) -> bool:
     """Connect to Ray (``--address``, ``RAY_ADDRESS`` or a new local one); True if started here."""
     import ray
@@ -291,7 +349,8 @@ def _connect(cfg: ExtractConfig) -> bool:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if not address:
-        kwargs["include_dashboard"] = False
+        # A cluster of our own stays on loopback: nothing is exposed to the network.
+        kwargs.update(include_dashboard=False, _node_ip_address="127.0.0.1")
     ray.init(address=address, **kwargs)
     return True
 
@@ -334,18 +393,24 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     t0 = time.perf_counter()
     plan, provenance, specs = plan_extraction(cfg)
     writer = prepare_store(cfg, plan, provenance, specs)
-    pending = writer.pending_units()
-    summary = ExtractSummary(cfg.run, cfg.store, writer.n_images, len(writer.units), 0, 0, {}, 0.0)
-    if pending:
-        started = _connect(cfg)
-        try:
-            _check_resources(cfg)
-            _drive(cfg, plan, writer, pending, summary)
-        finally:
-            if started:
-                import ray
+    keeper = _LeaseKeeper(cfg)
+    try:
+        pending = writer.pending_units()
+        summary = ExtractSummary(
+            cfg.run, cfg.store, writer.n_images, len(writer.units), 0, 0, {}, 0.0
+        )
+        if pending:
+            started = _connect(cfg)
+            try:
+                _check_resources(cfg)
+                _drive(cfg, plan, writer, pending, summary, keeper)
+            finally:
+                if started:
+                    import ray
 
-                ray.shutdown()
+                    ray.shutdown()
+    finally:
+        keeper.release()
     consolidate(cfg.store)
     from vitcnn_store.store import open_store
 
@@ -355,7 +420,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
 
 
 def _drive(cfg: ExtractConfig, plan: ExtractionPlan, writer: RunWriter, pending: list[int],
-           summary: ExtractSummary) -> None:  # fmt: skip
+           summary: ExtractSummary, keeper: _LeaseKeeper) -> None:  # fmt: skip
     import ray
     from tqdm.auto import tqdm
 
@@ -365,6 +430,7 @@ def _drive(cfg: ExtractConfig, plan: ExtractionPlan, writer: RunWriter, pending:
         max_concurrency=IN_FLIGHT_PER_ACTOR,
         max_restarts=2,
         max_task_retries=2,  # a retried unit rewrites the same chunks: idempotent
+        runtime_env={"env_vars": _passthrough_env()},
     )
     # The plan goes by value: an actor restarted after a crash must not depend on an
     # object-store copy that may be gone.
@@ -390,6 +456,7 @@ def _drive(cfg: ExtractConfig, plan: ExtractionPlan, writer: RunWriter, pending:
             summary.units_written += 1
             summary.images_written += n
             bar.update(n)
+            keeper.check()
             if queue:
                 in_flight[actor.run_unit.remote(queue.pop(0))] = actor
     finally:

@@ -24,6 +24,7 @@ def ray_cluster() -> Iterator[None]:
             include_dashboard=False,
             object_store_memory=256 * 1024**2,
             logging_level="warning",
+            _node_ip_address="127.0.0.1",  # tests talk to loopback only
         )
     yield
     ray.shutdown()

@@ -78,7 +78,15 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--autocast", action="store_true", help="bf16 autocast on CUDA")
-    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument(
+        "--address",
+        help="Ray address (default: RAY_ADDRESS or a local Ray); for submit, the job server "
+        "http://HEAD:8265",
+    )
+    p.add_argument(
+        "--lease-ttl", type=float, default=120.0, metavar="SECONDS",
+        help="how long after a crash its run stays locked before --resume may take over",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -89,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("extract", help="extract activations into a store (on Ray)")
     _add_extract_options(p)
+
+    p = sub.add_parser("submit", help="submit a job to a remote Ray cluster (Ray Jobs API)")
+    jobs = p.add_subparsers(dest="job", required=True, parser_class=_Parser)
+    p = jobs.add_parser("extract", help="vitcnn extract, run as a Ray Job")
+    _add_extract_options(p)
+    p.add_argument("--wait", action="store_true", help="follow the job's logs to its end")
+    p.add_argument("--pip", action="append", default=[], help="extra pip package for the job")
+    p.add_argument("--job-id", help="submission id (default: generated)")
 
     p = sub.add_parser("layers", help="list a model's capturable layers with output shapes")
     _add_model_options(p)
@@ -117,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true", help="timm pretrained weights")
     p.add_argument("--vit-checkpoint", metavar="PATH", help="weights for the ViT")
     p.add_argument("--resnet-checkpoint", metavar="PATH", help="weights for the ResNet")
+
     return parser
 
 
@@ -143,7 +160,7 @@ def _extract_config(args: argparse.Namespace) -> Any:
         batch_size=args.batch_size, limit=args.limit, strict=args.strict, resume=args.resume,
         overwrite=args.overwrite, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker, device=args.device, autocast=args.autocast,
-        address=args.address, progress=not args.no_progress,
+        address=args.address, progress=not args.no_progress, lease_ttl=args.lease_ttl,
     )  # fmt: skip
 
 
@@ -152,6 +169,21 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     print(extract(_extract_config(args)))
     return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from jobs.submit import SubmitRequest, entrypoint_args, submit
+
+    _extract_config(args).validate()  # refuse bad input here, not on the cluster
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise UsageError("submit needs --address http://HEAD:8265 or RAY_ADDRESS")
+    argv = list(args.raw_argv)
+    after = argv[argv.index("submit") + 1 :]
+    extract_argv = after[after.index("extract") + 1 :]
+    request = SubmitRequest(address, entrypoint_args(extract_argv), args.wait, tuple(args.pip),
+                            args.job_id)  # fmt: skip
+    return submit(request)
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
@@ -225,6 +257,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "extract": cmd_extract,
+    "submit": cmd_submit,
     "layers": cmd_layers,
     "ls": cmd_ls,
     "show": cmd_show,
@@ -235,7 +268,9 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vitcnn`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.raw_argv = argv
     debug = args.debug or bool(os.environ.get("VITCNN_DEBUG"))
     try:
         return COMMANDS[args.command](args)

@@ -18,6 +18,7 @@ __all__ = [
     "NonFiniteActivationError",
     "NotAStoreError",
     "RunExistsError",
+    "RunLockedError",
     "RunMismatchError",
     "RunNotFoundError",
     "StoreError",
@@ -109,3 +110,7 @@ class NonFiniteActivationError(StoreError):
 
 class ImageDecodeError(VitcnnError):
     """One image file cannot be decoded (recorded per image unless --strict)."""
+
+
+class RunLockedError(StoreError):
+    """Another live job holds the run's lease."""

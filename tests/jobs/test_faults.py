@@ -1,0 +1,147 @@
+"""Fault tolerance: killed actors, a killed driver, half-written units, run leases."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import ray
+
+from jobs.extract import ExtractConfig, extract, plan_extraction, prepare_store
+from jobs.worker import UnitExtractor
+from tests.conftest import TINY_VIT
+from tests.helpers import assert_runs_identical
+from vitcnn_store import open_store
+from vitcnn_store.errors import RunLockedError
+from vitcnn_store.store.lease import acquire_lease, current_lease
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+# Enough small units that a job is still running when the test strikes.
+JOB = {"images": "builtin:photos", "limit": 192, "chunk_size": 4, "layers": "preset:blocks"}
+
+
+def config(url: str, run: str, **changes: object) -> ExtractConfig:
+    from vitcnn_store.models import ModelSpec
+
+    model = ModelSpec(TINY_VIT["name"], img_size=64, model_args=TINY_VIT["model_args"])
+    options: dict[str, object] = {**JOB, "progress": False, **changes}
+    return ExtractConfig(model=model, store=url, run=run, **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = str(tmp_path_factory.mktemp("clean") / "acts.zarr")
+    extract(config(url, "r"))
+    return url
+
+
+def n_done(url: str, run: str) -> int:
+    try:
+        return int(open_store(url)[run].done.sum())
+    except Exception:
+        return 0
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.05)
+
+
+def actor_pids() -> list[int]:
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if any("ExtractionActor" in part for part in (p.info["cmdline"] or []))
+    ]
+
+
+def test_killed_actor_job_completes_identically(clean: str, tmp_path: Path) -> None:
+    url = str(tmp_path / "acts.zarr")
+    result: dict[str, object] = {}
+    job = threading.Thread(target=lambda: result.update(summary=extract(config(url, "r"))))
+    job.start()
+    wait_for(lambda: n_done(url, "r") >= 2 and bool(actor_pids()))
+    total = len(open_store(url)["r"].done)
+    done_at_kill = n_done(url, "r")
+    os.kill(actor_pids()[0], signal.SIGKILL)
+    job.join(timeout=300)
+    assert done_at_kill < total, "the job ended before the actor was killed"
+    assert "summary" in result
+    assert open_store(url)["r"].complete
+    assert_runs_identical(url, "r", clean, "r")
+
+
+def test_killed_driver_resume_completes_identically(clean: str, tmp_path: Path) -> None:
+    url = str(tmp_path / "acts.zarr")
+    address = ray.get_runtime_context().gcs_address
+    argv = [
+        sys.executable, "-m", "vitcnn_store.cli", "extract", TINY_VIT["name"],
+        "--img-size", "64", "--model-arg", "depth=2", "--images", JOB["images"],
+        "--limit", str(JOB["limit"]), "--chunk-size", str(JOB["chunk_size"]),
+        "--layers", JOB["layers"], "--store", url, "--run", "r", "--address", address,
+        "--lease-ttl", "3", "--no-progress",
+    ]  # fmt: skip
+    driver = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: n_done(url, "r") >= 2 or driver.poll() is not None)
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.wait(timeout=60)
+    assert driver.returncode == -signal.SIGKILL, driver.stderr.read() if driver.stderr else ""
+    done_before = open_store(url)["r"].done
+    assert not done_before.all()
+    assert current_lease(url, "r") is not None  # the dead driver's lease is still there
+    with pytest.raises(RunLockedError, match="being written by job-"):
+        extract(config(url, "r", resume=True))
+    wait_for(lambda: current_lease(url, "r").expired, timeout=30)  # type: ignore[union-attr]
+    summary = extract(config(url, "r", resume=True))
+    assert summary.units_written == int((~done_before).sum())
+    assert current_lease(url, "r") is None
+    assert_runs_identical(url, "r", clean, "r")
+
+
+def test_half_written_unit_is_never_done_and_is_rewritten(clean: str, tmp_path: Path) -> None:
+    url = str(tmp_path / "acts.zarr")
+    cfg = config(url, "r")
+    plan, provenance, specs = plan_extraction(cfg)
+    writer = prepare_store(cfg, plan, provenance, specs)
+    UnitExtractor(plan).run_unit(0)
+    # A writer that died mid-unit: one array's chunk written, one chunk file torn.
+    start, stop = writer.units[1]
+    writer._arrays["blocks.0/activation"][start:stop] = np.ones((stop - start, 17, 192))
+    torn = Path(url) / "r" / "blocks.1" / "activation" / "c" / "1" / "0" / "0"
+    torn.parent.mkdir(parents=True, exist_ok=True)
+    torn.write_bytes(b"\x02\x01garbage")
+    run = open_store(url)["r"]
+    assert list(run.done[:2]) == [True, False]
+    assert not run.valid[start:stop].any()
+    # Reads of finished units are unaffected by the leftovers.
+    np.testing.assert_array_equal(
+        run["blocks.1"].isel(image=slice(0, start)).values,
+        open_store(clean)["r"]["blocks.1"].isel(image=slice(0, start)).values,
+    )
+    extract(config(url, "r", resume=True))
+    assert_runs_identical(url, "r", clean, "r")
+
+
+def test_live_lease_refuses_a_second_job(clean: str) -> None:
+    acquire_lease(clean, "r", "job-other", ttl=2)
+    with pytest.raises(RunLockedError, match="job-other"):
+        extract(config(clean, "r", resume=True))
+    with pytest.raises(RunLockedError, match="job-other"):
+        extract(config(clean, "r", overwrite=True))
+    time.sleep(2.5)
+    assert extract(config(clean, "r", resume=True)).units_written == 0
+    assert current_lease(clean, "r") is None

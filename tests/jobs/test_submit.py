@@ -1,0 +1,138 @@
+"""`vitcnn submit extract` against a real Ray head started by the test (Ray Jobs API)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from jobs.submit import entrypoint_args
+from vitcnn_store import open_store
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_cluster(proc: subprocess.Popen[bytes], temp_dir: str) -> None:
+    """Stop only this cluster: its process group, then anything still using its temp dir."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=30)
+            break
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            continue
+    for p in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in part for part in (p.info["cmdline"] or [])):
+            p.kill()
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[str]:
+    """A Ray head with the job server on loopback; yields its http address."""
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths are long
+    dashboard = free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    argv = [
+        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+        f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        "--include-dashboard=true", "--num-cpus=1", f"--temp-dir={temp_dir}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}", "--disable-usage-stats",
+    ]  # fmt: skip
+    log = open(Path(temp_dir) / "head.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # the server answers (token auth says 401): it is up
+            except Exception as e:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError((Path(temp_dir) / "head.log").read_text()[-2000:]) from e
+                time.sleep(1)
+        yield address
+    finally:
+        stop_cluster(proc, temp_dir)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_entrypoint_drops_client_options() -> None:
+    argv = ["resnet50", "--address=http://h:8265", "--pip", "x", "--wait", "--run", "r"]
+    assert entrypoint_args(argv) == ["resnet50", "--run", "r"]
+
+
+def test_submit_and_wait(ray_head: str, tmp_path: Path) -> None:
+    store = tmp_path / "acts.zarr"
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vitcnn_store.cli",
+            "submit",
+            "extract",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--model-arg",
+            "depth=1",
+            "--images",
+            "builtin:faces",
+            "--limit",
+            "16",
+            "--chunk-size",
+            "8",
+            "--store",
+            str(store),
+            "--run",
+            "sub",
+            "--address",
+            ray_head,
+            "--wait",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "submitted Ray job" in result.stdout and "SUCCEEDED" in result.stdout
+    assert "ray job logs" in result.stdout
+    run = open_store(str(store))["sub"]
+    assert run.complete and run.n_images == 16
+
+
+def test_submit_refuses_bad_input_locally(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "vitcnn_store.cli", "submit", "extract", "resnet18", "--images",
+         "builtin:faces", "--store", str(tmp_path / "s.zarr"), "--run", "a/b", "--address",
+         "http://127.0.0.1:9"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "invalid run name" in result.stderr
