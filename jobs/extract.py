@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.worker import ExtractionPlan, make_actor_class
+from jobs.worker import ExtractionPlan, check_peaks, make_actor_class
 from vitcnn_store._version import FORMAT_VERSION, __version__
 from vitcnn_store.capture import Capture, LayerLayout
 from vitcnn_store.data import ImageSet, open_image_set
@@ -236,6 +236,22 @@ def _resolve_device(cfg: ExtractConfig) -> str:
     return "cuda" if cfg.gpus_per_worker > 0 else "cpu"
 
 
+def _first_image(images: ImageSet, dcfg: dict[str, Any]) -> Any:
+    """The first decodable image, preprocessed, as a batch of one (zeros if none decode)."""
+    import torch
+
+    from vitcnn_store.errors import ImageDecodeError
+    from vitcnn_store.models import make_transform
+
+    transform = make_transform(dcfg)
+    for i in range(min(len(images), 8)):
+        try:
+            return transform(images.load(i)).unsqueeze(0)
+        except ImageDecodeError:
+            continue
+    return torch.zeros(1, *dcfg["input_size"])
+
+
 def plan_extraction(cfg: ExtractConfig) -> tuple[ExtractionPlan, dict[str, Any], list[ArraySpec]]:
     """Build the model once and derive the run's template and the workers' plan."""
     import torch
@@ -247,7 +263,12 @@ def plan_extraction(cfg: ExtractConfig) -> tuple[ExtractionPlan, dict[str, Any],
     attention = _select_attention(model, cfg)
     dcfg = data_config(model, cfg.model.img_size)
     with Capture(model, layers, attention) as cap:
-        layouts = cap.describe(torch.zeros(1, *dcfg["input_size"]))
+        # The template comes from a real image, so weights that overflow float16 or
+        # give NaN are refused here, before anything is written.
+        x = _first_image(images, dcfg)
+        acts, attn = cap(x)
+        check_peaks(((k, float(v.abs().max())) for k, v in {**acts, **attn}.items()), cfg.dtype)
+        layouts = cap.describe(x)
     layers = sorted(layers, key=lambda n: layouts[n].depth_index)
     sha = weights_sha256(model)
     is_cnn = not attention_modules(model) and any(

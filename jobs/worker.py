@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,7 @@ from vitcnn_store.store.writer import FLOAT16_MAX
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ExtractionPlan", "UnitExtractor", "make_actor_class"]
+__all__ = ["ExtractionPlan", "UnitExtractor", "check_peaks", "make_actor_class"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,24 @@ class ExtractionPlan:
     autocast: bool = False
     threads: int | None = None
     channels_last: bool = False
+
+
+def check_peaks(peaks: Iterable[tuple[str, float]], dtype: str) -> None:
+    """Refuse NaN/inf activations, and values beyond float16 when storing float16.
+
+    ``peaks`` pairs an array key (``layer/activation``) with its largest magnitude.
+    """
+    for key, peak in peaks:
+        layer = key.rsplit("/", 1)[0]
+        if not np.isfinite(peak):
+            raise NonFiniteActivationError(
+                f"layer {layer!r} produced NaN/inf activations; check the weights or checkpoint"
+            )
+        if dtype == "float16" and peak > FLOAT16_MAX:
+            raise DtypeOverflowError(
+                f"layer {layer!r} has values up to {peak:.4g}, beyond float16's "
+                f"{FLOAT16_MAX:g}; extract with --dtype float32"
+            )
 
 
 class UnitExtractor:
@@ -143,17 +162,7 @@ class UnitExtractor:
         import torch
 
         values = torch.stack([p for _, p in peaks]).cpu().numpy()  # one sync for all layers
-        for (key, _), peak in zip(peaks, values, strict=True):
-            layer = key.rsplit("/", 1)[0]
-            if not np.isfinite(peak):
-                raise NonFiniteActivationError(
-                    f"layer {layer!r} produced NaN/inf activations; check the weights"
-                )
-            if self.plan.dtype == "float16" and peak > FLOAT16_MAX:
-                raise DtypeOverflowError(
-                    f"layer {layer!r} has values up to {peak:.4g}, beyond float16's "
-                    f"{FLOAT16_MAX:g}; extract with --dtype float32"
-                )
+        check_peaks(zip([k for k, _ in peaks], values, strict=True), self.plan.dtype)
 
     def run_unit(self, unit: int) -> int:
         """Extract and write unit ``unit``; returns the number of images written."""

@@ -94,7 +94,9 @@ def open_root(url: str, mode: Literal["r", "r+", "a"] = "r", *, create: bool = F
                 root.attrs[FORMAT_ATTR] = FORMAT_VERSION
                 return root
             try:
-                root = zarr.open_group(url, mode=mode, zarr_format=3, use_consolidated=False)
+                # Never mode "a" here: it would turn any folder into a zarr group.
+                existing = "r" if mode == "r" else "r+"
+                root = zarr.open_group(url, mode=existing, zarr_format=3, use_consolidated=False)
             except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
                 if not create and _is_empty_location(url):
                     raise StoreError(f"no store at {url}") from e

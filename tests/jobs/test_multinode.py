@@ -1,0 +1,31 @@
+"""Extraction spread over two Ray nodes writes one store, identical to a one-node run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import extract_tiny
+from tests.helpers import assert_runs_identical
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_two_nodes_identical_to_one(tmp_path: Path) -> None:
+    url = str(tmp_path / "acts.zarr")
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.jobs.multinode_job", url],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    nodes = {line[5:] for line in result.stdout.splitlines() if line.startswith("node:")}
+    assert len(nodes) == 2, result.stdout
+    extract_tiny(url, "single", "vit", layers="preset:paper", attention=True, inputs=True,
+                 dtype="float32", workers=1)  # fmt: skip
+    assert_runs_identical(url, "multi", url, "single")
