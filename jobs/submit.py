@@ -81,6 +81,9 @@ def _client(address: str) -> Any:
         os.environ["RAY_AUTH_MODE"] = "token"
     from ray.job_submission import JobSubmissionClient
 
+    # The SDK lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override an explicit address.
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        os.environ.pop(name, None)
     try:
         return JobSubmissionClient(address)
     except Exception as e:
