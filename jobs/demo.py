@@ -1,8 +1,8 @@
 """``vitcnn demo``: the main job on an embedded default, no network and no GPU needed.
 
 Starts a local Ray cluster, extracts a ViT and a ResNet over built-in real
-photographs into a local store (random-init weights unless weights are given)
-and prints a summary of the store.
+photographs into a local store (random-init weights unless weights are given),
+runs every analysis on it with dask, and writes ``report.html``.
 """
 
 from __future__ import annotations
@@ -59,6 +59,49 @@ def demo_plan(args: argparse.Namespace, store: str) -> DemoPlan:
     return DemoPlan(vit, resnet)
 
 
+def run_analyses(store: str, quick: bool) -> list[Any]:
+    """Every analysis of the report over the demo store (figures drawn by the report)."""
+    from jobs.analyze import (
+        AttentionConfig,
+        CKAConfig,
+        LocalizationConfig,
+        ProbeConfig,
+        SkipConfig,
+        run_attention,
+        run_cka,
+        run_localization,
+        run_probe,
+        run_skip,
+    )
+
+    common: dict[str, Any] = {"store": store, "figure": False}
+    batch = 32 if quick else 128  # minibatch CKA as in the paper, at demo scale
+    n = 64 if quick else 256  # localization: one batch of every image
+    jobs: list[tuple[str, Any, Any]] = [
+        ("CKA within the ViT", run_cka,
+         CKAConfig(run="vit", batch_size=batch, repeats=2, **common)),
+        ("CKA within the ResNet", run_cka,
+         CKAConfig(run="resnet", batch_size=batch, repeats=2, **common)),
+        ("CKA ViT × ResNet", run_cka,
+         CKAConfig(run="vit", run2="resnet", batch_size=batch, repeats=2, **common)),
+        ("attention distance and entropy", run_attention, AttentionConfig(run="vit", **common)),
+        ("ViT localization", run_localization,
+         LocalizationConfig(run="vit", batch_size=n, **common)),
+        ("ResNet localization", run_localization,
+         LocalizationConfig(run="resnet", batch_size=n, **common)),
+        ("skip-connection norm ratios", run_skip, SkipConfig(run="vit", **common)),
+        ("ViT linear probes", run_probe, ProbeConfig(run="vit", features="cls", **common)),
+        ("ResNet linear probes", run_probe, ProbeConfig(run="resnet", features="gap", **common)),
+    ]  # fmt: skip
+    results = []
+    for title, job, cfg in jobs:
+        print(f"\n== {title}")
+        result = job(cfg)
+        print(result)
+        results.append(result)
+    return results
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo; returns the process exit code."""
     from vitcnn_store.inspect import describe_store
@@ -86,7 +129,13 @@ def run_demo(args: argparse.Namespace) -> int:
         if started:
             ray.shutdown()
     print("\n" + describe_store(store))
-    print(f"\ndone in {time.perf_counter() - t0:.0f} s. Explore it with:")
+    run_analyses(store, args.quick)
+    from vitcnn_store.report import build_report
+
+    report = build_report(store, out)
+    print(f"\ndone in {time.perf_counter() - t0:.0f} s.")
+    print(f"report: {report}  (open it in a browser; it needs no server)")
+    print("explore the store with:")
     print(f"  vitcnn show {store} vit")
     last = open_store(store)["vit"].layers[-1]
     snippet = f"import vitcnn_store as v; print(v.open_store('{store}')['vit']['{last}'])"

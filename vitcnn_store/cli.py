@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", action="store_true", help="read attention, not activation")
     p.add_argument("--out", help="write the array to this .npy file")
 
+    p = sub.add_parser("report", help="an HTML report of every analysis in a store")
+    p.add_argument("store")
+    p.add_argument("--out", default="vitcnn_report", help="output folder for report.html")
+
     p = sub.add_parser("demo", help="the whole pipeline on built-in images, no network")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
     p.add_argument("--out", default="vitcnn_demo", help="output folder (store, report)")
@@ -134,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vit-checkpoint", metavar="PATH", help="weights for the ViT")
     p.add_argument("--resnet-checkpoint", metavar="PATH", help="weights for the ResNet")
 
+    from vitcnn_store.cli_analyze import add_analyze_parser  # argparse only: cheap
+
+    add_analyze_parser(sub)
     return parser
 
 
@@ -249,10 +256,23 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from vitcnn_store.report import build_report
+
+    print(f"report: {build_report(args.store, args.out)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from jobs.demo import run_demo
 
     return run_demo(args)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from vitcnn_store.cli_analyze import cmd_analyze as run_analyze
+
+    return run_analyze(args)
 
 
 COMMANDS = {
@@ -262,7 +282,9 @@ COMMANDS = {
     "ls": cmd_ls,
     "show": cmd_show,
     "query": cmd_query,
+    "report": cmd_report,
     "demo": cmd_demo,
+    "analyze": cmd_analyze,
 }
 
 

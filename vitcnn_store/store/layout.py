@@ -95,7 +95,7 @@ def open_root(url: str, mode: Literal["r", "r+", "a"] = "r", *, create: bool = F
                 return root
             try:
                 # Never mode "a" here: it would turn any folder into a zarr group.
-                existing = "r" if mode == "r" else "r+"
+                existing: Literal["r", "r+"] = "r" if mode == "r" else "r+"
                 root = zarr.open_group(url, mode=existing, zarr_format=3, use_consolidated=False)
             except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
                 if not create and _is_empty_location(url):

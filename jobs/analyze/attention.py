@@ -1,0 +1,202 @@
+"""Attention statistics per layer and head from stored attention probabilities.
+
+Mean attention distance (input pixels), attention entropy (nats) and the mean
+CLS attention map on the patch grid (DESIGN §4), accumulated over image chunks:
+one dask task per stored chunk (one work unit) per attention layer builds an
+:class:`~vitcnn_store.analysis.attention.AttentionAccumulator`, and the driver
+merges them. Prefix tokens are dropped from queries and keys; rows are not
+renormalized unless asked (the reference convention), and the choice is
+recorded in the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from jobs.analyze.common import AnalysisOptions, AnalysisResult, run_analysis
+from jobs.analyze.executor import Executor
+from jobs.analyze.selection import chunk_tasks, open_runs, str_array, str_coord, usable_mask
+from vitcnn_store.analysis.attention import AttentionAccumulator
+from vitcnn_store.errors import LayerPatternError, UsageError
+from vitcnn_store.models.layers import pattern_regex
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+__all__ = ["AttentionConfig", "run_attention"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionConfig(AnalysisOptions):
+    """Options of ``vitcnn analyze attention``: ``renormalize`` rows over patch keys;
+    ``layers`` restricts the attention modules with glob patterns."""
+
+    renormalize: bool = False
+    layers: str | None = None
+
+
+def _accumulate(
+    block: Any, token_yx: np.ndarray, renormalize: bool, cls_index: int | None
+) -> AttentionAccumulator:
+    acc = AttentionAccumulator(token_yx, renormalize=renormalize, cls_index=cls_index)
+    acc.update(np.asarray(block))
+    return acc
+
+
+def _attention_layers(run: Any, patterns: str | None) -> list[str]:
+    layers = run.attention_layers
+    if not layers:
+        raise UsageError(
+            f"run {run.name!r} has no stored attention: extract it with --attention "
+            "(attention modules only, e.g. ViTs)"
+        )
+    if not patterns:
+        return list(layers)
+    chosen: set[str] = set()
+    for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
+        hits = [name for name in layers if pattern_regex(pattern).fullmatch(name)]
+        if not hits:
+            raise LayerPatternError(
+                f"--layers {pattern!r} matches no stored attention layer of run {run.name!r} "
+                f"(stored: {', '.join(layers[:6])}{' ...' if len(layers) > 6 else ''})"
+            )
+        chosen.update(hits)
+    return [name for name in layers if name in chosen]
+
+
+def _positions(run: Any, a: Any) -> tuple[np.ndarray, int | None]:
+    """Token pixel centres (token, 2), NaN for prefix tokens, and the CLS index.
+
+    Positions are stored with the attention module's activation; a module
+    stored for attention only has none, so they are borrowed from any token
+    layer of the run with as many tokens (every ViT block shares them).
+    """
+    if "query_y" in a.coords:
+        y, x, kinds = a["query_y"], a["query_x"], a["query_kind"]
+    else:
+        for name in run.layers:
+            t = run[name]
+            if "token" in t.dims and t.sizes["token"] == a.sizes["query"]:
+                y, x, kinds = t["token_y"], t["token_x"], t["token_kind"]
+                break
+        else:
+            raise UsageError(
+                f"attention layer {a.attrs.get('layer')!r} has no stored token positions: "
+                "extract a token layer too (e.g. --layers preset:blocks)"
+            )
+    yx = np.stack([np.asarray(y.values, float), np.asarray(x.values, float)], axis=1)
+    cls = np.flatnonzero(str_array(kinds.values) == "cls")
+    return yx, int(cls[0]) if cls.size else None
+
+
+def run_attention(cfg: AttentionConfig) -> AnalysisResult:
+    """Compute (or reuse) attention statistics of every stored attention layer.
+
+    The result (``<run>/_analyses/attention``) holds ``mean_distance`` and
+    ``entropy`` (layer, head) and, when the layers have a CLS token,
+    ``cls_attention`` (layer, head, grid_y, grid_x).
+    """
+    (run,) = open_runs(cfg.store, [cfg.run])
+    mask = usable_mask(run, cfg.allow_incomplete)
+    layers = _attention_layers(run, cfg.layers)
+    arrays = [run.attention(name) for name in layers]
+
+    def compute(executor: Executor) -> xr.Dataset:
+        tasks: list[Any] = []
+        owner: list[int] = []
+        setups = [_positions(run, a) for a in arrays]
+        for j, (a, (yx, cls_index)) in enumerate(zip(arrays, setups, strict=True)):
+            new = chunk_tasks([a.data], mask, _accumulate, yx, cfg.renormalize, cls_index)
+            tasks += new
+            owner += [j] * len(new)
+        accs: list[AttentionAccumulator | None] = [None] * len(layers)
+        for i, acc in executor.imap(tasks, desc=f"attention {cfg.run}"):
+            j = owner[i]
+            current = accs[j]
+            accs[j] = acc if current is None else current.merge(acc)
+        return _dataset(cfg, run, layers, arrays, accs, setups, int(mask.sum()))
+
+    from vitcnn_store import plots
+
+    return run_analysis(
+        cfg,
+        analysis="attention",
+        default_name="attention",
+        sources=[(run, mask)],
+        compute=compute,
+        plot=plots.plot_attention,
+        extra_parameters={"layers": layers},
+    )
+
+
+def _dataset(
+    cfg: AttentionConfig,
+    run: Any,
+    layers: list[str],
+    arrays: list[Any],
+    accs: list[AttentionAccumulator | None],
+    setups: list[tuple[np.ndarray, int | None]],
+    n: int,
+) -> xr.Dataset:
+    import xarray as xr
+
+    heads = max(a.sizes["head"] for a in arrays)
+    dist = np.full((len(layers), heads), np.nan)
+    ent = np.full((len(layers), heads), np.nan)
+    maps: list[np.ndarray | None] = []
+    for j, acc in enumerate(accs):
+        if acc is None:  # pragma: no cover - usable_mask guarantees images
+            raise UsageError(f"no usable images for attention layer {layers[j]!r}")
+        h = acc.mean_distance().size
+        dist[j, :h] = acc.mean_distance()
+        ent[j, :h] = acc.entropy()
+        maps.append(acc.cls_map() if setups[j][1] is not None else None)
+    # Patch grid (pixel centres) of the first layer; every ViT block shares it.
+    yx = setups[0][0]
+    patch = yx[~np.isnan(yx).any(axis=1)]
+    grid_y, grid_x = np.unique(patch[:, 0]), np.unique(patch[:, 1])
+    data: dict[str, Any] = {
+        "mean_distance": (("layer", "head"), dist),
+        "entropy": (("layer", "head"), ent),
+    }
+    shape = (heads, grid_y.size, grid_x.size)
+    if all(m is not None and m.shape[1:] == shape[1:] for m in maps):
+        cls = np.full((len(layers), *shape), np.nan)
+        for j, m in enumerate(maps):
+            assert m is not None
+            cls[j, : m.shape[0]] = m
+        data["cls_attention"] = (("layer", "head", "grid_y", "grid_x"), cls)
+    ds = xr.Dataset(
+        data,
+        coords={
+            "layer": str_coord(layers),
+            "head": np.arange(heads),
+            "depth_fraction": (
+                "layer",
+                [float(a.attrs.get("depth_fraction", np.nan)) for a in arrays],
+            ),
+            "depth_index": ("layer", [int(a.attrs.get("depth_index", -1)) for a in arrays]),
+            "grid_y": grid_y,
+            "grid_x": grid_x,
+        },
+    )
+    ds["mean_distance"].attrs.update(units="input pixels", long_name="mean attention distance")
+    ds["entropy"].attrs.update(units="nats", long_name="mean attention entropy per query")
+    if "cls_attention" in ds:
+        ds["cls_attention"].attrs["long_name"] = "mean CLS attention to each patch"
+    ds["grid_y"].attrs["units"] = ds["grid_x"].attrs["units"] = "input pixels (patch centre)"
+    mean = np.nanmean(dist, axis=1)
+    ds.attrs.update(
+        n=n,
+        renormalize=cfg.renormalize,
+        prefix_tokens="dropped from queries and keys",
+        rows="renormalized over patch keys" if cfg.renormalize else "not renormalized",
+        summary=(
+            f"{len(layers)} attention layers × {heads} heads, n={n}; mean distance "
+            f"{mean[0]:.1f} px (first) → {mean[-1]:.1f} px (last)"
+        ),
+    )
+    return ds

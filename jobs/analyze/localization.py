@@ -1,0 +1,256 @@
+"""Spatial localization maps (paper §7): CKA between a token and every input patch.
+
+For each chosen token (a ViT patch token, or a spatial position of a CNN
+layer) of one layer, ``map[p] = CKA(X_t, Y_p)`` with ``X_t`` the token's
+representation over images and ``Y_p`` the raw pixels of input patch ``p``.
+Pixels come from the stored ``input``, which is normalized with the run's
+mean/std: the job undoes it (``pixels = x · std + mean``). For a ViT the patch
+grid is the token grid; for a CNN layer with a gy × gx grid the input is cut
+into patches of its stride ``H / gy``.
+
+Estimate: unbiased minibatch HSIC₁ over equal batches of images sampled
+without replacement (one dask task per batch builds a
+:class:`~vitcnn_store.analysis.localization.MinibatchLocalization`; the driver
+merges them).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from jobs.analyze.cka import cka_batches
+from jobs.analyze.common import AnalysisOptions, AnalysisResult, run_analysis
+from jobs.analyze.executor import Executor
+from jobs.analyze.selection import cap_batch_size, layer_info, open_runs, usable_mask
+from vitcnn_store.analysis.localization import MinibatchLocalization, image_to_patches
+from vitcnn_store.errors import RunNotFoundError, UsageError
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+__all__ = ["LocalizationConfig", "default_targets", "parse_targets", "run_localization"]
+
+_BLOCK = re.compile(r"(?:.*\.)?(?:blocks|layer\d+|stages\.\d+\.blocks)\.\d+")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalizationConfig(AnalysisOptions):
+    """Options of ``vitcnn analyze localization``.
+
+    ``layer`` defaults to the last stored block; ``tokens`` lists grid positions
+    ``row:col`` or flat patch indices ``k`` (row-major), comma-separated, and
+    defaults to :func:`default_targets`.
+    """
+
+    layer: str | None = None
+    tokens: str | None = None
+    batch_size: int = 1024
+    seed: int = 0
+
+
+def default_targets(gy: int, gx: int) -> list[tuple[int, int]]:
+    """A few positions spread over the grid: the four quadrant centres and the centre.
+
+    Examples
+    --------
+    >>> default_targets(14, 14)
+    [(3, 3), (3, 10), (7, 7), (10, 3), (10, 10)]
+    """
+    rows = [gy // 4, gy // 4, gy // 2, (3 * gy) // 4, (3 * gy) // 4]
+    cols = [gx // 4, (3 * gx) // 4, gx // 2, gx // 4, (3 * gx) // 4]
+    return sorted(set(zip(rows, cols, strict=True)))
+
+
+def parse_targets(spec: str, gy: int, gx: int) -> list[tuple[int, int]]:
+    """Parse ``--tokens``: ``row:col`` grid positions or flat patch indices, comma-separated.
+
+    Examples
+    --------
+    >>> parse_targets("0:1, 5", 2, 3)
+    [(0, 1), (1, 2)]
+    """
+    out: list[tuple[int, int]] = []
+    for item in (s.strip() for s in re.split(r"[,;]", spec)):
+        if not item:
+            continue
+        try:
+            if ":" in item:
+                r, c = (int(v) for v in item.split(":"))
+            else:
+                k = int(item)
+                if not 0 <= k < gy * gx:
+                    raise UsageError(f"--tokens: patch index {k} not in 0..{gy * gx - 1}")
+                r, c = divmod(k, gx)
+        except ValueError:
+            raise UsageError(
+                f"--tokens wants row:col or patch indices, comma-separated; got {item!r}"
+            ) from None
+        if not (0 <= r < gy and 0 <= c < gx):
+            raise UsageError(f"--tokens: position {r}:{c} outside the {gy}×{gx} grid")
+        if (r, c) not in out:
+            out.append((r, c))
+    if not out:
+        raise UsageError("--tokens names no token")
+    return out
+
+
+def _default_layer(run: Any) -> str:
+    candidates = [n for n in run.layers if layer_info(run[n]).kind in ("token", "spatial")]
+    if not candidates:
+        raise UsageError(f"run {run.name!r} has no token or spatial layer to localize")
+    blocks = [n for n in candidates if _BLOCK.fullmatch(n)]
+    return (blocks or candidates)[-1]
+
+
+def _grid(x: Any, info: Any) -> tuple[np.ndarray, np.ndarray, dict[tuple[int, int], int]]:
+    """Pixel centres of the grid rows/cols, and (row, col) → index along the flattened
+    token (or y·x) axis."""
+    if info.kind == "token":
+        ty = np.asarray(x["token_y"].values, float)[list(info.patches)]
+        tx = np.asarray(x["token_x"].values, float)[list(info.patches)]
+        ys, iy = np.unique(ty, return_inverse=True)
+        xs, ix = np.unique(tx, return_inverse=True)
+        where = {(int(r), int(c)): t for r, c, t in zip(iy, ix, info.patches, strict=True)}
+        return ys, xs, where
+    ys, xs = np.asarray(x["y"].values, float), np.asarray(x["x"].values, float)
+    where = {(r, c): r * xs.size + c for r in range(ys.size) for c in range(xs.size)}
+    return ys, xs, where
+
+
+def _accumulate(
+    tokens: Any, inputs: Any, mean: np.ndarray, std: np.ndarray, patch: int
+) -> MinibatchLocalization:
+    # Undo the stored normalization in float32 (half the memory of float64; the
+    # kernel casts each patch to float64 before its Gram).
+    pixels = np.asarray(inputs, dtype=np.float32) * std + mean
+    patches = image_to_patches(pixels, patch)
+    reps = np.asarray(tokens)
+    acc = MinibatchLocalization()
+    acc.update([reps[:, t] for t in range(reps.shape[1])], patches)
+    return acc
+
+
+def run_localization(cfg: LocalizationConfig) -> AnalysisResult:
+    """Compute (or reuse) localization maps of chosen tokens of one layer.
+
+    The result (``<run>/_analyses/localization``) holds ``localization``
+    (target, grid_y, grid_x).
+    """
+    (run,) = open_runs(cfg.store, [cfg.run])
+    mask = usable_mask(run, cfg.allow_incomplete)
+    try:
+        inputs = run.inputs
+    except RunNotFoundError:
+        raise UsageError(
+            f"run {run.name!r} has no stored input: localization needs the pixels; "
+            "extract with --inputs"
+        ) from None
+    layer = cfg.layer or _default_layer(run)
+    x = run[layer]
+    info = layer_info(x)
+    if info.kind not in ("token", "spatial"):
+        raise UsageError(f"layer {layer!r} is pooled: localization needs a token or spatial layer")
+    ys, xs, where = _grid(x, info)
+    gy, gx = ys.size, xs.size
+    h, w = inputs.sizes["input_y"], inputs.sizes["input_x"]
+    if h % gy or w % gx or h // gy != w // gx:
+        raise UsageError(
+            f"layer {layer!r} has a {gy}×{gx} grid that does not tile the {h}×{w} input "
+            "into square patches"
+        )
+    patch = h // gy
+    targets = parse_targets(cfg.tokens, gy, gx) if cfg.tokens else default_targets(gy, gx)
+    index = [where[t] for t in targets]
+    usable = np.flatnonzero(mask)
+    batch = cap_batch_size(cfg.batch_size, int(usable.size))
+    (batches,) = cka_batches(usable.size, batch, 1, cfg.seed)
+    mean = np.asarray(run.attrs["mean"], dtype=np.float32)
+    std = np.asarray(run.attrs["std"], dtype=np.float32)
+
+    def compute(executor: Executor) -> xr.Dataset:
+        from dask import delayed
+
+        data = x.data if info.kind == "token" else x.data.reshape(x.shape[0], gy * gx, -1)
+        tasks = []
+        for pos in batches:
+            rows = usable[pos]
+            tasks.append(
+                delayed(_accumulate, pure=True)(
+                    data[rows][:, index], inputs.data[rows], mean, std, patch
+                )
+            )
+        acc = MinibatchLocalization()
+        for _, part in executor.imap(tasks, desc=f"localization {cfg.run}", window=2):
+            acc.merge(part)
+        maps = acc.result().reshape(len(targets), gy, gx)
+        return _dataset(
+            cfg, layer, targets, index, maps, ys, xs, patch, usable.size, batch, len(batches)
+        )
+
+    from vitcnn_store import plots
+
+    return run_analysis(
+        cfg,
+        analysis="localization",
+        default_name="localization",
+        sources=[(run, mask)],
+        compute=compute,
+        plot=plots.plot_localization,
+        extra_parameters={"layer": layer, "targets": [list(t) for t in targets]},
+    )
+
+
+def _dataset(
+    cfg: LocalizationConfig,
+    layer: str,
+    targets: list[tuple[int, int]],
+    index: list[int],
+    maps: np.ndarray,
+    ys: np.ndarray,
+    xs: np.ndarray,
+    patch: int,
+    n: int,
+    batch: int,
+    n_batches: int,
+) -> xr.Dataset:
+    import xarray as xr
+
+    rows = np.array([r for r, _ in targets])
+    cols = np.array([c for _, c in targets])
+    centres = (np.arange(ys.size) + 0.5) * patch, (np.arange(xs.size) + 0.5) * patch
+    ds = xr.Dataset(
+        {"localization": (("target", "grid_y", "grid_x"), maps)},
+        coords={
+            "target": np.arange(len(targets)),
+            "target_row": ("target", rows),
+            "target_col": ("target", cols),
+            "target_index": ("target", np.array(index)),
+            "target_y": ("target", ys[rows]),
+            "target_x": ("target", xs[cols]),
+            "grid_y": centres[0],
+            "grid_x": centres[1],
+        },
+    )
+    ds["localization"].attrs["long_name"] = "CKA between the target token and each input patch"
+    ds["target_index"].attrs["long_name"] = "index along the layer's token (or flattened y·x) axis"
+    ds["grid_y"].attrs["units"] = ds["grid_x"].attrs["units"] = "input pixels (patch centre)"
+    ds.attrs.update(
+        layer=layer,
+        patch_size=patch,
+        estimator="unbiased-minibatch",
+        n=int(n),
+        batch_size=batch,
+        batch_size_requested=cfg.batch_size,
+        n_batches=n_batches,
+        seed=cfg.seed,
+        pixels="stored input un-normalized: x * std + mean",
+        summary=(
+            f"layer {layer}: {len(targets)} target token(s) on a {ys.size}×{xs.size} grid of "
+            f"{patch}-px patches, n={n} (batch {batch} × {n_batches})"
+        ),
+    )
+    return ds

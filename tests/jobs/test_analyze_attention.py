@@ -1,0 +1,65 @@
+"""The attention job equals the kernels on the loaded attention arrays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jobs.analyze.attention import AttentionConfig, run_attention
+from tests.jobs.test_analyze_common import cli, ids, make_run, synth  # noqa: F401
+from vitcnn_store import open_store
+from vitcnn_store.analysis.attention import (
+    attention_entropy,
+    cls_attention_map,
+    mean_attention_distance,
+)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_attention_matches_kernels(synth: str, renormalize: bool) -> None:  # noqa: F811
+    cfg = AttentionConfig(
+        store=synth,
+        run="vit",
+        renormalize=renormalize,
+        progress=False,
+        figure=False,
+        name=f"att-{renormalize}",
+    )
+    ds = run_attention(cfg).dataset
+    run = open_store(synth)["vit"]
+    valid = run.valid
+    assert ds["layer"].values.tolist() == run.attention_layers == ["blocks.0.attn", "blocks.1.attn"]
+    for j, layer in enumerate(run.attention_layers):
+        a = run.attention(layer)
+        attn = a.values[valid]
+        yx = np.stack([a["query_y"].values, a["query_x"].values], axis=1)
+        kw = {"renormalize": renormalize}
+        np.testing.assert_allclose(
+            ds["mean_distance"].values[j], mean_attention_distance(attn, yx, **kw), rtol=1e-10
+        )
+        np.testing.assert_allclose(
+            ds["entropy"].values[j], attention_entropy(attn, yx, **kw), rtol=1e-10
+        )
+        np.testing.assert_allclose(
+            ds["cls_attention"].values[j], cls_attention_map(attn, yx, 0, **kw), rtol=1e-10
+        )
+    assert ds.attrs["renormalize"] is renormalize and ds.attrs["n"] == 47
+    assert ds["mean_distance"].dims == ("layer", "head")
+    assert ds["cls_attention"].dims == ("layer", "head", "grid_y", "grid_x")
+    assert ds["grid_y"].values.tolist() == [2.0, 6.0]
+
+
+def test_attention_only_groups_borrow_token_positions(tmp_path: Path) -> None:
+    url = str(tmp_path / "a.zarr")
+    make_run(url, "v", ids(16), attention_only=True, inputs=False)
+    ds = run_attention(AttentionConfig(store=url, run="v", progress=False, figure=False)).dataset
+    assert np.isfinite(ds["mean_distance"].values).all()
+
+
+def test_no_attention_is_one_line_error(synth: str, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    assert cli(["analyze", "attention", synth, "resnet", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--attention" in err and len(err.splitlines()) == 1
+    assert cli(["analyze", "attention", synth, "vit", "--layers", "x.*", "--no-progress"]) == 2

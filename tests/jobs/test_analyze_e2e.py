@@ -1,0 +1,103 @@
+"""Every analysis end to end through the CLI on a store made by the real extraction job."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from tests.jobs.test_analyze_common import cli, copy_store, png_ok
+from vitcnn_store import open_store
+from vitcnn_store.store.layout import quiet_zarr
+
+# (analysis, arguments after STORE, result group)
+COMMANDS = [
+    ("cka", ["vit"], "vit/_analyses/cka"),
+    (
+        "cka",
+        ["vit", "resnet", "--reduce", "gap", "--batch-size", "16", "--repeats", "2"],
+        "vit/_analyses/cka__resnet",
+    ),
+    ("attention", ["vit"], "vit/_analyses/attention"),
+    ("localization", ["vit"], "vit/_analyses/localization"),
+    (
+        "localization",
+        ["resnet", "--layer", "layer2.1", "--tokens", "0:0,3:3"],
+        "resnet/_analyses/localization",
+    ),
+    ("skip", ["vit"], "vit/_analyses/skip"),
+    ("skip", ["resnet"], "resnet/_analyses/skip"),
+    ("probe", ["vit", "--shots", "5"], "vit/_analyses/probe"),
+    ("probe", ["resnet", "--features", "gap"], "resnet/_analyses/probe"),
+]
+
+
+@pytest.fixture(scope="module")
+def store(tiny_store: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A private copy of the session's tiny store, with every analysis written into it."""
+    url = copy_store(tiny_store, tmp_path_factory.mktemp("e2e") / "tiny.zarr")
+    for analysis, args, _ in COMMANDS:
+        assert cli(["analyze", analysis, url, *args, "--no-progress"]) == 0, (analysis, args)
+    return url
+
+
+def test_results_written_with_figures(store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    figures = Path(store + ".figures")  # the default: beside a local store
+    for analysis, args, group in COMMANDS:
+        ds = xr.open_zarr(store, group=group, consolidated=False)
+        assert ds.attrs["analysis"] == analysis
+        assert ds.attrs["weights_sha256"][0] == open_store(store)[args[0]].attrs["weights_sha256"]
+        assert ds.attrs["image_set_sha256"] and ds.attrs["computed_at"]
+        assert all(np.isfinite(v.values).any() for v in ds.data_vars.values()), group
+        png_ok(figures / f"{group.split('/')[0]}__{group.rsplit('/', 1)[1]}.png")
+    # Results do not show up as layers, and the runs read as before.
+    run = open_store(store)["vit"]
+    assert not any(name.startswith("_") for name in run.layers)
+    assert run.layers[0] == "norm_pre"
+
+
+def test_datatree_opens_with_results(store: str) -> None:
+    with quiet_zarr():
+        tree = xr.open_datatree(store, engine="zarr")
+    for _, _, group in COMMANDS:
+        node = tree[group]
+        assert node.has_data
+        # No dim of a result may clash with a dim of its run (an ancestor).
+        run_dims = dict(tree[group.split("/")[0]].dataset.sizes)
+        for dim, size in node.to_dataset(inherit=False).sizes.items():
+            assert run_dims.get(dim, size) == size, (group, dim)
+    cka = tree["vit/_analyses/cka"]
+    assert cka["cka"].dims == ("layer_a", "layer_b")
+    assert tree["vit/_analyses/attention"]["mean_distance"].dims == ("layer", "head")
+
+
+def test_reuse_unless_recompute(store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    group = "vit/_analyses/cka"
+
+    def stamp() -> str:
+        return str(xr.open_zarr(store, group=group, consolidated=False).attrs["computed_at"])
+
+    capsys.readouterr()
+    before = stamp()
+    assert cli(["analyze", "cka", store, "vit", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "reused" in out and stamp() == before
+    figure = re.search(r"figure: (\S+)", out)
+    assert figure is not None and Path(figure.group(1)).exists()
+    assert cli(["analyze", "cka", store, "vit", "--no-progress", "--recompute"]) == 0
+    assert "wrote" in capsys.readouterr().out and stamp() != before
+    # Other parameters: recomputed under the same name.
+    mid = stamp()
+    assert cli(["analyze", "cka", store, "vit", "--no-progress", "--seed", "3"]) == 0
+    assert stamp() != mid
+    assert xr.open_zarr(store, group=group, consolidated=False).attrs["seed"] == 3
+
+
+def test_errors_on_real_runs(store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["analyze", "attention", store, "resnet", "--no-progress"]) == 2
+    assert cli(["analyze", "cka", store, "vit", "resnet", "--reduce", "cls", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--attention" in err[0] and "CLS" in err[1]

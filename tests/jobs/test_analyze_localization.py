@@ -1,0 +1,83 @@
+"""The localization job equals the kernel on un-normalized input patches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jobs.analyze.cka import cka_batches
+from jobs.analyze.localization import (
+    LocalizationConfig,
+    default_targets,
+    parse_targets,
+    run_localization,
+)
+from tests.jobs.test_analyze_common import MEAN, PATCH, STD, cli, synth  # noqa: F401
+from vitcnn_store import open_store
+from vitcnn_store.analysis.localization import MinibatchLocalization, image_to_patches
+from vitcnn_store.errors import UsageError
+
+
+def _reference(reps: np.ndarray, pixels: np.ndarray, batches: list[np.ndarray], patch: int):  # type: ignore[no-untyped-def]
+    acc = MinibatchLocalization()
+    for rows in batches:
+        acc.update(
+            [reps[rows][:, t] for t in range(reps.shape[1])], image_to_patches(pixels[rows], patch)
+        )
+    return acc.result()
+
+
+def test_vit_tokens_match_kernel(synth: str) -> None:  # noqa: F811
+    cfg = LocalizationConfig(
+        store=synth, run="vit", tokens="0:1,2", batch_size=10, seed=4, progress=False, figure=False
+    )
+    ds = run_localization(cfg).dataset
+    run = open_store(synth)["vit"]
+    usable = np.flatnonzero(run.valid)
+    x = run["blocks.1"].values  # default layer: the last block
+    pixels = run.inputs.values.astype(np.float64) * STD + MEAN
+    tokens = [2, 3]  # grid (0, 1) and flat patch 2 = (1, 0), after the CLS token
+    (batches,) = cka_batches(usable.size, 10, 1, 4)
+    ref = _reference(x[:, tokens], pixels, [usable[p] for p in batches], PATCH)
+    np.testing.assert_allclose(ds["localization"].values.reshape(2, -1), ref, rtol=1e-5)
+    assert ds.attrs["layer"] == "blocks.1" and ds.attrs["patch_size"] == PATCH
+    assert ds["target_row"].values.tolist() == [0, 1] and ds["target_col"].values.tolist() == [1, 0]
+    assert ds["target_index"].values.tolist() == tokens
+    assert ds["localization"].dims == ("target", "grid_y", "grid_x")
+
+
+def test_cnn_positions_map_to_stride_patches(synth: str) -> None:  # noqa: F811
+    cfg = LocalizationConfig(
+        store=synth, run="resnet", layer="layer1.0", batch_size=12, progress=False, figure=False
+    )
+    ds = run_localization(cfg).dataset
+    run = open_store(synth)["resnet"]
+    x = run["layer1.0"].values  # 4×4 grid over an 8-px input: stride 2
+    targets = default_targets(4, 4)
+    flat = x.reshape(x.shape[0], 16, -1)[:, [r * 4 + c for r, c in targets]]
+    pixels = run.inputs.values.astype(np.float64) * STD + MEAN
+    (batches,) = cka_batches(48, 12, 1, 0)
+    ref = _reference(flat, pixels, list(batches), 2)
+    np.testing.assert_allclose(ds["localization"].values.reshape(len(targets), -1), ref, rtol=1e-5)
+    assert ds.attrs["patch_size"] == 2
+
+
+def test_token_parsing() -> None:
+    assert default_targets(2, 2) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert parse_targets("3", 2, 2) == [(1, 1)]
+    for bad in ("5", "2:0", "a:b", ","):
+        with pytest.raises(UsageError):
+            parse_targets(bad, 2, 2)
+
+
+def test_missing_inputs_and_bad_layer_exit_2(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    from tests.jobs.test_analyze_common import ids, make_run
+
+    url = str(tmp_path / "n.zarr")
+    make_run(url, "v", ids(16), inputs=False, attention=False)
+    assert cli(["analyze", "localization", url, "v", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--inputs" in err and len(err.splitlines()) == 1
+    make_run(url, "w", ids(16), attention=False)
+    assert cli(["analyze", "localization", url, "w", "--layer", "nope", "--no-progress"]) == 2
+    assert cli(["analyze", "localization", url, "w", "--tokens", "9:9", "--no-progress"]) == 2

@@ -1,0 +1,224 @@
+"""``vitcnn analyze {cka,attention,localization,skip,probe} STORE RUN ...``.
+
+Each subcommand maps its options one to one onto the fields of the job's
+config dataclass in :mod:`jobs.analyze` (argparse ``dest`` = field name), runs
+the job and prints where the result and its figure went. This module imports
+only argparse; the jobs (dask, xarray, matplotlib) load when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from dataclasses import fields
+from typing import Any
+
+__all__ = ["add_analyze_parser", "cmd_analyze"]
+
+_EXAMPLES = """examples:
+  vitcnn analyze cka acts.zarr vitb16                 # all layers x all layers
+  vitcnn analyze cka acts.zarr vitb16 r50             # cross-model, aligned by image_id
+  vitcnn analyze cka acts.zarr vitb16 --batch-size 1024 --repeats 20 --reduce flatten
+  vitcnn analyze attention acts.zarr vitb16
+  vitcnn analyze localization acts.zarr vitb16 --layer blocks.11 --tokens 3:3,7:7
+  vitcnn analyze skip acts.zarr vitb16
+  vitcnn analyze probe acts.zarr vitb16 --shots 10 --features cls
+"""
+
+
+def _int_at_least(low: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _shots(text: str) -> int:
+    if text.strip().lower() == "full":
+        return 0
+    return int(_int_at_least(0)(text))
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", help="store path or fsspec URL")
+    p.add_argument("run", help="run name (the result is written under it)")
+
+
+def _options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("result and execution")
+    g.add_argument("--name", help="result name under <run>/_analyses/ (default: the analysis)")
+    g.add_argument(
+        "--recompute",
+        action="store_true",
+        help="recompute even if a result with the same parameters is stored",
+    )
+    g.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="analyse the written units of an unfinished run (recorded in the result)",
+    )
+    g.add_argument(
+        "--figures",
+        metavar="DIR",
+        help="figure folder (default: <store>.figures/ beside a local store, "
+        "./vitcnn_figures/ for remote URLs)",
+    )
+    g.add_argument("--no-figure", dest="figure", action="store_false", help="draw no figure")
+    g.add_argument(
+        "--dask-address",
+        metavar="tcp://HOST:PORT",
+        help="dask scheduler to run on (default: local threads)",
+    )
+    g.add_argument("--threads", type=_int_at_least(1), help="local threads (default: all cores)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``analyze`` and its five subcommands to the ``vitcnn`` subparsers."""
+    p = subparsers.add_parser(
+        "analyze",
+        help="analyses of stored activations (CKA, attention, localization, skip, probes)",
+        description="Dask jobs over a store; results go to <run>/_analyses/<name>, figures "
+        "beside the store. No model is loaded.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="analysis", required=True, parser_class=type(p))
+
+    c = sub.add_parser("cka", help="all-pairs CKA between layers of one or two runs")
+    _common(c)
+    c.add_argument("run2", nargs="?", help="second run (images aligned by image_id)")
+    c.add_argument(
+        "--estimator",
+        choices=["unbiased-minibatch", "biased"],
+        default="unbiased-minibatch",
+        help="minibatch unbiased HSIC1 (default) or biased HSIC on all images",
+    )
+    c.add_argument(
+        "--batch-size",
+        type=_int_at_least(4),
+        default=1024,
+        help="images per batch (default 1024, capped to the usable images)",
+    )
+    c.add_argument(
+        "--batches",
+        dest="max_batches",
+        type=_int_at_least(1),
+        metavar="N",
+        help="at most N batches per repeat (default: every full batch)",
+    )
+    c.add_argument(
+        "--repeats",
+        type=_int_at_least(1),
+        default=1,
+        help="fresh samplings, averaged (std reported)",
+    )
+    c.add_argument("--seed", type=int, default=0, help="sampling seed")
+    c.add_argument(
+        "--reduce",
+        choices=["flatten", "gap", "cls"],
+        default="flatten",
+        help="flatten tokens x channels (default), token/spatial mean, or CLS",
+    )
+    c.add_argument("--kernel", choices=["linear", "rbf"], default="linear")
+    c.add_argument(
+        "--rbf-threshold",
+        type=float,
+        default=1.0,
+        help="RBF bandwidth as a fraction of the median distance",
+    )
+    c.add_argument(
+        "--batches-per-round",
+        type=_int_at_least(1),
+        default=1,
+        metavar="W",
+        help="batches computed together, sharing chunk reads (memory grows with W)",
+    )
+    c.add_argument("--layers", metavar="PATTERNS", help="restrict the first run's layers")
+    c.add_argument(
+        "--layers2",
+        metavar="PATTERNS",
+        help="restrict the second side's layers (default: --layers within a run, "
+        "all layers of RUN2 across runs)",
+    )
+    _options(c)
+
+    a = sub.add_parser("attention", help="mean attention distance, entropy, CLS maps per head")
+    _common(a)
+    a.add_argument(
+        "--renormalize",
+        action="store_true",
+        help="rescale rows over patch keys after dropping prefix tokens",
+    )
+    a.add_argument("--layers", metavar="PATTERNS", help="restrict the attention layers")
+    _options(a)
+
+    lo = sub.add_parser("localization", help="CKA of chosen tokens with every input patch")
+    _common(lo)
+    lo.add_argument("--layer", help="layer (default: the last stored block)")
+    lo.add_argument(
+        "--tokens",
+        metavar="LIST",
+        help="grid positions row:col or flat patch indices, comma-separated "
+        "(default: 4-5 spread over the grid)",
+    )
+    lo.add_argument("--batch-size", type=_int_at_least(4), default=1024)
+    lo.add_argument("--seed", type=int, default=0)
+    _options(lo)
+
+    s = sub.add_parser("skip", help="skip-connection norm ratios ||z||/||f(z)|| per block")
+    _common(s)
+    _options(s)
+
+    pr = sub.add_parser("probe", help="linear probes per layer (closed-form ridge)")
+    _common(pr)
+    pr.add_argument(
+        "--shots",
+        type=_shots,
+        default=0,
+        metavar="K|full",
+        help="training images per class (default full: a stratified split)",
+    )
+    pr.add_argument(
+        "--features",
+        choices=["cls", "gap"],
+        default="cls",
+        help="CLS token (gap for layers without one) or token/spatial mean",
+    )
+    pr.add_argument("--seed", type=int, default=0, help="split seed")
+    pr.add_argument("--repeats", type=_int_at_least(1), default=1, help="splits, averaged")
+    pr.add_argument("--l2", type=float, default=1e-3, help="ridge penalty")
+    pr.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.25,
+        help="held-out share of each class for --shots full",
+    )
+    pr.add_argument("--layers", metavar="PATTERNS", help="restrict the layers")
+    _options(pr)
+    return p
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Run the chosen analysis job and print its result and figure paths."""
+    from jobs.analyze import JOBS, AnalysisWarning
+
+    config_cls, job = JOBS[args.analysis]
+    kwargs = {f.name: getattr(args, f.name) for f in fields(config_cls) if hasattr(args, f.name)}
+
+    def show(message: Any, category: Any, *rest: Any, **kw: Any) -> None:
+        print(f"vitcnn analyze {args.analysis}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", AnalysisWarning)
+        warnings.showwarning = show
+        result = job(config_cls(**kwargs))
+    print(result)
+    return 0

@@ -1,0 +1,260 @@
+"""Figures of analysis results (PNG, matplotlib's Agg canvas).
+
+Each function takes a result dataset as written by ``jobs.analyze`` (or read
+back with ``xr.open_zarr(store, group="<run>/_analyses/<name>")``) and a path,
+draws the figure, saves it and returns the path. matplotlib is imported only
+when a figure is drawn, and pyplot never is: figures are built on
+:class:`matplotlib.figure.Figure` with an Agg canvas, so no GUI backend or
+global state is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import xarray as xr
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "PLOTTERS",
+    "plot_attention",
+    "plot_cka",
+    "plot_localization",
+    "plot_probe",
+    "plot_result",
+    "plot_skip",
+]
+
+
+def _figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _names(values: Any) -> list[str]:
+    return [str(v) for v in np.asarray(values).tolist()]
+
+
+def _ticks(ax: Any, axis: str, names: list[str], max_labels: int = 24) -> None:
+    # Every k-th label: a 72-layer ViT-B preset would print an unreadable wall of text.
+    step = max(1, int(np.ceil(len(names) / max_labels)))
+    pos = np.arange(0, len(names), step)
+    labels = [names[i] for i in pos]
+    if axis == "x":
+        ax.set_xticks(pos, labels, rotation=90, fontsize=6)
+    else:
+        ax.set_yticks(pos, labels, fontsize=6)
+
+
+def plot_cka(ds: xr.Dataset, path: str | Path) -> Path:
+    """CKA matrix heatmap: rows ``layer_a``, columns ``layer_b``, first layers at the origin."""
+    cka = np.asarray(ds["cka"].values, dtype=float)
+    la, lb = _names(ds["layer_a"].values), _names(ds["layer_b"].values)
+    side = float(np.clip(0.12 * max(len(la), len(lb)) + 3.0, 4.0, 12.0))
+    fig = _figure(side + 1.2, side)
+    ax = fig.add_subplot()
+    im = ax.imshow(
+        cka,
+        origin="lower",
+        vmin=0.0,
+        vmax=1.0,
+        cmap="magma",
+        interpolation="nearest",
+        aspect="auto",
+    )
+    _ticks(ax, "x", lb)
+    _ticks(ax, "y", la)
+    a, b = ds.attrs.get("run_a", "a"), ds.attrs.get("run_b", "b")
+    ax.set_xlabel(f"{b} layer")
+    ax.set_ylabel(f"{a} layer")
+    ax.set_title(
+        f"CKA {a} × {b} ({ds.attrs.get('reduce', '')}, {ds.attrs.get('estimator', '')}, "
+        f"n={ds.attrs.get('n', '?')})",
+        fontsize=9,
+    )
+    fig.colorbar(im, ax=ax, shrink=0.8, label="CKA")
+    return _save(fig, path)
+
+
+def _column_dots(ax: Any, values: np.ndarray, cmap: Any) -> None:
+    """One column per layer at x = layer index, heads as dots sorted by value."""
+    n_layers, n_heads = values.shape
+    spread = np.linspace(-0.3, 0.3, n_heads) if n_heads > 1 else np.zeros(1)
+    for i in range(n_layers):
+        v = np.sort(values[i][np.isfinite(values[i])])
+        ax.scatter(i + spread[: v.size], v, s=12, color=cmap(i / max(n_layers - 1, 1)))
+
+
+def plot_attention(ds: xr.Dataset, path: str | Path) -> Path:
+    """Mean attention distance and entropy per head (one column of dots per layer,
+    heads sorted), and the mean CLS attention map of each layer (paper Fig. 3)."""
+    from matplotlib import colormaps
+
+    layers = _names(ds["layer"].values)
+    has_cls = "cls_attention" in ds
+    n = len(layers)
+    fig = _figure(float(np.clip(1.0 + 0.9 * n, 6.0, 16.0)), 7.0 if has_cls else 4.5)
+    top: Any = fig
+    bottom: Any = None
+    if has_cls:
+        subs: Any = fig.subfigures(2, 1, height_ratios=[2.2, 1.0])
+        top, bottom = subs[0], subs[1]
+    axes = top.subplots(1, 2)
+    cmap = colormaps["viridis"]
+    for ax, var, label in (
+        (axes[0], "mean_distance", "mean attention distance (px)"),
+        (axes[1], "entropy", "attention entropy (nats)"),
+    ):
+        _column_dots(ax, np.asarray(ds[var].values, dtype=float), cmap)
+        ax.set_xticks(np.arange(n), layers, rotation=90, fontsize=6)
+        ax.set_xlabel("layer (forward order); dots = heads, sorted", fontsize=8)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    top.suptitle(
+        f"attention of run {ds.attrs.get('run', '')} (n={ds.attrs.get('n', '?')}, "
+        f"{'renormalized' if ds.attrs.get('renormalize') else 'not renormalized'})",
+        fontsize=9,
+    )
+    if has_cls and bottom is not None:
+        maps = np.nanmean(np.asarray(ds["cls_attention"].values, dtype=float), axis=1)
+        small = bottom.subplots(1, n, squeeze=False)[0]
+        for i, ax in enumerate(small):
+            ax.imshow(maps[i], cmap="viridis", interpolation="nearest")
+            ax.set_title(layers[i], fontsize=6)
+            ax.set_axis_off()
+        bottom.suptitle("mean CLS attention to patches (mean over heads)", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_localization(ds: xr.Dataset, path: str | Path) -> Path:
+    """A heatmap per chosen token over the input-patch grid, the token marked (paper Fig. 9)."""
+    from matplotlib.patches import Rectangle
+
+    maps = np.asarray(ds["localization"].values, dtype=float)
+    rows = np.asarray(ds["target_row"].values)
+    cols = np.asarray(ds["target_col"].values)
+    t = maps.shape[0]
+    ncols = min(t, 5)
+    nrows = int(np.ceil(t / ncols))
+    fig = _figure(2.4 * ncols + 0.8, 2.4 * nrows + 0.6)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    vmax = float(np.nanmax(maps)) if np.isfinite(maps).any() else 1.0
+    im = None
+    for i, ax in enumerate(axes):
+        if i >= t:
+            ax.set_axis_off()
+            continue
+        im = ax.imshow(
+            maps[i], cmap="magma", vmin=0.0, vmax=max(vmax, 1e-6), interpolation="nearest"
+        )
+        # Outline the chosen token's own cell.
+        ax.add_patch(
+            Rectangle(
+                (cols[i] - 0.5, rows[i] - 0.5),
+                1.0,
+                1.0,
+                fill=False,
+                edgecolor="cyan",
+                linewidth=2.0,
+            )
+        )
+        ax.set_title(f"token ({int(rows[i])}, {int(cols[i])})", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if im is not None:
+        fig.colorbar(im, ax=list(axes[:t]), shrink=0.8, label="CKA with input patch")
+    fig.suptitle(
+        f"localization: {ds.attrs.get('run', '')} {ds.attrs.get('layer', '')} "
+        f"(patch {ds.attrs.get('patch_size', '?')} px, n={ds.attrs.get('n', '?')})",
+        fontsize=9,
+    )
+    return _save(fig, path)
+
+
+def plot_skip(ds: xr.Dataset, path: str | Path) -> Path:
+    """Skip-connection norm ratio ‖z‖/‖f(z)‖ per block, CLS apart from spatial (paper Fig. 7)."""
+    blocks = _names(ds["block"].values)
+    branches = _names(ds["branch"].values)
+    fig = _figure(float(np.clip(0.35 * len(blocks) + 4.0, 5.0, 12.0)), 4.0)
+    ax = fig.add_subplot()
+    x = np.arange(len(blocks))
+    for j, branch in enumerate(branches):
+        color = f"C{j}"
+        ax.plot(
+            x,
+            ds["ratio_spatial"].values[j],
+            "-o",
+            color=color,
+            ms=3,
+            label=f"{branch}: spatial tokens",
+        )
+        if "ratio_cls" in ds:
+            ax.plot(x, ds["ratio_cls"].values[j], "--s", color=color, ms=3, label=f"{branch}: CLS")
+    ax.set_yscale("log")
+    ax.set_xticks(x, blocks, rotation=90, fontsize=6)
+    ax.set_xlabel("block")
+    ax.set_ylabel("‖z‖ / ‖f(z)‖")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax.set_title(f"skip-connection norm ratio, run {ds.attrs.get('run', '')}", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_probe(ds: xr.Dataset, path: str | Path) -> Path:
+    """Linear-probe accuracy against normalized depth (paper Fig. 11/13)."""
+    fig = _figure(6.0, 4.0)
+    ax = fig.add_subplot()
+    x = np.asarray(ds["depth_fraction"].values, dtype=float)
+    y = np.asarray(ds["accuracy"].values, dtype=float)
+    err = np.asarray(ds["accuracy_std"].values, dtype=float) if "accuracy_std" in ds else None
+    ax.errorbar(
+        x, y, yerr=err, fmt="-o", ms=3, capsize=2, label=f"features: {ds.attrs.get('features', '')}"
+    )
+    n_classes = int(ds.attrs.get("n_classes", 0) or 0)
+    if n_classes:
+        ax.axhline(1.0 / n_classes, color="gray", ls=":", label="chance")
+    ax.set_xlabel("normalized layer depth")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0.0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    shots = ds.attrs.get("shots")
+    ax.set_title(
+        f"linear probes, run {ds.attrs.get('run', '')} "
+        f"({'full' if not shots else f'{shots}-shot'}, n_test={ds.attrs.get('n_test', '?')})",
+        fontsize=9,
+    )
+    return _save(fig, path)
+
+
+PLOTTERS: dict[str, Callable[[xr.Dataset, str | Path], Path]] = {
+    "cka": plot_cka,
+    "attention": plot_attention,
+    "localization": plot_localization,
+    "skip": plot_skip,
+    "probe": plot_probe,
+}
+
+
+def plot_result(ds: xr.Dataset, path: str | Path) -> Path:
+    """Draw any result dataset by its ``analysis`` attribute."""
+    kind = str(ds.attrs.get("analysis", ""))
+    if kind not in PLOTTERS:
+        raise ValueError(f"no figure for analysis {kind!r}")
+    return PLOTTERS[kind](ds, path)
