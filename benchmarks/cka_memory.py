@@ -166,6 +166,11 @@ def main() -> int:
                       silence_logs=logging.ERROR) as cluster, \
             Client(cluster, set_as_default=False) as client:  # fmt: skip
         base = client.run(_rss)
+        # Libraries the job imports lazily, loaded first so the driver's RSS growth
+        # below is the job's data, not module code.
+        import dask.array  # noqa: F401
+        import xarray  # noqa: F401
+
         cfg = CKAConfig(store=args.store, run="big", batch_size=args.batch_size,
                         max_batches=args.batches, dask_address=cluster.scheduler_address,
                         batches_per_round=args.batches_per_round,

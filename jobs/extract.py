@@ -28,8 +28,8 @@ from vitcnn_store.models import (
     build_model,
     data_config,
     expand_layers,
+    match_patterns,
     model_family,
-    pattern_regex,
     weights_sha256,
 )
 from vitcnn_store.store import ArraySpec, RunWriter, consolidate, create_run, prepare_run
@@ -136,17 +136,7 @@ def _select_attention(model: Any, cfg: ExtractConfig) -> list[str]:
         raise LayerPatternError(f"--attention: {type(model).__name__} has no attention modules")
     if not cfg.attention_layers:
         return available
-    chosen: set[str] = set()
-    for pattern in cfg.attention_layers.split(","):
-        regex = pattern_regex(pattern.strip())
-        hits = [n for n in available if regex.fullmatch(n)]
-        if not hits:
-            raise LayerPatternError(
-                f"--attention-layers {pattern.strip()!r} matches no attention module; "
-                f"they are: {', '.join(available[:6])}{' ...' if len(available) > 6 else ''}"
-            )
-        chosen.update(hits)
-    return [n for n in available if n in chosen]
+    return match_patterns(available, cfg.attention_layers, "attention module (--attention-layers)")
 
 
 def _array_specs(

@@ -58,14 +58,19 @@ def check_peaks(peaks: Iterable[tuple[str, float]], dtype: str) -> None:
     """
     for key, peak in peaks:
         layer = key.rsplit("/", 1)[0]
-        if not np.isfinite(peak):
+        if np.isnan(peak):
             raise NonFiniteActivationError(
-                f"layer {layer!r} produced NaN/inf activations; check the weights or checkpoint"
+                f"layer {layer!r} produced NaN activations; check the weights or checkpoint"
             )
+        # Peaks taken after the float16 cast show an overflow as inf.
         if dtype == "float16" and peak > FLOAT16_MAX:
             raise DtypeOverflowError(
                 f"layer {layer!r} has values up to {peak:.4g}, beyond float16's "
                 f"{FLOAT16_MAX:g}; extract with --dtype float32"
+            )
+        if np.isinf(peak):
+            raise NonFiniteActivationError(
+                f"layer {layer!r} produced inf activations; check the weights or checkpoint"
             )
 
 
@@ -93,9 +98,13 @@ class UnitExtractor:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.transform = make_transform(plan.data_config)
         self.writer = RunWriter(plan.url, plan.run)
-        self.capture = Capture(self.model, plan.layers, plan.attention_layers).__enter__()
-        self._forward_lock = threading.Lock()
         self.torch_dtype = getattr(torch, plan.dtype)
+        # Captured outputs are cast to the store dtype in the hooks: the copy that
+        # protects them from in-place ops is also the float16 conversion.
+        self.capture = Capture(
+            self.model, plan.layers, plan.attention_layers, dtype=self.torch_dtype
+        ).__enter__()
+        self._forward_lock = threading.Lock()
 
     def close(self) -> None:
         self.capture.__exit__(None, None, None)
@@ -145,7 +154,7 @@ class UnitExtractor:
             out = {f"{k}/activation": v for k, v in acts.items()}
             out.update({f"{k}/attention": v for k, v in attn.items()})
             if self.plan.inputs:
-                out["input"] = x.permute(0, 2, 3, 1)
+                out["input"] = x.permute(0, 2, 3, 1).to(self.torch_dtype)
             if host is None:
                 host = self._host_buffers(n, {k: tuple(v.shape[1:]) for k, v in out.items()})
             for key, t in out.items():

@@ -74,3 +74,23 @@ def test_output_shapes(vit: torch.nn.Module) -> None:
     shapes = output_shapes(vit, torch.zeros(1, 3, 48, 48))
     assert shapes["blocks.1.mlp.fc1"] == (1, 12, 768)
     assert all(not m._forward_hooks for m in vit.modules())
+
+
+def test_outputs_are_copies_safe_from_in_place_ops() -> None:
+    # A ResNet block adds its shortcut onto bn2's output in place, then ReLUs in place.
+    model = timm.create_model("resnet18").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with Capture(model, ["layer1.0.bn2", "layer1.0"]) as cap:
+        acts, _ = cap(x)
+    block = model.layer1[0]
+    with torch.no_grad():
+        stem = model.maxpool(model.act1(model.bn1(model.conv1(x))))
+        branch = block.bn2(block.conv2(block.act1(block.bn1(block.conv1(stem)))))
+    torch.testing.assert_close(acts["layer1.0.bn2"], branch.permute(0, 2, 3, 1))
+    assert not torch.equal(acts["layer1.0.bn2"], acts["layer1.0"])
+
+
+def test_cast_in_hook(vit: torch.nn.Module) -> None:
+    with Capture(vit, ["blocks.0"], ["blocks.0.attn"], dtype=torch.float16) as cap:
+        acts, attn = cap(torch.randn(1, 3, 48, 48))
+    assert acts["blocks.0"].dtype == attn["blocks.0.attn"].dtype == torch.float16

@@ -121,6 +121,11 @@ class Capture:
         Module paths whose outputs to capture.
     attention
         Paths of attention modules whose softmax probabilities to capture.
+    dtype
+        Cast every captured tensor to this dtype inside the hook (default: keep
+        the model's). Either way the hook takes a copy at once: later modules may
+        modify a captured output in place (a ResNet block adds its shortcut onto
+        the branch output and applies an in-place ReLU).
 
     Examples
     --------
@@ -133,9 +138,14 @@ class Capture:
     """
 
     def __init__(
-        self, model: torch.nn.Module, layers: Sequence[str], attention: Sequence[str] = ()
+        self,
+        model: torch.nn.Module,
+        layers: Sequence[str],
+        attention: Sequence[str] = (),
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
+        self.dtype = dtype
         self.layers = list(layers)
         self.attention = list(attention)
         modules = dict(model.named_modules())
@@ -152,12 +162,19 @@ class Capture:
         self._attn: dict[str, torch.Tensor] = {}
         self.order: list[str] = []  # hook firing order of the last call: forward order
 
+    def _copy(self, t: torch.Tensor) -> torch.Tensor:
+        # One copy, fused with the cast when there is one; contiguous in the stored layout.
+        import torch
+
+        dtype = self.dtype or t.dtype
+        return t.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+
     def _layer_hook(self, name: str) -> Any:
         def hook(module: Any, args: Any, output: Any) -> None:
             t = _first_tensor(output)
             if t is None:
                 raise LayerPatternError(f"layer {name!r} returns no tensor; choose another layer")
-            self._acts[name] = _canonical(name, t.detach())
+            self._acts[name] = self._copy(_canonical(name, t.detach()))
             self.order.append(name)
 
         return hook
@@ -165,7 +182,7 @@ class Capture:
     def _attention_hook(self, name: str) -> Any:
         def hook(module: Any, args: Any, output: Any) -> None:
             # attn_drop is the identity in eval: its output is the softmax itself.
-            self._attn[name] = output.detach()
+            self._attn[name] = self._copy(output.detach())
             self.order.append(name + "/attention")
 
         return hook
@@ -238,12 +255,16 @@ class Capture:
             )
         for name, t in attn.items():
             key = name + "/attention"
+            # Token coordinates too, so an attention-only group still says where its
+            # queries and keys sit.
+            coords = token_coordinates(self.model, int(t.shape[-1]), input_hw)
             out[key] = LayerLayout(
                 key,
                 "attention",
                 tuple(t.shape[1:]),
                 type(self._modules[name]).__name__,
                 order[key],
+                coords,
             )
         return out
 

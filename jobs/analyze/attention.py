@@ -20,8 +20,8 @@ from jobs.analyze.common import AnalysisOptions, AnalysisResult, run_analysis
 from jobs.analyze.executor import Executor
 from jobs.analyze.selection import chunk_tasks, open_runs, str_array, str_coord, usable_mask
 from vitcnn_store.analysis.attention import AttentionAccumulator
-from vitcnn_store.errors import LayerPatternError, UsageError
-from vitcnn_store.models.layers import pattern_regex
+from vitcnn_store.errors import UsageError
+from vitcnn_store.models.layers import match_patterns
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -55,16 +55,7 @@ def _attention_layers(run: Any, patterns: str | None) -> list[str]:
         )
     if not patterns:
         return list(layers)
-    chosen: set[str] = set()
-    for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
-        hits = [name for name in layers if pattern_regex(pattern).fullmatch(name)]
-        if not hits:
-            raise LayerPatternError(
-                f"--layers {pattern!r} matches no stored attention layer of run {run.name!r} "
-                f"(stored: {', '.join(layers[:6])}{' ...' if len(layers) > 6 else ''})"
-            )
-        chosen.update(hits)
-    return [name for name in layers if name in chosen]
+    return match_patterns(layers, patterns, f"stored attention layer of run {run.name!r}")
 
 
 def _positions(run: Any, a: Any) -> tuple[np.ndarray, int | None]:

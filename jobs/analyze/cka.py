@@ -22,15 +22,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jobs.analyze.common import AnalysisOptions, AnalysisResult, run_analysis
-from jobs.analyze.executor import Executor
+from jobs.analyze.executor import Executor, LazyTasks
 from jobs.analyze.selection import (
     align_images,
     cap_batch_size,
     layer_info,
     open_runs,
     reduce_layer,
+    row_pieces,
     select_layers,
     str_coord,
+    take_rows,
     usable_mask,
 )
 from vitcnn_store.analysis.cka import MinibatchCKAMatrix, center_gram
@@ -124,10 +126,14 @@ def batch_gram(
 ) -> np.ndarray:
     """Gram matrix (b, b) in float64 of one batch of one layer (b, ...).
 
+    ``x`` may also be ``(pieces, perm)`` from :func:`~jobs.analyze.selection.row_pieces`.
+
     Features are cast to float64 a block of columns at a time, so the float64
     copy never exceeds ~16 MB whatever the layer width (float16 products
     overflow and lose precision, DESIGN §5).
     """
+    if isinstance(x, tuple):
+        x = take_rows(*x)
     m = np.asarray(x).reshape(len(x), -1)
     b, p = m.shape
     step = max(1, min(p, _BLOCK_BYTES // (8 * max(b, 1))))
@@ -233,13 +239,14 @@ def run_cka(cfg: CKAConfig) -> AnalysisResult:
         batches = cka_batches(n, batch, cfg.repeats, cfg.seed, cfg.max_batches)
 
     def compute(executor: Executor) -> xr.Dataset:
-        tasks, owner = [], []
-        for r, rep in enumerate(batches):
-            for pos in rep:
-                tasks.append(
-                    _batch_task(cfg, red_a, red_b, layers_a, layers_b, same, idx_a[pos], idx_b[pos])
-                )
-                owner.append(r)
+        flat = [(r, pos) for r, rep in enumerate(batches) for pos in rep]
+        owner = [r for r, _ in flat]
+        tasks = LazyTasks(
+            len(flat),
+            lambda i: _batch_task(
+                cfg, red_a, red_b, layers_a, layers_b, same, idx_a[flat[i][1]], idx_b[flat[i][1]]
+            ),
+        )
         per_repeat = [np.full((len(layers_a), len(layers_b)), np.nan) for _ in batches]
         accs: list[Any] = [MinibatchCKAMatrix() for _ in batches]
         # A round of batches is one dask graph: a stored chunk that several of its batches
@@ -285,7 +292,7 @@ def _batch_task(
 
     def grams(reduced: list[Any], layers: list[str], rows: np.ndarray) -> list[Any]:
         return [
-            delayed(batch_gram, pure=True)(x[rows], cfg.kernel, cfg.rbf_threshold, name)
+            delayed(batch_gram, pure=True)(row_pieces(x, rows), cfg.kernel, cfg.rbf_threshold, name)
             for x, name in zip(reduced, layers, strict=True)
         ]
 

@@ -3,12 +3,38 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, overload
 
 from vitcnn_store.errors import UsageError
 
-__all__ = ["Executor"]
+__all__ = ["Executor", "LazyTasks"]
+
+
+class LazyTasks(Sequence[Any]):
+    """``size`` dask tasks built only when :meth:`Executor.imap` submits them.
+
+    A job with many batches would otherwise hold every batch's graph on the
+    driver at once (tens of thousands of small dask objects).
+    """
+
+    def __init__(self, size: int, build: Callable[[int], Any]) -> None:
+        self.size = size
+        self.build = build
+
+    def __len__(self) -> int:
+        return self.size
+
+    @overload
+    def __getitem__(self, i: int) -> Any: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Any]: ...
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return [self.build(j) for j in range(*i.indices(self.size))]
+        if not -self.size <= i < self.size:
+            raise IndexError(i)
+        return self.build(i % self.size)
 
 
 class Executor:

@@ -24,8 +24,15 @@ import numpy as np
 
 from jobs.analyze.cka import cka_batches
 from jobs.analyze.common import AnalysisOptions, AnalysisResult, run_analysis
-from jobs.analyze.executor import Executor
-from jobs.analyze.selection import cap_batch_size, layer_info, open_runs, usable_mask
+from jobs.analyze.executor import Executor, LazyTasks
+from jobs.analyze.selection import (
+    cap_batch_size,
+    layer_info,
+    open_runs,
+    row_pieces,
+    take_rows,
+    usable_mask,
+)
 from vitcnn_store.analysis.localization import MinibatchLocalization, image_to_patches
 from vitcnn_store.errors import RunNotFoundError, UsageError
 
@@ -124,11 +131,12 @@ def _grid(x: Any, info: Any) -> tuple[np.ndarray, np.ndarray, dict[tuple[int, in
 def _accumulate(
     tokens: Any, inputs: Any, mean: np.ndarray, std: np.ndarray, patch: int
 ) -> MinibatchLocalization:
+    """One batch: ``tokens`` and ``inputs`` are ``(pieces, perm)`` from ``row_pieces``."""
     # Undo the stored normalization in float32 (half the memory of float64; the
     # kernel casts each patch to float64 before its Gram).
-    pixels = np.asarray(inputs, dtype=np.float32) * std + mean
+    pixels = take_rows(*inputs).astype(np.float32) * std + mean
     patches = image_to_patches(pixels, patch)
-    reps = np.asarray(tokens)
+    reps = take_rows(*tokens)
     acc = MinibatchLocalization()
     acc.update([reps[:, t] for t in range(reps.shape[1])], patches)
     return acc
@@ -175,14 +183,15 @@ def run_localization(cfg: LocalizationConfig) -> AnalysisResult:
         from dask import delayed
 
         data = x.data if info.kind == "token" else x.data.reshape(x.shape[0], gy * gx, -1)
-        tasks = []
-        for pos in batches:
-            rows = usable[pos]
-            tasks.append(
-                delayed(_accumulate, pure=True)(
-                    data[rows][:, index], inputs.data[rows], mean, std, patch
-                )
+        chosen = data[:, index]  # the target tokens only travel between tasks
+
+        def task(i: int) -> Any:
+            rows = usable[batches[i]]
+            return delayed(_accumulate, pure=True)(
+                row_pieces(chosen, rows), row_pieces(inputs.data, rows), mean, std, patch
             )
+
+        tasks = LazyTasks(len(batches), task)
         acc = MinibatchLocalization()
         for _, part in executor.imap(tasks, desc=f"localization {cfg.run}", window=2):
             acc.merge(part)

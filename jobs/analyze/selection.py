@@ -1,8 +1,9 @@
 """What an analysis reads: runs, usable images, layers and their reductions.
 
 Everything here is lazy: layers come back as dask arrays from the store
-reader, and :func:`chunk_tasks` turns them into one dask task per stored image
-chunk, so no job ever holds a whole layer.
+reader; :func:`chunk_tasks` turns them into one dask task per stored image
+chunk, and :func:`row_pieces` gathers a batch of rows from the chunks holding
+them, so no job ever holds a whole layer.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vitcnn_store.errors import IncompleteRunError, LayerPatternError, StoreError, UsageError
-from vitcnn_store.models.layers import pattern_regex
+from vitcnn_store.errors import IncompleteRunError, StoreError, UsageError
+from vitcnn_store.models.layers import match_patterns
 from vitcnn_store.store import open_store
 from vitcnn_store.store.layout import check_name
 from vitcnn_store.store.reader import Run
@@ -32,9 +33,11 @@ __all__ = [
     "layer_info",
     "open_runs",
     "reduce_layer",
+    "row_pieces",
     "select_layers",
     "str_array",
     "str_coord",
+    "take_rows",
     "usable_mask",
 ]
 
@@ -98,19 +101,7 @@ def select_layers(run: Run, patterns: str | None, option: str = "--layers") -> l
         raise StoreError(f"run {run.name!r} has no stored layer activations")
     if not patterns:
         return list(layers)
-    chosen: set[str] = set()
-    for pattern in (p.strip() for p in patterns.split(",")):
-        if not pattern:
-            continue
-        regex = pattern_regex(pattern)
-        hits = [name for name in layers if regex.fullmatch(name)]
-        if not hits:
-            raise LayerPatternError(
-                f"{option} {pattern!r} matches no stored layer of run {run.name!r} "
-                f"(stored: {', '.join(layers[:6])}{' ...' if len(layers) > 6 else ''})"
-            )
-        chosen.update(hits)
-    return [name for name in layers if name in chosen]
+    return match_patterns(layers, patterns, f"stored layer of run {run.name!r} ({option})")
 
 
 @dataclass(frozen=True)
@@ -155,9 +146,10 @@ def layer_info(x: xr.DataArray) -> LayerInfo:
 
 
 def reduce_layer(x: xr.DataArray, how: str, *, cls_fallback: bool = False) -> tuple[Any, str]:
-    """Lazy (image, feature) dask array of a layer under a reduction, and the one applied.
+    """Lazy dask array of a layer under a reduction, and the one applied.
 
-    ``flatten`` keeps every non-image dim; ``gap`` averages patch tokens
+    ``flatten`` keeps every non-image dim (left unflattened: consumers reshape
+    each batch to (image, feature)); ``gap`` averages patch tokens
     (prefix tokens excluded, as timm's average pooling does) or spatial
     positions, in float64; ``cls`` takes the CLS token. Layers without a CLS
     token raise :class:`UsageError` for ``cls`` unless ``cls_fallback``, which
@@ -165,7 +157,6 @@ def reduce_layer(x: xr.DataArray, how: str, *, cls_fallback: bool = False) -> tu
     """
     info = layer_info(x)
     data = x.data
-    n = data.shape[0]
     if how == "cls" and info.cls_index is None:
         if not cls_fallback:
             raise UsageError(
@@ -175,7 +166,7 @@ def reduce_layer(x: xr.DataArray, how: str, *, cls_fallback: bool = False) -> tu
             )
         how = "gap"
     if how == "flatten":
-        return data.reshape(n, -1), how
+        return data, how  # flattened inside the task: no reshape tasks in the graph
     if how == "cls":
         return data[:, info.cls_index, :], how
     if how == "gap":
@@ -226,6 +217,36 @@ def chunk_tasks(arrays: Sequence[Any], mask: np.ndarray, fn: Any, *args: Any) ->
         blocks = [a.blocks[i] if rows.size == size else a.blocks[i][rows] for a in arrays]
         tasks.append(delayed(fn, pure=True)(*blocks, *args))
     return tasks
+
+
+def row_pieces(data: Any, rows: np.ndarray) -> tuple[list[Any], np.ndarray | None]:
+    """Lazy pieces of ``data`` holding ``rows`` (along axis 0), one per stored chunk touched.
+
+    Returns the pieces, in chunk order, and the permutation that puts their
+    concatenation back in the order of ``rows`` (``None`` when ``rows`` is
+    sorted); :func:`take_rows` does both inside a task. One small getitem per
+    chunk is far fewer tasks than dask's generic fancy indexing, and a chunk
+    shared by several batches of one graph is still read once.
+    """
+    order = np.argsort(rows, kind="stable")
+    ranked = np.asarray(rows)[order]
+    bounds = np.cumsum((0, *data.chunks[0]))
+    chunk_of = np.searchsorted(bounds, ranked, side="right") - 1
+    pieces = []
+    for c in np.unique(chunk_of):
+        local = ranked[chunk_of == c] - bounds[c]
+        block = data.blocks[int(c)]
+        piece = block if local.size == block.shape[0] else block[local]
+        # The piece's one chunk as a Delayed: no extra task to finalize a dask array.
+        pieces.append(piece.to_delayed().ravel()[0])
+    in_order = bool((order == np.arange(order.size)).all())
+    return pieces, None if in_order else np.argsort(order)
+
+
+def take_rows(pieces: Sequence[Any], perm: np.ndarray | None) -> np.ndarray:
+    """Concatenate pieces from :func:`row_pieces` (computed) into the requested row order."""
+    out = np.concatenate([np.asarray(p) for p in pieces])
+    return out if perm is None else out[perm]
 
 
 def str_array(values: Any) -> np.ndarray:

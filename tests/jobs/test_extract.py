@@ -131,6 +131,9 @@ def test_resnet_spatial_coordinates(tiny_store: str) -> None:
     assert x.dims == ("image", "y", "x", "channel")
     # 32-px input, stride 4 at layer1: centres 2, 6, ..., 30.
     np.testing.assert_array_equal(x.x.values, np.arange(8) * 4 + 2.0)
+    # The branch tap is stored before the block adds its shortcut in place.
+    branch = open_store(tiny_store)["resnet"]["layer1.0.bn2"].values
+    assert not np.array_equal(branch, x.values)
 
 
 def test_opens_without_vitcnn_store(f32_store: str) -> None:

@@ -23,6 +23,7 @@ __all__ = [
     "PRESETS",
     "attention_modules",
     "expand_layers",
+    "match_patterns",
     "model_family",
     "module_names",
     "pattern_regex",
@@ -48,6 +49,28 @@ def pattern_regex(pattern: str) -> re.Pattern[str]:
         ".*" if p == "**" else "[^.]*" if p == "*" else re.escape(p) for p in parts if p
     )
     return re.compile(regex)
+
+
+def match_patterns(names: Sequence[str], patterns: str, what: str) -> list[str]:
+    """The ``names`` matching comma-separated ``patterns``, in the order of ``names``.
+
+    A pattern matching nothing raises :class:`LayerPatternError` naming ``what``
+    was searched and listing the first candidates.
+
+    Examples
+    --------
+    >>> match_patterns(["blocks.0.attn", "blocks.1.attn"], "blocks.1.*", "attention module")
+    ['blocks.1.attn']
+    """
+    chosen: set[str] = set()
+    for pattern in _split(patterns):
+        regex = pattern_regex(pattern)
+        hits = [n for n in names if regex.fullmatch(n)]
+        if not hits:
+            shown = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+            raise LayerPatternError(f"{pattern!r} matches no {what} (they are: {shown})")
+        chosen.update(hits)
+    return [n for n in names if n in chosen]
 
 
 def module_names(model: torch.nn.Module) -> list[str]:

@@ -167,6 +167,8 @@ class Run:
             for cname in str(arr.attrs.get("coordinates", "")).split():
                 if cname in group and cname not in coords:
                     c = group[cname]
+                    if not set(c.metadata.dimension_names) <= set(dims):
+                        continue  # e.g. token coords of an attention group (query/key dims)
                     values = np.asarray(c[...])
                     if values.dtype.kind not in "biuf":
                         values = np.array(values.tolist(), dtype=str)
