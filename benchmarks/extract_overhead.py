@@ -88,6 +88,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--layers", default="preset:blocks")
     p.add_argument("--dtype", default="float16")
+    p.add_argument("--compression", default="lz4", choices=["lz4", "zstd", "none"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (best kept)")
@@ -100,7 +101,8 @@ def main() -> None:
             cfg = ExtractConfig(
                 model=ModelSpec(name), images="builtin:photos", store=str(tmp / "s.zarr"),
                 run="bench", layers=args.layers, dtype=args.dtype, chunk_size=args.batch,
-                limit=args.images, progress=False, device=args.device,
+                compression=args.compression, limit=args.images, progress=False,
+                device=args.device,
             )  # fmt: skip
             plan, provenance, specs = plan_extraction(cfg)
             plan = type(plan)(**{**plan.__dict__, "threads": args.threads})
@@ -127,7 +129,7 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"\n{args.images} images, batch {args.batch}, {args.threads} threads, {args.device}, "
-        f"layers {args.layers}, {args.dtype}"
+        f"layers {args.layers}, {args.dtype}, compression {args.compression}"
     )
     print(table(rows, [
         "model", "forward img/s", "bare img/s", "vitcnn img/s", "vitcnn/bare", "vitcnn/forward",

@@ -43,6 +43,7 @@ from vitcnn_store.store.lease import (
     release_lease,
     renew_lease,
 )
+from vitcnn_store.store.writer import COMPRESSIONS
 
 __all__ = ["ExtractConfig", "ExtractSummary", "extract"]
 
@@ -62,6 +63,7 @@ class ExtractConfig:
     attention_layers: str | None = None
     inputs: bool = False
     dtype: str = "float16"
+    compression: str = "lz4"
     chunk_size: int = 32
     batch_size: int | None = None
     limit: int | None = None
@@ -93,6 +95,10 @@ class ExtractConfig:
             raise UsageError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
         if self.dtype not in ("float16", "float32"):
             raise UsageError(f"--dtype must be float16 or float32, got {self.dtype!r}")
+        if self.compression not in COMPRESSIONS:
+            raise UsageError(
+                f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}"
+            )
         if self.resume and self.overwrite:
             raise UsageError("give either --resume or --overwrite, not both")
         if self.attention_layers and not self.attention:
@@ -211,6 +217,7 @@ def _provenance(
         "attention_layers": attention,
         "inputs": cfg.inputs,
         "dtype": cfg.dtype,
+        "compression": cfg.compression,
         "chunk_size": cfg.chunk_size,
         "timm_version": timm.__version__,
         "torch_version": torch.__version__,
@@ -302,6 +309,7 @@ def prepare_store(cfg: ExtractConfig, plan: ExtractionPlan, provenance: dict[str
             image_ids=[r.image_id for r in plan.images.records],
             labels=[r.label for r in plan.images.records],
             chunk=cfg.chunk_size, dtype=cfg.dtype, arrays=specs, attrs=provenance,
+            compression=cfg.compression,
         )  # fmt: skip
     return RunWriter(cfg.store, cfg.run)
 

@@ -66,6 +66,10 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-layers", metavar="PATTERNS", help="restrict --attention")
     p.add_argument("--inputs", action="store_true", help="store the preprocessed input")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument(
+        "--compression", choices=["lz4", "zstd", "none"], default="lz4",
+        help="chunk compression: blosc-lz4 (default), zstd level 1, or none (write-bound jobs)",
+    )  # fmt: skip
     p.add_argument("--chunk-size", type=int, default=32, help="images per chunk (= work unit)")
     p.add_argument("--batch-size", type=int, help="forward batch size (default: chunk size)")
     p.add_argument("--limit", type=int, metavar="N", help="use only the first N images")
@@ -163,7 +167,8 @@ def _extract_config(args: argparse.Namespace) -> Any:
     return ExtractConfig(
         model=_model_spec(args), images=args.images, store=args.store, run=args.run,
         layers=args.layers, attention=args.attention, attention_layers=args.attention_layers,
-        inputs=args.inputs, dtype=args.dtype, chunk_size=args.chunk_size,
+        inputs=args.inputs, dtype=args.dtype, compression=args.compression,
+        chunk_size=args.chunk_size,
         batch_size=args.batch_size, limit=args.limit, strict=args.strict, resume=args.resume,
         overwrite=args.overwrite, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker, device=args.device, autocast=args.autocast,

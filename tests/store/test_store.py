@@ -158,3 +158,20 @@ def test_memory_url() -> None:
     writer.write_unit(2, unit_values(1, 2), np.array([True]), ["bad file"])
     run = open_store(url)["r"]
     assert run.failed == {"img4": "bad file"}
+
+
+@pytest.mark.parametrize("compression", ["lz4", "zstd", "none"])
+def test_compressions_round_trip(tmp_path: Path, compression: str) -> None:
+    url = str(tmp_path / "s.zarr")
+    create_run(
+        url, "r", image_ids=["a", "b"], labels=[0, 1], chunk=2, dtype="float32",
+        arrays=SPECS[:1], attrs=PROVENANCE, compression=compression,
+    )  # fmt: skip
+    values = {"blocks.0/activation": np.arange(24, dtype=np.float32).reshape(2, 3, 4)}
+    RunWriter(url, "r").write_unit(0, values, np.zeros(2, bool), ["", ""])
+    np.testing.assert_array_equal(
+        open_store(url)["r"]["blocks.0"].values, values["blocks.0/activation"]
+    )
+    with pytest.raises(UsageError):
+        create_run(url, "r2", image_ids=["a"], labels=[0], chunk=1, dtype="float32",
+                   arrays=SPECS[:1], attrs=PROVENANCE, compression="gzip")  # fmt: skip

@@ -18,7 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from vitcnn_store.errors import DtypeOverflowError, RunExistsError, RunMismatchError, StoreError
+from vitcnn_store.errors import (
+    DtypeOverflowError,
+    RunExistsError,
+    RunMismatchError,
+    StoreError,
+    UsageError,
+)
 from vitcnn_store.store.layout import (
     ANALYSES,
     RUN_ARRAYS,
@@ -29,6 +35,7 @@ from vitcnn_store.store.layout import (
 )
 
 __all__ = [
+    "COMPRESSIONS",
     "RESUME_KEYS",
     "ArraySpec",
     "RunWriter",
@@ -70,11 +77,24 @@ class ArraySpec:
         return f"{self.group}/{self.name}" if self.group else self.name
 
 
-def compressor() -> Any:
-    """Fast compression: activations compress poorly, so speed wins (blosc-lz4, shuffle)."""
-    from zarr.codecs import BloscCodec
+COMPRESSIONS = ("lz4", "zstd", "none")
 
-    return BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")
+
+def compressor(name: str = "lz4") -> Any:
+    """Fast compression only: activations compress poorly, so speed wins.
+
+    ``lz4`` (default): blosc-lz4 with byte shuffle; ``zstd``: zstd level 1 (smaller,
+    slower); ``none``: raw chunks, for write-bound jobs (large CNN maps on few cores).
+    """
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if name == "lz4":
+        return BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")
+    if name == "zstd":
+        return ZstdCodec(level=1)
+    if name == "none":
+        return None
+    raise UsageError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {name!r}")
 
 
 def _json_safe(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -130,6 +150,7 @@ def create_run(
     dtype: str,
     arrays: Sequence[ArraySpec],
     attrs: Mapping[str, Any],
+    compression: str = "lz4",
 ) -> None:
     """Create run ``name`` with every array it will ever hold (replacing any old one)."""
 
@@ -190,7 +211,7 @@ def create_run(
                 chunks=(chunk, *spec.shape),
                 dtype=dtype,
                 fill_value=np.nan,
-                compressors=compressor(),
+                compressors=compressor(compression),
                 dimension_names=["image", *spec.dims],
                 attributes=_coord_attr(own + (["image_id", "label"] if not spec.group else [])),
             )
