@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.worker import ExtractionPlan, check_peaks, make_actor_class
+from jobs.worker import ExtractionPlan, make_actor_class
 from vitcnn_store._version import FORMAT_VERSION, __version__
 from vitcnn_store.capture import Capture, LayerLayout
 from vitcnn_store.data import ImageSet, open_image_set
@@ -43,7 +43,7 @@ from vitcnn_store.store.lease import (
     release_lease,
     renew_lease,
 )
-from vitcnn_store.store.writer import COMPRESSIONS
+from vitcnn_store.store.writer import COMPRESSIONS, check_peaks
 
 __all__ = ["ExtractConfig", "ExtractSummary", "extract"]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,15 +18,15 @@ import numpy as np
 
 from vitcnn_store.capture import Capture
 from vitcnn_store.data import ImageSet
-from vitcnn_store.errors import DtypeOverflowError, ImageDecodeError, NonFiniteActivationError
+from vitcnn_store.errors import ImageDecodeError
 from vitcnn_store.models import ModelSpec, build_model, make_transform, weights_sha256
 from vitcnn_store.store import RunWriter
-from vitcnn_store.store.writer import FLOAT16_MAX
+from vitcnn_store.store.writer import check_peaks
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ExtractionPlan", "UnitExtractor", "check_peaks", "make_actor_class"]
+__all__ = ["ExtractionPlan", "UnitExtractor", "make_actor_class"]
 
 
 @dataclass(frozen=True)
@@ -49,29 +48,6 @@ class ExtractionPlan:
     autocast: bool = False
     threads: int | None = None
     channels_last: bool = False
-
-
-def check_peaks(peaks: Iterable[tuple[str, float]], dtype: str) -> None:
-    """Refuse NaN/inf activations, and values beyond float16 when storing float16.
-
-    ``peaks`` pairs an array key (``layer/activation``) with its largest magnitude.
-    """
-    for key, peak in peaks:
-        layer = key.rsplit("/", 1)[0]
-        if np.isnan(peak):
-            raise NonFiniteActivationError(
-                f"layer {layer!r} produced NaN activations; check the weights or checkpoint"
-            )
-        # Peaks taken after the float16 cast show an overflow as inf.
-        if dtype == "float16" and peak > FLOAT16_MAX:
-            raise DtypeOverflowError(
-                f"layer {layer!r} has values up to {peak:.4g}, beyond float16's "
-                f"{FLOAT16_MAX:g}; extract with --dtype float32"
-            )
-        if np.isinf(peak):
-            raise NonFiniteActivationError(
-                f"layer {layer!r} produced inf activations; check the weights or checkpoint"
-            )
 
 
 class UnitExtractor:

@@ -12,6 +12,7 @@ import zarr
 from vitcnn_store import open_store
 from vitcnn_store.errors import (
     DtypeOverflowError,
+    NonFiniteActivationError,
     NotAStoreError,
     RunExistsError,
     RunMismatchError,
@@ -22,7 +23,7 @@ from vitcnn_store.errors import (
 )
 from vitcnn_store.store import ArraySpec, RunWriter, create_run, prepare_run
 from vitcnn_store.store.layout import FORMAT_ATTR, check_name, unit_bounds
-from vitcnn_store.store.writer import to_store_dtype
+from vitcnn_store.store.writer import check_peaks
 
 TOKENS = {
     "token_kind": (("token",), np.array(["cls", "patch", "patch"])),
@@ -144,11 +145,14 @@ def test_invalid_names(name: str) -> None:
 
 
 def test_float16_overflow_is_an_error() -> None:
-    ok = to_store_dtype("l", np.array([1.0, 60000.0]), "float16")
-    assert ok.dtype == np.float16 and np.isfinite(ok).all()
+    check_peaks([("l/activation", 60000.0)], "float16")
     with pytest.raises(DtypeOverflowError, match="float32"):
-        to_store_dtype("l", np.array([1.0, 70000.0]), "float16")
-    assert to_store_dtype("l", np.array([70000.0]), "float32")[0] == 70000.0
+        check_peaks([("l/activation", 70000.0)], "float16")
+    with pytest.raises(DtypeOverflowError, match="float32"):  # inf after the float16 cast
+        check_peaks([("l/activation", float("inf"))], "float16")
+    check_peaks([("l/activation", 70000.0)], "float32")
+    with pytest.raises(NonFiniteActivationError, match="NaN"):
+        check_peaks([("l/activation", float("nan"))], "float32")
 
 
 def test_memory_url() -> None:

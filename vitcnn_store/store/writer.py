@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ import numpy as np
 
 from vitcnn_store.errors import (
     DtypeOverflowError,
+    NonFiniteActivationError,
     RunExistsError,
     RunMismatchError,
     StoreError,
@@ -39,11 +40,11 @@ __all__ = [
     "RESUME_KEYS",
     "ArraySpec",
     "RunWriter",
+    "check_peaks",
     "compressor",
     "consolidate",
     "create_run",
     "prepare_run",
-    "to_store_dtype",
 ]
 
 # Provenance keys that must match for --resume to continue a run.
@@ -230,17 +231,28 @@ def consolidate(url: str) -> None:
         zarr.consolidate_metadata(url)
 
 
-def to_store_dtype(name: str, values: np.ndarray, dtype: str) -> np.ndarray:
-    """Cast ``values`` to the store dtype; float16 overflow is an error, never inf."""
-    if dtype == "float16" and values.dtype != np.float16:
-        finite = np.isfinite(values)
-        peak = float(np.abs(values, where=finite, out=np.zeros_like(values)).max(initial=0.0))
-        if peak > FLOAT16_MAX:
-            raise DtypeOverflowError(
-                f"layer {name!r} has values up to {peak:.4g}, beyond float16's {FLOAT16_MAX:g}; "
-                "extract with --dtype float32"
+def check_peaks(peaks: Iterable[tuple[str, float]], dtype: str) -> None:
+    """Refuse NaN/inf activations, and values beyond float16 when storing float16.
+
+    ``peaks`` pairs an array key (``layer/activation``) with its largest magnitude.
+    Float16 overflow is an error for that layer, never a silent inf.
+    """
+    for key, peak in peaks:
+        layer = key.rsplit("/", 1)[0]
+        if np.isnan(peak):
+            raise NonFiniteActivationError(
+                f"layer {layer!r} produced NaN activations; check the weights or checkpoint"
             )
-    return values.astype(dtype, copy=False)
+        # Peaks taken after the float16 cast show an overflow as inf.
+        if dtype == "float16" and peak > FLOAT16_MAX:
+            raise DtypeOverflowError(
+                f"layer {layer!r} has values up to {peak:.4g}, beyond float16's "
+                f"{FLOAT16_MAX:g}; extract with --dtype float32"
+            )
+        if np.isinf(peak):
+            raise NonFiniteActivationError(
+                f"layer {layer!r} produced inf activations; check the weights or checkpoint"
+            )
 
 
 class RunWriter:
