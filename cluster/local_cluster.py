@@ -1,10 +1,10 @@
 """A local multi-node Ray cluster in one foreground process; Ctrl-C stops all of it.
 
-The foreground twin of ``cluster/local_cluster.sh``: the same head (job server on
-127.0.0.1) plus N worker "nodes" on this machine, made with Ray's
-``ray.cluster_utils.Cluster`` (each node its own raylet and object store). Nothing
-outlives this process, and it never touches another Ray cluster, so it also suits
-machines without Linux ``/proc`` and scripts that want a cluster for a while::
+A head (job server on 127.0.0.1) plus N worker "nodes" on this machine, made with
+Ray's ``ray.cluster_utils.Cluster``: each node its own raylet and object store,
+sharing this machine's file system. Nothing outlives this process and it never
+touches another Ray cluster (no ``ray stop``, which would kill every Ray process of
+the user), so it suits any machine and scripts that want a cluster for a while::
 
     python cluster/local_cluster.py --nodes 2
     # in another shell, with the exports it prints:
@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--nodes", type=int, default=2, metavar="N", help="worker nodes (default 2)")
     p.add_argument("--head-cpus", type=float, default=1, help="CPUs of the head (default 1)")
-    p.add_argument("--head-gpus", type=float, default=0, help="GPUs of the head (default 0)")
+    p.add_argument(
+        "--head-gpus", type=float, help="GPUs of the head (default: detected); worker nodes get 0"
+    )
     p.add_argument("--worker-cpus", type=float, default=1, help="CPUs per worker node")
     p.add_argument("--port", type=int, default=6379, help="GCS port (default 6379; 0: any)")
     p.add_argument(
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             initialize_head=True,
             head_node_args={
                 "num_cpus": args.head_cpus,
+                # None: Ray detects this machine's GPUs, counted once (on the head).
                 "num_gpus": args.head_gpus,
                 "object_store_memory": store,
                 "gcs_server_port": args.port or _free_port(),
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             f"export RAY_ADDRESS={info['dashboard_url']}\n"
             f"export RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}\n\n"
             f"Submit: vitcnn submit extract ... --address {info['dashboard_url']} --wait\n"
+            "Watch: ray list nodes | ray job list | ray job logs -f ID\n"
             "Stop: Ctrl-C",
             flush=True,
         )
