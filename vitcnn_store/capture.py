@@ -23,19 +23,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vitcnn_store.errors import LayerPatternError
+from vitcnn_store.store.schema import DIMS_BY_KIND, KIND_BY_NDIM
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["Capture", "LayerLayout", "output_shapes", "token_coordinates"]
-
-KIND_BY_NDIM = {3: "token", 4: "spatial", 2: "pooled"}
-DIMS_BY_KIND = {
-    "token": ("token", "channel"),
-    "spatial": ("y", "x", "channel"),
-    "pooled": ("channel",),
-    "attention": ("head", "query", "key"),
-}
 
 
 @dataclass(frozen=True)
