@@ -1,7 +1,7 @@
 """Benchmark: all-pairs CKA of L layers, three ways, on synthetic float16 representations.
 
 * ours — what the CKA job runs per batch: each layer's Gram once
-  (``jobs.analyze.cka.batch_gram``: blocked float16→float64 cast + ``X Xᵀ``), then
+  (``vitcnn_store.analysis.gram.gram_linear``: blocked float16→float64 cast + ``X Xᵀ``), then
   ``MinibatchCKAMatrix.update_grams`` (U-centring and one matrix product for
   every pair);
 * per-pair — as torch_cka / PyTorch-Model-Compare do it: for every (i, j) of the
@@ -31,8 +31,8 @@ import time
 
 import numpy as np
 
-from jobs.analyze.cka import batch_gram
 from vitcnn_store.analysis.cka import MinibatchCKA, MinibatchCKAMatrix
+from vitcnn_store.analysis.gram import gram_linear
 
 
 def make_batch(
@@ -90,7 +90,7 @@ def main() -> int:
             best_ours = best_floor = float("inf")
             for _ in range(args.trials):
                 t0 = time.perf_counter()
-                g = batch_gram(x)
+                g = gram_linear(x)
                 best_ours = min(best_ours, time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 _ = x64 @ x64.T

@@ -10,15 +10,19 @@ from hypothesis import strategies as st
 from vitcnn_store.analysis.cka import (
     MinibatchCKA,
     MinibatchCKAMatrix,
-    center_gram,
     cka,
-    cka_matrix,
-    gram_linear,
-    gram_rbf,
+    cka_matrix_from_grams,
     hsic,
     linear_cka,
-    u_center_gram,
+    sample_batches,
     unbiased_linear_cka,
+)
+from vitcnn_store.analysis.gram import (
+    center_gram,
+    gram_linear,
+    gram_rbf,
+    kernel_gram,
+    u_center_gram,
 )
 
 FAST = settings(max_examples=25, deadline=None)
@@ -52,6 +56,16 @@ def ref_hsic1(K, L):
 def ref_cka(X, Y, hsic_fn):
     K, L = ref_gram(X), ref_gram(Y)
     return hsic_fn(K, L) / np.sqrt(hsic_fn(K, K) * hsic_fn(L, L))
+
+
+def cka_matrix(reps_a, reps_b=None, *, kernel="linear", unbiased=False):
+    """All-pairs CKA of representations through the Gram-level kernel."""
+
+    def grams(reps):
+        return [kernel_gram(x, kernel) for x in reps]
+
+    b = None if reps_b is None else grams(reps_b)
+    return cka_matrix_from_grams(grams(reps_a), b, unbiased=unbiased)
 
 
 def random_reps(seed, n=12, p1=5, p2=7):
@@ -292,3 +306,49 @@ def test_one_shot_cka_matrix_equals_per_pair(unbiased, kernel):
     if not unbiased and kernel == "linear":
         ref = [[ref_cka(x, y, ref_biased_hsic) for y in a] for x in a]
         np.testing.assert_allclose(cka_matrix(a), ref, rtol=1e-10)
+
+
+def test_matrix_from_grams_against_explicit_references():
+    rng = np.random.default_rng(9)
+    a, b = _layers(rng, 10, 3), _layers(rng, 10, 4)
+    ka, kb = [ref_gram(x) for x in a], [ref_gram(y) for y in b]
+    for unbiased, ref in ((False, ref_biased_hsic), (True, ref_hsic1)):
+        expect = [[ref(K, L) / np.sqrt(ref(K, K) * ref(L, L)) for L in kb] for K in ka]
+        np.testing.assert_allclose(cka_matrix_from_grams(ka, kb, unbiased=unbiased), expect,
+                                   rtol=1e-10)  # fmt: skip
+        within = cka_matrix_from_grams(ka, unbiased=unbiased)
+        np.testing.assert_allclose(within, cka_matrix_from_grams(ka, ka, unbiased=unbiased),
+                                   rtol=1e-12)  # fmt: skip
+    with pytest.raises(ValueError, match="different numbers of images"):
+        cka_matrix_from_grams(ka, [g[:9, :9] for g in kb])
+    with pytest.raises(ValueError, match="n >= 4"):
+        cka_matrix_from_grams([g[:3, :3] for g in ka], unbiased=True)
+
+
+def test_second_side_taken_in_pieces_equals_one_stack(monkeypatch):
+    import importlib
+
+    # The package exports the function `cka`, which shadows the module's attribute name.
+    cka_module = importlib.import_module("vitcnn_store.analysis.cka")
+    rng = np.random.default_rng(3)
+    a, b = _layers(rng, 12, 2), _layers(rng, 12, 5)
+    ka, kb = [ref_gram(x) for x in a], [ref_gram(y) for y in b]
+    whole = cka_matrix_from_grams(ka, kb, unbiased=True)
+    monkeypatch.setattr(cka_module, "_STACK_BYTES", 1)  # one Gram of the second side at a time
+    np.testing.assert_allclose(cka_matrix_from_grams(ka, kb, unbiased=True), whole, rtol=1e-12)
+
+
+@FAST
+@given(n=st.integers(1, 40), batch=st.integers(1, 12), repeats=st.integers(1, 3),
+       seed=st.integers(0, 2**31), cap=st.one_of(st.none(), st.integers(1, 5)))  # fmt: skip
+def test_sample_batches_are_equal_disjoint_and_sorted(n, batch, repeats, seed, cap):
+    reps = sample_batches(n, batch, repeats, seed, cap)
+    assert len(reps) == repeats
+    for rep in reps:
+        assert len(rep) == min(n // batch, cap if cap is not None else n)
+        seen = np.concatenate(rep) if rep else np.array([], int)
+        assert len(set(seen.tolist())) == seen.size and (seen < n).all()
+        assert all(b.size == batch and (np.diff(b) > 0).all() for b in rep)
+    assert [[b.tolist() for b in r] for r in sample_batches(n, batch, repeats, seed, cap)] == [
+        [b.tolist() for b in r] for r in reps
+    ]

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vitcnn_store.analysis.probes import few_shot_split, fit_ridge, linear_probe_accuracy, predict
+from vitcnn_store.analysis.probes import (
+    few_shot_split,
+    fit_ridge,
+    linear_probe_accuracy,
+    predict,
+    probe_splits,
+    stratified_split,
+)
 
 
 def blobs(n_per_class, n_classes, dim, seed, sep=4.0):
@@ -88,3 +95,27 @@ def test_label_validation():
         linear_probe_accuracy(X, [0, 1, -1], X, [0, 1, 1])
     with pytest.raises(ValueError, match="labels for"):
         fit_ridge(X, [0, 1], 2)
+
+
+def test_stratified_split_holds_out_each_class():
+    y = np.array([0] * 8 + [1] * 4 + [2] * 2 + [-1] * 2)
+    tr, te = stratified_split(y, 0.25, seed=3)
+    assert np.bincount(y[te]).tolist() == [2, 1, 1]  # round(0.25 n), at least one, not all
+    assert set(tr).isdisjoint(te) and set(tr) | set(te) == set(range(14))
+    np.testing.assert_array_equal(stratified_split(y, 0.25, seed=3)[1], te)
+    with pytest.raises(ValueError, match="class 1 has 1 labelled image"):
+        stratified_split([0, 0, 1], 0.5, seed=0)
+    with pytest.raises(ValueError, match="test_fraction"):
+        stratified_split(y, 1.0, seed=0)
+
+
+def test_probe_splits_use_consecutive_seeds():
+    y = np.repeat(np.arange(3), 6)
+    full = probe_splits(y, shots=0, seed=5, repeats=3)
+    assert [te.tolist() for _, te in full] == [
+        stratified_split(y, 0.25, seed=s)[1].tolist() for s in (5, 6, 7)
+    ]
+    few = probe_splits(y, shots=2, seed=5, repeats=2)
+    assert [tr.tolist() for tr, _ in few] == [
+        few_shot_split(y, 2, seed=s)[0].tolist() for s in (5, 6)
+    ]

@@ -1,23 +1,29 @@
 """Analysis kernels: pure functions on numpy arrays (or torch tensors).
 
-The kernels know nothing about zarr, xarray, Ray or dask (DESIGN §1): jobs map
-them over stored chunks. Importing this package imports numpy only; torch
-tensors are accepted anywhere an array is and are converted with
-``.detach().cpu().numpy()`` (torch itself is never imported here).
+The kernels know nothing about zarr, xarray, Ray or dask (see
+``docs/architecture.md``): jobs map them over stored chunks. Importing this
+package imports numpy only; torch tensors are accepted anywhere an array is
+and are converted with ``.detach().cpu().numpy()`` (torch itself is never
+imported here). Each formula lives in exactly one function of this package;
+``docs/science.md`` states them with references.
 
 Modules
 -------
+gram
+    Gram matrices in float64 from float16 features (blocked), RBF from linear,
+    biased and U-centring.
 cka
-    Linear/RBF CKA (biased and unbiased HSIC), minibatch and all-pairs accumulators.
+    CKA (biased and unbiased HSIC), one-shot from Grams, minibatch accumulators
+    for all layer pairs, minibatch sampling.
 attention
     Mean attention distance, attention entropy, CLS attention maps, and an
     accumulator for streaming image chunks.
 localization
-    CKA between one token and every input patch (paper §7).
+    CKA between chosen tokens and every input patch (paper §7).
 skip
     Skip-connection norm ratios ‖z‖/‖f(z)‖ (paper §6).
 probes
-    Closed-form ridge linear probes and few-shot splits (paper App. A).
+    Closed-form ridge linear probes and their train/test splits (paper App. A).
 """
 
 from vitcnn_store.analysis.attention import (
@@ -30,38 +36,43 @@ from vitcnn_store.analysis.attention import (
 from vitcnn_store.analysis.cka import (
     MinibatchCKA,
     MinibatchCKAMatrix,
-    center_gram,
     cka,
-    cka_matrix,
-    gram_linear,
-    gram_rbf,
+    cka_matrix_from_grams,
     hsic,
     linear_cka,
-    u_center_gram,
+    sample_batches,
     unbiased_linear_cka,
 )
-from vitcnn_store.analysis.localization import (
-    MinibatchLocalization,
-    image_to_patches,
-    localization_map,
+from vitcnn_store.analysis.gram import (
+    GramAccumulator,
+    center_gram,
+    gram_linear,
+    gram_rbf,
+    kernel_gram,
+    rbf_from_linear_gram,
+    u_center_gram,
 )
+from vitcnn_store.analysis.localization import MinibatchLocalization, image_to_patches
 from vitcnn_store.analysis.probes import (
     few_shot_split,
     fit_ridge,
     linear_probe_accuracy,
     predict,
+    probe_splits,
+    stratified_split,
 )
 from vitcnn_store.analysis.skip import cls_and_spatial_ratio, skip_norm_ratio, skip_norm_ratio_sum
 
 __all__ = [
     "AttentionAccumulator",
+    "GramAccumulator",
     "MinibatchCKA",
     "MinibatchCKAMatrix",
     "MinibatchLocalization",
     "attention_entropy",
     "center_gram",
     "cka",
-    "cka_matrix",
+    "cka_matrix_from_grams",
     "cls_and_spatial_ratio",
     "cls_attention_map",
     "few_shot_split",
@@ -70,14 +81,18 @@ __all__ = [
     "gram_rbf",
     "hsic",
     "image_to_patches",
+    "kernel_gram",
     "linear_cka",
     "linear_probe_accuracy",
-    "localization_map",
     "mean_attention_distance",
     "patch_distance_matrix",
     "predict",
+    "probe_splits",
+    "rbf_from_linear_gram",
+    "sample_batches",
     "skip_norm_ratio",
     "skip_norm_ratio_sum",
+    "stratified_split",
     "u_center_gram",
     "unbiased_linear_cka",
 ]

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from vitcnn_store.analysis.cka import _to_numpy
+from vitcnn_store.analysis._arrays import to_numpy
 
 __all__ = [
     "AttentionAccumulator",
@@ -43,7 +43,7 @@ _BLOCK_ELEMENTS = 1 << 22  # ~32 MB of float64 per image sub-block
 
 def _patch_positions(token_yx: Any) -> tuple[npt.NDArray[np.intp], FloatArray, int]:
     """Indices and (y, x) centres of patch tokens, plus the total token count."""
-    yx = np.asarray(_to_numpy(token_yx), dtype=np.float64)
+    yx = np.asarray(to_numpy(token_yx), dtype=np.float64)
     if yx.ndim != 2 or yx.shape[1] != 2:
         raise ValueError(f"token_yx must have shape (token, 2), got {yx.shape}")
     is_patch = ~np.isnan(yx).any(axis=1)
@@ -122,7 +122,7 @@ class AttentionAccumulator:
 
     def update(self, attn: Any) -> None:
         """Add a chunk of attention probabilities (n_chunk, head, query, key)."""
-        a = _to_numpy(attn)
+        a = to_numpy(attn)
         if a.ndim != 4 or a.shape[2] != a.shape[3]:
             raise ValueError(f"attn must have shape (n, head, token, token), got {a.shape}")
         if self._n_tokens is not None and a.shape[3] != self._n_tokens:

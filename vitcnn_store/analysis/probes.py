@@ -8,7 +8,9 @@ closed form: primal ``(ZᵀZ + l2 I)⁻¹ ZᵀT`` when D <= n, dual
 ``Zᵀ(ZZᵀ + l2 I)⁻¹ T`` when D > n (an n×n solve instead of D×D). Features
 (n, ...) are flattened and cast to float64; labels are ints in [0, C).
 
-:func:`few_shot_split` draws a deterministic k-per-class train split.
+:func:`few_shot_split` draws a deterministic k-per-class train split,
+:func:`stratified_split` a deterministic per-class train/test split, and
+:func:`probe_splits` one of either per repeat (seeds ``seed, seed + 1, ...``).
 """
 
 from __future__ import annotations
@@ -18,16 +20,23 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from vitcnn_store.analysis.cka import _as_matrix, _to_numpy
+from vitcnn_store.analysis._arrays import as_matrix, to_numpy
 
-__all__ = ["few_shot_split", "fit_ridge", "linear_probe_accuracy", "predict"]
+__all__ = [
+    "few_shot_split",
+    "fit_ridge",
+    "linear_probe_accuracy",
+    "predict",
+    "probe_splits",
+    "stratified_split",
+]
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
 
 def _labels(y: Any, n: int, n_classes: int | None = None) -> IntArray:
-    lab = np.asarray(_to_numpy(y)).ravel()
+    lab = np.asarray(to_numpy(y)).ravel()
     if lab.shape[0] != n:
         raise ValueError(f"{lab.shape[0]} labels for {n} feature rows")
     if not np.issubdtype(lab.dtype, np.integer) and not np.all(lab == np.round(lab)):
@@ -55,7 +64,7 @@ def fit_ridge(X: Any, y: Any, n_classes: int, l2: float = 1e-3) -> FloatArray:
     """
     if l2 < 0:
         raise ValueError(f"l2 must be >= 0, got {l2}")
-    Xm = _as_matrix(X)
+    Xm = as_matrix(X)
     n, d = Xm.shape
     lab = _labels(y, n, n_classes)
     if n == 0:
@@ -99,8 +108,8 @@ def predict(weights: Any, X: Any) -> IntArray:
     >>> predict(np.array([[1.0, -1.0], [0.0, 0.0]]), np.array([[2.0], [-2.0]])).tolist()
     [0, 1]
     """
-    W = np.asarray(_to_numpy(weights), dtype=np.float64)
-    Xm = _as_matrix(X)
+    W = np.asarray(to_numpy(weights), dtype=np.float64)
+    Xm = as_matrix(X)
     if Xm.shape[1] != W.shape[0] - 1:
         raise ValueError(f"X has {Xm.shape[1]} features, weights expect {W.shape[0] - 1}")
     return np.argmax(Xm @ W[:-1] + W[-1], axis=1).astype(np.int64)
@@ -125,7 +134,7 @@ def linear_probe_accuracy(
     >>> linear_probe_accuracy(X, [0, 0, 1, 1], X[::-1], [1, 1, 0, 0])
     1.0
     """
-    Xtr, Xte = _as_matrix(X_train), _as_matrix(X_test)
+    Xtr, Xte = as_matrix(X_train), as_matrix(X_test)
     ytr, yte = _labels(y_train, Xtr.shape[0]), _labels(y_test, Xte.shape[0])
     if not yte.size:
         raise ValueError("empty test set")
@@ -150,7 +159,7 @@ def few_shot_split(labels: Any, shots: int, seed: int) -> tuple[IntArray, IntArr
     """
     if shots < 1:
         raise ValueError(f"shots must be >= 1, got {shots}")
-    lab = np.asarray(_to_numpy(labels)).ravel().astype(np.int64)
+    lab = np.asarray(to_numpy(labels)).ravel().astype(np.int64)
     rng = np.random.default_rng(seed)
     train, test = [], []
     for c in np.unique(lab[lab >= 0]):  # sorted classes: same draws for the same seed
@@ -165,3 +174,50 @@ def few_shot_split(labels: Any, shots: int, seed: int) -> tuple[IntArray, IntArr
     if not train:
         raise ValueError("no labelled examples")
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def stratified_split(labels: Any, test_fraction: float, seed: int) -> tuple[IntArray, IntArray]:
+    """Deterministic stratified split: each class holds out ``test_fraction`` of its images.
+
+    Every class keeps at least one image on each side (so each needs 2);
+    negative labels are left out. Returns sorted index arrays.
+
+    Examples
+    --------
+    >>> tr, te = stratified_split([0, 0, 0, 0, 1, 1, 1, 1], 0.25, seed=0)
+    >>> len(tr), len(te), sorted(set(tr) | set(te)) == list(range(8))
+    (6, 2, True)
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    lab = np.asarray(to_numpy(labels)).ravel().astype(np.int64)
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(lab[lab >= 0]):  # sorted classes: same draws for the same seed
+        idx = rng.permutation(np.flatnonzero(lab == c))
+        if idx.size < 2:
+            raise ValueError(f"class {c} has {idx.size} labelled image(s); a split needs 2")
+        k = min(idx.size - 1, max(1, round(test_fraction * idx.size)))
+        test.append(idx[:k])
+        train.append(idx[k:])
+    if not train:
+        raise ValueError("no labelled examples")
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def probe_splits(
+    labels: Any, shots: int, seed: int, repeats: int = 1, test_fraction: float = 0.25
+) -> list[tuple[IntArray, IntArray]]:
+    """(train, test) index pairs into ``labels``, one per repeat with seed ``seed + r``.
+
+    ``shots > 0``: :func:`few_shot_split` (k per class train); ``shots == 0``:
+    :func:`stratified_split` holding out ``test_fraction``.
+
+    Examples
+    --------
+    >>> [len(tr) for tr, _ in probe_splits([0, 0, 0, 1, 1, 1], shots=1, seed=0, repeats=2)]
+    [2, 2]
+    """
+    if shots:
+        return [few_shot_split(labels, shots, seed + r) for r in range(repeats)]
+    return [stratified_split(labels, test_fraction, seed + r) for r in range(repeats)]

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from vitcnn_store.analysis.cka import _to_numpy
+from vitcnn_store.analysis._arrays import to_numpy
 
 __all__ = ["cls_and_spatial_ratio", "skip_norm_ratio", "skip_norm_ratio_sum"]
 
@@ -33,7 +33,7 @@ FloatArray = npt.NDArray[np.float64]
 
 def _tokens(a: Any, name: str) -> FloatArray:
     """(n, ...spatial, channel) -> float64 (n, token, channel)."""
-    x = _to_numpy(a)
+    x = to_numpy(a)
     if x.ndim < 2:
         raise ValueError(f"{name} must have shape (n, [token | y, x], channel), got {x.shape}")
     return np.asarray(x.reshape(x.shape[0], -1, x.shape[-1]), dtype=np.float64)
@@ -94,7 +94,7 @@ def cls_and_spatial_ratio(
     >>> cls_and_spatial_ratio(np.array([10.0, 1.0, 3.0]))
     (10.0, 2.0)
     """
-    r = np.asarray(_to_numpy(ratio), dtype=np.float64).ravel()
+    r = np.asarray(to_numpy(ratio), dtype=np.float64).ravel()
     if not 0 <= n_prefix < r.size:
         raise ValueError(f"n_prefix must be in [0, {r.size}), got {n_prefix}")
     if n_prefix and not 0 <= cls_index < n_prefix:

@@ -1,0 +1,126 @@
+"""Gram-level kernels against plain float64 references (the ones a Gram cache builds on)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vitcnn_store.analysis.gram import (
+    GramAccumulator,
+    center_gram,
+    gram_linear,
+    gram_rbf,
+    kernel_gram,
+    rbf_from_linear_gram,
+    u_center_gram,
+)
+
+FAST = settings(max_examples=25, deadline=None)
+
+
+def ref_gram(x, y=None):
+    """Python-level reference: each entry a float64 sum over features."""
+    a = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    b = a if y is None else np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    return np.array([[float(np.sum(u * v)) for v in b] for u in a])
+
+
+@FAST
+@given(
+    n=st.integers(1, 9),
+    m=st.integers(1, 7),
+    p=st.integers(0, 40),
+    block_cols=st.integers(1, 50),
+    seed=st.integers(0, 2**31),
+)
+def test_blocked_products_equal_reference(n, m, p, block_cols, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(n, p)) * 40).astype(np.float16)
+    y = (rng.normal(size=(m, p)) * 40).astype(np.float16)
+    block = 8 * max(n, m) * block_cols  # block_cols float64 columns per copy
+    np.testing.assert_allclose(gram_linear(x, block_bytes=block), ref_gram(x), rtol=1e-12)
+    np.testing.assert_allclose(gram_linear(x, y, block_bytes=block), ref_gram(x, y), rtol=1e-12)
+
+
+def test_float16_input_never_overflows_and_keeps_digits():
+    # Entries of X Xᵀ far beyond float16's 65504, computed from float16 features.
+    x = np.full((3, 4000), 200.0, dtype=np.float16)
+    x[1] = 1.0
+    g = gram_linear(x, block_bytes=8 * 3 * 64)
+    assert g.dtype == np.float64 and g[0, 0] == 4000 * 200.0**2 and g[1, 1] == 4000.0
+
+
+def test_accumulating_feature_pieces_equals_whole():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, 3, 17)).astype(np.float16)  # e.g. (image, token, channel)
+    acc = GramAccumulator(block_bytes=8 * 6 * 5)
+    for t in range(3):  # one token's channels at a time
+        acc.update(x[:, t])
+    assert acc.n_features == 51
+    np.testing.assert_allclose(acc.result(), ref_gram(x), rtol=1e-12)
+    with pytest.raises(ValueError, match="image counts changed"):
+        acc.update(x[:4, 0])
+    with pytest.raises(ValueError, match="feature counts"):
+        GramAccumulator().update(x[:, 0], x[:, 0, :5])
+    with pytest.raises(ValueError, match="before any update"):
+        GramAccumulator().result()
+
+
+def test_tiles_over_image_blocks_assemble_the_full_gram():
+    # The off-diagonal tiles X_i X_jᵀ of two image blocks make up the whole Gram matrix.
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(10, 13)).astype(np.float16)
+    blocks = [slice(0, 4), slice(4, 7), slice(7, 10)]
+    full = np.zeros((10, 10))
+    for i, bi in enumerate(blocks):
+        for bj in blocks[i:]:
+            tile = gram_linear(x[bi]) if bi == bj else gram_linear(x[bi], x[bj])
+            full[bi, bj] = tile
+            full[bj, bi] = tile.T
+    np.testing.assert_allclose(full, ref_gram(x), rtol=1e-12)
+
+
+def test_torch_input_is_accepted():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).normal(size=(4, 6))
+    np.testing.assert_allclose(gram_linear(torch.from_numpy(x).requires_grad_()), x @ x.T)
+
+
+def test_rbf_from_linear_matches_distance_loop():
+    x = np.random.default_rng(3).normal(size=(7, 4))
+    d2 = np.array([[np.sum((a - b) ** 2) for b in x] for a in x])
+    for threshold in (0.5, 1.0, 2.0):
+        ref = np.exp(-d2 / (2 * threshold**2 * np.median(d2)))
+        np.testing.assert_allclose(rbf_from_linear_gram(x @ x.T, threshold), ref, atol=1e-12)
+        np.testing.assert_allclose(gram_rbf(x, threshold), ref, atol=1e-12)
+    with pytest.raises(ValueError, match="bandwidth"):
+        rbf_from_linear_gram(np.ones((3, 3)))
+    with pytest.raises(ValueError, match="kernel"):
+        kernel_gram(x, "poly")
+
+
+def test_centrings_match_explicit_formulas():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(8, 3))
+    k = x @ x.T
+    n = 8
+    h = np.eye(n) - np.ones((n, n)) / n
+    np.testing.assert_allclose(center_gram(k), h @ k @ h, atol=1e-12)
+    # U-centring, entry by entry (Song et al. 2012, with the diagonal zeroed).
+    kt = k.copy()
+    np.fill_diagonal(kt, 0.0)
+    ref = np.zeros_like(k)
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                ref[i, j] = (
+                    kt[i, j]
+                    - kt[i].sum() / (n - 2)
+                    - kt[:, j].sum() / (n - 2)
+                    + kt.sum() / ((n - 1) * (n - 2))
+                )
+    np.testing.assert_allclose(u_center_gram(k), ref, atol=1e-12)
+    with pytest.raises(ValueError, match="square"):
+        center_gram(np.ones((2, 3)))

@@ -1,0 +1,220 @@
+"""Gram matrices of representations, and the two centrings CKA needs.
+
+A representation is an array (n, ...) of n images; every non-first dim is a
+feature. Its linear Gram matrix ``K = X Xᵀ`` (n, n) is the only thing CKA ever
+looks at, so it is worth computing well:
+
+* **float64 accumulation, bounded memory.** Stored activations are float16; a
+  float16 product overflows (> 65504) and loses digits. :class:`GramAccumulator`
+  casts at most ``block_bytes`` of feature columns to float64 at a time and
+  adds their product, so a 151 296-feature ViT-B layer never needs a float64
+  copy of itself. :func:`gram_linear` is the one-shot form.
+* **Blocks of features or of images.** ``update`` may be called once per
+  block of feature columns (a wide layer read in pieces), and ``X Yᵀ`` of two
+  different image sets gives the off-diagonal tiles of a larger Gram matrix.
+* **RBF from linear.** The RBF Gram follows from the linear one
+  (``‖xᵢ − xⱼ‖² = Kᵢᵢ + Kⱼⱼ − 2Kᵢⱼ``), so the expensive product is shared:
+  :func:`rbf_from_linear_gram`.
+
+Centrings: :func:`center_gram` (``H K H``, the biased HSIC) and
+:func:`u_center_gram` (Song et al. 2012, the unbiased HSIC₁).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+
+from vitcnn_store.analysis._arrays import FloatArray, as_features, as_square
+
+__all__ = [
+    "DEFAULT_BLOCK_BYTES",
+    "GramAccumulator",
+    "Kernel",
+    "center_gram",
+    "gram_linear",
+    "gram_rbf",
+    "kernel_gram",
+    "rbf_from_linear_gram",
+    "u_center_gram",
+]
+
+Kernel = Literal["linear", "rbf"]
+DEFAULT_BLOCK_BYTES = 16 * 2**20  # float64 feature block per product: cache-friendly, small
+
+
+class GramAccumulator:
+    """``X Yᵀ`` (or ``X Xᵀ``) in float64, summed over blocks of feature columns.
+
+    Parameters
+    ----------
+    block_bytes : int
+        Largest float64 copy of feature columns made at once (per side).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(size=(5, 30)).astype(np.float16)
+    >>> acc = GramAccumulator(block_bytes=5 * 8 * 7)  # 7 columns at a time
+    >>> acc.update(x[:, :12]); acc.update(x[:, 12:])
+    >>> bool(np.allclose(acc.result(), x.astype(np.float64) @ x.T.astype(np.float64)))
+    True
+    """
+
+    def __init__(self, *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> None:
+        if block_bytes < 8:
+            raise ValueError(f"block_bytes must hold at least one float64, got {block_bytes}")
+        self.block_bytes = block_bytes
+        self.n_features = 0
+        self._gram: FloatArray | None = None
+
+    def update(self, x: Any, y: Any = None) -> None:
+        """Add the product of one block of feature columns, ``x (n_a, ...)`` [, ``y (n_b, ...)``].
+
+        ``y=None`` adds ``x xᵀ`` (a symmetric rank-k update); otherwise ``x`` and
+        ``y`` must have the same number of features.
+        """
+        xm = as_features(x)
+        ym = None if y is None else as_features(y)
+        if ym is not None and ym.shape[1] != xm.shape[1]:
+            raise ValueError(
+                f"x and y have different feature counts: {xm.shape[1]} vs {ym.shape[1]}"
+            )
+        shape = (xm.shape[0], xm.shape[0] if ym is None else ym.shape[0])
+        if self._gram is None:
+            self._gram = np.zeros(shape)
+        elif self._gram.shape != shape:
+            raise ValueError(f"image counts changed: {shape} vs {self._gram.shape}")
+        gram = self._gram
+        p = xm.shape[1]
+        step = max(1, min(p, self.block_bytes // (8 * max(*shape, 1))))
+        # One float64 buffer per side reused for every full block: a cache-sized
+        # cast-then-multiply keeps the cast's memory traffic off the critical path.
+        buf_x = np.empty((shape[0], step))
+        buf_y = None if ym is None else np.empty((shape[1], step))
+        for s in range(0, p, step):
+            width = min(step, p - s)
+            bx = buf_x if width == step else np.empty((shape[0], width))
+            np.copyto(bx, xm[:, s : s + width], casting="unsafe")
+            if ym is None:
+                gram += bx @ bx.T  # numpy uses a symmetric rank-k update for A @ A.T
+            else:
+                by = buf_y if width == step and buf_y is not None else np.empty((shape[1], width))
+                np.copyto(by, ym[:, s : s + width], casting="unsafe")
+                gram += bx @ by.T
+        self.n_features += p
+
+    def result(self) -> FloatArray:
+        """The accumulated (n_a, n_b) product."""
+        if self._gram is None:
+            raise ValueError("GramAccumulator.result() called before any update()")
+        return self._gram
+
+
+def gram_linear(X: Any, Y: Any = None, *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> FloatArray:
+    """Linear-kernel Gram matrix ``X Xᵀ`` (or ``X Yᵀ``) in float64, features cast in blocks.
+
+    Examples
+    --------
+    >>> gram_linear(np.array([[1.0, 0.0], [1.0, 1.0]])).tolist()
+    [[1.0, 1.0], [1.0, 2.0]]
+    >>> gram_linear(np.array([[1.0, 2.0]]), np.array([[3.0, 1.0], [0.0, 1.0]])).tolist()
+    [[5.0, 2.0]]
+    """
+    acc = GramAccumulator(block_bytes=block_bytes)
+    acc.update(X, Y)
+    return acc.result()
+
+
+def rbf_from_linear_gram(G: Any, threshold: float = 1.0) -> FloatArray:
+    """RBF Gram matrix from a linear one, bandwidth from the data (Kornblith et al. 2019).
+
+    ``exp(-d²ᵢⱼ / (2 · threshold² · median(d²)))`` with
+    ``d²ᵢⱼ = Gᵢᵢ + Gⱼⱼ − 2Gᵢⱼ`` (clamped at 0 against rounding), i.e. the bandwidth
+    is ``threshold`` × the root median squared distance, the median taken over
+    all n² entries, zeros of the diagonal included. Raises ``ValueError`` when
+    that median is zero (a constant representation).
+
+    Examples
+    --------
+    >>> g = rbf_from_linear_gram(gram_linear(np.array([[0.0], [1.0], [3.0]])))
+    >>> bool(np.allclose(np.diag(g), 1.0)), round(float(g[0, 1]), 4)
+    (True, 0.6065)
+    """
+    g = as_square(G)
+    sq = np.diag(g)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * g, 0.0)
+    med = float(np.median(d2))
+    if not med > 0.0:
+        raise ValueError("median squared distance is zero: the RBF bandwidth is undefined")
+    return np.exp(-d2 / (2.0 * threshold**2 * med))
+
+
+def gram_rbf(X: Any, threshold: float = 1.0) -> FloatArray:
+    """RBF-kernel Gram matrix of ``X`` (see :func:`rbf_from_linear_gram`).
+
+    Examples
+    --------
+    >>> g = gram_rbf(np.array([[0.0], [1.0], [3.0]]))
+    >>> bool(np.allclose(np.diag(g), 1.0))
+    True
+    """
+    return rbf_from_linear_gram(gram_linear(X), threshold)
+
+
+def kernel_gram(X: Any, kernel: str = "linear", threshold: float = 1.0) -> FloatArray:
+    """Gram matrix of ``X`` under ``kernel`` (``"linear"`` or ``"rbf"``).
+
+    Examples
+    --------
+    >>> kernel_gram(np.eye(2), "linear").tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
+    """
+    if kernel == "linear":
+        return gram_linear(X)
+    if kernel == "rbf":
+        return gram_rbf(X, threshold)
+    raise ValueError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
+
+
+def center_gram(G: Any) -> FloatArray:
+    """Biased centring ``H G H`` with ``H = I - 11ᵀ/n`` (returns a new float64 array).
+
+    Examples
+    --------
+    >>> c = center_gram(np.ones((3, 3)))
+    >>> bool(np.allclose(c, 0.0))
+    True
+    """
+    g = as_square(G)
+    # H G H without forming H: subtract column and row means, add back the grand mean.
+    col = g.mean(axis=0)
+    row = g.mean(axis=1)
+    return g - col[None, :] - row[:, None] + col.mean()
+
+
+def u_center_gram(G: Any) -> FloatArray:
+    """U-centring of a Gram matrix (Song et al. 2012); returns a new float64 array.
+
+    Zero the diagonal; ``m = colsum/(n-2)``; ``m -= sum(m)/(2(n-1))``;
+    ``G -= m[:, None] + m[None, :]``; zero the diagonal again. Then
+    ``HSIC₁(K, L) = <Kᵤ, Lᵤ>_F / (n(n-3))``.
+
+    Examples
+    --------
+    >>> u = u_center_gram(np.arange(16.0).reshape(4, 4))
+    >>> bool(np.allclose(np.diag(u), 0.0))
+    True
+    """
+    g = np.array(as_square(G), dtype=np.float64, copy=True)
+    n = g.shape[0]
+    if n < 3:
+        raise ValueError(f"U-centring needs n >= 3 samples, got {n}")
+    np.fill_diagonal(g, 0.0)
+    means = g.sum(axis=0) / (n - 2)
+    means -= means.sum() / (2 * (n - 1))
+    g -= means[:, None]
+    g -= means[None, :]
+    np.fill_diagonal(g, 0.0)
+    return g
