@@ -28,6 +28,7 @@ from vitcnn_store.models import (
     build_model,
     data_config,
     expand_layers,
+    layer_roles,
     match_patterns,
     model_family,
     weights_sha256,
@@ -146,8 +147,9 @@ def _select_attention(model: Any, cfg: ExtractConfig) -> list[str]:
 
 
 def _array_specs(
-    layouts: dict[str, LayerLayout], dcfg: dict[str, Any], inputs: bool
-) -> list[ArraySpec]:
+    layouts: dict[str, LayerLayout], dcfg: dict[str, Any], inputs: bool,
+    roles: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[ArraySpec]:  # fmt: skip
     # Group order = forward order; depth_fraction is the paper's normalised layer number.
     groups: dict[str, int] = {}
     for key, _ in sorted(layouts.items(), key=lambda kv: kv[1].depth_index):
@@ -160,6 +162,7 @@ def _array_specs(
             "depth_index": groups[group],
             "depth_fraction": groups[group] / denom,
             "module_type": lay.module_type,
+            **(roles or {}).get(group, {}),  # role, block, branches / skip_input (families.py)
         }
         if lay.kind != "attention":
             attrs["kind"] = lay.kind
@@ -289,7 +292,7 @@ def plan_extraction(cfg: ExtractConfig) -> tuple[ExtractionPlan, dict[str, Any],
         threads=max(1, int(cfg.cpus_per_worker)),
         channels_last=is_cnn,
     )
-    return plan, provenance, _array_specs(layouts, dcfg, cfg.inputs)
+    return plan, provenance, _array_specs(layouts, dcfg, cfg.inputs, layer_roles(model))
 
 
 def prepare_store(cfg: ExtractConfig, plan: ExtractionPlan, provenance: dict[str, Any],

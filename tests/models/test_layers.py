@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vitcnn_store.errors import LayerPatternError
-from vitcnn_store.models import attention_modules, expand_layers, pattern_regex
+from vitcnn_store.models import attention_modules, expand_layers, layer_roles, pattern_regex
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +88,50 @@ def test_unknown_preset_and_family(vit: object) -> None:
 def test_attention_modules(vit: object, resnet: object) -> None:
     assert attention_modules(vit) == ["blocks.0.attn", "blocks.1.attn"]
     assert attention_modules(resnet) == []
+
+
+def _old_resnet_paper(model: object) -> list[str]:
+    """preset:paper for ResNets as it was written before families.py (regression guard)."""
+    names = ["maxpool"]
+    for i in range(1, 5):
+        for j, block in enumerate(getattr(model, f"layer{i}")):
+            name = f"layer{i}.{j}"
+            if block.downsample is not None:
+                names.append(f"{name}.downsample")
+            names += [f"{name}.{'bn3' if hasattr(block, 'bn3') else 'bn2'}", name]
+    return names
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnet_paper_preset_unchanged(name: str) -> None:
+    model = timm.create_model(name)
+    assert set(expand_layers(model, "preset:paper")) == set(_old_resnet_paper(model))
+
+
+def test_layer_scale_and_squeeze_excitation_branch_outputs() -> None:
+    # With layer scale on, the branch adds ls1(attn(...)): the preset stores ls1 and the
+    # roles name it as the branch output; attn stays a tap of the block.
+    deit3 = timm.create_model("deit3_small_patch16_224", depth=1, img_size=32)
+    paper = expand_layers(deit3, "preset:paper")
+    assert {"blocks.0.attn", "blocks.0.ls1", "blocks.0.ls2", "blocks.0.mlp"} <= set(paper)
+    roles = layer_roles(deit3)
+    assert roles["blocks.0.ls2"]["skip_input"] == ["norm_pre", "blocks.0.ls1"]
+    assert roles["blocks.0.attn"]["role"] == "inner"
+    se = timm.create_model("seresnet50")
+    assert "layer1.0.se" in expand_layers(se, "preset:paper")
+    assert layer_roles(se)["layer1.0.se"]["skip_input"] == ["layer1.0.downsample"]
+
+
+def test_roles_of_real_models(vit: object, resnet: object) -> None:
+    roles = layer_roles(vit)
+    assert roles["norm_pre"] == {"role": "stream"}
+    assert roles["blocks.1"]["branches"] == ["blocks.1.attn", "blocks.1.mlp"]
+    assert roles["blocks.1.mlp"]["skip_input"] == ["blocks.0", "blocks.1.attn"]
+    assert roles["blocks.0.norm1"] == {"role": "inner", "block": "blocks.0"}
+    assert roles["head"] == {"role": "other"} and roles["blocks"] == {"role": "other"}
+    roles = layer_roles(resnet)
+    assert roles["layer1.0.bn2"]["skip_input"] == ["maxpool"]
+    assert roles["layer2.0.bn2"]["skip_input"] == ["layer2.0.downsample"]
+    assert roles["layer2.0.downsample"] == {"role": "shortcut", "block": "layer2.0"}
+    assert roles["layer3.0.downsample.0"] == {"role": "inner", "block": "layer3.0"}
+    assert layer_roles(timm.create_model("convnext_atto")) == {}

@@ -1,4 +1,4 @@
-"""Models: build timm models by name and name their layers."""
+"""Models: build timm models by name, name their layers, know their families' blocks."""
 
 from vitcnn_store.models.factory import (
     ModelSpec,
@@ -11,9 +11,11 @@ from vitcnn_store.models.layers import (
     PRESETS,
     attention_modules,
     expand_layers,
+    layer_roles,
     match_patterns,
     model_family,
     module_names,
+    module_types,
     pattern_regex,
 )
 
@@ -24,10 +26,12 @@ __all__ = [
     "build_model",
     "data_config",
     "expand_layers",
+    "layer_roles",
     "make_transform",
     "match_patterns",
     "model_family",
     "module_names",
+    "module_types",
     "pattern_regex",
     "weights_sha256",
 ]

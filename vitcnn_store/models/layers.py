@@ -3,8 +3,9 @@
 A pattern is matched against whole module paths: ``*`` matches within one path
 component, ``**`` across components (``blocks.*`` is each block, ``blocks.*.attn``
 each attention module, ``layer*.*`` each ResNet bottleneck, ``**.attn`` every
-module named ``attn``). Presets name the taps of the paper for the ViT and
-ResNet families.
+module named ``attn``). Presets name the residual stream and the taps of the
+paper for the ViT and ResNet families, whose block structure is written down in
+:mod:`vitcnn_store.models.families`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vitcnn_store.errors import LayerPatternError
+from vitcnn_store.models import families
 
 if TYPE_CHECKING:
     import torch
@@ -23,9 +25,11 @@ __all__ = [
     "PRESETS",
     "attention_modules",
     "expand_layers",
+    "layer_roles",
     "match_patterns",
     "model_family",
     "module_names",
+    "module_types",
     "pattern_regex",
 ]
 
@@ -84,9 +88,9 @@ def model_family(model: torch.nn.Module) -> str | None:
     from timm.models.vision_transformer import VisionTransformer
 
     if isinstance(model, VisionTransformer):
-        return "vit"
+        return families.VIT
     if isinstance(model, ResNet):
-        return "resnet"
+        return families.RESNET
     return None
 
 
@@ -103,42 +107,26 @@ def attention_modules(model: torch.nn.Module) -> list[str]:
     ]
 
 
-def _resnet_stages(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    return [
-        (f"layer{i}.{j}", block)
-        for i in range(1, 5)
-        if hasattr(model, f"layer{i}")
-        for j, block in enumerate(getattr(model, f"layer{i}"))
-    ]
+def module_types(model: torch.nn.Module) -> dict[str, str]:
+    """``{module path: type name}`` of every module: what :mod:`.families` reads."""
+    return {name: type(m).__name__ for name, m in model.named_modules() if name}
+
+
+def layer_roles(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """Role attributes (stream/branch/shortcut/inner/other, block, skip inputs) of every
+    module of a ViT or ResNet, recorded on the stored layers; empty for other families."""
+    return families.layer_roles(model_family(model), module_types(model))
 
 
 def _preset(model: torch.nn.Module, preset: str) -> list[str]:
     family = model_family(model)
-    if family == "vit":
-        n_blocks = len(model.blocks)  # type: ignore[arg-type]
-        if preset == "preset:blocks":
-            return ["norm_pre"] + [f"blocks.{i}" for i in range(n_blocks)]
-        taps = ["norm1", "attn", "norm2", "mlp.act", "mlp", ""]
-        return ["norm_pre"] + [
-            f"blocks.{i}.{t}" if t else f"blocks.{i}" for i in range(n_blocks) for t in taps
-        ]
-    if family == "resnet":
-        stages = _resnet_stages(model)
-        if preset == "preset:blocks":
-            return ["maxpool"] + [name for name, _ in stages]
-        names = ["maxpool"]
-        for name, block in stages:
-            # The residual branch ends at the last batch norm (bn3 for bottlenecks,
-            # bn2 for basic blocks); the skip path is the downsample when present.
-            branch_end = "bn3" if hasattr(block, "bn3") else "bn2"
-            if getattr(block, "downsample", None) is not None:
-                names.append(f"{name}.downsample")
-            names += [f"{name}.{branch_end}", name]
-        return names
-    raise LayerPatternError(
-        f"{preset} is defined for the ViT (vit_*, deit_*) and ResNet (resnet*) families, "
-        f"not {type(model).__name__}; give module path patterns instead (see `vitcnn layers`)"
-    )
+    if family is None:
+        raise LayerPatternError(
+            f"{preset} is defined for the ViT (vit_*, deit_*) and ResNet (resnet*) families, "
+            f"not {type(model).__name__}; give module path patterns instead "
+            "(see `vitcnn layers`)"
+        )
+    return families.preset_layers(family, module_types(model), preset.removeprefix("preset:"))
 
 
 def _split(patterns: str | Iterable[str]) -> list[str]:
