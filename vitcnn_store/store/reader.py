@@ -233,6 +233,19 @@ class Run:
         fs, path = fsspec.core.url_to_fs(self.store.url)
         return int(fs.du(f"{path.rstrip('/')}/{self.name}"))
 
+    @property
+    def analyses(self) -> list[str]:
+        """Names of the analysis results stored under this run (``<run>/_analyses/``)."""
+        from vitcnn_store.store.analyses import analysis_names
+
+        return analysis_names(self)
+
+    def analysis(self, name: str) -> xr.Dataset:
+        """One stored analysis result, loaded (see :mod:`vitcnn_store.store.analyses`)."""
+        from vitcnn_store.store.analyses import read_analysis
+
+        return read_analysis(self, name)
+
     def __repr__(self) -> str:
         done = self.done
         return (
