@@ -174,7 +174,7 @@ def main() -> int:
         cfg = CKAConfig(store=args.store, run="big", batch_size=args.batch_size,
                         max_batches=args.batches, dask_address=cluster.scheduler_address,
                         batches_per_round=args.batches_per_round,
-                        figure=False, recompute=True)  # fmt: skip
+                        recompute=True)  # fmt: skip
         t0 = time.perf_counter()
         with RssSampler() as driver:
             result = run_cka(cfg)

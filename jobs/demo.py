@@ -1,54 +1,105 @@
-"""``vitcnn demo``: the main job on an embedded default, no network and no GPU needed.
+"""The demo's jobs: two extractions and every analysis, on an embedded default.
 
-Starts a local Ray cluster, extracts a ViT and a ResNet over built-in real
-photographs into a local store (random-init weights unless weights are given),
-runs every analysis on it with dask, and writes ``report.html``.
+A ViT and a ResNet over built-in real photographs (random-init weights
+unless weights are given), extracted into one local store on a local Ray
+cluster, then every analysis of the report. :func:`demo_plan` says what runs;
+the interface (:mod:`vitcnn_store.demo`) runs it, prints as it goes and
+writes the report.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from jobs.extract import ExtractConfig, extract
+from jobs.analyze import (
+    AnalysisOptions,
+    AnalysisResult,
+    AttentionConfig,
+    CKAConfig,
+    LocalizationConfig,
+    ProbeConfig,
+    SkipConfig,
+    run_attention,
+    run_cka,
+    run_localization,
+    run_probe,
+    run_skip,
+)
+from jobs.extract import ExtractConfig
 from vitcnn_store.models import ModelSpec
 
-__all__ = ["DemoPlan", "demo_plan", "run_demo"]
+__all__ = ["DemoAnalysis", "DemoConfig", "DemoPlan", "demo_plan", "local_ray"]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Options of ``vitcnn demo``.
+
+    Examples
+    --------
+    >>> DemoConfig(out="/tmp/demo").store
+    '/tmp/demo/acts.zarr'
+    """
+
+    out: str = "vitcnn_demo"
+    quick: bool = False
+    workers: int = 2
+    pretrained: bool = False
+    vit_checkpoint: str | None = None
+    resnet_checkpoint: str | None = None
+
+    @property
+    def store(self) -> str:
+        """The demo's store: ``<out>/acts.zarr``."""
+        return str(Path(self.out).resolve() / "acts.zarr")
+
+
+@dataclass(frozen=True)
+class DemoAnalysis:
+    """One analysis of the demo: a title, the job and its config."""
+
+    title: str
+    job: Callable[[Any], AnalysisResult]
+    config: AnalysisOptions
+
+    def run(self) -> AnalysisResult:
+        return self.job(self.config)
 
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """The demo's two extractions."""
+    """The demo's two extractions and its analyses, in order."""
 
     vit: ExtractConfig
     resnet: ExtractConfig
+    analyses: tuple[DemoAnalysis, ...]
 
 
-def demo_plan(args: argparse.Namespace, store: str) -> DemoPlan:
+def _extractions(cfg: DemoConfig) -> tuple[ExtractConfig, ExtractConfig]:
     """Full demo: ViT-S/16 and ResNet-50 at 128 px over 256 photographs;
     quick: tiny models at 64 px over 64 photographs."""
-    pretrained = bool(getattr(args, "pretrained", False))
-    if args.quick:
+    if cfg.quick:
         vit_model = ModelSpec("vit_tiny_patch16_224", img_size=64, model_args={"depth": 4})
         resnet_model = ModelSpec("resnet18", img_size=64)
-        n = 64
     else:
         vit_model = ModelSpec("vit_small_patch16_224", img_size=128)
         resnet_model = ModelSpec("resnet50", img_size=128)
-        n = 256
-    vit_model = replace(vit_model, pretrained=pretrained, checkpoint=args.vit_checkpoint)
-    resnet_model = replace(resnet_model, pretrained=pretrained, checkpoint=args.resnet_checkpoint)
+    vit_model = replace(vit_model, pretrained=cfg.pretrained, checkpoint=cfg.vit_checkpoint)
+    resnet_model = replace(
+        resnet_model, pretrained=cfg.pretrained, checkpoint=cfg.resnet_checkpoint
+    )
     common: dict[str, Any] = {
         "images": "builtin:photos",
-        "store": store,
-        "limit": n,
-        "chunk_size": 16 if args.quick else 32,
+        "store": cfg.store,
+        "limit": 64 if cfg.quick else 256,
+        "chunk_size": 16 if cfg.quick else 32,
         "inputs": True,
-        "workers": args.workers,
+        "workers": cfg.workers,
         "overwrite": True,
     }
     vit = ExtractConfig(
@@ -56,88 +107,61 @@ def demo_plan(args: argparse.Namespace, store: str) -> DemoPlan:
         layers="preset:blocks,blocks.*.attn,blocks.*.mlp", **common,
     )  # fmt: skip
     resnet = ExtractConfig(model=resnet_model, run="resnet", layers="preset:blocks", **common)
-    return DemoPlan(vit, resnet)
+    return vit, resnet
 
 
-def run_analyses(store: str, quick: bool) -> list[Any]:
-    """Every analysis of the report over the demo store (figures drawn by the report)."""
-    from jobs.analyze import (
-        AttentionConfig,
-        CKAConfig,
-        LocalizationConfig,
-        ProbeConfig,
-        SkipConfig,
-        run_attention,
-        run_cka,
-        run_localization,
-        run_probe,
-        run_skip,
-    )
-
-    common: dict[str, Any] = {"store": store, "figure": False}
+def _analyses(store: str, quick: bool) -> tuple[DemoAnalysis, ...]:
+    """Every analysis of the report over the demo store."""
+    common: dict[str, Any] = {"store": store}
     batch = 32 if quick else 128  # minibatch CKA as in the paper, at demo scale
     n = 64 if quick else 256  # localization: one batch of every image
-    jobs: list[tuple[str, Any, Any]] = [
-        ("CKA within the ViT", run_cka,
-         CKAConfig(run="vit", batch_size=batch, repeats=2, **common)),
-        ("CKA within the ResNet", run_cka,
-         CKAConfig(run="resnet", batch_size=batch, repeats=2, **common)),
-        ("CKA ViT × ResNet", run_cka,
-         CKAConfig(run="vit", run2="resnet", batch_size=batch, repeats=2, **common)),
-        ("attention distance and entropy", run_attention, AttentionConfig(run="vit", **common)),
-        ("ViT localization", run_localization,
-         LocalizationConfig(run="vit", batch_size=n, **common)),
-        ("ResNet localization", run_localization,
-         LocalizationConfig(run="resnet", batch_size=n, **common)),
-        ("skip-connection norm ratios", run_skip, SkipConfig(run="vit", **common)),
-        ("ViT linear probes", run_probe, ProbeConfig(run="vit", features="cls", **common)),
-        ("ResNet linear probes", run_probe, ProbeConfig(run="resnet", features="gap", **common)),
-    ]  # fmt: skip
-    results = []
-    for title, job, cfg in jobs:
-        print(f"\n== {title}")
-        result = job(cfg)
-        print(result)
-        results.append(result)
-    return results
+    return (
+        DemoAnalysis("CKA within the ViT", run_cka,
+                     CKAConfig(run="vit", batch_size=batch, repeats=2, **common)),
+        DemoAnalysis("CKA within the ResNet", run_cka,
+                     CKAConfig(run="resnet", batch_size=batch, repeats=2, **common)),
+        DemoAnalysis("CKA ViT × ResNet", run_cka,
+                     CKAConfig(run="vit", run2="resnet", batch_size=batch, repeats=2, **common)),
+        DemoAnalysis("attention distance and entropy", run_attention,
+                     AttentionConfig(run="vit", **common)),
+        DemoAnalysis("ViT localization", run_localization,
+                     LocalizationConfig(run="vit", batch_size=n, **common)),
+        DemoAnalysis("ResNet localization", run_localization,
+                     LocalizationConfig(run="resnet", batch_size=n, **common)),
+        DemoAnalysis("skip-connection norm ratios", run_skip, SkipConfig(run="vit", **common)),
+        DemoAnalysis("ViT linear probes", run_probe,
+                     ProbeConfig(run="vit", features="cls", **common)),
+        DemoAnalysis("ResNet linear probes", run_probe,
+                     ProbeConfig(run="resnet", features="gap", **common)),
+    )  # fmt: skip
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    """Run the demo; returns the process exit code."""
-    from vitcnn_store.inspect import describe_store
-    from vitcnn_store.store import open_store
+def demo_plan(cfg: DemoConfig) -> DemoPlan:
+    """What the demo runs, in order.
 
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    store = str(out / "acts.zarr")
-    plan = demo_plan(args, store)
-    t0 = time.perf_counter()
-    print(f"vitcnn demo: store {store}")
+    Examples
+    --------
+    >>> plan = demo_plan(DemoConfig(out="/tmp/demo", quick=True))
+    >>> plan.vit.model.name, plan.resnet.limit, len(plan.analyses)
+    ('vit_tiny_patch16_224', 64, 9)
+    """
+    vit, resnet = _extractions(cfg)
+    return DemoPlan(vit, resnet, _analyses(cfg.store, cfg.quick))
+
+
+@contextmanager
+def local_ray() -> Iterator[None]:
+    """One local Ray cluster (loopback only) for every extraction of a block, unless
+    Ray is already running; shut down on exit if started here."""
     import ray
 
     started = not ray.is_initialized()
-    if started:  # one local Ray cluster for every step
+    if started:
         ray.init(
             include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1"
         )
     try:
-        for cfg in (plan.vit, plan.resnet):
-            name, weights = cfg.model.name, cfg.model.weights_source
-            print(f"\n== extracting {name} ({weights}) as run {cfg.run!r}")
-            print(extract(cfg))
+        yield
     finally:
         if started:
             ray.shutdown()
-    print("\n" + describe_store(store))
-    run_analyses(store, args.quick)
-    from vitcnn_store.report import build_report
-
-    report = build_report(store, out)
-    print(f"\ndone in {time.perf_counter() - t0:.0f} s.")
-    print(f"report: {report}  (open it in a browser; it needs no server)")
-    print("explore the store with:")
-    print(f"  vitcnn show {store} vit")
-    last = open_store(store)["vit"].layers[-1]
-    snippet = f"import vitcnn_store as v; print(v.open_store('{store}')['vit']['{last}'])"
-    print(f'  python -c "{snippet}"')
-    return 0

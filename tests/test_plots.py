@@ -93,3 +93,17 @@ def test_no_pyplot_and_unknown_analysis(tmp_path: Path) -> None:
     _png_ok(tmp_path / "p.png")
     with pytest.raises(ValueError, match="no figure"):
         plots.plot_result(xr.Dataset(attrs={"analysis": "other"}), tmp_path / "x.png")
+
+
+def test_figure_dir_defaults(tmp_path: Path) -> None:
+    assert plots.figure_dir(str(tmp_path / "acts.zarr")) == tmp_path / "acts.zarr.figures"
+    assert plots.figure_dir(str(tmp_path / "acts.zarr") + "/") == tmp_path / "acts.zarr.figures"
+    assert plots.figure_dir("s3://bucket/acts.zarr") == Path("vitcnn_figures")
+    assert plots.figure_dir("memory://acts.zarr") == Path("vitcnn_figures")
+    assert plots.figure_dir("s3://bucket/acts.zarr", "figs") == Path("figs")
+
+
+def test_result_figure_named_after_run_and_result(tmp_path: Path) -> None:
+    path = plots.save_result_figure(_datasets()["probe"], str(tmp_path / "s.zarr"), "vit", "p")
+    assert path == tmp_path / "s.zarr.figures" / "vit__p.png"
+    _png_ok(path)

@@ -269,7 +269,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from jobs.demo import run_demo
+    from vitcnn_store.demo import run_demo
 
     return run_demo(args)
 

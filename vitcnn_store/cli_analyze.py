@@ -2,19 +2,26 @@
 
 Each subcommand maps its options one to one onto the fields of the job's
 config dataclass in :mod:`jobs.analyze` (argparse ``dest`` = field name), runs
-the job and prints where the result and its figure went. This module imports
-only argparse; the jobs (dask, xarray, matplotlib) load when a command runs.
+the job, draws its figure (:mod:`vitcnn_store.plots`) and prints where the
+result and the figure went. Parsing text options (``--tokens``, ``--shots
+full``) happens here; jobs take typed values. This module imports only
+argparse; the jobs (dask, xarray, matplotlib) load when a command runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 from dataclasses import fields
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["add_analyze_parser", "cmd_analyze"]
+if TYPE_CHECKING:
+    from jobs.analyze import AnalysisOptions, AnalysisResult
+
+__all__ = ["add_analyze_parser", "analyze", "cmd_analyze", "describe_result", "parse_tokens"]
 
 _EXAMPLES = """examples:
   vitcnn analyze cka acts.zarr vitb16                 # all layers x all layers
@@ -44,6 +51,35 @@ def _shots(text: str) -> int:
     if text.strip().lower() == "full":
         return 0
     return int(_int_at_least(0)(text))
+
+
+def parse_tokens(text: str) -> tuple[tuple[int, int] | int, ...]:
+    """``--tokens``: grid positions ``row:col`` or flat patch indices, comma-separated.
+
+    Ranges are checked by the job against the layer's grid.
+
+    Examples
+    --------
+    >>> parse_tokens("0:1, 5")
+    ((0, 1), 5)
+    """
+    out: list[tuple[int, int] | int] = []
+    for item in (s.strip() for s in re.split(r"[,;]", text)):
+        if not item:
+            continue
+        try:
+            if ":" in item:
+                row, col = (int(v) for v in item.split(":"))
+                out.append((row, col))
+            else:
+                out.append(int(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--tokens wants row:col or patch indices, comma-separated; got {item!r}"
+            ) from None
+    if not out:
+        raise argparse.ArgumentTypeError("--tokens names no token")
+    return tuple(out)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -165,6 +201,7 @@ def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
     lo.add_argument("--layer", help="layer (default: the last stored block)")
     lo.add_argument(
         "--tokens",
+        type=parse_tokens,
         metavar="LIST",
         help="grid positions row:col or flat patch indices, comma-separated "
         "(default: 4-5 spread over the grid)",
@@ -206,11 +243,46 @@ def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def describe_result(result: AnalysisResult, figure: Path | None = None) -> str:
+    """What ``vitcnn analyze`` prints: where the result went (or was reused), its
+    summary line, and its figure."""
+    where = f"{result.store.rstrip('/')}/{result.group}"
+    if result.reused:
+        lines = [f"{result.analysis}: reused {where} (same parameters; --recompute to redo)"]
+    else:
+        lines = [f"{result.analysis}: wrote {where}"]
+    summary = result.dataset.attrs.get("summary")
+    if summary:
+        lines.append(f"  {summary}")
+    if figure is not None:
+        lines.append(f"figure: {figure}")
+    return "\n".join(lines)
+
+
+def analyze(
+    analysis: str, config: AnalysisOptions, *, figure: bool = True, figures: str | None = None
+) -> tuple[AnalysisResult, Path | None]:
+    """Run analysis job ``analysis`` on ``config`` and draw its figure (unless not ``figure``).
+
+    Figures go to ``figures``, by default beside a local store
+    (:func:`vitcnn_store.plots.figure_dir`).
+    """
+    from jobs.analyze import JOBS
+
+    result = JOBS[analysis][1](config)
+    path = None
+    if figure:
+        from vitcnn_store.plots import save_result_figure
+
+        path = save_result_figure(result.dataset, result.store, result.run, result.name, figures)
+    return result, path
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
-    """Run the chosen analysis job and print its result and figure paths."""
+    """Run the chosen analysis job, draw its figure, print where both went."""
     from jobs.analyze import JOBS, AnalysisWarning
 
-    config_cls, job = JOBS[args.analysis]
+    config_cls, _ = JOBS[args.analysis]
     kwargs = {f.name: getattr(args, f.name) for f in fields(config_cls) if hasattr(args, f.name)}
 
     def show(message: Any, category: Any, *rest: Any, **kw: Any) -> None:
@@ -219,6 +291,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("always", AnalysisWarning)
         warnings.showwarning = show
-        result = job(config_cls(**kwargs))
-    print(result)
+        result, figure = analyze(
+            args.analysis, config_cls(**kwargs), figure=args.figure, figures=args.figures
+        )
+    print(describe_result(result, figure))
     return 0

@@ -1,7 +1,8 @@
 """Figures of analysis results (PNG, matplotlib's Agg canvas).
 
 Each function takes a result dataset as written by ``jobs.analyze`` (or read
-back with ``xr.open_zarr(store, group="<run>/_analyses/<name>")``) and a path,
+back with ``Run.analysis(name)``, or plain ``xr.open_zarr(store,
+group="<run>/_analyses/<name>")``) and a path,
 draws the figure, saves it and returns the path. matplotlib is imported only
 when a figure is drawn, and pyplot never is: figures are built on
 :class:`matplotlib.figure.Figure` with an Agg canvas, so no GUI backend or
@@ -22,12 +23,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PLOTTERS",
+    "figure_dir",
     "plot_attention",
     "plot_cka",
     "plot_localization",
     "plot_probe",
     "plot_result",
     "plot_skip",
+    "save_result_figure",
 ]
 
 
@@ -258,3 +261,29 @@ def plot_result(ds: xr.Dataset, path: str | Path) -> Path:
     if kind not in PLOTTERS:
         raise ValueError(f"no figure for analysis {kind!r}")
     return PLOTTERS[kind](ds, path)
+
+
+def figure_dir(store: str, figures: str | None = None) -> Path:
+    """Folder for figures: ``figures``, else beside a local store, else ``./vitcnn_figures``.
+
+    Examples
+    --------
+    >>> figure_dir("/data/acts.zarr"), figure_dir("s3://bucket/acts.zarr")
+    (PosixPath('/data/acts.zarr.figures'), PosixPath('vitcnn_figures'))
+    """
+    if figures:
+        return Path(figures)
+    local = store.removeprefix("file://")
+    if "://" in local or local.startswith("memory:"):
+        return Path("vitcnn_figures")
+    path = Path(local).expanduser()
+    return path.parent / f"{path.name}.figures"
+
+
+def save_result_figure(
+    ds: xr.Dataset, store: str, run: str, name: str, figures: str | None = None
+) -> Path:
+    """Draw result ``name`` of ``run`` as ``<run>__<name>.png`` in :func:`figure_dir`."""
+    folder = figure_dir(store, figures)
+    folder.mkdir(parents=True, exist_ok=True)
+    return plot_result(ds, folder / f"{run}__{name}.png")

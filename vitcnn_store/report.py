@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vitcnn_store.store import open_store
-from vitcnn_store.store.layout import ANALYSES, quiet_zarr
+from vitcnn_store.store.analyses import analysis_group
 
 __all__ = ["SECTIONS", "ResultEntry", "build_report", "collect_results"]
 
@@ -63,24 +63,18 @@ class ResultEntry:
 
     @property
     def group(self) -> str:
-        return f"{self.run}/{ANALYSES}/{self.name}"
+        return analysis_group(self.run, self.name)
 
 
 def collect_results(url: str) -> list[ResultEntry]:
     """Every analysis result stored in ``url``, by run then name."""
-    import xarray as xr
-
     store = open_store(url)
     out = []
-    for run in store.runs:
-        group = store[run].group
-        if ANALYSES not in group:
-            continue
-        with quiet_zarr():
-            names = sorted(k for k, _ in group[ANALYSES].groups())
-            for name in names:
-                ds = xr.open_zarr(url, group=f"{run}/{ANALYSES}/{name}", consolidated=False)
-                out.append(ResultEntry(run, name, str(ds.attrs.get("analysis", "")), ds.load()))
+    for name in store.runs:
+        run = store[name]
+        for result in run.analyses:
+            ds = run.analysis(result)
+            out.append(ResultEntry(name, result, str(ds.attrs.get("analysis", "")), ds))
     return out
 
 

@@ -1,10 +1,16 @@
 """Analysis jobs: dask maps the analysis kernels over a store's chunks, no model loaded.
 
 Each job reads stored activations (``vitcnn_store.open_store``), computes on
-local threads or a ``distributed`` cluster, writes a labelled
-:class:`xarray.Dataset` to ``<run>/_analyses/<name>`` and draws a PNG figure.
-Re-running with the same parameters reuses the stored result unless
-``recompute`` is set.
+local threads or a ``distributed`` cluster, and writes a labelled
+:class:`xarray.Dataset` to ``<run>/_analyses/<name>`` through
+:mod:`vitcnn_store.store.analyses`. Re-running with the same parameters reuses
+the stored result unless ``recompute`` is set. Jobs draw and print nothing:
+the CLI (:mod:`vitcnn_store.cli_analyze`) does.
+
+Modules: ``options`` (what every job takes), ``pipeline`` (reuse, compute,
+write), ``runs`` (runs, usable images, cross-run pairing), ``layers`` (layer
+selection, roles, reductions, geometry), ``tasks`` (dask task builders),
+``executor`` (local threads or a dask cluster), and one module per analysis.
 
 Examples
 --------
@@ -18,10 +24,10 @@ from typing import Any
 
 from jobs.analyze.attention import AttentionConfig, run_attention
 from jobs.analyze.cka import CKAConfig, run_cka
-from jobs.analyze.common import AnalysisOptions, AnalysisResult
 from jobs.analyze.localization import LocalizationConfig, run_localization
+from jobs.analyze.options import AnalysisOptions, AnalysisWarning
+from jobs.analyze.pipeline import AnalysisResult
 from jobs.analyze.probe import ProbeConfig, run_probe
-from jobs.analyze.selection import AnalysisWarning
 from jobs.analyze.skip import SkipConfig, run_skip
 
 __all__ = [

@@ -16,12 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jobs.analyze.common import AnalysisOptions, AnalysisResult, run_analysis
 from jobs.analyze.executor import Executor
-from jobs.analyze.selection import chunk_tasks, open_runs, str_array, str_coord, usable_mask
+from jobs.analyze.layers import select_attention_layers, token_positions
+from jobs.analyze.options import AnalysisOptions
+from jobs.analyze.pipeline import AnalysisResult, run_analysis
+from jobs.analyze.runs import open_runs, usable_mask
+from jobs.analyze.tasks import chunk_tasks
 from vitcnn_store.analysis.attention import AttentionAccumulator
 from vitcnn_store.errors import UsageError
-from vitcnn_store.models.layers import match_patterns
+from vitcnn_store.store.schema import string_coord
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -46,43 +49,6 @@ def _accumulate(
     return acc
 
 
-def _attention_layers(run: Any, patterns: str | None) -> list[str]:
-    layers = run.attention_layers
-    if not layers:
-        raise UsageError(
-            f"run {run.name!r} has no stored attention: extract it with --attention "
-            "(attention modules only, e.g. ViTs)"
-        )
-    if not patterns:
-        return list(layers)
-    return match_patterns(layers, patterns, f"stored attention layer of run {run.name!r}")
-
-
-def _positions(run: Any, a: Any) -> tuple[np.ndarray, int | None]:
-    """Token pixel centres (token, 2), NaN for prefix tokens, and the CLS index.
-
-    Positions are stored with the attention module's activation; a module
-    stored for attention only has none, so they are borrowed from any token
-    layer of the run with as many tokens (every ViT block shares them).
-    """
-    if "query_y" in a.coords:
-        y, x, kinds = a["query_y"], a["query_x"], a["query_kind"]
-    else:
-        for name in run.layers:
-            t = run[name]
-            if "token" in t.dims and t.sizes["token"] == a.sizes["query"]:
-                y, x, kinds = t["token_y"], t["token_x"], t["token_kind"]
-                break
-        else:
-            raise UsageError(
-                f"attention layer {a.attrs.get('layer')!r} has no stored token positions: "
-                "extract a token layer too (e.g. --layers preset:blocks)"
-            )
-    yx = np.stack([np.asarray(y.values, float), np.asarray(x.values, float)], axis=1)
-    cls = np.flatnonzero(str_array(kinds.values) == "cls")
-    return yx, int(cls[0]) if cls.size else None
-
-
 def run_attention(cfg: AttentionConfig) -> AnalysisResult:
     """Compute (or reuse) attention statistics of every stored attention layer.
 
@@ -92,13 +58,13 @@ def run_attention(cfg: AttentionConfig) -> AnalysisResult:
     """
     (run,) = open_runs(cfg.store, [cfg.run])
     mask = usable_mask(run, cfg.allow_incomplete)
-    layers = _attention_layers(run, cfg.layers)
+    layers = select_attention_layers(run, cfg.layers)
     arrays = [run.attention(name) for name in layers]
 
     def compute(executor: Executor) -> xr.Dataset:
         tasks: list[Any] = []
         owner: list[int] = []
-        setups = [_positions(run, a) for a in arrays]
+        setups = [token_positions(run, a) for a in arrays]
         for j, (a, (yx, cls_index)) in enumerate(zip(arrays, setups, strict=True)):
             new = chunk_tasks([a.data], mask, _accumulate, yx, cfg.renormalize, cls_index)
             tasks += new
@@ -110,15 +76,12 @@ def run_attention(cfg: AttentionConfig) -> AnalysisResult:
             accs[j] = acc if current is None else current.merge(acc)
         return _dataset(cfg, run, layers, arrays, accs, setups, int(mask.sum()))
 
-    from vitcnn_store import plots
-
     return run_analysis(
         cfg,
         analysis="attention",
         default_name="attention",
         sources=[(run, mask)],
         compute=compute,
-        plot=plots.plot_attention,
         extra_parameters={"layers": layers},
     )
 
@@ -163,7 +126,7 @@ def _dataset(
     ds = xr.Dataset(
         data,
         coords={
-            "layer": str_coord(layers),
+            "layer": string_coord(layers),
             "head": np.arange(heads),
             "depth_fraction": (
                 "layer",

@@ -2,10 +2,11 @@
 
 One pass computes the whole (layer_a × layer_b) matrix: per batch, each
 layer's Gram matrix is computed once (a dask task reading that layer's batch
-rows, casting float16 to float64 in feature blocks so memory stays at
-batch × block), and the kernels' :class:`MinibatchCKAMatrix` turns the stacked
-U-centred Grams into every pair's HSIC₁ with one matrix product — never a Gram
-per pair. A layer is never loaded whole: a task holds one batch of one layer.
+rows and calling :func:`~vitcnn_store.analysis.gram.gram_linear`, which casts
+float16 to float64 in feature blocks so memory stays at batch × block), and
+the kernels turn the Grams into every pair's CKA terms with one matrix
+product — never a Gram per pair. A layer is never loaded whole: a task holds
+one batch of one layer.
 
 Estimators: ``unbiased-minibatch`` (DESIGN §4: sums of HSIC₁ over equal-size
 batches sampled without replacement, one ratio at the end, remainder dropped;
@@ -21,40 +22,25 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jobs.analyze.common import AnalysisOptions, AnalysisResult, run_analysis
 from jobs.analyze.executor import Executor, LazyTasks
-from jobs.analyze.selection import (
-    align_images,
-    cap_batch_size,
-    layer_info,
-    open_runs,
-    reduce_layer,
-    row_pieces,
-    select_layers,
-    str_coord,
-    take_rows,
-    usable_mask,
-)
-from vitcnn_store.analysis.cka import MinibatchCKAMatrix, center_gram
+from jobs.analyze.layers import REDUCTIONS, layer_info, reduce_layer, select_layers
+from jobs.analyze.options import AnalysisOptions, cap_batch_size
+from jobs.analyze.pipeline import AnalysisResult, run_analysis
+from jobs.analyze.runs import align_images, open_runs, usable_mask
+from jobs.analyze.tasks import row_pieces, take_rows
+from vitcnn_store.analysis.cka import MinibatchCKAMatrix, cka_matrix_from_grams, sample_batches
+from vitcnn_store.analysis.gram import gram_linear, rbf_from_linear_gram
 from vitcnn_store.errors import UsageError
 from vitcnn_store.store.layout import check_name
+from vitcnn_store.store.schema import string_coord
 
 if TYPE_CHECKING:
     import xarray as xr
 
-__all__ = [
-    "ESTIMATORS",
-    "CKAConfig",
-    "batch_gram",
-    "biased_cka_from_grams",
-    "cka_batches",
-    "rbf_from_linear",
-    "run_cka",
-]
+__all__ = ["ESTIMATORS", "KERNELS", "CKAConfig", "layer_gram", "run_cka"]
 
 ESTIMATORS = ("unbiased-minibatch", "biased")
-REDUCTIONS = ("flatten", "gap", "cls")
-_BLOCK_BYTES = 16 * 2**20  # float64 feature block per Gram update
+KERNELS = ("linear", "rbf")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,8 +73,8 @@ class CKAConfig(AnalysisOptions):
             raise UsageError(f"--estimator must be one of {', '.join(ESTIMATORS)}")
         if self.reduce not in REDUCTIONS:
             raise UsageError(f"--reduce must be one of {', '.join(REDUCTIONS)}")
-        if self.kernel not in ("linear", "rbf"):
-            raise UsageError("--kernel must be linear or rbf")
+        if self.kernel not in KERNELS:
+            raise UsageError(f"--kernel must be one of {', '.join(KERNELS)}")
         if self.repeats < 1:
             raise UsageError(f"--repeats must be >= 1, got {self.repeats}")
         if self.max_batches is not None and self.max_batches < 1:
@@ -104,50 +90,29 @@ class CKAConfig(AnalysisOptions):
 # -- per-task functions (run on dask workers) ----------------------------------------
 
 
-def rbf_from_linear(gram: np.ndarray, threshold: float = 1.0, layer: str = "") -> np.ndarray:
-    """RBF Gram from a linear Gram ``X Xᵀ``, bandwidth as the kernels' ``gram_rbf``.
-
-    ``exp(-d² / (2 · threshold² · median(d²)))`` with ``d² = ‖xᵢ‖² + ‖xⱼ‖² − 2 xᵢ·xⱼ``,
-    the median over all n² entries (the kernel's convention), per batch.
-    """
-    sq = np.diag(gram)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
-    med = float(np.median(d2))
-    if not med > 0.0:
-        raise UsageError(
-            f"layer {layer!r} is constant over a batch: the RBF bandwidth is undefined "
-            "(use --kernel linear)"
-        )
-    return np.asarray(np.exp(-d2 / (2.0 * threshold**2 * med)))
-
-
-def batch_gram(
+def layer_gram(
     x: Any, kernel: str = "linear", threshold: float = 1.0, layer: str = ""
 ) -> np.ndarray:
-    """Gram matrix (b, b) in float64 of one batch of one layer (b, ...).
+    """Gram matrix (b, b) in float64 of one batch of one layer.
 
-    ``x`` may also be ``(pieces, perm)`` from :func:`~jobs.analyze.selection.row_pieces`.
-
-    Features are cast to float64 a block of columns at a time, so the float64
-    copy never exceeds ~16 MB whatever the layer width (float16 products
-    overflow and lose precision, DESIGN §5).
+    ``x`` is ``(pieces, perm)`` from :func:`~jobs.analyze.tasks.row_pieces`, or
+    an array (b, ...). Stored values that are not finite, or a layer constant
+    over the batch under the RBF kernel, are refused naming the layer.
     """
     if isinstance(x, tuple):
         x = take_rows(*x)
-    m = np.asarray(x).reshape(len(x), -1)
-    b, p = m.shape
-    step = max(1, min(p, _BLOCK_BYTES // (8 * max(b, 1))))
-    gram = np.zeros((b, b))
-    # One float64 buffer reused for every block: a cache-sized cast-then-multiply
-    # keeps the cast's memory traffic off the critical path.
-    buf = np.empty((b, step))
-    for s in range(0, p, step):
-        blk = buf if s + step <= p else np.empty((b, p - s))
-        np.copyto(blk, m[:, s : s + step], casting="unsafe")
-        gram += blk @ blk.T  # numpy uses a symmetric rank-k update for A @ A.T
+    gram = gram_linear(x)
     if not np.isfinite(gram).all():
         raise UsageError(f"layer {layer!r} has NaN/inf values among the usable images")
-    return rbf_from_linear(gram, threshold, layer) if kernel == "rbf" else gram
+    if kernel != "rbf":
+        return gram
+    try:
+        return rbf_from_linear_gram(gram, threshold)
+    except ValueError:
+        raise UsageError(
+            f"layer {layer!r} is constant over a batch: the RBF bandwidth is undefined "
+            "(use --kernel linear)"
+        ) from None
 
 
 def _unbiased_batch(grams_a: list[np.ndarray], grams_b: list[np.ndarray] | None) -> Any:
@@ -156,44 +121,8 @@ def _unbiased_batch(grams_a: list[np.ndarray], grams_b: list[np.ndarray] | None)
     return acc
 
 
-def biased_cka_from_grams(
-    grams_a: list[np.ndarray], grams_b: list[np.ndarray] | None = None
-) -> np.ndarray:
-    """(L_a, L_b) CKA with the biased HSIC from each layer's full-data Gram matrix."""
-    va = np.stack([center_gram(g).ravel() for g in grams_a])
-    vb = va if grams_b is None else np.stack([center_gram(g).ravel() for g in grams_b])
-    aa = np.einsum("ij,ij->i", va, va)
-    bb = aa if grams_b is None else np.einsum("ij,ij->i", vb, vb)
-    denom = np.sqrt(aa[:, None] * bb[None, :])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(denom > 0, (va @ vb.T) / denom, np.nan)
-
-
-# -- sampling ------------------------------------------------------------------------
-
-
-def cka_batches(
-    n: int, batch_size: int, repeats: int, seed: int, max_batches: int | None = None
-) -> list[list[np.ndarray]]:
-    """Batches of positions in ``0..n-1``: per repeat, a fresh permutation cut into
-    equal batches (remainder dropped, at most ``max_batches``), each batch sorted.
-
-    Examples
-    --------
-    >>> [[b.tolist() for b in rep] for rep in cka_batches(5, 2, 1, seed=0)]
-    [[[2, 4], [0, 3]]]
-    """
-    rng = np.random.default_rng(seed)
-    per_repeat = n // batch_size
-    if max_batches is not None:
-        per_repeat = min(per_repeat, max_batches)
-    out = []
-    for _ in range(repeats):
-        perm = rng.permutation(n)
-        out.append(
-            [np.sort(perm[i * batch_size : (i + 1) * batch_size]) for i in range(per_repeat)]
-        )
-    return out
+def _biased_all(grams_a: list[np.ndarray], grams_b: list[np.ndarray] | None) -> np.ndarray:
+    return cka_matrix_from_grams(grams_a, grams_b, unbiased=False)
 
 
 # -- the job -------------------------------------------------------------------------
@@ -236,7 +165,7 @@ def run_cka(cfg: CKAConfig) -> AnalysisResult:
         batch, batches = n, [[np.arange(n)]]
     else:
         batch = cap_batch_size(cfg.batch_size, n)
-        batches = cka_batches(n, batch, cfg.repeats, cfg.seed, cfg.max_batches)
+        batches = sample_batches(n, batch, cfg.repeats, cfg.seed, cfg.max_batches)
 
     def compute(executor: Executor) -> xr.Dataset:
         flat = [(r, pos) for r, rep in enumerate(batches) for pos in rep]
@@ -265,15 +194,12 @@ def run_cka(cfg: CKAConfig) -> AnalysisResult:
             cfg, run_a, src_b, layers_a, layers_b, per_repeat, n, batch, len(batches[0])
         )
 
-    from vitcnn_store import plots
-
     return run_analysis(
         cfg,
         analysis="cka",
         default_name="cka" if run_b is None else f"cka__{cfg.run2}",
         sources=[(run_a, mask_a)] + ([] if run_b is None else [(run_b, mask_b)]),
         compute=compute,
-        plot=plots.plot_cka,
         extra_parameters={"layers_a": layers_a, "layers_b": layers_b},
     )
 
@@ -292,13 +218,13 @@ def _batch_task(
 
     def grams(reduced: list[Any], layers: list[str], rows: np.ndarray) -> list[Any]:
         return [
-            delayed(batch_gram, pure=True)(row_pieces(x, rows), cfg.kernel, cfg.rbf_threshold, name)
+            delayed(layer_gram, pure=True)(row_pieces(x, rows), cfg.kernel, cfg.rbf_threshold, name)
             for x, name in zip(reduced, layers, strict=True)
         ]
 
     grams_a = grams(red_a, layers_a, rows_a)
     grams_b = None if same else grams(red_b, layers_b, rows_b)
-    combine = biased_cka_from_grams if cfg.estimator == "biased" else _unbiased_batch
+    combine = _biased_all if cfg.estimator == "biased" else _unbiased_batch
     return delayed(combine, pure=True)(grams_a, grams_b)
 
 
@@ -335,8 +261,8 @@ def _dataset(
     ds = xr.Dataset(
         data,
         coords={
-            "layer_a": str_coord(layers_a),
-            "layer_b": str_coord(layers_b),
+            "layer_a": string_coord(layers_a),
+            "layer_b": string_coord(layers_b),
             "depth_fraction_a": ("layer_a", frac_a),
             "depth_fraction_b": ("layer_b", frac_b),
             "depth_index_a": ("layer_a", index_a),

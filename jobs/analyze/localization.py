@@ -9,52 +9,58 @@ grid is the token grid; for a CNN layer with a gy × gx grid the input is cut
 into patches of its stride ``H / gy``.
 
 Estimate: unbiased minibatch HSIC₁ over equal batches of images sampled
-without replacement (one dask task per batch builds a
-:class:`~vitcnn_store.analysis.localization.MinibatchLocalization`; the driver
-merges them).
+without replacement (:func:`~vitcnn_store.analysis.cka.sample_batches`): one
+dask task per batch builds a
+:class:`~vitcnn_store.analysis.localization.MinibatchLocalization` and the
+driver merges them.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jobs.analyze.cka import cka_batches
-from jobs.analyze.common import AnalysisOptions, AnalysisResult, run_analysis
 from jobs.analyze.executor import Executor, LazyTasks
-from jobs.analyze.selection import (
-    cap_batch_size,
-    layer_info,
-    open_runs,
-    row_pieces,
-    take_rows,
-    usable_mask,
-)
+from jobs.analyze.layers import layer_info, layer_roles, patch_grid
+from jobs.analyze.options import AnalysisOptions, cap_batch_size
+from jobs.analyze.pipeline import AnalysisResult, run_analysis
+from jobs.analyze.runs import open_runs, usable_mask
+from jobs.analyze.tasks import row_pieces, take_rows
+from vitcnn_store.analysis.cka import sample_batches
 from vitcnn_store.analysis.localization import MinibatchLocalization, image_to_patches
 from vitcnn_store.errors import RunNotFoundError, UsageError
+from vitcnn_store.models.families import is_block_output
+from vitcnn_store.store import schema
 
 if TYPE_CHECKING:
     import xarray as xr
 
-__all__ = ["LocalizationConfig", "default_targets", "parse_targets", "run_localization"]
+__all__ = [
+    "LocalizationConfig",
+    "TokenSpec",
+    "default_targets",
+    "resolve_targets",
+    "run_localization",
+]
 
-_BLOCK = re.compile(r"(?:.*\.)?(?:blocks|layer\d+|stages\.\d+\.blocks)\.\d+")
+# A target token: a grid position (row, col) or a flat patch index (row-major).
+TokenSpec = tuple[int, int] | int
 
 
 @dataclass(frozen=True, kw_only=True)
 class LocalizationConfig(AnalysisOptions):
     """Options of ``vitcnn analyze localization``.
 
-    ``layer`` defaults to the last stored block; ``tokens`` lists grid positions
-    ``row:col`` or flat patch indices ``k`` (row-major), comma-separated, and
+    ``layer`` defaults to the last stored block output; ``tokens`` lists grid
+    positions ``(row, col)`` or flat patch indices ``k`` (row-major), and
     defaults to :func:`default_targets`.
     """
 
     layer: str | None = None
-    tokens: str | None = None
+    tokens: tuple[TokenSpec, ...] | None = None
     batch_size: int = 1024
     seed: int = 0
 
@@ -72,30 +78,24 @@ def default_targets(gy: int, gx: int) -> list[tuple[int, int]]:
     return sorted(set(zip(rows, cols, strict=True)))
 
 
-def parse_targets(spec: str, gy: int, gx: int) -> list[tuple[int, int]]:
-    """Parse ``--tokens``: ``row:col`` grid positions or flat patch indices, comma-separated.
+def resolve_targets(tokens: Sequence[TokenSpec], gy: int, gx: int) -> list[tuple[int, int]]:
+    """Grid positions of ``tokens`` (``(row, col)`` or flat patch indices) on a gy × gx grid.
+
+    Duplicates are dropped; positions outside the grid raise :class:`UsageError`.
 
     Examples
     --------
-    >>> parse_targets("0:1, 5", 2, 3)
+    >>> resolve_targets([(0, 1), 5, (0, 1)], 2, 3)
     [(0, 1), (1, 2)]
     """
     out: list[tuple[int, int]] = []
-    for item in (s.strip() for s in re.split(r"[,;]", spec)):
-        if not item:
-            continue
-        try:
-            if ":" in item:
-                r, c = (int(v) for v in item.split(":"))
-            else:
-                k = int(item)
-                if not 0 <= k < gy * gx:
-                    raise UsageError(f"--tokens: patch index {k} not in 0..{gy * gx - 1}")
-                r, c = divmod(k, gx)
-        except ValueError:
-            raise UsageError(
-                f"--tokens wants row:col or patch indices, comma-separated; got {item!r}"
-            ) from None
+    for item in tokens:
+        if isinstance(item, tuple):
+            r, c = item
+        else:
+            if not 0 <= item < gy * gx:
+                raise UsageError(f"--tokens: patch index {item} not in 0..{gy * gx - 1}")
+            r, c = divmod(item, gx)
         if not (0 <= r < gy and 0 <= c < gx):
             raise UsageError(f"--tokens: position {r}:{c} outside the {gy}×{gx} grid")
         if (r, c) not in out:
@@ -106,26 +106,13 @@ def parse_targets(spec: str, gy: int, gx: int) -> list[tuple[int, int]]:
 
 
 def _default_layer(run: Any) -> str:
-    candidates = [n for n in run.layers if layer_info(run[n]).kind in ("token", "spatial")]
+    kinds = (schema.KIND_TOKEN, schema.KIND_SPATIAL)
+    candidates = [n for n in run.layers if layer_info(run[n]).kind in kinds]
     if not candidates:
         raise UsageError(f"run {run.name!r} has no token or spatial layer to localize")
-    blocks = [n for n in candidates if _BLOCK.fullmatch(n)]
+    roles = layer_roles(run)
+    blocks = [n for n in candidates if is_block_output(n, roles.get(n))]
     return (blocks or candidates)[-1]
-
-
-def _grid(x: Any, info: Any) -> tuple[np.ndarray, np.ndarray, dict[tuple[int, int], int]]:
-    """Pixel centres of the grid rows/cols, and (row, col) → index along the flattened
-    token (or y·x) axis."""
-    if info.kind == "token":
-        ty = np.asarray(x["token_y"].values, float)[list(info.patches)]
-        tx = np.asarray(x["token_x"].values, float)[list(info.patches)]
-        ys, iy = np.unique(ty, return_inverse=True)
-        xs, ix = np.unique(tx, return_inverse=True)
-        where = {(int(r), int(c)): t for r, c, t in zip(iy, ix, info.patches, strict=True)}
-        return ys, xs, where
-    ys, xs = np.asarray(x["y"].values, float), np.asarray(x["x"].values, float)
-    where = {(r, c): r * xs.size + c for r in range(ys.size) for c in range(xs.size)}
-    return ys, xs, where
 
 
 def _accumulate(
@@ -160,9 +147,9 @@ def run_localization(cfg: LocalizationConfig) -> AnalysisResult:
     layer = cfg.layer or _default_layer(run)
     x = run[layer]
     info = layer_info(x)
-    if info.kind not in ("token", "spatial"):
+    if info.kind not in (schema.KIND_TOKEN, schema.KIND_SPATIAL):
         raise UsageError(f"layer {layer!r} is pooled: localization needs a token or spatial layer")
-    ys, xs, where = _grid(x, info)
+    ys, xs, where = patch_grid(x, info)
     gy, gx = ys.size, xs.size
     h, w = inputs.sizes["input_y"], inputs.sizes["input_x"]
     if h % gy or w % gx or h // gy != w // gx:
@@ -171,18 +158,19 @@ def run_localization(cfg: LocalizationConfig) -> AnalysisResult:
             "into square patches"
         )
     patch = h // gy
-    targets = parse_targets(cfg.tokens, gy, gx) if cfg.tokens else default_targets(gy, gx)
+    targets = resolve_targets(cfg.tokens, gy, gx) if cfg.tokens else default_targets(gy, gx)
     index = [where[t] for t in targets]
     usable = np.flatnonzero(mask)
     batch = cap_batch_size(cfg.batch_size, int(usable.size))
-    (batches,) = cka_batches(usable.size, batch, 1, cfg.seed)
+    (batches,) = sample_batches(usable.size, batch, 1, cfg.seed)
     mean = np.asarray(run.attrs["mean"], dtype=np.float32)
     std = np.asarray(run.attrs["std"], dtype=np.float32)
 
     def compute(executor: Executor) -> xr.Dataset:
         from dask import delayed
 
-        data = x.data if info.kind == "token" else x.data.reshape(x.shape[0], gy * gx, -1)
+        token = info.kind == schema.KIND_TOKEN
+        data = x.data if token else x.data.reshape(x.shape[0], gy * gx, -1)
         chosen = data[:, index]  # the target tokens only travel between tasks
 
         def task(i: int) -> Any:
@@ -200,15 +188,12 @@ def run_localization(cfg: LocalizationConfig) -> AnalysisResult:
             cfg, layer, targets, index, maps, ys, xs, patch, usable.size, batch, len(batches)
         )
 
-    from vitcnn_store import plots
-
     return run_analysis(
         cfg,
         analysis="localization",
         default_name="localization",
         sources=[(run, mask)],
         compute=compute,
-        plot=plots.plot_localization,
         extra_parameters={"layer": layer, "targets": [list(t) for t in targets]},
     )
 

@@ -3,11 +3,11 @@
 Per layer, features are the CLS token (``cls``; layers without one fall back
 to ``gap``, recorded per layer) or the mean over patch tokens / spatial
 positions (``gap``), computed lazily by dask as (image, channel) — never the
-whole layer — and handed to one task per layer that fits
-:func:`~vitcnn_store.analysis.probes.fit_ridge` on each train split and scores
-the test split. Splits: ``shots = k`` draws k training images per class
-(:func:`~vitcnn_store.analysis.probes.few_shot_split`); ``shots = 0`` (full) is
-a stratified train/test split. Both are deterministic given ``seed``; with
+whole layer — and handed to one task per layer that scores
+:func:`~vitcnn_store.analysis.probes.linear_probe_accuracy` on each split.
+Splits come from :func:`~vitcnn_store.analysis.probes.probe_splits`:
+``shots = k`` draws k training images per class, ``shots = 0`` (full) is a
+stratified train/test split. Both are deterministic given ``seed``; with
 ``repeats`` the seeds are ``seed, seed + 1, ...`` and the result holds the mean
 and standard deviation of the accuracy.
 """
@@ -19,23 +19,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jobs.analyze.common import AnalysisOptions, AnalysisResult, run_analysis
 from jobs.analyze.executor import Executor
-from jobs.analyze.selection import (
-    layer_info,
-    open_runs,
-    reduce_layer,
-    select_layers,
-    str_coord,
-    usable_mask,
-)
-from vitcnn_store.analysis.probes import few_shot_split, fit_ridge, predict
+from jobs.analyze.layers import layer_info, reduce_layer, select_layers
+from jobs.analyze.options import AnalysisOptions
+from jobs.analyze.pipeline import AnalysisResult, run_analysis
+from jobs.analyze.runs import open_runs, usable_mask
+from vitcnn_store.analysis.probes import linear_probe_accuracy, probe_splits
 from vitcnn_store.errors import UsageError
+from vitcnn_store.store.schema import string_coord
 
 if TYPE_CHECKING:
     import xarray as xr
 
-__all__ = ["ProbeConfig", "probe_splits", "run_probe"]
+__all__ = ["FEATURES", "ProbeConfig", "run_probe"]
+
+FEATURES = ("cls", "gap")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,8 +52,8 @@ class ProbeConfig(AnalysisOptions):
     def validate(self) -> None:
         if self.shots < 0:
             raise UsageError(f"--shots must be >= 0 (0 = full), got {self.shots}")
-        if self.features not in ("cls", "gap"):
-            raise UsageError("--features must be cls or gap")
+        if self.features not in FEATURES:
+            raise UsageError(f"--features must be one of {', '.join(FEATURES)}")
         if self.repeats < 1:
             raise UsageError(f"--repeats must be >= 1, got {self.repeats}")
         if not 0.0 < self.test_fraction < 1.0:
@@ -64,36 +62,11 @@ class ProbeConfig(AnalysisOptions):
             raise UsageError(f"--l2 must be >= 0, got {self.l2}")
 
 
-def probe_splits(
-    labels: np.ndarray, shots: int, seed: int, repeats: int, test_fraction: float
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Deterministic (train, test) index pairs into ``labels``, one per repeat.
-
-    Examples
-    --------
-    >>> tr, te = probe_splits(np.array([0, 0, 0, 0, 1, 1, 1, 1]), 0, 0, 1, 0.25)[0]
-    >>> len(tr), len(te), sorted(set(tr) | set(te)) == list(range(8))
-    (6, 2, True)
-    """
-    out = []
-    for r in range(repeats):
-        if shots:
-            try:
-                out.append(few_shot_split(labels, shots, seed + r))
-            except ValueError as e:  # too few images of some class
-                raise UsageError(f"--shots {shots}: {e}") from None
-            continue
-        rng = np.random.default_rng(seed + r)
-        train, test = [], []
-        for c in np.unique(labels):  # stratified: each class split on its own
-            idx = rng.permutation(np.flatnonzero(labels == c))
-            if idx.size < 2:
-                raise UsageError(f"class {c} has {idx.size} labelled image(s); a split needs 2")
-            k = min(idx.size - 1, max(1, round(test_fraction * idx.size)))
-            test.append(idx[:k])
-            train.append(idx[k:])
-        out.append((np.sort(np.concatenate(train)), np.sort(np.concatenate(test))))
-    return out
+def _splits(cfg: ProbeConfig, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    try:
+        return probe_splits(labels, cfg.shots, cfg.seed, cfg.repeats, cfg.test_fraction)
+    except ValueError as e:  # too few images of some class
+        raise UsageError(f"--shots {cfg.shots}: {e}" if cfg.shots else str(e)) from None
 
 
 def _probe_layer(
@@ -104,11 +77,14 @@ def _probe_layer(
     l2: float,
 ) -> np.ndarray:
     x = np.asarray(features, dtype=np.float64)
-    accs = []
-    for train, test in splits:
-        w = fit_ridge(x[train], labels[train], n_classes, l2=l2)
-        accs.append(float(np.mean(predict(w, x[test]) == labels[test])))
-    return np.array(accs)
+    return np.array(
+        [
+            linear_probe_accuracy(
+                x[train], labels[train], x[test], labels[test], l2=l2, n_classes=n_classes
+            )
+            for train, test in splits
+        ]
+    )
 
 
 def run_probe(cfg: ProbeConfig) -> AnalysisResult:
@@ -131,7 +107,7 @@ def run_probe(cfg: ProbeConfig) -> AnalysisResult:
     n_classes = int(labels.max()) + 1
     if np.unique(labels).size < 2:
         raise UsageError(f"run {run.name!r} has a single labelled class: nothing to probe")
-    splits = probe_splits(labels, cfg.shots, cfg.seed, cfg.repeats, cfg.test_fraction)
+    splits = _splits(cfg, labels)
     layers = select_layers(run, cfg.layers)
     reduced = [reduce_layer(run[name], cfg.features, cls_fallback=True) for name in layers]
 
@@ -147,15 +123,12 @@ def run_probe(cfg: ProbeConfig) -> AnalysisResult:
             accs[:, i] = acc
         return _dataset(cfg, run, layers, [how for _, how in reduced], accs, splits, n_classes)
 
-    from vitcnn_store import plots
-
     return run_analysis(
         cfg,
         analysis="probe",
         default_name="probe",
         sources=[(run, mask)],
         compute=compute,
-        plot=plots.plot_probe,
         extra_parameters={"layers": layers},
     )
 
@@ -179,10 +152,10 @@ def _dataset(
     ds = xr.Dataset(
         data,
         coords={
-            "layer": str_coord(layers),
+            "layer": string_coord(layers),
             "depth_fraction": ("layer", np.array([i.depth_fraction for i in infos])),
             "depth_index": ("layer", np.array([i.depth_index for i in infos])),
-            "feature": ("layer", str_coord(feats)),
+            "feature": ("layer", string_coord(feats)),
         },
     )
     ds["accuracy"].attrs["long_name"] = "test accuracy of a ridge probe"

@@ -24,7 +24,6 @@ def test_attention_matches_kernels(synth: str, renormalize: bool) -> None:  # no
         run="vit",
         renormalize=renormalize,
         progress=False,
-        figure=False,
         name=f"att-{renormalize}",
     )
     ds = run_attention(cfg).dataset
@@ -54,7 +53,7 @@ def test_attention_matches_kernels(synth: str, renormalize: bool) -> None:  # no
 def test_attention_only_groups_borrow_token_positions(tmp_path: Path) -> None:
     url = str(tmp_path / "a.zarr")
     make_run(url, "v", ids(16), attention_only=True, inputs=False)
-    ds = run_attention(AttentionConfig(store=url, run="v", progress=False, figure=False)).dataset
+    ds = run_attention(AttentionConfig(store=url, run="v", progress=False)).dataset
     assert np.isfinite(ds["mean_distance"].values).all()
 
 

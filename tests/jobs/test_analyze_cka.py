@@ -9,11 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.analyze.cka import CKAConfig, batch_gram, cka_batches, rbf_from_linear, run_cka
-from jobs.analyze.selection import AnalysisWarning
+from jobs.analyze.cka import CKAConfig, layer_gram, run_cka
+from jobs.analyze.options import AnalysisWarning
 from tests.jobs.test_analyze_common import cli, ids, make_run, synth  # noqa: F401
 from vitcnn_store import open_store
-from vitcnn_store.analysis.cka import MinibatchCKAMatrix, cka_matrix, gram_linear, gram_rbf
+from vitcnn_store.analysis.cka import MinibatchCKAMatrix, cka_matrix_from_grams
+from vitcnn_store.analysis.cka import sample_batches as cka_batches
+from vitcnn_store.analysis.gram import gram_linear, gram_rbf
+from vitcnn_store.errors import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +64,6 @@ def test_within_run_matches_kernel(synth: str, where: str, request: pytest.Fixtu
         repeats=3,
         seed=7,
         progress=False,
-        figure=False,
         dask_address=address,
         name=f"cka-{where}",
     )
@@ -97,7 +99,6 @@ def test_cross_run_aligned_by_image_id(tmp_path: Path) -> None:
             repeats=2,
             seed=1,
             progress=False,
-            figure=False,
         )
     ).dataset
     _, reps_a, _ = _loaded(url, "a")
@@ -110,20 +111,10 @@ def test_cross_run_aligned_by_image_id(tmp_path: Path) -> None:
     np.testing.assert_allclose(ds["cka"].values, ref.mean(0), rtol=1e-9, atol=1e-12)
     assert ds["layer_b"].values.tolist() == layers_b and ds.attrs["n"] == 30
     assert ds.attrs["source_runs"] == ["a", "b"]
-    assert "a/_analyses/cka__b" in str(
-        run_cka(
-            CKAConfig(
-                store=url,
-                run="a",
-                run2="b",
-                batch_size=8,
-                repeats=2,
-                seed=1,
-                progress=False,
-                figure=False,
-            )
-        )
+    again = run_cka(
+        CKAConfig(store=url, run="a", run2="b", batch_size=8, repeats=2, seed=1, progress=False)
     )
+    assert again.reused and again.group == "a/_analyses/cka__b"
     make_run(url, "c", ids(8, "other"), depth=1, attention=False, inputs=False)
     assert cli(["analyze", "cka", url, "a", "c", "--no-progress", "--no-figure"]) == 2
 
@@ -131,11 +122,12 @@ def test_cross_run_aligned_by_image_id(tmp_path: Path) -> None:
 def test_reductions_estimators_and_rbf(synth: str) -> None:  # noqa: F811
     layers, reps, valid = _loaded(synth, "vit")
     usable = np.flatnonzero(valid)
-    common = {"store": synth, "run": "vit", "progress": False, "figure": False}
+    common = {"store": synth, "run": "vit", "progress": False}
     # Biased on all usable images, gap = mean over patch tokens (CLS excluded).
     ds = run_cka(CKAConfig(**common, estimator="biased", reduce="gap", name="b")).dataset
     gap = [x[usable][:, 1:].astype(np.float64).mean(1) for x in reps]
-    np.testing.assert_allclose(ds["cka"].values, cka_matrix(gap), rtol=1e-9, atol=1e-12)
+    ref = cka_matrix_from_grams([gram_linear(x) for x in gap])
+    np.testing.assert_allclose(ds["cka"].values, ref, rtol=1e-9, atol=1e-12)
     assert ds.attrs["batch_size"] == 47 and ds.attrs["repeats"] == 1
     # CLS token, one side restricted with --layers2.
     ds = run_cka(
@@ -152,19 +144,22 @@ def test_reductions_estimators_and_rbf(synth: str) -> None:  # noqa: F811
     np.testing.assert_allclose(ds["cka"].values, ref, rtol=1e-8, atol=1e-10)
 
 
-def test_batch_gram_blocks_and_rbf() -> None:
+def test_layer_gram_kernels_and_refusals() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(6, 3, 5)).astype(np.float16)
-    np.testing.assert_allclose(batch_gram(x), gram_linear(x), rtol=1e-12)
-    np.testing.assert_allclose(rbf_from_linear(gram_linear(x), 0.5), gram_rbf(x, 0.5), rtol=1e-9)
+    np.testing.assert_allclose(layer_gram(x), gram_linear(x), rtol=1e-12)
+    np.testing.assert_allclose(layer_gram(x, "rbf", 0.5), gram_rbf(x, 0.5), rtol=1e-9)
+    x[2, 0, 0] = np.nan
+    with pytest.raises(UsageError, match=r"'blocks\.0' has NaN"):
+        layer_gram(x, layer="blocks.0")
+    with pytest.raises(UsageError, match="constant over a batch"):
+        layer_gram(np.ones((5, 2)), "rbf", layer="blocks.0")
 
 
 def test_capped_batch_warns_and_bad_options_exit_2(synth: str) -> None:  # noqa: F811
     with pytest.warns(AnalysisWarning, match="using 48"):
         ds = run_cka(
-            CKAConfig(
-                store=synth, run="resnet", progress=False, figure=False, name="cap", reduce="gap"
-            )
+            CKAConfig(store=synth, run="resnet", progress=False, name="cap", reduce="gap")
         ).dataset
     assert ds.attrs["batch_size"] == 48 and ds.attrs["batch_size_requested"] == 1024
     base = ["analyze", "cka", synth, "--no-progress", "--no-figure"]
@@ -213,7 +208,7 @@ def test_chunk_jobs_on_cluster_equal_threads(synth: str, dask_cluster: str) -> N
         (LocalizationConfig, run_localization, {"batch_size": 16}),
     ]
     for config, job, extra in jobs:
-        common = {"store": synth, "run": "vit", "progress": False, "figure": False, **extra}
+        common = {"store": synth, "run": "vit", "progress": False, **extra}
         local = job(config(**common, name="local")).dataset
         remote = job(config(**common, name="remote", dask_address=dask_cluster)).dataset
         for var in local.data_vars:

@@ -1,4 +1,5 @@
-"""Shared machinery of the analysis jobs, and the synthetic stores other analysis tests use.
+"""Shared machinery of the analysis jobs (runs, layers, options), and the synthetic stores
+other analysis tests use.
 
 :func:`make_run` writes a small run with the project's own writer (no model, no
 Ray): ViT-like token layers with CLS + a patch grid, attention probabilities
@@ -15,14 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.analyze.common import figure_dir
-from jobs.analyze.selection import (
-    AnalysisWarning,
-    align_images,
-    cap_batch_size,
-    select_layers,
-    usable_mask,
-)
+from jobs.analyze.layers import select_layers
+from jobs.analyze.options import AnalysisWarning, cap_batch_size
+from jobs.analyze.runs import align_images, usable_mask
 from vitcnn_store import open_store
 from vitcnn_store.errors import IncompleteRunError, LayerPatternError, UsageError
 from vitcnn_store.store import ArraySpec, RunWriter, create_run
@@ -283,14 +279,6 @@ def test_select_layers_and_batch_size(synth: str) -> None:
     assert cap_batch_size(16, 40) == 16
     with pytest.raises(UsageError, match=">= 4"):
         cap_batch_size(3, 40)
-
-
-def test_figure_dir_defaults(tmp_path: Path) -> None:
-    assert figure_dir(str(tmp_path / "acts.zarr"), None) == tmp_path / "acts.zarr.figures"
-    assert figure_dir(str(tmp_path / "acts.zarr") + "/", None) == tmp_path / "acts.zarr.figures"
-    assert figure_dir("s3://bucket/acts.zarr", None) == Path("vitcnn_figures")
-    assert figure_dir("memory://acts.zarr", None) == Path("vitcnn_figures")
-    assert figure_dir("s3://bucket/acts.zarr", "figs") == Path("figs")
 
 
 def test_analyses_never_import_torch(synth: str) -> None:

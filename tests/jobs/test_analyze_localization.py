@@ -5,16 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jobs.analyze.cka import cka_batches
 from jobs.analyze.localization import (
     LocalizationConfig,
     default_targets,
-    parse_targets,
+    resolve_targets,
     run_localization,
 )
 from tests.jobs.test_analyze_common import MEAN, PATCH, STD, cli, synth  # noqa: F401
 from vitcnn_store import open_store
+from vitcnn_store.analysis.cka import sample_batches
 from vitcnn_store.analysis.localization import MinibatchLocalization, image_to_patches
+from vitcnn_store.cli_analyze import parse_tokens
 from vitcnn_store.errors import UsageError
 
 
@@ -29,7 +30,7 @@ def _reference(reps: np.ndarray, pixels: np.ndarray, batches: list[np.ndarray], 
 
 def test_vit_tokens_match_kernel(synth: str) -> None:  # noqa: F811
     cfg = LocalizationConfig(
-        store=synth, run="vit", tokens="0:1,2", batch_size=10, seed=4, progress=False, figure=False
+        store=synth, run="vit", tokens=((0, 1), 2), batch_size=10, seed=4, progress=False
     )
     ds = run_localization(cfg).dataset
     run = open_store(synth)["vit"]
@@ -37,7 +38,7 @@ def test_vit_tokens_match_kernel(synth: str) -> None:  # noqa: F811
     x = run["blocks.1"].values  # default layer: the last block
     pixels = run.inputs.values.astype(np.float64) * STD + MEAN
     tokens = [2, 3]  # grid (0, 1) and flat patch 2 = (1, 0), after the CLS token
-    (batches,) = cka_batches(usable.size, 10, 1, 4)
+    (batches,) = sample_batches(usable.size, 10, 1, 4)
     ref = _reference(x[:, tokens], pixels, [usable[p] for p in batches], PATCH)
     np.testing.assert_allclose(ds["localization"].values.reshape(2, -1), ref, rtol=1e-5)
     assert ds.attrs["layer"] == "blocks.1" and ds.attrs["patch_size"] == PATCH
@@ -48,7 +49,7 @@ def test_vit_tokens_match_kernel(synth: str) -> None:  # noqa: F811
 
 def test_cnn_positions_map_to_stride_patches(synth: str) -> None:  # noqa: F811
     cfg = LocalizationConfig(
-        store=synth, run="resnet", layer="layer1.0", batch_size=12, progress=False, figure=False
+        store=synth, run="resnet", layer="layer1.0", batch_size=12, progress=False
     )
     ds = run_localization(cfg).dataset
     run = open_store(synth)["resnet"]
@@ -56,18 +57,24 @@ def test_cnn_positions_map_to_stride_patches(synth: str) -> None:  # noqa: F811
     targets = default_targets(4, 4)
     flat = x.reshape(x.shape[0], 16, -1)[:, [r * 4 + c for r, c in targets]]
     pixels = run.inputs.values.astype(np.float64) * STD + MEAN
-    (batches,) = cka_batches(48, 12, 1, 0)
+    (batches,) = sample_batches(48, 12, 1, 0)
     ref = _reference(flat, pixels, list(batches), 2)
     np.testing.assert_allclose(ds["localization"].values.reshape(len(targets), -1), ref, rtol=1e-5)
     assert ds.attrs["patch_size"] == 2
 
 
-def test_token_parsing() -> None:
+def test_token_parsing_and_resolution() -> None:
+    import argparse
+
     assert default_targets(2, 2) == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert parse_targets("3", 2, 2) == [(1, 1)]
-    for bad in ("5", "2:0", "a:b", ","):
+    assert resolve_targets(parse_tokens("3"), 2, 2) == [(1, 1)]
+    assert parse_tokens("0:1; 2,") == ((0, 1), 2)
+    for bad in ("5", "2:0"):
         with pytest.raises(UsageError):
-            parse_targets(bad, 2, 2)
+            resolve_targets(parse_tokens(bad), 2, 2)
+    for text in ("a:b", ",", "1:2:3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_tokens(text)
 
 
 def test_missing_inputs_and_bad_layer_exit_2(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]

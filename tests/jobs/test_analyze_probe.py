@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.analyze.probe import ProbeConfig, probe_splits, run_probe
+from jobs.analyze.probe import ProbeConfig, run_probe
 from tests.jobs.test_analyze_common import cli, ids, make_run, synth  # noqa: F401
 from vitcnn_store import open_store
-from vitcnn_store.analysis.probes import fit_ridge, predict
+from vitcnn_store.analysis.probes import fit_ridge, predict, probe_splits
 
 
 def _accuracy(x: np.ndarray, y: np.ndarray, split: tuple[np.ndarray, np.ndarray]) -> float:
@@ -29,7 +29,6 @@ def test_probe_matches_kernel(synth: str, shots: int, features: str) -> None:  #
         repeats=2,
         seed=5,
         progress=False,
-        figure=False,
         name=f"p{shots}",
     )
     ds = run_probe(cfg).dataset
@@ -49,7 +48,7 @@ def test_probe_matches_kernel(synth: str, shots: int, features: str) -> None:  #
 
 
 def test_cls_falls_back_to_gap_for_cnns(synth: str) -> None:  # noqa: F811
-    ds = run_probe(ProbeConfig(store=synth, run="resnet", progress=False, figure=False)).dataset
+    ds = run_probe(ProbeConfig(store=synth, run="resnet", progress=False)).dataset
     assert set(ds["feature"].values.tolist()) == {"gap"}
     assert np.isfinite(ds["accuracy"].values).all()
 

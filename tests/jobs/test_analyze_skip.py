@@ -14,7 +14,7 @@ from vitcnn_store.analysis.skip import skip_norm_ratio
 
 
 def test_vit_ratios_match_kernel(synth: str) -> None:  # noqa: F811
-    ds = run_skip(SkipConfig(store=synth, run="vit", progress=False, figure=False)).dataset
+    ds = run_skip(SkipConfig(store=synth, run="vit", progress=False)).dataset
     run = open_store(synth)["vit"]
     valid = run.valid
     assert ds["block"].values.tolist() == ["blocks.0", "blocks.1"]
@@ -34,7 +34,7 @@ def test_vit_ratios_match_kernel(synth: str) -> None:  # noqa: F811
 
 
 def test_resnet_ratios_use_downsample(synth: str) -> None:  # noqa: F811
-    ds = run_skip(SkipConfig(store=synth, run="resnet", progress=False, figure=False)).dataset
+    ds = run_skip(SkipConfig(store=synth, run="resnet", progress=False)).dataset
     run = open_store(synth)["resnet"]
     assert ds["skip_tap"].values.tolist() == ["maxpool", "layer2.0.downsample"]
     assert ds["branch_tap"].values.tolist() == [["layer1.0.bn2", "layer2.0.bn2"]]
@@ -52,3 +52,47 @@ def test_missing_taps_name_the_preset(tmp_path: Path, capsys: pytest.CaptureFixt
     assert cli(["analyze", "skip", url, "v", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "blocks.0.attn" in err and "preset:paper" in err and len(err.splitlines()) == 1
+
+
+def test_skip_inputs_come_from_recorded_roles(tmp_path: Path) -> None:
+    """Layer names no rule knows: the job follows the roles recorded at extraction."""
+    from tests.jobs.test_analyze_common import _token_coords
+    from vitcnn_store.store import ArraySpec, RunWriter, create_run
+
+    roles = {
+        "stem": {"role": "stream"},
+        "enc.0.mix": {"role": "branch", "block": "enc.0", "branch": "mix", "skip_input": ["stem"]},
+        "enc.0": {"role": "stream", "block": "enc.0", "branches": ["enc.0.mix"]},
+        # A branch whose skip path is the sum of two earlier layers.
+        "enc.1.mix": {"role": "branch", "block": "enc.1", "branch": "mix",
+                      "skip_input": ["stem", "enc.0"]},
+        "enc.1": {"role": "stream", "block": "enc.1", "branches": ["enc.1.mix"]},
+    }  # fmt: skip
+    specs = [
+        ArraySpec(name, "activation", ("token", "channel"), (5, 6), _token_coords(),
+                  {"kind": "token", "depth_index": i, "depth_fraction": i / 4, **attrs})
+        for i, (name, attrs) in enumerate(roles.items())
+    ]  # fmt: skip
+    url = str(tmp_path / "r.zarr")
+    create_run(url, "r", image_ids=ids(16), labels=[0] * 16, chunk=8, dtype="float32",
+               arrays=specs, attrs={"model": "custom", "chunk_size": 8})  # fmt: skip
+    writer, rng = RunWriter(url, "r"), np.random.default_rng(0)
+    for u in range(2):
+        values = {s.key: rng.normal(size=(8, 5, 6)).astype(np.float32) for s in specs}
+        writer.write_unit(u, values, np.zeros(8, bool), [""] * 8)
+    ds = run_skip(SkipConfig(store=url, run="r", progress=False)).dataset
+    run = open_store(url)["r"]
+    z = run["stem"].values.astype(np.float64) + run["enc.0"].values
+    ref = skip_norm_ratio(z, run["enc.1.mix"].values)
+    np.testing.assert_allclose(ds["ratio"].values[0, 1], ref, rtol=1e-10)
+    assert ds["skip_taps"].values.tolist() == [["stem", "stem + enc.0"]]
+    assert ds["branch"].values.tolist() == ["mix"]
+
+
+def test_real_extraction_records_roles(tiny_store: str) -> None:
+    vit, resnet = open_store(tiny_store)["vit"], open_store(tiny_store)["resnet"]
+    assert vit["blocks.1.mlp"].attrs["skip_input"] == ["blocks.0", "blocks.1.attn"]
+    assert vit["blocks.1"].attrs["branches"] == ["blocks.1.attn", "blocks.1.mlp"]
+    assert vit["blocks.0.norm1"].attrs["role"] == "inner"
+    assert resnet["layer2.0.bn2"].attrs["skip_input"] == ["layer2.0.downsample"]
+    assert resnet["maxpool"].attrs["role"] == "stream"

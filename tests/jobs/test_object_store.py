@@ -68,21 +68,22 @@ def test_extract_resume_and_read_on_s3(s3_bucket: str, tiny_store: str) -> None:
 
 def test_analyses_on_s3(s3_bucket: str, tmp_path: object) -> None:
     from jobs.analyze import AttentionConfig, CKAConfig, run_attention, run_cka
+    from vitcnn_store.cli_analyze import analyze
 
     url = f"{s3_bucket}/analyses.zarr"
     extract_tiny(url, "vit", "vit", layers="preset:blocks", attention=True, limit=24, chunk_size=8)
     figures = str(tmp_path)
-    cka = run_cka(CKAConfig(store=url, run="vit", batch_size=12, figures=figures, progress=False))
-    attention = run_attention(
-        AttentionConfig(store=url, run="vit", figures=figures, progress=False)
+    cka, figure = analyze(
+        "cka", CKAConfig(store=url, run="vit", batch_size=12, progress=False), figures=figures
     )
-    assert cka.figure is not None and cka.figure.exists()
+    attention = run_attention(AttentionConfig(store=url, run="vit", progress=False))
+    assert figure is not None and figure.exists()
     import xarray as xr
 
     stored = xr.open_zarr(url, group="vit/_analyses/cka")
     np.testing.assert_allclose(stored["cka"].values, cka.dataset["cka"].values)
     assert attention.dataset["mean_distance"].dims == ("layer", "head")
-    again = run_cka(CKAConfig(store=url, run="vit", batch_size=12, figures=figures, progress=False))
+    again = run_cka(CKAConfig(store=url, run="vit", batch_size=12, progress=False))
     assert again.reused
 
 

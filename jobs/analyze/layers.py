@@ -1,0 +1,183 @@
+"""Which stored layers an analysis reads, what they are, and how they are reduced.
+
+Everything here is lazy: layers come back from the store reader as dask-backed
+DataArrays, and a reduction is a lazy dask array of (image, ...) that the task
+builders of :mod:`jobs.analyze.tasks` cut into chunks or batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vitcnn_store.errors import StoreError, UsageError
+from vitcnn_store.models.families import stored_roles
+from vitcnn_store.models.layers import match_patterns
+from vitcnn_store.store import schema
+from vitcnn_store.store.reader import Run
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+__all__ = [
+    "REDUCTIONS",
+    "LayerInfo",
+    "layer_info",
+    "layer_roles",
+    "patch_grid",
+    "reduce_layer",
+    "select_attention_layers",
+    "select_layers",
+    "token_positions",
+]
+
+REDUCTIONS = ("flatten", "gap", "cls")
+
+
+def select_layers(run: Run, patterns: str | None, option: str = "--layers") -> list[str]:
+    """Stored layers matching comma-separated glob patterns, in forward order."""
+    layers = run.layers
+    if not layers:
+        raise StoreError(f"run {run.name!r} has no stored layer activations")
+    if not patterns:
+        return list(layers)
+    return match_patterns(layers, patterns, f"stored layer of run {run.name!r} ({option})")
+
+
+def select_attention_layers(run: Run, patterns: str | None) -> list[str]:
+    """Attention modules with stored probabilities matching ``patterns``, in forward order."""
+    layers = run.attention_layers
+    if not layers:
+        raise UsageError(
+            f"run {run.name!r} has no stored attention: extract it with --attention "
+            "(attention modules only, e.g. ViTs)"
+        )
+    if not patterns:
+        return list(layers)
+    return match_patterns(layers, patterns, f"stored attention layer of run {run.name!r}")
+
+
+def layer_roles(run: Run) -> dict[str, dict[str, Any]]:
+    """Each stored layer's attributes with its role (stream, branch, ...), recorded at
+    extraction or, for older stores, derived from the layer names
+    (:func:`vitcnn_store.models.families.stored_roles`)."""
+    attrs = {name: dict(run[name].attrs) for name in run.layers}
+    return stored_roles(run.attrs.get("model_family"), attrs)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """Shape facts of a stored layer: kind, token roles, spatial grid."""
+
+    name: str
+    kind: str  # one of schema.LAYER_KINDS
+    prefix: tuple[int, ...]  # token indices of CLS/register tokens
+    patches: tuple[int, ...]  # token indices of patch tokens
+    cls_index: int | None
+    depth_fraction: float
+    depth_index: int
+
+
+def layer_info(x: xr.DataArray) -> LayerInfo:
+    """Describe a layer's DataArray from :meth:`Run.__getitem__`."""
+    kind = schema.kind_of_dims([str(d) for d in x.dims])
+    prefix: tuple[int, ...] = ()
+    patches: tuple[int, ...] = ()
+    cls_index = None
+    if kind == schema.KIND_TOKEN:
+        kinds = schema.as_str_array(x.coords["token_kind"].values)
+        prefix = tuple(int(i) for i in np.flatnonzero(kinds != schema.PATCH))
+        patches = tuple(int(i) for i in np.flatnonzero(kinds == schema.PATCH))
+        cls = np.flatnonzero(kinds == schema.CLS)
+        cls_index = int(cls[0]) if cls.size else None
+    return LayerInfo(
+        name=str(x.attrs.get("layer", x.name)),
+        kind=kind,
+        prefix=prefix,
+        patches=patches,
+        cls_index=cls_index,
+        depth_fraction=float(x.attrs.get("depth_fraction", np.nan)),
+        depth_index=int(x.attrs.get("depth_index", -1)),
+    )
+
+
+def reduce_layer(x: xr.DataArray, how: str, *, cls_fallback: bool = False) -> tuple[Any, str]:
+    """Lazy dask array of a layer under a reduction, and the one applied.
+
+    ``flatten`` keeps every non-image dim (left unflattened: consumers reshape
+    each batch to (image, feature)); ``gap`` averages patch tokens
+    (prefix tokens excluded, as timm's average pooling does) or spatial
+    positions, in float64; ``cls`` takes the CLS token. Layers without a CLS
+    token raise :class:`UsageError` for ``cls`` unless ``cls_fallback``, which
+    reduces them by ``gap`` instead.
+    """
+    info = layer_info(x)
+    data = x.data
+    if how == "cls" and info.cls_index is None:
+        if not cls_fallback:
+            token = info.kind == schema.KIND_TOKEN
+            raise UsageError(
+                f"--reduce cls needs token layers with a CLS token; layer {info.name!r} is "
+                f"{info.kind}{' without CLS' if token else ''} "
+                "(use --reduce gap/flatten or pick token layers with --layers)"
+            )
+        how = "gap"
+    if how == "flatten":
+        return data, how  # flattened inside the task: no reshape tasks in the graph
+    if how == "cls":
+        return data[:, info.cls_index, :], how
+    if how == "gap":
+        if info.kind == schema.KIND_TOKEN:
+            if not info.patches:
+                raise UsageError(f"layer {info.name!r} has no patch tokens to average")
+            # Float64 before summing: float16 sums over 196 tokens lose digits.
+            return data[:, list(info.patches)].astype(np.float64).mean(axis=1), how
+        if data.ndim > 2:
+            return data.astype(np.float64).mean(axis=tuple(range(1, data.ndim - 1))), how
+        return data, how
+    raise UsageError(f"unknown reduction {how!r}: use {', '.join(REDUCTIONS)}")
+
+
+def token_positions(run: Run, attention: xr.DataArray) -> tuple[np.ndarray, int | None]:
+    """Token pixel centres (token, 2) of an attention array, NaN for prefix tokens, and
+    the CLS index.
+
+    Positions are stored with the attention module's activation; a module
+    stored for attention only has none, so they are borrowed from any token
+    layer of the run with as many tokens (every ViT block shares them).
+    """
+    if "query_y" in attention.coords:
+        y, x, kinds = attention["query_y"], attention["query_x"], attention["query_kind"]
+    else:
+        for name in run.layers:
+            t = run[name]
+            if schema.TOKEN in t.dims and t.sizes[schema.TOKEN] == attention.sizes[schema.QUERY]:
+                y, x, kinds = t["token_y"], t["token_x"], t["token_kind"]
+                break
+        else:
+            raise UsageError(
+                f"attention layer {attention.attrs.get('layer')!r} has no stored token "
+                "positions: extract a token layer too (e.g. --layers preset:blocks)"
+            )
+    yx = np.stack([np.asarray(y.values, float), np.asarray(x.values, float)], axis=1)
+    cls = np.flatnonzero(schema.as_str_array(kinds.values) == schema.CLS)
+    return yx, int(cls[0]) if cls.size else None
+
+
+def patch_grid(
+    x: xr.DataArray, info: LayerInfo
+) -> tuple[np.ndarray, np.ndarray, dict[tuple[int, int], int]]:
+    """Pixel centres of a layer's grid rows and columns, and (row, col) → index along
+    its flattened token (or y·x) axis."""
+    if info.kind == schema.KIND_TOKEN:
+        ty = np.asarray(x["token_y"].values, float)[list(info.patches)]
+        tx = np.asarray(x["token_x"].values, float)[list(info.patches)]
+        ys, iy = np.unique(ty, return_inverse=True)
+        xs, ix = np.unique(tx, return_inverse=True)
+        where = {(int(r), int(c)): t for r, c, t in zip(iy, ix, info.patches, strict=True)}
+        return ys, xs, where
+    ys, xs = np.asarray(x[schema.Y].values, float), np.asarray(x[schema.X].values, float)
+    where = {(r, c): r * xs.size + c for r in range(ys.size) for c in range(xs.size)}
+    return ys, xs, where
