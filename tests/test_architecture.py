@@ -1,0 +1,172 @@
+"""Imports point one way: kernels → store → models & capture → data → jobs → interface.
+
+Every module of ``vitcnn_store``, ``jobs`` and ``cluster`` is parsed with
+:mod:`ast` (imports at the top, inside functions and under ``TYPE_CHECKING``
+alike) and each import of one of our modules must go to the same or a lower
+layer; some layers must also stay clear of some libraries
+(``docs/architecture.md`` explains the layers). The layer map below is the
+only place the layers are written down for the code.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOP_PACKAGES = ("vitcnn_store", "jobs", "cluster")
+
+# Lowest first: a module may import its own layer and any layer before it.
+LAYERS = ("base", "kernels", "store", "models", "data", "jobs", "interface", "deployment")
+
+# Packages: every module inside takes the package's layer.
+PACKAGE_LAYERS = {
+    "vitcnn_store.analysis": "kernels",
+    "vitcnn_store.store": "store",
+    "vitcnn_store.models": "models",
+    "vitcnn_store.data": "data",
+    "jobs": "jobs",
+    "cluster": "deployment",
+}
+# Single modules (a new module of vitcnn_store/ must be added here, or the test fails).
+MODULE_LAYERS = {
+    "vitcnn_store._version": "base",
+    "vitcnn_store.errors": "base",
+    # The package root re-exports the store reader and the errors: ``import vitcnn_store``
+    # must stay as light as the store.
+    "vitcnn_store": "store",
+    "vitcnn_store.capture": "models",
+    "vitcnn_store.cli": "interface",
+    "vitcnn_store.cli_analyze": "interface",
+    "vitcnn_store.demo": "interface",
+    "vitcnn_store.describe": "interface",
+    "vitcnn_store.inspect": "interface",
+    "vitcnn_store.plots": "interface",
+    "vitcnn_store.report": "interface",
+}
+# What a layer must not know about, beyond the layers above it.
+FORBIDDEN = {
+    "kernels": {"zarr", "xarray", "ray", "dask", "distributed", "fsspec"},
+    "store": {"torch", "timm", "ray"},
+    "models": {"zarr", "ray"},
+    "data": {"ray", "torch", "timm", "vitcnn_store.models", "vitcnn_store.capture"},
+}
+
+
+def layer_of(module: str) -> str | None:
+    """The layer of one of our modules (None when the map does not place it)."""
+    if module in MODULE_LAYERS:
+        return MODULE_LAYERS[module]
+    parts = module.split(".")
+    for i in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in PACKAGE_LAYERS:
+            return PACKAGE_LAYERS[prefix]
+    return None
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_ours(module: str) -> bool:
+    return module.split(".")[0] in TOP_PACKAGES
+
+
+def _exists(module: str) -> bool:
+    base = ROOT.joinpath(*module.split("."))
+    return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
+
+
+def imported_modules(source: str, module: str, is_package: bool) -> list[tuple[int, str]]:
+    """(line, module) for every import in ``source``; ``from a import b`` names the
+    module ``a.b`` when that is one of ours, else ``a``."""
+    out: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                package = module.split(".") if is_package else module.split(".")[:-1]
+                anchor = package[: len(package) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                out.append((node.lineno, sub if _is_ours(sub) and _exists(sub) else base))
+    return out
+
+
+def violations(source: str, module: str, is_package: bool = False) -> list[str]:
+    """Wrong-way imports of ``module`` (whose code is ``source``), one line each."""
+    layer = layer_of(module)
+    if layer is None:
+        return [f"{module}: in no layer; add it to the layer map of tests/test_architecture.py"]
+    rank = LAYERS.index(layer)
+    bad = []
+    for line, target in imported_modules(source, module, is_package):
+        forbidden = FORBIDDEN.get(layer, set())
+        if any(target == f or target.startswith(f + ".") for f in forbidden):
+            bad.append(f"{module}:{line} imports {target}, which the {layer} layer must not know")
+        elif _is_ours(target):
+            other = layer_of(target)
+            if other is None:
+                bad.append(f"{module}:{line} imports {target}, which is in no layer")
+            elif LAYERS.index(other) > rank:
+                bad.append(f"{module}:{line} ({layer}) imports {target} ({other}): wrong way")
+    return bad
+
+
+def our_modules() -> list[Path]:
+    return sorted(p for top in TOP_PACKAGES for p in (ROOT / top).rglob("*.py"))
+
+
+def test_imports_point_one_way() -> None:
+    problems = []
+    for path in our_modules():
+        name = module_name(path)
+        problems += violations(path.read_text(encoding="utf-8"), name, path.name == "__init__.py")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_check_catches_wrong_way_imports() -> None:
+    """The walker sees imports at module level, in functions and under TYPE_CHECKING."""
+    source = (
+        "import zarr\n"
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from vitcnn_store.store.reader import Run\n"
+        "def f():\n"
+        "    from vitcnn_store import plots\n"
+        "    import jobs.analyze\n"
+        "    from . import gram\n"
+    )
+    found = violations(source, "vitcnn_store.analysis.example")
+    assert len(found) == 4, found
+    assert "zarr" in found[0] and "plots" in "".join(found) and "jobs.analyze" in "".join(found)
+    assert violations("from vitcnn_store.plots import plot_cka\n", "jobs.analyze.x")
+    assert violations("from jobs.extract import extract\n", "vitcnn_store.store.reader")
+    assert violations("import os\n", "vitcnn_store.newthing")  # unplaced module
+    # Downward and same-layer imports are fine, lazily or not.
+    ok = "def f():\n    from jobs.analyze import JOBS\nfrom vitcnn_store.store import schema\n"
+    assert violations(ok, "vitcnn_store.cli_analyze") == []
+
+
+@pytest.mark.parametrize(
+    ("module", "layer"),
+    [
+        ("vitcnn_store.analysis.cka", "kernels"),
+        ("vitcnn_store.store.analyses", "store"),
+        ("vitcnn_store.models.families", "models"),
+        ("jobs.analyze.skip", "jobs"),
+        ("vitcnn_store.demo", "interface"),
+        ("vitcnn_store", "store"),
+    ],
+)
+def test_layer_map(module: str, layer: str) -> None:
+    assert layer_of(module) == layer
