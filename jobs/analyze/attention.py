@@ -1,7 +1,7 @@
 """Attention statistics per layer and head from stored attention probabilities.
 
 Mean attention distance (input pixels), attention entropy (nats) and the mean
-CLS attention map on the patch grid (DESIGN §4), accumulated over image chunks:
+CLS attention map on the patch grid (docs/science.md), accumulated over image chunks:
 one dask task per stored chunk (one work unit) per attention layer builds an
 :class:`~vitcnn_store.analysis.attention.AttentionAccumulator`, and the driver
 merges them. Prefix tokens are dropped from queries and keys; rows are not

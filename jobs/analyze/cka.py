@@ -8,7 +8,7 @@ the kernels turn the Grams into every pair's CKA terms with one matrix
 product — never a Gram per pair. A layer is never loaded whole: a task holds
 one batch of one layer.
 
-Estimators: ``unbiased-minibatch`` (DESIGN §4: sums of HSIC₁ over equal-size
+Estimators (docs/science.md): ``unbiased-minibatch`` (sums of HSIC₁ over equal-size
 batches sampled without replacement, one ratio at the end, remainder dropped;
 repeated with fresh samples, mean and standard deviation reported) and
 ``biased`` (one batch of all usable images, biased HSIC; for small n).

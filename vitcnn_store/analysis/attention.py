@@ -5,7 +5,7 @@ Inputs are softmax probabilities ``attn`` of shape (n, head, query, key) over
 ``token_yx`` (token, 2): pixel centres (y, x) of each token in the model input,
 with NaN rows for prefix tokens. Prefix tokens are dropped from both the query
 and the key axes. By default rows are **not** renormalized after dropping
-(the convention of the reference code, DESIGN §4): attention mass on prefix
+(the convention of the reference code; see docs/science.md): attention mass on prefix
 tokens simply vanishes. ``renormalize=True`` rescales each row to sum to 1 over
 patch keys; record the choice with the result.
 
