@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from vitcnn_store.analysis.gram import (
     GramAccumulator,
     center_gram,
+    centred_triangle,
     gram_linear,
     gram_rbf,
     kernel_gram,
@@ -124,3 +125,31 @@ def test_centrings_match_explicit_formulas():
     np.testing.assert_allclose(u_center_gram(k), ref, atol=1e-12)
     with pytest.raises(ValueError, match="square"):
         center_gram(np.ones((2, 3)))
+
+
+@pytest.mark.parametrize("row_bytes", [8, 8 * 3 * 9, 2**18])
+@pytest.mark.parametrize("n", [3, 4, 9])
+def test_centred_triangle_is_the_centring_halved(monkeypatch, row_bytes, n):
+    """Vector layout: the strict upper triangle row by row (+ diagonal/√2 when biased),
+    whatever the row blocks; twice its inner products are the centred Grams' ones."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("vitcnn_store.analysis.gram"), "_ROW_BLOCK_BYTES",
+                        row_bytes)  # fmt: skip
+    rng = np.random.default_rng(n)
+    x, y = rng.normal(size=(n, 4)), rng.normal(size=(n, 2))
+    k, ll = x @ x.T, np.tanh(y) @ np.tanh(y).T
+    h = np.eye(n) - np.ones((n, n)) / n
+    iu = np.triu_indices(n, 1)
+    for unbiased in (True, False):
+        kc = u_center_gram(k) if unbiased else h @ k @ h
+        lc = u_center_gram(ll) if unbiased else h @ ll @ h
+        vk = centred_triangle(k, unbiased=unbiased)
+        vl = centred_triangle(ll, unbiased=unbiased)
+        expect = kc[iu] if unbiased else np.r_[kc[iu], np.diag(kc) / np.sqrt(2)]
+        np.testing.assert_allclose(vk, expect, atol=1e-12)
+        assert 2 * vk @ vl == pytest.approx(np.vdot(kc, lc), rel=1e-10, abs=1e-12)
+    out = np.empty(n * (n - 1) // 2)
+    assert centred_triangle(k, unbiased=True, out=out) is out
+    with pytest.raises(ValueError, match="out must have shape"):
+        centred_triangle(k, unbiased=False, out=out)

@@ -25,7 +25,6 @@ non-first dim is flattened and values are cast to float64 before any product
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +34,7 @@ from vitcnn_store.analysis._arrays import FloatArray, as_square
 from vitcnn_store.analysis.gram import (
     Kernel,
     center_gram,
+    centred_triangle,
     gram_linear,
     gram_rbf,
     kernel_gram,
@@ -56,7 +56,7 @@ __all__ = [
     "unbiased_linear_cka",
 ]
 
-_STACK_BYTES = 64 * 2**20  # centred-Gram vectors of the second side stacked at once
+_STACK_BYTES = 8 * 2**20  # centred-Gram vectors of the second side stacked at once
 
 
 def _check_unbiased_n(n: int) -> None:
@@ -76,31 +76,24 @@ def _ratio(xy: Any, xx: Any, yy: Any) -> Any:
         return np.where(denom > 0, np.asarray(xy, dtype=np.float64) / denom, np.nan)
 
 
-def _centred_vectors(grams: Sequence[Any], n: int | None, *, unbiased: bool) -> FloatArray:
-    """Centred Grams as rows of V, so that ``V[i] · V[j] = <G_i, G_j>_F``.
+def _centred_vectors(
+    grams: Sequence[Any], n: int, *, unbiased: bool, start: int = 0, stop: int | None = None
+) -> FloatArray:
+    """``grams[start:stop]`` as rows of :func:`~vitcnn_store.analysis.gram.centred_triangle`
+    vectors, so that ``2 · V[i] · V[j] = <G_i, G_j>_F`` of the centred Grams.
 
-    Centred Grams are symmetric, so only the strict upper triangle (scaled by √2)
-    and, for biased centring, the diagonal are kept: half the memory and matmul
-    work of flattening all n² entries, same inner products.
+    Each Gram is taken from ``grams`` just before it is centred, so a sequence
+    that computes Grams on access keeps one in cache.
     """
-    if not len(grams):
-        raise ValueError("need at least one representation per side")
-    n = as_square(grams[0]).shape[0] if n is None else n
-    iu = np.triu_indices(n, 1)
-    m = iu[0].size + (0 if unbiased else n)
-    V = np.empty((len(grams), m), dtype=np.float64)
-    for i in range(len(grams)):
-        a = as_square(grams[i])
+    stop = len(grams) if stop is None else stop
+    V = np.empty((stop - start, n * (n - 1) // 2 + (0 if unbiased else n)), dtype=np.float64)
+    for i, j in enumerate(range(start, stop)):
+        a = as_square(grams[j])
         if a.shape[0] != n:
             raise ValueError(
-                f"representations have different numbers of images: {a.shape[0]} vs {n}"
+                f"the Gram matrices have different numbers of images: {a.shape[0]} vs {n}"
             )
-        a = 0.5 * (a + a.T)  # exact symmetry makes the triangle trick exact
-        c = u_center_gram(a) if unbiased else center_gram(a)
-        V[i, : iu[0].size] = c[iu]
-        if not unbiased:
-            V[i, iu[0].size :] = np.diag(c) / math.sqrt(2.0)
-    V *= math.sqrt(2.0)
+        centred_triangle(a, unbiased=unbiased, out=V[i])
     return V
 
 
@@ -113,28 +106,23 @@ def _inner_products(
     so a long (possibly lazily computed) sequence of them never sits in memory
     stacked.
     """
-    if not len(grams_a):
+    if not len(grams_a) or (grams_b is not None and not len(grams_b)):
         raise ValueError("need at least one representation per side")
     n = as_square(grams_a[0]).shape[0]
     if unbiased:
         _check_unbiased_n(n)
     va = _centred_vectors(grams_a, n, unbiased=unbiased)
-    aa = np.einsum("ij,ij->i", va, va)
+    aa = 2.0 * np.einsum("ij,ij->i", va, va)
     if grams_b is None:
-        return va @ va.T, aa, aa, n
-    if not len(grams_b):
-        raise ValueError("need at least one representation per side")
+        return 2.0 * (va @ va.T), aa, aa, n
     step = max(1, _STACK_BYTES // max(8 * va.shape[1], 1))
     ab = np.empty((len(va), len(grams_b)))
     bb = np.empty(len(grams_b))
     for s in range(0, len(grams_b), step):
-        part = [grams_b[j] for j in range(s, min(s + step, len(grams_b)))]
-        nb = as_square(part[0]).shape[0]
-        if nb != n:
-            raise ValueError(f"the two sides have different numbers of images: {n} vs {nb}")
-        vb = _centred_vectors(part, n, unbiased=unbiased)
-        ab[:, s : s + len(part)] = va @ vb.T
-        bb[s : s + len(part)] = np.einsum("ij,ij->i", vb, vb)
+        e = min(s + step, len(grams_b))
+        vb = _centred_vectors(grams_b, n, unbiased=unbiased, start=s, stop=e)
+        ab[:, s:e] = 2.0 * (va @ vb.T)
+        bb[s:e] = 2.0 * np.einsum("ij,ij->i", vb, vb)
     return ab, aa, bb, n
 
 

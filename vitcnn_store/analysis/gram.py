@@ -17,11 +17,14 @@ looks at, so it is worth computing well:
   :func:`rbf_from_linear_gram`.
 
 Centrings: :func:`center_gram` (``H K H``, the biased HSIC) and
-:func:`u_center_gram` (Song et al. 2012, the unbiased HSIC₁).
+:func:`u_center_gram` (Song et al. 2012, the unbiased HSIC₁), and
+:func:`centred_triangle`, either centring as the half-size vector whose inner
+products CKA takes. Gram matrices are symmetric; the centrings rely on it.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import numpy as np
@@ -33,6 +36,7 @@ __all__ = [
     "GramAccumulator",
     "Kernel",
     "center_gram",
+    "centred_triangle",
     "gram_linear",
     "gram_rbf",
     "kernel_gram",
@@ -42,6 +46,7 @@ __all__ = [
 
 Kernel = Literal["linear", "rbf"]
 DEFAULT_BLOCK_BYTES = 16 * 2**20  # float64 feature block per product: cache-friendly, small
+_ROW_BLOCK_BYTES = 2**18  # rows of a Gram centred at once into its triangle vector (measured)
 
 
 class GramAccumulator:
@@ -82,12 +87,11 @@ class GramAccumulator:
                 f"x and y have different feature counts: {xm.shape[1]} vs {ym.shape[1]}"
             )
         shape = (xm.shape[0], xm.shape[0] if ym is None else ym.shape[0])
-        if self._gram is None:
-            self._gram = np.zeros(shape)
-        elif self._gram.shape != shape:
+        if self._gram is not None and self._gram.shape != shape:
             raise ValueError(f"image counts changed: {shape} vs {self._gram.shape}")
-        gram = self._gram
         p = xm.shape[1]
+        if p == 0 and self._gram is None:
+            self._gram = np.zeros(shape)
         step = max(1, min(p, self.block_bytes // (8 * max(*shape, 1))))
         # One float64 buffer per side reused for every full block: a cache-sized
         # cast-then-multiply keeps the cast's memory traffic off the critical path.
@@ -98,11 +102,15 @@ class GramAccumulator:
             bx = buf_x if width == step else np.empty((shape[0], width))
             np.copyto(bx, xm[:, s : s + width], casting="unsafe")
             if ym is None:
-                gram += bx @ bx.T  # numpy uses a symmetric rank-k update for A @ A.T
+                product = bx @ bx.T  # numpy uses a symmetric rank-k update for A @ A.T
             else:
                 by = buf_y if width == step and buf_y is not None else np.empty((shape[1], width))
                 np.copyto(by, ym[:, s : s + width], casting="unsafe")
-                gram += bx @ by.T
+                product = bx @ by.T
+            if self._gram is None:
+                self._gram = product
+            else:
+                self._gram += product
         self.n_features += p
 
     def result(self) -> FloatArray:
@@ -178,8 +186,27 @@ def kernel_gram(X: Any, kernel: str = "linear", threshold: float = 1.0) -> Float
     raise ValueError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
 
 
+def _centring_terms(g: FloatArray, unbiased: bool) -> tuple[FloatArray, float]:
+    """Offsets ``m`` and constant ``c0`` of the centring of a symmetric Gram ``g``.
+
+    Entry (i, j), i ≠ j, of the centred Gram is ``g_ij − m_i − m_j + c0``. Biased
+    (``H g H``): ``m`` = column means, ``c0`` = grand mean, and the diagonal follows
+    the same rule. U-centring (Song et al. 2012): ``m`` = off-diagonal column sums
+    / (n − 2), less ``Σm / (2(n − 1))``; ``c0 = 0``; the diagonal is zero.
+    """
+    n = g.shape[0]
+    if unbiased:
+        if n < 3:
+            raise ValueError(f"U-centring needs n >= 3 samples, got {n}")
+        m = (g.sum(axis=0) - np.diag(g)) / (n - 2)
+        m -= m.sum() / (2 * (n - 1))
+        return m, 0.0
+    m = g.mean(axis=0)
+    return m, float(m.mean())
+
+
 def center_gram(G: Any) -> FloatArray:
-    """Biased centring ``H G H`` with ``H = I - 11ᵀ/n`` (returns a new float64 array).
+    """Biased centring ``H G H`` with ``H = I - 11ᵀ/n`` of a symmetric Gram (a new array).
 
     Examples
     --------
@@ -188,14 +215,13 @@ def center_gram(G: Any) -> FloatArray:
     True
     """
     g = as_square(G)
-    # H G H without forming H: subtract column and row means, add back the grand mean.
-    col = g.mean(axis=0)
-    row = g.mean(axis=1)
-    return g - col[None, :] - row[:, None] + col.mean()
+    m, c0 = _centring_terms(g, unbiased=False)
+    # H G H without forming H: subtract row and column means, add back the grand mean.
+    return g - m[:, None] - m[None, :] + c0
 
 
 def u_center_gram(G: Any) -> FloatArray:
-    """U-centring of a Gram matrix (Song et al. 2012); returns a new float64 array.
+    """U-centring of a symmetric Gram matrix (Song et al. 2012); returns a new array.
 
     Zero the diagonal; ``m = colsum/(n-2)``; ``m -= sum(m)/(2(n-1))``;
     ``G -= m[:, None] + m[None, :]``; zero the diagonal again. Then
@@ -203,18 +229,64 @@ def u_center_gram(G: Any) -> FloatArray:
 
     Examples
     --------
-    >>> u = u_center_gram(np.arange(16.0).reshape(4, 4))
-    >>> bool(np.allclose(np.diag(u), 0.0))
-    True
+    >>> u = u_center_gram(np.arange(16.0).reshape(4, 4) + np.arange(16.0).reshape(4, 4).T)
+    >>> bool(np.allclose(np.diag(u), 0.0)), bool(np.allclose(u.sum(axis=0), 0.0))
+    (True, True)
     """
-    g = np.array(as_square(G), dtype=np.float64, copy=True)
+    g = as_square(G)
+    m, _ = _centring_terms(g, unbiased=True)
+    out = g - m[:, None]
+    out -= m[None, :]
+    np.fill_diagonal(out, 0.0)
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _upper_part(rows: int, width: int) -> tuple[np.ndarray, int]:
+    """Flat mask of entries (a, b) with b >= a of a rows × width block, and their count."""
+    keep = (np.arange(width)[None, :] >= np.arange(rows)[:, None]).ravel()
+    keep.flags.writeable = False
+    return keep, int(keep.sum())
+
+
+def centred_triangle(G: Any, *, unbiased: bool, out: FloatArray | None = None) -> FloatArray:
+    """A symmetric Gram's centring as a vector ``v`` with ``2 v_K · v_L = <K_c, L_c>_F``.
+
+    ``v`` holds the strict upper triangle of the centred Gram, row by row, and
+    for the biased centring (whose diagonal is not zero) the diagonal divided
+    by √2: half the numbers of the whole matrix, the same inner products. It is
+    computed a few rows at a time, without an n × n temporary. ``out`` (length
+    ``n(n-1)/2``, plus n when biased) receives it when given.
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).normal(size=(6, 3)); k = x @ x.T
+    >>> v = centred_triangle(k, unbiased=True)
+    >>> u = u_center_gram(k)
+    >>> v.shape, bool(np.isclose(2 * v @ v, np.vdot(u, u)))
+    ((15,), True)
+    """
+    g = as_square(G)
     n = g.shape[0]
-    if n < 3:
-        raise ValueError(f"U-centring needs n >= 3 samples, got {n}")
-    np.fill_diagonal(g, 0.0)
-    means = g.sum(axis=0) / (n - 2)
-    means -= means.sum() / (2 * (n - 1))
-    g -= means[:, None]
-    g -= means[None, :]
-    np.fill_diagonal(g, 0.0)
-    return g
+    m, c0 = _centring_terms(g, unbiased)
+    k = n * (n - 1) // 2
+    size = k + (0 if unbiased else n)
+    if out is None:
+        out = np.empty(size)
+    elif out.shape != (size,):
+        raise ValueError(f"out must have shape ({size},), got {out.shape}")
+    rows = max(1, _ROW_BLOCK_BYTES // (8 * max(n, 1)))
+    pos = 0
+    for r0 in range(0, n - 1, rows):
+        r1 = min(r0 + rows, n - 1)
+        # Rows r0..r1-1, columns right of the diagonal block: local column b >= local row a.
+        block = g[r0:r1, r0 + 1 :] - m[r0:r1, None]
+        block -= m[None, r0 + 1 :]
+        if c0:
+            block += c0
+        keep, count = _upper_part(r1 - r0, n - r0 - 1)
+        np.compress(keep, block.ravel(), out=out[pos : pos + count])
+        pos += count
+    if not unbiased:
+        out[k:] = (np.diag(g) - 2.0 * m + c0) / np.sqrt(2.0)
+    return out
