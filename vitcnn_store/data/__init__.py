@@ -4,7 +4,9 @@ This layer knows image files, manifests and built-in sets — not models, torch,
 zarr or Ray. An image set is opened from what the user typed (a folder, a
 ``path[,label]`` manifest, or ``builtin:NAME``) into an :class:`ImageSet`: a
 picklable list of :class:`ImageRecord` (id, label, source, size) whose images
-are decoded to 8-bit RGB on demand by :meth:`ImageSet.load`.
+are decoded to 8-bit RGB on demand by :meth:`ImageSet.load` and hashed by
+:meth:`ImageSet.content_hashes`. Modules import one way:
+``records`` ← ``decode``, ``builtin`` ← ``imageset``, ``hashing`` ← ``images``.
 
 Examples
 --------
@@ -17,14 +19,11 @@ Examples
 """
 
 from vitcnn_store.data.builtin import PHOTO_NAMES, builtin_names
-from vitcnn_store.data.images import (
-    IMAGE_EXTENSIONS,
-    MANIFEST_EXTENSIONS,
-    ImageRecord,
-    ImageSet,
-    load_image,
-    open_image_set,
-)
+from vitcnn_store.data.decode import load_image
+from vitcnn_store.data.hashing import hash_images, image_set_sha256
+from vitcnn_store.data.images import IMAGE_EXTENSIONS, MANIFEST_EXTENSIONS, open_image_set
+from vitcnn_store.data.imageset import ImageSet
+from vitcnn_store.data.records import ImageRecord
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -33,6 +32,8 @@ __all__ = [
     "ImageRecord",
     "ImageSet",
     "builtin_names",
+    "hash_images",
+    "image_set_sha256",
     "load_image",
     "open_image_set",
 ]

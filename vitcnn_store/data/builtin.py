@@ -37,10 +37,10 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from vitcnn_store.data.images import ImageRecord, ImageSet
+from vitcnn_store.data.records import ImageRecord
 from vitcnn_store.errors import ImageDecodeError, ImageSetError
 
-__all__ = ["PHOTO_NAMES", "builtin_names", "load_builtin", "open_builtin", "photo_crop_box"]
+__all__ = ["PHOTO_NAMES", "builtin_names", "builtin_records", "load_builtin", "photo_crop_box"]
 
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:
@@ -149,16 +149,19 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return images, np.asarray(d.target, dtype=np.int64)
 
 
-def _photos_set(spec: str) -> ImageSet:
+Records = tuple[tuple[ImageRecord, ...], tuple[str, ...]]
+
+
+def _photos_set() -> Records:
     records = [
         ImageRecord(f"photos/{name}/{k:02d}", label, f"builtin:photos/{name}/{k:02d}", 0)
         for k in range(_CROPS_PER_PHOTO)
         for label, name in enumerate(PHOTO_NAMES)
     ]
-    return ImageSet(spec, tuple(records), PHOTO_NAMES)
+    return tuple(records), PHOTO_NAMES
 
 
-def _faces_set(spec: str) -> ImageSet:
+def _faces_set() -> Records:
     n = len(_faces())
     half = n // 2  # skimage: the first 100 images are faces, the last 100 non-faces
     order = [i for pair in zip(range(half), range(half, n), strict=True) for i in pair]
@@ -166,19 +169,19 @@ def _faces_set(spec: str) -> ImageSet:
         ImageRecord(f"faces/{i:04d}", 1 if i < half else 0, f"builtin:faces/{i:04d}", 0)
         for i in order
     ]
-    return ImageSet(spec, tuple(records), ("non-face", "face"))
+    return tuple(records), ("non-face", "face")
 
 
-def _digits_set(spec: str) -> ImageSet:
+def _digits_set() -> Records:
     _, target = _digits()
     records = [
         ImageRecord(f"digits/{i:04d}", int(t), f"builtin:digits/{i:04d}", 0)
         for i, t in enumerate(target)
     ]
-    return ImageSet(spec, tuple(records), tuple(str(d) for d in range(10)))
+    return tuple(records), tuple(str(d) for d in range(10))
 
 
-_SETS: dict[str, Callable[[str], ImageSet]] = {
+_SETS: dict[str, Callable[[], Records]] = {
     "digits": _digits_set,
     "faces": _faces_set,
     "photos": _photos_set,
@@ -196,8 +199,8 @@ def builtin_names() -> list[str]:
     return sorted(_SETS)
 
 
-def open_builtin(spec: str) -> ImageSet:
-    """Open ``builtin:NAME`` (no pixels are read; see :func:`load_builtin`).
+def builtin_records(spec: str) -> Records:
+    """Records and label names of ``builtin:NAME`` (no pixels are read; see :func:`load_builtin`).
 
     Raises
     ------
@@ -210,7 +213,7 @@ def open_builtin(spec: str) -> ImageSet:
             f"unknown built-in image set {name!r}: expected builtin:NAME with NAME one of "
             f"{', '.join(builtin_names())}"
         )
-    return _SETS[name](spec)
+    return _SETS[name]()
 
 
 def load_builtin(ref: str) -> Image.Image:

@@ -1,8 +1,8 @@
-"""Decoding images and opening image sets (folders, manifests, built-in sets).
+"""Opening image sets from what the user typed: folders, manifests, built-in sets.
 
-An :class:`ImageSet` is a list of :class:`ImageRecord` — ids, labels and where the
-pixels come from — never the pixels themselves, so it pickles small and ships
-cheaply to worker processes, which decode images with :meth:`ImageSet.load`.
+Decoding lives in :mod:`~vitcnn_store.data.decode`, the set type in
+:mod:`~vitcnn_store.data.imageset`, built-in sets in
+:mod:`~vitcnn_store.data.builtin`; this module only finds images and labels.
 
 Examples
 --------
@@ -22,20 +22,15 @@ Examples
 from __future__ import annotations
 
 import csv
-import hashlib
-import io
-import json
 import os
 import re
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
-
-from vitcnn_store.errors import ImageDecodeError, ImageSetError
+from vitcnn_store.data.builtin import builtin_names, builtin_records
+from vitcnn_store.data.decode import load_image
+from vitcnn_store.data.imageset import ImageSet
+from vitcnn_store.data.records import ImageRecord
+from vitcnn_store.errors import ImageSetError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -52,267 +47,11 @@ IMAGE_EXTENSIONS = (
 )  # fmt: skip
 #: File name endings (lower case) of manifests: ``path[,label]`` rows.
 MANIFEST_EXTENSIONS = (".csv", ".tsv", ".txt")
+#: Largest label a manifest may give (labels are stored as int64).
+MAX_LABEL = 2**63 - 1
 
 _HEADER_PATH = {"path", "file", "filename", "image"}
 _HEADER_LABEL = {"label", "class", "target"}
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One image of a set: its stable id, label, and where its pixels come from.
-
-    Attributes
-    ----------
-    image_id : str
-        Stable id: posix path relative to the folder, manifest path as written,
-        or built-in name such as ``"photos/astronaut/03"``.
-    label : int
-        Class index into :attr:`ImageSet.label_names`, or -1 when unknown.
-    source : str
-        Absolute file path, or a ``"builtin:..."`` reference.
-    size : int
-        File size in bytes (0 for built-ins and for files missing at open time).
-    """
-
-    image_id: str
-    label: int
-    source: str
-    size: int
-
-
-def _rebuild_image_set(
-    spec: str,
-    ids: tuple[str, ...],
-    labels: tuple[int, ...],
-    sources: str | tuple[str, ...],
-    sizes: tuple[int, ...],
-    label_names: tuple[str, ...],
-) -> ImageSet:
-    if isinstance(sources, str):  # shared prefix: source == prefix + image_id
-        sources = tuple(sources + i for i in ids)
-    records = tuple(map(ImageRecord, ids, labels, sources, sizes))
-    return ImageSet(spec, records, label_names)
-
-
-@dataclass(frozen=True)
-class ImageSet:
-    """An ordered, labelled list of images; see :func:`open_image_set`.
-
-    Examples
-    --------
-    >>> s = ImageSet("demo", (ImageRecord("a", 0, "builtin:digits/0000", 0),), ("zero",))
-    >>> len(s), s.content_hash()[:12]
-    (1, '762b5ae869e7')
-    >>> s.load(0).size
-    (8, 8)
-    """
-
-    spec: str
-    records: tuple[ImageRecord, ...]
-    label_names: tuple[str, ...] = ()
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Pickled column-wise, and when every source is one prefix + its id (folders,
-        # built-ins) the prefix is stored once: a 50k-image folder pickles to about
-        # the size of its ids, which matters because every Ray worker receives it.
-        recs = self.records
-        ids = tuple(r.image_id for r in recs)
-        sources: str | tuple[str, ...] = tuple(r.source for r in recs)
-        if recs and recs[0].source.endswith(recs[0].image_id):
-            prefix = recs[0].source[: len(recs[0].source) - len(recs[0].image_id)]
-            if all(r.source == prefix + r.image_id for r in recs):
-                sources = prefix
-        cols = (ids, tuple(r.label for r in recs), sources, tuple(r.size for r in recs))
-        return (_rebuild_image_set, (self.spec, *cols, self.label_names))
-
-    def content_hash(self) -> str:
-        """Sha256 hex digest over ``(image_id, label, size)`` of every record, in order.
-
-        Each record contributes ``json.dumps([image_id, label, size])`` plus a newline,
-        UTF-8 encoded, so the hash is the same on every machine and Python version.
-        Pixels are not read: this is cheap, and detects renamed, relabelled,
-        reordered, added or resized files.
-        """
-        h = hashlib.sha256()
-        for r in self.records:
-            h.update(json.dumps([r.image_id, r.label, r.size], ensure_ascii=False).encode())
-            h.update(b"\n")
-        return h.hexdigest()
-
-    def load(self, index: int) -> Image.Image:
-        """Decode image ``index`` as an 8-bit RGB :class:`PIL.Image.Image`.
-
-        Raises
-        ------
-        ImageDecodeError
-            The file is missing, empty, truncated, not an image or too large.
-        """
-        source = self.records[index].source
-        if source.startswith("builtin:"):
-            from vitcnn_store.data.builtin import load_builtin  # builtin imports us
-
-            return load_builtin(source)
-        return load_image(source)
-
-    def check_all(self, progress: bool = False) -> list[tuple[int, str]]:
-        """Decode every image; return ``(index, reason)`` for each that fails.
-
-        Parameters
-        ----------
-        progress : bool
-            Show a tqdm progress bar on stderr.
-        """
-        indices: Any = range(len(self))
-        if progress:
-            from tqdm import tqdm
-
-            indices = tqdm(indices, desc=f"checking {self.spec}", unit="img")
-        failures = []
-        for i in indices:
-            try:
-                self.load(i)
-            except ImageDecodeError as e:
-                failures.append((i, str(e)))
-        return failures
-
-
-# -- decoding ------------------------------------------------------------------------
-
-
-def _bomb_reason(e: Exception) -> str:
-    # PIL says "Image size (N pixels) exceeds limit of M pixels, ..."
-    n = [*re.findall(r"\d+", str(e)), "?", "?"]
-    return f"decompression bomb: {n[0]} pixels > limit {n[1]}"
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB (alpha composited onto black)."""
-    mode = im.mode
-    if mode == "RGB":
-        return im
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        # High bit depth: scale the format's value range to 0..255 rather than clip.
-        # 16-bit → v/257. Mode I is how PIL often holds 16-bit data, so values within
-        # 0..65535 are read as 16-bit too; wider ints are min-max scaled. Float data in
-        # [0, 1] is read as unit range, other floats are min-max scaled.
-        a = np.asarray(im).astype(np.float64)
-        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
-        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-        if mode.startswith("I;16") or (mode == "I" and lo >= 0 and hi <= 65535):
-            a = a / 257.0
-        elif mode == "F" and lo >= 0 and hi <= 1:
-            a = a * 255.0
-        else:
-            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-        g = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-        return Image.fromarray(np.stack([g, g, g], axis=-1))
-    try:
-        if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
-            # Composite onto black, not "drop alpha": colour under transparent pixels
-            # is arbitrary encoder residue and would otherwise leak into activations.
-            rgba = im.convert("RGBA")
-            black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-            return Image.alpha_composite(black, rgba).convert("RGB")
-        return im.convert("RGB")
-    except (ValueError, OSError) as e:
-        raise ImageDecodeError(f"unsupported image mode {mode!r} ({e})") from e
-
-
-def load_image(path_or_bytes: str | os.PathLike[str] | bytes | bytearray) -> Image.Image:
-    """Decode one image file (or its bytes) to 8-bit RGB, EXIF orientation applied.
-
-    The whole image is decoded, so truncated files fail here and not later. Animated
-    images give their first frame. 16/32-bit grayscale is scaled, not clipped (see
-    ``_to_rgb``); alpha is composited onto black.
-
-    Parameters
-    ----------
-    path_or_bytes : str, os.PathLike or bytes
-        A file path, or the encoded file content.
-
-    Returns
-    -------
-    PIL.Image.Image
-        Mode ``"RGB"``.
-
-    Raises
-    ------
-    ImageDecodeError
-        With a short reason: ``"file not found"``, ``"zero-byte file"``,
-        ``"truncated image file"``, ``"not an image (cannot identify image file)"``,
-        ``"decompression bomb: N pixels > limit M"``, ...
-
-    Examples
-    --------
-    >>> import io
-    >>> from PIL import Image
-    >>> buf = io.BytesIO()
-    >>> Image.new("I;16", (2, 1), 65535).save(buf, format="PNG")
-    >>> load_image(buf.getvalue()).getpixel((0, 0))
-    (255, 255, 255)
-    >>> load_image(b"hello")
-    Traceback (most recent call last):
-    ...
-    vitcnn_store.errors.ImageDecodeError: not an image (cannot identify image file)
-    """
-    fp: Any
-    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
-        fp = io.BytesIO(bytes(path_or_bytes))
-        empty = len(fp.getbuffer()) == 0
-    else:
-        fp = os.fspath(path_or_bytes)
-        try:
-            st = os.stat(fp)
-        except FileNotFoundError:
-            raise ImageDecodeError("file not found") from None
-        except OSError as e:
-            raise ImageDecodeError(f"cannot read file ({e.strerror or e})") from None
-        if not os.path.isfile(fp):
-            raise ImageDecodeError("not a regular file")
-        empty = st.st_size == 0
-    if empty:
-        raise ImageDecodeError("zero-byte file")
-
-    with warnings.catch_warnings():
-        # PIL's own UserWarnings (e.g. "Corrupt EXIF data") concern images that still
-        # decode: one line per file of a large set is noise. PIL only *warns* between
-        # MAX_IMAGE_PIXELS and twice that; both are failures (filter added last wins).
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(fp) as opened:
-                # Warning filters are process-global and racy under threads: check the
-                # pixel count ourselves too, before load() allocates the pixels.
-                limit = Image.MAX_IMAGE_PIXELS
-                pixels = opened.width * opened.height
-                if limit and pixels > limit:
-                    raise ImageDecodeError(f"decompression bomb: {pixels} pixels > limit {limit}")
-                opened.load()  # full decode now: truncation must fail here, not in a worker
-                # (exif_transpose returns a copy, so the file can be closed after this)
-                decoded = ImageOps.exif_transpose(opened)
-        except ImageDecodeError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageDecodeError(_bomb_reason(e)) from None
-        except UnidentifiedImageError:
-            raise ImageDecodeError("not an image (cannot identify image file)") from None
-        except FileNotFoundError:
-            raise ImageDecodeError("file not found") from None
-        except MemoryError:
-            raise
-        except Exception as e:
-            # PIL's decoders signal corrupt data with OSError, SyntaxError, EOFError,
-            # ValueError, struct.error, ...: all mean "this file is bad", never a bug here.
-            msg = str(e)
-            low = msg.lower()
-            if "truncated" in low or "broken data stream" in low or isinstance(e, EOFError):
-                raise ImageDecodeError("truncated image file") from None
-            raise ImageDecodeError(f"corrupt image ({type(e).__name__}: {msg})") from None
-    return _to_rgb(decoded)
-
 
 # -- image sets ----------------------------------------------------------------------
 
@@ -418,6 +157,11 @@ def _open_manifest(spec: str, path: Path) -> ImageSet:
             )
         if numeric and int(raw) < -1:
             raise ImageSetError(f"manifest {path}, line {n}: negative label {raw} (-1 = unknown)")
+        if numeric and int(raw) > MAX_LABEL:
+            raise ImageSetError(
+                f"manifest {path}, line {n}: label {raw[:24]}{'...' if len(raw) > 24 else ''} "
+                f"is too large (labels are -1 to {MAX_LABEL})"
+            )
     names: tuple[str, ...] = () if numeric else tuple(sorted({raw for _, raw in labelled}))
     index = {c: i for i, c in enumerate(names)}
 
@@ -462,9 +206,8 @@ def open_image_set(spec: str, *, limit: int | None = None) -> ImageSet:
     if limit is not None and (isinstance(limit, bool) or limit <= 0):
         raise ImageSetError(f"limit must be a positive number of images, got {limit!r}")
     if spec.startswith("builtin:"):
-        from vitcnn_store.data.builtin import open_builtin  # builtin imports us
-
-        image_set = open_builtin(spec)
+        records, names = builtin_records(spec)
+        image_set = ImageSet(spec, records, names)
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
@@ -472,8 +215,6 @@ def open_image_set(spec: str, *, limit: int | None = None) -> ImageSet:
         elif path.is_file() and path.suffix.lower() in MANIFEST_EXTENSIONS:
             image_set = _open_manifest(spec, path)
         else:
-            from vitcnn_store.data.builtin import builtin_names
-
             what = "is not a folder or a manifest" if path.exists() else "does not exist"
             raise ImageSetError(
                 f"image set {spec!r} {what}: expected an image folder, a "
