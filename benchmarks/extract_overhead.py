@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from jobs.extract import ExtractConfig, plan_extraction, prepare_store
+from jobs.plan import with_threads
 from jobs.worker import UnitExtractor
-from vitcnn_store.inspect import format_bytes, table
+from vitcnn_store.describe import format_bytes, table
 from vitcnn_store.models import ModelSpec, build_model, make_transform
 
 
@@ -104,9 +105,9 @@ def main() -> None:
                 compression=args.compression, limit=args.images, progress=False,
                 device=args.device,
             )  # fmt: skip
-            plan, provenance, specs = plan_extraction(cfg)
-            plan = type(plan)(**{**plan.__dict__, "threads": args.threads})
-            writer = prepare_store(cfg, plan, provenance, specs)
+            template = with_threads(plan_extraction(cfg), args.threads)
+            plan, specs = template.plan, template.specs
+            writer = prepare_store(cfg, template)
             n = writer.n_images
             t = measure(plan, n, len(writer.units), args.batch, args.device, args.rounds)
             t_fwd, t_bare, t_ours = t["forward"], t["decode"] + t["forward"], t["vitcnn"]

@@ -153,15 +153,10 @@ def demo_plan(cfg: DemoConfig) -> DemoPlan:
 def local_ray() -> Iterator[None]:
     """One local Ray cluster (loopback only) for every extraction of a block, unless
     Ray is already running; shut down on exit if started here."""
-    import ray
+    from jobs.ray_cluster import connect, disconnect
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(
-            include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1"
-        )
+    started = connect(None)  # the tool's own Ray: loopback only (jobs/ray_cluster.py)
     try:
         yield
     finally:
-        if started:
-            ray.shutdown()
+        disconnect(started)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vitcnn_store.errors import UsageError
+from vitcnn_store.errors import ClusterError
 
 __all__ = ["SubmitRequest", "entrypoint_args", "submit"]
 
@@ -61,11 +61,11 @@ def entrypoint_args(argv: Sequence[str]) -> list[str]:
 def _runtime_env(pip: Sequence[str]) -> dict[str, Any]:
     import jobs
     import vitcnn_store
-    from jobs.extract import _passthrough_env
+    from jobs.ray_cluster import passthrough_env
 
     env: dict[str, Any] = {
         "py_modules": [str(Path(vitcnn_store.__file__).parent), str(Path(jobs.__file__).parent)],
-        "env_vars": {**_passthrough_env(), "PYTHONUNBUFFERED": "1"},
+        "env_vars": {**passthrough_env(), "PYTHONUNBUFFERED": "1"},
     }
     if pip:
         env["pip"] = list(pip)
@@ -73,6 +73,9 @@ def _runtime_env(pip: Sequence[str]) -> dict[str, Any]:
 
 
 def _client(address: str) -> Any:
+    from jobs.ray_cluster import probe_address
+
+    probe_address(address)  # bounded: the SDK would retry an unreachable address for long
     token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
     if "RAY_AUTH_MODE" not in os.environ and (
         os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()
@@ -88,7 +91,7 @@ def _client(address: str) -> Any:
         return JobSubmissionClient(address)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(
+        raise ClusterError(
             f"cannot reach the Ray job server at {address} ({first}); check --address "
             "(http://HEAD:8265) and RAY_AUTH_TOKEN"
         ) from e

@@ -3,7 +3,10 @@
 :class:`UnitExtractor` is plain Python (the benchmark runs it in-process);
 :class:`ExtractionActor` wraps it as a Ray actor. The actor runs two unit calls
 at once (``max_concurrency=2``): a lock serialises the forward passes, so the
-zarr write of one unit overlaps the decode and forward of the next.
+zarr write of one unit overlaps the decode and forward of the next. A worker
+builds its model (and checks its weights hash) when it starts, but opens the
+run only at its first unit: the driver starts every worker before it creates
+or replaces the run, so a pool that cannot start leaves the store untouched.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 
 from vitcnn_store.capture import Capture
 from vitcnn_store.data import ImageSet
-from vitcnn_store.errors import ImageDecodeError
+from vitcnn_store.errors import ImageDecodeError, ModelError
 from vitcnn_store.models import ModelSpec, build_model, make_transform, weights_sha256
 from vitcnn_store.store import RunWriter
 from vitcnn_store.store.writer import check_peaks
@@ -64,8 +67,9 @@ class UnitExtractor:
         got = weights_sha256(model)
         if got != plan.weights_sha256:
             # Every worker must hold the very weights the driver recorded.
-            raise RuntimeError(
-                f"worker built other weights ({got[:12]} != {plan.weights_sha256[:12]})"
+            raise ModelError(
+                f"a worker built other weights than the driver ({got[:12]} != "
+                f"{plan.weights_sha256[:12]}): the model is not deterministic on this node"
             )
         self.model = model.to(self.device)
         if plan.channels_last:
@@ -73,7 +77,8 @@ class UnitExtractor:
             # float16 copy is a straight cast; convolutions are faster this way too.
             self.model = self.model.to(memory_format=torch.channels_last)
         self.transform = make_transform(plan.data_config)
-        self.writer = RunWriter(plan.url, plan.run)
+        self._writer: RunWriter | None = None
+        self._writer_lock = threading.Lock()
         self.torch_dtype = getattr(torch, plan.dtype)
         # Captured outputs are cast to the store dtype in the hooks: the copy that
         # protects them from in-place ops is also the float16 conversion.
@@ -81,6 +86,14 @@ class UnitExtractor:
             self.model, plan.layers, plan.attention_layers, dtype=self.torch_dtype
         ).__enter__()
         self._forward_lock = threading.Lock()
+
+    @property
+    def writer(self) -> RunWriter:
+        """The run's writer, opened at first use (the run may not exist at start-up)."""
+        with self._writer_lock:
+            if self._writer is None:
+                self._writer = RunWriter(self.plan.url, self.plan.run)
+            return self._writer
 
     def close(self) -> None:
         self.capture.__exit__(None, None, None)
@@ -176,7 +189,8 @@ def make_actor_class() -> Any:
             n = self.extractor.run_unit(unit)
             return unit, n, time.perf_counter() - t0
 
-        def where(self) -> tuple[str, int]:
+        def ready(self) -> tuple[str, int]:
+            """Node and pid, once the model is built and its weights hash checked."""
             return ray.get_runtime_context().get_node_id(), os.getpid()
 
     return ExtractionActor

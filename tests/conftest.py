@@ -15,19 +15,17 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
-    """A local Ray cluster shared by every test that needs one."""
+    """A local Ray cluster shared by every test that needs one, started as the tool starts
+    its own (loopback only)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            object_store_memory=256 * 1024**2,
-            logging_level="warning",
-            _node_ip_address="127.0.0.1",  # tests talk to loopback only
-        )
+    from jobs.ray_cluster import disconnect, start_local_ray
+
+    started = not ray.is_initialized()
+    if started:
+        start_local_ray(num_cpus=2, object_store_memory=256 * 1024**2)
     yield
-    ray.shutdown()
+    disconnect(started)
 
 
 TINY_VIT = {"name": "vit_tiny_patch16_224", "img_size": 32, "model_args": {"depth": 2}}

@@ -85,7 +85,7 @@ def test_not_a_store_and_newer_format(tmp_path: Path, capsys: pytest.CaptureFixt
     (tmp_path / "s.zarr" / "notes.txt").write_text("my notes")
     assert "not a vitcnn store" in run_bad(extract_args(tmp_path), capsys, tmp_path / "s.zarr")
     (tmp_path / "s.zarr" / "notes.txt").unlink()
-    zarr.open_group(str(tmp_path / "s.zarr"), mode="w").attrs[FORMAT_ATTR] = 2
+    zarr.open_group(str(tmp_path / "s.zarr"), mode="w").attrs[FORMAT_ATTR] = 3
     assert "upgrade" in run_bad(extract_args(tmp_path), capsys, tmp_path / "s.zarr")
     assert "upgrade" in run_bad(["ls", str(tmp_path / "s.zarr")], capsys, tmp_path / "s.zarr")
 

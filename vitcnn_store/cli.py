@@ -1,7 +1,10 @@
 """The ``vitcnn`` command line: a thin shell over the jobs and the store.
 
-Bad input exits with code 2 and a one-line message (``--debug`` shows the
-traceback). Heavy libraries are imported only by the subcommand that needs them.
+Bad input exits with code 2 and a one-line message naming the problem and the
+fix; failures of the environment (disk full, missing credentials, a read-only
+store, an unreachable cluster, damaged data) exit with code 1 and one line.
+``--debug`` shows the traceback. Heavy libraries are imported only by the
+subcommand that needs them.
 """
 
 from __future__ import annotations
@@ -121,6 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("run")
 
+    p = sub.add_parser(
+        "verify", help="read every chunk of a store; report damaged or missing data",
+        description="Scrub a store: every chunk of every done unit must exist and match its "
+        "checksum. Exit 0 when all is well, 1 when anything is wrong.",
+    )  # fmt: skip
+    p.add_argument("store")
+    p.add_argument("run", nargs="?", help="check only this run")
+    p.add_argument(
+        "--repair", action="store_true",
+        help="clear `done` of damaged units so `vitcnn extract ... --resume` rewrites them",
+    )  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     p = sub.add_parser("query", help="read stored activations of one layer")
     p.add_argument("store")
     p.add_argument("run")
@@ -199,21 +215,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from vitcnn_store.inspect import describe_model_layers
+    from vitcnn_store.describe import describe_model_layers
 
     print(describe_model_layers(_model_spec(args), args.layers))
     return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from vitcnn_store.inspect import describe_store
+    from vitcnn_store.describe import describe_store
 
     print(describe_store(args.store))
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from vitcnn_store.inspect import describe_run
+    from vitcnn_store.describe import describe_run
 
     print(describe_run(args.store, args.run))
     return 0
@@ -222,13 +238,24 @@ def cmd_show(args: argparse.Namespace) -> int:
 def _parse_images(text: str, n: int) -> Any:
     try:
         if ":" in text:
-            parts = [int(p) if p else None for p in text.split(":")]
+            parts = [int(p) if p.strip() else None for p in text.split(":")]
             if len(parts) > 3:
                 raise ValueError
+            if len(parts) == 3 and parts[2] == 0:
+                raise UsageError(f"--images {text!r}: the step must not be zero (START:STOP:STEP)")
             return slice(*parts)
         return [int(p) for p in text.split(",") if p.strip()]
     except ValueError:
-        raise UsageError(f"--images wants START:STOP or i,j,k, got {text!r}") from None
+        raise UsageError(f"--images wants START:STOP[:STEP] or i,j,k, got {text!r}") from None
+
+
+def _check_out(path: str | None) -> None:
+    """Refuse an output file whose folder does not exist, before reading anything."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--out {path}: folder {folder} does not exist; create it first")
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -236,6 +263,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     from vitcnn_store.store import open_store
 
+    _check_out(args.out)
     run = open_store(args.store)[args.run]
     data = run.attention(args.layer) if args.attention else run[args.layer]
     if args.ids:
@@ -251,7 +279,10 @@ def cmd_query(args: argparse.Namespace) -> int:
         data = data.isel(image=sel)
     values = data.values
     if args.out:
-        np.save(args.out, values)
+        from vitcnn_store.store.layout import store_io
+
+        with store_io(args.out):
+            np.save(args.out, values)
     mask = ~np.isnan(values.reshape(values.shape[0], -1)).all(axis=1) if values.size else []
     print(
         f"{args.run}/{args.layer} {'attention' if args.attention else 'activation'} "
@@ -259,6 +290,15 @@ def cmd_query(args: argparse.Namespace) -> int:
         f"{int(np.sum(mask))} image(s) with data" + (f" -> {args.out}" if args.out else "")
     )
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from vitcnn_store.describe import describe_verify
+    from vitcnn_store.store import verify_store
+
+    report = verify_store(args.store, args.run, repair=args.repair, progress=not args.no_progress)
+    print(describe_verify(report))
+    return 0 if report.ok else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -287,10 +327,20 @@ COMMANDS = {
     "ls": cmd_ls,
     "show": cmd_show,
     "query": cmd_query,
+    "verify": cmd_verify,
     "report": cmd_report,
     "demo": cmd_demo,
     "analyze": cmd_analyze,
 }
+
+
+def _as_user_error(e: Exception, url: str) -> VitcnnError | None:
+    """The typed error to report for ``e``; ``None`` for a bug (keep the traceback)."""
+    if isinstance(e, VitcnnError):
+        return e
+    from vitcnn_store.store.layout import environment_error
+
+    return environment_error(url, e)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -301,12 +351,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = args.debug or bool(os.environ.get("VITCNN_DEBUG"))
     try:
         return COMMANDS[args.command](args)
-    except VitcnnError as e:
-        if debug:
+    except Exception as e:
+        error = _as_user_error(e, getattr(args, "store", None) or "the store")
+        if debug or error is None:
             raise
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"vitcnn {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return error.exit_code
     except KeyboardInterrupt:
         print("vitcnn: interrupted", file=sys.stderr)
         return 130

@@ -1,15 +1,22 @@
 """The typed error hierarchy of vitcnn_store.
 
 Every error a user can cause by what they typed or pointed us at derives from
-:class:`VitcnnError`; the CLI turns those into a one-line message and exit code 2.
-Anything else is a bug and keeps its traceback.
+:class:`VitcnnError`; the CLI turns those into a one-line message and the
+class's :attr:`~VitcnnError.exit_code`: 2 for bad input, 1 for failures of the
+environment (:class:`EnvironmentFailureError`: disk full, missing credentials, a
+read-only store, an unreachable cluster, damaged data). Anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "BrokenRunError",
     "CheckpointError",
+    "ClusterError",
+    "DamagedDataError",
     "DtypeOverflowError",
+    "EnvironmentFailureError",
     "ImageDecodeError",
     "ImageSetError",
     "IncompleteRunError",
@@ -22,6 +29,7 @@ __all__ = [
     "RunMismatchError",
     "RunNotFoundError",
     "StoreError",
+    "StoreUnavailableError",
     "StoreVersionError",
     "UnknownModelError",
     "UsageError",
@@ -31,6 +39,15 @@ __all__ = [
 
 class VitcnnError(Exception):
     """Base class of every error caused by user input or by the data pointed at."""
+
+    #: Exit code of the CLI: 2 = bad input (fix what you typed).
+    exit_code = 2
+
+
+class EnvironmentFailureError(VitcnnError):
+    """The environment failed, not the input: disk, network, credentials, damaged data."""
+
+    exit_code = 1
 
 
 class UsageError(VitcnnError, ValueError):
@@ -114,3 +131,30 @@ class ImageDecodeError(VitcnnError):
 
 class RunLockedError(StoreError):
     """Another live job holds the run's lease."""
+
+
+class StoreUnavailableError(StoreError, EnvironmentFailureError):
+    """The store cannot be reached or written: read-only, disk full, no credentials."""
+
+
+class DamagedDataError(StoreError, EnvironmentFailureError):
+    """Stored bytes are damaged or missing: a checksum mismatch, a missing chunk.
+
+    ``run``, ``layer`` and ``unit`` say where, when known. The attributes survive
+    pickling (dask and Ray ship errors between processes).
+    """
+
+    def __init__(
+        self, message: str, *, run: str | None = None, layer: str | None = None,
+        unit: int | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(message)
+        self.run, self.layer, self.unit = run, layer, unit
+
+
+class BrokenRunError(StoreError, EnvironmentFailureError):
+    """A run whose creation was interrupted: ``--overwrite`` or ``--resume`` recovers it."""
+
+
+class ClusterError(EnvironmentFailureError):
+    """The Ray cluster cannot be reached or cannot start the workers."""

@@ -142,7 +142,7 @@ def test_opens_without_vitcnn_store(f32_store: str) -> None:
     assert node["activation"].dims == ("image", "token", "channel")
     assert tree["w1"]["blocks.1.attn"]["attention"].dims == ("image", "head", "query", "key")
     assert list(tree["w1"]["image_id"].values[:2]) == ["faces/0000", "faces/0100"]
-    assert tree.attrs["vitcnn_store.format"] == 1
+    assert tree.attrs["vitcnn_store.format"] == 2
     group = zarr.open_group(f32_store, mode="r")
     assert group["w1/blocks.1/activation"].shape == (40, 5, 192)
     assert bool(np.all(group["w1/done"][:]))
@@ -164,9 +164,9 @@ def _config(url: str, run: str, **changes: object) -> ExtractConfig:
 def test_interrupted_run_resumes_identically(f32_store: str, tmp_path: Path) -> None:
     url = str(tmp_path / "resume.zarr")
     cfg = _config(url, "w1")
-    plan, provenance, specs = plan_extraction(cfg)
-    prepare_store(cfg, plan, provenance, specs)
-    UnitExtractor(plan).run_unit(1)  # the "crash": only unit 1 of 3 was written
+    template = plan_extraction(cfg)
+    prepare_store(cfg, template)
+    UnitExtractor(template.plan).run_unit(1)  # the "crash": only unit 1 of 3 was written
     assert list(open_store(url)["w1"].done) == [False, True, False]
     with pytest.raises(RunExistsError):
         extract(cfg)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ModelSpec",
     "build_model",
+    "carries_weights",
     "data_config",
     "make_transform",
     "weights_sha256",
@@ -61,6 +62,12 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.pretrained and self.checkpoint:
             raise ModelError("give either --pretrained or --checkpoint, not both")
+        for key in self.model_args:
+            if carries_weights(key):
+                raise ModelError(
+                    f"--model-arg {key} would load weights that the run's provenance does not "
+                    "record: use --checkpoint PATH for local weights or --pretrained for timm's"
+                )
         if self.img_size is not None and self.img_size <= 0:
             raise ModelError(f"--img-size must be positive, got {self.img_size}")
 
@@ -70,6 +77,27 @@ class ModelSpec:
         if self.checkpoint:
             return "checkpoint"
         return "timm-pretrained" if self.pretrained else "random-init"
+
+
+#: ``timm.create_model`` keyword arguments that load or select weights.
+_WEIGHT_PREFIXES = ("pretrained", "checkpoint")
+
+
+def carries_weights(key: str) -> bool:
+    """Whether a ``timm.create_model`` keyword argument loads or selects weights.
+
+    ``pretrained``, ``pretrained_cfg``, ``pretrained_cfg_overlay``,
+    ``pretrained_strict``, ``checkpoint_path``, ... must go through
+    ``--pretrained``/``--checkpoint`` so provenance records them.
+
+    Examples
+    --------
+    >>> carries_weights("checkpoint_path"), carries_weights("pretrained_cfg_overlay")
+    (True, True)
+    >>> carries_weights("depth")
+    False
+    """
+    return key.lower().startswith(_WEIGHT_PREFIXES)
 
 
 def _check_name(name: str) -> None:

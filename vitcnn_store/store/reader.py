@@ -1,8 +1,12 @@
 """Read a store: :func:`open_store` → :class:`Store` → :class:`Run` → lazy DataArrays.
 
 Arrays come back as :class:`xarray.DataArray` backed by dask, labelled with the
-run's ``image``, ``image_id`` and ``label`` coordinates and the layer's own
-coordinates; nothing is read until computed. The same store opens without this
+run's ``image``, ``image_id``, ``label`` and ``image_sha256`` coordinates and the
+layer's own coordinates; nothing is read until computed. Every read checks what
+it reads: a damaged or missing chunk of a done unit raises
+:class:`~vitcnn_store.errors.DamagedDataError` naming run, layer and unit, and a
+run whose creation was interrupted is refused with
+:class:`~vitcnn_store.errors.BrokenRunError`. The same store opens without this
 package through ``xarray.open_datatree(url, engine="zarr")``.
 """
 
@@ -14,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vitcnn_store.errors import RunNotFoundError
-from vitcnn_store.store.layout import ANALYSES, open_root, quiet_zarr, unit_bounds
+from vitcnn_store.errors import BrokenRunError, RunNotFoundError
+from vitcnn_store.store.checked import CheckedArray, checked_dask, read_checked
+from vitcnn_store.store.layout import open_root, quiet_zarr, unit_bounds
+from vitcnn_store.store.runs import RunEntry, list_runs, run_format
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -44,10 +50,19 @@ class Store:
         self._root = open_root(url, mode="r")
 
     @property
+    def entries(self) -> list[RunEntry]:
+        """Every run group, created or broken (see :mod:`vitcnn_store.store.runs`)."""
+        return list_runs(self.url, self._root)
+
+    @property
     def runs(self) -> list[str]:
-        """Run names, sorted."""
-        with quiet_zarr():
-            return sorted(k for k, _ in self._root.groups() if not k.startswith(("_", ".")))
+        """Names of the fully created runs, sorted."""
+        return [e.name for e in self.entries if e.created]
+
+    @property
+    def broken(self) -> dict[str, str]:
+        """Runs whose creation was interrupted (or whose metadata is unreadable): name → why."""
+        return {e.name: e.problem for e in self.entries if not e.created}
 
     def __contains__(self, run: str) -> bool:
         return run in self.runs
@@ -56,9 +71,16 @@ class Store:
         return iter(self.runs)
 
     def __getitem__(self, run: str) -> Run:
-        if run not in self.runs:
+        entries = {e.name: e for e in self.entries}
+        entry = entries.get(run)
+        if entry is None:
             known = ", ".join(self.runs) or "none"
             raise RunNotFoundError(f"no run {run!r} in {self.url} (runs: {known})")
+        if not entry.created:
+            raise BrokenRunError(
+                f"run {run!r} in {self.url} is broken ({entry.problem}): recover it with "
+                "`vitcnn extract ... --overwrite` or `--resume`"
+            )
         return Run(self, run)
 
     def __repr__(self) -> str:
@@ -86,9 +108,18 @@ class Run:
         """Alias of :attr:`attrs`."""
         return self.attrs
 
+    @property
+    def format(self) -> int:
+        """Store format the run was written in (1 or 2)."""
+        return run_format(self.attrs)
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.attrs["chunk_size"])
+
     def _groups(self) -> dict[str, Any]:
         with quiet_zarr():
-            return {k: g for k, g in self.group.groups() if not k.startswith(ANALYSES)}
+            return {k: g for k, g in self.group.groups() if not k.startswith(("_", "."))}
 
     @cached_property
     def layers(self) -> list[str]:
@@ -106,7 +137,8 @@ class Run:
 
     def _read(self, key: str) -> np.ndarray:
         with quiet_zarr():
-            return np.asarray(self.group[key][...])
+            array = self.group[key]
+        return read_checked(array, self.store.url, self.name, key)
 
     @cached_property
     def image_ids(self) -> np.ndarray:
@@ -116,6 +148,15 @@ class Run:
     @cached_property
     def labels(self) -> np.ndarray:
         return self._read("label")
+
+    @cached_property
+    def image_sha256(self) -> np.ndarray:
+        """Per image: sha256 of its file (built-ins: of its pixels); ``""`` if unknown."""
+        with quiet_zarr():
+            present = "image_sha256" in self.group
+        if not present:  # format 1
+            return np.full(self.n_images, "", dtype=str)
+        return np.array(self._read("image_sha256").tolist(), dtype=str)
 
     @property
     def n_images(self) -> int:
@@ -127,11 +168,16 @@ class Run:
         return self._read("done")
 
     @property
+    def units(self) -> list[tuple[int, int]]:
+        """Image ranges of the work units."""
+        return unit_bounds(self.n_images, self.chunk_size)
+
+    @property
     def image_done(self) -> np.ndarray:
         """Per image: its unit is fully written."""
         per_unit = self.done
         out = np.zeros(self.n_images, dtype=bool)
-        for u, (s, e) in enumerate(unit_bounds(self.n_images, int(self.attrs["chunk_size"]))):
+        for u, (s, e) in enumerate(self.units):
             out[s:e] = per_unit[u]
         return out
 
@@ -148,36 +194,56 @@ class Run:
     @property
     def valid(self) -> np.ndarray:
         """Per image: written and decoded (use it to mask incomplete units)."""
-        return self.image_done & ~self._read("failed")
+        return self.image_done & ~self._read("failed").astype(bool)
+
+    @cached_property
+    def _expected(self) -> np.ndarray:
+        # Rows that must hold data, read once per Run: arrays made from this Run
+        # check against the units done when it was opened.
+        return self.valid
 
     # -- arrays ---------------------------------------------------------------------
 
+    def _image_coords(self) -> dict[str, Any]:
+        return {
+            "image": np.arange(self.n_images),
+            "image_id": ("image", self.image_ids),
+            "label": ("image", self.labels),
+            "image_sha256": ("image", self.image_sha256),
+        }
+
+    def _coord(self, group: Any, cname: str, layer: str) -> tuple[list[str], np.ndarray]:
+        with quiet_zarr():
+            c = group[cname]
+            dims = list(c.metadata.dimension_names)
+        values = read_checked(c, self.store.url, self.name, f"{layer}/{cname}")
+        if values.dtype.kind not in "biuf":
+            values = np.array(values.tolist(), dtype=str)
+        return dims, values
+
     def _data_array(self, group: Any, name: str, layer: str) -> xr.DataArray:
-        import dask.array as da
         import xarray as xr
 
         with quiet_zarr():
             arr = group[name]
             dims = list(arr.metadata.dimension_names)
-            coords: dict[str, Any] = {
-                "image": np.arange(self.n_images),
-                "image_id": ("image", self.image_ids),
-                "label": ("image", self.labels),
-            }
-            for cname in str(arr.attrs.get("coordinates", "")).split():
-                if cname in group and cname not in coords:
-                    c = group[cname]
-                    if not set(c.metadata.dimension_names) <= set(dims):
-                        continue  # e.g. token coords of an attention group (query/key dims)
-                    values = np.asarray(c[...])
-                    if values.dtype.kind not in "biuf":
-                        values = np.array(values.tolist(), dtype=str)
-                    coords[cname] = (list(c.metadata.dimension_names), values)
-            for dim in dims[1:]:
-                if dim in group and dim not in coords:
-                    coords[dim] = np.asarray(group[dim][...])
-            data = da.from_zarr(arr, name=f"vitcnn-{self.store.url}-{self.name}-{layer}-{name}")
+            listed = str(arr.attrs.get("coordinates", "")).split()
             attrs = dict(group.attrs) if group is not self.group else {}
+        coords: dict[str, Any] = self._image_coords()
+        for cname in listed:
+            if cname in coords or cname not in group:
+                continue
+            cdims, values = self._coord(group, cname, layer)
+            if set(cdims) <= set(dims):  # format 1 listed token coords on attention arrays
+                coords[cname] = (cdims, values)
+        for dim in dims[1:]:
+            if dim in group and dim not in coords:
+                coords[dim] = self._coord(group, dim, layer)[1]
+        checked = CheckedArray(
+            arr, url=self.store.url, run=self.name, layer=layer, chunk=self.chunk_size,
+            expected=self._expected,
+        )  # fmt: skip
+        data = checked_dask(checked, f"vitcnn-{self.store.url}-{self.name}-{layer}-{name}")
         attrs.update(run=self.name, layer=layer)
         return xr.DataArray(data, dims=dims, coords=coords, name=name, attrs=attrs)
 
@@ -191,18 +257,18 @@ class Run:
         """Attention probabilities ``(image, head, query, key)`` of an attention module."""
         if layer not in self.attention_layers:
             raise RunNotFoundError(self._unknown(layer, self.attention_layers, "attention layer"))
-        da_ = self._data_array(self.group[layer], "attention", layer)
-        for axis in ("query", "key"):
-            for cname in ("token_kind", "token_y", "token_x"):
-                if cname in self.group[layer]:
-                    da_ = da_.assign_coords(
-                        {
-                            f"{axis}_{cname.removeprefix('token_')}": (
-                                axis,
-                                self._read(f"{layer}/{cname}"),
-                            )
-                        }
-                    )
+        group = self.group[layer]
+        da_ = self._data_array(group, "attention", layer)
+        if "query_kind" in da_.coords:
+            return da_
+        # Format 1: query/key coordinates derive from the group's token coordinates.
+        for cname in ("token_kind", "token_y", "token_x"):
+            if cname in group:
+                values = self._coord(group, cname, layer)[1]
+                suffix = cname.removeprefix("token_")
+                da_ = da_.assign_coords(
+                    {f"query_{suffix}": ("query", values), f"key_{suffix}": ("key", values)}
+                )
         return da_
 
     @property
@@ -228,10 +294,15 @@ class Run:
 
     def nbytes_stored(self) -> int:
         """Bytes the run takes in the store (compressed)."""
-        import fsspec
+        from vitcnn_store.store.chunks import list_objects
 
-        fs, path = fsspec.core.url_to_fs(self.store.url)
-        return int(fs.du(f"{path.rstrip('/')}/{self.name}"))
+        return sum(list_objects(self.store.url, self.name).values())
+
+    def missing_chunks(self) -> list[tuple[str, int]]:
+        """``(array path, unit)`` of every chunk a done unit should have but the store lacks."""
+        from vitcnn_store.store.chunks import list_objects, missing_unit_chunks
+
+        return missing_unit_chunks(self.group, self.done, list_objects(self.store.url, self.name))
 
     @property
     def analyses(self) -> list[str]:

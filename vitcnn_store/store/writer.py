@@ -1,7 +1,9 @@
-"""Create runs from a template and write work units (DESIGN.md §2).
+"""Create runs from a template and write work units (docs/format.md).
 
 The driver calls :func:`create_run` once, up front, with the shape of every
 array (from a dry-run forward pass): workers never create or resize arrays.
+The run's creation marker (``vitcnn_store.created``) is written last, so a run
+whose creation was interrupted is "broken" to every reader, never half-valid.
 Workers use :class:`RunWriter` to write whole chunks — one work unit is one
 chunk along ``image`` of every array — and set ``done[unit]`` last, so a unit
 is either complete and flagged or absent. Writes are idempotent: rewriting a
@@ -18,43 +20,41 @@ from typing import Any
 
 import numpy as np
 
+from vitcnn_store._version import FORMAT_VERSION
 from vitcnn_store.errors import (
     DtypeOverflowError,
+    ImageSetError,
     NonFiniteActivationError,
-    RunExistsError,
-    RunMismatchError,
     StoreError,
-    UsageError,
 )
+from vitcnn_store.store.codecs import COMPRESSIONS, checksummed
 from vitcnn_store.store.layout import (
     ANALYSES,
+    CREATED_ATTR,
+    IMAGE_COORDS,
+    LABEL_FILL,
     RUN_ARRAYS,
     check_name,
     open_root,
     quiet_zarr,
+    store_io,
     unit_bounds,
 )
 
 __all__ = [
     "COMPRESSIONS",
-    "RESUME_KEYS",
     "ArraySpec",
     "RunWriter",
     "check_peaks",
-    "compressor",
     "consolidate",
+    "coord_chunk",
     "create_run",
-    "prepare_run",
 ]
 
-# Provenance keys that must match for --resume to continue a run.
-RESUME_KEYS = (
-    "model", "model_args", "img_size", "weights_source", "weights_sha256", "input_size",
-    "interpolation", "mean", "std", "crop_pct", "crop_mode", "image_set_sha256", "n_images",
-    "layers", "attention_layers", "inputs", "dtype", "chunk_size",
-)  # fmt: skip
-
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+INT64 = np.iinfo(np.int64)
+# Coordinate arrays are written once, at creation: big chunks (whole units each).
+_COORD_CHUNK_IMAGES = 65536
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,8 @@ class ArraySpec:
     """One image-indexed array of a run, described without its image axis.
 
     ``group`` is the layer path (``""`` for arrays directly under the run);
-    ``coords`` are the group's own coordinate arrays, ``{name: (dims, values)}``;
-    ``attrs`` are the group's attributes.
+    ``coords`` are the array's own coordinate arrays, ``{name: (dims, values)}``,
+    each over dims of the array; ``attrs`` are the group's attributes.
     """
 
     group: str
@@ -78,67 +78,43 @@ class ArraySpec:
         return f"{self.group}/{self.name}" if self.group else self.name
 
 
-COMPRESSIONS = ("lz4", "zstd", "none")
-
-
-def compressor(name: str = "lz4") -> Any:
-    """Fast compression only: activations compress poorly, so speed wins.
-
-    ``lz4`` (default): blosc-lz4 with byte shuffle; ``zstd``: zstd level 1 (smaller,
-    slower); ``none``: raw chunks, for write-bound jobs (large CNN maps on few cores).
-    """
-    from zarr.codecs import BloscCodec, ZstdCodec
-
-    if name == "lz4":
-        return BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")
-    if name == "zstd":
-        return ZstdCodec(level=1)
-    if name == "none":
-        return None
-    raise UsageError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {name!r}")
-
-
 def _json_safe(attrs: Mapping[str, Any]) -> dict[str, Any]:
     # Attributes are plain JSON, never pickles; fail early on anything else.
     return dict(json.loads(json.dumps(dict(attrs))))
 
 
-def _coord_attr(names: Sequence[str]) -> dict[str, str]:
-    return {"coordinates": " ".join(names)} if names else {}
+def coord_chunk(n_images: int, chunk: int) -> int:
+    """Chunk length of coordinate arrays along ``image``: whole units, about 64k images.
 
-
-def prepare_run(
-    url: str, name: str, provenance: Mapping[str, Any], *, resume: bool, overwrite: bool
-) -> bool:
-    """Decide what to do with an existing run; returns True when the run must be created.
-
-    Raises :class:`RunExistsError` when the run exists and neither flag is given,
-    :class:`RunMismatchError` when ``resume`` meets a run made with other settings.
-    Nothing is written here, so a refused job leaves the store unchanged.
+    Examples
+    --------
+    >>> coord_chunk(100, 32), coord_chunk(10**6, 32)
+    (96, 65536)
     """
-    check_name(name)
-    root = open_root(url, mode="a", create=True)
-    if name not in root:
-        return True
-    if overwrite:
-        return True
-    if not resume:
-        raise RunExistsError(
-            f"run {name!r} already exists in {url}; pass --resume to continue it "
-            "or --overwrite to replace it"
+    units = max(1, _COORD_CHUNK_IMAGES // chunk)
+    return min(units * chunk, -(-n_images // chunk) * chunk)
+
+
+def _check_labels(labels: Sequence[int]) -> np.ndarray:
+    bad = [v for v in labels if not (-1 <= int(v) <= INT64.max)]
+    if bad:
+        raise ImageSetError(
+            f"label {bad[0]} is out of range: labels are integers from -1 (unknown) "
+            f"to {INT64.max}; fix the manifest"
         )
-    stored = dict(root[name].attrs)
-    diffs = [
-        f"{k} (stored {stored.get(k)!r}, asked {provenance.get(k)!r})"
-        for k in RESUME_KEYS
-        if _json_safe({"v": stored.get(k)}) != _json_safe({"v": provenance.get(k)})
-    ]
-    if diffs:
-        raise RunMismatchError(
-            f"cannot resume run {name!r}: {'; '.join(diffs[:3])}"
-            f"{' ...' if len(diffs) > 3 else ''} differ; use --overwrite to replace it"
-        )
-    return False
+    return np.asarray([int(v) for v in labels], dtype=np.int64)
+
+
+def _check_specs(arrays: Sequence[ArraySpec]) -> None:
+    for spec in arrays:
+        if spec.group in RUN_ARRAYS or spec.group.startswith((ANALYSES, "_")):
+            raise StoreError(f"layer name {spec.group!r} collides with a run array name")
+        for cname, (cdims, _) in spec.coords.items():
+            # A coordinate over dims the array lacks would be a wrong `coordinates` attr.
+            if not set(cdims) <= set(spec.dims):
+                raise StoreError(
+                    f"{spec.key}: coordinate {cname} has dims {cdims}, not in {spec.dims}"
+                )
 
 
 def create_run(
@@ -152,70 +128,94 @@ def create_run(
     arrays: Sequence[ArraySpec],
     attrs: Mapping[str, Any],
     compression: str = "lz4",
+    image_sha256: Sequence[str] | None = None,
 ) -> None:
-    """Create run ``name`` with every array it will ever hold (replacing any old one)."""
+    """Create run ``name`` with every array it will ever hold (replacing any old one).
+
+    ``image_sha256`` is each image's content hash (``""`` when unknown). The
+    creation marker is written last; callers decide beforehand whether an old
+    run may be replaced.
+    """
+    import zarr
 
     check_name(name)
     n = len(image_ids)
     if n == 0:
         raise StoreError("cannot create a run over zero images")
-    root = open_root(url, mode="a", create=True)
-    with quiet_zarr():
+    label_values = _check_labels(labels)
+    hashes = list(image_sha256) if image_sha256 is not None else [""] * n
+    if len(hashes) != n:
+        raise StoreError(f"{len(hashes)} image hashes for {n} images")
+    checksummed(compression)  # refuses an unknown compression before any write
+    _check_specs(arrays)
+    cchunk = coord_chunk(n, chunk)
+    image_values: dict[str, np.ndarray] = {
+        "image": np.arange(n, dtype=np.int64),
+        "image_id": np.asarray(list(image_ids), dtype=object),
+        "label": label_values,
+        "image_sha256": np.asarray(hashes, dtype=object),
+    }
+    fills: dict[str, Any] = {"image": -1, "label": LABEL_FILL, "image_id": "", "image_sha256": ""}
+    image_attrs = {"coordinates": "image_id label image_sha256"}
+
+    def coord(group: Any, cname: str, values: np.ndarray, dims: Sequence[str], cshape: Any) -> None:
+        is_str = values.dtype.kind in "OU"
+        default: Any = "" if is_str else np.nan if values.dtype.kind == "f" else -1
+        arr = group.create_array(
+            cname, shape=values.shape, dtype=str if is_str else values.dtype,
+            chunks=cshape, dimension_names=list(dims), compressors=checksummed("zstd"),
+            fill_value=fills.get(cname, default),
+        )  # fmt: skip
+        arr[...] = values
+
+    def image_coords(group: Any) -> None:
+        for cname, values in image_values.items():
+            coord(group, cname, values, ("image",), (cchunk,))
+
+    with quiet_zarr(), store_io(url), zarr.config.set({"array.write_empty_chunks": True}):
+        root = open_root(url, mode="a", create=True)
         if name in root:
             del root[name]
         run = root.create_group(name)
-        run.attrs.update(_json_safe({**attrs, "created_at": _now()}))
-        image_coords = _coord_attr(["image_id", "label"])
-
-        def plain(path: str, values: np.ndarray, dims: Sequence[str], **kw: Any) -> Any:
-            arr = run.create_array(
-                path, shape=values.shape, dtype=values.dtype if values.dtype != object else str,
-                chunks=(chunk,) if dims == ("image",) else values.shape,
-                dimension_names=list(dims), **kw,
-            )  # fmt: skip
-            arr[...] = values
-            return arr
-
-        plain("image", np.arange(n, dtype=np.int64), ("image",))
-        plain("image_id", np.asarray(list(image_ids), dtype=object), ("image",))
-        plain("label", np.asarray(labels, dtype=np.int64), ("image",))
+        run.attrs.update(_json_safe({**attrs, "format": FORMAT_VERSION, "created_at": _now()}))
+        image_coords(run)
         n_units = len(unit_bounds(n, chunk))
         done = run.create_array(
             "done", shape=(n_units,), chunks=(1,), dtype=bool, fill_value=False,
-            dimension_names=["unit"],
+            dimension_names=["unit"], compressors=checksummed("none"),
+            attributes={"long_name": "unit fully written (all arrays)"},
         )  # fmt: skip
-        done.attrs["long_name"] = "unit fully written (all arrays)"
+        del done
         for key, kind, fill in (("failed", bool, False), ("failure", str, "")):
-            arr = run.create_array(
+            run.create_array(
                 key, shape=(n,), chunks=(chunk,), dtype=kind, fill_value=fill,
-                dimension_names=["image"], attributes=image_coords,
+                dimension_names=["image"], attributes=image_attrs,
+                compressors=checksummed("zstd"),
             )  # fmt: skip
         for spec in arrays:
-            if spec.group in RUN_ARRAYS or spec.group.startswith((ANALYSES, "_")):
-                raise StoreError(f"layer name {spec.group!r} collides with a run array name")
             group = run.require_group(spec.group) if spec.group else run
             if spec.group:
                 group.attrs.update(_json_safe(spec.attrs))
+                if "image" not in group:
+                    image_coords(group)
+            own = []
             for cname, (cdims, values) in spec.coords.items():
-                if cname in group:
-                    continue
-                arr = group.create_array(
-                    cname, shape=values.shape,
-                    dtype=str if values.dtype.kind in "OU" else values.dtype,
-                    chunks=values.shape, dimension_names=list(cdims),
-                )  # fmt: skip
-                arr[...] = values
-            own = [c for c in spec.coords]
-            arr = group.create_array(
+                if cname not in cdims:
+                    own.append(cname)  # dimension coordinates need no `coordinates` entry
+                if cname not in group:
+                    coord(group, cname, values, cdims, values.shape)
+            group.create_array(
                 spec.name,
                 shape=(n, *spec.shape),
                 chunks=(chunk, *spec.shape),
                 dtype=dtype,
                 fill_value=np.nan,
-                compressors=compressor(compression),
+                compressors=checksummed(compression),
                 dimension_names=["image", *spec.dims],
-                attributes=_coord_attr(own + (["image_id", "label"] if not spec.group else [])),
+                attributes={"coordinates": " ".join([*own, *IMAGE_COORDS[1:]])},
             )
+        # Last: every array exists, so readers may now trust the run.
+        run.attrs[CREATED_ATTR] = True
     consolidate(url)
 
 
@@ -227,7 +227,7 @@ def consolidate(url: str) -> None:
     """Consolidate the store's metadata (a snapshot: call once arrays exist)."""
     import zarr
 
-    with quiet_zarr():
+    with quiet_zarr(), store_io(url):
         zarr.consolidate_metadata(url)
 
 
@@ -261,9 +261,11 @@ class RunWriter:
     def __init__(self, url: str, run: str) -> None:
         import zarr
 
+        self.url = url
         root = open_root(url, mode="r+")
         # Skip zarr's scan of every chunk for "all fill value" before writing it: our
-        # chunks are never empty, and the scan costs as much as the compression.
+        # chunks are never empty, and the scan costs as much as the compression. It
+        # also means every written unit has every chunk object, which verify checks.
         with quiet_zarr(), zarr.config.set({"array.write_empty_chunks": True}):
             self.group = root[run]
             self.chunk = int(self.group.attrs["chunk_size"])
@@ -275,8 +277,8 @@ class RunWriter:
     def _visit(self, group: Any, prefix: str) -> None:
         for key, node in group.members():
             path = f"{prefix}/{key}" if prefix else key
-            if key == ANALYSES:
-                continue
+            if key == ANALYSES or key.startswith("_") or key in IMAGE_COORDS:
+                continue  # coordinates are written once, at creation
             if hasattr(node, "members"):
                 self._visit(node, path)
             elif node.shape and node.metadata.dimension_names[0] == "image":
@@ -288,7 +290,7 @@ class RunWriter:
 
     def pending_units(self) -> list[int]:
         """Units not yet flagged done."""
-        with quiet_zarr():
+        with quiet_zarr(), store_io(self.url):
             done = np.asarray(self.done[:])
         return [int(u) for u in np.flatnonzero(~done)]
 
@@ -300,17 +302,20 @@ class RunWriter:
         failure: Sequence[str],
     ) -> None:
         """Write every array of ``unit`` (keys like ``blocks.3/activation``), then flag it done."""
+        import zarr
+
         start, stop = self.units[unit]
-        expected = {k for k in self._arrays if k not in ("image", "image_id", "label")}
+        expected = set(self._arrays)
         given = set(values) | {"failed", "failure"}
         if given != expected:
             raise StoreError(f"unit {unit}: arrays {sorted(expected ^ given)} missing or unknown")
-        with quiet_zarr():
+        for key, v in values.items():
+            arr = self._arrays[key]
+            if v.shape != (stop - start, *arr.shape[1:]):
+                raise StoreError(f"unit {unit}: {key} has shape {v.shape}, not chunk-aligned")
+        with quiet_zarr(), store_io(self.url), zarr.config.set({"array.write_empty_chunks": True}):
             for key, v in values.items():
-                arr = self._arrays[key]
-                if v.shape != (stop - start, *arr.shape[1:]):
-                    raise StoreError(f"unit {unit}: {key} has shape {v.shape}, not chunk-aligned")
-                arr[start:stop] = v
+                self._arrays[key][start:stop] = v
             self._arrays["failed"][start:stop] = np.asarray(failed, dtype=bool)
             self._arrays["failure"][start:stop] = np.asarray(list(failure), dtype=object)
             # Last: the flag says every array of the unit is on disk.

@@ -1,0 +1,113 @@
+"""Before the first byte: every check that can refuse a job, then the run's creation.
+
+:func:`check_run` decides what the job will do with the store — create the
+run, replace it, or resume it — refusing bad names, unwritable stores, live
+leases, mismatching or changed images and undecodable images (``--strict``)
+without writing anything. :func:`create_run_from` writes the run once the job
+is certain to start (the caller has its workers ready), so a refused or failed
+start leaves an existing run exactly as it was.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from vitcnn_store.errors import ImageSetError
+from vitcnn_store.store import RunWriter, check_writable, create_run, prepare_run
+from vitcnn_store.store.lease import (
+    Lease,
+    acquire_lease,
+    check_not_leased,
+    new_owner,
+    release_lease,
+    renew_lease,
+)
+from vitcnn_store.store.runs import list_runs
+
+if TYPE_CHECKING:
+    from jobs.extract import ExtractConfig
+    from jobs.plan import RunTemplate
+
+__all__ = ["LeaseKeeper", "check_run", "create_run_from", "prepare_store"]
+
+
+def _refuse_if_leased(cfg: ExtractConfig) -> None:
+    import fsspec
+
+    from vitcnn_store.store.layout import store_io
+
+    with store_io(cfg.store):
+        fs, path = fsspec.core.url_to_fs(cfg.store)
+        if not fs.exists(path):
+            return
+    entries = {e.name: e for e in list_runs(cfg.store)}
+    if cfg.run in entries and entries[cfg.run].created:
+        check_not_leased(cfg.store, cfg.run)
+
+
+def check_run(cfg: ExtractConfig, template: RunTemplate) -> bool:
+    """Every store-side check of a job; True when the run must be (re)created. Writes nothing."""
+    check_writable(cfg.store)
+    _refuse_if_leased(cfg)
+    images = template.plan.images
+    create = prepare_run(
+        cfg.store, cfg.run, template.provenance, resume=cfg.resume, overwrite=cfg.overwrite,
+        image_ids=[r.image_id for r in images.records], image_sha256=template.image_sha256,
+    )  # fmt: skip
+    if cfg.strict:
+        bad = images.check_all(progress=cfg.progress)
+        if bad:
+            first = "; ".join(f"{images.records[i].image_id}: {why}" for i, why in bad[:3])
+            raise ImageSetError(
+                f"--strict: {len(bad)} image(s) cannot be decoded ({first}); nothing was written"
+            )
+    return create
+
+
+def create_run_from(cfg: ExtractConfig, template: RunTemplate) -> None:
+    """Create (or replace) the run from its template; the creation marker comes last."""
+    records = template.plan.images.records
+    create_run(
+        cfg.store, cfg.run,
+        image_ids=[r.image_id for r in records], labels=[r.label for r in records],
+        image_sha256=template.image_sha256, chunk=cfg.chunk_size, dtype=cfg.dtype,
+        arrays=template.specs, attrs=template.provenance, compression=cfg.compression,
+    )  # fmt: skip
+
+
+def prepare_store(cfg: ExtractConfig, template: RunTemplate) -> RunWriter:
+    """Check, then create the run if needed, without Ray (tests and benchmarks)."""
+    if check_run(cfg, template):
+        create_run_from(cfg, template)
+    return RunWriter(cfg.store, cfg.run)
+
+
+class LeaseKeeper:
+    """Holds a run's lease for one job, renewing it from a background thread."""
+
+    def __init__(self, url: str, run: str, ttl: float) -> None:
+        self.url, self.run, self.ttl = url, run, ttl
+        self.lease: Lease = acquire_lease(self.url, self.run, new_owner(), self.ttl)
+        self._stop = threading.Event()
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._renew, daemon=True, name="vitcnn-lease")
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                self.lease = renew_lease(self.url, self.run, self.lease, self.ttl)
+            except Exception as e:  # surfaced by check() on the driver's thread
+                self._error = e
+                return
+
+    def check(self) -> None:
+        """Raise if the lease was lost (another job took the run over)."""
+        if self._error is not None:
+            raise self._error
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        release_lease(self.url, self.run, self.lease.owner)

@@ -1,0 +1,234 @@
+"""Human-readable summaries for ``vitcnn layers``, ``ls``, ``show`` and ``verify``.
+
+``ls`` and ``show`` never crash on a damaged or half-created run: they say so
+(``BROKEN``, ``DAMAGED``) and point at the command that recovers it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vitcnn_store.errors import DamagedDataError, StoreUnavailableError
+
+__all__ = [
+    "describe_model_layers",
+    "describe_run",
+    "describe_store",
+    "describe_verify",
+    "format_bytes",
+    "table",
+]
+
+
+def format_bytes(n: float) -> str:
+    """``1536 -> '1.5 KiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """A plain aligned text table."""
+    cells = [header, *rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths).rstrip())
+    return "\n".join(lines)
+
+
+def describe_model_layers(spec: Any, patterns: str | None = None) -> str:
+    """Every module of the model with its type and output shape (batch of one)."""
+    import torch
+
+    from vitcnn_store.capture import output_shapes
+    from vitcnn_store.models import (
+        attention_modules,
+        build_model,
+        data_config,
+        expand_layers,
+        model_family,
+    )
+
+    model = build_model(spec)
+    cfg = data_config(model, spec.img_size)
+    shapes = output_shapes(model, torch.zeros(1, *cfg["input_size"]))
+    modules = dict(model.named_modules())
+    chosen = expand_layers(model, patterns) if patterns else [n for n in modules if n]
+    attn = set(attention_modules(model))
+    rows = []
+    for name in chosen:
+        shape = shapes.get(name)
+        shown = "not run" if name not in shapes else "-" if shape is None else str(tuple(shape[1:]))
+        rows.append(
+            [name, type(modules[name]).__name__, shown, "attention" if name in attn else ""]
+        )
+    family = model_family(model)
+    presets = "preset:blocks, preset:paper" if family else "none for this family"
+    head = (
+        f"{spec.name}: input {tuple(cfg['input_size'])}, {len(rows)} module(s) "
+        f"(shapes per image; presets: {presets})"
+    )
+    return head + "\n" + table(rows, ["layer", "type", "output shape", ""])
+
+
+RECOVER = "--overwrite or --resume recovers it"
+
+
+def _damage(run: Any) -> str:
+    """``""`` when every done unit has all its chunks, else a short note."""
+    try:
+        missing = run.missing_chunks()
+    except (StoreUnavailableError, OSError, NotImplementedError):
+        return ""  # a remote store that cannot be listed cheaply: verify checks it
+    if not missing:
+        return ""
+    units = sorted({u for _, u in missing})
+    return f"DAMAGED: {len(missing)} missing chunk(s) in {len(units)} unit(s), run vitcnn verify"
+
+
+def _run_row(store: Any, name: str) -> list[str]:
+    run = store[name]
+    a = run.attrs
+    try:
+        size = format_bytes(run.nbytes_stored())
+    except Exception:  # remote stores may not support du cheaply
+        size = "?"
+    try:
+        done = run.done
+        units = f"{int(done.sum())}/{done.size}" + ("" if done.all() else " INCOMPLETE")
+        damage = _damage(run)
+        failed = str(len(run.failed))
+    except DamagedDataError:
+        units, damage, failed = "?", "DAMAGED: unreadable flags, run vitcnn verify", "?"
+    return [
+        name, str(a.get("model")), str(a.get("weights_source")), str(run.n_images),
+        str(len(run.layers)), str(len(run.attention_layers)), str(a.get("dtype")), size,
+        units + (f" {damage}" if damage else ""), failed,
+    ]  # fmt: skip
+
+
+def _broken_row(name: str, problem: str) -> list[str]:
+    return [name, "-", "-", "-", "-", "-", "-", "-", f"BROKEN: {problem} ({RECOVER})", "-"]
+
+
+def describe_store(url: str) -> str:
+    """One line per run: model, weights, images, layers, size, completeness, damage."""
+    from vitcnn_store.store import open_store
+
+    store = open_store(url)
+    entries = store.entries
+    if not entries:
+        return f"{url}: empty store (no runs)"
+    rows = []
+    for entry in entries:
+        if not entry.created:
+            rows.append(_broken_row(entry.name, entry.problem))
+            continue
+        try:
+            rows.append(_run_row(store, entry.name))
+        except DamagedDataError as e:  # e.g. a damaged image_id chunk
+            rows.append(_broken_row(entry.name, f"damaged ({str(e).split(':')[0]})"))
+    header = [
+        "run", "model", "weights", "images", "layers", "attn", "dtype", "size", "units", "failed",
+    ]  # fmt: skip
+    return f"{url}: {len(rows)} run(s)\n" + table(rows, header)
+
+
+def _describe_broken(url: str, run_name: str, problem: str) -> str:
+    from vitcnn_store.store import open_root
+
+    lines = [f"run {run_name!r} in {url}: BROKEN ({problem}); {RECOVER}"]
+    try:
+        attrs = dict(open_root(url)[run_name].attrs)
+    except Exception:
+        return lines[0]
+    lines += ["", "provenance (as far as it was written):"]
+    lines += [f"  {k}: {v}" for k, v in sorted(attrs.items()) if k not in _SKIP]
+    return "\n".join(lines)
+
+
+_SKIP = {"layers", "attention_layers", "label_names"}
+
+
+def describe_run(url: str, run_name: str) -> str:
+    """Provenance, layers with shapes and dtypes, failed images and damage of one run."""
+    from vitcnn_store.store import check_name, open_store
+
+    check_name(run_name)
+    store = open_store(url)
+    broken = store.broken
+    if run_name in broken:
+        return _describe_broken(url, run_name, broken[run_name])
+    run = store[run_name]
+    lines = [f"run {run_name!r} in {url}", "", "provenance:"]
+    for key, value in sorted(run.attrs.items()):
+        if key not in _SKIP:
+            lines.append(f"  {key}: {value}")
+    names = run.attrs.get("label_names") or []
+    lines.append(f"  label_names: {len(names)} ({', '.join(map(str, names[:10]))}"
+                 f"{' ...' if len(names) > 10 else ''})")  # fmt: skip
+
+    def shape(x: Any) -> str:
+        return str(dict(zip(x.dims[1:], x.shape[1:], strict=True)))
+
+    rows = []
+    for layer in run.layers:
+        x = run[layer]
+        rows.append([layer, str(x.attrs.get("kind")), f"{x.attrs.get('depth_fraction', 0):.2f}",
+                     shape(x), str(x.dtype)])  # fmt: skip
+    for layer in run.attention_layers:
+        a = run.attention(layer)
+        rows.append([f"{layer}/attention", "attention", "", shape(a), str(a.dtype)])
+    if "input" in run.group:
+        x = run.inputs
+        rows.append(["input", "input", "", shape(x), str(x.dtype)])
+    lines += [
+        "",
+        f"arrays ({len(rows)}):",
+        table(rows, ["layer", "kind", "depth", "shape", "dtype"]),
+    ]
+    done = run.done
+    lines += ["", f"units done: {int(done.sum())}/{done.size}"]
+    damage = _damage(run)
+    if damage:
+        lines.append(damage)
+    failed = run.failed
+    lines.append(f"failed images: {len(failed)}")
+    lines += [f"  {k}: {v}" for k, v in list(failed.items())[:20]]
+    if len(failed) > 20:
+        lines.append(f"  ... and {len(failed) - 20} more")
+    return "\n".join(lines)
+
+
+def describe_verify(report: Any) -> str:
+    """The table ``vitcnn verify`` prints: one row per problem, then a summary line."""
+    lines = []
+    if report.problems:
+        rows = [
+            [p.run, p.layer, "-" if p.unit is None else str(p.unit), p.problem]
+            for p in report.problems
+        ]
+        lines += [table(rows, ["run", "layer", "unit", "problem"]), ""]
+    lines += report.notes
+    n_runs = len(report.runs)
+    if report.ok:
+        lines.append(
+            f"{report.url}: OK, {n_runs} run(s), {report.chunks_checked} chunk(s) read, "
+            "no damaged or missing chunks"
+        )
+    else:
+        lines.append(
+            f"{report.url}: {len(report.problems)} problem(s) in {n_runs} run(s) "
+            f"({report.chunks_checked} chunk(s) read)"
+        )
+    for run, units in report.repaired.items():
+        shown = ", ".join(map(str, units[:10])) + (" ..." if len(units) > 10 else "")
+        lines.append(
+            f"repaired {run!r}: cleared done for unit(s) {shown}; rewrite them with "
+            f"`vitcnn extract ... --run {run} --resume`"
+        )
+    if not report.ok and not report.repaired and any(p.repairable for p in report.problems):
+        lines.append("run again with --repair to mark damaged units for rewriting by --resume")
+    return "\n".join(lines)

@@ -1,0 +1,180 @@
+"""Which runs a store holds, which of them are fully created, and what a new job may do.
+
+A format-2 run is *created* once its ``vitcnn_store.created`` attribute is true
+(written last by :func:`~vitcnn_store.store.writer.create_run`); a format-1 run
+once its ``done`` array exists. Anything else under the store's root — a run
+group whose creation was interrupted, or whose metadata cannot be read — is
+*broken*: listed as such, refused by readers, recovered by ``--overwrite`` or
+``--resume``. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vitcnn_store.errors import (
+    RunExistsError,
+    RunMismatchError,
+    StoreError,
+)
+from vitcnn_store.store.layout import (
+    CREATED_ATTR,
+    check_name,
+    open_root,
+    quiet_zarr,
+    store_io,
+)
+
+__all__ = ["RESUME_KEYS", "RunEntry", "list_runs", "prepare_run", "run_format"]
+
+# Provenance keys that must match for --resume to continue a run.
+RESUME_KEYS = (
+    "model", "model_args", "img_size", "weights_source", "weights_sha256", "input_size",
+    "interpolation", "mean", "std", "crop_pct", "crop_mode", "image_set_sha256", "n_images",
+    "layers", "attention_layers", "inputs", "dtype", "chunk_size",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunEntry:
+    """A run group under the store's root: created, or broken and why."""
+
+    name: str
+    created: bool
+    problem: str = ""
+
+
+def run_format(attrs: Mapping[str, Any]) -> int:
+    """The format a run was written in (its provenance ``format``; 1 when absent)."""
+    value = attrs.get("format", 1)
+    return value if isinstance(value, int) else 1
+
+
+def _entry(root: Any, name: str) -> RunEntry:
+    try:
+        with quiet_zarr():
+            group = root[name]
+            attrs = dict(group.attrs)
+    except Exception as e:  # unreadable metadata must not hide the other runs
+        return RunEntry(name, False, f"metadata unreadable ({type(e).__name__})")
+    if not hasattr(group, "members"):
+        return RunEntry(name, False, "an array, not a run group")
+    if attrs.get(CREATED_ATTR) is True:
+        return RunEntry(name, True)
+    if run_format(attrs) == 1 and CREATED_ATTR not in attrs:
+        with quiet_zarr():
+            if "done" in group:
+                return RunEntry(name, True)
+    return RunEntry(name, False, "creation interrupted")
+
+
+def list_runs(url: str, root: Any | None = None) -> list[RunEntry]:
+    """Every run group of the store, sorted by name (names starting ``_``/``.`` skipped).
+
+    Children are listed from the storage itself, so one run with corrupt
+    metadata is reported as broken instead of breaking the listing.
+    """
+    import fsspec
+
+    root = root if root is not None else open_root(url, mode="r")
+    with store_io(url):
+        fs, path = fsspec.core.url_to_fs(url)
+        names = sorted(
+            posixpath.basename(str(e["name"]).rstrip("/"))
+            for e in fs.ls(path, detail=True)
+            if e.get("type") == "directory"
+        )
+    names = [n for n in names if n and not n.startswith(("_", "."))]
+    return [_entry(root, n) for n in names]
+
+
+def _json_equal(a: Any, b: Any) -> bool:
+    return bool(json.loads(json.dumps(a)) == json.loads(json.dumps(b)))
+
+
+def _changed_images(group: Any, image_ids: Sequence[str], hashes: Sequence[str]) -> None:
+    import numpy as np
+
+    with quiet_zarr():
+        if "image_sha256" not in group:
+            return
+        stored_ids = [str(v) for v in np.asarray(group["image_id"][...]).tolist()]
+        if stored_ids != list(image_ids):
+            return  # a different image set: reported as an image_set_sha256 mismatch
+        stored = [str(v) for v in np.asarray(group["image_sha256"][...]).tolist()]
+    changed = [i for i, (a, b) in enumerate(zip(stored, hashes, strict=True)) if a != b]
+    if changed:
+        first = ", ".join(image_ids[i] for i in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise RunMismatchError(
+            f"cannot resume run {group.basename!r}: {len(changed)} image(s) changed since it "
+            f"was created ({first}{more}); use --overwrite to re-extract"
+        )
+
+
+def prepare_run(
+    url: str,
+    name: str,
+    provenance: Mapping[str, Any],
+    *,
+    resume: bool,
+    overwrite: bool,
+    image_ids: Sequence[str] | None = None,
+    image_sha256: Sequence[str] | None = None,
+) -> bool:
+    """Decide what to do with an existing run; returns True when the run must be created.
+
+    Raises :class:`RunExistsError` when the run exists and neither flag is given,
+    :class:`RunMismatchError` when ``resume`` meets a run made with other settings,
+    other images (content compared when ``image_sha256`` is given) or an older
+    format. A broken run (interrupted creation) is recreated by either flag.
+    Nothing is written here, so a refused job leaves the store unchanged.
+    """
+    import fsspec
+
+    check_name(name)
+    with store_io(url):
+        fs, path = fsspec.core.url_to_fs(url)
+        if not fs.exists(path) or (fs.isdir(path) and not fs.ls(path)):
+            return True
+    root = open_root(url, mode="r")
+    entries = {e.name: e for e in list_runs(url, root)}
+    if name not in entries:
+        with quiet_zarr():
+            if name in root:  # e.g. an array of that name: not ours to replace
+                raise StoreError(f"{url}/{name} exists but is not a run; choose another name")
+        return True
+    entry = entries[name]
+    if not resume and not overwrite:
+        state = "exists" if entry.created else f"exists but is broken ({entry.problem})"
+        raise RunExistsError(
+            f"run {name!r} {state} in {url}; pass --resume to continue it "
+            "or --overwrite to replace it"
+        )
+    if overwrite or not entry.created:
+        return True
+    with quiet_zarr():
+        group = root[name]
+        stored = dict(group.attrs)
+    if run_format(stored) < 2:
+        raise RunMismatchError(
+            f"cannot resume run {name!r}: it was written in store format {run_format(stored)}; "
+            "use --overwrite to re-extract it in the current format"
+        )
+    if image_ids is not None and image_sha256 is not None:
+        _changed_images(group, image_ids, image_sha256)
+    diffs = [
+        f"{k} (stored {stored.get(k)!r}, asked {provenance.get(k)!r})"
+        for k in RESUME_KEYS
+        if not _json_equal(stored.get(k), provenance.get(k))
+    ]
+    if diffs:
+        raise RunMismatchError(
+            f"cannot resume run {name!r}: {'; '.join(diffs[:3])}"
+            f"{' ...' if len(diffs) > 3 else ''} differ; use --overwrite to replace it"
+        )
+    return False
