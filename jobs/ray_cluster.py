@@ -155,6 +155,8 @@ def connect(address: str | None) -> bool:
     import ray
 
     if ray.is_initialized():
+        if address:  # already connected in-process: still refuse an unreachable address
+            probe_address(address)
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if not address or address == "local":

@@ -1,4 +1,4 @@
-"""Store format v1: create from a template, write units, read back, refuse what is wrong."""
+"""Store format 2: create from a template, write units, read back, refuse what is wrong."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from vitcnn_store.errors import (
     UsageError,
 )
 from vitcnn_store.store import ArraySpec, RunWriter, create_run, prepare_run
-from vitcnn_store.store.layout import FORMAT_ATTR, check_name, unit_bounds
+from vitcnn_store.store.chunks import walk_arrays
+from vitcnn_store.store.codecs import has_checksum
+from vitcnn_store.store.layout import CREATED_ATTR, FORMAT_ATTR, check_name, unit_bounds
 from vitcnn_store.store.writer import check_peaks
 
 TOKENS = {
@@ -40,11 +42,39 @@ SPECS = [
 PROVENANCE = {"model": "m", "dtype": "float32", "chunk_size": 2, "n_images": 5}
 
 
-def make_run(url: str, name: str = "r", n: int = 5) -> None:
+ATTENTION = ArraySpec(
+    "blocks.0", "attention", ("head", "query", "key"), (2, 3, 3),
+    {f"{axis}_{c.removeprefix('token_')}": ((axis,), v) for axis in ("query", "key")
+     for c, (_, v) in TOKENS.items()},
+    {"kind": "token", "depth_index": 0, "depth_fraction": 0.0},
+)  # fmt: skip
+
+
+def hashes(n: int) -> list[str]:
+    return [f"{i:064x}" for i in range(n)]
+
+
+def make_run(url: str, name: str = "r", n: int = 5, attention: bool = False) -> None:
     create_run(
         url, name, image_ids=[f"img{i}" for i in range(n)], labels=list(range(n)), chunk=2,
-        dtype="float32", arrays=SPECS, attrs=PROVENANCE,
+        dtype="float32", arrays=[*SPECS, ATTENTION] if attention else SPECS, attrs=PROVENANCE,
+        image_sha256=hashes(n),
     )  # fmt: skip
+
+
+def fill_run(url: str, name: str = "r", attention: bool = False) -> dict[int, dict]:
+    """Write every unit of a run made by :func:`make_run`; returns what was written."""
+    writer = RunWriter(url, name)
+    written = {}
+    for unit, (start, stop) in enumerate(writer.units):
+        values = unit_values(stop - start, unit)
+        if attention:
+            rng = np.random.default_rng(100 + unit)
+            a = rng.random((stop - start, 2, 3, 3)).astype(np.float32)
+            values["blocks.0/attention"] = a / a.sum(-1, keepdims=True)
+        written[unit] = values
+        writer.write_unit(unit, values, np.zeros(stop - start, bool), [""] * (stop - start))
+    return written
 
 
 def unit_values(n: int, seed: int) -> dict[str, np.ndarray]:
@@ -81,12 +111,46 @@ def test_round_trip(tmp_path: Path) -> None:
 
 def test_opens_with_plain_xarray_and_zarr(tmp_path: Path) -> None:
     url = str(tmp_path / "s.zarr")
-    make_run(url)
+    make_run(url, attention=True)
+    fill_run(url, attention=True)
     tree = xr.open_datatree(url, engine="zarr")
-    assert tree.attrs[FORMAT_ATTR] == 1
-    assert tree["r"]["blocks.0"]["activation"].dims == ("image", "token", "channel")
-    assert list(tree["r"]["image_id"].values) == [f"img{i}" for i in range(5)]
+    assert tree.attrs[FORMAT_ATTR] == 2
+    assert tree["r"].attrs[CREATED_ATTR] is True
+    x = tree["r"]["blocks.0"]["activation"]
+    assert x.dims == ("image", "token", "channel")
+    # Every layer node carries the per-image coordinates, not only the run node.
+    for node in ("blocks.0", "layer1.0"):
+        for name in ("activation",):
+            da = tree["r"][node][name]
+            assert list(da["image_id"].values) == [f"img{i}" for i in range(5)]
+            assert list(da["label"].values) == list(range(5))
+            assert list(da["image_sha256"].values) == hashes(5)
+    a = tree["r"]["blocks.0"]["attention"]
+    assert list(a["query_kind"].values) == ["cls", "patch", "patch"]
+    assert list(a["key_x"].values[1:]) == [8.0, 24.0] and "token_kind" not in a.coords
+    ds = xr.open_zarr(url, group="r/layer1.0")
+    assert list(ds["activation"]["image_id"].values) == [f"img{i}" for i in range(5)]
     assert zarr.open_group(url, mode="r")["r/layer1.0/activation"].shape == (5, 2, 2, 5)
+
+
+def test_every_array_is_checksummed_with_safe_fill_values(tmp_path: Path) -> None:
+    url = str(tmp_path / "s.zarr")
+    make_run(url, attention=True)
+    fill_run(url, attention=True)
+    group = zarr.open_group(url, mode="r")
+    seen = 0
+    for path, arr in walk_arrays(group):
+        seen += 1
+        assert has_checksum(arr), path
+        if arr.dtype.kind in "iu":
+            values = arr[...]
+            assert arr.fill_value not in values, path  # a missing chunk never reads as data
+        names = str(arr.attrs.get("coordinates", "")).split()
+        parent = group[path.rsplit("/", 1)[0]] if "/" in path else group
+        dims = set(arr.metadata.dimension_names)
+        for name in names:  # no `coordinates` entry names a missing array or a foreign dim
+            assert set(parent[name].metadata.dimension_names) <= dims, (path, name)
+    assert seen > 20
 
 
 def test_unit_write_checks_shapes_and_arrays(tmp_path: Path) -> None:
@@ -107,6 +171,14 @@ def test_existing_run_resume_and_overwrite(tmp_path: Path) -> None:
     with pytest.raises(RunExistsError, match="--resume"):
         prepare_run(url, "r", PROVENANCE, resume=False, overwrite=False)
     assert prepare_run(url, "r", PROVENANCE, resume=True, overwrite=False) is False
+    ids = [f"img{i}" for i in range(5)]
+    assert prepare_run(url, "r", PROVENANCE, resume=True, overwrite=False, image_ids=ids,
+                       image_sha256=hashes(5)) is False  # fmt: skip
+    changed = hashes(5)
+    changed[3] = "f" * 64
+    with pytest.raises(RunMismatchError, match=r"1 image\(s\) changed .*img3"):
+        prepare_run(url, "r", PROVENANCE, resume=True, overwrite=False, image_ids=ids,
+                    image_sha256=changed)  # fmt: skip
     with pytest.raises(RunMismatchError, match="dtype"):
         prepare_run(url, "r", {**PROVENANCE, "dtype": "float16"}, resume=True, overwrite=False)
     assert prepare_run(url, "r", PROVENANCE, resume=False, overwrite=True) is True
@@ -122,7 +194,7 @@ def test_not_a_store_and_newer_version(tmp_path: Path) -> None:
     with pytest.raises(NotAStoreError, match="not a vitcnn store"):
         open_store(str(tmp_path / "z.zarr"))
     newer = zarr.open_group(str(tmp_path / "n.zarr"), mode="w")
-    newer.attrs[FORMAT_ATTR] = 99
+    newer.attrs[FORMAT_ATTR] = 3
     with pytest.raises(StoreVersionError, match="upgrade"):
         open_store(str(tmp_path / "n.zarr"))
     with pytest.raises(StoreError, match="no store"):
@@ -138,7 +210,7 @@ def test_unknown_run_and_layer(tmp_path: Path) -> None:
         open_store(url)["r"]["blocks.00"]
 
 
-@pytest.mark.parametrize("name", ["a/b", "..", "_x", ".x", "", "a..b"])
+@pytest.mark.parametrize("name", ["a/b", "..", "_x", ".x", "", "a..b", "zarr.json", "x" * 300])
 def test_invalid_names(name: str) -> None:
     with pytest.raises(UsageError):
         check_name(name)

@@ -31,6 +31,7 @@ from vitcnn_store.store.codecs import COMPRESSIONS, checksummed
 from vitcnn_store.store.layout import (
     ANALYSES,
     CREATED_ATTR,
+    FORMAT_ATTR,
     IMAGE_COORDS,
     LABEL_FILL,
     RUN_ARRAYS,
@@ -174,6 +175,9 @@ def create_run(
 
     with quiet_zarr(), store_io(url), zarr.config.set({"array.write_empty_chunks": True}):
         root = open_root(url, mode="a", create=True)
+        if root.attrs.get(FORMAT_ATTR) != FORMAT_VERSION:
+            # A format-1 store holding a format-2 run: older readers must refuse it.
+            root.attrs[FORMAT_ATTR] = FORMAT_VERSION
         if name in root:
             del root[name]
         run = root.create_group(name)

@@ -1,0 +1,119 @@
+"""``vitcnn verify``: a clean store passes, every kind of damage is found and named."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.store.test_integrity import chunk, flip, interrupt_creation
+from tests.store.test_store import fill_run, make_run
+from vitcnn_store import open_store
+from vitcnn_store.cli import main
+from vitcnn_store.store import verify_store
+from vitcnn_store.store.lease import acquire_lease
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> str:
+    url = str(tmp_path / "s.zarr")
+    make_run(url, attention=True)
+    fill_run(url, attention=True)
+    make_run(url, "other")
+    fill_run(url, "other")
+    return url
+
+
+def run_verify(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main(["verify", *args, "--no-progress"])
+    return code, capsys.readouterr().out
+
+
+def test_clean_store_exits_0(store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run_verify(capsys, store)
+    assert code == 0 and "OK, 2 run(s)" in out and "no damaged or missing chunks" in out
+    report = verify_store(store)
+    assert report.ok and report.chunks_checked > 30
+
+
+def test_finds_flipped_missing_and_half_created(
+    store: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flip(chunk(store, "r", "blocks.0/activation", 1))
+    flip(chunk(store, "r", "failure", 2), offset=3)
+    chunk(store, "other", "layer1.0/activation", 0).unlink()
+    flip(Path(store, "r", "blocks.0", "token_kind", "c", "0"))
+    interrupt_creation(store, "half", 4, monkeypatch)
+    code, out = run_verify(capsys, store)
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0].split() == ["run", "layer", "unit", "problem"]
+
+    def row(*cells: str) -> bool:
+        return any(line.split()[: len(cells)] == list(cells) for line in lines)
+
+    assert row("r", "blocks.0/activation", "1", "damaged", "chunk", "(checksum", "mismatch)")
+    assert row("r", "failure", "2", "damaged", "chunk")
+    assert row("r", "blocks.0/token_kind", "-", "damaged", "chunk")
+    assert row("other", "layer1.0/activation", "0", "missing", "chunk")
+    assert row("half", "-", "-", "creation", "interrupted:")
+    assert "5 problem(s) in 3 run(s)" in out and "--repair" in out
+    # One run only.
+    code, out = run_verify(capsys, store, "other")
+    assert code == 1 and "1 problem(s) in 1 run(s)" in out
+
+
+def test_repair_clears_done_of_damaged_units_only(
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flip(chunk(store, "r", "blocks.0/attention", 1))
+    chunk(store, "r", "layer1.0/activation", 2).unlink()
+    code, out = run_verify(capsys, store, "r", "--repair")
+    assert code == 1 and "repaired 'r': cleared done for unit(s) 1, 2" in out
+    assert list(open_store(store)["r"].done) == [True, False, False]
+    # Damaged units are now unfinished work, no longer damage: the store verifies clean.
+    assert run_verify(capsys, store)[0] == 0
+    assert open_store(store)["r"]["blocks.0"].isel(image=slice(0, 2)).values.shape == (2, 3, 4)
+
+
+def test_damaged_done_flag_is_found_and_repaired(store: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    flip(Path(store, "other", "done", "c", "1"), offset=0)
+    code, out = run_verify(capsys, store, "other", "--repair")
+    assert code == 1 and "other  done" in out
+    assert list(open_store(store)["other"].done) == [True, False, True]
+
+
+def test_repair_refuses_while_a_job_holds_the_run(store: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    chunk(store, "r", "layer1.0/activation", 0).unlink()
+    acquire_lease(store, "r", "job-writer", ttl=60)
+    assert main(["verify", store, "--repair", "--no-progress"]) == 2
+    assert "being written by job-writer" in capsys.readouterr().err
+    assert bool(open_store(store)["r"].done[0])
+
+
+def test_verify_changes_nothing_without_repair(store: str) -> None:
+    chunk(store, "r", "layer1.0/activation", 0).unlink()
+
+    def snapshot() -> dict[str, str]:
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in Path(store).rglob("*") if p.is_file()}  # fmt: skip
+
+    before = snapshot()
+    assert not verify_store(store).ok
+    assert snapshot() == before
+
+
+def test_progress_bar_on_stderr(store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["verify", store]) == 0
+    assert "verify" in capsys.readouterr().err
+    seen: list[int] = []
+    verify_store(store, on_progress=seen.append)
+    assert seen == list(range(1, len(seen) + 1)) and len(seen) > 30
+
+
+def test_unknown_run_is_bad_input(store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["verify", store, "nope"]) == 2
+    assert "no run 'nope'" in capsys.readouterr().err
+    assert np.all(open_store(store)["r"].done)
