@@ -18,7 +18,9 @@ A job refused or failed in steps 1–3 leaves an existing run byte for byte as i
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -35,6 +37,7 @@ from jobs.ray_cluster import (
 )
 from jobs.run_setup import LeaseKeeper, check_run, create_run_from, prepare_store
 from jobs.worker import make_actor_class
+from vitcnn_store import errors
 from vitcnn_store.errors import ClusterError, UsageError, VitcnnError
 from vitcnn_store.models import ModelSpec
 from vitcnn_store.store import COMPRESSIONS, RunWriter, check_name, consolidate
@@ -108,6 +111,9 @@ class ExtractConfig:
             raise UsageError("--attention-layers needs --attention")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and self.gpus_per_worker <= 0:
+            # Ray hides every GPU from an actor that asked for none.
+            raise UsageError("--device cuda needs --gpus-per-worker > 0 (e.g. 1)")
 
 
 @dataclass
@@ -146,6 +152,15 @@ def _pending_before_start(cfg: ExtractConfig, create: bool, n_units: int) -> int
     return int((~open_store(cfg.store)[cfg.run].done.astype(bool)).sum())
 
 
+def _last_error_line(e: BaseException) -> str:
+    """The innermost ``SomeError: message`` line of a Ray error's text (its remote traceback)."""
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    found = [ln for ln in lines if re.match(r"^[A-Za-z_.]+(Error|Exception)\b.*:", ln)]
+    if found:
+        return found[-1][:300]
+    return "its process died while building the model (rerun with --debug to see its log)"
+
+
 def _start_workers(cfg: ExtractConfig, template: RunTemplate, n: int) -> list[Any]:
     """Start ``n`` actors and wait until each has built its model and checked its weights."""
     import ray
@@ -176,8 +191,13 @@ def _start_workers(cfg: ExtractConfig, template: RunTemplate, n: int) -> list[An
                 cause = unwrap(e, cfg.store)
                 if isinstance(cause, VitcnnError):
                     raise cause from None
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ClusterError(f"a worker failed to start: {first}") from e
+                line = _last_error_line(e)
+                ours = re.match(r"vitcnn_store\.errors\.(\w+): (.*)", line)
+                kind = getattr(errors, ours.group(1), None) if ours else None
+                if ours and isinstance(kind, type) and issubclass(kind, VitcnnError):
+                    # An actor's creation error arrives as text: rebuild our typed error.
+                    raise kind(ours.group(2)) from None
+                raise ClusterError(f"a worker failed to start: {line}") from e
     except BaseException:
         for actor in actors:
             ray.kill(actor)
@@ -225,6 +245,21 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     return summary
 
 
+def _settle(refs: list[Any], timeout: float = 10.0) -> None:
+    """Let units in flight finish or fail before the actors are killed.
+
+    Killing an actor with a unit in flight makes Ray print a retry notice; a
+    failed job should end with its own one-line error only.
+    """
+    import ray
+
+    for ref in refs:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref)  # queued units never start
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=timeout)
+
+
 def _drive(cfg: ExtractConfig, writer: RunWriter, actors: list[Any],
            summary: ExtractSummary) -> None:  # fmt: skip
     import ray
@@ -249,6 +284,7 @@ def _drive(cfg: ExtractConfig, writer: RunWriter, actors: list[Any],
                 try:
                     _unit, n, _secs = ray.get(ready[0])
                 except Exception as e:
+                    _settle(list(in_flight))
                     raise unwrap(e, cfg.store) from None
                 summary.units_written += 1
                 summary.images_written += n

@@ -45,6 +45,11 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 _saved_env: dict[str, str | None] | None = None
 
 
+def _debug() -> bool:
+    # Workers' own logs reach the terminal only with --debug: errors arrive as exceptions.
+    return bool(os.environ.get("VITCNN_DEBUG"))
+
+
 def _loopback_only() -> None:
     """Bind every Ray component started from now on to loopback (undone by :func:`disconnect`)."""
     global _saved_env
@@ -92,14 +97,22 @@ def start_local_ray(
         "include_dashboard": False,
         "_node_ip_address": "127.0.0.1",
         "logging_level": logging.WARNING,
-        "log_to_driver": True,
+        "log_to_driver": _debug(),
         **options,
     }
     for key, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus),
                        ("object_store_memory", object_store_memory)):  # fmt: skip
         if value is not None:
             kwargs[key] = value
-    ray.init(**kwargs)
+    # Ray announces that it turned token auth on (we keep it on); errors stay one line.
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = notice.level
+    if not _debug():
+        notice.setLevel(logging.ERROR)
+    try:
+        ray.init(**kwargs)
+    finally:
+        notice.setLevel(level)
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -167,7 +180,7 @@ def connect(address: str | None) -> bool:
     if target is not None and _is_loopback(target[0]):
         _loopback_only()  # our node registered as 127.0.0.1: the driver must agree
     try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=_debug())
     except (ConnectionError, RuntimeError, ValueError) as e:
         _restore_env()
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -217,6 +230,12 @@ def unwrap(error: BaseException, url: str = "the store") -> BaseException:
     cause: BaseException | None = error
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
+        inner = getattr(cause, "cause", None)
+        if isinstance(inner, BaseException) and inner is not cause:
+            # A Ray task error (which may also subclass the cause): its text is a
+            # remote traceback; what it wraps is the error to report.
+            cause = inner
+            continue
         if isinstance(cause, VitcnnError):
             return cause
         if isinstance(cause, OSError):
@@ -225,5 +244,5 @@ def unwrap(error: BaseException, url: str = "the store") -> BaseException:
             mapped = environment_error(url, cause)
             if mapped is not None:
                 return mapped
-        cause = getattr(cause, "cause", None) or cause.__cause__
+        cause = cause.__cause__ or cause.__context__
     return error

@@ -349,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.raw_argv = argv
     debug = args.debug or bool(os.environ.get("VITCNN_DEBUG"))
+    if debug:
+        os.environ["VITCNN_DEBUG"] = "1"  # Ray workers' logs reach the terminal too
     try:
         return COMMANDS[args.command](args)
     except Exception as e:

@@ -215,3 +215,36 @@ def test_strict_stops_before_writing(tmp_path: Path) -> None:
     with pytest.raises(ImageSetError, match=r"3\.png"):
         extract(_config(str(url), "r", images=str(folder), limit=None, strict=True))
     assert not url.exists()
+
+
+def test_resume_refuses_changed_images(tmp_path: Path) -> None:
+    import hashlib
+
+    from tests.jobs.test_refusal import snapshot
+    from vitcnn_store.errors import RunMismatchError
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):  # BMP: same size whatever the pixels
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.bmp")
+    url = str(tmp_path / "acts.zarr")
+    cfg = _config(url, "r", images=str(folder), limit=None, chunk_size=2, attention=False,
+                  inputs=False, layers="blocks.0")  # fmt: skip
+    template = plan_extraction(cfg)
+    prepare_store(cfg, template)
+    UnitExtractor(template.plan).run_unit(0)  # a job that stopped after one unit
+    run = open_store(url)["r"]
+    assert list(run.image_sha256) == [
+        hashlib.sha256((folder / f"{i}.bmp").read_bytes()).hexdigest() for i in range(6)
+    ]
+    assert run["blocks.0"].image_sha256.values[0] == run.image_sha256[0]
+    size = (folder / "4.bmp").stat().st_size
+    for i in (1, 4):  # other pixels, same size, same names
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.bmp")
+    assert (folder / "4.bmp").stat().st_size == size
+    before = snapshot(Path(url))
+    with pytest.raises(RunMismatchError, match=r"2 image\(s\) changed .*\(1\.bmp, 4\.bmp\)"):
+        extract(_config(url, "r", images=str(folder), limit=None, chunk_size=2, attention=False,
+                        inputs=False, layers="blocks.0", resume=True))  # fmt: skip
+    assert snapshot(Path(url)) == before
