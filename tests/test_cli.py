@@ -84,3 +84,36 @@ def test_query_unknown_layer_exit_2(tiny_store: str, capsys: pytest.CaptureFixtu
 def test_argparse_errors_exit_2() -> None:
     result = run_cli("extract", "resnet18")
     assert result.returncode == 2 and "required" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--images", "0:5:0"], "step must not be zero"),
+        (["--images", "a:b"], "START:STOP"),
+        (["--out", "{tmp}/no/such/folder/x.npy"], "does not exist; create it first"),
+    ],
+)
+def test_query_bad_input_is_one_line_exit_2(
+    tiny_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+    message: str,
+) -> None:  # fmt: skip
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(["query", tiny_store, "vit", "blocks.1", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "no").exists()
+
+
+def test_show_and_verify_name_checks(tiny_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["show", tiny_store, "x" * 300]) == 2
+    assert "300 characters" in capsys.readouterr().err
+    assert main(["verify", tiny_store, "zarr.json"]) == 2
+    assert "zarr uses that name" in capsys.readouterr().err
+
+
+def test_model_arg_cannot_carry_weights(capsys: pytest.CaptureFixture[str]) -> None:
+    for key in ("checkpoint_path='w.pth'", "pretrained=True", "pretrained_cfg_overlay={}"):
+        assert main(["layers", "resnet18", "--model-arg", key]) == 2
+        err = capsys.readouterr().err
+        assert "--checkpoint" in err and "--pretrained" in err, err

@@ -237,16 +237,16 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def _parse_images(text: str, n: int) -> Any:
     try:
-        if ":" in text:
-            parts = [int(p) if p.strip() else None for p in text.split(":")]
-            if len(parts) > 3:
-                raise ValueError
-            if len(parts) == 3 and parts[2] == 0:
-                raise UsageError(f"--images {text!r}: the step must not be zero (START:STOP:STEP)")
-            return slice(*parts)
-        return [int(p) for p in text.split(",") if p.strip()]
+        if ":" not in text:
+            return [int(p) for p in text.split(",") if p.strip()]
+        parts = [int(p) if p.strip() else None for p in text.split(":")]
     except ValueError:
-        raise UsageError(f"--images wants START:STOP[:STEP] or i,j,k, got {text!r}") from None
+        parts = []
+    if not 2 <= len(parts) <= 3:
+        raise UsageError(f"--images wants START:STOP[:STEP] or i,j,k, got {text!r}")
+    if len(parts) == 3 and parts[2] == 0:
+        raise UsageError(f"--images {text!r}: the step must not be zero (START:STOP:STEP)")
+    return slice(*parts)
 
 
 def _check_out(path: str | None) -> None:

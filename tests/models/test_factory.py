@@ -107,3 +107,14 @@ def test_pickled_code_payload_is_refused(tmp_path: Path) -> None:
 def test_pretrained_and_checkpoint_are_exclusive() -> None:
     with pytest.raises(ModelError):
         ModelSpec("resnet18", pretrained=True, checkpoint="x.pth")
+
+
+@pytest.mark.parametrize(
+    "key", ["checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
+            "pretrained_strict"],
+)  # fmt: skip
+def test_model_args_cannot_load_weights(key: str) -> None:
+    # Weights loaded behind provenance's back would be recorded as random-init.
+    with pytest.raises(ModelError, match=r"--checkpoint PATH .* --pretrained"):
+        ModelSpec("resnet18", model_args={key: "w.pth"})
+    assert ModelSpec("resnet18", model_args={"drop_rate": 0.1}).weights_source == "random-init"
