@@ -1,10 +1,13 @@
 """Extraction overhead: vitcnn extraction against the bare timm forward, in one process.
 
-Both sides run the same model, images, batch size and torch threads. "bare" is
+All sides run the same model, images, batch size and torch threads. "bare" is
 what any inference loop does (decode + preprocess + forward); "forward" is the
 model call alone on pre-decoded batches. "vitcnn" is the worker's unit pipeline
 (decode → forward with capture hooks → float16 → zarr write), run two units at
-a time as the Ray actor does so writes overlap forwards.
+a time as the Ray actor does so writes overlap forwards. "no crc" is the same
+pipeline writing a store whose codec chains lack the crc32c checksum (format 2
+always has it: this run exists only to price it), and the read columns read
+every stored array back with and without checksum verification.
 
     python benchmarks/extract_overhead.py                       # CPU, ViT-B/16 and ResNet-50
     python benchmarks/extract_overhead.py --device cuda --images 512 --batch 64
@@ -13,19 +16,40 @@ a time as the Ray actor does so writes overlap forwards.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+import zarr
 
+import vitcnn_store.store.writer as writer_module
 from jobs.extract import ExtractConfig, plan_extraction, prepare_store
 from jobs.plan import with_threads
 from jobs.worker import UnitExtractor
 from vitcnn_store.describe import format_bytes, table
 from vitcnn_store.models import ModelSpec, build_model, make_transform
+from vitcnn_store.store.chunks import walk_arrays
+
+
+@contextlib.contextmanager
+def without_checksums() -> Iterator[None]:
+    """Create runs whose codec chains end without crc32c (for pricing it only)."""
+    original = writer_module.checksummed
+
+    def plain(compression: str = "lz4") -> list:
+        return [c for c in original(compression) if c.to_dict()["name"] != "crc32c"]
+
+    writer_module.checksummed = plain
+    try:
+        yield
+    finally:
+        writer_module.checksummed = original
 
 
 def bare_pass(model, batches, device: str, fmt) -> float:
@@ -58,27 +82,42 @@ def vitcnn_pass(extractor, n_units: int) -> float:
     return time.perf_counter() - t0
 
 
-def measure(plan, n: int, n_units: int, batch: int, device: str, rounds: int) -> dict[str, float]:
+def read_pass(url: str, run: str) -> float:
+    """Seconds to read every image-indexed array of a run back (decompress, verify)."""
+    group = zarr.open_group(url, mode="r", path=run, use_consolidated=False)
+    t0 = time.perf_counter()
+    for _, arr in walk_arrays(group):
+        arr[...]
+    return time.perf_counter() - t0
+
+
+def measure(plans, urls, n, n_units, batch, device, rounds) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """Best-of-``rounds`` seconds, the ways interleaved so machine noise hits all alike."""
+    plan = plans["crc"]
     fmt_cl = torch.channels_last
     models = {
         "nchw": build_model(plan.model).to(device),
         "cl": build_model(plan.model).to(device, memory_format=fmt_cl),
     }
-    extractor = UnitExtractor(plan)
+    extractors = {k: UnitExtractor(p) for k, p in plans.items()}
     batches, _ = decode_all(plan, n, batch)
     bare_pass(models["nchw"], batches[:1], device, torch.contiguous_format)  # warm-ups
     bare_pass(models["cl"], batches[:1], device, fmt_cl)
-    extractor.run_unit(0)
-    best = dict.fromkeys(["decode", "forward", "forward_cl", "vitcnn"], float("inf"))
+    for extractor in extractors.values():
+        extractor.run_unit(0)
+    keys = ["decode", "forward", "forward_cl", "crc", "nocrc", "read_crc", "read_nocrc"]
+    best = dict.fromkeys(keys, float("inf"))
     for _ in range(rounds):
         best["decode"] = min(best["decode"], decode_all(plan, n, batch)[1])
         best["forward"] = min(best["forward"], bare_pass(models["nchw"], batches, device,
                                                         torch.contiguous_format))  # fmt: skip
         best["forward_cl"] = min(best["forward_cl"], bare_pass(models["cl"], batches, device,
                                                               fmt_cl))  # fmt: skip
-        best["vitcnn"] = min(best["vitcnn"], vitcnn_pass(extractor, n_units))
-    extractor.close()
+        for key, extractor in extractors.items():
+            best[key] = min(best[key], vitcnn_pass(extractor, n_units))
+            best[f"read_{key}"] = min(best[f"read_{key}"], read_pass(urls[key], "bench"))
+    for extractor in extractors.values():
+        extractor.close()
     return best
 
 
@@ -95,36 +134,47 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (best kept)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    rows, notes = [], []
+    rows, checks, notes = [], [], []
     for name in args.models.split(","):
         tmp = Path(tempfile.mkdtemp(prefix="vitcnn-bench-"))
         try:
-            cfg = ExtractConfig(
-                model=ModelSpec(name), images="builtin:photos", store=str(tmp / "s.zarr"),
-                run="bench", layers=args.layers, dtype=args.dtype, chunk_size=args.batch,
-                compression=args.compression, limit=args.images, progress=False,
-                device=args.device,
-            )  # fmt: skip
-            template = with_threads(plan_extraction(cfg), args.threads)
-            plan, specs = template.plan, template.specs
-            writer = prepare_store(cfg, template)
+            urls = {"crc": str(tmp / "crc.zarr"), "nocrc": str(tmp / "nocrc.zarr")}
+            plans = {}
+            for key, url in urls.items():
+                cfg = ExtractConfig(
+                    model=ModelSpec(name), images="builtin:photos", store=url,
+                    run="bench", layers=args.layers, dtype=args.dtype, chunk_size=args.batch,
+                    compression=args.compression, limit=args.images, progress=False,
+                    device=args.device,
+                )  # fmt: skip
+                template = with_threads(plan_extraction(cfg), args.threads)
+                with without_checksums() if key == "nocrc" else contextlib.nullcontext():
+                    writer = prepare_store(cfg, template)
+                plans[key] = replace(template.plan, url=url)
+                specs = template.specs
             n = writer.n_images
-            t = measure(plan, n, len(writer.units), args.batch, args.device, args.rounds)
-            t_fwd, t_bare, t_ours = t["forward"], t["decode"] + t["forward"], t["vitcnn"]
-            if plan.channels_last:  # what we run for CNNs, shown for transparency
+            t = measure(plans, urls, n, len(writer.units), args.batch, args.device, args.rounds)
+            t_fwd, t_bare, t_ours = t["forward"], t["decode"] + t["forward"], t["crc"]
+            if plans["crc"].channels_last:  # what we run for CNNs, shown for transparency
                 t_cl = t["decode"] + t["forward_cl"]
                 notes.append(
                     f"{name}: vitcnn runs CNNs channels-last; bare channels-last "
                     f"{n / t_cl:.2f} img/s, vitcnn/that {t_cl / t_ours:.2f}"
                 )
             stored = sum(
-                f.stat().st_size for f in (tmp / "s.zarr" / "bench").rglob("*") if f.is_file()
+                f.stat().st_size for f in (tmp / "crc.zarr" / "bench").rglob("*") if f.is_file()
             )
             raw32 = sum(4 * int(torch.tensor(s.shape).prod()) for s in specs)  # per image, float32
             rows.append([
                 name, f"{n / t_fwd:.2f}", f"{n / t_bare:.2f}", f"{n / t_ours:.2f}",
                 f"{t_bare / t_ours:.2f}", f"{t_fwd / t_ours:.2f}",
                 format_bytes(stored / n), format_bytes(raw32), f"{stored / n / raw32:.2f}",
+            ])  # fmt: skip
+            checks.append([
+                name, f"{n / t['nocrc']:.2f}", f"{n / t['crc']:.2f}",
+                f"{(t['crc'] / t['nocrc'] - 1) * 100:+.1f} %",
+                f"{stored / t['read_nocrc'] / 2**20:.0f}", f"{stored / t['read_crc'] / 2**20:.0f}",
+                f"{(t['read_crc'] / t['read_nocrc'] - 1) * 100:+.1f} %",
             ])  # fmt: skip
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -138,6 +188,12 @@ def main() -> None:
     ]))  # fmt: skip
     print("\n".join(notes))
     print("target: vitcnn/bare >= 0.90")
+    print("\nchecksum (crc32c on every chunk) cost, same pipeline with and without it:")
+    print(table(checks, [
+        "model", "no crc img/s", "crc img/s", "extract cost", "read no crc MiB/s",
+        "read crc MiB/s", "read cost",
+    ]))  # fmt: skip
+    print("target: a few percent at most")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,12 @@ Examples
 
 from vitcnn_store._version import FORMAT_VERSION, __version__
 from vitcnn_store.errors import (
+    BrokenRunError,
     CheckpointError,
+    ClusterError,
+    DamagedDataError,
     DtypeOverflowError,
+    EnvironmentFailureError,
     ImageDecodeError,
     ImageSetError,
     IncompleteRunError,
@@ -27,17 +31,23 @@ from vitcnn_store.errors import (
     RunMismatchError,
     RunNotFoundError,
     StoreError,
+    StoreUnavailableError,
     StoreVersionError,
     UnknownModelError,
     UsageError,
     VitcnnError,
 )
 from vitcnn_store.store.reader import Run, Store, open_store
+from vitcnn_store.store.verify import verify_store
 
 __all__ = [
     "FORMAT_VERSION",
+    "BrokenRunError",
     "CheckpointError",
+    "ClusterError",
+    "DamagedDataError",
     "DtypeOverflowError",
+    "EnvironmentFailureError",
     "ImageDecodeError",
     "ImageSetError",
     "IncompleteRunError",
@@ -51,10 +61,12 @@ __all__ = [
     "RunNotFoundError",
     "Store",
     "StoreError",
+    "StoreUnavailableError",
     "StoreVersionError",
     "UnknownModelError",
     "UsageError",
     "VitcnnError",
     "__version__",
     "open_store",
+    "verify_store",
 ]

@@ -76,29 +76,38 @@ def describe_model_layers(spec: Any, patterns: str | None = None) -> str:
 RECOVER = "--overwrite or --resume recovers it"
 
 
-def _damage(run: Any) -> str:
+def _damage(run: Any, objects: dict[str, int] | None) -> str:
     """``""`` when every done unit has all its chunks, else a short note."""
-    try:
-        missing = run.missing_chunks()
-    except (StoreUnavailableError, OSError, NotImplementedError):
-        return ""  # a remote store that cannot be listed cheaply: verify checks it
+    from vitcnn_store.store.chunks import missing_unit_chunks
+
+    if objects is None:
+        return ""  # a store that cannot be listed cheaply: verify checks it
+    missing = missing_unit_chunks(run.group, run.done, objects)
     if not missing:
         return ""
     units = sorted({u for _, u in missing})
     return f"DAMAGED: {len(missing)} missing chunk(s) in {len(units)} unit(s), run vitcnn verify"
 
 
+def _objects(run: Any) -> dict[str, int] | None:
+    """One listing of the run's objects (sizes and chunk keys), or None if unavailable."""
+    from vitcnn_store.store.chunks import list_objects
+
+    try:
+        return list_objects(run.store.url, run.name)
+    except (StoreUnavailableError, OSError, NotImplementedError):
+        return None
+
+
 def _run_row(store: Any, name: str) -> list[str]:
     run = store[name]
     a = run.attrs
-    try:
-        size = format_bytes(run.nbytes_stored())
-    except Exception:  # remote stores may not support du cheaply
-        size = "?"
+    objects = _objects(run)
+    size = format_bytes(sum(objects.values())) if objects is not None else "?"
     try:
         done = run.done
         units = f"{int(done.sum())}/{done.size}" + ("" if done.all() else " INCOMPLETE")
-        damage = _damage(run)
+        damage = _damage(run, objects)
         failed = str(len(run.failed))
     except DamagedDataError:
         units, damage, failed = "?", "DAMAGED: unreadable flags, run vitcnn verify", "?"
@@ -174,27 +183,39 @@ def describe_run(url: str, run_name: str) -> str:
         return str(dict(zip(x.dims[1:], x.shape[1:], strict=True)))
 
     rows = []
-    for layer in run.layers:
-        x = run[layer]
-        rows.append([layer, str(x.attrs.get("kind")), f"{x.attrs.get('depth_fraction', 0):.2f}",
-                     shape(x), str(x.dtype)])  # fmt: skip
-    for layer in run.attention_layers:
-        a = run.attention(layer)
-        rows.append([f"{layer}/attention", "attention", "", shape(a), str(a.dtype)])
-    if "input" in run.group:
-        x = run.inputs
-        rows.append(["input", "input", "", shape(x), str(x.dtype)])
+    for label, read in [
+        *((layer, lambda layer=layer: run[layer]) for layer in run.layers),
+        *((f"{layer}/attention", lambda layer=layer: run.attention(layer))
+          for layer in run.attention_layers),
+        *([("input", lambda: run.inputs)] if "input" in run.group else []),
+    ]:  # fmt: skip
+        try:
+            x = read()
+        except DamagedDataError as e:  # e.g. a damaged coordinate chunk: say so, go on
+            rows.append([label, "DAMAGED", "", str(e).split(";")[0][:60], ""])
+            continue
+        kind = "attention" if label.endswith("/attention") else str(x.attrs.get("kind"))
+        depth = "" if kind in ("attention", "input") else f"{x.attrs.get('depth_fraction', 0):.2f}"
+        rows.append([label, "input" if label == "input" else kind, depth, shape(x), str(x.dtype)])
     lines += [
         "",
         f"arrays ({len(rows)}):",
         table(rows, ["layer", "kind", "depth", "shape", "dtype"]),
     ]
-    done = run.done
-    lines += ["", f"units done: {int(done.sum())}/{done.size}"]
-    damage = _damage(run)
+    try:
+        done = run.done
+        lines += ["", f"units done: {int(done.sum())}/{done.size}"]
+        damage = _damage(run, _objects(run))
+    except DamagedDataError:
+        lines += ["", "units done: unreadable"]
+        damage = "DAMAGED: unreadable flags, run vitcnn verify"
     if damage:
         lines.append(damage)
-    failed = run.failed
+    try:
+        failed = run.failed
+    except DamagedDataError:
+        lines.append("failed images: unreadable (DAMAGED: run vitcnn verify)")
+        return "\n".join(lines)
     lines.append(f"failed images: {len(failed)}")
     lines += [f"  {k}: {v}" for k, v in list(failed.items())[:20]]
     if len(failed) > 20:

@@ -7,6 +7,7 @@ files deleted, a run creation interrupted part way, a corrupt ``zarr.json``.
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +184,14 @@ def test_corrupt_root_metadata_is_one_line_exit_1(
         assert main(args) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "zarr.json is unreadable" in err, err
+
+
+def test_show_reports_damage_instead_of_failing(store: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    flip(Path(store, "r", "blocks.0", "token_kind", "c", "0"))
+    flip(Path(store, "r", "done", "c", "1"), offset=0)
+    assert main(["show", store, "r"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\nblocks\.0 +DAMAGED", out), out
+    assert "layer1.0" in out and "units done: unreadable" in out
+    assert main(["ls", store]) == 0
+    assert "DAMAGED: unreadable flags" in capsys.readouterr().out
