@@ -137,11 +137,15 @@ def test_half_written_unit_is_never_done_and_is_rewritten(clean: str, tmp_path: 
 
 
 def test_live_lease_refuses_a_second_job(clean: str) -> None:
+    from tests.jobs.test_refusal import snapshot
+
     acquire_lease(clean, "r", "job-other", ttl=2)
+    before = snapshot(Path(clean))
     with pytest.raises(RunLockedError, match="job-other"):
         extract(config(clean, "r", resume=True))
     with pytest.raises(RunLockedError, match="job-other"):
         extract(config(clean, "r", overwrite=True))
+    assert snapshot(Path(clean)) == before  # refused: not a byte changed
     time.sleep(2.5)
     # Nothing left to do: the finished run is not touched, the stale lease stays expired.
     assert extract(config(clean, "r", resume=True)).units_written == 0

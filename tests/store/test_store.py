@@ -251,3 +251,20 @@ def test_compressions_round_trip(tmp_path: Path, compression: str) -> None:
     with pytest.raises(UsageError):
         create_run(url, "r2", image_ids=["a"], labels=[0], chunk=1, dtype="float32",
                    arrays=SPECS[:1], attrs=PROVENANCE, compression="gzip")  # fmt: skip
+
+
+def test_xarray_encoding_checksums_derived_results(tmp_path: Path) -> None:
+    from vitcnn_store.store import xarray_encoding
+
+    ds = xr.Dataset(
+        {"cka": (("a", "b"), np.eye(3)), "depth_index_a": ("a", np.arange(3)),
+         "offset": ("a", np.array([-1, 0, 1]))},
+        coords={"layer": ("a", ["x", "y", "z"])},
+    )  # fmt: skip
+    url = str(tmp_path / "r.zarr")
+    ds.to_zarr(url, mode="w", zarr_format=3, consolidated=False, encoding=xarray_encoding(ds))
+    group = zarr.open_group(url, mode="r")
+    assert all(has_checksum(group[k]) for k in ("cka", "depth_index_a", "offset", "layer"))
+    assert group["depth_index_a"].fill_value == -1
+    assert group["offset"].fill_value == np.iinfo(np.int64).min
+    xr.testing.assert_identical(xr.open_zarr(url).load(), ds)
