@@ -143,13 +143,30 @@ class ExtractSummary:
         return "\n".join(lines)
 
 
-def _pending_before_start(cfg: ExtractConfig, create: bool, n_units: int) -> int:
-    """How many units the job will write (read-only: the run is not touched yet)."""
+def _units_to_write(cfg: ExtractConfig, create: bool, n_units: int) -> list[int]:
+    """Units the job will write (read-only: the run is not touched yet).
+
+    A resumed run's unfinished units, plus finished units with a chunk object
+    missing (found by one listing of the run; damaged chunks need `vitcnn verify`).
+    """
     if create:
-        return n_units
+        return list(range(n_units))
+    from vitcnn_store.errors import StoreUnavailableError
     from vitcnn_store.store import open_store
 
-    return int((~open_store(cfg.store)[cfg.run].done.astype(bool)).sum())
+    run = open_store(cfg.store)[cfg.run]
+    todo = {int(u) for u in (~run.done.astype(bool)).nonzero()[0]}
+    try:
+        missing = {u for _, u in run.missing_chunks()}
+    except (StoreUnavailableError, OSError, NotImplementedError):
+        missing = set()  # a store that cannot be listed: `vitcnn verify` finds these
+    if missing - todo:
+        print(
+            f"vitcnn extract: {len(missing - todo)} finished unit(s) of {cfg.run!r} have missing "
+            "chunks: rewriting them",
+            file=sys.stderr,
+        )
+    return sorted(todo | missing)
 
 
 def _last_error_line(e: BaseException) -> str:
@@ -220,16 +237,16 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     n_images = len(template.plan.images)
     n_units = -(-n_images // cfg.chunk_size)
     summary = ExtractSummary(cfg.run, cfg.store, n_images, n_units, 0, 0, {}, 0.0)
-    pending = _pending_before_start(cfg, create, n_units)
-    if pending:
+    units = _units_to_write(cfg, create, n_units)
+    if units:
         started = connect(cfg.address)
         try:
             check_resources(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker)
-            actors = _start_workers(cfg, template, min(cfg.workers, pending))
+            actors = _start_workers(cfg, template, min(cfg.workers, len(units)))
             try:
                 if create:  # the job is certain to start: only now replace anything
                     create_run_from(cfg, template)
-                _drive(cfg, RunWriter(cfg.store, cfg.run), actors, summary)
+                _drive(cfg, RunWriter(cfg.store, cfg.run), actors, summary, units)
             finally:
                 import ray
 
@@ -260,14 +277,15 @@ def _settle(refs: list[Any], timeout: float = 10.0) -> None:
         ray.wait(refs, num_returns=len(refs), timeout=timeout)
 
 
-def _drive(cfg: ExtractConfig, writer: RunWriter, actors: list[Any],
-           summary: ExtractSummary) -> None:  # fmt: skip
+def _drive(cfg: ExtractConfig, writer: RunWriter, actors: list[Any], summary: ExtractSummary,
+           units: list[int]) -> None:  # fmt: skip
     import ray
     from tqdm.auto import tqdm
 
     keeper = LeaseKeeper(cfg.store, cfg.run, cfg.lease_ttl)
+    released = False
     try:
-        queue = writer.pending_units()
+        queue = list(units)
         in_flight: dict[Any, Any] = {}
         total = sum(writer.units[u][1] - writer.units[u][0] for u in queue)
         bar = tqdm(total=total, unit="img", desc=f"extract {cfg.run}", disable=not cfg.progress,
@@ -294,5 +312,14 @@ def _drive(cfg: ExtractConfig, writer: RunWriter, actors: list[Any],
                     in_flight[actor.run_unit.remote(queue.pop(0))] = actor
         finally:
             bar.close()
+    except VitcnnError as e:
+        released = keeper.release()
+        if not released:  # e.g. the disk is full: the lease lapses on its own
+            raise type(e)(
+                f"{e}; the run's lease could not be dropped, so --resume can take over "
+                f"after {keeper.lease.expires_at}"
+            ) from e
+        raise
     finally:
-        keeper.release()
+        if not released:
+            keeper.release()

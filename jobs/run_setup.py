@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from vitcnn_store.errors import ImageSetError
+from vitcnn_store.errors import ImageSetError, VitcnnError
 from vitcnn_store.store import RunWriter, check_writable, create_run, prepare_run
 from vitcnn_store.store.lease import (
     Lease,
@@ -107,7 +107,13 @@ class LeaseKeeper:
         if self._error is not None:
             raise self._error
 
-    def release(self) -> None:
+    def release(self) -> bool:
+        """Stop renewing and drop the lease; False if it could not be dropped (e.g. disk
+        full): it then expires on its own at ``self.lease.expires_at``."""
         self._stop.set()
         self._thread.join()
-        release_lease(self.url, self.run, self.lease.owner)
+        try:
+            release_lease(self.url, self.run, self.lease.owner)
+        except (VitcnnError, OSError):
+            return False
+        return True

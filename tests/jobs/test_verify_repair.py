@@ -68,3 +68,15 @@ def test_damage_is_refused_found_and_repaired(
     assert summary.units_written == 3  # type: ignore[attr-defined]
     assert_runs_identical(store, "vit", str(clean), "vit")
     assert main(["verify", store, "--no-progress"]) == 0
+
+
+def test_resume_rewrites_finished_units_with_missing_chunks(
+    clean: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = tmp_path / "acts.zarr"
+    shutil.copytree(clean, url)
+    chunk(str(url), "vit", "blocks.1/activation", 2).unlink()
+    summary = extract_tiny(url, "vit", resume=True, **OPTIONS)
+    assert summary.units_written == 1  # type: ignore[attr-defined]
+    assert "1 finished unit(s) of 'vit' have missing chunks" in capsys.readouterr().err
+    assert_runs_identical(str(url), "vit", str(clean), "vit")
