@@ -195,3 +195,14 @@ def test_show_reports_damage_instead_of_failing(store: str, capsys) -> None:  # 
     assert "layer1.0" in out and "units done: unreadable" in out
     assert main(["ls", store]) == 0
     assert "DAMAGED: unreadable flags" in capsys.readouterr().out
+
+
+def test_corrupt_layer_metadata(store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    Path(store, "r", "blocks.0", "activation", "zarr.json").write_text('{"zarr_format": 3, "no')
+    assert main(["query", store, "r", "layer1.0"]) == 1
+    assert "damaged metadata in" in capsys.readouterr().err
+    assert main(["ls", store]) == 0
+    assert "other" in capsys.readouterr().out
+    assert main(["verify", store, "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "unreadable" in out and "OK" not in out

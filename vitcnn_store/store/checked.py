@@ -18,10 +18,11 @@ import numpy as np
 from vitcnn_store.errors import DamagedDataError
 from vitcnn_store.store.layout import environment_error, quiet_zarr
 
-__all__ = ["CheckedArray", "checked_dask", "damage_error", "read_checked"]
+__all__ = ["CheckedArray", "checked_dask", "damage_error", "failure_reason", "read_checked"]
 
 
-def _reason(e: BaseException) -> str:
+def failure_reason(e: BaseException) -> str:
+    """A short reason for a failed chunk read: ``checksum mismatch`` or the decode error."""
     text = str(e)
     if "checksum" in text.lower():
         return "checksum mismatch"
@@ -34,7 +35,7 @@ def _advice(url: str, run: str) -> str:
 
 def damage_error(
     url: str, run: str, layer: str, e: BaseException, unit: int | None = None,
-    images: tuple[int, int] | None = None,
+    images: tuple[int, int] | None = None, what: str = "chunk",
 ) -> Exception:  # fmt: skip
     """The error for a failed read: a storage failure, or damaged data named precisely."""
     mapped = environment_error(url, e)
@@ -46,7 +47,7 @@ def damage_error(
     if images is not None:
         where += f" (images {images[0]}-{images[1] - 1})"
     return DamagedDataError(
-        f"damaged chunk in {url}: {where}: {_reason(e)}; {_advice(url, run)}",
+        f"damaged {what} in {url}: {where}: {failure_reason(e)}; {_advice(url, run)}",
         run=run, layer=layer, unit=unit,
     )  # fmt: skip
 

@@ -13,15 +13,23 @@ from typing import Any
 
 import numpy as np
 
-from vitcnn_store.store.layout import IMAGE_COORDS, quiet_zarr, store_io
+from vitcnn_store.errors import DamagedDataError
+from vitcnn_store.store.layout import IMAGE_COORDS, environment_error, quiet_zarr, store_io
 
 __all__ = ["chunk_key", "list_objects", "missing_unit_chunks", "unit_arrays", "walk_arrays"]
 
 
 def walk_arrays(group: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """Every array under ``group`` as ``(path, array)``, depth first, in name order."""
-    with quiet_zarr():
-        members = sorted(group.members(), key=lambda kv: kv[0])
+    try:
+        with quiet_zarr():
+            members = sorted(group.members(), key=lambda kv: kv[0])
+    except Exception as e:  # a corrupt zarr.json below the group
+        if environment_error("", e) is not None:
+            raise
+        raise DamagedDataError(
+            f"metadata below {group.path or '/'} is unreadable ({type(e).__name__})"
+        ) from e
     for key, node in members:
         path = f"{prefix}{key}"
         if hasattr(node, "members"):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vitcnn_store.errors import BrokenRunError, RunNotFoundError
-from vitcnn_store.store.checked import CheckedArray, checked_dask, read_checked
+from vitcnn_store.store.checked import CheckedArray, checked_dask, damage_error, read_checked
 from vitcnn_store.store.layout import open_root, quiet_zarr, unit_bounds
 from vitcnn_store.store.runs import RunEntry, list_runs, run_format
 
@@ -117,23 +117,25 @@ class Run:
     def chunk_size(self) -> int:
         return int(self.attrs["chunk_size"])
 
-    def _groups(self) -> dict[str, Any]:
-        with quiet_zarr():
-            return {k: g for k, g in self.group.groups() if not k.startswith(("_", "."))}
+    def _holding(self, array: str) -> list[str]:
+        """Layer groups holding ``array``, in forward order."""
+        try:
+            with quiet_zarr():
+                groups = {k: g for k, g in self.group.groups() if not k.startswith(("_", "."))}
+                names = [k for k, g in groups.items() if array in g]
+                return sorted(names, key=lambda k: groups[k].attrs.get("depth_index", 0))
+        except Exception as e:  # a corrupt layer zarr.json: name the run, not a traceback
+            raise damage_error(self.store.url, self.name, "-", e, what="metadata") from e
 
     @cached_property
     def layers(self) -> list[str]:
         """Stored layer paths in forward order."""
-        groups = self._groups()
-        names = [k for k, g in groups.items() if "activation" in g]
-        return sorted(names, key=lambda k: groups[k].attrs.get("depth_index", 0))
+        return self._holding("activation")
 
     @cached_property
     def attention_layers(self) -> list[str]:
         """Attention module paths with stored probabilities, in forward order."""
-        groups = self._groups()
-        names = [k for k, g in groups.items() if "attention" in g]
-        return sorted(names, key=lambda k: groups[k].attrs.get("depth_index", 0))
+        return self._holding("attention")
 
     def _read(self, key: str) -> np.ndarray:
         with quiet_zarr():

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from vitcnn_store.errors import RunNotFoundError
-from vitcnn_store.store.checked import _reason
+from vitcnn_store.errors import DamagedDataError, RunNotFoundError
+from vitcnn_store.store.checked import failure_reason
 from vitcnn_store.store.chunks import chunk_key, grid, list_objects, unit_arrays, walk_arrays
 from vitcnn_store.store.codecs import has_checksum
 from vitcnn_store.store.layout import (
@@ -80,7 +80,7 @@ def _check(task: _Task) -> str | None:
     except Exception as e:
         if environment_error("", e) is not None:
             raise
-        return f"damaged chunk ({_reason(e)})"
+        return f"damaged chunk ({failure_reason(e)})"
     return None
 
 
@@ -193,7 +193,10 @@ def verify_store(
             continue
         with quiet_zarr():
             group = root[entry.name]
-        tasks += _plan_run(url, entry.name, group, report)
+        try:
+            tasks += _plan_run(url, entry.name, group, report)
+        except DamagedDataError as e:
+            report.problems.append(Problem(entry.name, "-", None, f"{e}: {RECOVER}"))
     bar = None
     if progress:
         from tqdm.auto import tqdm
