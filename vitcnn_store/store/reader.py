@@ -21,7 +21,7 @@ import numpy as np
 from vitcnn_store.errors import BrokenRunError, RunNotFoundError
 from vitcnn_store.store.checked import CheckedArray, checked_dask, damage_error, read_checked
 from vitcnn_store.store.layout import open_root, quiet_zarr, unit_bounds
-from vitcnn_store.store.runs import RunEntry, list_runs, run_format
+from vitcnn_store.store.runs import RunEntry, list_runs, run_entry, run_format
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -71,8 +71,8 @@ class Store:
         return iter(self.runs)
 
     def __getitem__(self, run: str) -> Run:
-        entries = {e.name: e for e in self.entries}
-        entry = entries.get(run)
+        hidden = not run or run.startswith(("_", ".")) or "/" in run
+        entry = None if hidden else run_entry(self._root, run)
         if entry is None:
             known = ", ".join(self.runs) or "none"
             raise RunNotFoundError(f"no run {run!r} in {self.url} (runs: {known})")

@@ -29,7 +29,7 @@ from vitcnn_store.store.layout import (
     store_io,
 )
 
-__all__ = ["RESUME_KEYS", "RunEntry", "list_runs", "prepare_run", "run_format"]
+__all__ = ["RESUME_KEYS", "RunEntry", "list_runs", "prepare_run", "run_entry", "run_format"]
 
 # Provenance keys that must match for --resume to continue a run.
 RESUME_KEYS = (
@@ -54,11 +54,14 @@ def run_format(attrs: Mapping[str, Any]) -> int:
     return value if isinstance(value, int) else 1
 
 
-def _entry(root: Any, name: str) -> RunEntry:
+def run_entry(root: Any, name: str) -> RunEntry | None:
+    """The run ``name`` of an open root group, or None when there is no such child."""
     try:
         with quiet_zarr():
             group = root[name]
             attrs = dict(group.attrs)
+    except KeyError:
+        return None
     except Exception as e:  # unreadable metadata must not hide the other runs
         return RunEntry(name, False, f"metadata unreadable ({type(e).__name__})")
     if not hasattr(group, "members"):
@@ -89,7 +92,9 @@ def list_runs(url: str, root: Any | None = None) -> list[RunEntry]:
             if e.get("type") == "directory"
         )
     names = [n for n in names if n and not n.startswith(("_", "."))]
-    return [_entry(root, n) for n in names]
+    entries = [run_entry(root, n) for n in names]
+    return [e if e is not None else RunEntry(n, False, "no zarr.json")
+            for n, e in zip(names, entries, strict=True)]  # fmt: skip
 
 
 def _json_equal(a: Any, b: Any) -> bool:
