@@ -91,7 +91,17 @@ def read_pass(url: str, run: str) -> float:
     return time.perf_counter() - t0
 
 
-def measure(plans, urls, n, n_units, batch, device, rounds) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def write_pass(extractor, values, failed, reasons, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    """Seconds to write one unit's arrays ``repeats`` times (no model: the store path alone)."""
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        extractor.writer.write_unit(0, values, failed, reasons)
+    return time.perf_counter() - t0
+
+
+def measure(
+    plans, urls, n, n_units, batch, device, rounds, checksum_only=False
+) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """Best-of-``rounds`` seconds, the ways interleaved so machine noise hits all alike."""
     plan = plans["crc"]
     fmt_cl = torch.channels_last
@@ -105,20 +115,46 @@ def measure(plans, urls, n, n_units, batch, device, rounds) -> dict[str, float]:
     bare_pass(models["cl"], batches[:1], device, fmt_cl)
     for extractor in extractors.values():
         extractor.run_unit(0)
-    keys = ["decode", "forward", "forward_cl", "crc", "nocrc", "read_crc", "read_nocrc"]
+    keys = ["decode", "forward", "forward_cl", "crc", "nocrc", "read_crc", "read_nocrc",
+            "write_crc", "write_nocrc"]  # fmt: skip
     best = dict.fromkeys(keys, float("inf"))
+    # One unit's real arrays, for timing the store's write path alone.
+    start, stop = extractors["crc"].writer.units[0]
+    values = extractors["crc"].forward(batches[0])
+    failed, reasons = torch.zeros(stop - start, dtype=torch.bool).numpy(), [""] * (stop - start)
     for _ in range(rounds):
-        best["decode"] = min(best["decode"], decode_all(plan, n, batch)[1])
-        best["forward"] = min(best["forward"], bare_pass(models["nchw"], batches, device,
-                                                        torch.contiguous_format))  # fmt: skip
-        best["forward_cl"] = min(best["forward_cl"], bare_pass(models["cl"], batches, device,
-                                                              fmt_cl))  # fmt: skip
+        if not checksum_only:
+            best["decode"] = min(best["decode"], decode_all(plan, n, batch)[1])
+            best["forward"] = min(best["forward"], bare_pass(models["nchw"], batches, device,
+                                                            torch.contiguous_format))  # fmt: skip
+            best["forward_cl"] = min(best["forward_cl"], bare_pass(models["cl"], batches, device,
+                                                                  fmt_cl))  # fmt: skip
         for key, extractor in extractors.items():
             best[key] = min(best[key], vitcnn_pass(extractor, n_units))
             best[f"read_{key}"] = min(best[f"read_{key}"], read_pass(urls[key], "bench"))
+        for _ in range(5):  # short trials, interleaved: the best shows the cost, not the noise
+            for key, extractor in extractors.items():
+                best[f"write_{key}"] = min(
+                    best[f"write_{key}"], write_pass(extractor, values, failed, reasons, 3)
+                )
     for extractor in extractors.values():
         extractor.close()
     return best
+
+
+def values_of(plan, specs, batch: int) -> list:  # type: ignore[no-untyped-def]
+    """Zero arrays the size of one unit's float data (for the MiB/s of the write path)."""
+    dtype = getattr(torch, plan.dtype)
+    return [torch.empty((batch, *s.shape), dtype=dtype).numpy() for s in specs]
+
+
+def print_overhead(rows, notes) -> None:  # type: ignore[no-untyped-def]
+    print(table(rows, [
+        "model", "forward img/s", "bare img/s", "vitcnn img/s", "vitcnn/bare", "vitcnn/forward",
+        "stored/img", "raw f32/img", "ratio",
+    ]))  # fmt: skip
+    print("\n".join(notes))
+    print("target: vitcnn/bare >= 0.90")
 
 
 def main() -> None:
@@ -132,6 +168,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (best kept)")
+    p.add_argument("--checksum-only", action="store_true", help="only the crc32c comparison")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows, checks, notes = [], [], []
@@ -153,7 +190,8 @@ def main() -> None:
                 plans[key] = replace(template.plan, url=url)
                 specs = template.specs
             n = writer.n_images
-            t = measure(plans, urls, n, len(writer.units), args.batch, args.device, args.rounds)
+            t = measure(plans, urls, n, len(writer.units), args.batch, args.device, args.rounds,
+                        args.checksum_only)  # fmt: skip
             t_fwd, t_bare, t_ours = t["forward"], t["decode"] + t["forward"], t["crc"]
             if plans["crc"].channels_last:  # what we run for CNNs, shown for transparency
                 t_cl = t["decode"] + t["forward_cl"]
@@ -170,9 +208,13 @@ def main() -> None:
                 f"{t_bare / t_ours:.2f}", f"{t_fwd / t_ours:.2f}",
                 format_bytes(stored / n), format_bytes(raw32), f"{stored / n / raw32:.2f}",
             ])  # fmt: skip
+            unit_bytes = sum(v.nbytes for v in values_of(plans["crc"], specs, args.batch))
             checks.append([
                 name, f"{n / t['nocrc']:.2f}", f"{n / t['crc']:.2f}",
                 f"{(t['crc'] / t['nocrc'] - 1) * 100:+.1f} %",
+                f"{3 * unit_bytes / t['write_nocrc'] / 2**20:.0f}",
+                f"{3 * unit_bytes / t['write_crc'] / 2**20:.0f}",
+                f"{(t['write_crc'] / t['write_nocrc'] - 1) * 100:+.1f} %",
                 f"{stored / t['read_nocrc'] / 2**20:.0f}", f"{stored / t['read_crc'] / 2**20:.0f}",
                 f"{(t['read_crc'] / t['read_nocrc'] - 1) * 100:+.1f} %",
             ])  # fmt: skip
@@ -182,17 +224,15 @@ def main() -> None:
         f"\n{args.images} images, batch {args.batch}, {args.threads} threads, {args.device}, "
         f"layers {args.layers}, {args.dtype}, compression {args.compression}"
     )
-    print(table(rows, [
-        "model", "forward img/s", "bare img/s", "vitcnn img/s", "vitcnn/bare", "vitcnn/forward",
-        "stored/img", "raw f32/img", "ratio",
-    ]))  # fmt: skip
-    print("\n".join(notes))
-    print("target: vitcnn/bare >= 0.90")
+    if not args.checksum_only:
+        print_overhead(rows, notes)
     print("\nchecksum (crc32c on every chunk) cost, same pipeline with and without it:")
     print(table(checks, [
-        "model", "no crc img/s", "crc img/s", "extract cost", "read no crc MiB/s",
-        "read crc MiB/s", "read cost",
+        "model", "no crc img/s", "crc img/s", "extract cost", "write no crc MiB/s",
+        "write crc MiB/s", "write cost", "read no crc MiB/s", "read crc MiB/s", "read cost",
     ]))  # fmt: skip
+    print("(write: one unit's arrays written alone, MiB of float data per second; read: stored "
+          "MiB per second)")  # fmt: skip
     print("target: a few percent at most")
 
 
