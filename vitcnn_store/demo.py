@@ -38,7 +38,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from jobs.demo import demo_plan, local_ray
     from jobs.extract import extract
     from vitcnn_store.cli_analyze import describe_result
-    from vitcnn_store.inspect import describe_store
+    from vitcnn_store.describe import describe_store
     from vitcnn_store.report import build_report
     from vitcnn_store.store import open_store
 

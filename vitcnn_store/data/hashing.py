@@ -35,11 +35,12 @@ def sha256_file(path: str) -> str:
 
     Examples
     --------
-    >>> import tempfile
-    >>> with tempfile.NamedTemporaryFile(delete=False) as f:
-    ...     _ = f.write(b"abc")
-    >>> sha256_file(f.name)[:16]
-    'ba7816bf8f01cfea'
+    >>> import pathlib, tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = pathlib.Path(folder, "a.bin")
+    ...     _ = path.write_bytes(b"abc")
+    ...     sha256_file(str(path))[:16], sha256_file(folder + "/missing")
+    ('ba7816bf8f01cfea', '')
     """
     h = hashlib.sha256()
     try:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vitcnn_store.errors import RunNotFoundError
+from vitcnn_store.store.codecs import xarray_encoding
 from vitcnn_store.store.layout import ANALYSES, check_name, open_root, quiet_zarr
 from vitcnn_store.store.writer import consolidate
 
@@ -118,6 +119,8 @@ def write_analysis(url: str, run: str, name: str, ds: xr.Dataset) -> str:
     group = analysis_group(run, name)
     with quiet_zarr():
         # mode="w" replaces this result's group only; siblings and the run stay.
-        ds.to_zarr(url, group=group, mode="w", zarr_format=3, consolidated=False)
+        # Checksummed like the run's own arrays, with integer fills that are not data.
+        ds.to_zarr(url, group=group, mode="w", zarr_format=3, consolidated=False,
+                   encoding=xarray_encoding(ds))  # fmt: skip
     consolidate(url)
     return group

@@ -90,7 +90,7 @@ def coord_chunk(n_images: int, chunk: int) -> int:
     Examples
     --------
     >>> coord_chunk(100, 32), coord_chunk(10**6, 32)
-    (96, 65536)
+    (128, 65536)
     """
     units = max(1, _COORD_CHUNK_IMAGES // chunk)
     return min(units * chunk, -(-n_images // chunk) * chunk)
