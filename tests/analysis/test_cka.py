@@ -8,6 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vitcnn_store.analysis.cka import (
+    CONSTANT_RTOL,
+    ConstantRepresentationWarning,
     MinibatchCKA,
     MinibatchCKAMatrix,
     cka,
@@ -158,8 +160,10 @@ def test_float16_input_gives_float64_result_of_cast_input():
 
 def test_constant_representation_gives_nan_and_small_n_raises():
     X = np.random.default_rng(0).normal(size=(6, 2))
-    assert np.isnan(linear_cka(X, np.ones((6, 3))))
-    assert np.isnan(unbiased_linear_cka(X, np.ones((6, 3))))
+    with pytest.warns(ConstantRepresentationWarning, match="constant"):
+        assert np.isnan(linear_cka(X, np.ones((6, 3))))
+    with pytest.warns(ConstantRepresentationWarning):
+        assert np.isnan(unbiased_linear_cka(X, np.ones((6, 3))))
     with pytest.raises(ValueError, match="n >= 4"):
         unbiased_linear_cka(X[:3], X[:3])
     with pytest.raises(ValueError, match="different numbers of images"):
@@ -352,3 +356,42 @@ def test_sample_batches_are_equal_disjoint_and_sorted(n, batch, repeats, seed, c
     assert [[b.tolist() for b in r] for r in sample_batches(n, batch, repeats, seed, cap)] == [
         [b.tolist() for b in r] for r in reps
     ]
+
+
+# ---------------------------------------------------------------- constant representations
+@pytest.mark.parametrize("value", [1.0, 1000.5, 3e4, -7.25])
+def test_constant_within_rounding_is_nan_not_one(value):
+    # A large constant leaves ~1e-16 of its Gram after centring: never ±1, always NaN.
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(16, 5))
+    C = np.full((16, 300), value, dtype=np.float16)
+    for fn in (linear_cka, unbiased_linear_cka):
+        with pytest.warns(ConstantRepresentationWarning):
+            assert np.isnan(fn(C, X)) and np.isnan(fn(X, C)) and np.isnan(fn(C, C))
+    acc = MinibatchCKAMatrix()
+    with np.errstate(all="ignore"):
+        for b in range(2):
+            acc.update([X[8 * b : 8 * b + 8], C[8 * b : 8 * b + 8], X[8 * b : 8 * b + 8] ** 2])
+    with pytest.warns(ConstantRepresentationWarning, match="1 on the first side, 1 on the"):
+        m = acc.result()
+    assert np.isnan(m[1]).all() and np.isnan(m[:, 1]).all()
+    assert np.isfinite(m[np.ix_([0, 2], [0, 2])]).all()
+
+
+def test_smallest_float16_variation_is_not_constant():
+    # One float16 ulp (0.5 at 1000) on some images of a 2000-feature layer: tiny, but real.
+    import warnings
+
+    C = np.full((12, 2000), 1000.0, dtype=np.float16)
+    C[[3, 5, 8]] = np.nextafter(np.float16(1000.0), np.float16(2000.0))
+    X = np.zeros((12, 1))
+    X[[3, 5, 8]] = 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConstantRepresentationWarning)
+        assert linear_cka(C, X) == pytest.approx(1.0, abs=1e-9)
+        assert unbiased_linear_cka(C, X) == pytest.approx(1.0, abs=1e-9)
+    # A spread of 1e-7 of the norm (float64 data) is constant within the tolerance.
+    Y = 1.0 + 1e-7 * np.random.default_rng(0).normal(size=(12, 50))
+    with pytest.warns(ConstantRepresentationWarning):
+        assert np.isnan(linear_cka(Y, X))
+    assert CONSTANT_RTOL == 1e-10

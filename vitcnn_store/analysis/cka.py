@@ -21,10 +21,19 @@ one-shot form, the accumulators sum the same products over batches.
 Representations may be numpy arrays or torch tensors of shape (n, ...); every
 non-first dim is flattened and values are cast to float64 before any product
 (float16 products overflow and lose precision).
+
+A representation that is constant over the images has no CKA: its centred Gram
+is zero, and what rounding leaves of it (~1e-16 of the Gram) would otherwise
+give ±1. Every estimate here is NaN, with a :class:`ConstantRepresentationWarning`,
+when ``<K_c, K_c> <= CONSTANT_RTOL² · tr(K)²`` (both with the estimator's
+normalisation, summed over batches): the centred Gram is below ``CONSTANT_RTOL``
+(1e-10) of the representation's own scale, i.e. the rows spread by less than
+about 1e-5 of their norm (:func:`cka_from_sums`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,11 +51,15 @@ from vitcnn_store.analysis.gram import (
 )
 
 __all__ = [
+    "CONSTANT_RTOL",
+    "ConstantRepresentationWarning",
     "MinibatchCKA",
     "MinibatchCKAMatrix",
     "center_gram",
     "cka",
+    "cka_from_sums",
     "cka_matrix_from_grams",
+    "constant_mask",
     "gram_linear",
     "gram_rbf",
     "hsic",
@@ -57,6 +70,10 @@ __all__ = [
 ]
 
 _STACK_BYTES = 8 * 2**20  # centred-Gram vectors of the second side stacked at once
+# ‖centred Gram‖_F / tr(Gram) below this is a constant representation. The ratio is about
+# s² for a spread s of the rows relative to their norm (float16's one ulp: s ≈ 5e-4 → 2e-7);
+# rounding leaves ~1e-16 · √p (~1e-13 for 10⁶ features).
+CONSTANT_RTOL = 1e-10
 
 
 def _check_unbiased_n(n: int) -> None:
@@ -69,24 +86,72 @@ def _hsic_scale(n: int, unbiased: bool) -> float:
     return 1.0 / (n * (n - 3)) if unbiased else 1.0 / (n - 1) ** 2
 
 
-def _ratio(xy: Any, xx: Any, yy: Any) -> Any:
-    """xy / sqrt(xx·yy), NaN where a representation has zero (centred) variance."""
-    denom = np.sqrt(np.asarray(xx, dtype=np.float64) * np.asarray(yy, dtype=np.float64))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(denom > 0, np.asarray(xy, dtype=np.float64) / denom, np.nan)
+class ConstantRepresentationWarning(RuntimeWarning):
+    """A representation is constant over the images (within ``CONSTANT_RTOL``): CKA is NaN."""
+
+
+def constant_mask(self_terms: Any, scales: Any, rtol: float = CONSTANT_RTOL) -> np.ndarray:
+    """Where ``<K_c, K_c> <= rtol² · tr(K)²``: a representation constant over the images.
+
+    ``self_terms`` and ``scales`` carry the same normalisation (and the same
+    sums over batches). NaN self terms count as constant.
+
+    Examples
+    --------
+    >>> constant_mask([1e-30, 0.5], [1.0, 1.0]).tolist()
+    [True, False]
+    """
+    terms = np.asarray(self_terms, dtype=np.float64)
+    return ~(terms > rtol**2 * np.asarray(scales, dtype=np.float64))
+
+
+def cka_from_sums(
+    xy: Any, xx: Any, yy: Any, scale_x: Any, scale_y: Any, *, warn: bool = True
+) -> np.ndarray:
+    """CKA matrix ``xy / sqrt(xx · yy)`` from HSIC sums, NaN for constant representations.
+
+    ``xy`` (L_a, L_b) are the cross terms, ``xx`` (L_a,) and ``yy`` (L_b,) the
+    self terms, ``scale_x``/``scale_y`` the squared traces of the raw Grams, all
+    with the same normalisation (any common factor cancels). A row or column
+    whose representation is constant (:func:`constant_mask`) is NaN, and a
+    :class:`ConstantRepresentationWarning` says how many there are.
+
+    Examples
+    --------
+    >>> cka_from_sums([[2.0, 0.0]], [4.0], [1.0, 0.0], [1.0], [1.0, 1.0], warn=False).tolist()
+    [[1.0, nan]]
+    """
+    const_x = constant_mask(xx, scale_x)
+    const_y = constant_mask(yy, scale_y)
+    x = np.where(const_x, 1.0, np.asarray(xx, dtype=np.float64))
+    y = np.where(const_y, 1.0, np.asarray(yy, dtype=np.float64))
+    out = np.asarray(xy, dtype=np.float64) / np.sqrt(x[:, None] * y[None, :])
+    out[const_x, :] = np.nan
+    out[:, const_y] = np.nan
+    if warn and (const_x.any() or const_y.any()):
+        warnings.warn(
+            f"constant representation(s) over the images ({int(const_x.sum())} on the first "
+            f"side, {int(const_y.sum())} on the second; centred Gram below {CONSTANT_RTOL:g} "
+            "of its trace): their CKA is NaN",
+            ConstantRepresentationWarning,
+            stacklevel=3,
+        )
+    return out
 
 
 def _centred_vectors(
     grams: Sequence[Any], n: int, *, unbiased: bool, start: int = 0, stop: int | None = None
-) -> FloatArray:
+) -> tuple[FloatArray, FloatArray]:
     """``grams[start:stop]`` as rows of :func:`~vitcnn_store.analysis.gram.centred_triangle`
-    vectors, so that ``2 · V[i] · V[j] = <G_i, G_j>_F`` of the centred Grams.
+    vectors, so that ``2 · V[i] · V[j] = <G_i, G_j>_F`` of the centred Grams, and the
+    traces of the raw Grams.
 
     Each Gram is taken from ``grams`` just before it is centred, so a sequence
     that computes Grams on access keeps one in cache.
     """
     stop = len(grams) if stop is None else stop
     V = np.empty((stop - start, n * (n - 1) // 2 + (0 if unbiased else n)), dtype=np.float64)
+    traces = np.empty(stop - start)
     for i, j in enumerate(range(start, stop)):
         a = as_square(grams[j])
         if a.shape[0] != n:
@@ -94,13 +159,24 @@ def _centred_vectors(
                 f"the Gram matrices have different numbers of images: {a.shape[0]} vs {n}"
             )
         centred_triangle(a, unbiased=unbiased, out=V[i])
-    return V
+        traces[i] = np.trace(a)
+    return V, traces
+
+
+class _Products:
+    """Inner products of centred Grams of one batch, and the raw Grams' squared traces."""
+
+    def __init__(
+        self, ab: FloatArray, aa: FloatArray, bb: FloatArray, ta: FloatArray, tb: FloatArray, n: int
+    ) -> None:
+        self.ab, self.aa, self.bb, self.n = ab, aa, bb, n
+        self.scale_a, self.scale_b = ta**2, tb**2
 
 
 def _inner_products(
     grams_a: Sequence[Any], grams_b: Sequence[Any] | None, *, unbiased: bool
-) -> tuple[FloatArray, FloatArray, FloatArray, int]:
-    """``<Gᵃᵢ, Gᵇⱼ>``, ``<Gᵃᵢ, Gᵃᵢ>``, ``<Gᵇⱼ, Gᵇⱼ>`` of centred Grams, and n.
+) -> _Products:
+    """``<Gᵃᵢ, Gᵇⱼ>``, ``<Gᵃᵢ, Gᵃᵢ>``, ``<Gᵇⱼ, Gᵇⱼ>`` of centred Grams, traces and n.
 
     Each Gram is centred once. The second side is taken a few Grams at a time,
     so a long (possibly lazily computed) sequence of them never sits in memory
@@ -111,19 +187,20 @@ def _inner_products(
     n = as_square(grams_a[0]).shape[0]
     if unbiased:
         _check_unbiased_n(n)
-    va = _centred_vectors(grams_a, n, unbiased=unbiased)
+    va, ta = _centred_vectors(grams_a, n, unbiased=unbiased)
     aa = 2.0 * np.einsum("ij,ij->i", va, va)
     if grams_b is None:
-        return 2.0 * (va @ va.T), aa, aa, n
+        return _Products(2.0 * (va @ va.T), aa, aa, ta, ta, n)
     step = max(1, _STACK_BYTES // max(8 * va.shape[1], 1))
     ab = np.empty((len(va), len(grams_b)))
     bb = np.empty(len(grams_b))
+    tb = np.empty(len(grams_b))
     for s in range(0, len(grams_b), step):
         e = min(s + step, len(grams_b))
-        vb = _centred_vectors(grams_b, n, unbiased=unbiased, start=s, stop=e)
+        vb, tb[s:e] = _centred_vectors(grams_b, n, unbiased=unbiased, start=s, stop=e)
         ab[:, s:e] = 2.0 * (va @ vb.T)
         bb[s:e] = 2.0 * np.einsum("ij,ij->i", vb, vb)
-    return ab, aa, bb, n
+    return _Products(ab, aa, bb, ta, tb, n)
 
 
 def hsic(K: Any, L: Any, *, unbiased: bool = False) -> float:
@@ -135,9 +212,9 @@ def hsic(K: Any, L: Any, *, unbiased: bool = False) -> float:
     >>> round(hsic(K, K), 6)
     6.25
     """
-    ab, _, _, n = _inner_products([K], [L], unbiased=unbiased)
+    p = _inner_products([K], [L], unbiased=unbiased)
     # tr(KHLH) = <HKH, HLH>_F because H is symmetric and idempotent.
-    return float(ab[0, 0]) * _hsic_scale(n, unbiased)
+    return float(p.ab[0, 0]) * _hsic_scale(p.n, unbiased)
 
 
 def cka_matrix_from_grams(
@@ -147,7 +224,7 @@ def cka_matrix_from_grams(
 
     Each Gram is centred once (biased ``H G H``, or U-centred for HSIC₁) and
     every pair is then one dot product. ``grams_b=None`` compares ``grams_a``
-    with itself. NaN marks a representation with zero centred variance.
+    with itself. NaN marks a constant representation (see :func:`cka_from_sums`).
 
     Examples
     --------
@@ -157,9 +234,9 @@ def cka_matrix_from_grams(
     >>> np.round(m[:2, :2], 6).tolist(), bool(m[0, 2] < 1)
     ([[1.0, 1.0], [1.0, 1.0]], True)
     """
-    ab, aa, bb, _ = _inner_products(grams_a, grams_b, unbiased=unbiased)
+    p = _inner_products(grams_a, grams_b, unbiased=unbiased)
     # The 1/(n-1)² or 1/(n(n-3)) normalisations cancel in the ratio.
-    return np.asarray(_ratio(ab, aa[:, None], bb[None, :]))
+    return cka_from_sums(p.ab, p.aa, p.bb, p.scale_a, p.scale_b)
 
 
 def cka(
@@ -180,7 +257,8 @@ def cka(
     Returns
     -------
     float
-        NaN when either representation is constant across images.
+        NaN (with a :class:`ConstantRepresentationWarning`) when either
+        representation is constant across images.
 
     Examples
     --------
@@ -258,6 +336,8 @@ class MinibatchCKAMatrix:
         self.hsic_ab: FloatArray | None = None  # (L_a, L_b) sums of HSIC₁
         self.hsic_aa: FloatArray | None = None  # (L_a,)
         self.hsic_bb: FloatArray | None = None  # (L_b,)
+        self.scale_aa = np.zeros(0)  # (L_a,) sums of tr(K)², normalised as HSIC₁
+        self.scale_bb = np.zeros(0)
 
     def update(self, reps_a: Sequence[Any], reps_b: Sequence[Any] | None = None) -> None:
         """Add one batch: lists of layer representations (n, ...) of the same n images."""
@@ -272,34 +352,50 @@ class MinibatchCKAMatrix:
 
         ``grams_b`` may be any sequence, also one that computes its Grams on access.
         """
-        ab, aa, bb, n = _inner_products(grams_a, grams_b, unbiased=True)
-        self.batch_size = _check_batch(self.batch_size, n)
-        scale = _hsic_scale(n, unbiased=True)
-        self._add(ab * scale, aa * scale, bb * scale, 1)
+        p = _inner_products(grams_a, grams_b, unbiased=True)
+        self.batch_size = _check_batch(self.batch_size, p.n)
+        s = _hsic_scale(p.n, unbiased=True)
+        self._add(p.ab * s, p.aa * s, p.bb * s, p.scale_a * s, p.scale_b * s, 1)
 
-    def _add(self, ab: FloatArray, aa: FloatArray, bb: FloatArray, batches: int) -> None:
+    def _add(
+        self,
+        ab: FloatArray,
+        aa: FloatArray,
+        bb: FloatArray,
+        scale_aa: FloatArray,
+        scale_bb: FloatArray,
+        batches: int,
+    ) -> None:
         if self.hsic_ab is None or self.hsic_aa is None or self.hsic_bb is None:
             self.hsic_ab, self.hsic_aa, self.hsic_bb = ab.copy(), aa.copy(), bb.copy()
+            self.scale_aa, self.scale_bb = scale_aa.copy(), scale_bb.copy()
         else:
             if ab.shape != self.hsic_ab.shape:
                 raise ValueError(f"layer counts changed: {ab.shape} vs {self.hsic_ab.shape}")
             self.hsic_ab += ab
             self.hsic_aa += aa
             self.hsic_bb += bb
+            self.scale_aa += scale_aa
+            self.scale_bb += scale_bb
         self.n_batches += batches
 
     def merge(self, other: MinibatchCKAMatrix) -> MinibatchCKAMatrix:
         """Add ``other``'s sums into this accumulator; returns self."""
         if other.hsic_ab is not None and other.hsic_aa is not None and other.hsic_bb is not None:
             self.batch_size = _check_batch(self.batch_size, other.batch_size or 0)
-            self._add(other.hsic_ab, other.hsic_aa, other.hsic_bb, other.n_batches)
+            self._add(
+                other.hsic_ab, other.hsic_aa, other.hsic_bb,
+                other.scale_aa, other.scale_bb, other.n_batches,
+            )  # fmt: skip
         return self
 
-    def result(self) -> FloatArray:
-        """(L_a, L_b) matrix of minibatch CKA values."""
+    def result(self, *, warn: bool = True) -> FloatArray:
+        """(L_a, L_b) matrix of minibatch CKA values (NaN for constant representations)."""
         if self.hsic_ab is None or self.hsic_aa is None or self.hsic_bb is None:
             raise ValueError(f"{type(self).__name__}.result() called before any update()")
-        return np.asarray(_ratio(self.hsic_ab, self.hsic_aa[:, None], self.hsic_bb[None, :]))
+        return cka_from_sums(
+            self.hsic_ab, self.hsic_aa, self.hsic_bb, self.scale_aa, self.scale_bb, warn=warn
+        )
 
 
 class MinibatchCKA:
