@@ -26,7 +26,8 @@ __all__ = ["add_analyze_parser", "analyze", "cmd_analyze", "describe_result", "p
 _EXAMPLES = """examples:
   vitcnn analyze cka acts.zarr vitb16                 # all layers x all layers
   vitcnn analyze cka acts.zarr vitb16 r50             # cross-model, aligned by image_id
-  vitcnn analyze cka acts.zarr vitb16 --batch-size 1024 --repeats 20 --reduce flatten
+  vitcnn analyze cka acts.zarr vitb16 --batch-size 1024 --batches 10 --repeats 20
+  vitcnn analyze cka acts.zarr vitb16 --estimator unbiased --roles branches
   vitcnn analyze attention acts.zarr vitb16
   vitcnn analyze localization acts.zarr vitb16 --layer blocks.11 --tokens 3:3,7:7
   vitcnn analyze skip acts.zarr vitb16
@@ -45,6 +46,10 @@ def _int_at_least(low: int) -> Any:
         return value
 
     return parse
+
+
+def _mebibytes(text: str) -> int:
+    return int(_int_at_least(1)(text)) * 2**20
 
 
 def _shots(text: str) -> int:
@@ -133,9 +138,10 @@ def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
     c.add_argument("run2", nargs="?", help="second run (images aligned by image_id)")
     c.add_argument(
         "--estimator",
-        choices=["unbiased-minibatch", "biased"],
+        choices=["unbiased-minibatch", "biased", "unbiased"],
         default="unbiased-minibatch",
-        help="minibatch unbiased HSIC1 (default) or biased HSIC on all images",
+        help="unbiased HSIC1 summed over minibatches (default, the paper's), biased HSIC "
+        "over all images, or unbiased HSIC1 over all images",
     )
     c.add_argument(
         "--batch-size",
@@ -171,18 +177,46 @@ def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="RBF bandwidth as a fraction of the median distance",
     )
     c.add_argument(
-        "--batches-per-round",
-        type=_int_at_least(1),
-        default=1,
-        metavar="W",
-        help="batches computed together, sharing chunk reads (memory grows with W)",
+        "--roles",
+        choices=["stream", "branches", "all"],
+        default="stream",
+        help="layers without --layers: the residual stream (default: stem and block "
+        "outputs), plus branch outputs, or every stored layer",
     )
-    c.add_argument("--layers", metavar="PATTERNS", help="restrict the first run's layers")
+    c.add_argument("--layers", metavar="PATTERNS", help="pick the first run's layers")
     c.add_argument(
         "--layers2",
         metavar="PATTERNS",
-        help="restrict the second side's layers (default: --layers within a run, "
-        "all layers of RUN2 across runs)",
+        help="pick the second side's layers (default: --layers within a run, "
+        "the same roles of RUN2 across runs)",
+    )
+    c.add_argument(
+        "--null-batches",
+        type=_int_at_least(0),
+        metavar="K",
+        help="batches of the permutation null (default: one repeat's, within 1 GiB of "
+        "batch Grams; 0: no null)",
+    )
+    c.add_argument(
+        "--gram-dtype",
+        choices=["float64", "float32"],
+        default="float64",
+        help="storage of the Gram cache (always accumulated in float64; float32 halves it "
+        "and costs ~1e-7 in CKA)",
+    )
+    c.add_argument(
+        "--gram-tile",
+        type=_int_at_least(1),
+        metavar="N",
+        help="images per Gram tile when computing the cache (default 512, whole units)",
+    )
+    c.add_argument(
+        "--gather-memory",
+        dest="gather_bytes",
+        type=_mebibytes,
+        default=2 * 2**30,
+        metavar="MIB",
+        help="memory for whole batch Grams of the RBF kernel (default 2048 MiB)",
     )
     _options(c)
 

@@ -65,33 +65,98 @@ def _ticks(ax: Any, axis: str, names: list[str], max_labels: int = 24) -> None:
         ax.set_yticks(pos, labels, fontsize=6)
 
 
+def _edges(centres: np.ndarray) -> np.ndarray | None:
+    """Cell edges around increasing centres (midpoints; half a step past each end)."""
+    c = np.asarray(centres, dtype=float)
+    if c.size < 2 or not np.all(np.isfinite(c)) or np.any(np.diff(c) <= 0):
+        return None
+    mid = (c[1:] + c[:-1]) / 2.0
+    return np.concatenate([[c[0] - (mid[0] - c[0])], mid, [c[-1] + (c[-1] - mid[-1])]])
+
+
+def _cka_axes(ds: xr.Dataset, side: str) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Positions of a side's layers (normalized depth when the result has it) and cell edges."""
+    depth = ds.coords.get(f"depth_{side}")
+    if depth is not None:
+        edges = _edges(np.asarray(depth.values, dtype=float))
+        if edges is not None:
+            return np.asarray(depth.values, dtype=float), edges, True
+    n = ds.sizes[f"layer_{side}"]
+    return np.arange(n, dtype=float), np.arange(n + 1, dtype=float) - 0.5, False
+
+
+def _name_ticks(
+    axis: Any, positions: np.ndarray, names: list[str], rotation: float = 0.0, max_labels: int = 14
+) -> None:
+    step = max(1, int(np.ceil(len(names) / max_labels)))
+    axis.set_ticks(positions[::step], names[::step], fontsize=6, rotation=rotation)
+
+
+def _protocol(ds: xr.Dataset) -> str:
+    a = ds.attrs
+    if a.get("estimator") == "unbiased-minibatch":
+        images = (f"batch {a.get('batch_size', '?')} × {a.get('n_batches', '?')}, "
+                  f"{a.get('repeats', 1)} repeat(s)")  # fmt: skip
+    else:
+        images = "all images"
+    return (
+        f"{a.get('estimator', '')}, {a.get('kernel', 'linear')} kernel, {a.get('reduce', '')}, "
+        f"n={a.get('n', '?')} ({images})"
+    )
+
+
 def plot_cka(ds: xr.Dataset, path: str | Path) -> Path:
-    """CKA matrix heatmap: rows ``layer_a``, columns ``layer_b``, first layers at the origin."""
+    """CKA matrix heatmap, rows ``layer_a`` and columns ``layer_b`` from the first layer up.
+
+    With ``depth_a``/``depth_b`` (the fraction of the residual stream) the axes
+    are normalized depth, so a ViT and a ResNet line up, and layer names label
+    the opposite axes. With ``cka_null`` (the same estimate over randomly
+    permuted images) a second panel shows the null on the same colour scale
+    and the colour bar marks its largest magnitude: values near it are what
+    unrelated images give.
+    """
     cka = np.asarray(ds["cka"].values, dtype=float)
     la, lb = _names(ds["layer_a"].values), _names(ds["layer_b"].values)
-    side = float(np.clip(0.12 * max(len(la), len(lb)) + 3.0, 4.0, 12.0))
-    fig = _figure(side + 1.2, side)
-    ax = fig.add_subplot()
-    im = ax.imshow(
-        cka,
-        origin="lower",
-        vmin=0.0,
-        vmax=1.0,
-        cmap="magma",
-        interpolation="nearest",
-        aspect="auto",
-    )
-    _ticks(ax, "x", lb)
-    _ticks(ax, "y", la)
+    ya, ea, depth_a = _cka_axes(ds, "a")
+    xb, eb, depth_b = _cka_axes(ds, "b")
+    null = np.asarray(ds["cka_null"].values, dtype=float) if "cka_null" in ds else None
+    panels = 1 if null is None else 2
+    side = float(np.clip(0.12 * max(len(la), len(lb)) + 3.0, 4.0, 10.0))
+    fig = _figure(side * panels + 1.4, side + 0.6)
+    axes = np.atleast_1d(fig.subplots(1, panels, squeeze=False)[0])
     a, b = ds.attrs.get("run_a", "a"), ds.attrs.get("run_b", "b")
-    ax.set_xlabel(f"{b} layer")
-    ax.set_ylabel(f"{a} layer")
-    ax.set_title(
-        f"CKA {a} × {b} ({ds.attrs.get('reduce', '')}, {ds.attrs.get('estimator', '')}, "
-        f"n={ds.attrs.get('n', '?')})",
-        fontsize=9,
-    )
-    fig.colorbar(im, ax=ax, shrink=0.8, label="CKA")
+    im = None
+    for ax, values, title in zip(
+        axes, [cka] if null is None else [cka, null], ["CKA", "null: images permuted"], strict=False
+    ):
+        im = ax.pcolormesh(eb, ea, values, vmin=0.0, vmax=1.0, cmap="magma", shading="flat")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(f"{b}: normalized depth" if depth_b else f"{b} layer", fontsize=8)
+        ax.set_ylabel(f"{a}: normalized depth" if depth_a else f"{a} layer", fontsize=8)
+        ax.set_aspect("auto")
+        if depth_b:
+            _name_ticks(ax.secondary_xaxis("top").xaxis, xb, lb, rotation=90.0)
+        else:
+            _ticks(ax, "x", lb)
+        if depth_a:
+            _name_ticks(ax.secondary_yaxis("right").yaxis, ya, la)
+        else:
+            _ticks(ax, "y", la)
+    assert im is not None
+    bar = fig.colorbar(im, ax=list(axes), shrink=0.8, label="CKA")
+    lines = [f"CKA {a} × {b}: {_protocol(ds)}"]
+    if null is not None and np.isfinite(null).any():
+        level = float(np.nanmax(np.abs(null)))
+        bar.ax.axhline(min(level, 1.0), color="cyan", linewidth=2.0)
+        bar.ax.text(1.6, min(level, 1.0), "null max", color="black", fontsize=7,
+                    va="center", transform=bar.ax.get_yaxis_transform())  # fmt: skip
+        lines.append(
+            f"null (same layers, images permuted): mean {np.nanmean(null):.3f}, "
+            f"max |CKA| {level:.3f} over {ds.attrs.get('null_batches', '?')} batch(es)"
+        )
+    if depth_a or depth_b:
+        lines.append("depth: fraction of the stored residual stream (stem 0, last block 1)")
+    fig.suptitle("\n".join(lines), fontsize=8)
     return _save(fig, path)
 
 

@@ -1,46 +1,63 @@
-"""CKA between every layer of a run and every layer of the same or another run.
+"""CKA between every layer of a run and every layer of the same or another run, Gram-first.
 
-One pass computes the whole (layer_a × layer_b) matrix: per batch, each
-layer's Gram matrix is computed once (a dask task reading that layer's batch
-rows and calling :func:`~vitcnn_store.analysis.gram.gram_linear`, which casts
-float16 to float64 in feature blocks so memory stays at batch × block), and
-the kernels turn the Grams into every pair's CKA terms with one matrix
-product — never a Gram per pair. A layer is never loaded whole: a task holds
-one batch of one layer.
+1. **Checks before any work**: options, runs, usable images, the pairing of two
+   runs' images by ``image_id``, layers (the residual stream by default,
+   :mod:`jobs.analyze.depth`), reductions, batches.
+2. **The Gram cache**: each layer's n × n linear Gram over its run's usable
+   images is reused from ``<run>/_grams`` or computed in one pass over the
+   stored chunks (:mod:`jobs.analyze.grams`). No estimator reads activations.
+3. **One pass over the Gram tiles** (:mod:`jobs.analyze.cka_tiles`) adds up every
+   batch's HSIC sums for every layer pair, and cuts out the whole batch Grams
+   of the permutation null (and, for the RBF kernel, of every batch).
 
-Estimators (docs/science.md): ``unbiased-minibatch`` (sums of HSIC₁ over equal-size
-batches sampled without replacement, one ratio at the end, remainder dropped;
-repeated with fresh samples, mean and standard deviation reported) and
-``biased`` (one batch of all usable images, biased HSIC; for small n).
-Cross-run CKA pairs images by ``image_id``.
+Estimators (docs/science.md): ``unbiased-minibatch`` (the paper's: sums of
+HSIC₁ over equal batches sampled without replacement, one ratio at the end,
+the remainder dropped; repeated with fresh samples), ``unbiased`` (HSIC₁ over
+all the images at once) and ``biased`` (HSIC₀ over all the images). The result
+records every batch (repeat × batch × member → image index and id) and the
+**null**: the same estimate with the second side's images randomly permuted,
+i.e. the CKA of unrelated images under the same protocol.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jobs.analyze.executor import Executor, LazyTasks
-from jobs.analyze.layers import REDUCTIONS, layer_info, reduce_layer, select_layers
-from jobs.analyze.options import AnalysisOptions, cap_batch_size
+from jobs.analyze.cka_tiles import GramSide, TilePass, run_tile_pass
+from jobs.analyze.depth import ROLE_SETS, layer_role_names, normalized_depth, select_by_role
+from jobs.analyze.executor import Executor
+from jobs.analyze.grams import ensure_grams
+from jobs.analyze.layers import REDUCTIONS, layer_info, reduce_layer
+from jobs.analyze.options import AnalysisOptions, AnalysisWarning, cap_batch_size
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.runs import align_images, open_runs, usable_mask
-from jobs.analyze.tasks import row_pieces, take_rows
-from vitcnn_store.analysis.cka import MinibatchCKAMatrix, cka_matrix_from_grams, sample_batches
-from vitcnn_store.analysis.gram import gram_linear, rbf_from_linear_gram
+from vitcnn_store.analysis.cka import (
+    ConstantRepresentationWarning,
+    MinibatchCKAMatrix,
+    cka_matrix_from_grams,
+    sample_batches,
+)
+from vitcnn_store.analysis.gram import rbf_from_linear_gram
+from vitcnn_store.analysis.tiles import BatchLayout, GatheredGrams
 from vitcnn_store.errors import UsageError
+from vitcnn_store.store.grams import GRAM_DTYPES, GramInfo, source_state
 from vitcnn_store.store.layout import check_name
+from vitcnn_store.store.reader import Run
 from vitcnn_store.store.schema import string_coord
 
 if TYPE_CHECKING:
     import xarray as xr
 
-__all__ = ["ESTIMATORS", "KERNELS", "CKAConfig", "layer_gram", "run_cka"]
+__all__ = ["ESTIMATORS", "KERNELS", "NULL_BYTES", "CKAConfig", "run_cka"]
 
-ESTIMATORS = ("unbiased-minibatch", "biased")
+ESTIMATORS = ("unbiased-minibatch", "biased", "unbiased")
 KERNELS = ("linear", "rbf")
+NULL_BYTES = 2**30  # batch Grams the null holds at once (both sides); sets its default size
+_NULL_SEED = 0x6E756C6C  # "null": the permutation's stream, apart from the batches'
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,11 +65,15 @@ class CKAConfig(AnalysisOptions):
     """Options of ``vitcnn analyze cka`` (see its ``--help``).
 
     ``run2`` compares ``run`` with another run (result ``cka__<run2>``);
-    ``layers``/``layers2`` restrict either side with glob patterns (``layers2``
-    defaults to ``layers`` within a run, to every layer of ``run2`` across runs);
-    ``max_batches`` caps the batches per repeat (default: all full batches);
-    ``batches_per_round`` batches are computed as one dask graph, reading each
-    stored chunk they share once (memory grows with it; results do not change).
+    ``layers``/``layers2`` pick layers with glob patterns (``layers2`` defaults
+    to ``layers`` within a run, to the same roles of ``run2`` across runs);
+    without patterns ``roles`` picks them: ``stream`` (default), ``branches``
+    or ``all``. ``max_batches`` caps the batches per repeat. ``null_batches``
+    sizes the permutation null (default: one repeat's batches, within
+    :data:`NULL_BYTES`; 0: none). ``gram_dtype`` stores the Gram cache in
+    float64 (default) or float32. ``gram_tile`` (images per Gram tile) and
+    ``gather_bytes`` (memory for whole batch Grams, RBF only) change how the
+    result is computed, never what it is.
     """
 
     run2: str | None = None
@@ -66,7 +87,11 @@ class CKAConfig(AnalysisOptions):
     rbf_threshold: float = 1.0
     layers: str | None = None
     layers2: str | None = None
-    batches_per_round: int = 1
+    roles: str = "stream"
+    null_batches: int | None = None
+    gram_dtype: str = "float64"
+    gram_tile: int | None = None
+    gather_bytes: int = 2 * 2**30
 
     def validate(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -75,226 +100,419 @@ class CKAConfig(AnalysisOptions):
             raise UsageError(f"--reduce must be one of {', '.join(REDUCTIONS)}")
         if self.kernel not in KERNELS:
             raise UsageError(f"--kernel must be one of {', '.join(KERNELS)}")
+        if self.roles not in ROLE_SETS:
+            raise UsageError(f"--roles must be one of {', '.join(ROLE_SETS)}")
+        if self.gram_dtype not in GRAM_DTYPES:
+            raise UsageError(f"--gram-dtype must be one of {', '.join(GRAM_DTYPES)}")
         if self.repeats < 1:
             raise UsageError(f"--repeats must be >= 1, got {self.repeats}")
         if self.max_batches is not None and self.max_batches < 1:
             raise UsageError(f"--batches must be >= 1, got {self.max_batches}")
-        if self.batches_per_round < 1:
-            raise UsageError(f"--batches-per-round must be >= 1, got {self.batches_per_round}")
+        if self.null_batches is not None and self.null_batches < 0:
+            raise UsageError(f"--null-batches must be >= 0, got {self.null_batches}")
+        if self.gram_tile is not None and self.gram_tile < 1:
+            raise UsageError(f"--gram-tile must be >= 1, got {self.gram_tile}")
+        if self.gather_bytes < 1:
+            raise UsageError(f"--gather-memory must be positive, got {self.gather_bytes}")
         if not self.rbf_threshold > 0:
             raise UsageError(f"--rbf-threshold must be > 0, got {self.rbf_threshold}")
         if self.run2 is not None:
             check_name(self.run2)
 
+    @property
+    def full_sample(self) -> bool:
+        return self.estimator != "unbiased-minibatch"
 
-# -- per-task functions (run on dask workers) ----------------------------------------
+
+@dataclass
+class _Plan:
+    """Everything decided before any work."""
+
+    run_a: Run
+    run_b: Run  # run_a itself within a run
+    mask_a: np.ndarray
+    mask_b: np.ndarray
+    layers_a: list[str]
+    layers_b: list[str]
+    idx_a: np.ndarray  # per position: image index in run_a
+    idx_b: np.ndarray  # per position: image index in run_b
+    batches: list[list[np.ndarray]]  # positions, per repeat and batch
+    null_a: list[np.ndarray] = field(default_factory=list)  # positions, per null batch
+    null_b: list[np.ndarray] = field(default_factory=list)
+    states_a: dict[str, dict[str, Any]] = field(default_factory=dict)  # per layer of run_a
+    states_b: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def cross(self) -> bool:
+        return self.run_b is not self.run_a
+
+    @property
+    def same_layers(self) -> bool:
+        return not self.cross and self.layers_a == self.layers_b
+
+    @property
+    def n(self) -> int:
+        return int(self.idx_a.size)
+
+    @property
+    def batch(self) -> int:
+        return int(self.batches[0][0].size)
 
 
-def layer_gram(
-    x: Any, kernel: str = "linear", threshold: float = 1.0, layer: str = ""
-) -> np.ndarray:
-    """Gram matrix (b, b) in float64 of one batch of one layer.
+def _plan(cfg: CKAConfig) -> _Plan:
+    names = [cfg.run] if cfg.run2 is None else [cfg.run, cfg.run2]
+    runs = open_runs(cfg.store, names)
+    run_a = runs[0]
+    run_b = runs[-1]
+    mask_a = usable_mask(run_a, cfg.allow_incomplete)
+    layers_a = select_by_role(run_a, cfg.layers, cfg.roles)
+    if run_b is run_a:
+        mask_b = mask_a
+        idx_a = idx_b = np.flatnonzero(mask_a)
+        layers_b = select_by_role(run_a, cfg.layers2, cfg.roles, "--layers2") if cfg.layers2 \
+            else layers_a  # fmt: skip
+    else:
+        mask_b = usable_mask(run_b, cfg.allow_incomplete)
+        idx_a, idx_b = align_images(run_a, mask_a, run_b, mask_b)
+        layers_b = select_by_role(run_b, cfg.layers2, cfg.roles, "--layers2")
+    # Reductions now: a bad --reduce for some layer fails before any work.
+    for run, layers in ((run_a, layers_a), (run_b, layers_b)):
+        for layer in layers:
+            reduce_layer(run[layer], cfg.reduce)
+    n = int(idx_a.size)
+    if cfg.full_sample:
+        need = 4 if cfg.estimator == "unbiased" else 2
+        if n < need:
+            raise UsageError(f"the {cfg.estimator} estimator needs at least {need} usable "
+                             f"images, got {n}")  # fmt: skip
+        batches = [[np.arange(n)]]
+    else:
+        batch = cap_batch_size(cfg.batch_size, n)
+        batches = sample_batches(n, batch, cfg.repeats, cfg.seed, cfg.max_batches)
+    plan = _Plan(run_a, run_b, mask_a, mask_b, layers_a, layers_b, idx_a, idx_b, batches)
+    _plan_null(cfg, plan)
+    wanted_a = layers_a + ([] if plan.cross else layers_b)
+    plan.states_a = {layer: source_state(run_a, layer, mask_a) for layer in wanted_a}
+    plan.states_b = plan.states_a if not plan.cross else {
+        layer: source_state(run_b, layer, mask_b) for layer in layers_b
+    }  # fmt: skip
+    return plan
 
-    ``x`` is ``(pieces, perm)`` from :func:`~jobs.analyze.tasks.row_pieces`, or
-    an array (b, ...). Stored values that are not finite, or a layer constant
-    over the batch under the RBF kernel, are refused naming the layer.
-    """
-    if isinstance(x, tuple):
-        x = take_rows(*x)
-    gram = gram_linear(x)
-    if not np.isfinite(gram).all():
-        raise UsageError(f"layer {layer!r} has NaN/inf values among the usable images")
-    if kernel != "rbf":
-        return gram
-    try:
-        return rbf_from_linear_gram(gram, threshold)
-    except ValueError:
+
+def _plan_null(cfg: CKAConfig, plan: _Plan) -> None:
+    """The null's batches: side a as the first repeat's, side b randomly permuted."""
+    if cfg.null_batches == 0:
+        return
+    per_batch = (len(plan.layers_a) + len(plan.layers_b)) * 8
+    rng = np.random.default_rng((cfg.seed, _NULL_SEED))
+    perm = rng.permutation(plan.n)
+    m = plan.batch
+    if cfg.full_sample:
+        # One batch of all images, unless its two Grams per layer would not fit.
+        m = min(plan.n, max(4, int((NULL_BYTES / per_batch) ** 0.5)))
+        firsts = [np.sort(rng.permutation(plan.n)[:m])] if m < plan.n else [np.arange(plan.n)]
+    else:
+        firsts = list(plan.batches[0])
+    fit = max(1, NULL_BYTES // (per_batch * m * m))
+    count = min(len(firsts), fit if cfg.null_batches is None else cfg.null_batches)
+    if cfg.null_batches is not None and cfg.null_batches > len(firsts):
+        warnings.warn(
+            f"--null-batches {cfg.null_batches} is more than the {len(firsts)} batch(es) of "
+            f"one repeat: using {len(firsts)}",
+            AnalysisWarning,
+            stacklevel=3,
+        )
+    plan.null_a = firsts[:count]
+    plan.null_b = [perm[b] for b in plan.null_a]
+
+
+# -- computing ----------------------------------------------------------------------------
+
+
+def _transform(grams: np.ndarray, cfg: CKAConfig, layers: list[str]) -> list[np.ndarray]:
+    if cfg.kernel != "rbf":
+        return list(grams)
+    out = []
+    for g, layer in zip(grams, layers, strict=True):
+        try:
+            out.append(rbf_from_linear_gram(g, cfg.rbf_threshold))
+        except ValueError:
+            raise UsageError(
+                f"layer {layer!r} is constant over a batch: the RBF bandwidth is undefined "
+                "(use --kernel linear)"
+            ) from None
+    return out
+
+
+def _from_gathered(
+    cfg: CKAConfig, plan: _Plan, ga: GatheredGrams, gb: GatheredGrams, groups: list[list[int]]
+) -> list[np.ndarray]:
+    """CKA of each group of gathered batches (one group per repeat)."""
+    out = []
+    for group in groups:
+        if cfg.estimator == "biased":
+            (g,) = group
+            grams_a = _transform(ga.grams(g), cfg, plan.layers_a)
+            out.append(cka_matrix_from_grams(grams_a, _transform(gb.grams(g), cfg, plan.layers_b)))
+            continue
+        acc = MinibatchCKAMatrix()
+        for g in group:
+            acc.update_grams(_transform(ga.grams(g), cfg, plan.layers_a),
+                             _transform(gb.grams(g), cfg, plan.layers_b))  # fmt: skip
+        out.append(acc.result(warn=False))
+    return out
+
+
+def _sides(plan: _Plan, grams_a: dict[str, GramInfo], grams_b: dict[str, GramInfo]) -> Any:
+    side_a = GramSide(tuple(grams_a[n] for n in plan.layers_a), plan.idx_a)
+    if plan.same_layers:
+        return side_a, None
+    source = grams_b if plan.cross else grams_a
+    return side_a, GramSide(tuple(source[n] for n in plan.layers_b), plan.idx_b)
+
+
+def _compute(cfg: CKAConfig, plan: _Plan, executor: Executor) -> tuple[Any, ...]:
+    label = f"cka {cfg.run}" + (f" × {cfg.run2}" if cfg.run2 else "")
+    opts: dict[str, Any] = {"tile": cfg.gram_tile, "dtype": cfg.gram_dtype, "label": "grams"}
+    wanted_a = list(dict.fromkeys(plan.layers_a + ([] if plan.cross else plan.layers_b)))
+    infos, computed = ensure_grams(executor, plan.run_a, wanted_a, cfg.reduce, plan.mask_a,
+                                   plan.states_a, **opts)  # fmt: skip
+    grams_a = dict(zip(wanted_a, infos, strict=True))
+    grams_b: dict[str, GramInfo] = {}
+    if plan.cross:
+        infos_b, computed_b = ensure_grams(
+            executor, plan.run_b, plan.layers_b, cfg.reduce, plan.mask_b, plan.states_b, **opts,
+        )  # fmt: skip
+        grams_b = dict(zip(plan.layers_b, infos_b, strict=True))
+        computed = [f"{plan.run_a.name}/{n}" for n in computed] + [
+            f"{plan.run_b.name}/{n}" for n in computed_b
+        ]
+    else:
+        computed = [f"{plan.run_a.name}/{n}" for n in computed]
+    side_a, side_b = _sides(plan, grams_a, grams_b)
+    null_groups = [list(range(len(plan.null_a)))] if plan.null_a else []
+    null = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConstantRepresentationWarning)
+        if cfg.kernel == "linear":
+            job = TilePass(side_a, side_b, BatchLayout.from_batches(plan.n, plan.batches),
+                           unbiased=cfg.estimator != "biased", requests_a=plan.null_a,
+                           requests_b=plan.null_b)  # fmt: skip
+            acc, ga, gb = run_tile_pass(executor, job, desc=label)
+            assert acc is not None
+            per_repeat = list(acc.result(warn=False))
+            if ga is not None and gb is not None:
+                (null,) = _from_gathered(cfg, plan, ga, gb, null_groups)
+        else:
+            per_repeat, null = _compute_rbf(cfg, plan, executor, side_a, side_b, label)
+    return (
+        per_repeat,
+        null,
+        computed,
+        [grams_a[n].path for n in plan.layers_a]
+        + [(grams_b if plan.cross else grams_a)[n].path for n in plan.layers_b],
+    )
+
+
+def _compute_rbf(
+    cfg: CKAConfig, plan: _Plan, executor: Executor, side_a: GramSide,
+    side_b: GramSide | None, label: str,
+) -> tuple[list[np.ndarray], np.ndarray | None]:  # fmt: skip
+    """RBF needs each batch Gram whole (its bandwidth is a median): gather them, in as
+    many passes over the tiles as ``gather_bytes`` requires."""
+    flat = [(r, j) for r in range(len(plan.batches)) for j in range(len(plan.batches[r]))]
+    per = (len(plan.layers_a) + len(plan.layers_b)) * 8 * plan.batch**2
+    if per > cfg.gather_bytes:
         raise UsageError(
-            f"layer {layer!r} is constant over a batch: the RBF bandwidth is undefined "
-            "(use --kernel linear)"
-        ) from None
-
-
-def _unbiased_batch(grams_a: list[np.ndarray], grams_b: list[np.ndarray] | None) -> Any:
-    acc = MinibatchCKAMatrix()
-    acc.update_grams(grams_a, grams_b)
-    return acc
-
-
-def _biased_all(grams_a: list[np.ndarray], grams_b: list[np.ndarray] | None) -> np.ndarray:
-    return cka_matrix_from_grams(grams_a, grams_b, unbiased=False)
-
-
-# -- the job -------------------------------------------------------------------------
-
-
-def _reduced(run: Any, layers: list[str], how: str) -> list[Any]:
-    return [reduce_layer(run[layer], how)[0] for layer in layers]
+            f"the RBF kernel needs each batch's Grams whole: {per / 2**30:.1f} GiB per batch, "
+            f"over --gather-memory ({cfg.gather_bytes / 2**30:.1f} GiB); raise it, or use "
+            "smaller batches or --kernel linear"
+        )
+    per_round = max(1, cfg.gather_bytes // per)
+    accs = [MinibatchCKAMatrix() for _ in plan.batches]
+    biased: list[np.ndarray] = []
+    null = None
+    for start in range(0, len(flat), per_round):
+        chunk = flat[start : start + per_round]
+        first = start == 0
+        requests = [plan.batches[r][j] for r, j in chunk]
+        extra_a = plan.null_a if first else []
+        extra_b = plan.null_b if first else []
+        job = TilePass(side_a, side_b, None, requests_a=requests + extra_a,
+                       requests_b=requests + extra_b)  # fmt: skip
+        _, ga, gb = run_tile_pass(executor, job, desc=f"{label} (rbf {start // per_round + 1})")
+        assert ga is not None and gb is not None
+        for k, (r, _) in enumerate(chunk):
+            if cfg.estimator == "biased":
+                biased += _from_gathered(cfg, plan, ga, gb, [[k]])
+            else:
+                acc = accs[r]
+                acc.update_grams(_transform(ga.grams(k), cfg, plan.layers_a),
+                                 _transform(gb.grams(k), cfg, plan.layers_b))  # fmt: skip
+        if first and plan.null_a:
+            (null,) = _from_gathered(
+                cfg, plan, ga, gb, [[len(chunk) + i for i in range(len(plan.null_a))]]
+            )
+    if cfg.estimator == "biased":
+        return biased, null
+    return [acc.result(warn=False) for acc in accs], null
 
 
 def run_cka(cfg: CKAConfig) -> AnalysisResult:
     """Compute (or reuse) the all-pairs CKA matrix and write it to the store.
 
     The result (``<run>/_analyses/cka`` or ``cka__<run2>``) holds ``cka``
-    (layer_a, layer_b), and with repeats ``cka_std`` and ``cka_repeats``.
+    (layer_a, layer_b), with repeats ``cka_std`` and ``cka_repeats``, the null
+    ``cka_null``, and the batches (``batch_image``, ``batch_image_id``, and for
+    two runs ``batch_image_b``; the null's ``null_image_a``/``null_image_b``).
     """
     cfg.validate()
-    names = [cfg.run] if cfg.run2 is None else [cfg.run, cfg.run2]
-    runs = open_runs(cfg.store, names)
-    run_a = runs[0]
-    run_b = runs[1] if len(runs) > 1 else None
-    mask_a = usable_mask(run_a, cfg.allow_incomplete)
-    layers_a = select_layers(run_a, cfg.layers)
-    if run_b is None:
-        mask_b = mask_a
-        idx_a = idx_b = np.flatnonzero(mask_a)
-        layers_b = select_layers(run_a, cfg.layers2, "--layers2") if cfg.layers2 else layers_a
-    else:
-        mask_b = usable_mask(run_b, cfg.allow_incomplete)
-        idx_a, idx_b = align_images(run_a, mask_a, run_b, mask_b)
-        layers_b = select_layers(run_b, cfg.layers2, "--layers2")
-    src_b = run_b if run_b is not None else run_a
-    same = run_b is None and layers_b == layers_a
-    # Build the reductions now: a bad --reduce for some layer fails before any work.
-    red_a = _reduced(run_a, layers_a, cfg.reduce)
-    red_b = red_a if same else _reduced(src_b, layers_b, cfg.reduce)
-    n = int(idx_a.size)
-    if cfg.estimator == "biased":
-        if n < 2:
-            raise UsageError(f"the biased estimator needs at least 2 usable images, got {n}")
-        batch, batches = n, [[np.arange(n)]]
-    else:
-        batch = cap_batch_size(cfg.batch_size, n)
-        batches = sample_batches(n, batch, cfg.repeats, cfg.seed, cfg.max_batches)
+    plan = _plan(cfg)
+    states = {f"{plan.run_a.name}/{k}": v["digest"] for k, v in plan.states_a.items()}
+    states.update({f"{plan.run_b.name}/{k}": v["digest"] for k, v in plan.states_b.items()})
 
     def compute(executor: Executor) -> xr.Dataset:
-        flat = [(r, pos) for r, rep in enumerate(batches) for pos in rep]
-        owner = [r for r, _ in flat]
-        tasks = LazyTasks(
-            len(flat),
-            lambda i: _batch_task(
-                cfg, red_a, red_b, layers_a, layers_b, same, idx_a[flat[i][1]], idx_b[flat[i][1]]
-            ),
-        )
-        per_repeat = [np.full((len(layers_a), len(layers_b)), np.nan) for _ in batches]
-        accs: list[Any] = [MinibatchCKAMatrix() for _ in batches]
-        # A round of batches is one dask graph: a stored chunk that several of its batches
-        # sample is read once. One batch per round keeps memory at batch × features per
-        # layer (its layers already fill the threads); more trades memory for fewer reads.
-        window = cfg.batches_per_round
-        label = f"cka {cfg.run}" + (f" × {cfg.run2}" if cfg.run2 else "")
-        for i, out in executor.imap(tasks, desc=label, window=window):
-            if cfg.estimator == "biased":
-                per_repeat[owner[i]] = out
-            else:
-                accs[owner[i]].merge(out)
-        if cfg.estimator != "biased":
-            per_repeat = [acc.result() for acc in accs]
-        return _dataset(
-            cfg, run_a, src_b, layers_a, layers_b, per_repeat, n, batch, len(batches[0])
-        )
+        per_repeat, null, computed, paths = _compute(cfg, plan, executor)
+        ds = _dataset(cfg, plan, per_repeat, null)
+        ds.attrs.update(grams=paths, grams_computed=computed)
+        _warn_constant(ds)
+        return ds
 
     return run_analysis(
         cfg,
         analysis="cka",
-        default_name="cka" if run_b is None else f"cka__{cfg.run2}",
-        sources=[(run_a, mask_a)] + ([] if run_b is None else [(run_b, mask_b)]),
+        default_name="cka" if cfg.run2 is None else f"cka__{cfg.run2}",
+        sources=[(plan.run_a, plan.mask_a)] + ([(plan.run_b, plan.mask_b)] if plan.cross else []),
         compute=compute,
-        extra_parameters={"layers_a": layers_a, "layers_b": layers_b},
+        # The layers' source states: a rewritten unit changes the result, not only the Gram.
+        extra_parameters={
+            "layers_a": plan.layers_a,
+            "layers_b": plan.layers_b,
+            "source_states": states,
+        },
     )
 
 
-def _batch_task(
-    cfg: CKAConfig,
-    red_a: list[Any],
-    red_b: list[Any],
-    layers_a: list[str],
-    layers_b: list[str],
-    same: bool,
-    rows_a: np.ndarray,
-    rows_b: np.ndarray,
-) -> Any:
-    from dask import delayed
-
-    def grams(reduced: list[Any], layers: list[str], rows: np.ndarray) -> list[Any]:
-        return [
-            delayed(layer_gram, pure=True)(row_pieces(x, rows), cfg.kernel, cfg.rbf_threshold, name)
-            for x, name in zip(reduced, layers, strict=True)
-        ]
-
-    grams_a = grams(red_a, layers_a, rows_a)
-    grams_b = None if same else grams(red_b, layers_b, rows_b)
-    combine = _biased_all if cfg.estimator == "biased" else _unbiased_batch
-    return delayed(combine, pure=True)(grams_a, grams_b)
+def _warn_constant(ds: xr.Dataset) -> None:
+    cka = np.asarray(ds["cka"].values)
+    names_a = [str(v) for v in ds["layer_a"].values]
+    names_b = [str(v) for v in ds["layer_b"].values]
+    dead = [names_a[i] for i in range(len(names_a)) if np.isnan(cka[i]).all()]
+    dead += [names_b[j] for j in range(len(names_b)) if np.isnan(cka[:, j]).all()]
+    dead = list(dict.fromkeys(dead))
+    if dead:
+        warnings.warn(
+            f"layer(s) {', '.join(dead)} constant over the images: their CKA is NaN "
+            f"(centred Gram below 1e-10 of its trace)",
+            AnalysisWarning,
+            stacklevel=4,
+        )
 
 
 def _dataset(
-    cfg: CKAConfig,
-    run_a: Any,
-    run_b: Any,
-    layers_a: list[str],
-    layers_b: list[str],
-    per_repeat: list[np.ndarray],
-    n: int,
-    batch: int,
-    n_batches: int,
+    cfg: CKAConfig, plan: _Plan, per_repeat: list[np.ndarray], null: np.ndarray | None
 ) -> xr.Dataset:
     import xarray as xr
 
-    def depth(run: Any, layers: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def axis(run: Run, layers: list[str]) -> dict[str, Any]:
         infos = [layer_info(run[name]) for name in layers]
-        return (
-            np.array([i.depth_fraction for i in infos]),
-            np.array([i.depth_index for i in infos]),
-        )
+        return {
+            "depth": normalized_depth(run, layers),
+            "depth_fraction": np.array([i.depth_fraction for i in infos]),
+            "depth_index": np.array([i.depth_index for i in infos]),
+            "role": string_coord(layer_role_names(run, layers)),
+        }
 
-    frac_a, index_a = depth(run_a, layers_a)
-    frac_b, index_b = depth(run_b, layers_b)
+    ax_a, ax_b = axis(plan.run_a, plan.layers_a), axis(plan.run_b, plan.layers_b)
     stack = np.stack(per_repeat)
     dims = ("layer_a", "layer_b")
     data: dict[str, Any] = {"cka": (dims, stack.mean(axis=0))}
     if len(per_repeat) > 1:
         data["cka_std"] = (dims, stack.std(axis=0, ddof=1))
         data["cka_repeats"] = (("repeat", *dims), stack)
-    biased = cfg.estimator == "biased"
-    repeats = 1 if biased else cfg.repeats
-    ds = xr.Dataset(
-        data,
-        coords={
-            "layer_a": string_coord(layers_a),
-            "layer_b": string_coord(layers_b),
-            "depth_fraction_a": ("layer_a", frac_a),
-            "depth_fraction_b": ("layer_b", frac_b),
-            "depth_index_a": ("layer_a", index_a),
-            "depth_index_b": ("layer_b", index_b),
-        },
+    members = np.asarray(plan.batches)  # (repeat, batch, member) positions
+    data["batch_image"] = (("repeat", "batch", "member"), plan.idx_a[members])
+    data["batch_image_id"] = (
+        ("repeat", "batch", "member"),
+        string_coord(plan.run_a.image_ids[plan.idx_a[members]].ravel()).reshape(members.shape),
     )
+    if plan.cross:
+        data["batch_image_b"] = (("repeat", "batch", "member"), plan.idx_b[members])
+    if null is not None:
+        data["cka_null"] = (dims, null)
+        data["null_image_a"] = (("null_batch", "null_member"), plan.idx_a[np.asarray(plan.null_a)])
+        data["null_image_b"] = (("null_batch", "null_member"), plan.idx_b[np.asarray(plan.null_b)])
+    coords: dict[str, Any] = {
+        "layer_a": string_coord(plan.layers_a),
+        "layer_b": string_coord(plan.layers_b),
+    }
+    for key in ax_a:
+        coords[f"{key}_a"] = ("layer_a", ax_a[key])
+        coords[f"{key}_b"] = ("layer_b", ax_b[key])
+    ds = xr.Dataset(data, coords=coords)
+    _label(ds, cfg, plan, null)
+    return ds
+
+
+def _label(ds: xr.Dataset, cfg: CKAConfig, plan: _Plan, null: np.ndarray | None) -> None:
+    repeats, n_batches, batch = len(plan.batches), len(plan.batches[0]), plan.batch
     ds["cka"].attrs["long_name"] = "CKA (mean over repeats)" if repeats > 1 else "CKA"
     if "cka_std" in ds:
         ds["cka_std"].attrs["long_name"] = "standard deviation over repeats (ddof=1)"
+    for side in ("a", "b"):
+        ds[f"depth_{side}"].attrs["long_name"] = (
+            "fraction of the residual stream: stem 0, last stored block output 1"
+        )
+    ds["batch_image"].attrs["long_name"] = f"image index in run {plan.run_a.name!r} of each member"
+    if "batch_image_b" in ds:
+        ds["batch_image_b"].attrs["long_name"] = f"image index in run {plan.run_b.name!r}"
+    if null is not None:
+        ds["cka_null"].attrs["long_name"] = (
+            "null: the same estimate with the second side's images randomly permuted"
+        )
+        ds["null_image_b"].attrs["long_name"] = "image paired with null_image_a on the second side"
+    hsic = {
+        "biased": "biased HSIC0 tr(KHLH)/(n-1)^2 over all images",
+        "unbiased": "unbiased HSIC1 (Song et al. 2012) over all images",
+        "unbiased-minibatch": "unbiased HSIC1 (Song et al. 2012) summed over batches",
+    }[cfg.estimator]
     images = (
-        "all usable images, one batch"
-        if biased
-        else (f"batch {batch} × {n_batches} per repeat, {repeats} repeat(s)")
+        f"all {plan.n} usable images, one batch"
+        if cfg.full_sample
+        else f"batch {batch} × {n_batches} per repeat, {repeats} repeat(s)"
     )
+    null_note = "no null"
+    if null is not None:
+        null_note = (
+            f"null {np.nanmean(null):.3f} (max {np.nanmax(np.abs(null)):.3f}) over "
+            f"{len(plan.null_a)} permuted batch(es) of {plan.null_a[0].size}"
+            if np.isfinite(null).any()
+            else "null NaN"
+        )
     ds.attrs.update(
         estimator=cfg.estimator,
-        hsic="biased tr(KHLH)/(n-1)^2" if biased else "unbiased HSIC1 (Song et al. 2012)",
+        hsic=hsic,
         kernel=cfg.kernel,
         rbf_threshold=cfg.rbf_threshold if cfg.kernel == "rbf" else None,
         reduce=cfg.reduce,
-        n=n,
+        roles=cfg.roles if not (cfg.layers or cfg.layers2) else "as given by --layers",
+        n=plan.n,
         batch_size=batch,
-        batch_size_requested=None if biased else cfg.batch_size,
+        batch_size_requested=None if cfg.full_sample else cfg.batch_size,
         n_batches=n_batches,
         images_used=n_batches * batch,
         repeats=repeats,
-        seed=None if biased else cfg.seed,
-        run_a=run_a.name,
-        run_b=run_b.name,
+        seed=None if cfg.full_sample else cfg.seed,
+        null_batches=len(plan.null_a),
+        null_batch_size=int(plan.null_a[0].size) if plan.null_a else 0,
+        null_seed=[cfg.seed, _NULL_SEED],
+        gram_dtype=cfg.gram_dtype,
+        gram_accumulation="float64",
+        run_a=plan.run_a.name,
+        run_b=plan.run_b.name,
         summary=(
-            f"{run_a.name} × {run_b.name}: {len(layers_a)}×{len(layers_b)} layers, "
-            f"{cfg.estimator}, {cfg.kernel} kernel, {cfg.reduce}, n={n} ({images})"
+            f"{plan.run_a.name} × {plan.run_b.name}: {len(plan.layers_a)}×{len(plan.layers_b)} "
+            f"layers, {cfg.estimator}, {cfg.kernel} kernel, {cfg.reduce}, n={plan.n} "
+            f"({images}); {null_note}"
         ),
     )
-    return ds

@@ -13,7 +13,7 @@ __all__ = ["EXECUTION_OPTIONS", "AnalysisOptions", "AnalysisWarning", "cap_batch
 # Options that change how a result is computed, never what it is: left out of the
 # parameter dict compared for reuse.
 EXECUTION_OPTIONS = frozenset(
-    {"store", "recompute", "dask_address", "threads", "progress", "batches_per_round"}
+    {"store", "recompute", "dask_address", "threads", "progress", "gram_tile", "gather_bytes"}
 )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.analyze.cka import CKAConfig, layer_gram, run_cka
+from jobs.analyze.cka import CKAConfig, run_cka
 from jobs.analyze.options import AnalysisWarning
 from tests.jobs.test_analyze_common import cli, ids, make_run, synth  # noqa: F401
 from vitcnn_store import open_store

@@ -31,6 +31,7 @@ __all__ = [
     "CREATED_ATTR",
     "FORMAT_ATTR",
     "FORMAT_VERSION",
+    "GRAMS",
     "IMAGE_COORDS",
     "LABEL_FILL",
     "MAX_NAME_LENGTH",
@@ -50,6 +51,7 @@ CREATED_ATTR = "vitcnn_store.created"
 ANALYSES = "_analyses"
 #: Per-image coordinates of a run, copied into every layer group (format 2).
 IMAGE_COORDS = ("image", "image_id", "label", "image_sha256")
+GRAMS = "_grams"  # the Gram cache (store/grams.py); like _analyses, derived from the run
 # Arrays directly under a run; layer groups may not take these names.
 RUN_ARRAYS = (
     *IMAGE_COORDS, "done", "failed", "failure", "input", "input_y", "input_x",

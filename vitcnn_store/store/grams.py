@@ -1,0 +1,340 @@
+"""The Gram cache: ``<run>/_grams/<layer>/gram``, read, written and invalidated here only.
+
+A layer's linear Gram matrix ``K = X Xᵀ`` over all the run's images (features
+flattened, or reduced by ``gap``/``cls``) is what every CKA estimator needs, so
+it is computed once and kept in the run (docs/format.md, "Gram cache"):
+
+``<run>/_grams/<layer>/``
+    ``gram (image_a, image_b)`` for ``flatten``, ``gram_gap``/``gram_cls`` for the
+    reductions: float64 (float32 on request; always accumulated in float64),
+    chunked in square tiles of ``tile`` images (a multiple of the run's unit
+    size). Only the tiles on and above the diagonal are stored: the matrix is
+    symmetric, the lower tiles read as the fill value NaN
+    (``np.where(np.isnan(g), g.T, g)`` restores them). Rows and columns of images
+    that were not usable when it was computed (failed, or in unwritten units)
+    are NaN. ``row_mean`` (``row_mean_gap``, ...) ``(image_a)``: each row's mean
+    over the usable images, used to centre tiles before summing them.
+
+The attributes of a Gram say what it was computed from: the run's creation
+time, each work unit's state (its ``done`` flag and the size, modification time
+and checksum of the layer's chunk object) and the usable images, digested into
+``source.digest``. A resumed, repaired, re-extracted or otherwise rewritten
+run changes that state, and :func:`find_gram` then no longer returns the Gram:
+it is recomputed. ``complete`` is set last, after every tile is written.
+
+Examples
+--------
+>>> gram_path("vitb16", "blocks.3", "gap")
+'vitb16/_grams/blocks.3/gram_gap'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vitcnn_store.errors import StoreError
+from vitcnn_store.store.layout import GRAMS, open_root, quiet_zarr
+
+if TYPE_CHECKING:
+    from vitcnn_store.store.reader import Run
+
+__all__ = [
+    "GRAM_DTYPES",
+    "REDUCTIONS",
+    "GramInfo",
+    "GramReader",
+    "create_gram",
+    "delete_grams",
+    "find_gram",
+    "finish_gram",
+    "gram_path",
+    "source_state",
+    "write_tile",
+]
+
+REDUCTIONS = ("flatten", "gap", "cls")
+GRAM_DTYPES = ("float64", "float32")
+STORAGE = "tiles on and above the diagonal; lower tiles are the transpose, not stored (NaN)"
+
+
+def _suffix(reduce: str) -> str:
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduce!r}: use {', '.join(REDUCTIONS)}")
+    return "" if reduce == "flatten" else f"_{reduce}"
+
+
+def gram_path(run: str, layer: str, reduce: str = "flatten") -> str:
+    """Path of a layer's Gram array inside the store."""
+    return f"{run}/{GRAMS}/{layer}/gram{_suffix(reduce)}"
+
+
+def _row_mean_path(run: str, layer: str, reduce: str) -> str:
+    return f"{run}/{GRAMS}/{layer}/row_mean{_suffix(reduce)}"
+
+
+@dataclass(frozen=True)
+class GramInfo:
+    """Where a layer's Gram lives and how it is tiled."""
+
+    url: str
+    run: str
+    layer: str
+    reduce: str
+    n: int
+    tile: int
+
+    @property
+    def path(self) -> str:
+        return gram_path(self.run, self.layer, self.reduce)
+
+    @property
+    def row_mean_path(self) -> str:
+        return _row_mean_path(self.run, self.layer, self.reduce)
+
+    @property
+    def panels(self) -> list[tuple[int, int]]:
+        """Image ranges of the tile rows."""
+        return [(s, min(s + self.tile, self.n)) for s in range(0, self.n, self.tile)]
+
+
+# -- what a Gram is computed from -----------------------------------------------------
+
+
+def _chunk_stamps(url: str, run: str, layer: str) -> dict[int, list[Any]]:
+    """Per unit: size, modification time and etag of the layer's chunk object."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    base = f"{str(root).rstrip('/')}/{run}/{layer}/activation/c"
+    try:
+        found = fs.find(base, detail=True)
+    except (FileNotFoundError, OSError):
+        found = {}
+    out: dict[int, list[Any]] = {}
+    for path, info in dict(found).items():
+        rel = str(path)[len(base) :].lstrip("/")
+        try:
+            unit = int(rel.split("/")[0])
+        except ValueError:
+            continue
+        stamp = next(
+            (str(info[k]) for k in ("mtime", "LastModified", "last_modified", "updated", "created")
+             if k in info), "",
+        )  # fmt: skip
+        etag = str(info.get("ETag", info.get("etag", "")))
+        out[unit] = [int(info.get("size", 0) or 0), stamp, etag]
+    return out
+
+
+def source_state(run: Run, layer: str, mask: np.ndarray) -> dict[str, Any]:
+    """What a Gram of ``layer`` over the usable images ``mask`` is computed from.
+
+    The run's ``created_at``, and per work unit its ``done`` flag and the size,
+    modification time and etag of the layer's chunk object (a rewrite changes
+    them), and the usable images, digested into ``digest``; a few readable
+    counts beside it.
+    """
+    done = np.asarray(run.done, dtype=bool)
+    stamps = _chunk_stamps(run.store.url, run.name, layer)
+    units = [[bool(done[u]), *stamps.get(u, [0, "", ""])] for u in range(done.size)]
+    usable = hashlib.sha256(np.packbits(np.asarray(mask, dtype=bool)).tobytes()).hexdigest()
+    payload = {"created_at": run.attrs.get("created_at"), "units": units, "usable": usable}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return {
+        "digest": digest,
+        "created_at": run.attrs.get("created_at"),
+        "units_done": int(done.sum()),
+        "units_total": int(done.size),
+        "n_usable": int(np.asarray(mask, dtype=bool).sum()),
+        "chunks": "done flag, size, modification time, etag per unit",
+    }
+
+
+# -- writing ----------------------------------------------------------------------------
+
+
+def _compressors() -> Any:
+    # Gram entries are float64 noise to a compressor; blosc-lz4 with byte shuffle is fast
+    # and still saves the exponent bytes.
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")
+
+
+def create_gram(
+    url: str,
+    run: str,
+    layer: str,
+    reduce: str,
+    *,
+    n: int,
+    tile: int,
+    features: int,
+    state: dict[str, Any],
+    dtype: str = "float64",
+) -> GramInfo:
+    """Create (or replace) the empty Gram of a layer; tiles are then written by
+    :func:`write_tile` and :func:`finish_gram` marks it complete."""
+    if dtype not in GRAM_DTYPES:
+        raise ValueError(f"Gram dtype must be one of {', '.join(GRAM_DTYPES)}, got {dtype!r}")
+    if tile < 1 or n < 1:
+        raise ValueError(f"a Gram needs n >= 1 and tile >= 1, got n={n}, tile={tile}")
+    info = GramInfo(url, run, layer, reduce, n, min(tile, n))
+    root = open_root(url, mode="r+")
+    with quiet_zarr():
+        group = root[run].require_group(GRAMS).require_group(layer)
+        name = info.path.rsplit("/", 1)[1]
+        for key in (name, info.row_mean_path.rsplit("/", 1)[1]):
+            if key in group:
+                del group[key]
+        group.create_array(
+            name,
+            shape=(n, n),
+            chunks=(info.tile, info.tile),
+            dtype=dtype,
+            fill_value=np.nan,
+            compressors=_compressors(),
+            dimension_names=["image_a", "image_b"],
+            attributes={
+                "complete": False,
+                "long_name": f"linear Gram matrix X Xᵀ of {layer} ({reduce})",
+                "layer": layer,
+                "reduce": reduce,
+                "features": int(features),
+                "tile": info.tile,
+                "storage": STORAGE,
+                "accumulation": "float64",
+                "source": state,
+            },
+        )
+    return info
+
+
+def write_tile(info: GramInfo, p: int, q: int, block: np.ndarray) -> None:
+    """Write tile (p, q), p <= q: one whole chunk (safe from any worker, idempotent)."""
+    import zarr
+
+    if p > q:
+        raise ValueError(f"only tiles on or above the diagonal are stored, got ({p}, {q})")
+    (r0, r1), (c0, c1) = info.panels[p], info.panels[q]
+    if block.shape != (r1 - r0, c1 - c0):
+        raise ValueError(f"tile ({p}, {q}) has shape {block.shape}, expected {(r1 - r0, c1 - c0)}")
+    with quiet_zarr():
+        arr = zarr.open_array(info.url, path=info.path, mode="r+", zarr_format=3)
+        arr[r0:r1, c0:c1] = block
+
+
+def finish_gram(info: GramInfo, row_mean: np.ndarray) -> None:
+    """Write the row means, then mark the Gram complete (last)."""
+    from vitcnn_store.store.writer import consolidate
+
+    root = open_root(info.url, mode="r+")
+    with quiet_zarr():
+        group = root[f"{info.run}/{GRAMS}/{info.layer}"]
+        arr = group.create_array(
+            info.row_mean_path.rsplit("/", 1)[1],
+            shape=(info.n,),
+            chunks=(info.n,),
+            dtype="float64",
+            fill_value=np.nan,
+            compressors=_compressors(),
+            dimension_names=["image_a"],
+            attributes={"long_name": "mean of each Gram row over the usable images"},
+        )
+        arr[...] = np.asarray(row_mean, dtype=np.float64)
+        root[info.path].attrs["complete"] = True
+    consolidate(info.url)
+
+
+# -- reading ----------------------------------------------------------------------------
+
+
+def find_gram(run: Run, layer: str, reduce: str, state: dict[str, Any]) -> GramInfo | None:
+    """The stored Gram of ``layer`` if it is complete and was computed from ``state``."""
+    with quiet_zarr():
+        try:
+            arr = run.group[gram_path(run.name, layer, reduce).split("/", 1)[1]]
+        except KeyError:
+            return None
+        attrs = dict(arr.attrs)
+        n = int(arr.shape[0])
+    source = attrs.get("source") or {}
+    if not attrs.get("complete") or source.get("digest") != state.get("digest"):
+        return None
+    if n != run.n_images:
+        return None
+    return GramInfo(run.store.url, run.name, layer, reduce, n, int(attrs.get("tile", n)))
+
+
+def delete_grams(url: str, run: str, layer: str | None = None) -> None:
+    """Drop the cached Grams of one layer (or of the whole run)."""
+    root = open_root(url, mode="r+")
+    with quiet_zarr():
+        if GRAMS not in root[run]:
+            return
+        grams = root[f"{run}/{GRAMS}"]
+        if layer is None:
+            del root[run][GRAMS]
+        elif layer in grams:
+            del grams[layer]
+
+
+class GramReader:
+    """Reads blocks ``K[rows, cols]`` of a stored Gram, each stored tile at most once.
+
+    Rows and columns are image indices of the run; tiles below the diagonal are
+    read as the transpose of their mirror image.
+    """
+
+    def __init__(self, info: GramInfo) -> None:
+        import zarr
+
+        self.info = info
+        with quiet_zarr():
+            self.array = zarr.open_array(info.url, path=info.path, mode="r", zarr_format=3)
+        self._tiles: dict[tuple[int, int], np.ndarray] = {}
+
+    def row_mean(self) -> np.ndarray:
+        import zarr
+
+        with quiet_zarr():
+            arr = zarr.open_array(self.info.url, path=self.info.row_mean_path, mode="r",
+                                  zarr_format=3)  # fmt: skip
+            return np.asarray(arr[...], dtype=np.float64)
+
+    def _tile(self, i: int, j: int) -> np.ndarray:
+        key = (min(i, j), max(i, j))
+        if key not in self._tiles:
+            (r0, r1), (c0, c1) = self.info.panels[key[0]], self.info.panels[key[1]]
+            with quiet_zarr():
+                self._tiles[key] = np.asarray(self.array[r0:r1, c0:c1], dtype=np.float64)
+        t = self._tiles[key]
+        return t if i <= j else t.T
+
+    def block(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """``K[rows][:, cols]`` in float64 for index arrays (any order)."""
+        rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+        T = self.info.tile
+        out = np.empty((rows.size, cols.size))
+        ti, tj = rows // T, cols // T
+        for i in np.unique(ti):
+            ri = np.flatnonzero(ti == i)
+            for j in np.unique(tj):
+                cj = np.flatnonzero(tj == j)
+                tile = self._tile(int(i), int(j))
+                out[np.ix_(ri, cj)] = tile[np.ix_(rows[ri] - i * T, cols[cj] - j * T)]
+        if np.isnan(out).any():
+            raise StoreError(
+                f"Gram of layer {self.info.layer!r} in run {self.info.run!r} has no values for "
+                "some requested images (unusable when it was computed): recompute it"
+            )
+        return out
+
+    def forget(self) -> None:
+        """Drop the tiles read so far."""
+        self._tiles.clear()
