@@ -30,6 +30,7 @@ from vitcnn_store.analysis.gram import gram_linear
 from vitcnn_store.errors import UsageError
 from vitcnn_store.store.grams import GramInfo, create_gram, find_gram, finish_gram, write_tile
 from vitcnn_store.store.reader import Run
+from vitcnn_store.store.writer import consolidate
 
 __all__ = ["DEFAULT_TILE", "ensure_grams", "tile_size"]
 
@@ -56,7 +57,9 @@ def _panel(*parts: Any) -> np.ndarray:
     chunk (as read) and the rows of it to keep."""
     chunks, rows = parts[0::2], parts[1::2]
     pieces = [np.asarray(c)[r] for c, r in zip(chunks, rows, strict=True)]
-    x = np.concatenate(pieces) if pieces else np.zeros((0, 0))
+    if not pieces:  # no usable image in the panel: its tiles are all NaN
+        return np.zeros((0, 1))
+    x = np.concatenate(pieces)
     return x.reshape(x.shape[0], -1)
 
 
@@ -153,4 +156,6 @@ def ensure_grams(
         row_mean = np.where(mask, sums / max(int(mask.sum()), 1), np.nan)
         finish_gram(info, row_mean)
         infos[i] = info
+    if todo:
+        consolidate(run.store.url)
     return [info for info in infos if info is not None], [layers[i] for i in todo]

@@ -12,7 +12,10 @@ Estimate: unbiased minibatch HSIC₁ over equal batches of images sampled
 without replacement (:func:`~vitcnn_store.analysis.cka.sample_batches`): one
 dask task per batch builds a
 :class:`~vitcnn_store.analysis.localization.MinibatchLocalization` and the
-driver merges them.
+driver merges them. All batches are one dask graph, so each stored chunk is
+read once although every batch draws rows from nearly every chunk; the graph
+holds at most the target tokens and the input pixels of the usable images, as
+stored (float16: 2 bytes × (targets × channels + H × W × 3) per image).
 """
 
 from __future__ import annotations
@@ -181,7 +184,9 @@ def run_localization(cfg: LocalizationConfig) -> AnalysisResult:
 
         tasks = LazyTasks(len(batches), task)
         acc = MinibatchLocalization()
-        for _, part in executor.imap(tasks, desc=f"localization {cfg.run}", window=2):
+        # One graph for every batch: a chunk that several batches sample is read once.
+        window = len(batches)
+        for _, part in executor.imap(tasks, desc=f"localization {cfg.run}", window=window):
             acc.merge(part)
         maps = acc.result().reshape(len(targets), gy, gx)
         return _dataset(

@@ -1,22 +1,25 @@
-"""The CKA job equals the in-memory kernels on the same data, locally and on a dask cluster."""
+"""The Gram-first CKA job against references computed from the activations with the batches
+the result records; the Gram cache's reuse and invalidation; a memory-limited dask cluster."""
 
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 
 from jobs.analyze.cka import CKAConfig, run_cka
 from jobs.analyze.options import AnalysisWarning
-from tests.jobs.test_analyze_common import cli, ids, make_run, synth  # noqa: F401
+from tests.jobs.reads import chunk_reads, counted_reads, stored_bytes
+from tests.jobs.test_analyze_common import cli, copy_store, ids, make_run, synth  # noqa: F401
 from vitcnn_store import open_store
-from vitcnn_store.analysis.cka import MinibatchCKAMatrix, cka_matrix_from_grams
-from vitcnn_store.analysis.cka import sample_batches as cka_batches
-from vitcnn_store.analysis.gram import gram_linear, gram_rbf
-from vitcnn_store.errors import UsageError
+from vitcnn_store.store import RunWriter, create_run
 
 
 @pytest.fixture(scope="module")
@@ -37,50 +40,144 @@ def dask_cluster() -> Iterator[str]:
         cluster.close()
 
 
-def _loaded(url: str, run: str) -> tuple[list[str], list[np.ndarray], np.ndarray]:
-    r = open_store(url)[run]
-    return r.layers, [r[name].values for name in r.layers], r.valid
+# ---------------------------------------------------------------- independent references
+def ref_gram(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    return x @ x.T
 
 
-def _reference(reps_a, reps_b, batches, kernel="linear"):  # type: ignore[no-untyped-def]
+def ref_hsic1(K: np.ndarray, L: np.ndarray) -> float:
+    """Song et al. (2012) term by term, in extended precision."""
+    n = K.shape[0]
+    Kt, Lt = K.astype(np.longdouble), L.astype(np.longdouble)
+    np.fill_diagonal(Kt, 0.0)
+    np.fill_diagonal(Lt, 0.0)
+    # tr(K̃L̃) = Σ K̃∘L̃ and 1ᵀK̃L̃1 = (K̃1)·(L̃1): the same terms without slow extended matmuls.
+    rk, rl = Kt.sum(axis=1), Lt.sum(axis=1)
+    return float((np.sum(Kt * Lt) + rk.sum() * rl.sum() / ((n - 1) * (n - 2))
+                  - 2.0 / (n - 2) * np.dot(rk, rl)) / (n * (n - 3)))  # fmt: skip
+
+
+def ref_hsic0(K: np.ndarray, L: np.ndarray) -> float:
+    n = K.shape[0]
+    H = np.eye(n, dtype=np.longdouble) - np.ones((n, n), dtype=np.longdouble) / n
+    return float(np.trace(K.astype(np.longdouble) @ H @ L @ H) / (n - 1) ** 2)
+
+
+def rbf(K: np.ndarray) -> np.ndarray:
+    d2 = np.maximum(np.diag(K)[:, None] + np.diag(K)[None, :] - 2 * K, 0)
+    return np.exp(-d2 / (2 * np.median(d2)))
+
+
+def ref_cka(reps_a, reps_b, batches_a, batches_b, hsic=ref_hsic1, kernel=None):  # type: ignore[no-untyped-def]
+    """Per repeat: Σ_b HSIC / sqrt(Σ_b HSIC_aa · Σ_b HSIC_bb), batches as image indices."""
     out = []
-    for rep in batches:
-        acc = MinibatchCKAMatrix(kernel=kernel)
-        for rows_a, rows_b in rep:
-            acc.update(
-                [x[rows_a] for x in reps_a], None if reps_b is None else [y[rows_b] for y in reps_b]
-            )
-        out.append(acc.result())
+    for rep_a, rep_b in zip(batches_a, batches_b, strict=True):
+        rep_a, rep_b = np.asarray(rep_a), np.asarray(rep_b)
+        ka = [[ref_gram(x[b]) for b in rep_a] for x in reps_a]
+        kb = [[ref_gram(y[b]) for b in rep_b] for y in reps_b]
+        if kernel is not None:
+            ka = [[kernel(k) for k in ks] for ks in ka]
+            kb = [[kernel(k) for k in ks] for ks in kb]
+        m = np.zeros((len(ka), len(kb)))
+        for i, ki in enumerate(ka):
+            for j, kj in enumerate(kb):
+                xy = sum(hsic(k, ll) for k, ll in zip(ki, kj, strict=True))
+                xx = sum(hsic(k, k) for k in ki)
+                yy = sum(hsic(ll, ll) for ll in kj)
+                m[i, j] = xy / np.sqrt(xx * yy)
+        out.append(m)
     return np.stack(out)
 
 
-@pytest.mark.parametrize("where", ["threads", "cluster"])
-def test_within_run_matches_kernel(synth: str, where: str, request: pytest.FixtureRequest) -> None:  # noqa: F811
+def activations(url: str, run: str, layers) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    r = open_store(url)[run]
+    return [r[name].values for name in layers]
+
+
+# ---------------------------------------------------------------- estimators
+@pytest.mark.parametrize(
+    ("estimator", "where"),
+    [("unbiased-minibatch", "threads"), ("unbiased-minibatch", "cluster"),
+     ("unbiased", "threads"), ("biased", "threads")],
+)  # fmt: skip
+def test_estimators_equal_reference_on_recorded_batches(
+    synth: str,  # noqa: F811
+    estimator: str,
+    where: str,
+    request: pytest.FixtureRequest,
+) -> None:
     address = request.getfixturevalue("dask_cluster") if where == "cluster" else None
-    cfg = CKAConfig(
-        store=synth,
-        run="vit",
-        batch_size=12,
-        repeats=3,
-        seed=7,
-        progress=False,
-        dask_address=address,
-        name=f"cka-{where}",
-    )
+    cfg = CKAConfig(store=synth, run="vit", estimator=estimator, batch_size=12, repeats=3, seed=7,
+                    gram_tile=16, progress=False, dask_address=address,
+                    name=f"cka-{estimator}-{where}")  # fmt: skip
     ds = run_cka(cfg).dataset
-    layers, reps, valid = _loaded(synth, "vit")
-    usable = np.flatnonzero(valid)  # image 5 failed: dropped
-    assert usable.size == 47 and ds.attrs["n"] == 47 and ds.attrs["n_batches"] == 3
-    batches = [[(usable[p], None) for p in rep] for rep in cka_batches(47, 12, 3, 7)]
-    ref = _reference(reps, None, batches)
-    np.testing.assert_allclose(ds["cka"].values, ref.mean(0), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(ds["cka_std"].values, ref.std(0, ddof=1), rtol=1e-7, atol=1e-12)
-    np.testing.assert_allclose(ds["cka_repeats"].values, ref, rtol=1e-9, atol=1e-12)
+    layers = ["norm_pre", "blocks.0", "blocks.1"]  # the residual stream, by default
     assert ds["layer_a"].values.tolist() == layers == ds["layer_b"].values.tolist()
-    assert ds["depth_fraction_a"].values[0] == 0.0 and ds["depth_fraction_a"].values[-1] == 1.0
-    assert ds.attrs["estimator"] == "unbiased-minibatch" and ds.attrs["repeats"] == 3
-    assert ds.attrs["batch_size"] == 12 and ds.attrs["seed"] == 7
-    assert ds.attrs["weights_sha256"] == ["sha-0"] and ds.attrs["source_runs"] == ["vit"]
+    np.testing.assert_allclose(ds["depth_a"].values, [0.0, 0.5, 1.0])
+    assert ds["role_a"].values.tolist() == ["stream"] * 3
+    reps = activations(synth, "vit", layers)
+    batches = ds["batch_image"].values  # (repeat, batch, member) image indices
+    run = open_store(synth)["vit"]
+    assert (ds["batch_image_id"].values == run.image_ids[batches]).all()
+    assert 5 not in batches  # the failed image
+    hsic = ref_hsic0 if estimator == "biased" else ref_hsic1
+    ref = ref_cka(reps, reps, batches, batches, hsic)
+    if estimator == "unbiased-minibatch":
+        assert batches.shape == (3, 3, 12) and ds.attrs["n_batches"] == 3
+        assert all(np.unique(rep).size == rep.size for rep in batches)  # without replacement
+        np.testing.assert_allclose(ds["cka_repeats"].values, ref, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(ds["cka_std"].values, ref.std(0, ddof=1), atol=1e-10)
+    else:
+        assert batches.shape == (1, 1, 47) and ds.attrs["repeats"] == 1
+    np.testing.assert_allclose(ds["cka"].values, ref.mean(0), rtol=0, atol=1e-10)
+    # The null: the recorded pairing of permuted images, through the same reference.
+    null_a, null_b = ds["null_image_a"].values, ds["null_image_b"].values
+    assert (null_a != null_b).any() and 5 not in null_b
+    ref_null = ref_cka(reps, reps, [null_a], [null_b], hsic)[0]
+    np.testing.assert_allclose(ds["cka_null"].values, ref_null, rtol=0, atol=1e-10)
+    assert ds.attrs["estimator"] == estimator and ds.attrs["n"] == 47
+    assert ds.attrs["null_batches"] == len(null_a)
+
+
+def test_rbf_and_reductions_equal_reference(synth: str) -> None:  # noqa: F811
+    common = {"store": synth, "run": "vit", "progress": False, "gram_tile": 16}
+    ds = run_cka(CKAConfig(**common, kernel="rbf", batch_size=16, seed=2, repeats=2,
+                           gather_bytes=3 * 6 * 16 * 16 * 8, name="r")).dataset  # fmt: skip
+    layers = ds["layer_a"].values.tolist()
+    reps = activations(synth, "vit", layers)
+    b = ds["batch_image"].values
+    ref = ref_cka(reps, reps, b, b, kernel=rbf)
+    np.testing.assert_allclose(ds["cka_repeats"].values, ref, rtol=0, atol=1e-10)
+    null_ref = ref_cka(reps, reps, [ds["null_image_a"].values], [ds["null_image_b"].values],
+                       kernel=rbf)[0]  # fmt: skip
+    np.testing.assert_allclose(ds["cka_null"].values, null_ref, rtol=0, atol=1e-10)
+    # gap over patch tokens (CLS excluded) and the CLS token, every role.
+    for reduce, pick in (("gap", lambda x: x[:, 1:].astype(np.float64).mean(1)),
+                         ("cls", lambda x: x[:, 0])):  # fmt: skip
+        ds = run_cka(CKAConfig(**common, reduce=reduce, roles="all", estimator="biased",
+                               name=f"red-{reduce}")).dataset  # fmt: skip
+        layers = ds["layer_a"].values.tolist()
+        assert len(layers) == 7
+        reps = [pick(x) for x in activations(synth, "vit", layers)]
+        b = ds["batch_image"].values
+        np.testing.assert_allclose(ds["cka"].values, ref_cka(reps, reps, b, b, ref_hsic0)[0],
+                                   rtol=0, atol=1e-10)  # fmt: skip
+
+
+def test_roles_and_layer_patterns(synth: str) -> None:  # noqa: F811
+    common = {"store": synth, "run": "vit", "progress": False, "batch_size": 16}
+    ds = run_cka(CKAConfig(**common, roles="branches", name="br")).dataset
+    assert ds["layer_a"].values.tolist() == [
+        "norm_pre", "blocks.0.attn", "blocks.0.mlp", "blocks.0",
+        "blocks.1.attn", "blocks.1.mlp", "blocks.1",
+    ]  # fmt: skip
+    assert ds["role_a"].values.tolist()[:3] == ["stream", "branch", "branch"]
+    depth = ds["depth_a"].values
+    assert depth[0] == 0 and depth[-1] == 1 and (np.diff(depth) > 0).all()
+    ds = run_cka(CKAConfig(**common, layers="blocks.*.mlp", layers2="blocks.1", name="pat")).dataset
+    assert ds["layer_a"].values.tolist() == ["blocks.0.mlp", "blocks.1.mlp"]
+    assert ds["layer_b"].values.tolist() == ["blocks.1"]
 
 
 def test_cross_run_aligned_by_image_id(tmp_path: Path) -> None:
@@ -90,72 +187,190 @@ def test_cross_run_aligned_by_image_id(tmp_path: Path) -> None:
     # b: part of a's images in another order, plus images a does not have.
     b_ids = list(rng.permutation(ids(40)[10:])) + ids(6, "new")
     make_run(url, "b", b_ids, family="resnet", chunk=5, inputs=False, seed=3)
-    ds = run_cka(
-        CKAConfig(
-            store=url,
-            run="a",
-            run2="b",
-            batch_size=8,
-            repeats=2,
-            seed=1,
-            progress=False,
-        )
-    ).dataset
-    _, reps_a, _ = _loaded(url, "a")
-    layers_b, reps_b, _ = _loaded(url, "b")
-    pos_b = {v: i for i, v in enumerate(b_ids)}
-    common_a = np.arange(10, 40)  # in a's order; all usable (a's failed image 3 is not shared)
-    common_b = np.array([pos_b[f"img{i:03d}"] for i in common_a])
-    batches = [[(common_a[p], common_b[p]) for p in rep] for rep in cka_batches(30, 8, 2, 1)]
-    ref = _reference(reps_a, reps_b, batches)
-    np.testing.assert_allclose(ds["cka"].values, ref.mean(0), rtol=1e-9, atol=1e-12)
-    assert ds["layer_b"].values.tolist() == layers_b and ds.attrs["n"] == 30
+    cfg = CKAConfig(store=url, run="a", run2="b", batch_size=8, repeats=2, seed=1,
+                    gram_tile=8, progress=False)  # fmt: skip
+    ds = run_cka(cfg).dataset
+    assert ds["layer_b"].values.tolist() == ["maxpool", "layer1.0", "layer2.0"]
+    ia, ib = ds["batch_image"].values, ds["batch_image_b"].values
+    ra, rb = open_store(url)["a"], open_store(url)["b"]
+    assert (ra.image_ids[ia] == rb.image_ids[ib]).all() and ds.attrs["n"] == 30
+    reps_a = activations(url, "a", ds["layer_a"].values.tolist())
+    reps_b = activations(url, "b", ds["layer_b"].values.tolist())
+    np.testing.assert_allclose(ds["cka_repeats"].values, ref_cka(reps_a, reps_b, ia, ib),
+                               rtol=0, atol=1e-10)  # fmt: skip
+    na, nb = ds["null_image_a"].values, ds["null_image_b"].values
+    assert not (ra.image_ids[na] == rb.image_ids[nb]).all()
+    np.testing.assert_allclose(ds["cka_null"].values, ref_cka(reps_a, reps_b, [na], [nb])[0],
+                               rtol=0, atol=1e-10)  # fmt: skip
+    assert ds["depth_b"].values.tolist() == [0.0, 0.5, 1.0]
     assert ds.attrs["source_runs"] == ["a", "b"]
-    again = run_cka(
-        CKAConfig(store=url, run="a", run2="b", batch_size=8, repeats=2, seed=1, progress=False)
-    )
+    again = run_cka(cfg)
     assert again.reused and again.group == "a/_analyses/cka__b"
     make_run(url, "c", ids(8, "other"), depth=1, attention=False, inputs=False)
     assert cli(["analyze", "cka", url, "a", "c", "--no-progress", "--no-figure"]) == 2
 
 
-def test_reductions_estimators_and_rbf(synth: str) -> None:  # noqa: F811
-    layers, reps, valid = _loaded(synth, "vit")
-    usable = np.flatnonzero(valid)
-    common = {"store": synth, "run": "vit", "progress": False}
-    # Biased on all usable images, gap = mean over patch tokens (CLS excluded).
-    ds = run_cka(CKAConfig(**common, estimator="biased", reduce="gap", name="b")).dataset
-    gap = [x[usable][:, 1:].astype(np.float64).mean(1) for x in reps]
-    ref = cka_matrix_from_grams([gram_linear(x) for x in gap])
-    np.testing.assert_allclose(ds["cka"].values, ref, rtol=1e-9, atol=1e-12)
-    assert ds.attrs["batch_size"] == 47 and ds.attrs["repeats"] == 1
-    # CLS token, one side restricted with --layers2.
-    ds = run_cka(
-        CKAConfig(**common, reduce="cls", batch_size=47, layers2="blocks.*", name="c")
-    ).dataset
-    sub = [layers.index("blocks.0"), layers.index("blocks.1")]
-    ref = _reference([x[:, 0] for x in reps], [reps[i][:, 0] for i in sub], [[(usable, usable)]])[0]
-    np.testing.assert_allclose(ds["cka"].values, ref, rtol=1e-9, atol=1e-12)
-    assert ds["layer_b"].values.tolist() == ["blocks.0", "blocks.1"]
-    # RBF kernel.
-    ds = run_cka(CKAConfig(**common, kernel="rbf", batch_size=16, seed=2, name="r")).dataset
-    batches = [[(usable[p], None) for p in rep] for rep in cka_batches(47, 16, 1, 2)]
-    ref = _reference(reps, None, batches, kernel="rbf")[0]
-    np.testing.assert_allclose(ds["cka"].values, ref, rtol=1e-8, atol=1e-10)
+# ---------------------------------------------------------------- the Gram cache
+def _write_unit(url: str, run: str, unit: int, rng: np.random.Generator) -> None:
+    """Rewrite one unit of every array of a run with new random values (a re-extraction)."""
+    writer = RunWriter(url, run)
+    start, stop = writer.units[unit]
+    group = zarr.open_group(url, path=run, mode="r")
+    values = {}
+    for key, arr in writer._arrays.items():
+        if key in ("image", "image_id", "label", "failed", "failure"):
+            continue
+        shape = (stop - start, *arr.shape[1:])
+        if key.endswith("attention") or key == "input":
+            values[key] = np.asarray(group[key][start:stop])
+        else:
+            values[key] = rng.normal(size=shape).astype(np.float16)
+    writer.write_unit(unit, values, np.zeros(stop - start, bool), [""] * (stop - start))
 
 
-def test_layer_gram_kernels_and_refusals() -> None:
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(6, 3, 5)).astype(np.float16)
-    np.testing.assert_allclose(layer_gram(x), gram_linear(x), rtol=1e-12)
-    np.testing.assert_allclose(layer_gram(x, "rbf", 0.5), gram_rbf(x, 0.5), rtol=1e-9)
-    x[2, 0, 0] = np.nan
-    with pytest.raises(UsageError, match=r"'blocks\.0' has NaN"):
-        layer_gram(x, layer="blocks.0")
-    with pytest.raises(UsageError, match="constant over a batch"):
-        layer_gram(np.ones((5, 2)), "rbf", layer="blocks.0")
+def test_gram_cache_reused_then_recomputed_when_units_change(tmp_path: Path) -> None:
+    url = str(tmp_path / "g.zarr")
+    make_run(url, "p", ids(40), depth=1, attention=False, inputs=False, units=[0, 2, 3])
+    common = {"store": url, "run": "p", "progress": False, "batch_size": 8, "gram_tile": 16}
+    first = run_cka(CKAConfig(**common, allow_incomplete=True)).dataset
+    layers = first["layer_a"].values.tolist()
+    assert first.attrs["grams_computed"] == [f"p/{n}" for n in layers] and first.attrs["n"] == 24
+    g = zarr.open_array(url, path="p/_grams/blocks.0/gram", mode="r")
+    assert g.attrs["complete"] and g.attrs["source"]["units_done"] == 3
+    # Other batches, same images: the Grams are reused, the result is new and still exact.
+    other = run_cka(CKAConfig(**common, allow_incomplete=True, seed=5, name="o")).dataset
+    assert other.attrs["grams_computed"] == []
+    reps = activations(url, "p", layers)
+    b = other["batch_image"].values
+    np.testing.assert_allclose(other["cka"].values, ref_cka(reps, reps, b, b)[0], atol=1e-10)
+    # Resume: the missing units are written, the Grams cover them.
+    rng = np.random.default_rng(9)
+    for unit in (1, 4):
+        _write_unit(url, "p", unit, rng)
+    resumed = run_cka(CKAConfig(**common)).dataset
+    assert resumed.attrs["grams_computed"] == [f"p/{n}" for n in layers]
+    assert (
+        resumed.attrs["n"] == 40
+        and zarr.open_array(url, path="p/_grams/blocks.0/gram", mode="r").attrs["source"][
+            "units_done"
+        ]
+        == 5
+    )
+    # A finished unit rewritten (a repair or a re-run of it): same counts, new data, recomputed.
+    _write_unit(url, "p", 2, rng)
+    rewritten = run_cka(CKAConfig(**common, seed=3, name="w"))
+    assert not rewritten.reused and rewritten.dataset.attrs["grams_computed"] != []
+    reps = activations(url, "p", layers)
+    b = rewritten.dataset["batch_image"].values
+    np.testing.assert_allclose(rewritten.dataset["cka"].values, ref_cka(reps, reps, b, b)[0],
+                               atol=1e-10)  # fmt: skip
+    # The result written before the rewrite is not reused either.
+    assert not run_cka(CKAConfig(**common)).reused
+    # Re-extraction (--overwrite) replaces the run, its Gram cache with it.
+    create_run(url, "p", image_ids=ids(8), labels=[0] * 8, chunk=8, dtype="float16",
+               arrays=[], attrs={"chunk_size": 8})  # fmt: skip
+    assert "_grams" not in zarr.open_group(url, path="p", mode="r")
 
 
+def test_gram_cache_format_read_by_plain_xarray(synth: str, tmp_path: Path) -> None:  # noqa: F811
+    url = copy_store(synth, tmp_path / "s.zarr")
+    run_cka(CKAConfig(store=url, run="vit", layers="blocks.0", batch_size=16, gram_tile=16,
+                      progress=False))  # fmt: skip
+    x = open_store(url)["vit"]["blocks.0"].values.astype(np.float64).reshape(48, -1)
+    usable = np.ones(48, bool)
+    usable[5] = False
+    code = f"""
+import numpy as np, sys, xarray as xr
+ds = xr.open_zarr({url!r}, group="vit/_grams/blocks.0", consolidated=False)
+g = ds["gram"].values
+assert ds["gram"].dims == ("image_a", "image_b"), ds["gram"].dims
+assert np.isnan(g[32:, :16]).all() and np.isfinite(g[6:16, 32:]).all()  # upper tiles only
+g = np.where(np.isnan(g), g.T, g)
+np.save(sys.argv[1], g); np.save(sys.argv[2], ds["row_mean"].values)
+assert "vitcnn_store" not in sys.modules
+"""
+    out = [str(tmp_path / "g.npy"), str(tmp_path / "m.npy")]
+    subprocess.run([sys.executable, "-c", code, *out], check=True)
+    g, mean = np.load(out[0]), np.load(out[1])
+    np.testing.assert_allclose(g[np.ix_(usable, usable)], (x @ x.T)[np.ix_(usable, usable)],
+                               rtol=1e-12)  # fmt: skip
+    assert np.isnan(g[5]).all() and np.isnan(mean[5])
+    np.testing.assert_allclose(mean[usable], (x @ x.T)[np.ix_(usable, usable)].mean(1))
+
+
+def test_each_chunk_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = str(tmp_path / "s.zarr")
+    make_run(url, "vit", ids(48), failed=[5])
+    layers = ["norm_pre", "blocks.0", "blocks.1"]
+    with counted_reads(monkeypatch) as reads:
+        run_cka(CKAConfig(store=url, run="vit", batch_size=8, repeats=5, gram_tile=16,
+                          progress=False))  # fmt: skip
+    read = stored = 0
+    for layer in layers:
+        chunks = chunk_reads(reads, f"vit/{layer}/activation")
+        assert len(chunks) == 6 and all(len(v) == 1 for v in chunks.values()), layer
+        read += sum(sum(v) for v in chunks.values())
+        stored += stored_bytes(url, f"vit/{layer}/activation")
+        tiles = chunk_reads(reads, f"vit/_grams/{layer}/gram")
+        assert len(tiles) == 6 and all(len(v) == 1 for v in tiles.values()), layer  # 3×3 upper
+    assert read == stored
+
+
+# ---------------------------------------------------------------- constant layers
+def test_constant_layer_is_nan_with_a_warning(tmp_path: Path) -> None:
+    url = str(tmp_path / "c.zarr")
+    make_run(url, "c", ids(24), depth=1, attention=False, inputs=False)
+    writer = RunWriter(url, "c")
+    group = zarr.open_group(url, path="c", mode="r")
+    for u, (s, e) in enumerate(writer.units):
+        values = {k: np.asarray(group[k][s:e]) for k in writer._arrays
+                  if k not in ("image", "image_id", "label", "failed", "failure")}  # fmt: skip
+        values["blocks.0/activation"] = np.full_like(values["blocks.0/activation"], 1000.5)
+        writer.write_unit(u, values, np.zeros(e - s, bool), [""] * (e - s))
+    with pytest.warns(AnalysisWarning, match=r"blocks\.0 constant over the images"):
+        ds = run_cka(CKAConfig(store=url, run="c", batch_size=8, progress=False)).dataset
+    m = ds["cka"].values
+    assert ds["layer_a"].values.tolist() == ["norm_pre", "blocks.0"]
+    assert np.isnan(m[1]).all() and np.isnan(m[:, 1]).all() and m[0, 0] == pytest.approx(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the kernels' own warnings are not repeated
+        run_cka(CKAConfig(store=url, run="c", batch_size=8, progress=False, layers="norm_pre",
+                          name="ok"))  # fmt: skip
+
+
+# ---------------------------------------------------------------- scale
+def test_memory_limited_cluster_never_holds_a_gram(tmp_path: Path) -> None:
+    """Workers with less memory than one layer's Gram compute it tile by tile."""
+    from distributed import Client, LocalCluster
+
+    n, limit = 5120, 180 * 2**20
+    assert 8 * n * n > limit  # one layer's Gram does not fit a worker
+    url = str(tmp_path / "big.zarr")
+    make_run(url, "big", ids(n), depth=1, chunk=256, attention=False, inputs=False)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, memory_limit=limit,
+                      dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
+            Client(cluster, set_as_default=False) as client:  # fmt: skip
+        cfg = CKAConfig(store=url, run="big", batch_size=512, max_batches=4, repeats=2,
+                        null_batches=1, dask_address=cluster.scheduler_address,
+                        progress=False)  # fmt: skip
+        ds = run_cka(cfg).dataset
+        peak = max(client.run(_peak_rss).values())
+    assert peak < limit, f"a worker peaked at {peak / 2**20:.0f} MiB"
+    layers = ds["layer_a"].values.tolist()
+    reps = activations(url, "big", layers)
+    b = ds["batch_image"].values
+    np.testing.assert_allclose(ds["cka_repeats"].values, ref_cka(reps, reps, b, b), atol=1e-10)
+    g = zarr.open_array(url, path="big/_grams/blocks.0/gram", mode="r")
+    assert g.shape == (n, n) and g.chunks == (512, 512)
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# ---------------------------------------------------------------- options and refusals
 def test_capped_batch_warns_and_bad_options_exit_2(synth: str) -> None:  # noqa: F811
     with pytest.warns(AnalysisWarning, match="using 48"):
         ds = run_cka(
@@ -167,7 +382,12 @@ def test_capped_batch_warns_and_bad_options_exit_2(synth: str) -> None:  # noqa:
     assert cli([*base[:3], "vit", "--batch-size", "3", *base[3:]]) == 2
     assert cli([*base[:3], "vit", "--layers", "nope.*", *base[3:]]) == 2
     assert cli([*base[:3], "vit", "--name", "_bad", *base[3:]]) == 2
+    assert cli([*base[:3], "vit", "--roles", "some", *base[3:]]) == 2
+    assert cli([*base[:3], "vit", "--gram-tile", "0", *base[3:]]) == 2
     assert cli([*base[:3], "ghost", *base[3:]]) == 2
+    assert cli([*base[:3], "vit", "--estimator", "unbiased", "--null-batches", "0",
+                "--name", "u", *base[3:]]) == 0  # fmt: skip
+    assert "cka_null" not in open_store(synth)["vit"].analysis("u")
 
 
 def test_incomplete_run_refused_then_masked(synth: str, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
@@ -183,10 +403,11 @@ def test_incomplete_run_refused_then_masked(synth: str, capsys: pytest.CaptureFi
     ds = xr.open_zarr(synth, group="partial/_analyses/cka", consolidated=False)
     assert ds.attrs["incomplete_runs"] is True and ds.attrs["n"] == 16
     assert ds.attrs["sources"][0]["units_done"] == 2
-    _, reps, valid = _loaded(synth, "partial")
-    usable = np.flatnonzero(valid)
-    batches = [[(usable[p], None) for p in rep] for rep in cka_batches(16, 8, 1, 0)]
-    np.testing.assert_allclose(ds["cka"].values, _reference(reps, None, batches)[0], rtol=1e-9)
+    layers = [str(v) for v in ds["layer_a"].values]
+    reps = activations(synth, "partial", layers)
+    b = ds["batch_image"].values
+    assert set(np.unique(b)) <= set(range(8)) | set(range(16, 24))
+    np.testing.assert_allclose(ds["cka"].values, ref_cka(reps, reps, b, b)[0], atol=1e-10)
 
 
 def test_chunk_jobs_on_cluster_equal_threads(synth: str, dask_cluster: str) -> None:  # noqa: F811

@@ -230,9 +230,10 @@ def write_tile(info: GramInfo, p: int, q: int, block: np.ndarray) -> None:
 
 
 def finish_gram(info: GramInfo, row_mean: np.ndarray) -> None:
-    """Write the row means, then mark the Gram complete (last)."""
-    from vitcnn_store.store.writer import consolidate
+    """Write the row means, then mark the Gram complete (last).
 
+    The store's consolidated metadata is left to the caller (once per job).
+    """
     root = open_root(info.url, mode="r+")
     with quiet_zarr():
         group = root[f"{info.run}/{GRAMS}/{info.layer}"]
@@ -248,7 +249,6 @@ def finish_gram(info: GramInfo, row_mean: np.ndarray) -> None:
         )
         arr[...] = np.asarray(row_mean, dtype=np.float64)
         root[info.path].attrs["complete"] = True
-    consolidate(info.url)
 
 
 # -- reading ----------------------------------------------------------------------------
