@@ -43,8 +43,14 @@ from vitcnn_store.analysis.cka import (
 )
 from vitcnn_store.analysis.gram import rbf_from_linear_gram
 from vitcnn_store.analysis.tiles import BatchLayout, GatheredGrams
-from vitcnn_store.errors import UsageError
-from vitcnn_store.store.grams import GRAM_DTYPES, GramInfo, source_state
+from vitcnn_store.errors import DamagedDataError, UsageError
+from vitcnn_store.store.grams import (
+    GRAM_DTYPES,
+    GramInfo,
+    delete_grams,
+    gram_layer,
+    source_state,
+)
 from vitcnn_store.store.layout import check_name
 from vitcnn_store.store.reader import Run
 from vitcnn_store.store.schema import string_coord
@@ -272,6 +278,21 @@ def _sides(plan: _Plan, grams_a: dict[str, GramInfo], grams_b: dict[str, GramInf
 
 
 def _compute(cfg: CKAConfig, plan: _Plan, executor: Executor) -> tuple[Any, ...]:
+    """Grams, then the tile pass; a damaged Gram (the cache, not the run) is dropped and
+    computed again from the activations, once."""
+    try:
+        return _compute_once(cfg, plan, executor)
+    except DamagedDataError as e:
+        layer = gram_layer(e.layer or "")
+        if layer is None or e.run is None:
+            raise
+        warnings.warn(f"the Gram cache of {e.run}/{layer} is damaged: computing it again",
+                      AnalysisWarning, stacklevel=3)  # fmt: skip
+        delete_grams(cfg.store, e.run, layer)
+        return _compute_once(cfg, plan, executor)
+
+
+def _compute_once(cfg: CKAConfig, plan: _Plan, executor: Executor) -> tuple[Any, ...]:
     label = f"cka {cfg.run}" + (f" × {cfg.run2}" if cfg.run2 else "")
     opts: dict[str, Any] = {"tile": cfg.gram_tile, "dtype": cfg.gram_dtype, "label": "grams"}
     wanted_a = list(dict.fromkeys(plan.layers_a + ([] if plan.cross else plan.layers_b)))

@@ -37,8 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vitcnn_store.errors import StoreError
-from vitcnn_store.store.layout import GRAMS, open_root, quiet_zarr
+from vitcnn_store.errors import DamagedDataError
+from vitcnn_store.store.checked import damage_error
+from vitcnn_store.store.codecs import checksummed
+from vitcnn_store.store.layout import GRAMS, open_root, quiet_zarr, store_io
 
 if TYPE_CHECKING:
     from vitcnn_store.store.reader import Run
@@ -52,6 +54,7 @@ __all__ = [
     "delete_grams",
     "find_gram",
     "finish_gram",
+    "gram_layer",
     "gram_path",
     "source_state",
     "write_tile",
@@ -109,12 +112,13 @@ def _chunk_stamps(url: str, run: str, layer: str) -> dict[int, list[Any]]:
     """Per unit: size, modification time and etag of the layer's chunk object."""
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(url)
-    base = f"{str(root).rstrip('/')}/{run}/{layer}/activation/c"
-    try:
-        found = fs.find(base, detail=True)
-    except (FileNotFoundError, OSError):
-        found = {}
+    with store_io(url):
+        fs, root = fsspec.core.url_to_fs(url)
+        base = f"{str(root).rstrip('/')}/{run}/{layer}/activation/c"
+        try:
+            found = fs.find(base, detail=True)
+        except FileNotFoundError:
+            found = {}
     out: dict[int, list[Any]] = {}
     for path, info in dict(found).items():
         rel = str(path)[len(base) :].lstrip("/")
@@ -160,10 +164,8 @@ def source_state(run: Run, layer: str, mask: np.ndarray) -> dict[str, Any]:
 
 def _compressors() -> Any:
     # Gram entries are float64 noise to a compressor; blosc-lz4 with byte shuffle is fast
-    # and still saves the exponent bytes.
-    from zarr.codecs import BloscCodec
-
-    return BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")
+    # and still saves the exponent bytes. crc32c last, as on every array of format 2.
+    return checksummed("lz4")
 
 
 def create_gram(
@@ -224,7 +226,7 @@ def write_tile(info: GramInfo, p: int, q: int, block: np.ndarray) -> None:
     (r0, r1), (c0, c1) = info.panels[p], info.panels[q]
     if block.shape != (r1 - r0, c1 - c0):
         raise ValueError(f"tile ({p}, {q}) has shape {block.shape}, expected {(r1 - r0, c1 - c0)}")
-    with quiet_zarr():
+    with quiet_zarr(), store_io(info.url):
         arr = zarr.open_array(info.url, path=info.path, mode="r+", zarr_format=3)
         arr[r0:r1, c0:c1] = block
 
@@ -271,6 +273,18 @@ def find_gram(run: Run, layer: str, reduce: str, state: dict[str, Any]) -> GramI
     return GramInfo(run.store.url, run.name, layer, reduce, n, int(attrs.get("tile", n)))
 
 
+def gram_layer(where: str) -> str | None:
+    """The layer of a Gram path inside a run (``_grams/<layer>/...``), else None.
+
+    Examples
+    --------
+    >>> gram_layer("_grams/blocks.3/gram"), gram_layer("blocks.3/activation")
+    ('blocks.3', None)
+    """
+    parts = str(where).split("/")
+    return parts[1] if len(parts) > 2 and parts[0] == GRAMS else None
+
+
 def delete_grams(url: str, run: str, layer: str | None = None) -> None:
     """Drop the cached Grams of one layer (or of the whole run)."""
     root = open_root(url, mode="r+")
@@ -299,20 +313,34 @@ class GramReader:
             self.array = zarr.open_array(info.url, path=info.path, mode="r", zarr_format=3)
         self._tiles: dict[tuple[int, int], np.ndarray] = {}
 
+    @property
+    def where(self) -> str:
+        """The Gram's path inside its run (named by damage errors)."""
+        return self.info.path.split("/", 1)[1]
+
     def row_mean(self) -> np.ndarray:
         import zarr
 
-        with quiet_zarr():
-            arr = zarr.open_array(self.info.url, path=self.info.row_mean_path, mode="r",
-                                  zarr_format=3)  # fmt: skip
-            return np.asarray(arr[...], dtype=np.float64)
+        try:
+            with quiet_zarr():
+                arr = zarr.open_array(self.info.url, path=self.info.row_mean_path, mode="r",
+                                      zarr_format=3)  # fmt: skip
+                return np.asarray(arr[...], dtype=np.float64)
+        except Exception as e:
+            raise damage_error(self.info.url, self.info.run, self.where, e,
+                               what="Gram row means") from e  # fmt: skip
 
     def _tile(self, i: int, j: int) -> np.ndarray:
         key = (min(i, j), max(i, j))
         if key not in self._tiles:
             (r0, r1), (c0, c1) = self.info.panels[key[0]], self.info.panels[key[1]]
-            with quiet_zarr():
-                self._tiles[key] = np.asarray(self.array[r0:r1, c0:c1], dtype=np.float64)
+            try:
+                with quiet_zarr():
+                    tile = np.asarray(self.array[r0:r1, c0:c1], dtype=np.float64)
+            except Exception as e:  # a checksum mismatch: the cache is damaged, not the run
+                raise damage_error(self.info.url, self.info.run, self.where, e,
+                                   what=f"Gram tile {key}") from e  # fmt: skip
+            self._tiles[key] = tile
         t = self._tiles[key]
         return t if i <= j else t.T
 
@@ -328,11 +356,14 @@ class GramReader:
                 cj = np.flatnonzero(tj == j)
                 tile = self._tile(int(i), int(j))
                 out[np.ix_(ri, cj)] = tile[np.ix_(rows[ri] - i * T, cols[cj] - j * T)]
-        if np.isnan(out).any():
-            raise StoreError(
+        if np.isnan(out).any():  # a lost tile reads as NaN, as do images unusable back then
+            raise DamagedDataError(
                 f"Gram of layer {self.info.layer!r} in run {self.info.run!r} has no values for "
-                "some requested images (unusable when it was computed): recompute it"
-            )
+                "some requested images (a tile is missing, or they were unusable when it was "
+                f"computed): drop it with `vitcnn verify {self.info.url} --repair` and analyse "
+                "again",
+                run=self.info.run, layer=self.where,
+            )  # fmt: skip
         return out
 
     def forget(self) -> None:

@@ -22,6 +22,7 @@ from vitcnn_store.errors import DamagedDataError, RunNotFoundError
 from vitcnn_store.store.checked import failure_reason
 from vitcnn_store.store.chunks import chunk_key, grid, list_objects, unit_arrays, walk_arrays
 from vitcnn_store.store.codecs import has_checksum
+from vitcnn_store.store.grams import delete_grams, gram_layer
 from vitcnn_store.store.layout import (
     check_name,
     environment_error,
@@ -149,10 +150,21 @@ def _repair(url: str, report: VerifyReport) -> None:
     from vitcnn_store.store.writer import consolidate
 
     units: dict[str, set[int]] = {}
+    grams: dict[str, set[str]] = {}
     for p in report.problems:
         if p.repairable and p.unit is not None:
             units.setdefault(p.run, set()).add(p.unit)
+        layer = gram_layer(p.layer)
+        if layer is not None:
+            grams.setdefault(p.run, set()).add(layer)
+    for run, layers in grams.items():
+        for layer in sorted(layers):
+            delete_grams(url, run, layer)
+            report.notes.append(f"dropped the damaged Gram cache of {run}/{layer}: "
+                                "`vitcnn analyze cka` recomputes it")  # fmt: skip
     if not units:
+        if grams:
+            consolidate(url)
         return
     root = open_root(url, mode="r+")
     for run, todo in units.items():
@@ -214,6 +226,10 @@ def verify_store(
                 continue
             per_unit = task.unit is not None
             what = outcome if per_unit else f"{outcome}: {RECOVER}"
+            if gram_layer(task.path) is not None:  # derived data: drop it, analyses redo it
+                what = (
+                    f"{outcome}: a cached Gram; --repair drops it, `vitcnn analyze cka` redoes it"
+                )
             report.problems.append(Problem(task.run, task.path, task.unit, what, per_unit))
     if bar is not None:
         bar.close()

@@ -1,0 +1,117 @@
+"""The Gram cache in the store: its layout, checksums, source state, reads and damage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from jobs.analyze.cka import CKAConfig, run_cka
+from jobs.analyze.options import AnalysisWarning
+from tests.jobs.test_analyze_common import ids, make_run
+from vitcnn_store import open_store
+from vitcnn_store.errors import DamagedDataError
+from vitcnn_store.store import RunWriter
+from vitcnn_store.store.codecs import has_checksum
+from vitcnn_store.store.grams import (
+    GramReader,
+    create_gram,
+    delete_grams,
+    find_gram,
+    finish_gram,
+    gram_path,
+    source_state,
+    write_tile,
+)
+from vitcnn_store.store.verify import verify_store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> str:
+    url = str(tmp_path / "g.zarr")
+    make_run(url, "r", ids(20), depth=1, chunk=4, attention=False, inputs=False, failed=[2])
+    return url
+
+
+def _full_gram(url: str, run: str, layer: str, tile: int) -> tuple[np.ndarray, object]:
+    r = open_store(url)[run]
+    mask = r.valid
+    x = r[layer].values.astype(np.float64).reshape(r.n_images, -1)
+    k = x @ x.T
+    k[~mask] = np.nan
+    k[:, ~mask] = np.nan
+    state = source_state(r, layer, mask)
+    info = create_gram(url, run, layer, "flatten", n=20, tile=tile, features=x.shape[1],
+                       state=state)  # fmt: skip
+    for p, (r0, r1) in enumerate(info.panels):
+        for q, (c0, c1) in enumerate(info.panels):
+            if q >= p:
+                write_tile(info, p, q, k[r0:r1, c0:c1])
+    assert find_gram(r, layer, "flatten", state) is None  # not complete yet
+    finish_gram(info, np.where(mask, np.nan_to_num(k).sum(axis=1) / mask.sum(), np.nan))
+    return k, info
+
+
+def test_layout_checksums_and_reads(store: str) -> None:
+    k, info = _full_gram(store, "r", "blocks.0", tile=8)
+    arr = zarr.open_array(store, path=gram_path("r", "blocks.0"), mode="r")
+    assert has_checksum(arr) and arr.chunks == (8, 8) and arr.dtype == np.float64
+    assert arr.attrs["complete"] and arr.metadata.dimension_names == ("image_a", "image_b")
+    stored = arr[...]
+    assert np.isnan(stored[8:16, :8]).all()  # lower tiles are not stored
+    np.testing.assert_array_equal(np.where(np.isnan(stored), stored.T, stored)[3:, 3:], k[3:, 3:])
+    run = open_store(store)["r"]
+    state = source_state(run, "blocks.0", run.valid)
+    assert find_gram(run, "blocks.0", "flatten", state) == info
+    rng = np.random.default_rng(0)
+    usable = np.flatnonzero(run.valid)
+    reader = GramReader(info)
+    for _ in range(5):
+        rows, cols = rng.choice(usable, 7), rng.choice(usable, 9)
+        np.testing.assert_array_equal(reader.block(rows, cols), k[np.ix_(rows, cols)])
+    with pytest.raises(DamagedDataError, match="no values for some requested images"):
+        reader.block(np.array([2]), np.array([0]))  # image 2 failed: no Gram row
+    delete_grams(store, "r", "blocks.0")
+    assert find_gram(run, "blocks.0", "flatten", state) is None
+
+
+def test_source_state_follows_the_units(store: str) -> None:
+    run = open_store(store)["r"]
+    before = source_state(run, "blocks.0", run.valid)
+    assert before == source_state(run, "blocks.0", run.valid)  # nothing changed
+    assert before["digest"] != source_state(run, "blocks.0", ~run.valid)["digest"]
+    writer = RunWriter(store, "r")
+    group = zarr.open_group(store, path="r", mode="r")
+    values = {k: np.asarray(group[k][4:8]) for k in writer._arrays
+              if k not in ("image", "image_id", "label", "failed", "failure")}  # fmt: skip
+    writer.write_unit(1, values, np.zeros(4, bool), [""] * 4)  # same bytes, rewritten
+    after = source_state(open_store(store)["r"], "blocks.0", run.valid)
+    assert after["digest"] != before["digest"] and after["units_done"] == before["units_done"]
+
+
+def test_damaged_gram_is_refused_verified_dropped_and_recomputed(store: str) -> None:
+    cfg = {"store": store, "run": "r", "batch_size": 8, "gram_tile": 8, "progress": False}
+    first = run_cka(CKAConfig(**cfg)).dataset
+    tile = Path(store) / "r" / "_grams" / "blocks.0" / "gram" / "c" / "0" / "1"
+    data = bytearray(tile.read_bytes())
+    data[20] ^= 0xFF
+    tile.write_bytes(bytes(data))
+    run = open_store(store)["r"]
+    info = find_gram(run, "blocks.0", "flatten", source_state(run, "blocks.0", run.valid))
+    assert info is not None
+    with pytest.raises(DamagedDataError, match=r"_grams/blocks\.0/gram.*checksum"):
+        GramReader(info).block(np.arange(4), np.arange(8, 12))
+    report = verify_store(store)
+    (problem,) = report.problems
+    assert problem.layer == "_grams/blocks.0/gram" and "cached Gram" in problem.problem
+    # The job notices, computes the Gram again from the activations, and gets the same result.
+    with pytest.warns(AnalysisWarning, match=r"Gram cache of r/blocks\.0 is damaged"):
+        again = run_cka(CKAConfig(**cfg, recompute=True)).dataset
+    np.testing.assert_allclose(again["cka"].values, first["cka"].values, atol=1e-12)
+    assert verify_store(store).ok
+    tile.write_bytes(bytes(data))  # damaged again: --repair drops it
+    report = verify_store(store, repair=True)
+    assert any("dropped the damaged Gram cache of r/blocks.0" in n for n in report.notes)
+    assert verify_store(store).ok and "blocks.0" not in zarr.open_group(store, path="r/_grams")
