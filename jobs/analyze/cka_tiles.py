@@ -37,7 +37,7 @@ from vitcnn_store.analysis.tiles import (
 )
 from vitcnn_store.store.grams import GramInfo, GramReader
 
-__all__ = ["GramSide", "TilePass", "panels_of", "run_tile_pass", "shifts_of"]
+__all__ = ["GramSide", "TilePass", "offsets_of", "panels_of", "run_tile_pass", "shifts_of"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,11 @@ def shifts_of(side: GramSide) -> np.ndarray:
     """(L, N) centring shifts of a side's Grams at its positions, from the stored row means."""
     means = np.stack([GramReader(info).row_mean()[side.index] for info in side.grams])
     return centring_shift(means)
+
+
+def offsets_of(side: GramSide) -> np.ndarray:
+    """(L, N) offsets ``a`` of a side's stored Grams (``X Xᵀ = gram + a_i + a_j``)."""
+    return np.stack([GramReader(info).offset()[side.index] for info in side.grams])
 
 
 def panels_of(side: GramSide) -> list[tuple[int, int]]:
@@ -152,4 +157,14 @@ def run_tile_pass(
             gathered_a.add(pieces_a, diagonal=diagonal)
         if gathered_b is not None:
             gathered_b.add(pieces_b, diagonal=diagonal)
+    # Stored Grams are shifted (store/grams.py): raw traces for the scales, raw batch Grams
+    # for whatever takes them whole, exactly as if computed from the activations.
+    off_a = offsets_of(job.side_a)
+    off_b = off_a if job.side_b is None else offsets_of(job.side_b)
+    if acc is not None:
+        acc.unshift(off_a, None if job.side_b is None else off_b)
+    if gathered_a is not None:
+        gathered_a.unshift(off_a)
+    if gathered_b is not None:
+        gathered_b.unshift(off_b)
     return acc, gathered_a, gathered_b

@@ -3,8 +3,10 @@
 A layer's images are cut into panels of ``tile`` images (whole work units);
 one dask task loads a panel (its usable rows, reduced and flattened, as stored:
 float16 stays float16), and one task per tile ``(p, q)``, ``p <= q``, computes
-``K[P, Q]`` with :func:`~vitcnn_store.analysis.gram.gram_linear` (float64
-accumulation over blocks of feature columns), writes it into the store
+``K[P, Q]`` of the features less their mean μ over the first panel
+(:func:`~vitcnn_store.analysis.gram.gram_linear`, float64 accumulation over
+blocks of feature columns; the shift changes no CKA estimate and keeps the
+stored numbers small), writes it into the store
 (:mod:`vitcnn_store.store.grams`) and hands back only its row and column sums.
 All tiles of a layer are one dask graph, so a panel is read once and shared by
 its tiles; a worker holds two panels and one tile at a time, and the graph at
@@ -26,7 +28,7 @@ import numpy as np
 
 from jobs.analyze.executor import Executor
 from jobs.analyze.layers import reduce_layer
-from vitcnn_store.analysis.gram import gram_linear
+from vitcnn_store.analysis.gram import gram_linear, row_dots
 from vitcnn_store.errors import UsageError
 from vitcnn_store.store.grams import GramInfo, create_gram, find_gram, finish_gram, write_tile
 from vitcnn_store.store.reader import Run
@@ -63,6 +65,14 @@ def _panel(*parts: Any) -> np.ndarray:
     return x.reshape(x.shape[0], -1)
 
 
+def _feature_mean(*panels: np.ndarray) -> np.ndarray:
+    """Mean feature vector (float64) of the first panel with usable rows: the shift μ."""
+    for x in panels:
+        if x.shape[0]:
+            return np.asarray(np.mean(x, axis=0, dtype=np.float64))
+    return np.zeros(panels[0].shape[1])
+
+
 def _tile(
     info: GramInfo,
     p: int,
@@ -71,22 +81,27 @@ def _tile(
     xq: np.ndarray,
     use_p: np.ndarray,
     use_q: np.ndarray,
-) -> tuple[int, int, np.ndarray, np.ndarray | None]:
-    """Compute tile (p, q) from two panels, write it, return its row and column sums."""
+    mu: np.ndarray,
+) -> tuple[int, int, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Compute tile (p, q) of ``(X − μ)(X − μ)ᵀ`` from two panels and write it; return its
+    row and column sums and, on the diagonal, the offsets ``x_i·μ − ‖μ‖²/2`` of its rows."""
     (r0, r1), (c0, c1) = info.panels[p], info.panels[q]
     block = np.full((r1 - r0, c1 - c0), np.nan)
     rows = np.zeros(r1 - r0)
     cols = None if p == q else np.zeros(c1 - c0)
+    offsets = None if p != q else np.full(r1 - r0, np.nan)
     if use_p.size and use_q.size:
-        g = gram_linear(xp) if p == q else gram_linear(xp, xq)
+        g = gram_linear(xp, shift=mu) if p == q else gram_linear(xp, xq, shift=mu)
         if not np.isfinite(g).all():
             raise UsageError(f"layer {info.layer!r} has NaN/inf values among the usable images")
         block[np.ix_(use_p, use_q)] = g
         rows[use_p] = g.sum(axis=1)
         if cols is not None:
             cols[use_q] = g.sum(axis=0)
+        if offsets is not None:
+            offsets[use_p] = row_dots(xp, mu) - float(mu @ mu) / 2.0
     write_tile(info, p, q, block)
-    return p, q, rows, cols
+    return p, q, rows, cols, offsets
 
 
 def _layer_tasks(info: GramInfo, data: Any, mask: np.ndarray) -> list[Any]:
@@ -106,8 +121,12 @@ def _layer_tasks(info: GramInfo, data: Any, mask: np.ndarray) -> list[Any]:
         panels.append(delayed(_panel, pure=True)(*parts))
         usable.append(np.flatnonzero(mask[s:e]))
     P = len(info.panels)
+    # The shift μ: the mean of the first panel holding usable images (any μ gives the same
+    # CKA; one near the data's mean keeps the stored Gram small, see store/grams.py).
+    first = next((k for k in range(P) if usable[k].size), 0)
+    mu = delayed(_feature_mean, pure=True)(panels[first])
     return [
-        delayed(_tile, pure=True)(info, p, q, panels[p], panels[q], usable[p], usable[q])
+        delayed(_tile, pure=True)(info, p, q, panels[p], panels[q], usable[p], usable[q], mu)
         for p in range(P)
         for q in range(p, P)
     ]
@@ -134,7 +153,7 @@ def ensure_grams(
     computed now."""
     size = tile_size(int(run.attrs["chunk_size"]), run.n_images, tile)
     infos: list[GramInfo | None] = [
-        find_gram(run, layer, reduce, states[layer]) for layer in layers
+        find_gram(run, layer, reduce, states[layer], dtype) for layer in layers
     ]
     todo = [i for i, info in enumerate(infos) if info is None]
     for k, i in enumerate(todo):
@@ -146,15 +165,18 @@ def ensure_grams(
         )  # fmt: skip
         tasks = _layer_tasks(info, data, mask)
         sums = np.zeros(info.n)
+        offset = np.full(info.n, np.nan)
         desc = f"{label or 'grams'} {run.name}/{layer} ({k + 1}/{len(todo)})"
         # One graph per layer: every panel is loaded once and shared by its tiles.
-        for _, (p, q, rows, cols) in executor.imap(tasks, desc=desc, window=len(tasks)):
+        for _, (p, q, rows, cols, offsets) in executor.imap(tasks, desc=desc, window=len(tasks)):
             (r0, r1), (c0, c1) = info.panels[p], info.panels[q]
             sums[r0:r1] += rows
             if cols is not None:
                 sums[c0:c1] += cols
+            if offsets is not None:
+                offset[r0:r1] = offsets
         row_mean = np.where(mask, sums / max(int(mask.sum()), 1), np.nan)
-        finish_gram(info, row_mean)
+        finish_gram(info, row_mean, np.where(mask, offset, np.nan))
         infos[i] = info
     if todo:
         consolidate(run.store.url)

@@ -12,6 +12,10 @@ looks at, so it is worth computing well:
 * **Blocks of features or of images.** ``update`` may be called once per
   block of feature columns (a wide layer read in pieces), and ``X Yᵀ`` of two
   different image sets gives the off-diagonal tiles of a larger Gram matrix.
+* **Shifted features.** ``shift=μ`` gives ``(X − μ)(X − μ)ᵀ`` (cast, then
+  subtract, block by block): ``X Xᵀ`` less ``a_i + a_j`` with
+  ``a_i = x_i·μ − ‖μ‖²/2`` (:func:`row_dots`), which no CKA estimator sees, and
+  far better conditioned when the features have a large mean.
 * **RBF from linear.** The RBF Gram follows from the linear one
   (``‖xᵢ − xⱼ‖² = Kᵢᵢ + Kⱼⱼ − 2Kᵢⱼ``), so the expensive product is shared:
   :func:`rbf_from_linear_gram`.
@@ -41,6 +45,7 @@ __all__ = [
     "gram_rbf",
     "kernel_gram",
     "rbf_from_linear_gram",
+    "row_dots",
     "u_center_gram",
 ]
 
@@ -74,11 +79,13 @@ class GramAccumulator:
         self.n_features = 0
         self._gram: FloatArray | None = None
 
-    def update(self, x: Any, y: Any = None) -> None:
+    def update(self, x: Any, y: Any = None, *, shift: Any = None) -> None:
         """Add the product of one block of feature columns, ``x (n_a, ...)`` [, ``y (n_b, ...)``].
 
         ``y=None`` adds ``x xᵀ`` (a symmetric rank-k update); otherwise ``x`` and
-        ``y`` must have the same number of features.
+        ``y`` must have the same number of features. ``shift`` (one float64 value
+        per feature of this block) is subtracted from both sides after the cast:
+        the product of ``x − shift`` and ``y − shift``, without a copy of either.
         """
         xm = as_features(x)
         ym = None if y is None else as_features(y)
@@ -86,6 +93,9 @@ class GramAccumulator:
             raise ValueError(
                 f"x and y have different feature counts: {xm.shape[1]} vs {ym.shape[1]}"
             )
+        off = None if shift is None else np.asarray(shift, dtype=np.float64).reshape(-1)
+        if off is not None and off.size != xm.shape[1]:
+            raise ValueError(f"shift has {off.size} values for {xm.shape[1]} features")
         shape = (xm.shape[0], xm.shape[0] if ym is None else ym.shape[0])
         if self._gram is not None and self._gram.shape != shape:
             raise ValueError(f"image counts changed: {shape} vs {self._gram.shape}")
@@ -101,11 +111,15 @@ class GramAccumulator:
             width = min(step, p - s)
             bx = buf_x if width == step else np.empty((shape[0], width))
             np.copyto(bx, xm[:, s : s + width], casting="unsafe")
+            if off is not None:
+                bx -= off[s : s + width]
             if ym is None:
                 product = bx @ bx.T  # numpy uses a symmetric rank-k update for A @ A.T
             else:
                 by = buf_y if width == step and buf_y is not None else np.empty((shape[1], width))
                 np.copyto(by, ym[:, s : s + width], casting="unsafe")
+                if off is not None:
+                    by -= off[s : s + width]
                 product = bx @ by.T
             if self._gram is None:
                 self._gram = product
@@ -120,8 +134,12 @@ class GramAccumulator:
         return self._gram
 
 
-def gram_linear(X: Any, Y: Any = None, *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> FloatArray:
+def gram_linear(
+    X: Any, Y: Any = None, *, block_bytes: int = DEFAULT_BLOCK_BYTES, shift: Any = None
+) -> FloatArray:
     """Linear-kernel Gram matrix ``X Xᵀ`` (or ``X Yᵀ``) in float64, features cast in blocks.
+
+    ``shift`` (one value per feature) gives ``(X − shift)(Y − shift)ᵀ`` instead.
 
     Examples
     --------
@@ -131,8 +149,27 @@ def gram_linear(X: Any, Y: Any = None, *, block_bytes: int = DEFAULT_BLOCK_BYTES
     [[5.0, 2.0]]
     """
     acc = GramAccumulator(block_bytes=block_bytes)
-    acc.update(X, Y)
+    acc.update(X, Y, shift=shift)
     return acc.result()
+
+
+def row_dots(X: Any, v: Any, *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> FloatArray:
+    """``X v`` in float64 (one value per row), features cast a block of columns at a time.
+
+    Examples
+    --------
+    >>> row_dots(np.array([[1, 2], [3, 4]], dtype=np.float16), np.array([0.5, 1.0])).tolist()
+    [2.5, 5.5]
+    """
+    xm = as_features(X)
+    vec = np.asarray(v, dtype=np.float64).reshape(-1)
+    if vec.size != xm.shape[1]:
+        raise ValueError(f"v has {vec.size} values for {xm.shape[1]} features")
+    out = np.zeros(xm.shape[0])
+    step = max(1, block_bytes // (8 * max(xm.shape[0], 1)))
+    for s in range(0, xm.shape[1], step):
+        out += np.asarray(xm[:, s : s + step], dtype=np.float64) @ vec[s : s + step]
+    return out
 
 
 def rbf_from_linear_gram(G: Any, threshold: float = 1.0) -> FloatArray:

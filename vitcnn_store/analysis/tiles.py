@@ -306,6 +306,13 @@ class TiledHSIC:
                 self.diag_b[:, part.rows] = part.diag_b
         self.tiles += 1
 
+    def unshift(self, offset_a: Any, offset_b: Any = None) -> None:
+        """The tiles were of ``K − a1ᵀ − 1aᵀ`` (a stored, shifted Gram): put ``2a`` back on the
+        diagonal, so the scales (traces) are the raw Grams'. ``offset`` is (L, n)."""
+        self.diag_a += 2.0 * np.asarray(offset_a, dtype=np.float64)
+        if not self.same:
+            self.diag_b += 2.0 * np.asarray(offset_b, dtype=np.float64)
+
     def hsic(self) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]:
         """Per repeat, sums over its batches of HSIC (L_a, L_b), self HSIC of each side and the
         squared traces of the raw batch Grams, all with the estimator's normalisation."""
@@ -420,6 +427,13 @@ class GatheredGrams:
             self._grams[g][:, u[:, None], v[None, :]] = block
             if not diagonal:
                 self._grams[g][:, v[:, None], u[None, :]] = block.transpose(0, 2, 1)
+
+    def unshift(self, offsets: Any) -> None:
+        """The tiles were of ``K − a1ᵀ − 1aᵀ``: add ``a_i + a_j`` back (``offsets`` (L, n))."""
+        off = np.asarray(offsets, dtype=np.float64)
+        for req, gram in zip(self.requests, self._grams, strict=True):
+            a = off[:, req]
+            gram += a[:, :, None] + a[:, None, :]
 
     def grams(self, g: int) -> FloatArray:
         """(L, m, m) batch Grams of request g; raises when an entry was never filled."""

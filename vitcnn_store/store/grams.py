@@ -63,6 +63,10 @@ __all__ = [
 REDUCTIONS = ("flatten", "gap", "cls")
 GRAM_DTYPES = ("float64", "float32")
 STORAGE = "tiles on and above the diagonal; lower tiles are the transpose, not stored (NaN)"
+SHIFT = (
+    "gram[i, j] = (x_i - mu) . (x_j - mu), mu the mean features of the first tile's usable "
+    "images; X Xᵀ = gram + offset[i] + offset[j]; no CKA estimator depends on the shift"
+)
 
 
 def _suffix(reduce: str) -> str:
@@ -78,6 +82,10 @@ def gram_path(run: str, layer: str, reduce: str = "flatten") -> str:
 
 def _row_mean_path(run: str, layer: str, reduce: str) -> str:
     return f"{run}/{GRAMS}/{layer}/row_mean{_suffix(reduce)}"
+
+
+def _offset_path(run: str, layer: str, reduce: str) -> str:
+    return f"{run}/{GRAMS}/{layer}/offset{_suffix(reduce)}"
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,10 @@ class GramInfo:
     @property
     def row_mean_path(self) -> str:
         return _row_mean_path(self.run, self.layer, self.reduce)
+
+    @property
+    def offset_path(self) -> str:
+        return _offset_path(self.run, self.layer, self.reduce)
 
     @property
     def panels(self) -> list[tuple[int, int]]:
@@ -191,7 +203,7 @@ def create_gram(
     with quiet_zarr():
         group = root[run].require_group(GRAMS).require_group(layer)
         name = info.path.rsplit("/", 1)[1]
-        for key in (name, info.row_mean_path.rsplit("/", 1)[1]):
+        for key in (name, *(p.rsplit("/", 1)[1] for p in (info.row_mean_path, info.offset_path))):
             if key in group:
                 del group[key]
         group.create_array(
@@ -204,13 +216,14 @@ def create_gram(
             dimension_names=["image_a", "image_b"],
             attributes={
                 "complete": False,
-                "long_name": f"linear Gram matrix X Xᵀ of {layer} ({reduce})",
+                "long_name": f"linear Gram matrix of {layer} ({reduce}), shifted",
                 "layer": layer,
                 "reduce": reduce,
                 "features": int(features),
                 "tile": info.tile,
                 "storage": STORAGE,
                 "accumulation": "float64",
+                "shift": SHIFT,
                 "source": state,
             },
         )
@@ -231,33 +244,43 @@ def write_tile(info: GramInfo, p: int, q: int, block: np.ndarray) -> None:
         arr[r0:r1, c0:c1] = block
 
 
-def finish_gram(info: GramInfo, row_mean: np.ndarray) -> None:
-    """Write the row means, then mark the Gram complete (last).
+def finish_gram(info: GramInfo, row_mean: np.ndarray, offset: np.ndarray | None = None) -> None:
+    """Write the row means and offsets, then mark the Gram complete (last).
 
     The store's consolidated metadata is left to the caller (once per job).
     """
     root = open_root(info.url, mode="r+")
     with quiet_zarr():
         group = root[f"{info.run}/{GRAMS}/{info.layer}"]
-        arr = group.create_array(
-            info.row_mean_path.rsplit("/", 1)[1],
-            shape=(info.n,),
-            chunks=(info.n,),
-            dtype="float64",
-            fill_value=np.nan,
-            compressors=_compressors(),
-            dimension_names=["image_a"],
-            attributes={"long_name": "mean of each Gram row over the usable images"},
-        )
-        arr[...] = np.asarray(row_mean, dtype=np.float64)
+        vectors = [
+            (info.row_mean_path, row_mean, "mean of each row of gram over the usable images")
+        ]
+        if offset is not None:
+            vectors.append((info.offset_path, offset, "x_i . mu - |mu|^2 / 2: X Xᵀ = gram + "
+                            "offset[i] + offset[j]"))  # fmt: skip
+        for path, values, what in vectors:
+            arr = group.create_array(
+                path.rsplit("/", 1)[1],
+                shape=(info.n,),
+                chunks=(info.n,),
+                dtype="float64",
+                fill_value=np.nan,
+                compressors=_compressors(),
+                dimension_names=["image_a"],
+                attributes={"long_name": what},
+            )
+            arr[...] = np.asarray(values, dtype=np.float64)
         root[info.path].attrs["complete"] = True
 
 
 # -- reading ----------------------------------------------------------------------------
 
 
-def find_gram(run: Run, layer: str, reduce: str, state: dict[str, Any]) -> GramInfo | None:
-    """The stored Gram of ``layer`` if it is complete and was computed from ``state``."""
+def find_gram(
+    run: Run, layer: str, reduce: str, state: dict[str, Any], dtype: str | None = None
+) -> GramInfo | None:
+    """The stored Gram of ``layer`` if it is complete, was computed from ``state`` and (when
+    given) is stored in ``dtype``."""
     with quiet_zarr():
         try:
             arr = run.group[gram_path(run.name, layer, reduce).split("/", 1)[1]]
@@ -265,6 +288,9 @@ def find_gram(run: Run, layer: str, reduce: str, state: dict[str, Any]) -> GramI
             return None
         attrs = dict(arr.attrs)
         n = int(arr.shape[0])
+        stored = str(arr.dtype)
+    if dtype is not None and stored != dtype:
+        return None
     source = attrs.get("source") or {}
     if not attrs.get("complete") or source.get("digest") != state.get("digest"):
         return None
@@ -318,17 +344,33 @@ class GramReader:
         """The Gram's path inside its run (named by damage errors)."""
         return self.info.path.split("/", 1)[1]
 
-    def row_mean(self) -> np.ndarray:
+    def _vector(self, path: str, what: str) -> np.ndarray:
         import zarr
 
         try:
             with quiet_zarr():
-                arr = zarr.open_array(self.info.url, path=self.info.row_mean_path, mode="r",
-                                      zarr_format=3)  # fmt: skip
+                arr = zarr.open_array(self.info.url, path=path, mode="r", zarr_format=3)
                 return np.asarray(arr[...], dtype=np.float64)
         except Exception as e:
-            raise damage_error(self.info.url, self.info.run, self.where, e,
-                               what="Gram row means") from e  # fmt: skip
+            raise damage_error(self.info.url, self.info.run, self.where, e, what=what) from e
+
+    def row_mean(self) -> np.ndarray:
+        """Mean of each stored row over the usable images."""
+        return self._vector(self.info.row_mean_path, "Gram row means")
+
+    def offset(self) -> np.ndarray:
+        """``a`` with ``X Xᵀ = gram + a_i + a_j`` (zeros for a Gram stored unshifted)."""
+        import zarr
+
+        try:
+            with quiet_zarr():
+                zarr.open_array(self.info.url, path=self.info.offset_path, mode="r",
+                                zarr_format=3)  # fmt: skip
+        except (FileNotFoundError, KeyError):
+            return np.zeros(self.info.n)
+        except Exception:  # damaged metadata: _vector names it
+            pass
+        return self._vector(self.info.offset_path, "Gram offsets")
 
     def _tile(self, i: int, j: int) -> np.ndarray:
         key = (min(i, j), max(i, j))
