@@ -1,5 +1,10 @@
 """Benchmark: the CKA job on a store several times larger than a dask worker's memory.
 
+The Gram-first job holds neither a layer nor its Gram in one worker: Gram tiles
+go from the worker that computes them into the store, and the estimates are
+sums over tiles; with ``--n`` large enough a layer's Gram is larger than a
+worker's memory limit too.
+
 Writes (or reuses) a synthetic store with the project's own writer — random
 float16 token layers, ``--n`` images × ``--layers`` layers of
 ``--tokens`` × ``--channels`` features — at least ``--ratio`` times the worker
@@ -137,12 +142,7 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--batches", type=int, help="batches per repeat (default: all)")
-    p.add_argument(
-        "--batches-per-round",
-        type=int,
-        default=4,
-        help="batches computed as one graph (shared chunk reads)",
-    )
+    p.add_argument("--gram-tile", type=int, default=512, help="images per Gram tile")
     p.add_argument("--ratio", type=float, default=4.0, help="store size / memory limit, at least")
     p.add_argument("--rebuild", action="store_true", help="rewrite the store even if present")
     p.add_argument("--keep", action="store_true", help="keep the store afterwards")
@@ -173,7 +173,7 @@ def main() -> int:
 
         cfg = CKAConfig(store=args.store, run="big", batch_size=args.batch_size,
                         max_batches=args.batches, dask_address=cluster.scheduler_address,
-                        batches_per_round=args.batches_per_round,
+                        gram_tile=args.gram_tile,
                         recompute=True)  # fmt: skip
         t0 = time.perf_counter()
         with RssSampler() as driver:
@@ -190,8 +190,8 @@ def main() -> int:
         ("images × layers", f"{args.n} × {args.layers} (features {args.tokens}×{args.channels})"),
         (
             "batches",
-            f"{ds.attrs['n_batches']} × {ds.attrs['batch_size']} images, "
-            f"{args.batches_per_round} per round",
+            f"{ds.attrs['n_batches']} × {ds.attrs['batch_size']} images; Gram tiles of "
+            f"{args.gram_tile}, one layer's Gram {8 * args.n**2 / 2**20:.0f} MiB",
         ),
         ("job time", f"{seconds:.1f} s"),
         ("worker RSS at start", f"{max(base.values()) / 2**20:.0f} MiB"),

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PLOTTERS",
+    "cka_figure",
     "figure_dir",
     "plot_attention",
     "plot_cka",
@@ -115,6 +116,11 @@ def plot_cka(ds: xr.Dataset, path: str | Path) -> Path:
     and the colour bar marks its largest magnitude: values near it are what
     unrelated images give.
     """
+    return _save(cka_figure(ds), path)
+
+
+def cka_figure(ds: xr.Dataset) -> Figure:
+    """The figure :func:`plot_cka` saves (panels: CKA, then the null; then the colour bar)."""
     cka = np.asarray(ds["cka"].values, dtype=float)
     la, lb = _names(ds["layer_a"].values), _names(ds["layer_b"].values)
     ya, ea, depth_a = _cka_axes(ds, "a")
@@ -135,10 +141,12 @@ def plot_cka(ds: xr.Dataset, path: str | Path) -> Path:
         ax.set_ylabel(f"{a}: normalized depth" if depth_a else f"{a} layer", fontsize=8)
         ax.set_aspect("auto")
         if depth_b:
+            ax.set_xticks(np.linspace(0.0, 1.0, 5))
             _name_ticks(ax.secondary_xaxis("top").xaxis, xb, lb, rotation=90.0)
         else:
             _ticks(ax, "x", lb)
         if depth_a:
+            ax.set_yticks(np.linspace(0.0, 1.0, 5))
             _name_ticks(ax.secondary_yaxis("right").yaxis, ya, la)
         else:
             _ticks(ax, "y", la)
@@ -157,7 +165,7 @@ def plot_cka(ds: xr.Dataset, path: str | Path) -> Path:
     if depth_a or depth_b:
         lines.append("depth: fraction of the stored residual stream (stem 0, last block 1)")
     fig.suptitle("\n".join(lines), fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
 def _column_dots(ax: Any, values: np.ndarray, cmap: Any) -> None:
