@@ -131,10 +131,10 @@ def run_tile_pass(
 
     panels = panels_of(job.side_a)
     pairs = [(p, q) for p in range(len(panels)) for q in range(p, len(panels))]
-    # Shared inputs travel once per graph, not once per task.
-    shared_job = delayed(job, pure=True)
-    shift_a = delayed(shifts_of(job.side_a), pure=True)
-    shift_b = None if job.side_b is None else delayed(shifts_of(job.side_b), pure=True)
+    # Shared inputs (the batches, the shifts) travel to each worker once, not once per task.
+    shared_job = executor.share(job)
+    shift_a = executor.share(shifts_of(job.side_a))
+    shift_b = None if job.side_b is None else executor.share(shifts_of(job.side_b))
     tasks = LazyTasks(
         len(pairs),
         lambda i: delayed(_task, pure=True)(

@@ -82,6 +82,15 @@ class Executor:
             self.client.close()
             self.client = None
 
+    def share(self, value: Any) -> Any:
+        """``value`` as an input many tasks take: sent to every worker once (a scattered
+        future on a cluster, one graph key locally), not once per task or per round."""
+        if self.client is not None:
+            return self.client.scatter(value, broadcast=True, hash=False)
+        from dask import delayed
+
+        return delayed(value, pure=True, traverse=False)
+
     @property
     def slots(self) -> int:
         """Tasks that can run at once."""
