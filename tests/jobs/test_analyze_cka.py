@@ -365,9 +365,11 @@ def test_memory_limited_cluster_never_holds_a_gram(tmp_path: Path) -> None:
 
 
 def _peak_rss() -> int:
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    # VmHWM is this process image's peak; getrusage's ru_maxrss survives execve on Linux,
+    # so a worker spawned from a large pytest process would report the parent's size.
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 # ---------------------------------------------------------------- options and refusals
