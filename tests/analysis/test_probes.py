@@ -119,3 +119,91 @@ def test_probe_splits_use_consecutive_seeds():
     assert [tr.tolist() for tr, _ in few] == [
         few_shot_split(y, 2, seed=s)[0].tolist() for s in (5, 6)
     ]
+
+
+# --- penalty chosen by cross-validation, against scikit-learn -------------------------
+
+from vitcnn_store.analysis.probes import (  # noqa: E402
+    DEFAULT_L2_GRID,
+    chance_accuracy,
+    cross_validate_l2,
+    ridge_probe,
+    stratified_folds,
+)
+
+
+def _sklearn_reference(Xtr, ytr, Xte, folds, grid):
+    """scikit-learn's RidgeClassifierCV on standardized features, the same folds; ties
+    broken towards the larger penalty (GridSearchCV keeps the first best, so the grid
+    goes in descending order)."""
+    from sklearn.linear_model import RidgeClassifierCV
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(Xtr)
+    alphas = sorted(grid, reverse=True)
+    clf = RidgeClassifierCV(alphas=alphas, cv=folds, fit_intercept=True)
+    clf.fit(scaler.transform(Xtr), ytr)
+    return clf.alpha_, clf.best_score_, clf.predict(scaler.transform(Xte))
+
+
+@pytest.mark.parametrize(
+    ("n_per_class", "n_classes", "dim", "sep"),
+    [(40, 2, 8, 0.6), (12, 3, 60, 0.8), (30, 4, 25, 0.5)],  # primal, dual, multi-class
+)
+def test_cv_choice_and_predictions_match_ridge_classifier_cv(n_per_class, n_classes, dim, sep):
+    pytest.importorskip("sklearn")
+    X, y = blobs(2 * n_per_class, n_classes, dim, seed=n_classes, sep=sep)
+    X[:, 0] *= 50.0  # unequal scales: standardization matters
+    n_train = n_per_class * n_classes
+    Xtr, ytr, Xte, yte = X[:n_train], y[:n_train], X[n_train:], y[n_train:]
+    folds = stratified_folds(ytr, 5, seed=1)
+    l2, scores = cross_validate_l2(Xtr, ytr, n_classes, folds, DEFAULT_L2_GRID)
+    ref_l2, ref_best, ref_pred = _sklearn_reference(Xtr, ytr, Xte, folds, DEFAULT_L2_GRID)
+    assert l2 == pytest.approx(ref_l2)
+    assert scores.max() == pytest.approx(ref_best, abs=1e-12)
+    assert len(set(np.round(scores, 9))) > 1  # the grid matters on this data
+    fit = ridge_probe(Xtr, ytr, Xte, yte, n_classes=n_classes, seed=1)
+    assert fit.l2 == pytest.approx(ref_l2) and fit.cv_folds == 5
+    W = fit_ridge(Xtr, ytr, n_classes, l2=fit.l2)
+    np.testing.assert_array_equal(predict(W, Xte), ref_pred)
+    assert fit.accuracy == pytest.approx(np.mean(ref_pred == yte))
+
+
+def test_cv_scores_match_grid_search_per_penalty():
+    """Every grid value's mean validation accuracy, not only the winner."""
+    pytest.importorskip("sklearn")
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = blobs(25, 3, 12, seed=9, sep=0.7)
+    folds = stratified_folds(y, 4, seed=0)
+    grid = [1e-2, 1.0, 1e2, 1e4]
+    _, scores = cross_validate_l2(X, y, 3, folds, grid)
+    search = GridSearchCV(RidgeClassifier(), {"alpha": grid}, cv=folds)
+    search.fit(StandardScaler().fit_transform(X), y)
+    np.testing.assert_allclose(scores, search.cv_results_["mean_test_score"], atol=1e-12)
+
+
+def test_stratified_folds_partition_each_class():
+    y = np.array([0] * 7 + [1] * 5 + [2] * 3)
+    folds = stratified_folds(y, 5, seed=2)
+    assert len(folds) == 3  # capped at the smallest class
+    vals = np.concatenate([v for _, v in folds])
+    assert sorted(vals.tolist()) == list(range(y.size))
+    for train, val in folds:
+        assert set(train).isdisjoint(val)
+        assert set(y[val]) == {0, 1, 2}
+    assert max(len(v) for _, v in folds) - min(len(v) for _, v in folds) <= 1
+    with pytest.raises(ValueError, match="at least 2 training images"):
+        stratified_folds([0, 0, 1], 5, seed=0)
+
+
+def test_fixed_penalty_skips_cross_validation_and_chance():
+    X, y = blobs(10, 2, 3, seed=4)
+    fit = ridge_probe(X[:10], y[:10], X[10:], y[10:], n_classes=2, l2=0.5)
+    assert fit.l2 == 0.5 and fit.cv_accuracy is None and fit.cv_folds == 0
+    assert fit.accuracy == linear_probe_accuracy(X[:10], y[:10], X[10:], y[10:], l2=0.5)
+    assert chance_accuracy([1, 1, 1, 0]) == 0.75
+    with pytest.raises(ValueError, match="positive"):
+        cross_validate_l2(X, y, 2, stratified_folds(y, 2, 0), [0.0, 1.0])

@@ -23,7 +23,8 @@ localization
 skip
     Skip-connection norm ratios ‖z‖/‖f(z)‖ (paper §6).
 probes
-    Closed-form ridge linear probes and their train/test splits (paper App. A).
+    Closed-form ridge linear probes, the penalty chosen by cross-validation,
+    train/test splits and chance accuracy (paper App. A).
 """
 
 from vitcnn_store.analysis.attention import (
@@ -54,11 +55,15 @@ from vitcnn_store.analysis.gram import (
 )
 from vitcnn_store.analysis.localization import MinibatchLocalization, image_to_patches
 from vitcnn_store.analysis.probes import (
+    chance_accuracy,
+    cross_validate_l2,
     few_shot_split,
     fit_ridge,
     linear_probe_accuracy,
     predict,
     probe_splits,
+    ridge_probe,
+    stratified_folds,
     stratified_split,
 )
 from vitcnn_store.analysis.skip import cls_and_spatial_ratio, skip_norm_ratio, skip_norm_ratio_sum
@@ -71,10 +76,12 @@ __all__ = [
     "MinibatchLocalization",
     "attention_entropy",
     "center_gram",
+    "chance_accuracy",
     "cka",
     "cka_matrix_from_grams",
     "cls_and_spatial_ratio",
     "cls_attention_map",
+    "cross_validate_l2",
     "few_shot_split",
     "fit_ridge",
     "gram_linear",
@@ -89,9 +96,11 @@ __all__ = [
     "predict",
     "probe_splits",
     "rbf_from_linear_gram",
+    "ridge_probe",
     "sample_batches",
     "skip_norm_ratio",
     "skip_norm_ratio_sum",
+    "stratified_folds",
     "stratified_split",
     "u_center_gram",
     "unbiased_linear_cka",

@@ -8,13 +8,27 @@ closed form: primal ``(ZᵀZ + l2 I)⁻¹ ZᵀT`` when D <= n, dual
 ``Zᵀ(ZZᵀ + l2 I)⁻¹ T`` when D > n (an n×n solve instead of D×D). Features
 (n, ...) are flattened and cast to float64; labels are ints in [0, C).
 
+The penalty ``l2`` matters as much as the layer (on small training sets the
+accuracy can swing from chance to perfect across 1e-3…1e4), so
+:func:`ridge_probe` chooses it by stratified k-fold cross-validation on the
+training split over a grid (:data:`DEFAULT_L2_GRID`): features are
+standardized once with the training split's statistics, every fold fits a
+centred ridge for every grid value from one eigendecomposition
+(:func:`cross_validate_l2`), the mean validation accuracy over folds decides,
+ties go to the larger penalty, and the probe is refit on the whole training
+split. This is what scikit-learn's ``RidgeClassifierCV(alphas, cv=folds)``
+computes on standardized features (the tests check it).
+
 :func:`few_shot_split` draws a deterministic k-per-class train split,
 :func:`stratified_split` a deterministic per-class train/test split, and
-:func:`probe_splits` one of either per repeat (seeds ``seed, seed + 1, ...``).
+:func:`probe_splits` one of either per repeat (seeds ``seed, seed + 1, ...``);
+:func:`stratified_folds` cuts a training split into cross-validation folds, and
+:func:`chance_accuracy` is the baseline a constant prediction reaches.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,13 +37,23 @@ import numpy.typing as npt
 from vitcnn_store.analysis._arrays import as_matrix, to_numpy
 
 __all__ = [
+    "DEFAULT_L2_GRID",
+    "ProbeFit",
+    "chance_accuracy",
+    "cross_validate_l2",
     "few_shot_split",
     "fit_ridge",
     "linear_probe_accuracy",
     "predict",
     "probe_splits",
+    "ridge_probe",
+    "stratified_folds",
     "stratified_split",
 ]
+
+#: Ridge penalties tried by cross-validation: 1e-3 … 1e5 in half decades (features
+#: are standardized, so the penalty compares with n times a feature's variance).
+DEFAULT_L2_GRID: tuple[float, ...] = tuple(float(10.0 ** (e / 2)) for e in range(-6, 11))
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -221,3 +245,186 @@ def probe_splits(
     if shots:
         return [few_shot_split(labels, shots, seed + r) for r in range(repeats)]
     return [stratified_split(labels, test_fraction, seed + r) for r in range(repeats)]
+
+
+def chance_accuracy(y_test: Any) -> float:
+    """Accuracy of the best constant prediction on ``y_test``: its largest class share.
+
+    This is the baseline a probe must beat (1/C on a balanced test set).
+
+    Examples
+    --------
+    >>> chance_accuracy([0, 0, 1, 2])
+    0.5
+    """
+    lab = _labels(y_test, len(np.asarray(to_numpy(y_test)).ravel()))
+    if not lab.size:
+        raise ValueError("empty test set")
+    return float(np.bincount(lab).max() / lab.size)
+
+
+def stratified_folds(labels: Any, k: int, seed: int) -> list[tuple[IntArray, IntArray]]:
+    """Deterministic stratified k-fold split of ``labels``: (train, validation) index pairs.
+
+    Each class's images are permuted and dealt round-robin over the folds (the
+    deal continues across classes, so fold sizes differ by at most one). ``k``
+    is capped at the smallest class count: a class must appear in every
+    fold's validation part. Fewer than 2 images of some class is an error.
+
+    Examples
+    --------
+    >>> folds = stratified_folds([0, 0, 0, 1, 1, 1], k=5, seed=0)
+    >>> len(folds), [len(v) for _, v in folds]
+    (3, [2, 2, 2])
+    """
+    lab = _labels(labels, len(np.asarray(to_numpy(labels)).ravel()))
+    if k < 2:
+        raise ValueError(f"cross-validation needs k >= 2 folds, got {k}")
+    classes, counts = np.unique(lab, return_counts=True)
+    if not classes.size or counts.min() < 2:
+        c = classes[np.argmin(counts)] if classes.size else "-"
+        raise ValueError(
+            f"cross-validation needs at least 2 training images of every class; "
+            f"class {c} has {counts.min() if classes.size else 0}"
+        )
+    k = int(min(k, counts.min()))
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(lab.size, dtype=np.int64)
+    dealt = 0
+    for c in classes:  # sorted classes: the same folds for the same seed
+        idx = rng.permutation(np.flatnonzero(lab == c))
+        fold_of[idx] = (np.arange(idx.size) + dealt) % k
+        dealt += idx.size
+    return [(np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in range(k)]
+
+
+def _standardize(X: FloatArray) -> FloatArray:
+    mean = X.mean(axis=0)
+    std = X.std(axis=0)
+    std[std < 1e-12] = 1.0  # as in fit_ridge: constant features are only centred
+    return (X - mean) / std
+
+
+def _targets(lab: IntArray, n_classes: int) -> FloatArray:
+    T = -np.ones((lab.size, n_classes))
+    T[np.arange(lab.size), lab] = 1.0
+    return T
+
+
+def _path_predictions(
+    Z: FloatArray, T: FloatArray, Zv: FloatArray, grid: FloatArray
+) -> list[FloatArray]:
+    """Validation scores of a centred ridge (unpenalized bias) for every penalty in ``grid``.
+
+    One symmetric eigendecomposition serves the whole grid: primal
+    ZᵀZ = V S Vᵀ gives W(λ) = V (S + λ)⁻¹ Vᵀ ZᵀT; dual ZZᵀ = U S Uᵀ gives
+    W(λ) = Zᵀ U (S + λ)⁻¹ Uᵀ T.
+    """
+    mean, t_mean = Z.mean(axis=0), T.mean(axis=0)
+    Zc, Tc, Zvc = Z - mean, T - t_mean, Zv - mean
+    n, d = Zc.shape
+    if d <= n:
+        s, V = np.linalg.eigh(Zc.T @ Zc)
+        B = V.T @ (Zc.T @ Tc)
+        M = Zvc @ V
+    else:
+        s, U = np.linalg.eigh(Zc @ Zc.T)
+        B = U.T @ Tc
+        M = (Zvc @ Zc.T) @ U
+    s = np.clip(s, 0.0, None)  # roundoff can leave tiny negative eigenvalues
+    return [M @ (B / (s + lam)[:, None]) + t_mean for lam in grid]
+
+
+def cross_validate_l2(
+    X: Any,
+    y: Any,
+    n_classes: int,
+    folds: list[tuple[IntArray, IntArray]],
+    grid: Any = DEFAULT_L2_GRID,
+) -> tuple[float, FloatArray]:
+    """The ridge penalty with the best mean validation accuracy over ``folds``.
+
+    ``X`` is standardized once with its own mean and standard deviation (the
+    whole training split's; no labels are used), then each fold fits a ridge
+    with an unpenalized bias on its training part for every value of ``grid``
+    and scores accuracy on its validation part. Returns the chosen penalty
+    (the largest among ties: the most regularized of the best) and the mean
+    validation accuracy per grid value (unweighted over folds, as
+    scikit-learn's ``GridSearchCV`` averages).
+
+    Examples
+    --------
+    >>> X = np.array([[0.0], [1.0], [2.0], [10.0], [11.0], [12.0]])
+    >>> l2, scores = cross_validate_l2(X, [0, 0, 0, 1, 1, 1], 2,
+    ...                                stratified_folds([0, 0, 0, 1, 1, 1], 3, 0), [0.1, 1e6])
+    >>> l2, scores.tolist()
+    (1000000.0, [1.0, 1.0])
+    """
+    g = np.asarray(grid, dtype=np.float64).ravel()
+    if not g.size or not np.all(np.isfinite(g)) or g.min() <= 0:
+        raise ValueError(f"the l2 grid must hold positive finite values, got {g.tolist()}")
+    Z = _standardize(as_matrix(X))
+    lab = _labels(y, Z.shape[0], n_classes)
+    if not folds:
+        raise ValueError("no cross-validation folds")
+    scores = np.zeros((len(folds), g.size))
+    for f, (train, val) in enumerate(folds):
+        preds = _path_predictions(Z[train], _targets(lab[train], n_classes), Z[val], g)
+        scores[f] = [np.mean(np.argmax(p, axis=1) == lab[val]) for p in preds]
+    mean = scores.mean(axis=0)
+    best = np.flatnonzero(mean >= mean.max() - 1e-12)
+    return float(g[best].max()), mean
+
+
+@dataclass(frozen=True)
+class ProbeFit:
+    """One probe: test ``accuracy`` at penalty ``l2``; with cross-validation,
+    the mean validation accuracy per grid value (``cv_accuracy``) and the
+    number of folds, else ``None`` and 0."""
+
+    accuracy: float
+    l2: float
+    cv_accuracy: FloatArray | None
+    cv_folds: int
+
+
+def ridge_probe(
+    X_train: Any,
+    y_train: Any,
+    X_test: Any,
+    y_test: Any,
+    *,
+    n_classes: int,
+    l2: float | None = None,
+    l2_grid: Any = DEFAULT_L2_GRID,
+    cv_folds: int = 5,
+    seed: int = 0,
+) -> ProbeFit:
+    """Fit a ridge probe on the training split and score it on the test split.
+
+    With ``l2=None`` the penalty is chosen by :func:`cross_validate_l2` over
+    ``l2_grid`` on :func:`stratified_folds` of the training split (``cv_folds``
+    capped at the smallest class count; ``seed`` draws the folds); a number
+    fixes it. The test split is never seen before the final score.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> y = np.repeat([0, 1], 20)
+    >>> X = rng.normal(size=(40, 3)) + 3.0 * y[:, None]
+    >>> fit = ridge_probe(X[::2], y[::2], X[1::2], y[1::2], n_classes=2)
+    >>> fit.accuracy, fit.cv_folds, fit.cv_accuracy.shape
+    (1.0, 5, (17,))
+    """
+    Xtr, Xte = as_matrix(X_train), as_matrix(X_test)
+    ytr, yte = _labels(y_train, Xtr.shape[0], n_classes), _labels(y_test, Xte.shape[0], n_classes)
+    if not yte.size:
+        raise ValueError("empty test set")
+    cv_scores: FloatArray | None = None
+    k = 0
+    if l2 is None:
+        folds = stratified_folds(ytr, cv_folds, seed)
+        k = len(folds)
+        l2, cv_scores = cross_validate_l2(Xtr, ytr, n_classes, folds, l2_grid)
+    W = fit_ridge(Xtr, ytr, n_classes, l2=l2)
+    return ProbeFit(float(np.mean(predict(W, Xte) == yte)), float(l2), cv_scores, k)
