@@ -32,6 +32,7 @@ _EXAMPLES = """examples:
   vitcnn analyze localization acts.zarr vitb16 --layer blocks.11 --tokens 3:3,7:7
   vitcnn analyze skip acts.zarr vitb16
   vitcnn analyze probe acts.zarr vitb16 --shots 10 --features cls
+  vitcnn analyze probe acts.zarr r50 --l2 1.0 --branches   # fixed penalty, branch outputs too
 """
 
 
@@ -50,6 +51,34 @@ def _int_at_least(low: int) -> Any:
 
 def _mebibytes(text: str) -> int:
     return int(_int_at_least(1)(text)) * 2**20
+
+
+# The default --l2-grid as text: argparse parses string defaults with the option's type.
+DEFAULT_L2_GRID_TEXT = ",".join(repr(10.0 ** (e / 2)) for e in range(-6, 11))
+
+
+def _l2(text: str) -> float | None:
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a penalty >= 0, got {text!r}")
+    return value
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+    if not values or any(not 0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
 
 
 def _shots(text: str) -> int:
@@ -248,7 +277,13 @@ def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
     _common(s)
     _options(s)
 
-    pr = sub.add_parser("probe", help="linear probes per layer (closed-form ridge)")
+    pr = sub.add_parser(
+        "probe",
+        help="linear probes per layer (closed-form ridge, penalty by cross-validation)",
+        description="Ridge probes onto {-1,1} one-hot targets per layer, plotted against "
+        "normalized depth with the chance level. The penalty is chosen per layer by "
+        "stratified k-fold cross-validation on the training split unless --l2 fixes it.",
+    )
     _common(pr)
     pr.add_argument(
         "--shots",
@@ -259,20 +294,54 @@ def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     pr.add_argument(
         "--features",
-        choices=["cls", "gap"],
-        default="cls",
-        help="CLS token (gap for layers without one) or token/spatial mean",
+        choices=["auto", "cls", "gap"],
+        default="auto",
+        help="auto (default): the CLS token where a layer has one that varies between "
+        "images, else the token/spatial mean, recorded per layer with the reason; cls: "
+        "the CLS token (layers without one are refused); gap: the token/spatial mean",
     )
-    pr.add_argument("--seed", type=int, default=0, help="split seed")
+    pr.add_argument("--seed", type=int, default=0, help="split (and fold) seed")
     pr.add_argument("--repeats", type=_int_at_least(1), default=1, help="splits, averaged")
-    pr.add_argument("--l2", type=float, default=1e-3, help="ridge penalty")
+    pr.add_argument(
+        "--l2",
+        type=_l2,
+        default=None,
+        metavar="auto|VALUE",
+        help="ridge penalty: auto (default) chooses it per layer by cross-validation "
+        "over --l2-grid; a number fixes it",
+    )
+    pr.add_argument(
+        "--l2-grid",
+        type=_float_list,
+        default=DEFAULT_L2_GRID_TEXT,
+        metavar="LIST",
+        help="penalties tried by cross-validation, comma-separated "
+        "(default 1e-3 to 1e5 in half decades)",
+    )
+    pr.add_argument(
+        "--cv-folds",
+        type=_int_at_least(2),
+        default=5,
+        metavar="K",
+        help="stratified folds of the training split (capped at the smallest class count)",
+    )
     pr.add_argument(
         "--test-fraction",
         type=float,
         default=0.25,
         help="held-out share of each class for --shots full",
     )
-    pr.add_argument("--layers", metavar="PATTERNS", help="restrict the layers")
+    pr.add_argument(
+        "--layers",
+        metavar="PATTERNS",
+        help="layers by pattern (default: the residual stream, one point per block)",
+    )
+    pr.add_argument(
+        "--branches",
+        action="store_true",
+        help="add each block's branch outputs (attention/MLP, residual branch) to the "
+        "residual stream",
+    )
     _options(pr)
     return p
 

@@ -6,7 +6,10 @@ one dask task per stored chunk (one work unit) per attention layer builds an
 :class:`~vitcnn_store.analysis.attention.AttentionAccumulator`, and the driver
 merges them. Prefix tokens are dropped from queries and keys; rows are not
 renormalized unless asked (the reference convention), and the choice is
-recorded in the result.
+recorded in the result. Each layer also records the baseline: what uniform
+attention over all its tokens reads under the same convention, at the run's
+resolution and patch size
+(:func:`~vitcnn_store.analysis.attention.uniform_attention_baseline`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from jobs.analyze.options import AnalysisOptions
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.runs import open_runs, usable_mask
 from jobs.analyze.tasks import chunk_tasks
-from vitcnn_store.analysis.attention import AttentionAccumulator
+from vitcnn_store.analysis.attention import AttentionAccumulator, uniform_attention_baseline
 from vitcnn_store.errors import UsageError
 from vitcnn_store.store.schema import string_coord
 
@@ -53,8 +56,9 @@ def run_attention(cfg: AttentionConfig) -> AnalysisResult:
     """Compute (or reuse) attention statistics of every stored attention layer.
 
     The result (``<run>/_analyses/attention``) holds ``mean_distance`` and
-    ``entropy`` (layer, head) and, when the layers have a CLS token,
-    ``cls_attention`` (layer, head, grid_y, grid_x).
+    ``entropy`` (layer, head), their uniform-attention baselines
+    ``uniform_distance`` and ``uniform_entropy`` (layer) and, when the layers
+    have a CLS token, ``cls_attention`` (layer, head, grid_y, grid_x).
     """
     (run,) = open_runs(cfg.store, [cfg.run])
     mask = usable_mask(run, cfg.allow_incomplete)
@@ -112,9 +116,14 @@ def _dataset(
     yx = setups[0][0]
     patch = yx[~np.isnan(yx).any(axis=1)]
     grid_y, grid_x = np.unique(patch[:, 0]), np.unique(patch[:, 1])
+    baselines = np.array(
+        [uniform_attention_baseline(yx_j, renormalize=cfg.renormalize) for yx_j, _ in setups]
+    )
     data: dict[str, Any] = {
         "mean_distance": (("layer", "head"), dist),
         "entropy": (("layer", "head"), ent),
+        "uniform_distance": (("layer",), baselines[:, 0]),
+        "uniform_entropy": (("layer",), baselines[:, 1]),
     }
     shape = (heads, grid_y.size, grid_x.size)
     if all(m is not None and m.shape[1:] == shape[1:] for m in maps):
@@ -139,18 +148,33 @@ def _dataset(
     )
     ds["mean_distance"].attrs.update(units="input pixels", long_name="mean attention distance")
     ds["entropy"].attrs.update(units="nats", long_name="mean attention entropy per query")
+    ds["uniform_distance"].attrs.update(
+        units="input pixels", long_name="mean distance of uniform attention over all tokens"
+    )
+    ds["uniform_entropy"].attrs.update(
+        units="nats", long_name="entropy of uniform attention over all tokens"
+    )
     if "cls_attention" in ds:
         ds["cls_attention"].attrs["long_name"] = "mean CLS attention to each patch"
     ds["grid_y"].attrs["units"] = ds["grid_x"].attrs["units"] = "input pixels (patch centre)"
     mean = np.nanmean(dist, axis=1)
+    side = f"{grid_y.size}×{grid_x.size}"
+    patch = float(np.diff(grid_x)[0]) if grid_x.size > 1 else float("nan")
     ds.attrs.update(
         n=n,
+        grid=f"{side} patches of {patch:g} px",
+        baseline=(
+            f"uniform attention over all {int(yx.shape[0])} tokens on the {side} grid of "
+            f"{patch:g}-px patches: {baselines[0, 0]:.2f} px, {baselines[0, 1]:.2f} nats "
+            f"(same convention: {'renormalized' if cfg.renormalize else 'not renormalized'})"
+        ),
         renormalize=cfg.renormalize,
         prefix_tokens="dropped from queries and keys",
         rows="renormalized over patch keys" if cfg.renormalize else "not renormalized",
         summary=(
             f"{len(layers)} attention layers × {heads} heads, n={n}; mean distance "
-            f"{mean[0]:.1f} px (first) → {mean[-1]:.1f} px (last)"
+            f"{mean[0]:.1f} px (first) → {mean[-1]:.1f} px (last); uniform attention "
+            f"{baselines[0, 0]:.1f} px"
         ),
     )
     return ds

@@ -1,15 +1,27 @@
 """Linear probes per layer (paper App. A): closed-form ridge onto {−1, 1} targets.
 
-Per layer, features are the CLS token (``cls``; layers without one fall back
-to ``gap``, recorded per layer) or the mean over patch tokens / spatial
-positions (``gap``), computed lazily by dask as (image, channel) — never the
-whole layer — and handed to one task per layer that scores
-:func:`~vitcnn_store.analysis.probes.linear_probe_accuracy` on each split.
-Splits come from :func:`~vitcnn_store.analysis.probes.probe_splits`:
-``shots = k`` draws k training images per class, ``shots = 0`` (full) is a
-stratified train/test split. Both are deterministic given ``seed``; with
-``repeats`` the seeds are ``seed, seed + 1, ...`` and the result holds the mean
-and standard deviation of the accuracy.
+Which layers: the residual stream by default (the stem and every block
+output, from the roles recorded at extraction), branch outputs on request,
+or any stored layers by pattern (:func:`~jobs.analyze.layers.depth_layers`);
+each gets a normalized depth by block so ViT and ResNet curves share an axis
+(:func:`~jobs.analyze.layers.block_depth`).
+
+Which features: ``cls`` (the CLS token; a layer without one is refused),
+``gap`` (the mean over patch tokens or spatial positions) or ``auto`` (CLS
+where the layer has one that varies between images, else the mean). The
+feature used and the reason are recorded per layer — never a silent
+fallback. Features are reduced lazily by dask to (image, channel) and handed
+to one task per layer.
+
+Which penalty: chosen per layer and split by stratified k-fold
+cross-validation on the training split over a grid
+(:func:`~vitcnn_store.analysis.probes.ridge_probe`), or fixed with ``l2``;
+the choice and the validation curve are stored. Splits come from
+:func:`~vitcnn_store.analysis.probes.probe_splits`: ``shots = k`` draws k
+training images per class, ``shots = 0`` (full) is a stratified train/test
+split. With ``repeats`` the seeds are ``seed, seed + 1, ...`` and the result
+holds the mean and standard deviation of the accuracy. Chance is the largest
+class share of each test split.
 """
 
 from __future__ import annotations
@@ -20,12 +32,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jobs.analyze.executor import Executor
-from jobs.analyze.layers import layer_info, reduce_layer, select_layers
+from jobs.analyze.layers import block_depth, depth_layers, layer_info, layer_roles, reduce_layer
 from jobs.analyze.options import AnalysisOptions
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.runs import open_runs, usable_mask
-from vitcnn_store.analysis.probes import linear_probe_accuracy, probe_splits
+from vitcnn_store.analysis.probes import (
+    DEFAULT_L2_GRID,
+    chance_accuracy,
+    probe_splits,
+    ridge_probe,
+)
 from vitcnn_store.errors import UsageError
+from vitcnn_store.store import schema
 from vitcnn_store.store.schema import string_coord
 
 if TYPE_CHECKING:
@@ -33,21 +51,33 @@ if TYPE_CHECKING:
 
 __all__ = ["FEATURES", "ProbeConfig", "run_probe"]
 
-FEATURES = ("cls", "gap")
+FEATURES = ("auto", "cls", "gap")
+_CONSTANT_CLS = (
+    "CLS token identical on every image (it has attended to no patch yet): patch-token mean"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ProbeConfig(AnalysisOptions):
-    """Options of ``vitcnn analyze probe``: ``shots`` per class (0 = full split with
-    ``test_fraction`` held out), ``features`` cls|gap, ridge ``l2``, ``repeats`` seeds."""
+    """Options of ``vitcnn analyze probe``.
+
+    ``shots`` per class (0 = full split with ``test_fraction`` held out);
+    ``features`` auto|cls|gap; ridge ``l2`` (None: chosen by ``cv_folds``-fold
+    cross-validation over ``l2_grid``); ``repeats`` splits from ``seed``;
+    ``layers`` patterns (default: the residual stream, plus branch outputs
+    with ``branches``).
+    """
 
     shots: int = 0
-    features: str = "cls"
+    features: str = "auto"
     seed: int = 0
-    l2: float = 1e-3
+    l2: float | None = None
+    l2_grid: tuple[float, ...] = DEFAULT_L2_GRID
+    cv_folds: int = 5
     repeats: int = 1
     test_fraction: float = 0.25
     layers: str | None = None
+    branches: bool = False
 
     def validate(self) -> None:
         if self.shots < 0:
@@ -58,8 +88,18 @@ class ProbeConfig(AnalysisOptions):
             raise UsageError(f"--repeats must be >= 1, got {self.repeats}")
         if not 0.0 < self.test_fraction < 1.0:
             raise UsageError(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
-        if self.l2 < 0:
-            raise UsageError(f"--l2 must be >= 0, got {self.l2}")
+        if self.l2 is not None and not (self.l2 >= 0 and np.isfinite(self.l2)):
+            raise UsageError(f"--l2 must be 'auto' or a number >= 0, got {self.l2}")
+        grid = np.asarray(self.l2_grid, dtype=float)
+        if not grid.size or not np.all(np.isfinite(grid)) or grid.min() <= 0:
+            raise UsageError(f"--l2-grid needs positive numbers, got {list(self.l2_grid)}")
+        if self.cv_folds < 2:
+            raise UsageError(f"--cv-folds must be >= 2, got {self.cv_folds}")
+        if self.l2 is None and self.shots == 1:
+            raise UsageError(
+                "--shots 1 leaves one training image per class: nothing to cross-validate "
+                "the ridge penalty on; give --l2 VALUE (e.g. --l2 1.0) or use --shots >= 2"
+            )
 
 
 def _splits(cfg: ProbeConfig, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -69,29 +109,93 @@ def _splits(cfg: ProbeConfig, labels: np.ndarray) -> list[tuple[np.ndarray, np.n
         raise UsageError(f"--shots {cfg.shots}: {e}" if cfg.shots else str(e)) from None
 
 
+def _no_cls_reason(kind: str) -> str:
+    return {
+        schema.KIND_SPATIAL: "spatial map, no CLS token: mean over positions",
+        schema.KIND_POOLED: "pooled vector, no tokens: used as it is",
+    }.get(kind, "no CLS token: mean over patch tokens")
+
+
+def _plan_features(cfg: ProbeConfig, run: Any, layers: list[str]) -> list[tuple[Any, Any, str]]:
+    """Per layer: lazy CLS features (or None), lazy mean features (or None), and the reason
+    for the choice made before any data is read."""
+    out: list[tuple[Any, Any, str]] = []
+    missing = []
+    for name in layers:
+        x = run[name]
+        info = layer_info(x)
+        if cfg.features == "cls" and info.cls_index is None:
+            missing.append(f"{name} ({info.kind})")
+            continue
+        has_cls = info.cls_index is not None
+        cls = reduce_layer(x, "cls")[0] if cfg.features != "gap" and has_cls else None
+        gap = reduce_layer(x, "gap")[0] if cfg.features != "cls" else None
+        if cfg.features == "gap":
+            reason = "requested (--features gap)" + (
+                "" if info.kind == schema.KIND_TOKEN else f"; {_no_cls_reason(info.kind)}"
+            )
+        elif cfg.features == "cls":
+            reason = "requested (--features cls)"
+        elif cls is None:
+            reason = _no_cls_reason(info.kind)
+        else:
+            reason = "CLS token (the layer has one)"
+        out.append((cls, gap, reason))
+    if missing:
+        more = f" (+{len(missing) - 4} more)" if len(missing) > 4 else ""
+        raise UsageError(
+            f"--features cls: layers without a CLS token: {', '.join(missing[:4])}{more}; "
+            "use --features auto (CLS where a layer has one, else the mean, recorded per "
+            "layer) or gap, or pick token layers with --layers"
+        )
+    return out
+
+
 def _probe_layer(
-    features: Any,
+    cls: Any,
+    gap: Any,
+    reason: str,
     labels: np.ndarray,
     splits: list[tuple[np.ndarray, np.ndarray]],
+    cfg: ProbeConfig,
     n_classes: int,
-    l2: float,
-) -> np.ndarray:
-    x = np.asarray(features, dtype=np.float64)
-    return np.array(
-        [
-            linear_probe_accuracy(
-                x[train], labels[train], x[test], labels[test], l2=l2, n_classes=n_classes
-            )
-            for train, test in splits
-        ]
+) -> tuple[str, str, np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """One layer: the feature used and why, then per split the test accuracy, the
+    penalty and (with cross-validation) the validation accuracy per grid value, and
+    the number of folds."""
+    feature = "cls" if cls is not None else "gap"
+    x = np.asarray(cls if cls is not None else gap, dtype=np.float64)
+    # A CLS token identical on every image carries no information about the image.
+    constant = cls is not None and bool(np.all(np.ptp(x, axis=0) == 0.0))
+    if cfg.features == "auto" and constant and gap is not None:
+        feature, reason, x = "gap", _CONSTANT_CLS, np.asarray(gap, dtype=np.float64)
+    fits = [
+        ridge_probe(x[tr], labels[tr], x[te], labels[te], n_classes=n_classes, l2=cfg.l2,
+                    l2_grid=cfg.l2_grid, cv_folds=cfg.cv_folds, seed=cfg.seed + r)
+        for r, (tr, te) in enumerate(splits)
+    ]  # fmt: skip
+    cv = [f.cv_accuracy for f in fits]
+    return (
+        feature,
+        reason,
+        np.array([f.accuracy for f in fits]),
+        np.array([f.l2 for f in fits]),
+        None if cv[0] is None else np.stack([c for c in cv if c is not None]),
+        min(f.cv_folds for f in fits),
     )
 
 
-def run_probe(cfg: ProbeConfig) -> AnalysisResult:
-    """Compute (or reuse) linear-probe accuracy of every (selected) layer.
+def _rows(features: Any, rows: np.ndarray) -> Any:
+    return None if features is None else features[rows]
 
-    The result (``<run>/_analyses/probe``) holds ``accuracy`` (layer) and, with
-    repeats, ``accuracy_std`` and ``accuracy_repeats`` (repeat, layer).
+
+def run_probe(cfg: ProbeConfig) -> AnalysisResult:
+    """Compute (or reuse) linear-probe accuracy of every chosen layer.
+
+    The result (``<run>/_analyses/probe``) holds ``accuracy`` (layer),
+    ``l2`` (repeat, layer), ``chance_accuracy`` and, with cross-validation,
+    ``cv_accuracy`` (layer, l2_grid); with repeats also ``accuracy_std`` and
+    ``accuracy_repeats`` (repeat, layer).
     """
     cfg.validate()
     (run,) = open_runs(cfg.store, [cfg.run])
@@ -108,20 +212,22 @@ def run_probe(cfg: ProbeConfig) -> AnalysisResult:
     if np.unique(labels).size < 2:
         raise UsageError(f"run {run.name!r} has a single labelled class: nothing to probe")
     splits = _splits(cfg, labels)
-    layers = select_layers(run, cfg.layers)
-    reduced = [reduce_layer(run[name], cfg.features, cls_fallback=True) for name in layers]
+    layers, selection = depth_layers(run, cfg.layers, branches=cfg.branches)
+    planned = _plan_features(cfg, run, layers)
 
     def compute(executor: Executor) -> xr.Dataset:
         from dask import delayed
 
+        probe = delayed(_probe_layer, pure=True)
         tasks = [
-            delayed(_probe_layer, pure=True)(feat[rows], labels, splits, n_classes, cfg.l2)
-            for feat, _ in reduced
+            probe(_rows(cls, rows), _rows(gap, rows), reason, labels, splits, cfg, n_classes)
+            for cls, gap, reason in planned
         ]
-        accs = np.full((cfg.repeats, len(layers)), np.nan)
-        for i, acc in executor.imap(tasks, desc=f"probe {cfg.run}"):
-            accs[:, i] = acc
-        return _dataset(cfg, run, layers, [how for _, how in reduced], accs, splits, n_classes)
+        out: list[Any] = [None] * len(layers)
+        for i, res in executor.imap(tasks, desc=f"probe {cfg.run}"):
+            out[i] = res
+        chance = [chance_accuracy(labels[test]) for _, test in splits]
+        return _dataset(cfg, run, layers, selection, out, splits, chance, n_classes)
 
     return run_analysis(
         cfg,
@@ -133,40 +239,80 @@ def run_probe(cfg: ProbeConfig) -> AnalysisResult:
     )
 
 
+def _protocol(cfg: ProbeConfig, splits: list[tuple[np.ndarray, np.ndarray]]) -> str:
+    n_train, n_test = len(splits[0][0]), len(splits[0][1])
+    split = (
+        f"{cfg.shots}-shot: {cfg.shots} training images per class, the rest tested"
+        if cfg.shots
+        else f"full: stratified split, {cfg.test_fraction:g} of each class held out"
+    )
+    return f"{split} ({n_train} train / {n_test} test, {cfg.repeats} split(s))"
+
+
 def _dataset(
     cfg: ProbeConfig,
     run: Any,
     layers: list[str],
-    feats: list[str],
-    accs: np.ndarray,
+    selection: str,
+    out: list[Any],
     splits: list[tuple[np.ndarray, np.ndarray]],
+    chance: list[float],
     n_classes: int,
 ) -> xr.Dataset:
     import xarray as xr
 
-    infos = [layer_info(run[name]) for name in layers]
-    data: dict[str, Any] = {"accuracy": (("layer",), accs.mean(axis=0))}
+    accs = np.stack([o[2] for o in out], axis=1)  # (repeat, layer)
+    l2s = np.stack([o[3] for o in out], axis=1)
+    depth, depth_axis = block_depth(run, layers)
+    roles = layer_roles(run)
+    data: dict[str, Any] = {
+        "accuracy": (("layer",), accs.mean(axis=0)),
+        "l2": (("repeat", "layer"), l2s),
+        "chance_accuracy": ((), float(np.mean(chance))),
+    }
     if cfg.repeats > 1:
         data["accuracy_std"] = (("layer",), accs.std(axis=0, ddof=1))
         data["accuracy_repeats"] = (("repeat", "layer"), accs)
-    ds = xr.Dataset(
-        data,
-        coords={
-            "layer": string_coord(layers),
-            "depth_fraction": ("layer", np.array([i.depth_fraction for i in infos])),
-            "depth_index": ("layer", np.array([i.depth_index for i in infos])),
-            "feature": ("layer", string_coord(feats)),
-        },
-    )
+    coords: dict[str, Any] = {
+        "layer": string_coord(layers),
+        "depth_fraction": ("layer", depth),
+        "depth_index": ("layer", np.array([layer_info(run[n]).depth_index for n in layers])),
+        "role": ("layer", string_coord(str(roles.get(n, {}).get("role", "")) for n in layers)),
+        "feature": ("layer", string_coord(o[0] for o in out)),
+        "feature_reason": ("layer", string_coord(o[1] for o in out)),
+        "repeat": np.arange(cfg.repeats),
+    }
+    if cfg.l2 is None:
+        data["cv_accuracy"] = (("layer", "l2_grid"), np.stack([o[4].mean(axis=0) for o in out]))
+        coords["l2_grid"] = np.asarray(cfg.l2_grid, dtype=np.float64)
+    ds = xr.Dataset(data, coords=coords)
     ds["accuracy"].attrs["long_name"] = "test accuracy of a ridge probe"
+    ds["chance_accuracy"].attrs["long_name"] = "largest class share of the test split"
+    ds["l2"].attrs["long_name"] = "ridge penalty used (chosen per layer and split)"
+    ds["depth_fraction"].attrs["long_name"] = depth_axis
+    if "cv_accuracy" in ds:
+        ds["cv_accuracy"].attrs["long_name"] = "mean validation accuracy over the CV folds"
     names = [str(v) for v in run.attrs.get("label_names") or []]
     best = int(np.nanargmax(ds["accuracy"].values))
+    grid = np.asarray(cfg.l2_grid, dtype=float)
+    folds = min(o[5] for o in out)
+    feats = ds["feature"].values.tolist()
     ds.attrs.update(
         shots=cfg.shots,
+        protocol=_protocol(cfg, splits),
         split="few-shot (k per class)" if cfg.shots else f"stratified, test {cfg.test_fraction}",
         features=cfg.features,
-        features_note="cls falls back to gap for layers without a CLS token (see `feature`)",
-        l2=cfg.l2,
+        features_used=", ".join(f"{f} × {feats.count(f)}" for f in dict.fromkeys(feats)),
+        l2_selection=(
+            f"fixed at {cfg.l2:g}"
+            if cfg.l2 is not None
+            else f"per layer and split: stratified {folds}-fold cross-validation on the "
+            f"training split over {grid.size} values {grid.min():g}…{grid.max():g} "
+            "(mean validation accuracy; ties to the larger penalty), then refit"
+        ),
+        layer_selection=selection,
+        depth_axis=depth_axis,
+        chance=f"{float(np.mean(chance)):.3f} (largest class share of the test split)",
         seed=cfg.seed,
         repeats=cfg.repeats,
         n_classes=n_classes,
@@ -178,7 +324,8 @@ def _dataset(
         summary=(
             f"{len(layers)} layers, {n_classes} classes, "
             f"{'full' if not cfg.shots else f'{cfg.shots}-shot'} ({len(splits[0][0])} train / "
-            f"{len(splits[0][1])} test); best {layers[best]} {ds['accuracy'].values[best]:.3f}"
+            f"{len(splits[0][1])} test); best {layers[best]} {ds['accuracy'].values[best]:.3f} "
+            f"(chance {float(np.mean(chance)):.3f})"
         ),
     )
     return ds

@@ -14,7 +14,13 @@ for token layers CLS is reported apart from the patch tokens, for spatial
 layers the ratio is averaged over positions. One dask task per stored image
 chunk and block reads the block's taps once and returns the sums of the
 kernel :func:`~vitcnn_store.analysis.skip.skip_norm_ratio_sum` for each of its
-branches.
+branches, and how many of its tokens have a branch output of exactly zero
+(:func:`~vitcnn_store.analysis.skip.zero_norm_count`). A branch that is zero
+on every image and token (a dead branch, e.g. timm's zero-initialised last
+BatchNorm of a random-init ResNet block) has no ratio: it is stored as NaN,
+with ``dead_fraction`` saying why. Blocks get a normalized depth
+(:func:`~jobs.analyze.layers.block_depth`), so ViT and ResNet ratios share an
+axis.
 """
 
 from __future__ import annotations
@@ -26,12 +32,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jobs.analyze.executor import Executor
-from jobs.analyze.layers import layer_info, layer_roles
+from jobs.analyze.layers import block_depth, layer_info, layer_roles
 from jobs.analyze.options import AnalysisOptions
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.runs import open_runs, usable_mask
 from jobs.analyze.tasks import chunk_tasks
-from vitcnn_store.analysis.skip import cls_and_spatial_ratio, skip_norm_ratio_sum
+from vitcnn_store.analysis.skip import (
+    cls_and_spatial_ratio,
+    skip_norm_ratio_sum,
+    zero_norm_count,
+)
 from vitcnn_store.errors import UsageError
 from vitcnn_store.models.families import Branch, branches_from_roles, infer_family
 from vitcnn_store.store import schema
@@ -81,8 +91,9 @@ def skip_branches(run: Run) -> list[Branch]:
     return found
 
 
-def _block_chunk(*args: Any) -> list[tuple[np.ndarray, int]]:
-    """Per branch of one block: sums over the chunk's images of ‖z‖/‖f(z)‖ per token.
+def _block_chunk(*args: Any) -> list[tuple[np.ndarray, int, np.ndarray]]:
+    """Per branch of one block: sums over the chunk's images of ‖z‖/‖f(z)‖ per token,
+    the image count, and per token the images with a zero branch output.
 
     ``args`` are the block's taps over one chunk, then the plan: per branch, the
     indices of the taps summing to z and of its output.
@@ -99,16 +110,17 @@ def _block_chunk(*args: Any) -> list[tuple[np.ndarray, int]]:
     for skip, output in plan:
         # A later branch's z is the stream after the earlier ones (ViT: z' = z + attn).
         z = f64(skip[0]) if len(skip) == 1 else sum(f64(i) for i in skip)
-        out.append(skip_norm_ratio_sum(z, f64(output)))
+        total, n = skip_norm_ratio_sum(z, f64(output))
+        out.append((total, n, zero_norm_count(f64(output))))
     return out
 
 
 def run_skip(cfg: SkipConfig) -> AnalysisResult:
     """Compute (or reuse) skip-connection norm ratios per block.
 
-    The result (``<run>/_analyses/skip``) holds ``ratio_spatial`` (branch, block)
-    and, for token layers (ViTs), ``ratio_cls`` (branch, block) and ``ratio``
-    (branch, block, position).
+    The result (``<run>/_analyses/skip``) holds ``ratio_spatial`` and
+    ``dead_fraction`` (branch, block) and, for token layers (ViTs),
+    ``ratio_cls`` (branch, block) and ``ratio`` (branch, block, position).
     """
     (run,) = open_runs(cfg.store, [cfg.run])
     mask = usable_mask(run, cfg.allow_incomplete)
@@ -156,10 +168,16 @@ def _dataset(
     shape = (len(names), len(blocks))
     ratio = np.full((*shape, x.shape[1]), np.nan) if tokens else None
     cls, spatial = np.full(shape, np.nan), np.full(shape, np.nan)
+    dead = np.full(shape, np.nan)
     for j, (block, parts) in enumerate(zip(blocks, sums, strict=True)):
         for k, b in enumerate(b for b in found if b.block == block):
             i = names.index(b.name)
-            per_token = sum(p[k][0] for p in parts) / sum(p[k][1] for p in parts)
+            count = sum(p[k][1] for p in parts)
+            zeros = sum(p[k][2] for p in parts)
+            dead[i, j] = float(np.sum(zeros)) / (count * zeros.size)
+            if dead[i, j] == 1.0:
+                continue  # f(z) ≡ 0: no ratio (NaN), dead_fraction says why
+            per_token = sum(p[k][0] for p in parts) / count
             c, spatial[i, j] = cls_and_spatial_ratio(
                 per_token, n_prefix, cls_index=info.cls_index or 0
             )
@@ -174,10 +192,9 @@ def _dataset(
             dtype=object,
         )  # fmt: skip
 
-    frac = [
-        float(run[b].attrs.get("depth_fraction", np.nan)) if b in run.layers else np.nan
-        for b in blocks
-    ]
+    stored = [b for b in blocks if b in run.layers]
+    depth, depth_axis = block_depth(run, stored)
+    frac = [float(depth[stored.index(b)]) if b in stored else np.nan for b in blocks]
     first = [next(b for b in found if b.block == block) for block in blocks]
     coords: dict[str, Any] = {
         "block": schema.string_coord(blocks),
@@ -188,7 +205,10 @@ def _dataset(
         "branch_tap": (("branch", "block"), taps(lambda b: b.output)),
         "skip_taps": (("branch", "block"), taps(lambda b: " + ".join(b.skip_input))),
     }
-    data: dict[str, Any] = {"ratio_spatial": (("branch", "block"), spatial)}
+    data: dict[str, Any] = {
+        "ratio_spatial": (("branch", "block"), spatial),
+        "dead_fraction": (("branch", "block"), dead),
+    }
     if ratio is not None:
         data["ratio"] = (("branch", "block", "position"), ratio)
         data["ratio_cls"] = (("branch", "block"), cls)
@@ -202,6 +222,8 @@ def _dataset(
     ds = xr.Dataset(data, coords=coords)
     ds["ratio_spatial"].attrs["long_name"] = "mean over images and spatial tokens of ‖z‖/‖f(z)‖"
     ds["skip_taps"].attrs["long_name"] = "stored layers whose sum is z on the skip path"
+    ds["dead_fraction"].attrs["long_name"] = "share of (image, token) with f(z) exactly 0"
+    ds["depth_fraction"].attrs["long_name"] = depth_axis
     if tokens:
         ds["ratio_cls"].attrs["long_name"] = "mean over images of ‖z‖/‖f(z)‖ at the CLS token"
         ds["ratio"].attrs["long_name"] = "mean over images of ‖z‖/‖f(z)‖ per token"
@@ -210,9 +232,17 @@ def _dataset(
         layer_scale = "layer scale on: ls1/ls2 outputs are the branch outputs"
     elif tokens:
         layer_scale = "identity (timm's init_values=None): attn/mlp outputs are the branch outputs"
+    n_dead = int(np.sum(dead == 1.0))
     ds.attrs.update(
         n=n,
         family=run.attrs.get("model_family") or infer_family(run.layers),
+        depth_axis=depth_axis,
+        dead_branches=(
+            f"{n_dead} of {int(np.sum(np.isfinite(dead)))} branches output exactly 0 on every "
+            "image (ratio undefined, NaN)"
+            if n_dead
+            else "none"
+        ),
         norm="L2 over channels per token/position; ratio per image, then averaged",
         skip_input="z = sum of the layers in skip_taps (per branch, as recorded at extraction)",
         layer_scale=layer_scale,
@@ -220,8 +250,11 @@ def _dataset(
             f"{len(blocks)} blocks, n={n}; spatial ratio "
             + ", ".join(
                 f"{b} {np.nanmin(spatial[j]):.2f}..{np.nanmax(spatial[j]):.2f}"
+                if np.isfinite(spatial[j]).any()
+                else f"{b} undefined"
                 for j, b in enumerate(names)
             )
+            + (f"; {n_dead} dead branch(es): f(z) ≡ 0" if n_dead else "")
         ),
     )
     return ds

@@ -149,3 +149,43 @@ def test_torch_input_and_validation():
         AttentionAccumulator(None)
     with pytest.raises(ValueError, match="no attention"):
         AttentionAccumulator(YX).mean_distance()
+
+
+# --- the uniform-attention baseline ---------------------------------------------------
+
+from vitcnn_store.analysis.attention import uniform_attention_baseline  # noqa: E402
+
+
+def _grid(side: int, patch: int, prefix: int) -> np.ndarray:
+    c = (np.arange(side) + 0.5) * patch
+    yx = np.stack(np.meshgrid(c, c, indexing="ij"), -1).reshape(-1, 2)
+    return np.vstack([np.full((prefix, 2), np.nan), yx])
+
+
+@pytest.mark.parametrize(
+    ("side", "patch", "prefix", "renormalize", "expected"),
+    [
+        (14, 16, 1, True, 116.49),  # ViT-B/16 at 224 px (docs/science.md)
+        (14, 16, 1, False, 115.90),  # the same, CLS mass not renormalized away
+        (8, 16, 1, False, 65.17),  # the demo's ViT-S/16 at 128 px
+        (16, 14, 0, False, None),  # ViT-H/14 at 224 px, no prefix token
+        (5, 16, 5, False, None),  # CLS plus four registers
+    ],
+)
+def test_uniform_baseline_matches_brute_force(side, patch, prefix, renormalize, expected):
+    from scipy.spatial.distance import pdist
+
+    yx = _grid(side, patch, prefix)
+    dist, ent = uniform_attention_baseline(yx, renormalize=renormalize)
+    pos = yx[prefix:]
+    p, t = len(pos), len(yx)
+    mean_pair = 2 * pdist(pos).sum() / p**2  # scipy, a different code path
+    assert dist == pytest.approx(mean_pair * (1 if renormalize else p / t), rel=1e-12)
+    assert ent == pytest.approx(np.log(p) if renormalize else p / t * np.log(t), rel=1e-12)
+    if expected is not None:
+        assert dist == pytest.approx(expected, abs=0.005)
+    # The accumulator reads exactly the baseline on uniform attention.
+    acc = AttentionAccumulator(yx, renormalize=renormalize)
+    acc.update(np.full((2, 1, t, t), 1.0 / t))
+    assert acc.mean_distance()[0] == pytest.approx(dist, rel=1e-10)
+    assert acc.entropy()[0] == pytest.approx(ent, rel=1e-10)

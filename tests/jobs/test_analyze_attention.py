@@ -48,6 +48,15 @@ def test_attention_matches_kernels(synth: str, renormalize: bool) -> None:  # no
     assert ds["mean_distance"].dims == ("layer", "head")
     assert ds["cls_attention"].dims == ("layer", "head", "grid_y", "grid_x")
     assert ds["grid_y"].values.tolist() == [2.0, 6.0]
+    # Baseline: uniform attention on the synthetic 2×2 grid of 4-px patches plus CLS.
+    # Patch pairs: 4 at 0 px, 8 at 4 px, 4 at 4√2 px, so the mean pair distance is
+    # (32 + 16√2) / 16; without renormalization 4 of the 5 keys count.
+    pair = (32 + 16 * np.sqrt(2)) / 16
+    expected = pair if renormalize else pair * 4 / 5
+    np.testing.assert_allclose(ds["uniform_distance"].values, [expected] * 2, rtol=1e-12)
+    ent = np.log(4) if renormalize else 4 / 5 * np.log(5)
+    np.testing.assert_allclose(ds["uniform_entropy"].values, [ent] * 2, rtol=1e-12)
+    assert "2×2 grid of 4-px patches" in ds.attrs["baseline"]
 
 
 def test_attention_only_groups_borrow_token_positions(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The probe job equals ridge probes fit directly on the loaded features."""
+"""The probe job equals ridge probes fit directly on the loaded features; layers, features
+and penalties are chosen explicitly and recorded."""
 
 from __future__ import annotations
 
@@ -8,52 +9,110 @@ import numpy as np
 import pytest
 
 from jobs.analyze.probe import ProbeConfig, run_probe
-from tests.jobs.test_analyze_common import cli, ids, make_run, synth  # noqa: F401
+from tests.jobs.test_analyze_common import cli, copy_store, ids, make_run, synth  # noqa: F401
 from vitcnn_store import open_store
-from vitcnn_store.analysis.probes import fit_ridge, predict, probe_splits
+from vitcnn_store.analysis.probes import DEFAULT_L2_GRID, probe_splits, ridge_probe
 
 
-def _accuracy(x: np.ndarray, y: np.ndarray, split: tuple[np.ndarray, np.ndarray]) -> float:
-    train, test = split
-    w = fit_ridge(x[train], y[train], 3)
-    return float(np.mean(predict(w, x[test]) == y[test]))
+def _features(run, layer: str, rows: np.ndarray, how: str) -> np.ndarray:
+    x = run[layer].values[rows].astype(np.float64)
+    if how == "cls":
+        return x[:, 0]
+    return x[:, 1:].mean(1) if x.ndim == 3 else x.reshape(len(x), -1, x.shape[-1]).mean(1)
 
 
-@pytest.mark.parametrize(("shots", "features"), [(0, "cls"), (4, "gap")])
-def test_probe_matches_kernel(synth: str, shots: int, features: str) -> None:  # noqa: F811
+@pytest.mark.parametrize(("shots", "features", "l2"), [(0, "cls", None), (4, "gap", 0.3)])
+def test_probe_matches_kernel(synth: str, shots: int, features: str, l2: float | None) -> None:  # noqa: F811
     cfg = ProbeConfig(
-        store=synth,
-        run="vit",
-        shots=shots,
-        features=features,
-        repeats=2,
-        seed=5,
-        progress=False,
-        name=f"p{shots}",
-    )
+        store=synth, run="vit", shots=shots, features=features, l2=l2, repeats=2, seed=5,
+        progress=False, name=f"p{shots}",
+    )  # fmt: skip
     ds = run_probe(cfg).dataset
     run = open_store(synth)["vit"]
     rows = np.flatnonzero(run.valid & (run.labels >= 0))
     y = run.labels[rows]
     splits = probe_splits(y, shots, 5, 2, 0.25)
-    for i, layer in enumerate(run.layers):
-        x = run[layer].values[rows].astype(np.float64)
-        x = x[:, 0] if features == "cls" else x[:, 1:].mean(1)
-        ref = [_accuracy(x, y, s) for s in splits]
-        np.testing.assert_allclose(ds["accuracy_repeats"].values[:, i], ref)
+    stream = ["norm_pre", "blocks.0", "blocks.1"]  # the residual stream, by default
+    assert ds["layer"].values.tolist() == stream
+    for i, layer in enumerate(stream):
+        x = _features(run, layer, rows, features)
+        ref = [
+            ridge_probe(x[tr], y[tr], x[te], y[te], n_classes=3, l2=l2, seed=5 + r)
+            for r, (tr, te) in enumerate(splits)
+        ]
+        np.testing.assert_allclose(ds["accuracy_repeats"].values[:, i], [f.accuracy for f in ref])
+        np.testing.assert_allclose(ds["l2"].values[:, i], [f.l2 for f in ref])
+        if l2 is None:
+            cv = np.mean([f.cv_accuracy for f in ref], axis=0)
+            np.testing.assert_allclose(ds["cv_accuracy"].values[i], cv)
     assert ds["accuracy"].dims == ("layer",) and ds.attrs["n_classes"] == 3
-    assert ds["feature"].values.tolist() == [features] * len(run.layers)
+    assert ds["feature"].values.tolist() == [features] * 3
+    assert ds["depth_fraction"].values.tolist() == [0.0, 0.5, 1.0]
+    test_shares = [np.bincount(y[te]).max() / len(te) for _, te in splits]
+    assert float(ds["chance_accuracy"]) == pytest.approx(np.mean(test_shares))
+    if l2 is None:
+        assert ds["l2_grid"].values.tolist() == list(DEFAULT_L2_GRID)
+        assert "cross-validation" in ds.attrs["l2_selection"]
+    else:
+        assert "cv_accuracy" not in ds and ds.attrs["l2_selection"] == "fixed at 0.3"
     if shots:
-        assert ds.attrs["n_train"] == 12
+        assert ds.attrs["n_train"] == 12 and "4-shot" in ds.attrs["protocol"]
 
 
-def test_cls_falls_back_to_gap_for_cnns(synth: str) -> None:  # noqa: F811
-    ds = run_probe(ProbeConfig(store=synth, run="resnet", progress=False)).dataset
+def test_branches_on_request_and_patterns(synth: str) -> None:  # noqa: F811
+    ds = run_probe(
+        ProbeConfig(store=synth, run="vit", branches=True, l2=1.0, progress=False, name="br")
+    ).dataset
+    assert ds["layer"].values.tolist() == [
+        "norm_pre", "blocks.0.attn", "blocks.0.mlp", "blocks.0",
+        "blocks.1.attn", "blocks.1.mlp", "blocks.1",
+    ]  # fmt: skip
+    np.testing.assert_allclose(ds["depth_fraction"].values, [0, 1 / 6, 2 / 6, 0.5, 4 / 6, 5 / 6, 1])
+    assert ds["role"].values.tolist()[:2] == ["stream", "branch"]
+    assert "branch outputs" in ds.attrs["layer_selection"]
+    only = run_probe(
+        ProbeConfig(store=synth, run="vit", layers="blocks.*.mlp", l2=1.0, progress=False,
+                    name="pat")
+    ).dataset  # fmt: skip
+    assert only["layer"].values.tolist() == ["blocks.0.mlp", "blocks.1.mlp"]
+
+
+def test_auto_features_say_why_and_cls_refuses_cnn_layers(
+    synth: str,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ds = run_probe(ProbeConfig(store=synth, run="resnet", l2=1.0, progress=False)).dataset
     assert set(ds["feature"].values.tolist()) == {"gap"}
+    assert all("no CLS token" in r for r in ds["feature_reason"].values.tolist())
     assert np.isfinite(ds["accuracy"].values).all()
+    url = copy_store(synth, tmp_path / "s.zarr")
+    assert cli(["analyze", "probe", url, "resnet", "--features", "cls", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "without a CLS token" in err and "maxpool" in err and len(err.splitlines()) == 1
 
 
-def test_no_labels_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_real_vit_constant_input_cls_is_named(tiny_store: str, tmp_path: Path) -> None:
+    """A real ViT's input CLS token is the same learned vector for every image: auto
+    probes the patch mean there and says so; later blocks use their CLS token."""
+    url = copy_store(tiny_store, tmp_path / "t.zarr")
+    ds = run_probe(ProbeConfig(store=url, run="vit", shots=5, progress=False)).dataset
+    feats = dict(zip(ds["layer"].values.tolist(), ds["feature"].values.tolist(), strict=True))
+    reasons = dict(zip(ds["layer"].values.tolist(), ds["feature_reason"].values.tolist(),
+                       strict=True))  # fmt: skip
+    assert feats == {"norm_pre": "gap", "blocks.0": "cls", "blocks.1": "cls"}
+    assert "identical on every image" in reasons["norm_pre"]
+    run = open_store(url)["vit"]
+    cls = run["norm_pre"].values[:, 0].astype(np.float64)
+    assert np.ptp(cls, axis=0).max() == 0.0  # the premise, read with the store's reader
+    assert ds.attrs["label_names"] == ["non-face", "face"]
+    assert float(ds["chance_accuracy"]) == pytest.approx(0.5)
+    assert "5-fold" in ds.attrs["l2_selection"]
+
+
+def test_bad_probe_options_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     url = str(tmp_path / "u.zarr")
     make_run(url, "v", ids(16), labels=[-1] * 16, attention=False, inputs=False)
     assert cli(["analyze", "probe", url, "v", "--no-progress"]) == 2
@@ -62,3 +121,12 @@ def test_no_labels_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     make_run(url, "w", ids(16), attention=False, inputs=False)
     assert cli(["analyze", "probe", url, "w", "--shots", "9", "--no-progress"]) == 2
     assert cli(["analyze", "probe", url, "w", "--shots", "lots", "--no-progress"]) == 2
+    assert cli(["analyze", "probe", url, "w", "--shots", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--l2 VALUE" in err
+    assert cli(["analyze", "probe", url, "w", "--l2", "-1", "--no-progress"]) == 2
+    assert cli(["analyze", "probe", url, "w", "--l2-grid", "1,0", "--no-progress"]) == 2
+    assert cli(["analyze", "probe", url, "w", "--cv-folds", "1", "--no-progress"]) == 2
+    # 1-shot with a fixed penalty is allowed.
+    assert cli(["analyze", "probe", url, "w", "--shots", "1", "--l2", "1", "--no-progress",
+                "--no-figure"]) == 0  # fmt: skip

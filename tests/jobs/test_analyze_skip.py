@@ -96,3 +96,74 @@ def test_real_extraction_records_roles(tiny_store: str) -> None:
     assert vit["blocks.0.norm1"].attrs["role"] == "inner"
     assert resnet["layer2.0.bn2"].attrs["skip_input"] == ["layer2.0.downsample"]
     assert resnet["maxpool"].attrs["role"] == "stream"
+
+
+def test_vit_block_output_is_skip_input_plus_branches(tiny_store: str) -> None:
+    """The recorded skip inputs are what the model adds: blocks.i = z + attn + mlp."""
+    run = open_store(tiny_store)["vit"]
+    for i in range(2):
+        z = run["norm_pre" if i == 0 else f"blocks.{i - 1}"].values.astype(np.float64)
+        attn = run[f"blocks.{i}.attn"].values.astype(np.float64)
+        mlp = run[f"blocks.{i}.mlp"].values.astype(np.float64)
+        out = run[f"blocks.{i}"].values.astype(np.float64)
+        # float16 storage: each stored tensor carries a relative rounding of 2^-11.
+        scale = np.abs(z) + np.abs(attn) + np.abs(mlp) + np.abs(out)
+        assert np.all(np.abs(z + attn + mlp - out) <= 2e-3 * scale + 1e-3)
+
+
+@pytest.fixture(scope="module")
+def bottleneck_store(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real ResNet-50-style bottleneck network (one block per stage), its last BNs
+    initialised like the others so the branches are alive, preset:paper taps."""
+    from jobs.extract import ExtractConfig, extract
+    from vitcnn_store.models import ModelSpec
+
+    url = str(tmp_path_factory.mktemp("bottleneck") / "b.zarr")
+    spec = ModelSpec("resnet50", img_size=32,
+                     model_args={"layers": [1, 1, 1, 1], "zero_init_last": False})  # fmt: skip
+    cfg = ExtractConfig(model=spec, images="builtin:faces", store=url, run="r50",
+                        layers="preset:paper", limit=24, chunk_size=12, progress=False)  # fmt: skip
+    extract(cfg)
+    return url
+
+
+def test_bottleneck_skip_inputs_are_what_the_block_adds(bottleneck_store: str) -> None:
+    run = open_store(bottleneck_store)["r50"]
+    assert run["layer1.0.bn3"].attrs["skip_input"] == ["layer1.0.downsample"]
+    assert run["layer2.0.bn3"].attrs["skip_input"] == ["layer2.0.downsample"]
+    for stage in range(1, 5):
+        block = f"layer{stage}.0"
+        z = run[f"{block}.downsample"].values.astype(np.float64)
+        fz = run[f"{block}.bn3"].values.astype(np.float64)
+        out = run[block].values.astype(np.float64)
+        # Bottleneck: act3(shortcut + bn3(...)); float16 rounding of each stored tensor.
+        scale = np.abs(z) + np.abs(fz) + np.abs(out)
+        assert np.all(np.abs(np.maximum(z + fz, 0.0) - out) <= 2e-3 * scale + 1e-3), block
+    ds = run_skip(SkipConfig(store=bottleneck_store, run="r50", progress=False)).dataset
+    assert ds["block"].values.tolist() == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
+    assert ds["branch_tap"].values.tolist() == [[f"layer{s}.0.bn3" for s in range(1, 5)]]
+    for j, stage in enumerate(range(1, 5)):
+        ref = skip_norm_ratio(run[f"layer{stage}.0.downsample"].values,
+                              run[f"layer{stage}.0.bn3"].values).mean()  # fmt: skip
+        assert ds["ratio_spatial"].values[0, j] == pytest.approx(ref, rel=1e-10)
+    assert (ds["dead_fraction"].values == 0).all() and ds.attrs["dead_branches"] == "none"
+    np.testing.assert_allclose(ds["depth_fraction"].values, [0.25, 0.5, 0.75, 1.0])
+
+
+def test_dead_branches_are_named_not_divided(tmp_path: Path) -> None:
+    """A branch that outputs exactly 0 (timm's zero-initialised last BN) has no ratio."""
+    url = str(tmp_path / "d.zarr")
+    make_run(url, "r", ids(16), family="resnet", inputs=False)
+    from vitcnn_store.store import RunWriter
+
+    writer, run = RunWriter(url, "r"), open_store(url)["r"]
+    for u, (start, stop) in enumerate(writer.units):
+        values = {f"{name}/activation": run[name].values[start:stop] for name in run.layers}
+        values["layer2.0.bn2/activation"] = np.zeros_like(values["layer2.0.bn2/activation"])
+        writer.write_unit(u, values, np.zeros(stop - start, bool), [""] * (stop - start))
+    ds = run_skip(SkipConfig(store=url, run="r", progress=False)).dataset
+    assert ds["dead_fraction"].values.tolist() == [[0.0, 1.0]]
+    assert np.isfinite(ds["ratio_spatial"].values[0, 0])
+    assert np.isnan(ds["ratio_spatial"].values[0, 1])
+    assert "1 of 2 branches output exactly 0" in ds.attrs["dead_branches"]
+    assert "dead branch" in ds.attrs["summary"]

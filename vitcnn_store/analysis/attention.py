@@ -9,6 +9,14 @@ and the key axes. By default rows are **not** renormalized after dropping
 tokens simply vanishes. ``renormalize=True`` rescales each row to sum to 1 over
 patch keys; record the choice with the result.
 
+Baseline
+--------
+:func:`uniform_attention_baseline` gives what the same statistics read for
+attention spread evenly over every token (a softmax of constant logits): the
+distance and entropy a head has when it has learnt nothing about position.
+It depends on the grid (resolution and patch size) and on the convention, so
+it is computed for each run rather than quoted.
+
 Accumulating form
 -----------------
 Every statistic is a sum over images divided by a count, so a job can stream
@@ -34,6 +42,7 @@ __all__ = [
     "cls_attention_map",
     "mean_attention_distance",
     "patch_distance_matrix",
+    "uniform_attention_baseline",
 ]
 
 FloatArray = npt.NDArray[np.float64]
@@ -264,3 +273,32 @@ def cls_attention_map(
     )
     acc.update(attn)
     return acc.cls_map()
+
+
+def uniform_attention_baseline(token_yx: Any, *, renormalize: bool = False) -> tuple[float, float]:
+    """Mean distance (px) and entropy (nats) of uniform attention over all tokens.
+
+    Uniform attention gives every key 1/T, T the number of tokens (prefix tokens
+    included). Under the default convention (prefix tokens dropped, rows not
+    renormalized) a patch query keeps weight 1/T on each of the P patch keys:
+    distance (P/T)·D̄ and entropy (P/T)·log T, D̄ the mean distance between two
+    patch centres (the pair drawn with replacement). With ``renormalize`` the
+    rows sum to 1 over patch keys again: D̄ and log P.
+
+    Examples
+    --------
+    >>> c = (np.arange(14) + 0.5) * 16
+    >>> yx = np.stack(np.meshgrid(c, c, indexing="ij"), -1).reshape(-1, 2)
+    >>> round(uniform_attention_baseline(yx)[0], 2)  # ViT-B/16 at 224 px, no CLS
+    116.49
+    >>> with_cls = np.vstack([[np.nan, np.nan], yx])
+    >>> round(uniform_attention_baseline(with_cls)[0], 2)
+    115.9
+    """
+    _, _, n_tokens = _patch_positions(token_yx)
+    dist = patch_distance_matrix(token_yx)
+    n_patch = dist.shape[0]
+    weight = 1.0 / (n_patch if renormalize else n_tokens)
+    mean_distance = weight * float(dist.sum(axis=1).mean())
+    entropy = -n_patch * weight * float(np.log(weight))
+    return mean_distance, entropy

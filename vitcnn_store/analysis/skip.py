@@ -13,6 +13,12 @@ Division by zero: ``‖f(z)‖`` is clamped below by ``eps`` (default 1e-12), so
 dead branch gives a very large but finite ratio instead of inf/NaN; ``eps`` is
 far below any float16/float32 activation norm and does not change normal values.
 
+Dead branches: a branch whose output is exactly zero has no ratio to speak of
+(timm, for one, initialises the last BatchNorm of every ResNet residual branch
+to zero, so a random-init ResNet's branches all output 0). :func:`zero_norm_count`
+counts the tokens where ``‖f(z)‖ < eps`` so a job can say so instead of
+reporting 1e12.
+
 Accumulating form: :func:`skip_norm_ratio_sum` returns (sum over images, count)
 so a job can add chunks and divide once.
 """
@@ -26,7 +32,7 @@ import numpy.typing as npt
 
 from vitcnn_store.analysis._arrays import to_numpy
 
-__all__ = ["cls_and_spatial_ratio", "skip_norm_ratio", "skip_norm_ratio_sum"]
+__all__ = ["cls_and_spatial_ratio", "skip_norm_ratio", "skip_norm_ratio_sum", "zero_norm_count"]
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -53,6 +59,19 @@ def skip_norm_ratio_sum(z: Any, fz: Any, *, eps: float = 1e-12) -> tuple[FloatAr
         raise ValueError(f"z and f(z) shapes differ: {zt.shape} vs {ft.shape}")
     ratio = np.linalg.norm(zt, axis=-1) / np.maximum(np.linalg.norm(ft, axis=-1), eps)
     return ratio.sum(axis=0), zt.shape[0]
+
+
+def zero_norm_count(fz: Any, *, eps: float = 1e-12) -> npt.NDArray[np.int64]:
+    """Per token, the number of images whose branch output has ``‖f(z)‖ < eps``.
+
+    Examples
+    --------
+    >>> fz = np.zeros((3, 2, 4)); fz[0, 1] = 1.0
+    >>> zero_norm_count(fz).tolist()
+    [3, 2]
+    """
+    norms = np.linalg.norm(_tokens(fz, "fz"), axis=-1)
+    return np.asarray((norms < eps).sum(axis=0), dtype=np.int64)
 
 
 def skip_norm_ratio(z: Any, fz: Any, *, eps: float = 1e-12) -> FloatArray:
