@@ -37,6 +37,8 @@ def _datasets() -> dict[str, xr.Dataset]:
         {
             "mean_distance": (("layer", "head"), rng.uniform(10, 100, size=(4, 3))),
             "entropy": (("layer", "head"), rng.uniform(1, 4, size=(4, 3))),
+            "uniform_distance": ("layer", np.full(4, 65.17)),
+            "uniform_entropy": ("layer", np.full(4, 4.11)),
             "cls_attention": (
                 ("layer", "head", "grid_y", "grid_x"),
                 rng.uniform(size=(4, 3, 5, 5)),
@@ -54,13 +56,30 @@ def _datasets() -> dict[str, xr.Dataset]:
         {
             "ratio_cls": (("branch", "block"), rng.uniform(0.5, 50, size=(2, 12))),
             "ratio_spatial": (("branch", "block"), rng.uniform(0.5, 50, size=(2, 12))),
+            "dead_fraction": (("branch", "block"), np.zeros((2, 12))),
         },
-        coords={"branch": np.array(["attn", "mlp"], dtype=object), "block": _names("blocks.", 12)},
+        coords={
+            "branch": np.array(["attn", "mlp"], dtype=object),
+            "block": _names("blocks.", 12),
+            "depth_fraction": ("block", np.arange(1, 13) / 12),
+        },
         attrs={"analysis": "skip", "run": "vit"},
     )
+    roles = np.array(["stream"] + ["branch", "stream"] * 3 + ["stream"], dtype=object)
     probe = xr.Dataset(
-        {"accuracy": ("layer", rng.uniform(size=8)), "accuracy_std": ("layer", np.full(8, 0.05))},
-        coords={"layer": _names("l", 8), "depth_fraction": ("layer", np.linspace(0, 1, 8))},
+        {
+            "accuracy": ("layer", rng.uniform(size=8)),
+            "accuracy_std": ("layer", np.full(8, 0.05)),
+            "chance_accuracy": ((), 0.3),
+            "l2": (("repeat", "layer"), np.full((2, 8), 10.0)),
+        },
+        coords={
+            "layer": _names("l", 8),
+            "depth_fraction": ("layer", np.linspace(0, 1, 8)),
+            "role": ("layer", roles),
+            "feature": ("layer", np.array(["gap"] + ["cls"] * 7, dtype=object)),
+            "l2_grid": [1e-3, 1.0, 1e5],
+        },
         attrs={"analysis": "probe", "run": "vit", "n_classes": 2, "shots": 10},
     )
     return {"cka": cka, "attention": att, "localization": loc, "skip": skip, "probe": probe}
@@ -107,3 +126,75 @@ def test_result_figure_named_after_run_and_result(tmp_path: Path) -> None:
     path = plots.save_result_figure(_datasets()["probe"], str(tmp_path / "s.zarr"), "vit", "p")
     assert path == tmp_path / "s.zarr.figures" / "vit__p.png"
     _png_ok(path)
+
+
+# --- baselines and axes, read off the figures themselves ------------------------------
+
+
+def _hlines(ax) -> dict[str, float]:
+    """Horizontal reference lines of an axes: label -> y."""
+    out = {}
+    for line in ax.get_lines():
+        y = np.asarray(line.get_ydata(), dtype=float)
+        if y.size == 2 and y[0] == y[1] and tuple(line.get_xdata()) == (0, 1):
+            out[str(line.get_label())] = float(y[0])
+    return out
+
+
+def test_probe_figure_draws_chance_and_normalized_depth() -> None:
+    ds = _datasets()["probe"]
+    fig = plots.draw_probe(ds)
+    ax, ax_l2 = fig.axes[:2]
+    assert _hlines(ax) == {"chance (0.30)": 0.3}
+    assert ax_l2.get_xlabel() == plots.DEPTH_LABEL and ax_l2.get_yscale() == "log"
+    stream = ds["role"].values == "stream"
+    curve = next(c for c in ax.containers)  # the error-bar curve: residual stream only
+    x, y = curve.lines[0].get_data()
+    np.testing.assert_allclose(x, ds["depth_fraction"].values[stream])
+    np.testing.assert_allclose(y, ds["accuracy"].values[stream])
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("branch outputs" in t for t in labels) and any("CLS" in t for t in labels)
+    # Older results (no chance variable): chance is 1/n_classes.
+    old = ds.drop_vars(["chance_accuracy", "l2"])
+    assert _hlines(plots.draw_probe(old).axes[0]) == {"chance (0.50)": 0.5}
+
+
+def test_attention_figure_draws_the_uniform_baseline() -> None:
+    fig = plots.draw_attention(_datasets()["attention"])
+    dist, ent = fig.axes[:2]
+    assert _hlines(dist) == {"uniform attention (65.17)": 65.17}
+    assert _hlines(ent) == {"uniform attention (4.11)": 4.11}
+
+
+def test_skip_figure_uses_depth_and_marks_dead_branches() -> None:
+    ds = _datasets()["skip"]
+    fig = plots.draw_skip(ds)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == plots.DEPTH_LABEL and _hlines(ax)["‖z‖ = ‖f(z)‖"] == 1.0
+    first = ax.get_lines()[0]
+    np.testing.assert_allclose(first.get_xdata(), ds["depth_fraction"].values)
+    dead = ds.copy(deep=True)
+    dead["dead_fraction"][:] = 1.0
+    dead["ratio_spatial"][:] = np.nan
+    dead["ratio_cls"][:] = np.nan
+    ax = plots.draw_skip(dead).axes[0]
+    texts = " ".join(t.get_text() for t in ax.texts)
+    assert "exactly 0" in texts
+    assert any("f(z) ≡ 0" in str(line.get_label()) for line in ax.get_lines())
+
+
+def test_overlay_puts_runs_on_one_depth_axis(tmp_path: Path) -> None:
+    ds = _datasets()
+    short = (
+        ds["probe"]
+        .isel(layer=[0, 2, 4, 7])
+        .assign_coords(depth_fraction=("layer", [0, 1 / 3, 2 / 3, 1]))
+    )
+    fig = plots.draw_overlay("probe", [("vit", ds["probe"]), ("resnet", short)])
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == plots.DEPTH_LABEL and ax.get_xlim() == (-0.03, 1.03)
+    assert "chance (0.30)" in _hlines(ax)
+    fig = plots.draw_overlay("skip", [("vit", ds["skip"]), ("resnet", ds["skip"])])
+    assert fig.axes[0].get_yscale() == "log"
+    with pytest.raises(ValueError, match="no overlay"):
+        plots.draw_overlay("cka", [])

@@ -1,9 +1,14 @@
 """Figures of analysis results (PNG, matplotlib's Agg canvas).
 
-Each function takes a result dataset as written by ``jobs.analyze`` (or read
-back with ``Run.analysis(name)``, or plain ``xr.open_zarr(store,
-group="<run>/_analyses/<name>")``) and a path,
-draws the figure, saves it and returns the path. matplotlib is imported only
+Each ``plot_*`` function takes a result dataset as written by ``jobs.analyze``
+(or read back with ``Run.analysis(name)``, or plain ``xr.open_zarr(store,
+group="<run>/_analyses/<name>")``) and a path, draws the figure, saves it and
+returns the path; the ``draw_*`` functions return the figure itself (tests
+read its axes and baselines). Curves along depth use the results'
+normalized depth by block, so a ViT and a ResNet share an axis
+(:func:`draw_overlay` puts several runs on one), and every figure with a
+baseline draws it: chance for probes, uniform attention for attention
+distance and entropy, ‖z‖ = ‖f(z)‖ for skip ratios. matplotlib is imported only
 when a figure is drawn, and pyplot never is: figures are built on
 :class:`matplotlib.figure.Figure` with an Agg canvas, so no GUI backend or
 global state is touched.
@@ -22,8 +27,14 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "DEPTH_LABEL",
+    "OVERLAYS",
     "PLOTTERS",
     "cka_figure",
+    "draw_attention",
+    "draw_overlay",
+    "draw_probe",
+    "draw_skip",
     "figure_dir",
     "plot_attention",
     "plot_cka",
@@ -177,9 +188,21 @@ def _column_dots(ax: Any, values: np.ndarray, cmap: Any) -> None:
         ax.scatter(i + spread[: v.size], v, s=12, color=cmap(i / max(n_layers - 1, 1)))
 
 
-def plot_attention(ds: xr.Dataset, path: str | Path) -> Path:
+def _baseline(ax: Any, values: Any, label: str) -> None:
+    """A dashed reference: one level, or a step per layer when the layers differ."""
+    v = np.asarray(values, dtype=float)
+    if not np.isfinite(v).any():
+        return
+    if np.allclose(v, v[0], equal_nan=False):
+        ax.axhline(v[0], color="0.35", ls="--", lw=1.2, label=f"{label} ({v[0]:.2f})")
+    else:
+        ax.step(np.arange(v.size), v, where="mid", color="0.35", ls="--", lw=1.2, label=label)
+
+
+def draw_attention(ds: xr.Dataset) -> Figure:
     """Mean attention distance and entropy per head (one column of dots per layer,
-    heads sorted), and the mean CLS attention map of each layer (paper Fig. 3)."""
+    heads sorted) with the uniform-attention baseline, and the mean CLS attention map
+    of each layer (paper Fig. 3)."""
     from matplotlib import colormaps
 
     layers = _names(ds["layer"].values)
@@ -193,17 +216,21 @@ def plot_attention(ds: xr.Dataset, path: str | Path) -> Path:
         top, bottom = subs[0], subs[1]
     axes = top.subplots(1, 2)
     cmap = colormaps["viridis"]
-    for ax, var, label in (
-        (axes[0], "mean_distance", "mean attention distance (px)"),
-        (axes[1], "entropy", "attention entropy (nats)"),
+    for ax, var, label, base in (
+        (axes[0], "mean_distance", "mean attention distance (px)", "uniform_distance"),
+        (axes[1], "entropy", "attention entropy (nats)", "uniform_entropy"),
     ):
         _column_dots(ax, np.asarray(ds[var].values, dtype=float), cmap)
+        if base in ds:
+            _baseline(ax, ds[base].values, "uniform attention")
+            ax.legend(fontsize=7, loc="lower right")
         ax.set_xticks(np.arange(n), layers, rotation=90, fontsize=6)
         ax.set_xlabel("layer (forward order); dots = heads, sorted", fontsize=8)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    grid = f", {ds.attrs['grid']}" if "grid" in ds.attrs else ""
     top.suptitle(
-        f"attention of run {ds.attrs.get('run', '')} (n={ds.attrs.get('n', '?')}, "
+        f"attention of run {ds.attrs.get('run', '')} (n={ds.attrs.get('n', '?')}{grid}, "
         f"{'renormalized' if ds.attrs.get('renormalize') else 'not renormalized'})",
         fontsize=9,
     )
@@ -215,7 +242,12 @@ def plot_attention(ds: xr.Dataset, path: str | Path) -> Path:
             ax.set_title(layers[i], fontsize=6)
             ax.set_axis_off()
         bottom.suptitle("mean CLS attention to patches (mean over heads)", fontsize=8)
-    return _save(fig, path)
+    return fig
+
+
+def plot_attention(ds: xr.Dataset, path: str | Path) -> Path:
+    """Draw :func:`draw_attention` to ``path``."""
+    return _save(draw_attention(ds), path)
 
 
 def plot_localization(ds: xr.Dataset, path: str | Path) -> Path:
@@ -263,60 +295,177 @@ def plot_localization(ds: xr.Dataset, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_skip(ds: xr.Dataset, path: str | Path) -> Path:
-    """Skip-connection norm ratio ‖z‖/‖f(z)‖ per block, CLS apart from spatial (paper Fig. 7)."""
-    blocks = _names(ds["block"].values)
+DEPTH_LABEL = "normalized depth (block k of K at k/K)"
+
+
+def _depth(ds: xr.Dataset, dim: str) -> tuple[np.ndarray, bool]:
+    """The normalized-depth coordinate along ``dim``, else positions 0..1 (and False)."""
+    n = ds.sizes[dim]
+    if "depth_fraction" in ds.coords:
+        x = np.asarray(ds["depth_fraction"].values, dtype=float)
+        if np.isfinite(x).all():
+            return x, True
+    return np.linspace(0.0, 1.0, n) if n > 1 else np.zeros(n), False
+
+
+def _skip_lines(ax: Any, ds: xr.Dataset, label: str = "", color: str | None = None) -> None:
+    x, _ = _depth(ds, "block")
     branches = _names(ds["branch"].values)
-    fig = _figure(float(np.clip(0.35 * len(blocks) + 4.0, 5.0, 12.0)), 4.0)
-    ax = fig.add_subplot()
-    x = np.arange(len(blocks))
     for j, branch in enumerate(branches):
-        color = f"C{j}"
-        ax.plot(
-            x,
-            ds["ratio_spatial"].values[j],
-            "-o",
-            color=color,
-            ms=3,
-            label=f"{branch}: spatial tokens",
-        )
-        if "ratio_cls" in ds:
-            ax.plot(x, ds["ratio_cls"].values[j], "--s", color=color, ms=3, label=f"{branch}: CLS")
+        c = color or f"C{j}"
+        ls = ("-", ":", "-.")[j % 3] if color else "-"
+        name = f"{label}{branch}"
+        ax.plot(x, ds["ratio_spatial"].values[j], ls=ls, marker="o", color=c, ms=3,
+                label=f"{name}: spatial tokens")  # fmt: skip
+        if "ratio_cls" in ds and np.isfinite(ds["ratio_cls"].values[j]).any():
+            ax.plot(x, ds["ratio_cls"].values[j], ls="--", marker="s", color=c, ms=3,
+                    label=f"{name}: CLS")  # fmt: skip
+        if "dead_fraction" in ds:
+            dead = np.asarray(ds["dead_fraction"].values[j], dtype=float) == 1.0
+            if dead.any():
+                ax.plot(x[dead], np.ones(int(dead.sum())), "x", color=c, ms=7, mew=2,
+                        transform=ax.get_xaxis_transform(), clip_on=False,
+                        label=f"{name}: f(z) ≡ 0, no ratio")  # fmt: skip
+
+
+def draw_skip(ds: xr.Dataset) -> Figure:
+    """Skip-connection norm ratio ‖z‖/‖f(z)‖ per block against normalized depth, CLS
+    apart from spatial tokens, dead branches marked (paper Fig. 7)."""
+    blocks = _names(ds["block"].values)
+    fig = _figure(float(np.clip(0.35 * len(blocks) + 4.0, 5.5, 12.0)), 4.2)
+    ax = fig.add_subplot()
+    _skip_lines(ax, ds)
+    x, by_depth = _depth(ds, "block")
+    ax.axhline(1.0, color="0.35", ls="--", lw=1.0, label="‖z‖ = ‖f(z)‖")
     ax.set_yscale("log")
-    ax.set_xticks(x, blocks, rotation=90, fontsize=6)
-    ax.set_xlabel("block")
+    step = max(1, int(np.ceil(len(blocks) / 24)))
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(x[::step], blocks[::step], rotation=90, fontsize=6)
+    ax.set_xlabel(DEPTH_LABEL if by_depth else "block (forward order)")
+    ax.set_xlim(-0.03, 1.03)
     ax.set_ylabel("‖z‖ / ‖f(z)‖")
     ax.grid(alpha=0.3, which="both")
+    if "ratio_spatial" in ds and not np.isfinite(ds["ratio_spatial"].values).any():
+        ax.set_ylim(0.1, 10.0)
+        ax.text(0.5, 0.5, "every branch outputs exactly 0: no ratio\n"
+                "(e.g. timm's zero-initialised last BatchNorm at random init)",
+                ha="center", va="center", transform=ax.transAxes, fontsize=8)  # fmt: skip
     ax.legend(fontsize=7)
-    ax.set_title(f"skip-connection norm ratio, run {ds.attrs.get('run', '')}", fontsize=9)
-    return _save(fig, path)
+    ax.set_title(f"skip-connection norm ratio, run {ds.attrs.get('run', '')} "
+                 f"(n={ds.attrs.get('n', '?')})", fontsize=9)  # fmt: skip
+    return fig
+
+
+def plot_skip(ds: xr.Dataset, path: str | Path) -> Path:
+    """Draw :func:`draw_skip` to ``path``."""
+    return _save(draw_skip(ds), path)
+
+
+def _chance(ds: xr.Dataset) -> float | None:
+    if "chance_accuracy" in ds:
+        return float(ds["chance_accuracy"].values)
+    n_classes = int(ds.attrs.get("n_classes", 0) or 0)
+    return 1.0 / n_classes if n_classes else None
+
+
+def _probe_points(ax: Any, ds: xr.Dataset, label: str, color: str) -> None:
+    """Residual-stream layers as a line (marker by feature), other layers as hollow dots."""
+    x, _ = _depth(ds, "layer")
+    y = np.asarray(ds["accuracy"].values, dtype=float)
+    err = np.asarray(ds["accuracy_std"].values, dtype=float) if "accuracy_std" in ds else None
+    roles = _names(ds["role"].values) if "role" in ds.coords else ["stream"] * y.size
+    feats = _names(ds["feature"].values) if "feature" in ds.coords else [""] * y.size
+    stream = np.array([r in ("stream", "") for r in roles])
+    if not stream.any():
+        stream[:] = True
+    ax.errorbar(x[stream], y[stream], yerr=None if err is None else err[stream], fmt="-",
+                color=color, capsize=2, lw=1.2, label=label)  # fmt: skip
+    for feat, marker, what in (("cls", "o", "CLS token"), ("gap", "s", "token/spatial mean")):
+        pick = stream & (np.array(feats) == feat)
+        if pick.any():
+            ax.plot(x[pick], y[pick], marker, color=color, ms=4, label=f"{label}: {what}")
+    other = ~stream
+    if other.any():
+        ax.plot(x[other], y[other], "o", mfc="none", color=color, ms=4,
+                label=f"{label}: branch outputs")  # fmt: skip
+
+
+def draw_probe(ds: xr.Dataset) -> Figure:
+    """Linear-probe accuracy against normalized depth with the chance level and the
+    chosen ridge penalties (paper Figs. 11/13)."""
+    has_l2 = "l2" in ds
+    fig = _figure(6.4, 5.2 if has_l2 else 4.2)
+    if has_l2:
+        ax, ax_l2 = fig.subplots(2, 1, sharex=True, height_ratios=[3.0, 1.0])
+    else:
+        ax, ax_l2 = fig.add_subplot(), None
+    _probe_points(ax, ds, f"run {ds.attrs.get('run', '')}", "C0")
+    chance = _chance(ds)
+    if chance is not None:
+        ax.axhline(chance, color="0.35", ls="--", lw=1.2, label=f"chance ({chance:.2f})")
+    x, by_depth = _depth(ds, "layer")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    shots = ds.attrs.get("shots")
+    protocol = ds.attrs.get("protocol") or (
+        f"{'full' if not shots else f'{shots}-shot'}, n_test={ds.attrs.get('n_test', '?')}"
+    )
+    ax.set_title(f"linear probes, run {ds.attrs.get('run', '')}\n{protocol}", fontsize=8)
+    last = ax
+    if ax_l2 is not None:
+        l2 = np.nanmedian(np.asarray(ds["l2"].values, dtype=float), axis=0)
+        ax_l2.plot(x, l2, ".", color="C3", ms=5)
+        ax_l2.set_yscale("log")
+        if "l2_grid" in ds.coords:
+            grid = np.asarray(ds["l2_grid"].values, dtype=float)
+            ax_l2.set_ylim(grid.min() / 3, grid.max() * 3)
+        ax_l2.set_ylabel("ridge λ", fontsize=8)
+        ax_l2.grid(alpha=0.3)
+        last = ax_l2
+    last.set_xlabel(DEPTH_LABEL if by_depth else "layer (forward order)")
+    return fig
 
 
 def plot_probe(ds: xr.Dataset, path: str | Path) -> Path:
-    """Linear-probe accuracy against normalized depth (paper Fig. 11/13)."""
-    fig = _figure(6.0, 4.0)
+    """Draw :func:`draw_probe` to ``path``."""
+    return _save(draw_probe(ds), path)
+
+
+#: Analyses whose results several runs can share one figure for (:func:`draw_overlay`).
+OVERLAYS = ("probe", "skip")
+
+
+def draw_overlay(kind: str, results: list[tuple[str, xr.Dataset]]) -> Figure:
+    """Several runs' probe or skip curves on one normalized-depth axis (e.g. a ViT beside
+    a ResNet, as in the paper's Figs. 7 and 11)."""
+    if kind not in OVERLAYS:
+        raise ValueError(f"no overlay figure for analysis {kind!r}")
+    fig = _figure(6.4, 4.4)
     ax = fig.add_subplot()
-    x = np.asarray(ds["depth_fraction"].values, dtype=float)
-    y = np.asarray(ds["accuracy"].values, dtype=float)
-    err = np.asarray(ds["accuracy_std"].values, dtype=float) if "accuracy_std" in ds else None
-    ax.errorbar(
-        x, y, yerr=err, fmt="-o", ms=3, capsize=2, label=f"features: {ds.attrs.get('features', '')}"
-    )
-    n_classes = int(ds.attrs.get("n_classes", 0) or 0)
-    if n_classes:
-        ax.axhline(1.0 / n_classes, color="gray", ls=":", label="chance")
-    ax.set_xlabel("normalized layer depth")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0.0, 1.02)
+    for i, (label, ds) in enumerate(results):
+        if kind == "probe":
+            _probe_points(ax, ds, label, f"C{i}")
+        else:
+            _skip_lines(ax, ds, f"{label} ", f"C{i}")
+    if kind == "probe":
+        chances = {round(c, 3) for _, ds in results if (c := _chance(ds)) is not None}
+        for c in sorted(chances):
+            ax.axhline(c, color="0.35", ls="--", lw=1.2, label=f"chance ({c:.2f})")
+        ax.set_ylim(0.0, 1.02)
+        ax.set_ylabel("test accuracy")
+    else:
+        ax.axhline(1.0, color="0.35", ls="--", lw=1.0, label="‖z‖ = ‖f(z)‖")
+        ax.set_yscale("log")
+        ax.set_ylabel("‖z‖ / ‖f(z)‖ (spatial tokens)")
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_xlabel(DEPTH_LABEL)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    shots = ds.attrs.get("shots")
-    ax.set_title(
-        f"linear probes, run {ds.attrs.get('run', '')} "
-        f"({'full' if not shots else f'{shots}-shot'}, n_test={ds.attrs.get('n_test', '?')})",
-        fontsize=9,
-    )
-    return _save(fig, path)
+    ax.legend(fontsize=6)
+    ax.set_title(f"{kind}: {' vs '.join(label for label, _ in results)}", fontsize=9)
+    return fig
 
 
 PLOTTERS: dict[str, Callable[[xr.Dataset, str | Path], Path]] = {
