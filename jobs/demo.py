@@ -1,10 +1,19 @@
-"""The demo's jobs: two extractions and every analysis, on an embedded default.
+"""The demo's jobs: four extractions and every analysis, on an embedded default.
 
-A ViT and a ResNet over built-in real photographs (random-init weights
-unless weights are given), extracted into one local store on a local Ray
-cluster, then every analysis of the report. :func:`demo_plan` says what runs;
-the interface (:mod:`vitcnn_store.demo`) runs it, prints as it goes and
-writes the report.
+Two image sets, each for what it can honestly show. Over built-in
+photographs (``builtin:photos``: crops of 16 photographs) a ViT and a ResNet
+are compared by CKA, attention distance and localization — analyses that need
+no labels. The photographs' labels name the photograph a crop came from, so a
+probe on them would measure instance identity; probes therefore run on
+``builtin:faces`` (faces against non-faces, two real classes of distinct
+images), where the same two architectures at a lower resolution also give the
+skip-connection ratios side by side. Weights are random unless given. The
+analyses use the residual stream by default and draw their baselines; the
+report states how each figure differs from the paper's protocol and names
+the artifacts of random initialisation it finds.
+
+:func:`demo_plan` says what runs; the interface (:mod:`vitcnn_store.demo`)
+runs it, prints as it goes and writes the report.
 """
 
 from __future__ import annotations
@@ -72,41 +81,55 @@ class DemoAnalysis:
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """The demo's two extractions and its analyses, in order."""
+    """The demo's extractions and its analyses, in order."""
 
-    vit: ExtractConfig
-    resnet: ExtractConfig
+    extractions: tuple[ExtractConfig, ...]
     analyses: tuple[DemoAnalysis, ...]
 
+    @property
+    def store(self) -> str:
+        """The one store every extraction writes to."""
+        return self.extractions[0].store
 
-def _extractions(cfg: DemoConfig) -> tuple[ExtractConfig, ExtractConfig]:
-    """Full demo: ViT-S/16 and ResNet-50 at 128 px over 256 photographs;
-    quick: tiny models at 64 px over 64 photographs."""
+
+def _models(cfg: DemoConfig, size: int) -> tuple[ModelSpec, ModelSpec]:
+    """Full demo: ViT-S/16 and ResNet-50; quick: a 4-block ViT-Ti/16 and ResNet-18."""
     if cfg.quick:
-        vit_model = ModelSpec("vit_tiny_patch16_224", img_size=64, model_args={"depth": 4})
-        resnet_model = ModelSpec("resnet18", img_size=64)
+        vit = ModelSpec("vit_tiny_patch16_224", img_size=size, model_args={"depth": 4})
+        resnet = ModelSpec("resnet18", img_size=size)
     else:
-        vit_model = ModelSpec("vit_small_patch16_224", img_size=128)
-        resnet_model = ModelSpec("resnet50", img_size=128)
-    vit_model = replace(vit_model, pretrained=cfg.pretrained, checkpoint=cfg.vit_checkpoint)
-    resnet_model = replace(
-        resnet_model, pretrained=cfg.pretrained, checkpoint=cfg.resnet_checkpoint
+        vit = ModelSpec("vit_small_patch16_224", img_size=size)
+        resnet = ModelSpec("resnet50", img_size=size)
+    return (
+        replace(vit, pretrained=cfg.pretrained, checkpoint=cfg.vit_checkpoint),
+        replace(resnet, pretrained=cfg.pretrained, checkpoint=cfg.resnet_checkpoint),
     )
-    common: dict[str, Any] = {
-        "images": "builtin:photos",
-        "store": cfg.store,
-        "limit": 64 if cfg.quick else 256,
-        "chunk_size": 16 if cfg.quick else 32,
-        "inputs": True,
+
+
+def _extractions(cfg: DemoConfig) -> tuple[ExtractConfig, ...]:
+    """Photographs at 128 px (quick: 64 px), 256 of them (quick: 64), with inputs for
+    localization and ViT attention; faces (25-px originals) at 64 px, 200 (quick: 100),
+    with the taps skip ratios need."""
+    common: dict[str, Any] = {"store": cfg.store, "overwrite": True}
+    vit, resnet = _models(cfg, 64 if cfg.quick else 128)
+    photos: dict[str, Any] = {
+        **common, "images": "builtin:photos", "limit": 64 if cfg.quick else 256,
         "workers": cfg.workers,
-        "overwrite": True,
-    }
-    vit = ExtractConfig(
-        model=vit_model, run="vit", attention=True,
-        layers="preset:blocks,blocks.*.attn,blocks.*.mlp", **common,
+        "chunk_size": 16 if cfg.quick else 32, "inputs": True,
+    }  # fmt: skip
+    vit_faces, resnet_faces = _models(cfg, 64)
+    # A few hundred small images: one worker is quicker than starting two.
+    faces: dict[str, Any] = {
+        **common, "images": "builtin:faces", "limit": 100 if cfg.quick else 200,
+        "chunk_size": 50, "workers": 1,
+    }  # fmt: skip
+    return (
+        ExtractConfig(model=vit, run="vit", layers="preset:blocks", attention=True, **photos),
+        ExtractConfig(model=resnet, run="resnet", layers="preset:blocks", **photos),
+        ExtractConfig(model=vit_faces, run="vit_faces",
+                      layers="preset:blocks,blocks.*.attn,blocks.*.mlp", **faces),
+        ExtractConfig(model=resnet_faces, run="resnet_faces", layers="preset:paper", **faces),
     )  # fmt: skip
-    resnet = ExtractConfig(model=resnet_model, run="resnet", layers="preset:blocks", **common)
-    return vit, resnet
 
 
 def _analyses(store: str, quick: bool) -> tuple[DemoAnalysis, ...]:
@@ -114,6 +137,7 @@ def _analyses(store: str, quick: bool) -> tuple[DemoAnalysis, ...]:
     common: dict[str, Any] = {"store": store}
     batch = 32 if quick else 128  # minibatch CKA as in the paper, at demo scale
     n = 64 if quick else 256  # localization: one batch of every image
+    repeats = 2 if quick else 3  # probe splits: error bars
     return (
         DemoAnalysis("CKA within the ViT", run_cka,
                      CKAConfig(run="vit", batch_size=batch, repeats=2, **common)),
@@ -127,11 +151,14 @@ def _analyses(store: str, quick: bool) -> tuple[DemoAnalysis, ...]:
                      LocalizationConfig(run="vit", batch_size=n, **common)),
         DemoAnalysis("ResNet localization", run_localization,
                      LocalizationConfig(run="resnet", batch_size=n, **common)),
-        DemoAnalysis("skip-connection norm ratios", run_skip, SkipConfig(run="vit", **common)),
-        DemoAnalysis("ViT linear probes", run_probe,
-                     ProbeConfig(run="vit", features="cls", **common)),
-        DemoAnalysis("ResNet linear probes", run_probe,
-                     ProbeConfig(run="resnet", features="gap", **common)),
+        DemoAnalysis("ViT skip-connection norm ratios (faces)", run_skip,
+                     SkipConfig(run="vit_faces", **common)),
+        DemoAnalysis("ResNet skip-connection norm ratios (faces)", run_skip,
+                     SkipConfig(run="resnet_faces", **common)),
+        DemoAnalysis("ViT linear probes: faces vs non-faces", run_probe,
+                     ProbeConfig(run="vit_faces", repeats=repeats, **common)),
+        DemoAnalysis("ResNet linear probes: faces vs non-faces", run_probe,
+                     ProbeConfig(run="resnet_faces", repeats=repeats, **common)),
     )  # fmt: skip
 
 
@@ -141,11 +168,12 @@ def demo_plan(cfg: DemoConfig) -> DemoPlan:
     Examples
     --------
     >>> plan = demo_plan(DemoConfig(out="/tmp/demo", quick=True))
-    >>> plan.vit.model.name, plan.resnet.limit, len(plan.analyses)
-    ('vit_tiny_patch16_224', 64, 9)
+    >>> [e.run for e in plan.extractions], len(plan.analyses)
+    (['vit', 'resnet', 'vit_faces', 'resnet_faces'], 10)
+    >>> plan.extractions[2].images, plan.extractions[0].model.name
+    ('builtin:faces', 'vit_tiny_patch16_224')
     """
-    vit, resnet = _extractions(cfg)
-    return DemoPlan(vit, resnet, _analyses(cfg.store, cfg.quick))
+    return DemoPlan(_extractions(cfg), _analyses(cfg.store, cfg.quick))
 
 
 @contextmanager

@@ -1,8 +1,11 @@
 """``vitcnn demo``: the main job on an embedded default, no network and no GPU needed.
 
 Runs the plan of :mod:`jobs.demo` — a local Ray cluster extracts a ViT and a
-ResNet over built-in photographs into ``<out>/acts.zarr``, dask runs every
-analysis — printing as it goes, then writes ``<out>/report.html``.
+ResNet over built-in photographs (for CKA, attention and localization) and
+over built-in faces and non-faces (for probes with real classes, and skip
+ratios) into ``<out>/acts.zarr``, dask runs every analysis — printing as it
+goes, then writes ``<out>/report.html`` with each figure's protocol beside the
+paper's and the artifacts of random initialisation named.
 """
 
 from __future__ import annotations
@@ -46,13 +49,16 @@ def run_demo(args: argparse.Namespace) -> int:
     plan = demo_plan(cfg)
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    store = plan.vit.store
+    store = plan.store
     t0 = time.perf_counter()
     print(f"vitcnn demo: store {store}")
     with local_ray():
-        for extraction in (plan.vit, plan.resnet):
+        for extraction in plan.extractions:
             name, weights = extraction.model.name, extraction.model.weights_source
-            print(f"\n== extracting {name} ({weights}) as run {extraction.run!r}")
+            print(
+                f"\n== extracting {name} ({weights}) over {extraction.images} "
+                f"as run {extraction.run!r}"
+            )
             print(extract(extraction))
     print("\n" + describe_store(store))
     for analysis in plan.analyses:

@@ -39,6 +39,7 @@ __all__ = [
     "plot_attention",
     "plot_cka",
     "plot_localization",
+    "plot_overlay",
     "plot_probe",
     "plot_result",
     "plot_skip",
@@ -466,6 +467,11 @@ def draw_overlay(kind: str, results: list[tuple[str, xr.Dataset]]) -> Figure:
     ax.legend(fontsize=6)
     ax.set_title(f"{kind}: {' vs '.join(label for label, _ in results)}", fontsize=9)
     return fig
+
+
+def plot_overlay(kind: str, results: list[tuple[str, xr.Dataset]], path: str | Path) -> Path:
+    """Draw :func:`draw_overlay` to ``path``."""
+    return _save(draw_overlay(kind, results), path)
 
 
 PLOTTERS: dict[str, Callable[[xr.Dataset, str | Path], Path]] = {

@@ -3,6 +3,14 @@
 Figures are embedded as PNG data URIs and the numbers behind each figure as CSV
 data URIs, so ``report.html`` opens from disk with no server and survives being
 mailed around; the PNG and CSV files are also written beside it.
+
+A figure is only as good as what a reader knows about it, so beside each one
+the report states how it was made (images, resolution, weights, n, batches,
+repeats, penalty selection, baselines) next to the protocol of Raghu et al.
+(2021), and a caveats section names artifacts found in the runs and results
+(:mod:`jobs.analyze.checks`): bitwise-identical layers, CKA of one between
+distinct layers, residual branches that output exactly zero. Probe and skip
+results of several runs are also drawn on one normalized-depth axis.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from typing import Any
 from vitcnn_store.store import open_store
 from vitcnn_store.store.analyses import analysis_group
 
-__all__ = ["SECTIONS", "ResultEntry", "build_report", "collect_results"]
+__all__ = ["PAPER_PROTOCOL", "SECTIONS", "ResultEntry", "build_report", "collect_results"]
 
 # analysis -> (title, what the figure shows, after which paper figure)
 SECTIONS: dict[str, tuple[str, str]] = {
@@ -31,7 +39,9 @@ SECTIONS: dict[str, tuple[str, str]] = {
         "Attention distance",
         "Mean attention distance in input pixels per head (dots, sorted) for every "
         "attention layer in forward order (paper Fig. 3); small distances are "
-        "local, convolution-like heads.",
+        "local, convolution-like heads. The dashed line is uniform attention over all "
+        "tokens at this run's resolution and patch size: a head on it has learnt "
+        "nothing about position.",
     ),
     "localization": (
         "Localization",
@@ -42,13 +52,33 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "skip": (
         "Skip connections",
         "Ratio of the norm of the representation on the skip path to the norm of the "
-        "branch output, per block, CLS separate from spatial tokens (paper Fig. 7).",
+        "branch output, per block against normalized depth, CLS separate from spatial "
+        "tokens (paper Fig. 7); above the dashed line the skip path dominates. Runs of "
+        "different models share one axis in the overlay.",
     ),
     "probe": (
         "Linear probes",
-        "Accuracy of closed-form ridge probes per layer against normalized depth "
-        "(paper Figs. 11/13).",
+        "Test accuracy of closed-form ridge probes on the residual stream (the stem and "
+        "every block output) against normalized depth, with the chance level dashed "
+        "(paper Figs. 11/13). The ridge penalty is chosen per layer by cross-validation "
+        "on the training split (lower panel); filled circles probe the CLS token, "
+        "squares the token or spatial mean.",
     ),
+}
+
+# What the paper did, beside each figure (Raghu et al. 2021; docs/reproduce.md has more).
+PAPER_PROTOCOL: dict[str, str] = {
+    "cka": "trained ViTs and ResNets (ViT-B/16, ViT-L/16, ResNet-50 among them) on 224-px "
+    "ImageNet images; minibatch CKA with the unbiased HSIC, 10 batches of 1024 images "
+    "(n = 10,240), averaged over 20 samplings",
+    "attention": "trained ViTs on 5000 ImageNet images at 224 px (ViT-B/16: 14×14 patches "
+    "of 16 px, where uniform attention over all 197 tokens reads 115.9 px)",
+    "localization": "trained ViTs and ResNets on 224-px ImageNet images, the token's "
+    "representation against the raw pixels of every input patch",
+    "skip": "trained ViT on 224-px ImageNet images, ‖z‖/‖f(z)‖ per block for the CLS and "
+    "the spatial tokens, compared with a ResNet",
+    "probe": "trained ViTs and ResNets, ridge probes on ImageNet's 1000 classes at 224 px, "
+    "CLS token or global average pool",
 }
 
 
@@ -87,7 +117,7 @@ def _csv(ds: Any) -> dict[str, bytes]:
     return {
         str(var): ds[var].to_dataframe().to_csv().encode()
         for var in ds.data_vars
-        if ds[var].size <= 2_000_000
+        if ds[var].ndim > 0 and ds[var].size <= 2_000_000  # scalars are in the attributes
     }
 
 
@@ -114,6 +144,121 @@ def _params(ds: Any) -> str:
     if ds.attrs.get("incomplete_runs"):
         text += " — computed on an incomplete run (unfinished units masked)"
     return text
+
+
+def _weights(attrs: Any) -> str:
+    source = str(attrs.get("weights_source"))
+    return {"random-init": "random init", "timm-pretrained": "pretrained"}.get(source, source)
+
+
+def _run_protocol(run: Any) -> str:
+    a = run.attrs
+    size = a.get("input_size") or [None, "?"]
+    return f"{run.name} = {a.get('model')} ({_weights(a)}) on {a.get('image_set')} at {size[1]} px"
+
+
+def _estimate_protocol(kind: str, ds: Any) -> str:
+    """How the numbers were estimated: n, batches, repeats, penalty, baseline."""
+    a = ds.attrs
+    n = f"n = {a.get('n', '?')} images"
+    if kind in ("cka", "localization"):
+        batches = a.get("n_batches", "?")
+        text = f"{n}, batches of {a.get('batch_size', '?')} × {batches}"
+        return text + (f", {a['repeats']} repeat(s)" if "repeats" in a else "")
+    if kind == "attention":
+        return f"{n}, {a.get('grid', '')}; baseline: {a.get('baseline', 'none stored')}"
+    if kind == "probe":
+        return (
+            f"{a.get('protocol', n)}; penalty {a.get('l2_selection', a.get('l2', '?'))}; "
+            f"chance {a.get('chance', 'not stored')}"
+        )
+    return n
+
+
+def _protocol_html(entry: ResultEntry, runs: dict[str, Any]) -> str:
+    sources = [str(r) for r in entry.dataset.attrs.get("source_runs", [entry.run])]
+    here = "; ".join(_run_protocol(runs[r]) for r in sources if r in runs)
+    estimate = _estimate_protocol(entry.analysis, entry.dataset)
+    paper = PAPER_PROTOCOL.get(entry.analysis, "")
+    esc = html.escape
+    return (
+        f'<div class="protocol"><b>This figure:</b> {esc(here)}; {esc(estimate)}.'
+        + (f"<br><b>Paper:</b> {esc(paper)}." if paper else "")
+        + "</div>"
+    )
+
+
+# Which findings concern which figures.
+_FINDINGS_FOR = {
+    "cka": ("identical-layers", "zero-layers", "cka-one"),
+    "probe": ("identical-layers",),
+    "skip": ("dead-branches",),
+}
+
+
+def _findings(runs: dict[str, Any], results: list[ResultEntry]) -> dict[str, list[Any]]:
+    """Artifacts per run (:func:`jobs.analyze.checks.run_findings`)."""
+    from jobs.analyze.checks import run_findings
+
+    return {
+        name: run_findings(run, [r.dataset for r in results if r.run == name])
+        for name, run in runs.items()
+    }
+
+
+def _caveats_html(findings: dict[str, list[Any]]) -> str:
+    esc = html.escape
+    items, causes = [], []
+    for run, found in findings.items():
+        for f in found:
+            items.append(f"<li><b>{esc(run)}</b>: {esc(f.message)}</li>")
+            if f.cause and f.cause not in causes:
+                causes.append(f.cause)
+    if not items:
+        return (
+            '<h2 id="caveats">Caveats</h2><p>No identical layers, CKA-of-one blocks or '
+            "dead residual branches were found.</p>"
+        )
+    why = "".join(f'<p class="cause"><b>Why:</b> {esc(c)}</p>' for c in causes)
+    return (
+        '<h2 id="caveats">Caveats: artifacts found</h2>'
+        "<p>Structure in the figures below that comes from arithmetic, not from "
+        f"learned representations:</p><ul>{''.join(items)}</ul>{why}"
+    )
+
+
+def _card_caveats(entry: ResultEntry, findings: dict[str, list[Any]]) -> str:
+    kinds = _FINDINGS_FOR.get(entry.analysis, ())
+    sources = [str(r) for r in entry.dataset.attrs.get("source_runs", [entry.run])]
+    notes = [
+        f"{run}: {f.message}" for run in sources for f in findings.get(run, []) if f.kind in kinds
+    ]
+    if not notes:
+        return ""
+    body = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    return f'<div class="caveat"><b>Caveats</b> (see above)<ul>{body}</ul></div>'
+
+
+def _overlay_html(analysis: str, entries: list[ResultEntry], runs: dict[str, Any],
+                  out: Path) -> str:  # fmt: skip
+    """One figure with every run's curve on the normalized-depth axis (probe, skip)."""
+    from vitcnn_store.plots import OVERLAYS, plot_overlay
+
+    if analysis not in OVERLAYS or len({e.run for e in entries}) < 2:
+        return ""
+    labels = [f"{e.run} ({runs[e.run].attrs.get('model')})" for e in entries]
+    png = plot_overlay(
+        analysis,
+        list(zip(labels, [e.dataset for e in entries], strict=True)),
+        out / "figures" / f"overlay__{analysis}.png",
+    )
+    alt = f"{analysis} of {', '.join(e.run for e in entries)} on one depth axis"
+    return (
+        f'<div class="card"><b>All runs on one normalized-depth axis</b>'
+        f'<div class="meta">block k of K at k/K, so models of different depth line up</div>'
+        f'<img alt="{html.escape(alt)}" src="{_data_uri(png.read_bytes(), "image/png")}">'
+        "</div>"
+    )
 
 
 def _provenance_rows(run: Any) -> list[tuple[str, str]]:
@@ -159,6 +304,11 @@ pre{background:#1d2330;color:#e8eaf0;padding:10px;border-radius:6px;overflow-x:a
 font-size:12px}
 a.dl{display:inline-block;margin-right:10px;font-size:13px}
 .runs{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:14px}
+.protocol{font-size:13px;background:#eef3fb;border-left:4px solid #4a7bd0;padding:6px 10px;
+margin:8px 0}
+.caveat{font-size:13px;background:#fff4e0;border-left:4px solid #f0a020;padding:6px 10px;
+margin:8px 0} .caveat ul{margin:4px 0;padding-left:18px}
+.cause{font-size:13px;color:#5a6272}
 """
 
 
@@ -193,11 +343,14 @@ def build_report(url: str, out_dir: str | Path) -> Path:
             '<div class="note">No analyses in this store yet: run '
             "<code>vitcnn analyze ...</code> first.</div>"
         )
+    findings = _findings(runs, results)
+    body.append(_caveats_html(findings))
     for analysis, (title, caption) in SECTIONS.items():
         entries = [r for r in results if r.analysis == analysis]
         if not entries:
             continue
         body += [f'<h2 id="{analysis}">{esc(title)}</h2>', f"<p>{esc(caption)}</p>"]
+        body.append(_overlay_html(analysis, entries, runs, out))
         for entry in entries:
             stem = f"{entry.run}__{entry.name}"
             png = plot_result(entry.dataset, out / "figures" / f"{stem}.png")
@@ -214,6 +367,7 @@ def build_report(url: str, out_dir: str | Path) -> Path:
             body.append(
                 f'<div class="card"><b>{esc(entry.name)}</b> · runs {esc(sources)}'
                 f'<div class="meta">{esc(_params(entry.dataset))}</div>'
+                f"{_protocol_html(entry, runs)}{_card_caveats(entry, findings)}"
                 f'<img alt="{esc(analysis)} of {esc(sources)}" '
                 f'src="{_data_uri(png.read_bytes(), "image/png")}">'
                 f"<div>download: {''.join(links)}</div><pre>{esc(snippet)}</pre></div>"
