@@ -26,6 +26,7 @@ from vitcnn_store.models import (
     layer_roles,
     match_patterns,
     model_family,
+    pretrained_hub_id,
     weights_sha256,
 )
 from vitcnn_store.store import ArraySpec
@@ -198,6 +199,8 @@ def plan_extraction(cfg: ExtractConfig) -> RunTemplate:
     )
     hashes = images.content_hashes(progress=cfg.progress)
     provenance = _provenance(cfg, sha, dcfg, images, hashes, model_family(model), layers, attention)
+    # Where timm's pretrained weights came from (their hash is weights_sha256).
+    provenance["weights_hub_id"] = pretrained_hub_id(model) if cfg.model.pretrained else None
     plan = ExtractionPlan(
         model=cfg.model,
         weights_sha256=sha,

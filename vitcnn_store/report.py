@@ -266,6 +266,8 @@ def _provenance_rows(run: Any) -> list[tuple[str, str]]:
     weights = str(a.get("weights_source"))
     if a.get("checkpoint"):
         weights += f" ({a['checkpoint']})"
+    if a.get("weights_hub_id"):
+        weights += f" ({a['weights_hub_id']})"
     layers = a.get("layers") or []
     return [
         ("model", f"{a.get('model')} {a.get('model_args') or ''}".strip()),

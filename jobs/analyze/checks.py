@@ -168,8 +168,10 @@ def run_findings(run: Run, results: Sequence[xr.Dataset] = (), *, limit: int = 6
         Finding(run.name, "identical-layers", group, f"{' = '.join(group)}: {compared}", zero_init)
         for group in groups
     ]
-    dead = {t for ds in results if ds.attrs.get("analysis") == "skip" for t in dead_branches(ds)}
-    if zeros and not set(zeros) <= dead:  # dead branches are named with the skip result
+    named_dead = {
+        t for ds in results if ds.attrs.get("analysis") == "skip" for t in dead_branches(ds)
+    }
+    if zeros and not set(zeros) <= named_dead:  # dead branches are named with the skip result
         more = f" (+{len(zeros) - 4} more)" if len(zeros) > 4 else ""
         out.append(Finding(run.name, "zero-layers", tuple(zeros), (
             f"{len(zeros)} layer(s) exactly 0 on the {rows.size} images compared: "
@@ -187,9 +189,9 @@ def run_findings(run: Run, results: Sequence[xr.Dataset] = (), *, limit: int = 6
                     "rotation and scale, shown as a block of 1 in the CKA figure"
                 )))  # fmt: skip
         elif kind == "skip" and (dead := dead_branches(ds)):
-            more = f" (+{len(dead) - 4} more)" if len(dead) > 4 else ""
+            extra = f" (+{len(dead) - 4} more)" if len(dead) > 4 else ""
             out.append(Finding(run.name, "dead-branches", tuple(dead), (
                 f"{len(dead)} residual branch(es) output exactly 0 on every image: "
-                f"{', '.join(dead[:4])}{more}; their skip ratio is undefined and not drawn"
+                f"{', '.join(dead[:4])}{extra}; their skip ratio is undefined and not drawn"
             ), zero_init))  # fmt: skip
     return out

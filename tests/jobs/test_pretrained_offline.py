@@ -23,7 +23,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 MODEL = "vit_tiny_patch16_224"
 HUB_ID = "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"

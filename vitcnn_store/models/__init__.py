@@ -5,6 +5,7 @@ from vitcnn_store.models.factory import (
     build_model,
     data_config,
     make_transform,
+    pretrained_hub_id,
     weights_sha256,
 )
 from vitcnn_store.models.layers import (
@@ -33,5 +34,6 @@ __all__ = [
     "module_names",
     "module_types",
     "pattern_regex",
+    "pretrained_hub_id",
     "weights_sha256",
 ]

@@ -26,6 +26,7 @@ __all__ = [
     "carries_weights",
     "data_config",
     "make_transform",
+    "pretrained_hub_id",
     "weights_sha256",
 ]
 
@@ -213,6 +214,20 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
     if spec.checkpoint:
         _load_checkpoint(model, Path(spec.checkpoint).expanduser())
     return model.eval()
+
+
+def pretrained_hub_id(model: torch.nn.Module) -> str | None:
+    """The Hugging Face hub repository timm loads ``pretrained=True`` weights from
+    (``timm/<architecture>.<tag>``), or None when the model's config names none.
+
+    Examples
+    --------
+    >>> m = build_model(ModelSpec("resnet18", img_size=32))
+    >>> pretrained_hub_id(m)
+    'timm/resnet18.a1_in1k'
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(cfg["hf_hub_id"]) if cfg.get("hf_hub_id") else None
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
