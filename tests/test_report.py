@@ -14,8 +14,12 @@ from vitcnn_store import open_store
 from vitcnn_store.cli import main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ANALYSES = {"vit": {"cka", "cka__resnet", "attention", "localization", "skip", "probe"},
-            "resnet": {"cka", "localization", "probe"}}  # fmt: skip
+ANALYSES = {"vit": {"cka", "cka__resnet", "attention", "localization"},
+            "resnet": {"cka", "localization"},
+            "vit_faces": {"skip", "probe"},
+            "resnet_faces": {"skip", "probe"}}  # fmt: skip
+OVERLAYS = {"probe", "skip"}  # every run's curve on one normalized-depth axis
+N_FIGURES = sum(len(v) for v in ANALYSES.values()) + len(OVERLAYS)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +31,7 @@ def demo(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_demo_quick_end_to_end(demo: Path) -> None:
     store = open_store(str(demo / "acts.zarr"))
-    assert store.runs == ["resnet", "vit"]
+    assert store.runs == ["resnet", "resnet_faces", "vit", "vit_faces"]
     for run, names in ANALYSES.items():
         assert store[run].complete
         stored = {k for k, _ in store[run].group["_analyses"].groups()}
@@ -37,7 +41,7 @@ def test_demo_quick_end_to_end(demo: Path) -> None:
 
 def test_every_figure_is_a_real_png(demo: Path) -> None:
     figures = sorted((demo / "figures").glob("*.png"))
-    assert len(figures) == sum(len(v) for v in ANALYSES.values())
+    assert len(figures) == N_FIGURES
     for path in figures:
         with Image.open(path) as im:
             im.verify()
@@ -67,11 +71,47 @@ def test_report_in_headless_browser(demo: Path) -> None:
         sizes = page.evaluate(
             "Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
         )
+        # The caveats and each figure's protocol are rendered, visible text.
+        caveats = page.inner_text("#caveats")
+        protocols = page.locator(".protocol").count()
+        assert page.locator(".protocol").first.is_visible()
         shot = demo / "screenshot.png"
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert errors == []
-    assert len(sizes) == sum(len(v) for v in ANALYSES.values())
+    assert len(sizes) == N_FIGURES
     assert all(ok and w > 0 and h > 0 for ok, w, h in sizes), sizes
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.std() > 10  # not blank
+    assert "zero_init_last" in caveats and "bitwise-identical" in caveats
+    assert protocols == sum(len(v) for v in ANALYSES.values())
+
+
+def test_probes_use_real_classes_and_baselines(demo: Path) -> None:
+    """The demo's probe task is faces vs non-faces (distinct images, two classes), on the
+    residual stream, with a cross-validated penalty and the chance level stored."""
+    store = open_store(str(demo / "acts.zarr"))
+    for run in ("vit_faces", "resnet_faces"):
+        ds = store[run].analysis("probe")
+        assert ds.attrs["label_names"] == ["non-face", "face"]
+        assert float(ds["chance_accuracy"]) == 0.5
+        assert set(ds["role"].values.tolist()) == {"stream"}
+        assert "cross-validation" in ds.attrs["l2_selection"]
+        assert ds["depth_fraction"].values[0] == 0.0 and ds["depth_fraction"].values[-1] == 1.0
+    assert store["vit_faces"].analysis("probe")["feature"].values.tolist()[:2] == ["gap", "cls"]
+    att = store["vit"].analysis("attention")
+    assert float(att["uniform_distance"][0]) > 0  # the baseline at the run's grid
+
+
+def test_report_names_baselines_caveats_and_protocols(demo: Path) -> None:
+    page = (demo / "report.html").read_text(encoding="utf-8")
+    # Random-init timm ResNets: every branch's last BN is zero, blocks repeat their input.
+    assert '<section id="caveats">' in page and "zero_init_last" in page
+    assert "layer1.0 = layer1.1" in page
+    assert "output exactly 0 on every image" in page  # the ResNet's dead branches
+    # Each figure says how it was made and what the paper did.
+    assert page.count("This figure:") == sum(len(v) for v in ANALYSES.values())
+    assert page.count("<b>Paper:</b>") == page.count("This figure:")
+    assert "builtin:faces at 64 px" in page and "n = 10,240" in page
+    assert "uniform attention over all" in page and "chance 0.500" in page
+    assert page.count("All runs on one normalized-depth axis") == len(OVERLAYS)

@@ -216,14 +216,14 @@ def _caveats_html(findings: dict[str, list[Any]]) -> str:
                 causes.append(f.cause)
     if not items:
         return (
-            '<h2 id="caveats">Caveats</h2><p>No identical layers, CKA-of-one blocks or '
-            "dead residual branches were found.</p>"
+            '<section id="caveats"><h2>Caveats</h2><p>No identical or all-zero layers, '
+            "CKA-of-one blocks or dead residual branches were found.</p></section>"
         )
     why = "".join(f'<p class="cause"><b>Why:</b> {esc(c)}</p>' for c in causes)
     return (
-        '<h2 id="caveats">Caveats: artifacts found</h2>'
+        '<section id="caveats"><h2>Caveats: artifacts found</h2>'
         "<p>Structure in the figures below that comes from arithmetic, not from "
-        f"learned representations:</p><ul>{''.join(items)}</ul>{why}"
+        f"learned representations:</p><ul>{''.join(items)}</ul>{why}</section>"
     )
 
 
