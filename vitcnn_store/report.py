@@ -246,7 +246,10 @@ def _overlay_html(analysis: str, entries: list[ResultEntry], runs: dict[str, Any
 
     if analysis not in OVERLAYS or len({e.run for e in entries}) < 2:
         return ""
-    labels = [f"{e.run} ({runs[e.run].attrs.get('model')})" for e in entries]
+    labels = [
+        f"{e.run}{'' if e.name == analysis else f'/{e.name}'} ({runs[e.run].attrs.get('model')})"
+        for e in entries
+    ]
     png = plot_overlay(
         analysis,
         list(zip(labels, [e.dataset for e in entries], strict=True)),
