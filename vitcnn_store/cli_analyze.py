@@ -32,7 +32,7 @@ _EXAMPLES = """examples:
   vitcnn analyze localization acts.zarr vitb16 --layer blocks.11 --tokens 3:3,7:7
   vitcnn analyze skip acts.zarr vitb16
   vitcnn analyze probe acts.zarr vitb16 --shots 10 --features cls
-  vitcnn analyze probe acts.zarr r50 --l2 1.0 --branches   # fixed penalty, branch outputs too
+  vitcnn analyze probe acts.zarr r50 --l2 1.0 --roles branches  # fixed penalty, branch outputs too
 """
 
 
@@ -337,10 +337,11 @@ def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="layers by pattern (default: the residual stream, one point per block)",
     )
     pr.add_argument(
-        "--branches",
-        action="store_true",
-        help="add each block's branch outputs (attention/MLP, residual branch) to the "
-        "residual stream",
+        "--roles",
+        choices=["stream", "branches", "all"],
+        default="stream",
+        help="layers without --layers: the residual stream (default: stem and block "
+        "outputs), plus branch outputs, or every stored layer",
     )
     _options(pr)
     return p

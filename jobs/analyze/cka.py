@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jobs.analyze.cka_tiles import GramSide, TilePass, run_tile_pass
-from jobs.analyze.depth import ROLE_SETS, layer_role_names, normalized_depth, select_by_role
+from jobs.analyze.depth import ROLE_SETS, block_depth, layer_role_names, select_by_role
 from jobs.analyze.executor import Executor
 from jobs.analyze.grams import ensure_grams
 from jobs.analyze.layers import REDUCTIONS, layer_info, reduce_layer
@@ -171,16 +171,16 @@ def _plan(cfg: CKAConfig) -> _Plan:
     run_a = runs[0]
     run_b = runs[-1]
     mask_a = usable_mask(run_a, cfg.allow_incomplete)
-    layers_a = select_by_role(run_a, cfg.layers, cfg.roles)
+    layers_a, _ = select_by_role(run_a, cfg.layers, cfg.roles)
     if run_b is run_a:
         mask_b = mask_a
         idx_a = idx_b = np.flatnonzero(mask_a)
-        layers_b = select_by_role(run_a, cfg.layers2, cfg.roles, "--layers2") if cfg.layers2 \
+        layers_b = select_by_role(run_a, cfg.layers2, cfg.roles, "--layers2")[0] if cfg.layers2 \
             else layers_a  # fmt: skip
     else:
         mask_b = usable_mask(run_b, cfg.allow_incomplete)
         idx_a, idx_b = align_images(run_a, mask_a, run_b, mask_b)
-        layers_b = select_by_role(run_b, cfg.layers2, cfg.roles, "--layers2")
+        layers_b, _ = select_by_role(run_b, cfg.layers2, cfg.roles, "--layers2")
     # Reductions now: a bad --reduce for some layer fails before any work.
     for run, layers in ((run_a, layers_a), (run_b, layers_b)):
         for layer in layers:
@@ -438,7 +438,7 @@ def _dataset(
     def axis(run: Run, layers: list[str]) -> dict[str, Any]:
         infos = [layer_info(run[name]) for name in layers]
         return {
-            "depth": normalized_depth(run, layers),
+            "depth": block_depth(run, layers)[0],
             "depth_fraction": np.array([i.depth_fraction for i in infos]),
             "depth_index": np.array([i.depth_index for i in infos]),
             "role": string_coord(layer_role_names(run, layers)),

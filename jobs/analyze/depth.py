@@ -3,9 +3,10 @@
 The paper's depth axes follow the residual stream: the stem (or input tokens)
 and each block's output. Branch outputs (``blocks.i.attn``, a bottleneck's
 ``bn3``) and taps inside a block sit between two stream tensors and are shown
-only on request (:func:`select_by_role`). :func:`normalized_depth` puts every
-layer on one axis from 0 (the stem) to 1 (the last stored block output), so a
-ViT and a ResNet line up however many taps each stored.
+only on request (:func:`select_by_role`). :func:`block_depth` puts every layer
+on one axis by block, from 0 (the stem) to 1 (the last stored block), so a ViT
+and a ResNet line up however many taps each run stored. CKA matrices, probe
+curves and skip ratios all use these two functions.
 """
 
 from __future__ import annotations
@@ -14,45 +15,46 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jobs.analyze.layers import layer_info, layer_roles, select_layers
+from jobs.analyze.layers import layer_roles, select_layers
 from vitcnn_store.errors import UsageError
 from vitcnn_store.models.families import BRANCH, is_residual_stream
 from vitcnn_store.store.reader import Run
 
-__all__ = ["ROLE_SETS", "layer_role_names", "normalized_depth", "select_by_role"]
+__all__ = ["ROLE_SETS", "block_depth", "layer_role_names", "select_by_role"]
 
 ROLE_SETS = ("stream", "branches", "all")
 
 
-def _stream(run: Run, layers: Sequence[str]) -> list[str]:
-    roles = layer_roles(run)
-    return [name for name in layers if is_residual_stream(name, roles.get(name))]
-
-
 def select_by_role(
     run: Run, patterns: str | None, roles: str = "stream", option: str = "--layers"
-) -> list[str]:
-    """Stored layers to analyse: those matching ``patterns`` when given; else by role.
+) -> tuple[list[str], str]:
+    """Stored layers to analyse, and how they were chosen (recorded with the result).
 
-    ``stream`` (default): the residual stream (stem and block outputs);
-    ``branches``: those and each block's branch outputs; ``all``: every stored
-    layer. A run whose layers have no residual-stream structure (an unknown
-    family) gives every layer.
+    ``patterns`` pick layers by name. Without them, by role: ``stream``
+    (default) the residual stream — the stem and every block output, one point
+    per block, so a curve measures depth and not the mix of taps a run happens
+    to store; ``branches`` those and each block's branch outputs; ``all``
+    every stored layer. A run whose layers have no residual-stream role (an
+    unknown family) gives every stored layer.
     """
     if roles not in ROLE_SETS:
         raise UsageError(f"--roles must be one of {', '.join(ROLE_SETS)}, got {roles!r}")
     if patterns:
-        return select_layers(run, patterns, option)
-    layers = select_layers(run, None, option)
+        return select_layers(run, patterns, option), f"stored layers matching {patterns!r}"
+    names = select_layers(run, None, option)
     if roles == "all":
-        return layers
-    stream = set(_stream(run, layers))
-    if not stream:
-        return layers
+        return names, "every stored layer"
     attrs = layer_roles(run)
-    keep = stream | ({n for n in layers if attrs.get(n, {}).get("role") == BRANCH}
-                     if roles == "branches" else set())  # fmt: skip
-    return [n for n in layers if n in keep]
+    chosen = [
+        n
+        for n in names
+        if is_residual_stream(n, attrs.get(n))
+        or (roles == "branches" and attrs.get(n, {}).get("role") == BRANCH)
+    ]
+    if not chosen:
+        return names, "every stored layer (no residual-stream layers are known for this model)"
+    what = "residual stream: the stem and every block output"
+    return chosen, what + (", with each block's branch outputs" if roles == "branches" else "")
 
 
 def layer_role_names(run: Run, layers: Sequence[str]) -> list[str]:
@@ -67,18 +69,38 @@ def layer_role_names(run: Run, layers: Sequence[str]) -> list[str]:
     return out
 
 
-def normalized_depth(run: Run, layers: Sequence[str]) -> np.ndarray:
-    """Depth of each layer along the run's stored residual stream, 0 (stem) to 1 (last block).
+def block_depth(run: Run, layers: Sequence[str]) -> tuple[np.ndarray, str]:
+    """Normalized depth of ``layers`` by block, and a sentence saying how it was measured.
 
-    Stream layers sit at k/K (the k-th of K + 1); any other layer is placed by
-    its forward order between its neighbouring stream layers (a branch output
-    of block k lies between blocks k-1 and k). Runs with fewer than two stream
-    layers use the stored ``depth_fraction``.
+    With K blocks stored, block k (1-based, forward order) ends at k / K and the
+    stem sits at 0, so a 12-block ViT and a 16-block ResNet share one axis
+    whichever taps each run stores. A tap inside block k is placed at
+    (k − 1 + j/m) / K, j its rank among the block's m stored taps in forward
+    order (the block output is last, at k / K). Layers outside every block go
+    to 0 before the first block and 1 after the last. Runs without recorded
+    blocks keep their stored ``depth_fraction`` (forward order of stored layers).
     """
-    index = {name: layer_info(run[name]).depth_index for name in run.layers}
-    stream = sorted(_stream(run, run.layers), key=lambda n: index[n])
-    if len(stream) < 2:
-        return np.array([layer_info(run[name]).depth_fraction for name in layers])
-    xp = np.array([index[n] for n in stream], dtype=float)
-    fp = np.linspace(0.0, 1.0, len(stream))
-    return np.interp([float(index[name]) for name in layers], xp, fp)
+    roles = layer_roles(run)
+    order = {n: int(run[n].attrs.get("depth_index", i)) for i, n in enumerate(run.layers)}
+    members: dict[str, list[str]] = {}
+    for name in sorted(run.layers, key=order.__getitem__):
+        block = roles.get(name, {}).get("block")
+        if block:
+            members.setdefault(str(block), []).append(name)
+    if not members:
+        stored = [float(run[n].attrs.get("depth_fraction", np.nan)) for n in layers]
+        return np.array(stored), "stored depth_fraction (forward order of the stored layers)"
+    blocks = sorted(members, key=lambda b: order[members[b][-1]])
+    first = min(order[members[b][0]] for b in blocks)
+    out = []
+    for name in layers:
+        block = roles.get(name, {}).get("block")
+        if block and str(block) in members:
+            taps = members[str(block)]
+            k = blocks.index(str(block))
+            out.append((k + (taps.index(name) + 1) / len(taps)) / len(blocks))
+        else:
+            out.append(0.0 if order[name] < first else 1.0)
+    return np.array(out, dtype=np.float64), (
+        f"block k of the {len(blocks)} stored blocks at k/{len(blocks)}, the stem at 0"
+    )

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vitcnn_store.errors import StoreError, UsageError
-from vitcnn_store.models.families import BRANCH, is_residual_stream, stored_roles
+from vitcnn_store.models.families import stored_roles
 from vitcnn_store.models.layers import match_patterns
 from vitcnn_store.store import schema
 from vitcnn_store.store.reader import Run
@@ -24,8 +24,6 @@ if TYPE_CHECKING:
 __all__ = [
     "REDUCTIONS",
     "LayerInfo",
-    "block_depth",
-    "depth_layers",
     "layer_info",
     "layer_roles",
     "patch_grid",
@@ -59,70 +57,6 @@ def select_attention_layers(run: Run, patterns: str | None) -> list[str]:
     if not patterns:
         return list(layers)
     return match_patterns(layers, patterns, f"stored attention layer of run {run.name!r}")
-
-
-def depth_layers(
-    run: Run, patterns: str | None, *, branches: bool = False, option: str = "--layers"
-) -> tuple[list[str], str]:
-    """Layers of a curve along depth, and how they were chosen (recorded with the result).
-
-    ``patterns`` picks layers by name. Without them: the residual stream (the
-    stem and every block output, as recorded in the layers' ``role``) — one
-    point per block, so a curve measures depth and not the mix of taps a run
-    happens to store — plus each block's branch outputs when ``branches``.
-    A run whose layers have no residual-stream role gives every stored layer.
-    """
-    if patterns:
-        return select_layers(run, patterns, option), f"stored layers matching {patterns!r}"
-    names = select_layers(run, None, option)
-    roles = layer_roles(run)
-    chosen = [
-        n
-        for n in names
-        if is_residual_stream(n, roles.get(n))
-        or (branches and roles.get(n, {}).get("role") == BRANCH)
-    ]
-    if not chosen:
-        return names, "every stored layer (no residual-stream layers are known for this model)"
-    what = "residual stream: the stem and every block output"
-    return chosen, what + (", with each block's branch outputs" if branches else "")
-
-
-def block_depth(run: Run, layers: list[str]) -> tuple[np.ndarray, str]:
-    """Normalized depth of ``layers`` by block, and a sentence saying how it was measured.
-
-    With K blocks stored, block k (1-based, forward order) ends at k / K and the
-    stem sits at 0, so a 12-block ViT and a 16-block ResNet share one axis
-    whichever taps each run stores. A tap inside block k is placed at
-    (k − 1 + j/m) / K, j its rank among the block's m stored taps in forward
-    order (the block output is last, at k / K). Layers outside every block go
-    to 0 before the first block and 1 after the last. Runs without recorded
-    blocks keep their stored ``depth_fraction`` (forward order of stored layers).
-    """
-    roles = layer_roles(run)
-    order = {n: int(run[n].attrs.get("depth_index", i)) for i, n in enumerate(run.layers)}
-    members: dict[str, list[str]] = {}
-    for name in sorted(run.layers, key=order.__getitem__):
-        block = roles.get(name, {}).get("block")
-        if block:
-            members.setdefault(str(block), []).append(name)
-    if not members:
-        stored = [float(run[n].attrs.get("depth_fraction", np.nan)) for n in layers]
-        return np.array(stored), "stored depth_fraction (forward order of the stored layers)"
-    blocks = sorted(members, key=lambda b: order[members[b][-1]])
-    first = min(order[members[b][0]] for b in blocks)
-    out = []
-    for name in layers:
-        block = roles.get(name, {}).get("block")
-        if block and str(block) in members:
-            taps = members[str(block)]
-            k = blocks.index(str(block))
-            out.append((k + (taps.index(name) + 1) / len(taps)) / len(blocks))
-        else:
-            out.append(0.0 if order[name] < first else 1.0)
-    return np.array(out, dtype=np.float64), (
-        f"block k of the {len(blocks)} stored blocks at k/{len(blocks)}, the stem at 0"
-    )
 
 
 def layer_roles(run: Run) -> dict[str, dict[str, Any]]:

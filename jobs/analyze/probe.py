@@ -2,9 +2,9 @@
 
 Which layers: the residual stream by default (the stem and every block
 output, from the roles recorded at extraction), branch outputs on request,
-or any stored layers by pattern (:func:`~jobs.analyze.layers.depth_layers`);
+or any stored layers by pattern (:func:`~jobs.analyze.depth.select_by_role`);
 each gets a normalized depth by block so ViT and ResNet curves share an axis
-(:func:`~jobs.analyze.layers.block_depth`).
+(:func:`~jobs.analyze.depth.block_depth`).
 
 Which features: ``cls`` (the CLS token; a layer without one is refused),
 ``gap`` (the mean over patch tokens or spatial positions) or ``auto`` (CLS
@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from jobs.analyze.depth import ROLE_SETS, block_depth, select_by_role
 from jobs.analyze.executor import Executor
-from jobs.analyze.layers import block_depth, depth_layers, layer_info, layer_roles, reduce_layer
+from jobs.analyze.layers import layer_info, layer_roles, reduce_layer
 from jobs.analyze.options import AnalysisOptions
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.runs import open_runs, usable_mask
@@ -64,8 +65,8 @@ class ProbeConfig(AnalysisOptions):
     ``shots`` per class (0 = full split with ``test_fraction`` held out);
     ``features`` auto|cls|gap; ridge ``l2`` (None: chosen by ``cv_folds``-fold
     cross-validation over ``l2_grid``); ``repeats`` splits from ``seed``;
-    ``layers`` patterns (default: the residual stream, plus branch outputs
-    with ``branches``).
+    ``layers`` patterns (default: the residual stream; ``roles`` as in
+    :func:`~jobs.analyze.depth.select_by_role`).
     """
 
     shots: int = 0
@@ -77,13 +78,15 @@ class ProbeConfig(AnalysisOptions):
     repeats: int = 1
     test_fraction: float = 0.25
     layers: str | None = None
-    branches: bool = False
+    roles: str = "stream"
 
     def validate(self) -> None:
         if self.shots < 0:
             raise UsageError(f"--shots must be >= 0 (0 = full), got {self.shots}")
         if self.features not in FEATURES:
             raise UsageError(f"--features must be one of {', '.join(FEATURES)}")
+        if self.roles not in ROLE_SETS:
+            raise UsageError(f"--roles must be one of {', '.join(ROLE_SETS)}, got {self.roles!r}")
         if self.repeats < 1:
             raise UsageError(f"--repeats must be >= 1, got {self.repeats}")
         if not 0.0 < self.test_fraction < 1.0:
@@ -212,7 +215,7 @@ def run_probe(cfg: ProbeConfig) -> AnalysisResult:
     if np.unique(labels).size < 2:
         raise UsageError(f"run {run.name!r} has a single labelled class: nothing to probe")
     splits = _splits(cfg, labels)
-    layers, selection = depth_layers(run, cfg.layers, branches=cfg.branches)
+    layers, selection = select_by_role(run, cfg.layers, cfg.roles)
     planned = _plan_features(cfg, run, layers)
 
     def compute(executor: Executor) -> xr.Dataset:

@@ -19,7 +19,7 @@ branches, and how many of its tokens have a branch output of exactly zero
 on every image and token (a dead branch, e.g. timm's zero-initialised last
 BatchNorm of a random-init ResNet block) has no ratio: it is stored as NaN,
 with ``dead_fraction`` saying why. Blocks get a normalized depth
-(:func:`~jobs.analyze.layers.block_depth`), so ViT and ResNet ratios share an
+(:func:`~jobs.analyze.depth.block_depth`), so ViT and ResNet ratios share an
 axis.
 """
 
@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from jobs.analyze.depth import block_depth
 from jobs.analyze.executor import Executor
-from jobs.analyze.layers import block_depth, layer_info, layer_roles
+from jobs.analyze.layers import layer_info, layer_roles
 from jobs.analyze.options import AnalysisOptions
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.runs import open_runs, usable_mask

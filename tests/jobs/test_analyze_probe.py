@@ -61,7 +61,7 @@ def test_probe_matches_kernel(synth: str, shots: int, features: str, l2: float |
 
 def test_branches_on_request_and_patterns(synth: str) -> None:  # noqa: F811
     ds = run_probe(
-        ProbeConfig(store=synth, run="vit", branches=True, l2=1.0, progress=False, name="br")
+        ProbeConfig(store=synth, run="vit", roles="branches", l2=1.0, progress=False, name="br")
     ).dataset
     assert ds["layer"].values.tolist() == [
         "norm_pre", "blocks.0.attn", "blocks.0.mlp", "blocks.0",
