@@ -155,8 +155,8 @@ def _plan_features(cfg: ProbeConfig, run: Any, layers: list[str]) -> list[tuple[
 
 
 def _probe_layer(
-    cls: Any,
-    gap: Any,
+    joined: np.ndarray,
+    cls_width: int | None,
     reason: str,
     labels: np.ndarray,
     splits: list[tuple[np.ndarray, np.ndarray]],
@@ -166,6 +166,10 @@ def _probe_layer(
     """One layer: the feature used and why, then per split the test accuracy, the
     penalty and (with cross-validation) the validation accuracy per grid value, and
     the number of folds."""
+    joined = np.asarray(joined, dtype=np.float64)
+    cls = None if cls_width is None else joined[:, :cls_width]
+    rest = joined if cls_width is None else joined[:, cls_width:]
+    gap = rest if rest.shape[1] else None
     feature = "cls" if cls is not None else "gap"
     x = np.asarray(cls if cls is not None else gap, dtype=np.float64)
     # A CLS token identical on every image carries no information about the image.
@@ -188,8 +192,15 @@ def _probe_layer(
     )
 
 
-def _rows(features: Any, rows: np.ndarray) -> Any:
-    return None if features is None else features[rows]
+def _joined(cls: Any, gap: Any, rows: np.ndarray) -> tuple[Any, int | None]:
+    """The chosen rows of a layer's CLS and mean features as one lazy array, and the
+    width of its CLS part (None without one): two arrays handed to one task would
+    each read the layer's chunks."""
+    import dask.array as da
+
+    parts = [f.astype(np.float64) for f in (cls, gap) if f is not None]
+    joined = parts[0] if len(parts) == 1 else da.concatenate(parts, axis=1)
+    return joined[rows], (None if cls is None else int(cls.shape[1]))
 
 
 def run_probe(cfg: ProbeConfig) -> AnalysisResult:
@@ -223,7 +234,7 @@ def run_probe(cfg: ProbeConfig) -> AnalysisResult:
 
         probe = delayed(_probe_layer, pure=True)
         tasks = [
-            probe(_rows(cls, rows), _rows(gap, rows), reason, labels, splits, cfg, n_classes)
+            probe(*_joined(cls, gap, rows), reason, labels, splits, cfg, n_classes)
             for cls, gap, reason in planned
         ]
         out: list[Any] = [None] * len(layers)
