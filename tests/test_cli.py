@@ -117,3 +117,16 @@ def test_model_arg_cannot_carry_weights(capsys: pytest.CaptureFixture[str]) -> N
         assert main(["layers", "resnet18", "--model-arg", key]) == 2
         err = capsys.readouterr().err
         assert "--checkpoint" in err and "--pretrained" in err, err
+
+
+def test_roles_choices_are_the_jobs_role_sets() -> None:
+    """``--roles`` of cka and probe offers exactly the selections the jobs know."""
+    from jobs.analyze.depth import ROLE_SETS
+    from vitcnn_store.cli import build_parser
+
+    analyze = next(a for a in build_parser()._actions if a.choices and "analyze" in a.choices)
+    for name in ("cka", "probe"):
+        sub = analyze.choices["analyze"]._actions  # type: ignore[index]
+        cmd = next(a for a in sub if a.choices and name in a.choices).choices[name]
+        roles = next(a for a in cmd._actions if "--roles" in a.option_strings)
+        assert tuple(roles.choices) == ROLE_SETS, name

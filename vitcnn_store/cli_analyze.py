@@ -81,6 +81,17 @@ def _float_list(text: str) -> tuple[float, ...]:
     return values
 
 
+def _roles(parser: argparse.ArgumentParser) -> None:
+    """``--roles``, shared by the analyses drawn along depth (CKA, probes)."""
+    parser.add_argument(
+        "--roles",
+        choices=["stream", "branches", "all"],  # jobs.analyze.depth.ROLE_SETS
+        default="stream",
+        help="layers without --layers: the residual stream (default: stem and block "
+        "outputs), plus branch outputs, or every stored layer",
+    )
+
+
 def _shots(text: str) -> int:
     if text.strip().lower() == "full":
         return 0
@@ -205,13 +216,7 @@ def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=1.0,
         help="RBF bandwidth as a fraction of the median distance",
     )
-    c.add_argument(
-        "--roles",
-        choices=["stream", "branches", "all"],
-        default="stream",
-        help="layers without --layers: the residual stream (default: stem and block "
-        "outputs), plus branch outputs, or every stored layer",
-    )
+    _roles(c)
     c.add_argument("--layers", metavar="PATTERNS", help="pick the first run's layers")
     c.add_argument(
         "--layers2",
@@ -336,13 +341,7 @@ def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="PATTERNS",
         help="layers by pattern (default: the residual stream, one point per block)",
     )
-    pr.add_argument(
-        "--roles",
-        choices=["stream", "branches", "all"],
-        default="stream",
-        help="layers without --layers: the residual stream (default: stem and block "
-        "outputs), plus branch outputs, or every stored layer",
-    )
+    _roles(pr)
     _options(pr)
     return p
 
