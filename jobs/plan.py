@@ -1,13 +1,18 @@
-"""The run's template: build the model once, read the image set, describe every array.
+"""The run's template: get the model once, read the image set, describe every array.
 
 A dry-run forward pass on one real image gives every array's shape and
-coordinates; the model's weights hash, the preprocessing and the images'
-content hashes make the provenance. Nothing here writes to the store.
+coordinates (and refuses weights that overflow float16 or give NaN before
+anything is written); the model's weights hash, the preprocessing and the
+images' content hashes make the provenance. The model is a timm name
+(:class:`~vitcnn_store.models.ModelSpec`, built here once) or any
+``torch.nn.Module`` handed in from Python; either way the driver keeps the one
+module it hashed and the workers run that module. Nothing here writes to the
+store.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -15,10 +20,10 @@ import numpy as np
 
 from jobs.worker import ExtractionPlan
 from vitcnn_store._version import FORMAT_VERSION, __version__
-from vitcnn_store.capture import Capture, LayerLayout
 from vitcnn_store.data import ImageSet, image_set_sha256, open_image_set
-from vitcnn_store.errors import LayerPatternError
+from vitcnn_store.errors import LayerPatternError, ModelError, UsageError
 from vitcnn_store.models import (
+    ModelSpec,
     attention_modules,
     build_model,
     data_config,
@@ -29,27 +34,37 @@ from vitcnn_store.models import (
     pretrained_hub_id,
     weights_sha256,
 )
+from vitcnn_store.models.capture import Capture, LayerLayout
+from vitcnn_store.models.reduce import (
+    ResolvedReduction,
+    assign_reductions,
+    reduced_attrs,
+    resolve_reduction,
+)
 from vitcnn_store.store import ArraySpec
 from vitcnn_store.store.writer import check_peaks
 
 if TYPE_CHECKING:
-    from jobs.extract import ExtractConfig
+    import torch
+
+    from jobs.config import ExtractConfig
 
 __all__ = ["RunTemplate", "array_specs", "plan_extraction"]
 
 
 @dataclass(frozen=True)
 class RunTemplate:
-    """What the driver derives once: the workers' plan and everything the run records.
+    """What the driver derives once: the workers' plan, the model and what the run records.
 
-    ``image_sha256`` stays on the driver (it can be large); the plan travels to
-    every worker.
+    ``image_sha256`` stays on the driver (it can be large); the plan and the
+    model travel to every worker.
     """
 
     plan: ExtractionPlan
     provenance: dict[str, Any]
     specs: list[ArraySpec]
     image_sha256: list[str]
+    model: Any = None  # the driver's torch.nn.Module (hashed: weights_sha256)
 
 
 def _select_attention(model: Any, cfg: ExtractConfig) -> list[str]:
@@ -57,7 +72,11 @@ def _select_attention(model: Any, cfg: ExtractConfig) -> list[str]:
         return []
     available = attention_modules(model)
     if not available:
-        raise LayerPatternError(f"--attention: {type(model).__name__} has no attention modules")
+        raise LayerPatternError(
+            f"--attention: {type(model).__name__} has no attention module that exposes its "
+            "probabilities the way timm's do (a `fused_attn` switch, `qkv` and an `attn_drop` "
+            "applied to the softmax); leave --attention out"
+        )
     if not cfg.attention_layers:
         return available
     return match_patterns(available, cfg.attention_layers, "attention module (--attention-layers)")
@@ -73,8 +92,9 @@ def _attention_coords(lay: LayerLayout) -> dict[str, tuple[tuple[str, ...], np.n
 
 
 def array_specs(
-    layouts: dict[str, LayerLayout], dcfg: dict[str, Any], inputs: bool,
+    layouts: dict[str, LayerLayout], input_size: tuple[int, int, int], inputs: bool,
     roles: Mapping[str, Mapping[str, Any]] | None = None,
+    extra_attrs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[ArraySpec]:  # fmt: skip
     """Every array of the run, in forward order, with its group's attributes."""
     # Group order = forward order; depth_fraction is the paper's normalised layer number.
@@ -91,6 +111,7 @@ def array_specs(
             "depth_fraction": groups[group] / denom,
             "module_type": lay.module_type,
             **(roles or {}).get(group, {}),  # role, block, branches / skip_input (families.py)
+            **(extra_attrs or {}).get(group, {}),  # reduction, unreduced_shape (reduce.py)
         }
         if lay.kind != "attention":
             attrs["kind"] = lay.kind
@@ -106,7 +127,7 @@ def array_specs(
                 ArraySpec(group, "attention", lay.dims, lay.shape, _attention_coords(lay), attrs)
             )
     if inputs:
-        _, h, w = dcfg["input_size"]
+        _, h, w = input_size
         specs.append(
             ArraySpec("", "input", ("input_y", "input_x", "rgb"), (h, w, 3), {
                 "input_y": (("input_y",), (np.arange(h) + 0.5).astype(np.float32)),
@@ -116,25 +137,46 @@ def array_specs(
     return specs
 
 
+def _model_provenance(cfg: ExtractConfig, model: Any) -> dict[str, Any]:
+    spec = cfg.model
+    if isinstance(spec, ModelSpec):
+        return {
+            "model": spec.name,
+            "model_args": dict(spec.model_args),
+            "img_size": spec.img_size,
+            "weights_source": spec.weights_source,
+            "weights_seed": spec.seed if spec.weights_source == "random-init" else None,
+            "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
+            # Where timm's pretrained weights came from (their hash is weights_sha256).
+            "weights_hub_id": pretrained_hub_id(model) if spec.pretrained else None,
+        }
+    return {
+        "model": cfg.model_name,
+        "model_class": cfg.model_name,
+        "model_args": {},
+        "img_size": None,
+        # A module handed in from Python: its weights are whatever it holds, and the
+        # hash below is what identifies them.
+        "weights_source": "module",
+        "weights_seed": None,
+        "checkpoint": None,
+        "weights_hub_id": None,
+    }
+
+
 def _provenance(
-    cfg: ExtractConfig, sha: str, dcfg: dict[str, Any], images: ImageSet, hashes: list[str],
-    family: str | None, layers: list[str], attention: list[str],
+    cfg: ExtractConfig, model: Any, sha: str, dcfg: dict[str, Any], images: ImageSet,
+    hashes: list[str], layers: list[str], attention: list[str],
 ) -> dict[str, Any]:  # fmt: skip
     import timm
     import torch
 
-    spec = cfg.model
-    return {
-        "model": spec.name,
-        "model_family": family,
-        "model_args": dict(spec.model_args),
-        "img_size": spec.img_size,
-        "weights_source": spec.weights_source,
-        "weights_seed": spec.seed if spec.weights_source == "random-init" else None,
-        "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
+    out = {
+        **_model_provenance(cfg, model),
+        "model_family": model_family(model),
         "weights_sha256": sha,
         **dcfg,
-        "input_normalized": True,
+        "input_normalized": cfg.transform is None,
         "image_set": images.spec,
         "image_set_sha256": image_set_sha256(images, hashes),
         "n_images": len(images),
@@ -151,60 +193,151 @@ def _provenance(
         "format": FORMAT_VERSION,
         **dict(cfg.extra_attrs),
     }
+    if cfg.reduce:
+        out["reductions"] = list(cfg.reduce)
+    return out
+
+
+def _get_model(cfg: ExtractConfig) -> torch.nn.Module:
+    """The model: built from its timm name, or the module handed in (put in eval mode)."""
+    import torch
+
+    if isinstance(cfg.model, ModelSpec):
+        return build_model(cfg.model)
+    if not isinstance(cfg.model, torch.nn.Module):
+        raise UsageError(
+            f"model must be a timm model name or a torch.nn.Module, got {type(cfg.model).__name__}"
+        )
+    return cfg.model.eval()
+
+
+def _preprocessing(
+    cfg: ExtractConfig, model: torch.nn.Module
+) -> tuple[dict[str, Any], Callable[[Any], Any] | None]:
+    """The data config recorded in provenance, and the custom transform if one was given."""
+    if cfg.transform is not None:
+        return {"transform": repr(cfg.transform)[:2000]}, cfg.transform
+    if cfg.data_config is not None:
+        keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+        missing = [k for k in ("input_size", "mean", "std") if k not in cfg.data_config]
+        if missing:
+            raise UsageError(f"data_config lacks {', '.join(missing)} (timm's keys: {keys})")
+        from timm.data import resolve_data_config
+
+        return data_config_from(resolve_data_config(args=dict(cfg.data_config))), None
+    img_size = cfg.model.img_size if isinstance(cfg.model, ModelSpec) else None
+    if not isinstance(cfg.model, ModelSpec) and not _has_timm_config(model):
+        raise UsageError(
+            f"{type(model).__name__} has no timm data config: pass transform= (PIL image -> "
+            "CHW float tensor) or data_config={'input_size': (3, H, W), 'mean': ..., 'std': ...}"
+        )
+    return data_config(model, img_size), None
+
+
+def _has_timm_config(model: Any) -> bool:
+    return bool(getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None))
+
+
+def data_config_from(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The recorded, JSON-safe subset of a timm data config."""
+    return {
+        "input_size": [int(v) for v in cfg["input_size"]],
+        "interpolation": str(cfg.get("interpolation", "bicubic")),
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "crop_pct": float(cfg.get("crop_pct", 0.875)),
+        "crop_mode": str(cfg.get("crop_mode", "center")),
+    }
 
 
 def _resolve_device(cfg: ExtractConfig) -> str:
     if cfg.device != "auto":
         return cfg.device
-    return "cuda" if cfg.gpus_per_worker > 0 else "cpu"
-
-
-def _first_image(images: ImageSet, dcfg: dict[str, Any]) -> Any:
-    """The first decodable image, preprocessed, as a batch of one (zeros if none decode)."""
     import torch
 
-    from vitcnn_store.errors import ImageDecodeError
-    from vitcnn_store.models import make_transform
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
-    transform = make_transform(dcfg)
+
+def _first_image(images: ImageSet, transform: Callable[[Any], Any]) -> Any:
+    """The first decodable image, preprocessed, as a batch of one (None if none decode)."""
+    from vitcnn_store.errors import ImageDecodeError
+
     for i in range(min(len(images), 8)):
         try:
-            return transform(images.load(i)).unsqueeze(0)
+            x = transform(images.load(i))
         except ImageDecodeError:
             continue
-    return torch.zeros(1, *dcfg["input_size"])
+        if not hasattr(x, "ndim") or x.ndim != 3:
+            raise UsageError(
+                f"the transform must return a CHW tensor, got {getattr(x, 'shape', type(x))}"
+            )
+        return x.unsqueeze(0)
+    return None
 
 
-def plan_extraction(cfg: ExtractConfig) -> RunTemplate:
-    """Build the model once and derive the run's template and the workers' plan."""
+def _reductions(
+    cfg: ExtractConfig, layers: list[str], layouts: dict[str, LayerLayout]
+) -> tuple[dict[str, ResolvedReduction], dict[str, LayerLayout], dict[str, dict[str, Any]]]:
+    """Resolve ``--reduce`` on the template's layouts: the workers' reductions, the
+    reduced layouts and the attributes recording them."""
+    resolved: dict[str, ResolvedReduction] = {}
+    attrs: dict[str, dict[str, Any]] = {}
+    out = dict(layouts)
+    for name, reduction in assign_reductions(layers, cfg.reduce).items():
+        lay = layouts[name]
+        fitted, kind, shape, coords = resolve_reduction(
+            name, reduction, lay.kind, lay.shape, lay.coords
+        )
+        resolved[name] = fitted
+        out[name] = replace(lay, kind=kind, shape=shape, coords=coords)
+        attrs[name] = reduced_attrs(fitted, lay.shape)
+    return resolved, out, attrs
+
+
+def plan_extraction(cfg: ExtractConfig, threads: int | None = None) -> RunTemplate:
+    """Get the model once and derive the run's template and the workers' plan."""
     import torch
 
     cfg.validate()
     images = open_image_set(cfg.images, limit=cfg.limit)
-    model = build_model(cfg.model)
+    model = _get_model(cfg)
     layers = expand_layers(model, cfg.layers)
     attention = _select_attention(model, cfg)
-    dcfg = data_config(model, cfg.model.img_size)
+    dcfg, custom = _preprocessing(cfg, model)
+    if custom is not None:
+        transform = custom
+    else:
+        from vitcnn_store.models import make_transform
+
+        transform = make_transform(dcfg)
+    x = _first_image(images, transform)
+    if x is None:
+        if "input_size" not in dcfg:
+            raise UsageError("none of the first images decode: cannot find the transform's size")
+        x = torch.zeros(1, *dcfg["input_size"])
+    input_size = (int(x.shape[1]), int(x.shape[2]), int(x.shape[3]))
+    dcfg.setdefault("input_size", list(input_size))
     with Capture(model, layers, attention) as cap:
         # The template comes from a real image, so weights that overflow float16 or
         # give NaN are refused here, before anything is written.
-        x = _first_image(images, dcfg)
-        acts, attn = cap(x)
+        try:
+            acts, attn = cap(x)
+        except (RuntimeError, TypeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"{cfg.model_name} fails on a preprocessed image: {first}") from e
         check_peaks(((k, float(v.abs().max())) for k, v in {**acts, **attn}.items()), cfg.dtype)
-        layouts = cap.describe(x)
+        layouts = cap.layouts(acts, attn, (input_size[1], input_size[2]))
     layers = sorted(layers, key=lambda n: layouts[n].depth_index)
+    resolved, layouts, reduce_attrs = _reductions(cfg, layers, layouts)
     sha = weights_sha256(model)
     is_cnn = not attention_modules(model) and any(
         isinstance(m, torch.nn.Conv2d) for m in model.modules()
     )
     hashes = images.content_hashes(progress=cfg.progress)
-    provenance = _provenance(cfg, sha, dcfg, images, hashes, model_family(model), layers, attention)
-    # Where timm's pretrained weights came from (their hash is weights_sha256).
-    provenance["weights_hub_id"] = pretrained_hub_id(model) if cfg.model.pretrained else None
+    provenance = _provenance(cfg, model, sha, dcfg, images, hashes, layers, attention)
     plan = ExtractionPlan(
-        model=cfg.model,
         weights_sha256=sha,
-        data_config=dcfg,
+        data_config=None if custom is not None else dcfg,
         images=images,
         url=cfg.store,
         run=cfg.run,
@@ -213,13 +346,16 @@ def plan_extraction(cfg: ExtractConfig) -> RunTemplate:
         inputs=cfg.inputs,
         dtype=cfg.dtype,
         batch_size=cfg.batch_size or cfg.chunk_size,
+        input_size=input_size,
         device=_resolve_device(cfg),
         autocast=cfg.autocast,
-        threads=max(1, int(cfg.cpus_per_worker)),
+        threads=threads,
         channels_last=is_cnn,
+        transform=custom,
+        reductions=resolved,
     )
-    specs = array_specs(layouts, dcfg, cfg.inputs, layer_roles(model))
-    return RunTemplate(plan, provenance, specs, hashes)
+    specs = array_specs(layouts, input_size, cfg.inputs, layer_roles(model), reduce_attrs)
+    return RunTemplate(plan, provenance, specs, hashes, model)
 
 
 def with_threads(template: RunTemplate, threads: int) -> RunTemplate:

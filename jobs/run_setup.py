@@ -26,7 +26,7 @@ from vitcnn_store.store.lease import (
 from vitcnn_store.store.runs import list_runs
 
 if TYPE_CHECKING:
-    from jobs.extract import ExtractConfig
+    from jobs.config import ExtractConfig
     from jobs.plan import RunTemplate
 
 __all__ = ["LeaseKeeper", "check_run", "create_run_from", "prepare_store"]

@@ -1,7 +1,8 @@
 """``vitcnn submit extract ...``: run an extraction as a Ray Job on a remote cluster.
 
-The job's entrypoint is the same ``vitcnn extract`` command line (run as
-``python -m vitcnn_store.cli extract ...``); its runtime environment uploads this
+The job's entrypoint is the ``vitcnn extract`` command line that makes the
+parsed config (:func:`vitcnn_store.options.to_argv`, run as ``python -m
+vitcnn_store.cli extract ...``); its runtime environment uploads this
 package (``py_modules``) and forwards object-store credentials from the
 environment, so the cluster image only needs the dependencies (torch, timm,
 ray, zarr, xarray, dask). Ray 2.60 clusters use token auth: remote clients set
@@ -19,52 +20,60 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobs.config import ExtractConfig
 from vitcnn_store.errors import ClusterError
+from vitcnn_store.options import option, to_argv
 
-__all__ = ["SubmitRequest", "entrypoint_args", "submit"]
+__all__ = ["SubmitOptions", "SubmitRequest", "entrypoint_args", "submit"]
 
-# Options of `submit` that do not travel to the job's own `vitcnn extract`.
-LOCAL_ONLY = {"--address": True, "--wait": False, "--pip": True, "--job-id": True}
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    """Options of ``vitcnn submit extract`` beyond those of ``vitcnn extract``."""
+
+    wait: bool = option(False, flag="--wait", action="true",
+                        help="follow the job's logs to its end")  # fmt: skip
+    pip: tuple[str, ...] = option((), flag="--pip", parse=str, action="append",
+                                  help="extra pip package for the job (repeatable)")  # fmt: skip
+    job_id: str | None = option(None, flag="--job-id", parse=str,
+                                help="submission id (default: generated)")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class SubmitRequest:
+    """A job to submit: the job server's address, the extraction, and how to submit it."""
+
     address: str
-    extract_args: list[str]
-    wait: bool = False
-    pip: tuple[str, ...] = ()
-    job_id: str | None = None
+    extract: ExtractConfig
+    options: SubmitOptions = SubmitOptions()
 
 
-def entrypoint_args(argv: Sequence[str]) -> list[str]:
-    """``argv`` of ``submit extract`` less the options that only the client uses.
+def entrypoint_args(cfg: ExtractConfig) -> list[str]:
+    """The ``vitcnn extract`` arguments that make ``cfg`` on the cluster.
+
+    ``--address`` is the job server's for ``submit``; inside the job Ray sets
+    ``RAY_ADDRESS`` to the cluster itself, so it is not passed on.
 
     Examples
     --------
-    >>> entrypoint_args(["resnet50", "--address", "http://h:8265", "--wait", "--run", "r"])
-    ['resnet50', '--run', 'r']
+    >>> from vitcnn_store.models import ModelSpec
+    >>> cfg = ExtractConfig(ModelSpec("resnet50", model_args={"depth": 2}), "builtin:faces",
+    ...                     "s3://b/acts.zarr", "r", address="http://h:8265", chunk_size=16)
+    >>> entrypoint_args(cfg)
+    ['resnet50', '--model-arg', 'depth=2', '--images', 'builtin:faces', '--store', \
+'s3://b/acts.zarr', '--run', 'r', '--chunk-size', '16']
     """
-    out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        name, eq, _ = arg.partition("=")
-        if name in LOCAL_ONLY:
-            skip = LOCAL_ONLY[name] and not eq
-            continue
-        out.append(arg)
-    return out
+    return to_argv(cfg, skip=("address",))
 
 
 def _runtime_env(pip: Sequence[str]) -> dict[str, Any]:
     import jobs
-    import vitcnn_store
+    import vitcnn_store.errors
     from jobs.ray_cluster import passthrough_env
 
+    package = Path(vitcnn_store.errors.__file__).parent
     env: dict[str, Any] = {
-        "py_modules": [str(Path(vitcnn_store.__file__).parent), str(Path(jobs.__file__).parent)],
+        "py_modules": [str(package), str(Path(jobs.__file__).parent)],
         "env_vars": {**passthrough_env(), "PYTHONUNBUFFERED": "1"},
     }
     if pip:
@@ -106,17 +115,18 @@ async def _follow(client: Any, job_id: str) -> None:
 def submit(request: SubmitRequest) -> int:
     """Submit the job; with ``wait``, follow its logs and return 0 only if it succeeded."""
     client = _client(request.address)
-    entrypoint = shlex.join(["python", "-m", "vitcnn_store.cli", "extract", *request.extract_args])
+    args = entrypoint_args(request.extract)
+    entrypoint = shlex.join(["python", "-m", "vitcnn_store.cli", "extract", *args])
     job_id = client.submit_job(
         entrypoint=entrypoint,
-        runtime_env=_runtime_env(request.pip),
-        submission_id=request.job_id,
+        runtime_env=_runtime_env(request.options.pip),
+        submission_id=request.options.job_id,
         metadata={"tool": "vitcnn", "command": "extract"},
     )
     print(f"submitted Ray job {job_id} to {request.address}")
     for verb in ("status", "logs", "stop"):
         print(f"  {verb}: ray job {verb} --address {request.address} {job_id}")
-    if not request.wait:
+    if not request.options.wait:
         return 0
     asyncio.run(_follow(client, job_id))
     status = client.get_job_status(job_id)

@@ -1,12 +1,19 @@
-"""The extraction worker: decode → forward → device-to-host → zarr write, per work unit.
+"""The extraction worker: decode → forward → checks → zarr write, per work unit.
 
-:class:`UnitExtractor` is plain Python (the benchmark runs it in-process);
-:class:`ExtractionActor` wraps it as a Ray actor. The actor runs two unit calls
-at once (``max_concurrency=2``): a lock serialises the forward passes, so the
-zarr write of one unit overlaps the decode and forward of the next. A worker
-builds its model (and checks its weights hash) when it starts, but opens the
-run only at its first unit: the driver starts every worker before it creates
-or replaces the run, so a pool that cannot start leaves the store untouched.
+:class:`UnitExtractor` holds one model and runs the three stages of a unit;
+the in-process runner (:mod:`jobs.inprocess`) and the Ray actor
+(:func:`make_actor_class`) drive it. Neither builds the model: both get the
+driver's module — in process, the very object; on Ray, through the object
+store — so the weights every worker holds are the bytes whose hash the run
+records, hashed once, by the driver. A worker opens the run only at its first
+write: the driver starts every worker before it creates or replaces the run,
+so a pool that cannot start leaves the store untouched.
+
+The forward stage does the least it can on the forward's thread: the capture
+hooks take one copy of each output, cast to the store's dtype on the way. The
+finiteness check (NaN, inf, float16 overflow), NaN rows for failed images,
+compression, checksums and store I/O happen in the write stage, which the
+runners put on another thread.
 """
 
 from __future__ import annotations
@@ -14,31 +21,39 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vitcnn_store.capture import Capture
 from vitcnn_store.data import ImageSet
-from vitcnn_store.errors import ImageDecodeError, ModelError
-from vitcnn_store.models import ModelSpec, build_model, make_transform, weights_sha256
+from vitcnn_store.errors import ImageDecodeError
+from vitcnn_store.models.capture import Capture
 from vitcnn_store.store import RunWriter
 from vitcnn_store.store.writer import check_peaks
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ExtractionPlan", "UnitExtractor", "make_actor_class"]
+    from vitcnn_store.models.reduce import ResolvedReduction
+
+__all__ = [
+    "ExtractionPlan",
+    "NotLoadedError",
+    "UnitExtractor",
+    "UnitValues",
+    "check_finite",
+    "make_actor_class",
+]
 
 
 @dataclass(frozen=True)
 class ExtractionPlan:
-    """Everything a worker needs, picklable; made once by the driver."""
+    """Everything a worker needs besides the model, picklable; made once by the driver."""
 
-    model: ModelSpec
     weights_sha256: str
-    data_config: dict[str, Any]
+    data_config: Mapping[str, Any] | None
     images: ImageSet
     url: str
     run: str
@@ -47,44 +62,79 @@ class ExtractionPlan:
     inputs: bool
     dtype: str
     batch_size: int
+    input_size: tuple[int, int, int]
     device: str = "cpu"
     autocast: bool = False
     threads: int | None = None
     channels_last: bool = False
+    transform: Callable[[Any], Any] | None = None
+    reductions: Mapping[str, ResolvedReduction] = field(default_factory=dict)
+
+
+@dataclass
+class UnitValues:
+    """One unit's arrays (keys like ``blocks.3/activation``) and its failed images."""
+
+    unit: int
+    values: dict[str, np.ndarray]
+    failed: np.ndarray
+    reasons: list[str]
+
+    @property
+    def n_images(self) -> int:
+        return len(self.failed)
+
+
+def check_finite(values: Mapping[str, np.ndarray], dtype: str) -> None:
+    """Refuse NaN/inf in any array (after the cast, float16 overflow shows as inf).
+
+    Runs on the write thread with one torch thread: one vectorised pass per
+    array, and the exact culprit is found only when something is wrong.
+    """
+    import torch
+
+    bad = [k for k, v in values.items() if not bool(torch.from_numpy(v).isfinite().all())]
+    if bad:
+        key = bad[0]
+        v = torch.from_numpy(values[key]).float()
+        peak = float("nan") if bool(v.isnan().any()) else float("inf")
+        check_peaks([(key, peak)], dtype)
 
 
 class UnitExtractor:
-    """Extracts whole work units of one run. Thread-safe; forwards run one at a time."""
+    """Extracts whole work units of one run with ``model`` (the driver's module).
 
-    def __init__(self, plan: ExtractionPlan) -> None:
+    Thread-safe: stages may run on different threads; forwards run one at a time.
+    """
+
+    def __init__(self, plan: ExtractionPlan, model: torch.nn.Module) -> None:
         import torch
 
         if plan.threads:
             torch.set_num_threads(plan.threads)
         self.plan = plan
         self.device = torch.device(plan.device)
-        model = build_model(plan.model)
-        got = weights_sha256(model)
-        if got != plan.weights_sha256:
-            # Every worker must hold the very weights the driver recorded.
-            raise ModelError(
-                f"a worker built other weights than the driver ({got[:12]} != "
-                f"{plan.weights_sha256[:12]}): the model is not deterministic on this node"
-            )
-        self.model = model.to(self.device)
+        self.model = model.eval().to(self.device)
         if plan.channels_last:
             # CNN feature maps then come out NHWC in memory: the stored layout, so the
             # float16 copy is a straight cast; convolutions are faster this way too.
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.transform = make_transform(plan.data_config)
+        if plan.transform is not None:
+            self.transform = plan.transform
+        else:
+            from vitcnn_store.models import make_transform
+
+            assert plan.data_config is not None
+            self.transform = make_transform(plan.data_config)
         self._writer: RunWriter | None = None
         self._writer_lock = threading.Lock()
         self.torch_dtype = getattr(torch, plan.dtype)
         # Captured outputs are cast to the store dtype in the hooks: the copy that
         # protects them from in-place ops is also the float16 conversion.
         self.capture = Capture(
-            self.model, plan.layers, plan.attention_layers, dtype=self.torch_dtype
-        ).__enter__()
+            self.model, plan.layers, plan.attention_layers, dtype=self.torch_dtype,
+            reductions=plan.reductions,
+        ).__enter__()  # fmt: skip
         self._forward_lock = threading.Lock()
 
     @property
@@ -104,14 +154,13 @@ class UnitExtractor:
         """Load and preprocess images ``start:stop``; failures become zero images."""
         import torch
 
-        size = tuple(self.plan.data_config["input_size"])
         tensors, failed, reasons = [], np.zeros(stop - start, dtype=bool), [""] * (stop - start)
         for i in range(start, stop):
             try:
                 tensors.append(self.transform(self.plan.images.load(i)))
             except ImageDecodeError as e:
                 failed[i - start], reasons[i - start] = True, str(e)
-                tensors.append(torch.zeros(size))
+                tensors.append(torch.zeros(self.plan.input_size))
         batch = torch.stack(tensors)
         if self.device.type == "cuda":
             batch = batch.pin_memory()
@@ -130,67 +179,90 @@ class UnitExtractor:
         """Run the model over ``batch`` in mini-batches; arrays keyed like the store."""
         import torch
 
-        n, bs = batch.shape[0], self.plan.batch_size
-        host: dict[str, torch.Tensor] | None = None
-        peaks: list[tuple[str, torch.Tensor]] = []  # one (min, max) pair per array and batch
-        use_autocast = self.plan.autocast and self.device.type == "cuda"
-        for s in range(0, n, bs):
-            x = batch[s : s + bs].to(self.device, non_blocking=True)
-            if self.plan.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-                acts, attn = self.capture(x)
-            out = {f"{k}/activation": v for k, v in acts.items()}
-            out.update({f"{k}/attention": v for k, v in attn.items()})
-            if self.plan.inputs:
-                out["input"] = x.permute(0, 2, 3, 1).to(self.torch_dtype)
-            if host is None:
-                host = self._host_buffers(n, {k: tuple(v.shape[1:]) for k, v in out.items()})
-            for key, t in out.items():
-                lo, hi = torch.aminmax(t.detach())  # one pass, no |t| temporary
-                peaks.append((key, torch.maximum(-lo, hi).float()))
-                host[key][s : s + t.shape[0]].copy_(t, non_blocking=True)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        assert host is not None
-        self._check(peaks)
-        return {k: v.numpy() for k, v in host.items()}
+        with self._forward_lock:
+            n, bs = batch.shape[0], self.plan.batch_size
+            host: dict[str, torch.Tensor] | None = None
+            use_autocast = self.plan.autocast and self.device.type == "cuda"
+            for s in range(0, n, bs):
+                x = batch[s : s + bs].to(self.device, non_blocking=True)
+                if self.plan.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+                    acts, attn = self.capture(x)
+                out = {f"{k}/activation": v for k, v in acts.items()}
+                out.update({f"{k}/attention": v for k, v in attn.items()})
+                if self.plan.inputs:
+                    out["input"] = x.permute(0, 2, 3, 1).to(self.torch_dtype)
+                if s == 0 and bs >= n and self.device.type == "cpu":
+                    # One mini-batch per unit on the CPU: the hooks' copies are the result.
+                    return {k: v.contiguous().numpy() for k, v in out.items()}
+                if host is None:
+                    host = self._host_buffers(n, {k: tuple(v.shape[1:]) for k, v in out.items()})
+                for key, t in out.items():
+                    host[key][s : s + t.shape[0]].copy_(t, non_blocking=True)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            assert host is not None
+            return {k: v.numpy() for k, v in host.items()}
 
-    def _check(self, peaks: list[tuple[str, torch.Tensor]]) -> None:
-        import torch
+    def write(self, unit: UnitValues) -> int:
+        """Check ``unit``'s values, then write every array of it and flag it done."""
+        ok = ~unit.failed
+        check_finite({k: v[ok] if not ok.all() else v for k, v in unit.values.items()},
+                     self.plan.dtype)  # fmt: skip
+        if unit.failed.any():
+            for v in unit.values.values():
+                v[unit.failed] = np.nan  # failed images stay NaN, flagged in `failed`
+        self.writer.write_unit(unit.unit, unit.values, unit.failed, unit.reasons)
+        return unit.n_images
 
-        values = torch.stack([p for _, p in peaks]).cpu().numpy()  # one sync for all layers
-        check_peaks(zip([k for k, _ in peaks], values, strict=True), self.plan.dtype)
+    def extract(self, unit: int) -> UnitValues:
+        """Decode and forward unit ``unit`` (no write)."""
+        start, stop = self.writer.units[unit]
+        batch, failed, reasons = self.decode(start, stop)
+        return UnitValues(unit, self.forward(batch), failed, reasons)
 
     def run_unit(self, unit: int) -> int:
         """Extract and write unit ``unit``; returns the number of images written."""
-        start, stop = self.writer.units[unit]
-        batch, failed, reasons = self.decode(start, stop)
-        with self._forward_lock:
-            values = self.forward(batch)
-        if failed.any():
-            for v in values.values():
-                v[failed] = np.nan  # failed images stay NaN, flagged in `failed`
-        self.writer.write_unit(unit, values, failed, reasons)
-        return stop - start
+        return self.write(self.extract(unit))
+
+
+class NotLoadedError(RuntimeError):
+    """A (restarted) actor was asked for a unit before it was given its model."""
 
 
 def make_actor_class() -> Any:
-    """The Ray actor class (built lazily so importing this module needs no Ray)."""
+    """The Ray actor class (built lazily so importing this module needs no Ray).
+
+    The actor is created empty and then loaded with the plan and the driver's
+    module from one object-store copy (:mod:`jobs.ray_pool`): it neither
+    rebuilds nor rehashes the model. (References passed to a constructor would
+    have to outlive every restart, which Ray does not guarantee and warns about;
+    a restarted actor instead says :class:`NotLoadedError` and the driver loads
+    it again.) It runs two unit calls at once (``max_concurrency=2``): the
+    forward lock serialises the forwards, so the write of one unit overlaps the
+    decode and forward of the next.
+    """
     import ray
 
     @ray.remote
     class ExtractionActor:
-        def __init__(self, plan: ExtractionPlan) -> None:
-            self.extractor = UnitExtractor(plan)
+        def __init__(self) -> None:
+            self.extractor: UnitExtractor | None = None
+            self._lock = threading.Lock()
+
+        def load(self, plan: ExtractionPlan, model: Any) -> tuple[str, int]:
+            """Take the plan and the model (once); returns node and pid."""
+            with self._lock:
+                if self.extractor is None:
+                    self.extractor = UnitExtractor(plan, model)
+            return ray.get_runtime_context().get_node_id(), os.getpid()
 
         def run_unit(self, unit: int) -> tuple[int, int, float]:
+            if self.extractor is None:
+                raise NotLoadedError(f"unit {unit}: this worker was restarted and holds no model")
             t0 = time.perf_counter()
             n = self.extractor.run_unit(unit)
             return unit, n, time.perf_counter() - t0
-
-        def ready(self) -> tuple[str, int]:
-            """Node and pid, once the model is built and its weights hash checked."""
-            return ray.get_runtime_context().get_node_id(), os.getpid()
 
     return ExtractionActor

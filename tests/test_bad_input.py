@@ -115,12 +115,17 @@ def test_nan_activations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "NaN" in err and "blocks.0" in err
 
 
-@pytest.mark.parametrize("option", ["--batch-size", "--workers", "--chunk-size"])
-@pytest.mark.parametrize("value", ["0", "-3"])
-def test_non_positive_sizes(tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str,
-                            value: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [(o, v, "must be positive") for o in ("--batch-size", "--chunk-size", "--cpus-per-worker")
+     for v in ("0", "-3")]
+    + [("--workers", "-3", "must be >= 0, got -3 (0 runs in this process"),
+       ("--gpus-per-worker", "-1", "must be >= 0"), ("--lease-ttl", "nan", "must be positive")],
+)  # fmt: skip
+def test_out_of_range_sizes(tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str,
+                            value: str, words: str) -> None:  # fmt: skip
     err = run_bad(extract_args(tmp_path, option, value), capsys, None)
-    assert option in err and "positive" in err
+    assert f"{option} {words}" in err, err
     assert not (tmp_path / "s.zarr").exists()
 
 

@@ -62,7 +62,7 @@ def test_layers_lists_shapes(capsys: pytest.CaptureFixture[str]) -> None:
         (["extract", "resnet18", "--images", "builtin:faces", "--store", "{tmp}/s.zarr", "--run",
           "../r"], "invalid run name"),
         (["extract", "resnet18", "--images", "builtin:faces", "--store", "{tmp}/s.zarr", "--run",
-          "r", "--workers", "0"], "--workers must be positive"),
+          "r", "--workers", "-1"], "--workers must be >= 0"),
         (["ls", "{tmp}"], "not a vitcnn store"),
     ],
 )  # fmt: skip

@@ -10,13 +10,15 @@ subcommand that needs them.
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from vitcnn_store.errors import UsageError, VitcnnError
+from vitcnn_store.models.factory import ModelSpec
+from vitcnn_store.options import add_arguments, config_kwargs, option
 
 __all__ = ["build_parser", "main"]
 
@@ -26,75 +28,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _model_arg(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"--model-arg wants KEY=VALUE, got {text!r}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value  # a bare word is a string
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="timm model name, e.g. vit_base_patch16_224 or resnet50")
-    weights = p.add_mutually_exclusive_group()
-    weights.add_argument("--pretrained", action="store_true", help="timm pretrained weights")
-    weights.add_argument("--checkpoint", metavar="PATH", help="local .safetensors/.pth weights")
-    p.add_argument("--img-size", type=_positive_int, metavar="N", help="input resolution")
-    p.add_argument(
-        "--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
-        help="keyword argument for timm.create_model, VALUE a Python literal (repeatable)",
-    )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of random-init weights")
-
-
 def _add_extract_options(p: argparse.ArgumentParser) -> None:
-    _add_model_options(p)
-    p.add_argument("--images", required=True, help="folder, CSV manifest, or builtin:NAME")
-    p.add_argument("--store", required=True, help="store path or fsspec URL")
-    p.add_argument("--run", required=True, help="run name inside the store")
-    p.add_argument("--layers", default="preset:blocks", help="comma-separated patterns/presets")
-    p.add_argument("--attention", action="store_true", help="store attention probabilities")
-    p.add_argument("--attention-layers", metavar="PATTERNS", help="restrict --attention")
-    p.add_argument("--inputs", action="store_true", help="store the preprocessed input")
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
-    p.add_argument(
-        "--compression", choices=["lz4", "zstd", "none"], default="lz4",
-        help="chunk compression: blosc-lz4 (default), zstd level 1, or none (write-bound jobs)",
-    )  # fmt: skip
-    p.add_argument("--chunk-size", type=int, default=32, help="images per chunk (= work unit)")
-    p.add_argument("--batch-size", type=int, help="forward batch size (default: chunk size)")
-    p.add_argument("--limit", type=int, metavar="N", help="use only the first N images")
-    p.add_argument("--strict", action="store_true", help="stop if any image fails to decode")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue an existing run")
-    mode.add_argument("--overwrite", action="store_true", help="replace an existing run")
-    p.add_argument("--workers", type=int, default=1, help="number of Ray actors")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--autocast", action="store_true", help="bf16 autocast on CUDA")
-    p.add_argument(
-        "--address",
-        help="Ray address (default: RAY_ADDRESS or a local Ray); for submit, the job server "
-        "http://HEAD:8265",
-    )
-    p.add_argument(
-        "--lease-ttl", type=float, default=120.0, metavar="SECONDS",
-        help="how long after a crash its run stays locked before --resume may take over",
-    )  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from jobs.config import ExtractConfig  # light: the option table, no torch or Ray
+
+    add_arguments(p, ExtractConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,20 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("extract", help="extract activations into a store (on Ray)")
+    p = sub.add_parser(
+        "extract", help="extract activations into a store (in this process, or on Ray actors)"
+    )
     _add_extract_options(p)
 
     p = sub.add_parser("submit", help="submit a job to a remote Ray cluster (Ray Jobs API)")
     jobs = p.add_subparsers(dest="job", required=True, parser_class=_Parser)
     p = jobs.add_parser("extract", help="vitcnn extract, run as a Ray Job")
     _add_extract_options(p)
-    p.add_argument("--wait", action="store_true", help="follow the job's logs to its end")
-    p.add_argument("--pip", action="append", default=[], help="extra pip package for the job")
-    p.add_argument("--job-id", help="submission id (default: generated)")
+    from jobs.submit import SubmitOptions
+
+    add_arguments(p, SubmitOptions)
 
     p = sub.add_parser("layers", help="list a model's capturable layers with output shapes")
-    _add_model_options(p)
-    p.add_argument("--layers", metavar="PATTERNS", help="show only what these patterns select")
+    add_arguments(p, LayersOptions)
 
     p = sub.add_parser("ls", help="list the runs of a store")
     p.add_argument("store")
@@ -164,32 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_spec(args: argparse.Namespace) -> Any:
-    from vitcnn_store.models import ModelSpec
+@dataclass(frozen=True)
+class LayersOptions:
+    """Options of ``vitcnn layers``."""
 
-    return ModelSpec(
-        name=args.model,
-        pretrained=args.pretrained,
-        checkpoint=args.checkpoint,
-        img_size=args.img_size,
-        model_args=dict(args.model_arg),
-        seed=args.seed,
-    )
+    model: ModelSpec = option(flag="model", nested=ModelSpec)
+    layers: str | None = option(None, flag="--layers", parse=str, metavar="PATTERNS",
+                                help="show only what these patterns select")  # fmt: skip
 
 
 def _extract_config(args: argparse.Namespace) -> Any:
-    from jobs.extract import ExtractConfig
+    from jobs.config import ExtractConfig
 
-    return ExtractConfig(
-        model=_model_spec(args), images=args.images, store=args.store, run=args.run,
-        layers=args.layers, attention=args.attention, attention_layers=args.attention_layers,
-        inputs=args.inputs, dtype=args.dtype, compression=args.compression,
-        chunk_size=args.chunk_size,
-        batch_size=args.batch_size, limit=args.limit, strict=args.strict, resume=args.resume,
-        overwrite=args.overwrite, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.gpus_per_worker, device=args.device, autocast=args.autocast,
-        address=args.address, progress=not args.no_progress, lease_ttl=args.lease_ttl,
-    )  # fmt: skip
+    return ExtractConfig(**config_kwargs(ExtractConfig, args))
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -200,24 +125,22 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from jobs.submit import SubmitRequest, entrypoint_args, submit
+    from jobs.submit import SubmitOptions, SubmitRequest, submit
 
-    _extract_config(args).validate()  # refuse bad input here, not on the cluster
-    address = args.address or os.environ.get("RAY_ADDRESS")
+    cfg = _extract_config(args)
+    cfg.validate()  # refuse bad input here, not on the cluster
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise UsageError("submit needs --address http://HEAD:8265 or RAY_ADDRESS")
-    argv = list(args.raw_argv)
-    after = argv[argv.index("submit") + 1 :]
-    extract_argv = after[after.index("extract") + 1 :]
-    request = SubmitRequest(address, entrypoint_args(extract_argv), args.wait, tuple(args.pip),
-                            args.job_id)  # fmt: skip
-    return submit(request)
+    options = SubmitOptions(**config_kwargs(SubmitOptions, args))
+    return submit(SubmitRequest(address, cfg, options))
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
     from vitcnn_store.describe import describe_model_layers
 
-    print(describe_model_layers(_model_spec(args), args.layers))
+    options = LayersOptions(**config_kwargs(LayersOptions, args))
+    print(describe_model_layers(options.model, options.layers))
     return 0
 
 
@@ -347,7 +270,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vitcnn`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args.raw_argv = argv
     debug = args.debug or bool(os.environ.get("VITCNN_DEBUG"))
     if debug:
         os.environ["VITCNN_DEBUG"] = "1"  # Ray workers' logs reach the terminal too

@@ -42,7 +42,6 @@ def describe_model_layers(spec: Any, patterns: str | None = None) -> str:
     """Every module of the model with its type and output shape (batch of one)."""
     import torch
 
-    from vitcnn_store.capture import output_shapes
     from vitcnn_store.models import (
         attention_modules,
         build_model,
@@ -50,6 +49,7 @@ def describe_model_layers(spec: Any, patterns: str | None = None) -> str:
         expand_layers,
         model_family,
     )
+    from vitcnn_store.models.capture import output_shapes
 
     model = build_model(spec)
     cfg = data_config(model, spec.img_size)

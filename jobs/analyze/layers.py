@@ -170,7 +170,13 @@ def patch_grid(
     x: xr.DataArray, info: LayerInfo
 ) -> tuple[np.ndarray, np.ndarray, dict[tuple[int, int], int]]:
     """Pixel centres of a layer's grid rows and columns, and (row, col) → index along
-    its flattened token (or y·x) axis."""
+    its flattened token (or y·x) axis. Refuses a layer reduced at extraction
+    (``--reduce``): its tokens are gone, so no map can be made of them."""
+    if x.attrs.get("reduction"):
+        raise UsageError(
+            f"layer {info.name!r} was stored reduced (--reduce ...={x.attrs['reduction']}): "
+            "localization needs its tokens; re-extract the layer without --reduce"
+        )
     if info.kind == schema.KIND_TOKEN:
         ty = np.asarray(x["token_y"].values, float)[list(info.patches)]
         tx = np.asarray(x["token_x"].values, float)[list(info.patches)]

@@ -166,7 +166,8 @@ def test_interrupted_run_resumes_identically(f32_store: str, tmp_path: Path) -> 
     cfg = _config(url, "w1")
     template = plan_extraction(cfg)
     prepare_store(cfg, template)
-    UnitExtractor(template.plan).run_unit(1)  # the "crash": only unit 1 of 3 was written
+    # The "crash": only unit 1 of 3 was written.
+    UnitExtractor(template.plan, template.model).run_unit(1)
     assert list(open_store(url)["w1"].done) == [False, True, False]
     with pytest.raises(RunExistsError):
         extract(cfg)
@@ -233,7 +234,7 @@ def test_resume_refuses_changed_images(tmp_path: Path) -> None:
                   inputs=False, layers="blocks.0")  # fmt: skip
     template = plan_extraction(cfg)
     prepare_store(cfg, template)
-    UnitExtractor(template.plan).run_unit(0)  # a job that stopped after one unit
+    UnitExtractor(template.plan, template.model).run_unit(0)  # a job that stopped after one unit
     run = open_store(url)["r"]
     assert list(run.image_sha256) == [
         hashlib.sha256((folder / f"{i}.bmp").read_bytes()).hexdigest() for i in range(6)

@@ -7,14 +7,17 @@ finished run, and compares a hash of every file of the store before and after.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import extract_tiny
 from vitcnn_store import open_store
 from vitcnn_store.cli import main
+from vitcnn_store.errors import ClusterError
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -59,9 +62,13 @@ def refused(args: list[str], store: Path, code: int, capsys: pytest.CaptureFixtu
     ("extra", "code", "message"),
     [
         (["--workers", "100"], 2, "need 100 CPUs"),
-        (["--gpus-per-worker", "1"], 2, "need 1 GPUs"),
+        (["--workers", "1", "--gpus-per-worker", "1"], 2, "need 1 GPUs"),
+        (["--gpus-per-worker", "1"], 2, "no node with 1 GPU(s)"),
         (["--lease-ttl", "nan"], 2, "--lease-ttl must be positive"),
-        (["--device", "cuda"], 2, "--device cuda needs --gpus-per-worker"),
+        (["--device", "cuda"], 2, "--device cuda: this machine has no CUDA device"),
+        (["--workers", "1", "--device", "cuda", "--gpus-per-worker", "0"], 2,
+         "--device cuda needs --gpus-per-worker"),
+        (["--reduce", "blocks.*=cls", "--reduce", "blocks.1=mean"], 2, "both cls and mean"),
         (["--model-arg", "checkpoint_path=w.pth"], 2, "use --checkpoint"),
     ],
 )
@@ -71,16 +78,36 @@ def test_refused_overwrite_keeps_the_finished_run(
     assert message in refused(overwrite_args(finished, *extra), finished, code, capsys)
 
 
-def test_workers_that_fail_to_start_leave_the_run(
-    finished: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The driver records one weights hash, the workers build another (a model that is
-    # not deterministic): every worker refuses at start-up, before the run is replaced.
-    import jobs.plan
+class OnlyHere(torch.nn.Module):
+    """A module that cannot be unpickled in any other process (as one whose code exists
+    only on the driver's machine): every Ray worker fails to load it."""
 
-    monkeypatch.setattr(jobs.plan, "weights_sha256", lambda model: "0" * 64)
-    err = refused(overwrite_args(finished), finished, 2, capsys)
-    assert "a worker built other weights than the driver" in err
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 4)
+        self.pid = os.getpid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean(dim=(2, 3)))
+
+    def __setstate__(self, state: dict) -> None:
+        if state["pid"] != os.getpid():
+            raise ImportError("OnlyHere exists on the driver only")
+        super().__setstate__(state)
+
+
+def test_workers_that_fail_to_start_leave_the_run(finished: Path) -> None:
+    import vitcnn_store
+
+    before = snapshot(finished)
+    with pytest.raises(ClusterError, match="a worker failed to start"):
+        vitcnn_store.extract(
+            OnlyHere(), "builtin:faces", str(finished), "v", layers="fc", overwrite=True,
+            workers=1, limit=16, chunk_size=8, progress=False,
+            data_config={"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3},
+        )  # fmt: skip
+    assert snapshot(finished) == before, "a refused job changed the store"
+    assert open_store(str(finished))["v"].complete
 
 
 def test_unreachable_address_is_refused_within_bounded_time(

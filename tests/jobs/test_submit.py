@@ -81,9 +81,20 @@ def ray_head() -> Iterator[str]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_entrypoint_drops_client_options() -> None:
-    argv = ["resnet50", "--address=http://h:8265", "--pip", "x", "--wait", "--run", "r"]
-    assert entrypoint_args(argv) == ["resnet50", "--run", "r"]
+def test_entrypoint_is_the_parsed_config() -> None:
+    """The job's command line is made from the parsed config: it parses back to the same
+    config, without the client's options (--address, --wait, --pip, --job-id)."""
+    from vitcnn_store.cli import _extract_config, build_parser
+
+    argv = ["submit", "extract", "resnet50", "--address=http://h:8265", "--pip", "x", "--wait",
+            "--images", "builtin:faces", "--store", "s3://b/a.zarr", "--run", "r",
+            "--model-arg", "depth=2", "--model-arg", "act='relu'", "--reduce", "layer*=mean",
+            "--workers", "3", "--no-progress", "--overwrite"]  # fmt: skip
+    cfg = _extract_config(build_parser().parse_args(argv))
+    args = entrypoint_args(cfg)
+    assert "--address" not in args and "--wait" not in args and "--pip" not in args
+    again = _extract_config(build_parser().parse_args(["extract", *args]))
+    assert again == cfg.__class__(**{**cfg.__dict__, "address": None})
 
 
 def test_submit_and_wait(ray_head: str, tmp_path: Path) -> None:

@@ -7,15 +7,17 @@ seeded, so two processes get the same weights, which resume relies on).
 
 from __future__ import annotations
 
+import ast
 import difflib
 import hashlib
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitcnn_store.errors import CheckpointError, ModelError, UnknownModelError
+from vitcnn_store.errors import CheckpointError, ModelError, UnknownModelError, UsageError
+from vitcnn_store.options import check_options, option
 
 if TYPE_CHECKING:
     import torch
@@ -26,9 +28,27 @@ __all__ = [
     "carries_weights",
     "data_config",
     "make_transform",
+    "parse_model_arg",
     "pretrained_hub_id",
     "weights_sha256",
 ]
+
+
+def parse_model_arg(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--model-arg``: VALUE a Python literal, else a string.
+
+    Examples
+    --------
+    >>> parse_model_arg("depth=2"), parse_model_arg("act_layer=gelu")
+    (('depth', 2), ('act_layer', 'gelu'))
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise UsageError("--model-arg wants KEY=VALUE")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value  # a bare word is a string
 
 
 @dataclass(frozen=True)
@@ -53,24 +73,39 @@ class ModelSpec:
         Seed of the random initialisation (used when no weights are loaded).
     """
 
-    name: str
-    pretrained: bool = False
-    checkpoint: str | None = None
-    img_size: int | None = None
-    model_args: Mapping[str, Any] = field(default_factory=dict)
-    seed: int = 0
+    name: str = option(
+        flag="model", action="positional", metavar="model", parse=str,
+        help="timm model name, e.g. vit_base_patch16_224 or resnet50",
+    )  # fmt: skip
+    pretrained: bool = option(
+        False, flag="--pretrained", action="true", exclusive="weights",
+        help="timm pretrained weights",
+    )  # fmt: skip
+    checkpoint: str | None = option(
+        None, flag="--checkpoint", parse=str, metavar="PATH", exclusive="weights",
+        help="local .safetensors/.pth weights",
+    )  # fmt: skip
+    img_size: int | None = option(
+        None, flag="--img-size", parse=int, check="positive", metavar="N",
+        help="input resolution",
+    )  # fmt: skip
+    model_args: Mapping[str, Any] = option(
+        flag="--model-arg", parse=parse_model_arg, action="append", collect=dict,
+        metavar="KEY=VALUE", default_factory=dict,
+        help="keyword argument for timm.create_model, VALUE a Python literal (repeatable)",
+    )  # fmt: skip
+    seed: int = option(0, flag="--seed", parse=int, help="seed of random-init weights")
 
     def __post_init__(self) -> None:
         if self.pretrained and self.checkpoint:
             raise ModelError("give either --pretrained or --checkpoint, not both")
+        check_options(self)
         for key in self.model_args:
             if carries_weights(key):
                 raise ModelError(
                     f"--model-arg {key} would load weights that the run's provenance does not "
                     "record: use --checkpoint PATH for local weights or --pretrained for timm's"
                 )
-        if self.img_size is not None and self.img_size <= 0:
-            raise ModelError(f"--img-size must be positive, got {self.img_size}")
 
     @property
     def weights_source(self) -> str:

@@ -12,12 +12,20 @@ from typing import Any
 
 from vitcnn_store.errors import UsageError
 
-__all__ = ["COMPRESSIONS", "checksummed", "has_checksum", "xarray_encoding"]
+__all__ = [
+    "COMPRESSIONS",
+    "DEFAULT_COMPRESSION",
+    "checksummed",
+    "has_checksum",
+    "xarray_encoding",
+]
 
-COMPRESSIONS = ("lz4", "zstd", "none")
+COMPRESSIONS = ("none", "lz4", "zstd")
+#: Compression of activation arrays unless asked otherwise (chosen by measurement).
+DEFAULT_COMPRESSION = "lz4"
 
 
-def checksummed(compression: str = "lz4") -> list[Any]:
+def checksummed(compression: str = DEFAULT_COMPRESSION) -> list[Any]:
     """The bytes-to-bytes codecs of an array: compression (if any), then ``crc32c``.
 
     ``lz4`` (default): blosc-lz4 with byte shuffle; ``zstd``: zstd level 1 (smaller,

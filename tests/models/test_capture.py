@@ -7,8 +7,8 @@ import pytest
 import timm
 import torch
 
-from vitcnn_store.capture import Capture, output_shapes, token_coordinates
 from vitcnn_store.errors import LayerPatternError
+from vitcnn_store.models.capture import Capture, output_shapes, token_coordinates
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_token_coordinates_of_16px_patches() -> None:
 def test_unknown_and_non_attention_modules(vit: torch.nn.Module) -> None:
     with pytest.raises(LayerPatternError, match="no module"):
         Capture(vit, ["nope"])
-    with pytest.raises(LayerPatternError, match="not an attention"):
+    with pytest.raises(LayerPatternError, match="does not expose its attention probabilities"):
         Capture(vit, [], ["blocks.0"])
 
 

@@ -15,7 +15,7 @@ Outputs come back in the store's canonical layout:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,8 @@ from vitcnn_store.store.schema import DIMS_BY_KIND, KIND_BY_NDIM
 
 if TYPE_CHECKING:
     import torch
+
+    from vitcnn_store.models.reduce import ResolvedReduction
 
 __all__ = ["Capture", "LayerLayout", "output_shapes", "token_coordinates"]
 
@@ -119,6 +121,9 @@ class Capture:
         the model's). Either way the hook takes a copy at once: later modules may
         modify a captured output in place (a ResNet block adds its shortcut onto
         the branch output and applies an in-place ReLU).
+    reductions
+        Per layer, a reduction (:mod:`vitcnn_store.models.reduce`) applied in the
+        hook before the copy, so a reduced layer is never copied whole.
 
     Examples
     --------
@@ -136,9 +141,11 @@ class Capture:
         layers: Sequence[str],
         attention: Sequence[str] = (),
         dtype: torch.dtype | None = None,
+        reductions: Mapping[str, ResolvedReduction] | None = None,
     ) -> None:
         self.model = model
         self.dtype = dtype
+        self.reductions = dict(reductions or {})
         self.layers = list(layers)
         self.attention = list(attention)
         modules = dict(model.named_modules())
@@ -146,8 +153,13 @@ class Capture:
         if missing:
             raise LayerPatternError(f"no module named {', '.join(missing)} in the model")
         for name in self.attention:
-            if not hasattr(modules[name], "fused_attn"):
-                raise LayerPatternError(f"{name!r} is not an attention module")
+            module = modules[name]
+            if not (hasattr(module, "fused_attn") and hasattr(module, "attn_drop")):
+                raise LayerPatternError(
+                    f"{name!r} ({type(module).__name__}) does not expose its attention "
+                    "probabilities the way timm's attention modules do (a `fused_attn` switch "
+                    "and an `attn_drop` applied to the softmax): it cannot be captured"
+                )
         self._modules = modules
         self._handles: list[Any] = []
         self._saved_fused: dict[str, bool] = {}
@@ -167,7 +179,11 @@ class Capture:
             t = _first_tensor(output)
             if t is None:
                 raise LayerPatternError(f"layer {name!r} returns no tensor; choose another layer")
-            self._acts[name] = self._copy(_canonical(name, t.detach()))
+            t = _canonical(name, t.detach())
+            reduction = self.reductions.get(name)
+            if reduction is not None:
+                t = reduction.apply(t)
+            self._acts[name] = self._copy(t)
             self.order.append(name)
 
         return hook
@@ -224,7 +240,18 @@ class Capture:
         ``depth_index`` is the forward order in which the hooks fired.
         """
         acts, attn = self(x)
-        input_hw = (int(x.shape[-2]), int(x.shape[-1]))
+        return self.layouts(acts, attn, (int(x.shape[-2]), int(x.shape[-1])))
+
+    def layouts(
+        self, acts: Mapping[str, torch.Tensor], attn: Mapping[str, torch.Tensor],
+        input_hw: tuple[int, int],
+    ) -> dict[str, LayerLayout]:  # fmt: skip
+        """Describe the arrays of the last call's outputs ``acts`` and ``attn``.
+
+        Layers are described as captured without reductions (the template's
+        capture has none; :mod:`vitcnn_store.models.reduce` derives the reduced
+        layouts from these).
+        """
         order = {name: i for i, name in enumerate(self.order)}
         out: dict[str, LayerLayout] = {}
         for name, t in acts.items():
