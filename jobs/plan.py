@@ -225,13 +225,22 @@ def _preprocessing(
         from timm.data import resolve_data_config
 
         return data_config_from(resolve_data_config(args=dict(cfg.data_config))), None
-    img_size = cfg.model.img_size if isinstance(cfg.model, ModelSpec) else None
+    img_size = cfg.model.img_size if isinstance(cfg.model, ModelSpec) else _built_size(model)
     if not isinstance(cfg.model, ModelSpec) and not _has_timm_config(model):
         raise UsageError(
             f"{type(model).__name__} has no timm data config: pass transform= (PIL image -> "
             "CHW float tensor) or data_config={'input_size': (3, H, W), 'mean': ..., 'std': ...}"
         )
     return data_config(model, img_size), None
+
+
+def _built_size(model: Any) -> int | None:
+    """The input size a timm ViT handed in as a module was built for (its pretrained
+    config may say another): ``patch_embed.img_size``."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and size[0] == size[1]:
+        return int(size[0])
+    return int(size) if isinstance(size, int) else None
 
 
 def _has_timm_config(model: Any) -> bool:
@@ -322,7 +331,7 @@ def plan_extraction(cfg: ExtractConfig, threads: int | None = None) -> RunTempla
         # give NaN are refused here, before anything is written.
         try:
             acts, attn = cap(x)
-        except (RuntimeError, TypeError, ValueError) as e:
+        except (RuntimeError, TypeError, ValueError, AssertionError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"{cfg.model_name} fails on a preprocessed image: {first}") from e
         check_peaks(((k, float(v.abs().max())) for k, v in {**acts, **attn}.items()), cfg.dtype)

@@ -103,7 +103,7 @@ def start_actors(plan: ExtractionPlan, model: Any, sizing: ExecutionPlan, n: int
                 f"{len(pending)} of {n} worker(s) did not start within {READY_TIMEOUT:.0f} s: "
                 "the cluster has no node with the CPUs/GPUs one worker asks for"
             )
-            pool.nodes = [node for node, _ in _get_all(done, plan.url)]
+        pool.nodes = [node for node, _ in _get_all(done, plan.url)]
     except BaseException:
         stop_actors(pool)
         raise

@@ -128,28 +128,32 @@ def _threads(cpus: float) -> int:
 
 
 def _cluster_pool(res: Resources, cpus: float | str, gpus: float | str) -> tuple[int, float, float]:
-    """Actors × CPUs × GPUs covering a cluster (or several local GPUs)."""
-    nodes = res.per_node()
+    """Actors × CPUs × GPUs covering a cluster (or several local GPUs).
+
+    With GPUs: one actor per ``gpus`` GPUs on every node, the node's CPUs shared
+    among its actors. Without: one actor width for the whole cluster (at most
+    :data:`MAX_THREADS`, at most the smallest node), as many actors per node as fit.
+    """
+    nodes = [n for n in res.per_node() if n.cpus >= 1 or n.gpus > 0]
+    if not nodes:
+        raise UsageError("the Ray cluster has no CPUs: add a worker node")
     if gpus == AUTO:
         gpus = 1.0 if any(n.gpus >= 1 for n in nodes) else 0.0
-    assert isinstance(gpus, float | int)
-    workers, per_cpu = 0, []
-    for node in nodes:
-        if gpus > 0:
-            n = int(node.gpus // gpus)
-            share = node.cpus / n if n else 0.0
-        else:
-            width = MAX_THREADS if cpus == AUTO else float(cpus)
-            n = max(1, -(-int(node.cpus) // int(max(1, width)))) if node.cpus >= 1 else 0
-            share = node.cpus / n if n else 0.0
-        workers += n
-        per_cpu += [share] * n
-    if workers == 0:
-        raise UsageError(
-            f"the cluster has no node with {gpus:g} GPU(s) for one worker: lower --gpus-per-worker"
-        )
-    cpu = float(cpus) if cpus != AUTO else max(1.0, float(int(min(per_cpu))))
-    return workers, cpu, float(gpus)
+    gpus = float(gpus)
+    if gpus > 0:
+        counts = [int(n.gpus // gpus) for n in nodes]
+        shares = [n.cpus / c for n, c in zip(nodes, counts, strict=True) if c]
+        if not shares:
+            raise UsageError(
+                f"the cluster has no node with {gpus:g} GPU(s) for one worker: "
+                "lower --gpus-per-worker"
+            )
+        width = float(cpus) if cpus != AUTO else max(1.0, float(int(min(shares))))
+        return sum(counts), width, gpus
+    width = float(cpus) if cpus != AUTO else float(min(MAX_THREADS, *(int(n.cpus) for n in nodes)))
+    width = max(width, 1.0) if cpus == AUTO else width
+    workers = sum(max(1, int(n.cpus // width)) for n in nodes if n.cpus >= width) or 1
+    return workers, width, 0.0
 
 
 def size_job(

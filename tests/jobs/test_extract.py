@@ -29,10 +29,12 @@ OPTIONS = {"layers": "preset:paper", "attention": True, "inputs": True, "dtype":
 
 @pytest.fixture(scope="module")
 def f32_store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Runs ``w1`` (one worker) and ``w2`` (two workers) of the same float32 extraction."""
+    """Runs ``w1`` (one Ray actor), ``w2`` (two Ray actors) and ``here`` (in this process,
+    the default without a cluster address) of the same float32 extraction."""
     url = str(tmp_path_factory.mktemp("f32") / "acts.zarr")
     extract_tiny(url, "w1", workers=1, **OPTIONS)
     extract_tiny(url, "w2", workers=2, **OPTIONS)
+    extract_tiny(url, "here", **OPTIONS)
     return url
 
 
@@ -150,6 +152,10 @@ def test_opens_without_vitcnn_store(f32_store: str) -> None:
 
 def test_two_workers_identical_to_one(f32_store: str) -> None:
     assert_runs_identical(f32_store, "w1", f32_store, "w2")
+
+
+def test_in_process_identical_to_ray(f32_store: str) -> None:
+    assert_runs_identical(f32_store, "here", f32_store, "w1")
 
 
 def _config(url: str, run: str, **changes: object) -> ExtractConfig:

@@ -1,0 +1,191 @@
+"""``vitcnn_store.extract`` from Python: any torch.nn.Module, in this process by default."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from PIL import Image
+
+import vitcnn_store
+from tests.helpers import assert_runs_identical
+from tests.jobs.test_refusal import snapshot
+from vitcnn_store.data import open_image_set
+from vitcnn_store.errors import LayerPatternError, RunMismatchError, UsageError
+
+DATA = {"input_size": (3, 24, 24), "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}
+COMMON = {"limit": 20, "chunk_size": 8, "progress": False, "dtype": "float32"}
+
+
+class TinyNet(torch.nn.Module):
+    """A researcher's own model: a conv stem, a block with an in-place ReLU, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.block = torch.nn.Sequential(
+            torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(inplace=True)
+        )
+        self.tokens = torch.nn.Identity()  # (n, 36, 8): the map as a token sequence
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block(self.stem(x)) + self.stem(x)
+        t = self.tokens(x.flatten(2).transpose(1, 2))
+        return self.head(t.mean(1))
+
+
+def tiny_net(seed: int = 0) -> TinyNet:
+    torch.manual_seed(seed)
+    net = TinyNet()
+    net.block[1].running_mean.uniform_(-0.5, 0.5)  # non-trivial BN statistics
+    return net.eval()
+
+
+def own_inputs(n: int) -> torch.Tensor:
+    """The images preprocessed by the test itself, with timm's eval transform of ``DATA``."""
+    from timm.data import create_transform, resolve_data_config
+
+    tf = create_transform(**resolve_data_config(args=dict(DATA)), is_training=False)
+    images = open_image_set("builtin:faces", limit=n)
+    return torch.stack([tf(images.load(i)) for i in range(n)])
+
+
+def own_forward(net: torch.nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, np.ndarray]:
+    modules, out = dict(net.named_modules()), {}
+    hooks = [modules[n].register_forward_hook(
+        lambda m, a, o, n=n: out.__setitem__(n, o.detach().clone())) for n in names]  # fmt: skip
+    with torch.no_grad():
+        net(x)
+    for h in hooks:
+        h.remove()
+    return {n: v.numpy() for n, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = str(tmp_path_factory.mktemp("api") / "acts.zarr")
+    run = vitcnn_store.extract(tiny_net(), "builtin:faces", url, "mine",
+                               layers="stem,block,tokens,head", data_config=DATA, inputs=True,
+                               **COMMON)  # fmt: skip
+    assert run.complete
+    return url
+
+
+def test_values_equal_the_modules_own_forward(module_store: str) -> None:
+    run = vitcnn_store.open_store(module_store)["mine"]
+    x = own_inputs(run.n_images)
+    np.testing.assert_allclose(run.inputs.values, x.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+    ref = own_forward(tiny_net(), x, ["stem", "block", "tokens", "head"])
+    # Spatial maps are stored channels last: (image, y, x, channel).
+    np.testing.assert_allclose(run["stem"].values, ref["stem"].transpose(0, 2, 3, 1), atol=1e-5)
+    np.testing.assert_allclose(run["block"].values, ref["block"].transpose(0, 2, 3, 1), atol=1e-5)
+    np.testing.assert_allclose(run["tokens"].values, ref["tokens"], atol=1e-5)
+    np.testing.assert_allclose(run["head"].values, ref["head"], atol=1e-5)
+    assert run["tokens"].dims == ("image", "token", "channel")
+    assert set(run["tokens"].token_kind.values) == {"other"}  # no patch geometry known
+
+
+def test_provenance_records_the_class_and_the_weights(module_store: str) -> None:
+    attrs = vitcnn_store.open_store(module_store)["mine"].attrs
+    assert attrs["model"] == attrs["model_class"] == "tests.jobs.test_api.TinyNet"
+    assert attrs["weights_source"] == "module"
+    h = hashlib.sha256()  # the documented weights hash, computed here independently
+    for name, t in sorted(tiny_net().state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().numpy().tobytes())
+    assert attrs["weights_sha256"] == h.hexdigest()
+    assert attrs["input_size"] == [3, 24, 24] and attrs["mean"] == [0.5, 0.4, 0.3]
+
+
+def test_resume_and_changed_weights(module_store: str) -> None:
+    again = vitcnn_store.extract(tiny_net(), "builtin:faces", module_store, "mine",
+                                 layers="stem,block,tokens,head", data_config=DATA, inputs=True,
+                                 resume=True, **COMMON)  # fmt: skip
+    assert again.complete
+    before = snapshot(Path(module_store))
+    with pytest.raises(RunMismatchError, match="weights_sha256"):
+        vitcnn_store.extract(tiny_net(seed=1), "builtin:faces", module_store, "mine",
+                             layers="stem,block,tokens,head", data_config=DATA, inputs=True,
+                             resume=True, **COMMON)  # fmt: skip
+    assert snapshot(Path(module_store)) == before
+
+
+def test_a_custom_transform(tmp_path: Path) -> None:
+    def transform(image: Image.Image) -> torch.Tensor:
+        a = np.asarray(image.resize((16, 16)), dtype=np.float32) / 255.0
+        return torch.from_numpy(a).permute(2, 0, 1)
+
+    url = str(tmp_path / "acts.zarr")
+    run = vitcnn_store.extract(tiny_net(), "builtin:faces", url, "t", layers=["stem", "head"],
+                               transform=transform, **COMMON)  # fmt: skip
+    images = open_image_set("builtin:faces", limit=20)
+    x = torch.stack([transform(images.load(i)) for i in range(20)])
+    ref = own_forward(tiny_net(), x, ["head"])
+    np.testing.assert_allclose(run["head"].values, ref["head"], atol=1e-5)
+    assert run["stem"].shape == (20, 8, 8, 8)
+    assert "transform" in run.attrs and run.attrs["input_size"] == [3, 16, 16]
+
+
+def test_refusals_before_anything_is_written(tmp_path: Path) -> None:
+    url = tmp_path / "acts.zarr"
+    with pytest.raises(UsageError, match="transform= .* or data_config="):
+        vitcnn_store.extract(tiny_net(), "builtin:faces", str(url), "r", layers="stem", **COMMON)
+    with pytest.raises(LayerPatternError, match="no attention module that exposes"):
+        vitcnn_store.extract(tiny_net(), "builtin:faces", str(url), "r", layers="stem",
+                             attention=True, data_config=DATA, **COMMON)  # fmt: skip
+    with pytest.raises(LayerPatternError, match="preset:blocks is defined for the ViT"):
+        vitcnn_store.extract(tiny_net(), "builtin:faces", str(url), "r", layers="preset:blocks",
+                             data_config=DATA, **COMMON)  # fmt: skip
+    with pytest.raises(UsageError, match="a module is used as it is"):
+        vitcnn_store.extract(tiny_net(), "builtin:faces", str(url), "r", layers="stem",
+                             img_size=32, data_config=DATA, **COMMON)  # fmt: skip
+    assert not url.exists()
+
+
+def test_timm_attention_modules_are_captured_from_a_module(tmp_path: Path) -> None:
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1).eval()
+    run = vitcnn_store.extract(vit, "builtin:faces", str(tmp_path / "a.zarr"), "v",
+                               layers="blocks.*", attention=True, **COMMON)  # fmt: skip
+    attn = run.attention("blocks.0.attn").values
+    np.testing.assert_allclose(attn.sum(-1), 1.0, atol=1e-5)
+    assert run.attrs["model_family"] == "vit" and run["blocks.0"].attrs["role"] == "stream"
+
+
+def test_a_timm_name_gives_the_same_run_as_the_cli(tmp_path: Path) -> None:
+    from vitcnn_store.cli import main
+
+    url = str(tmp_path / "a.zarr")
+    run = vitcnn_store.extract("resnet18", "builtin:faces", url, "api", layers="layer1.*",
+                               img_size=32, limit=12, chunk_size=8, progress=False)  # fmt: skip
+    assert main(["extract", "resnet18", "--img-size", "32", "--images", "builtin:faces",
+                 "--limit", "12", "--chunk-size", "8", "--store", url, "--run", "cli",
+                 "--layers", "layer1.*", "--no-progress"]) == 0  # fmt: skip
+    assert run.attrs["model"] == "resnet18"
+    assert_runs_identical(url, "api", url, "cli")
+    tree = xr.open_datatree(url, engine="zarr")
+    assert tree["api"]["layer1.0"]["activation"].dims == ("image", "y", "x", "channel")
+
+
+def test_the_plan_is_printed_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    vitcnn_store.extract(tiny_net(), "builtin:faces", str(tmp_path / "a.zarr"), "r",
+                         layers="head", data_config=DATA, **COMMON)  # fmt: skip
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("vitcnn extract:")]
+    assert len(lines) == 1 and "in this process: " in lines[0] and "torch thread" in lines[0]
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_module_travels_to_ray_actors(module_store: str, tmp_path: Path) -> None:
+    """The driver's module reaches the actors through the object store: same values."""
+    url = str(tmp_path / "ray.zarr")
+    vitcnn_store.extract(tiny_net(), "builtin:faces", url, "mine", workers=2,
+                         layers="stem,block,tokens,head", data_config=DATA, inputs=True,
+                         **COMMON)  # fmt: skip
+    assert_runs_identical(url, "mine", module_store, "mine")

@@ -1,0 +1,174 @@
+"""One option table per command: every option reaches the config, argparse and validation agree."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobs.config import ExtractConfig
+from jobs.submit import SubmitOptions
+from vitcnn_store.cli import LayersOptions, _extract_config, build_parser, main
+from vitcnn_store.errors import UsageError, VitcnnError
+from vitcnn_store.models import ModelSpec
+from vitcnn_store.options import AUTO, config_kwargs, options_of, to_argv
+
+BASE = ["extract", "resnet18", "--images", "builtin:faces", "--store", "s.zarr", "--run", "r"]
+
+# One non-default value per option of `vitcnn extract`: (argv, the field's value).
+SAMPLES: dict[str, tuple[list[str], Any]] = {
+    "model.pretrained": (["--pretrained"], True),
+    "model.checkpoint": (["--checkpoint", "w.pth"], "w.pth"),
+    "model.img_size": (["--img-size", "64"], 64),
+    "model.model_args": (["--model-arg", "depth=2", "--model-arg", "act=gelu"],
+                         {"depth": 2, "act": "gelu"}),
+    "model.seed": (["--seed", "7"], 7),
+    "layers": (["--layers", "layer1.*"], "layer1.*"),
+    "reduce": (["--reduce", "layer1.*=pool:2", "--reduce", "layer2.*=mean"],
+               ("layer1.*=pool:2", "layer2.*=mean")),
+    "attention": (["--attention"], True),
+    "attention_layers": (["--attention-layers", "blocks.0.attn"], "blocks.0.attn"),
+    "inputs": (["--inputs"], True),
+    "dtype": (["--dtype", "float32"], "float32"),
+    "compression": (["--compression", "zstd"], "zstd"),
+    "chunk_size": (["--chunk-size", "8"], 8),
+    "batch_size": (["--batch-size", "4"], 4),
+    "limit": (["--limit", "10"], 10),
+    "strict": (["--strict"], True),
+    "resume": (["--resume"], True),
+    "overwrite": (["--overwrite"], True),
+    "workers": (["--workers", "3"], 3),
+    "cpus_per_worker": (["--cpus-per-worker", "1.5"], 1.5),
+    "gpus_per_worker": (["--gpus-per-worker", "0.5"], 0.5),
+    "device": (["--device", "cpu"], "cpu"),
+    "autocast": (["--autocast"], True),
+    "address": (["--address", "127.0.0.1:6379"], "127.0.0.1:6379"),
+    "progress": (["--no-progress"], False),
+    "lease_ttl": (["--lease-ttl", "30"], 30.0),
+}  # fmt: skip
+
+
+def table_fields(cls: Any, prefix: str = "") -> list[str]:
+    out = []
+    for f, opt in options_of(cls):
+        if opt.nested is not None:
+            out += table_fields(opt.nested, f"{prefix}{f.name}.")
+        elif opt.action != "positional" and opt.flag not in ("--images", "--store", "--run"):
+            out.append(prefix + f.name)
+    return out
+
+
+def field_value(cfg: Any, path: str) -> Any:
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def parse(*extra: str) -> ExtractConfig:
+    return _extract_config(build_parser().parse_args([*BASE, *extra]))
+
+
+def test_every_extract_option_has_a_sample() -> None:
+    assert sorted(table_fields(ExtractConfig)) == sorted(SAMPLES)
+
+
+@pytest.mark.parametrize("path", sorted(SAMPLES))
+def test_every_extract_option_reaches_the_config(path: str) -> None:
+    argv, expected = SAMPLES[path]
+    cfg = parse(*argv)
+    assert field_value(cfg, path) == expected
+    # ... and nothing else moved: every other field keeps its default.
+    default = parse()
+    for other in SAMPLES:
+        if other != path:
+            assert field_value(cfg, other) == field_value(default, other), other
+
+
+def test_required_and_positional_options() -> None:
+    cfg = parse()
+    assert (cfg.model, cfg.images, cfg.store, cfg.run) == (
+        ModelSpec("resnet18"), "builtin:faces", "s.zarr", "r"
+    )
+    assert (cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker) == (AUTO, AUTO, AUTO)
+
+
+def test_config_round_trips_through_its_command_line() -> None:
+    argv = [a for path in SAMPLES if path not in ("resume", "model.checkpoint")
+            for a in SAMPLES[path][0]]  # fmt: skip
+    cfg = parse(*argv)
+    assert _extract_config(build_parser().parse_args(["extract", *to_argv(cfg)])) == cfg
+
+
+def choice_cases() -> list[tuple[str, str, tuple[str, ...]]]:
+    return [(f.name, opt.flag, opt.choices) for f, opt in options_of(ExtractConfig)
+            if opt.choices]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "flag", "choices"), choice_cases())
+def test_argparse_and_validation_accept_the_same_choices(
+    name: str, flag: str, choices: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    for value in choices:
+        cfg = parse(flag, value)
+        cfg.validate()
+        dataclasses.replace(cfg, **{name: value}).validate()
+    with pytest.raises(SystemExit) as exit_info:
+        parse(flag, "bogus")
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    with pytest.raises(UsageError, match=f"{flag} must be one of {', '.join(choices)}"):
+        dataclasses.replace(parse(), **{name: "bogus"}).validate()
+
+
+def bound_cases() -> list[tuple[str, str, str]]:
+    bad = {"positive": "0", "non-negative": "-1"}
+    return [(f.name, opt.flag, bad[opt.check]) for f, opt in options_of(ExtractConfig)
+            if opt.check]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "flag", "bad"), bound_cases())
+def test_cli_and_python_refuse_the_same_values_with_the_same_words(
+    name: str, flag: str, bad: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [a.replace("s.zarr", str(tmp_path / "s.zarr")) for a in BASE]
+    assert main([*argv, flag, bad]) == 2
+    cli_error = capsys.readouterr().err.strip().removeprefix("vitcnn extract: error: ")
+    value = parse(flag, bad).__getattribute__(name)
+    with pytest.raises(UsageError) as python_error:
+        dataclasses.replace(parse(), **{name: value}).validate()
+    assert cli_error == str(python_error.value) and flag in cli_error
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_auto_is_taken_where_the_table_allows_it() -> None:
+    assert parse("--workers", "auto").workers == AUTO
+    with pytest.raises(SystemExit):
+        parse("--chunk-size", "auto")  # not an auto option: argparse refuses the text
+
+
+def test_model_spec_checks_its_own_table() -> None:
+    with pytest.raises(VitcnnError, match="--img-size must be positive, got 0"):
+        ModelSpec("resnet18", img_size=0)
+    with pytest.raises(VitcnnError, match="--pretrained or --checkpoint"):
+        ModelSpec("resnet18", pretrained=True, checkpoint="w.pth")
+
+
+def test_submit_and_layers_options_reach_their_configs() -> None:
+    args = build_parser().parse_args(
+        ["submit", *BASE, "--wait", "--pip", "a", "--pip", "b", "--job-id", "j1"]
+    )
+    assert SubmitOptions(**config_kwargs(SubmitOptions, args)) == SubmitOptions(
+        wait=True, pip=("a", "b"), job_id="j1"
+    )
+    args = build_parser().parse_args(["layers", "resnet18", "--img-size", "48", "--layers", "x*"])
+    assert LayersOptions(**config_kwargs(LayersOptions, args)) == LayersOptions(
+        ModelSpec("resnet18", img_size=48), "x*"
+    )
+
+
+def test_python_only_fields_have_no_flag() -> None:
+    flags = {f.name for f, _ in options_of(ExtractConfig)}
+    assert {"extra_attrs", "transform", "data_config"}.isdisjoint(flags)
+    with pytest.raises(UsageError, match="either transform or data_config"):
+        dataclasses.replace(parse(), transform=lambda im: im, data_config={}).validate()
