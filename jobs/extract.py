@@ -31,10 +31,9 @@ from typing import Any
 
 from jobs.config import ExtractConfig
 from jobs.plan import RunTemplate, plan_extraction
-from jobs.run_setup import LeaseKeeper, check_run, create_run_from, prepare_store
+from jobs.run_setup import RunSession, check_run, prepare_store
 from jobs.sizing import ExecutionPlan, local_resources, size_job
-from vitcnn_store.errors import VitcnnError
-from vitcnn_store.store import RunWriter, consolidate
+from vitcnn_store.store import consolidate, unit_bounds
 
 __all__ = [
     "ExtractConfig",
@@ -62,6 +61,15 @@ class ExtractSummary:
     #: Seconds from the call to the first unit's start (validation, model, template,
     #: store checks, workers, run creation).
     startup_seconds: float = 0.0
+    #: Seconds of each step (model, template, weights hash, image hashes, store checks,
+    #: workers, run creation, units, consolidate): where a job's time goes.
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def lap(self, name: str, since: float) -> float:
+        """Add the seconds since ``since`` to step ``name``; returns now."""
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - since
+        return now
 
     def __str__(self) -> str:
         rate = self.images_written / self.seconds if self.seconds > 0 else 0.0
@@ -71,6 +79,8 @@ class ExtractSummary:
             f"({self.images_written} images in {self.seconds:.1f} s, {rate:.1f} img/s; "
             f"start-up {self.startup_seconds:.1f} s)",
         ]
+        if self.plan:
+            lines.append(f"plan: {self.plan}")
         if self.failed:
             lines.append(f"{len(self.failed)} image(s) failed to decode:")
             lines += [f"  {k}: {v}" for k, v in list(self.failed.items())[:10]]
@@ -114,35 +124,39 @@ def _prepare(cfg: ExtractConfig, sizing: ExecutionPlan) -> _Prepared:
     """Steps 2 and 3: the template and every store-side check (writes nothing)."""
     template = plan_extraction(cfg, threads=sizing.threads)
     template = replace(template, plan=replace(template.plan, device=sizing.device))
+    t = time.perf_counter()
     create = check_run(cfg, template)
     n_units = -(-len(template.plan.images) // cfg.chunk_size)
-    return _Prepared(template, create, _units_to_write(cfg, create, n_units))
+    units = _units_to_write(cfg, create, n_units)
+    template.timings["store checks"] = time.perf_counter() - t
+    return _Prepared(template, create, units)
 
 
-def _announce(summary: ExtractSummary, t0: float) -> None:
+def _announce(cfg: ExtractConfig, summary: ExtractSummary, t0: float) -> None:
+    """The plan in one line on stderr, with the progress bar (``--no-progress``: quiet;
+    the summary repeats it)."""
     summary.startup_seconds = time.perf_counter() - t0
-    print(f"vitcnn extract: {summary.plan}", file=sys.stderr, flush=True)
+    if cfg.progress:
+        print(f"vitcnn extract: {summary.plan}", file=sys.stderr, flush=True)
 
 
 @contextmanager
 def _writing(cfg: ExtractConfig, prep: _Prepared, summary: ExtractSummary,
-             t0: float) -> Iterator[tuple[Callable[[int, int], None], Callable[[], None]]]:  # fmt: skip
-    """Create the run if needed, hold its lease and a progress bar while units are written.
+             t0: float) -> Iterator[tuple[RunSession, Callable[[int, int], None]]]:  # fmt: skip
+    """The run's session (creation, lease) and a progress bar while units are written.
 
-    Yields ``(on_written, between)`` for the runner.
+    Yields ``(session, on_written)`` for the runner, which opens the session
+    before its first write.
     """
     from tqdm.auto import tqdm
 
-    if prep.create:  # the job is certain to start: only now replace anything
-        create_run_from(cfg, prep.template)
-    writer = RunWriter(cfg.store, cfg.run)
-    keeper = LeaseKeeper(cfg.store, cfg.run, cfg.lease_ttl)
-    _announce(summary, t0)
-    released = False
+    session = RunSession(cfg, prep.template, prep.create)
+    _announce(cfg, summary, t0)
     lock = threading.Lock()
-    total = sum(writer.units[u][1] - writer.units[u][0] for u in prep.units)
-    bar = tqdm(total=total, unit="img", desc=f"extract {cfg.run}", disable=not cfg.progress,
-               file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+    bounds = unit_bounds(len(prep.template.plan.images), cfg.chunk_size)
+    bar = tqdm(total=sum(bounds[u][1] - bounds[u][0] for u in prep.units), unit="img",
+               desc=f"extract {cfg.run}", disable=not cfg.progress, file=sys.stderr,
+               dynamic_ncols=True)  # fmt: skip
 
     def on_written(unit: int, n: int) -> None:
         with lock:  # the in-process runner calls this from its write thread
@@ -150,20 +164,21 @@ def _writing(cfg: ExtractConfig, prep: _Prepared, summary: ExtractSummary,
             summary.images_written += n
             bar.update(n)
 
+    t = time.perf_counter()
+    error: BaseException | None = None
     try:
-        yield on_written, keeper.check
-    except VitcnnError as e:
-        released = keeper.release()
-        if not released:  # e.g. the disk is full: the lease lapses on its own
-            raise type(e)(
-                f"{e}; the run's lease could not be dropped, so --resume can take over "
-                f"after {keeper.lease.expires_at}"
-            ) from e
+        yield session, on_written
+    except BaseException as e:
+        error = e
         raise
     finally:
         bar.close()
-        if not released:
-            keeper.release()
+        summary.timings["run creation"] = session.seconds
+        summary.lap("units", t)
+        summary.timings["units"] -= session.seconds
+        reported = session.close(error)
+        if reported is not error:
+            raise reported from error
 
 
 def _in_process(cfg: ExtractConfig, prep: _Prepared, summary: ExtractSummary, t0: float) -> None:
@@ -171,12 +186,14 @@ def _in_process(cfg: ExtractConfig, prep: _Prepared, summary: ExtractSummary, t0
     from jobs.worker import UnitExtractor
 
     plan = prep.template.plan
+    t = time.perf_counter()
     extractor = UnitExtractor(plan, prep.template.model)  # the model on its device
+    summary.lap("workers", t)
     try:
-        with _writing(cfg, prep, summary, t0) as (on_written, between):
-            bounds = extractor.writer.units
-            for _ in run_units(extractor, prep.units, bounds, on_written):
-                between()
+        with _writing(cfg, prep, summary, t0) as (session, on_written):
+            bounds = unit_bounds(len(plan.images), cfg.chunk_size)
+            for _ in run_units(extractor, prep.units, bounds, on_written, session.open):
+                session.check()
     finally:
         extractor.close()
 
@@ -200,8 +217,10 @@ def _on_ray(cfg: ExtractConfig, sizing: ExecutionPlan, address: str | None,
     planner = threading.Thread(target=prepare, name="vitcnn-plan", daemon=True)
     planner.start()
     started = False
+    t = time.perf_counter()
     try:
         started = connect(cfg.address)
+        summary.lap("ray connect (while planning)", t)
     finally:
         planner.join()
     try:
@@ -218,10 +237,13 @@ def _on_ray(cfg: ExtractConfig, sizing: ExecutionPlan, address: str | None,
         check_resources(sizing.workers, sizing.cpus_per_worker, sizing.gpus_per_worker)
         summary.plan = sizing.describe()
         n = min(sizing.workers, len(prep.units))
+        t = time.perf_counter()
         pool = start_actors(prep.template.plan, prep.template.model, sizing, n)
+        summary.lap("workers", t)
         try:
-            with _writing(cfg, prep, summary, t0) as (on_written, between):
-                summary.nodes = drive(pool, prep.units, cfg.store, on_written, between)
+            with _writing(cfg, prep, summary, t0) as (session, on_written):
+                session.open()
+                summary.nodes = drive(pool, prep.units, cfg.store, on_written, session.check)
         finally:
             stop_actors(pool)
         return prep
@@ -252,8 +274,11 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
             _in_process(cfg, prep, summary, t0)
     summary.n_images = len(prep.template.plan.images)
     summary.units_total = -(-summary.n_images // cfg.chunk_size)
+    summary.timings = {**prep.template.timings, **summary.timings}
     if prep.units:
+        t = time.perf_counter()
         consolidate(cfg.store)
+        summary.lap("consolidate", t)
     from vitcnn_store.store import open_store
 
     summary.failed = open_store(cfg.store)[cfg.run].failed

@@ -62,10 +62,12 @@ def _get(q: queue.Queue[Any], stop: threading.Event) -> Any:
 
 def run_units(
     extractor: UnitExtractor, units: Sequence[int], bounds: Sequence[tuple[int, int]],
-    on_written: Callable[[int, int], None],
+    on_written: Callable[[int, int], None], before_first_write: Callable[[], None] = lambda: None,
 ) -> Iterator[None]:  # fmt: skip
     """Extract and write ``units``; call ``on_written(unit, n_images)`` from the writer.
 
+    ``before_first_write`` runs on the write thread before anything is written
+    (the job creates its run there, while the first unit is decoded and run).
     A generator: it yields after each forward so that the caller (the job) can
     check its lease between units; exhaust it to run the job.
     """
@@ -81,6 +83,7 @@ def run_units(
         _put(decoded, _DONE, stop)
 
     def write() -> None:
+        before_first_write()
         while (item := _get(forwarded, stop)) is not _DONE:
             on_written(item.unit, extractor.write(item))
 

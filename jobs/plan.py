@@ -13,7 +13,7 @@ store.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -65,6 +65,8 @@ class RunTemplate:
     specs: list[ArraySpec]
     image_sha256: list[str]
     model: Any = None  # the driver's torch.nn.Module (hashed: weights_sha256)
+    #: Seconds of each step of planning (model, template, weights hash, image hashes).
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def _select_attention(model: Any, cfg: ExtractConfig) -> list[str]:
@@ -308,8 +310,11 @@ def plan_extraction(cfg: ExtractConfig, threads: int | None = None) -> RunTempla
     import torch
 
     cfg.validate()
+    clock = _Clock()
     images = open_image_set(cfg.images, limit=cfg.limit)
+    clock.lap("image set")
     model = _get_model(cfg)
+    clock.lap("model")
     layers = expand_layers(model, cfg.layers)
     attention = _select_attention(model, cfg)
     dcfg, custom = _preprocessing(cfg, model)
@@ -338,11 +343,14 @@ def plan_extraction(cfg: ExtractConfig, threads: int | None = None) -> RunTempla
         layouts = cap.layouts(acts, attn, (input_size[1], input_size[2]))
     layers = sorted(layers, key=lambda n: layouts[n].depth_index)
     resolved, layouts, reduce_attrs = _reductions(cfg, layers, layouts)
+    clock.lap("template")
     sha = weights_sha256(model)
+    clock.lap("weights hash")
     is_cnn = not attention_modules(model) and any(
         isinstance(m, torch.nn.Conv2d) for m in model.modules()
     )
     hashes = images.content_hashes(progress=cfg.progress)
+    clock.lap("image hashes")
     provenance = _provenance(cfg, model, sha, dcfg, images, hashes, layers, attention)
     plan = ExtractionPlan(
         weights_sha256=sha,
@@ -364,7 +372,23 @@ def plan_extraction(cfg: ExtractConfig, threads: int | None = None) -> RunTempla
         reductions=resolved,
     )
     specs = array_specs(layouts, input_size, cfg.inputs, layer_roles(model), reduce_attrs)
-    return RunTemplate(plan, provenance, specs, hashes, model)
+    return RunTemplate(plan, provenance, specs, hashes, model, clock.laps)
+
+
+class _Clock:
+    """Seconds between successive laps, by name."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._now = time.perf_counter
+        self._last = self._now()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = self._now()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self._last
+        self._last = now
 
 
 def with_threads(template: RunTemplate, threads: int) -> RunTemplate:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from jobs.config import ExtractConfig
     from jobs.plan import RunTemplate
 
-__all__ = ["LeaseKeeper", "check_run", "create_run_from", "prepare_store"]
+__all__ = ["LeaseKeeper", "RunSession", "check_run", "create_run_from", "prepare_store"]
 
 
 def _refuse_if_leased(cfg: ExtractConfig) -> None:
@@ -117,3 +117,48 @@ class LeaseKeeper:
         except (VitcnnError, OSError):
             return False
         return True
+
+
+class RunSession:
+    """A job's hold on its run, from creation to the last unit.
+
+    :meth:`open` creates (or replaces) the run when the job must, then takes its
+    lease; it runs once, from whichever thread writes first (the in-process
+    runner opens it from its write thread, so creating the run overlaps the
+    first unit's decode and forward). :meth:`check` raises if the lease was
+    lost; :meth:`close` drops it.
+    """
+
+    def __init__(self, cfg: ExtractConfig, template: RunTemplate, create: bool) -> None:
+        self.cfg, self.template, self.create = cfg, template, create
+        self.keeper: LeaseKeeper | None = None
+        self.seconds = 0.0  # spent creating the run and taking the lease
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        import time
+
+        with self._lock:
+            if self.keeper is not None:
+                return
+            t = time.perf_counter()
+            if self.create:  # the job is certain to start: only now replace anything
+                create_run_from(self.cfg, self.template)
+            self.keeper = LeaseKeeper(self.cfg.store, self.cfg.run, self.cfg.lease_ttl)
+            self.seconds = time.perf_counter() - t
+
+    def check(self) -> None:
+        if self.keeper is not None:
+            self.keeper.check()
+
+    def close(self, error: BaseException | None = None) -> BaseException | None:
+        """Drop the lease; returns ``error``, saying so when the lease could not be dropped
+        (e.g. the disk is full: it then lapses on its own)."""
+        if self.keeper is None:
+            return error
+        if not self.keeper.release() and isinstance(error, VitcnnError):
+            return type(error)(
+                f"{error}; the run's lease could not be dropped, so --resume can take over "
+                f"after {self.keeper.lease.expires_at}"
+            )
+        return error

@@ -176,7 +176,7 @@ def test_a_timm_name_gives_the_same_run_as_the_cli(tmp_path: Path) -> None:
 
 def test_the_plan_is_printed_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     vitcnn_store.extract(tiny_net(), "builtin:faces", str(tmp_path / "a.zarr"), "r",
-                         layers="head", data_config=DATA, **COMMON)  # fmt: skip
+                         layers="head", data_config=DATA, **{**COMMON, "progress": True})  # fmt: skip
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("vitcnn extract:")]
     assert len(lines) == 1 and "in this process: " in lines[0] and "torch thread" in lines[0]
 

@@ -21,7 +21,7 @@ from tests.conftest import TINY_VIT
 from tests.helpers import assert_runs_identical
 from vitcnn_store import open_store
 from vitcnn_store.errors import RunLockedError
-from vitcnn_store.store.lease import acquire_lease, current_lease
+from vitcnn_store.store.lease import acquire_lease, current_lease, release_lease
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -142,14 +142,17 @@ def test_half_written_unit_is_never_done_and_is_rewritten(clean: str, tmp_path: 
 def test_live_lease_refuses_a_second_job(clean: str) -> None:
     from tests.jobs.test_refusal import snapshot
 
-    acquire_lease(clean, "r", "job-other", ttl=2)
+    # A long lease, so that a slow (shared) machine cannot let it lapse mid-test.
+    acquire_lease(clean, "r", "job-other", ttl=300)
     before = snapshot(Path(clean))
     with pytest.raises(RunLockedError, match="job-other"):
         extract(config(clean, "r", resume=True))
     with pytest.raises(RunLockedError, match="job-other"):
         extract(config(clean, "r", overwrite=True))
     assert snapshot(Path(clean)) == before  # refused: not a byte changed
-    time.sleep(2.5)
+    release_lease(clean, "r", "job-other")
+    acquire_lease(clean, "r", "job-other", ttl=0.5)  # a crashed job's lease ...
+    time.sleep(1.0)  # ... now stale
     # Nothing left to do: the finished run is not touched, the stale lease stays expired.
     assert extract(config(clean, "r", resume=True)).units_written == 0
     lease = current_lease(clean, "r")
