@@ -29,6 +29,7 @@ import google_crc32c
 import numcodecs
 import numpy as np
 import torch
+from _photos import photo_folder
 
 from jobs.config import ExtractConfig
 from jobs.plan import plan_extraction
@@ -129,19 +130,6 @@ def store_write(values: dict[str, np.ndarray], compression: str, folder: str, na
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def photo_folder(n: int) -> str:
-    """A folder of ``n`` JPEG photographs (built-in set, saved at quality 90)."""
-    from vitcnn_store.data import open_image_set
-
-    folder = Path(tempfile.gettempdir()) / f"vitcnn-bench-photos-{n}"
-    if not folder.exists() or len(list(folder.glob("*.jpg"))) < n:
-        folder.mkdir(exist_ok=True)
-        images = open_image_set("builtin:photos", limit=n)
-        for i in range(n):
-            images.load(i).save(folder / f"{i:04d}.jpg", quality=90)
-    return str(folder)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="vit_base_patch16_224,resnet50")
@@ -164,8 +152,9 @@ def main() -> None:
         print(f"\n{name}: one unit of {args.images} images, {raw / args.images / 2**20:.2f} MiB "
               f"float16 per image, forward {fwd_cpu * 1e3:.0f} ms CPU per image "
               f"({torch.get_num_threads()} threads)")  # fmt: skip
-        print(table(rows, ["chain (+ crc32c)", "MiB/img", "ratio", "encode ms CPU/img",
-                           "encode MiB/s", "decode ms CPU/img", "encode / forward CPU"]))  # fmt: skip
+        header = ["chain (+ crc32c)", "MiB/img", "ratio", "encode ms CPU/img", "encode MiB/s",
+                  "decode ms CPU/img", "encode / forward CPU"]  # fmt: skip
+        print(table(rows, header))
         rows = []
         for compression in COMPRESSIONS:
             cpu, wall, size = store_write(values, compression, folder, name, args.images,

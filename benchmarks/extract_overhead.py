@@ -35,6 +35,7 @@ from jobs.worker import UnitExtractor
 from vitcnn_store.describe import format_bytes, table
 from vitcnn_store.models import ModelSpec, build_model, make_transform
 from vitcnn_store.store.chunks import walk_arrays
+from vitcnn_store.store.codecs import COMPRESSIONS, DEFAULT_COMPRESSION
 
 
 @contextlib.contextmanager
@@ -42,7 +43,7 @@ def without_checksums() -> Iterator[None]:
     """Create runs whose codec chains end without crc32c (for pricing it only)."""
     original = writer_module.checksummed
 
-    def plain(compression: str = "lz4") -> list:
+    def plain(compression: str = DEFAULT_COMPRESSION) -> list:
         return [c for c in original(compression) if c.to_dict()["name"] != "crc32c"]
 
     writer_module.checksummed = plain
@@ -100,16 +101,16 @@ def write_pass(extractor, values, failed, reasons, repeats: int) -> float:  # ty
 
 
 def measure(
-    plans, urls, n, n_units, batch, device, rounds, checksum_only=False
+    spec, plans, urls, n, n_units, batch, device, rounds, checksum_only=False
 ) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """Best-of-``rounds`` seconds, the ways interleaved so machine noise hits all alike."""
     plan = plans["crc"]
     fmt_cl = torch.channels_last
     models = {
-        "nchw": build_model(plan.model).to(device),
-        "cl": build_model(plan.model).to(device, memory_format=fmt_cl),
+        "nchw": build_model(spec).to(device),
+        "cl": build_model(spec).to(device, memory_format=fmt_cl),
     }
-    extractors = {k: UnitExtractor(p) for k, p in plans.items()}
+    extractors = {k: UnitExtractor(p, build_model(spec)) for k, p in plans.items()}
     batches, _ = decode_all(plan, n, batch)
     bare_pass(models["nchw"], batches[:1], device, torch.contiguous_format)  # warm-ups
     bare_pass(models["cl"], batches[:1], device, fmt_cl)
@@ -164,7 +165,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--layers", default="preset:blocks")
     p.add_argument("--dtype", default="float16")
-    p.add_argument("--compression", default="lz4", choices=["lz4", "zstd", "none"])
+    p.add_argument("--compression", default=DEFAULT_COMPRESSION, choices=COMPRESSIONS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (best kept)")
@@ -190,8 +191,8 @@ def main() -> None:
                 plans[key] = replace(template.plan, url=url)
                 specs = template.specs
             n = writer.n_images
-            t = measure(plans, urls, n, len(writer.units), args.batch, args.device, args.rounds,
-                        args.checksum_only)  # fmt: skip
+            t = measure(ModelSpec(name), plans, urls, n, len(writer.units), args.batch,
+                        args.device, args.rounds, args.checksum_only)  # fmt: skip
             t_fwd, t_bare, t_ours = t["forward"], t["decode"] + t["forward"], t["crc"]
             if plans["crc"].channels_last:  # what we run for CNNs, shown for transparency
                 t_cl = t["decode"] + t["forward_cl"]

@@ -124,8 +124,10 @@ def extract(
     ('image', 'y', 'x', 'channel')
     """
     if isinstance(model, str):
-        spec: Any = ModelSpec(model, pretrained=pretrained, checkpoint=checkpoint,
-                              img_size=img_size, model_args=dict(model_args or {}), seed=seed)  # fmt: skip
+        spec: Any = ModelSpec(
+            model, pretrained=pretrained, checkpoint=checkpoint, img_size=img_size,
+            model_args=dict(model_args or {}), seed=seed,
+        )  # fmt: skip
     else:
         if pretrained or checkpoint or img_size or model_args:
             from vitcnn_store.errors import UsageError

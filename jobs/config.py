@@ -42,13 +42,14 @@ class ExtractConfig:
     >>> cfg = ExtractConfig(ModelSpec("resnet18"), "builtin:faces", "acts.zarr", "r18")
     >>> cfg.workers, cfg.cpus_per_worker, cfg.compression
     ('auto', 'auto', 'none')
-    >>> ExtractConfig(ModelSpec("resnet18"), "builtin:faces", "a.zarr", "r", chunk_size=0).validate()
+    >>> cfg = ExtractConfig(ModelSpec("resnet18"), "builtin:faces", "a.zarr", "r", chunk_size=0)
+    >>> cfg.validate()
     Traceback (most recent call last):
     ...
     vitcnn_store.errors.UsageError: --chunk-size must be positive, got 0
     """
 
-    model: Any = option(flag="model", nested=ModelSpec)
+    model: Any = option(flag="model", nested=ModelSpec)  # noqa: RUF009 (a field specifier)
     images: str = option(flag="--images", parse=str,
                          help="folder, CSV manifest, or builtin:NAME")  # fmt: skip
     store: str = option(flag="--store", parse=str, help="store path or fsspec URL")

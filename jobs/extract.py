@@ -123,7 +123,8 @@ class _Prepared:
 def _prepare(cfg: ExtractConfig, sizing: ExecutionPlan) -> _Prepared:
     """Steps 2 and 3: the template and every store-side check (writes nothing)."""
     template = plan_extraction(cfg, threads=sizing.threads)
-    template = replace(template, plan=replace(template.plan, device=sizing.device))
+    plan = replace(template.plan, device=sizing.device, decode_threads=sizing.decode_threads)
+    template = replace(template, plan=plan)
     t = time.perf_counter()
     create = check_run(cfg, template)
     n_units = -(-len(template.plan.images) // cfg.chunk_size)
@@ -173,15 +174,17 @@ def _writing(cfg: ExtractConfig, prep: _Prepared, summary: ExtractSummary,
         raise
     finally:
         bar.close()
+        # In process the run is created on the write thread while the first unit runs:
+        # "units" then includes that overlap.
         summary.timings["run creation"] = session.seconds
         summary.lap("units", t)
-        summary.timings["units"] -= session.seconds
         reported = session.close(error)
-        if reported is not error:
+        if reported is not None and reported is not error:
             raise reported from error
 
 
-def _in_process(cfg: ExtractConfig, prep: _Prepared, summary: ExtractSummary, t0: float) -> None:
+def _in_process(cfg: ExtractConfig, sizing: ExecutionPlan, prep: _Prepared,
+                summary: ExtractSummary, t0: float) -> None:  # fmt: skip
     from jobs.inprocess import run_units
     from jobs.worker import UnitExtractor
 
@@ -192,7 +195,9 @@ def _in_process(cfg: ExtractConfig, prep: _Prepared, summary: ExtractSummary, t0
     try:
         with _writing(cfg, prep, summary, t0) as (session, on_written):
             bounds = unit_bounds(len(plan.images), cfg.chunk_size)
-            for _ in run_units(extractor, prep.units, bounds, on_written, session.open):
+            runner = run_units(extractor, prep.units, bounds, on_written, session.open,
+                               write_threads=sizing.write_threads)  # fmt: skip
+            for _ in runner:
                 session.check()
     finally:
         extractor.close()
@@ -232,7 +237,8 @@ def _on_ray(cfg: ExtractConfig, sizing: ExecutionPlan, address: str | None,
         if address and "auto" in (cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker):
             sizing = size_job(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker, cfg.device,
                               cluster_resources(ray.nodes()), address)  # fmt: skip
-            plan = replace(prep.template.plan, threads=sizing.threads, device=sizing.device)
+            plan = replace(prep.template.plan, threads=sizing.threads, device=sizing.device,
+                           decode_threads=sizing.decode_threads)  # fmt: skip
             prep.template = replace(prep.template, plan=plan)
         check_resources(sizing.workers, sizing.cpus_per_worker, sizing.gpus_per_worker)
         summary.plan = sizing.describe()
@@ -271,7 +277,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     else:
         prep = _prepare(cfg, sizing)
         if prep.units:
-            _in_process(cfg, prep, summary, t0)
+            _in_process(cfg, sizing, prep, summary, t0)
     summary.n_images = len(prep.template.plan.images)
     summary.units_total = -(-summary.n_images // cfg.chunk_size)
     summary.timings = {**prep.template.timings, **summary.timings}

@@ -1,11 +1,13 @@
 """Run a job's units in this process: decode, forward and write on three threads.
 
 The forward runs on the calling thread with every torch thread the job was
-given; a decode thread prepares the next unit's batch and a write thread
-checks, compresses, checksums and stores the previous one, each with a single
-torch thread, so neither takes the forward's thread pool. Bounded queues (one
-unit waiting at each hand-over) keep at most four units in memory. The first
-error on any thread stops all three and is raised on the calling thread.
+given; a decode thread prepares the next unit's batch (with a pool of decoding
+threads next to a GPU) and a write thread (several next to a GPU) checks,
+compresses, checksums and stores the previous one, each with a single torch
+thread, so neither takes the forward's thread pool. Bounded queues (one unit
+waiting at each hand-over) keep at most four units in memory, plus one per
+extra write thread. The first error on any thread stops them all and is
+raised on the calling thread.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def _get(q: queue.Queue[Any], stop: threading.Event) -> Any:
 def run_units(
     extractor: UnitExtractor, units: Sequence[int], bounds: Sequence[tuple[int, int]],
     on_written: Callable[[int, int], None], before_first_write: Callable[[], None] = lambda: None,
+    write_threads: int = 1,
 ) -> Iterator[None]:  # fmt: skip
     """Extract and write ``units``; call ``on_written(unit, n_images)`` from the writer.
 
@@ -82,12 +85,16 @@ def run_units(
                 return
         _put(decoded, _DONE, stop)
 
+    opened = threading.Lock()
+
     def write() -> None:
-        before_first_write()
+        with opened:  # the first writer opens the run; the others wait for it
+            before_first_write()
         while (item := _get(forwarded, stop)) is not _DONE:
             on_written(item.unit, extractor.write(item))
 
-    stages = [_Stage("decode", decode, stop), _Stage("write", write, stop)]
+    writers = [_Stage(f"write-{i}", write, stop) for i in range(max(1, write_threads))]
+    stages = [_Stage("decode", decode, stop), *writers]
     for stage in stages:
         stage.start()
     try:
@@ -97,8 +104,10 @@ def run_units(
             if not _put(forwarded, values, stop):
                 break
             yield
-        _put(forwarded, _DONE, stop)
-        stages[1].join()
+        for _ in writers:
+            _put(forwarded, _DONE, stop)
+        for writer in writers:
+            writer.join()
     except BaseException:
         stop.set()
         raise

@@ -4,8 +4,11 @@
 was asked and what there is (:class:`Resources`):
 
 - **No cluster address** (neither ``--address`` nor ``RAY_ADDRESS``) and at
-  most one GPU: the job runs **in this process** — the forward on every CPU
-  (torch threads), decoding on one helper thread and writing on another.
+  most one GPU: the job runs **in this process**. On the CPU: the forward on
+  every CPU (torch threads), decoding on one helper thread and writing on
+  another. On a GPU: two torch threads, the other CPUs decoding (a GPU forward
+  outruns one decoding thread many times over), and :data:`GPU_WRITE_THREADS`
+  units written at once.
   Starting Ray costs seconds (a 16-image job would spend most of its time
   there) and its actors add nothing a single process cannot do on one machine.
 - **Several local GPUs**: a local Ray with **one actor per GPU**, the CPUs
@@ -22,7 +25,7 @@ The job prints :meth:`ExecutionPlan.describe` as one line before it starts.
 Examples
 --------
 >>> size_job("auto", "auto", "auto", "auto", Resources(cpus=8, gpus=0), address=None).describe()
-'in this process: 8 torch threads + decode and write threads, cpu (no cluster address)'
+'in this process: 8 torch threads + 1 decode and 1 write thread, cpu (no cluster address)'
 >>> size_job(3, "auto", "auto", "auto", Resources(cpus=8, gpus=0), address=None).workers
 3
 """
@@ -48,6 +51,10 @@ __all__ = [
 #: Torch threads per actor on CPU clusters: intra-op scaling flattens beyond this,
 #: so a big node runs several actors instead of one wide one.
 MAX_THREADS = 16
+#: Units written at once next to a GPU forward (each unit's arrays in turn).
+GPU_WRITE_THREADS = 4
+#: Torch threads of a GPU forward in process (kernel launches and host copies).
+GPU_TORCH_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,8 @@ class ExecutionPlan:
     gpus_per_worker: float
     device: str
     reason: str
+    decode_threads: int = 1  # per worker (in process: the decode stage)
+    write_threads: int = 1  # in process: units written at once
 
     @property
     def on_ray(self) -> bool:
@@ -91,7 +100,8 @@ class ExecutionPlan:
         if not self.on_ray:
             return (
                 f"in this process: {self.threads} torch thread{'s' * (self.threads != 1)} + "
-                f"decode and write threads, {self.device} ({self.reason})"
+                f"{self.decode_threads} decode and {self.write_threads} write "
+                f"thread{'s' * (self.write_threads != 1)}, {self.device} ({self.reason})"
             )
         gpus = f", {self.gpus_per_worker:g} GPU" if self.gpus_per_worker else ""
         return (
@@ -168,6 +178,11 @@ def size_job(
         if dev == "cuda" and res.gpus < 1:
             raise UsageError("--device cuda: this machine has no CUDA device")
         reason = "--workers 0" if workers == 0 else "no cluster address"
+        if dev == "cuda":
+            threads = min(GPU_TORCH_THREADS, _threads(cpus))
+            decode = max(1, int(res.cpus) - threads)
+            return ExecutionPlan("in-process", 0, threads, cpus, 0.0, dev, reason, decode,
+                                 GPU_WRITE_THREADS)  # fmt: skip
         return ExecutionPlan("in-process", 0, _threads(cpus), cpus, 0.0, dev, reason)
     if workers == AUTO:
         n, cpu, gpu = _cluster_pool(res, cpus_per_worker, gpus_per_worker)
@@ -184,7 +199,10 @@ def size_job(
     if dev == "cuda" and gpu <= 0:
         # Ray hides every GPU from an actor that asked for none.
         raise UsageError("--device cuda needs --gpus-per-worker > 0 (e.g. 1)")
-    return ExecutionPlan("ray", n, _threads(cpu), cpu, gpu, dev, reason)
+    # A GPU actor decodes on its CPUs while its GPU runs; a CPU actor keeps them for the
+    # forward and decodes on one thread.
+    decode = max(1, _threads(cpu) - 1) if dev == "cuda" else 1
+    return ExecutionPlan("ray", n, _threads(cpu), cpu, gpu, dev, reason, decode)
 
 
 def cluster_resources(nodes: Sequence[dict[str, object]]) -> Resources:

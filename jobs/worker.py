@@ -69,6 +69,7 @@ class ExtractionPlan:
     channels_last: bool = False
     transform: Callable[[Any], Any] | None = None
     reductions: Mapping[str, ResolvedReduction] = field(default_factory=dict)
+    decode_threads: int = 1
 
 
 @dataclass
@@ -136,6 +137,21 @@ class UnitExtractor:
             reductions=plan.reductions,
         ).__enter__()  # fmt: skip
         self._forward_lock = threading.Lock()
+        self._decoders: Any = None
+
+    def _decoder_pool(self) -> Any:
+        """Threads decoding one unit's images in parallel (PIL and torch release the GIL),
+        each with one torch thread."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        import torch
+
+        if self._decoders is None:
+            self._decoders = ThreadPoolExecutor(
+                self.plan.decode_threads, thread_name_prefix="vitcnn-decode",
+                initializer=torch.set_num_threads, initargs=(1,),
+            )  # fmt: skip
+        return self._decoders
 
     @property
     def writer(self) -> RunWriter:
@@ -147,6 +163,8 @@ class UnitExtractor:
 
     def close(self) -> None:
         self.capture.__exit__(None, None, None)
+        if self._decoders is not None:
+            self._decoders.shutdown()
 
     # -- stages ---------------------------------------------------------------------
 
@@ -154,13 +172,20 @@ class UnitExtractor:
         """Load and preprocess images ``start:stop``; failures become zero images."""
         import torch
 
-        tensors, failed, reasons = [], np.zeros(stop - start, dtype=bool), [""] * (stop - start)
-        for i in range(start, stop):
+        failed, reasons = np.zeros(stop - start, dtype=bool), [""] * (stop - start)
+
+        def one(i: int) -> torch.Tensor:
             try:
-                tensors.append(self.transform(self.plan.images.load(i)))
+                return self.transform(self.plan.images.load(i))
             except ImageDecodeError as e:
                 failed[i - start], reasons[i - start] = True, str(e)
-                tensors.append(torch.zeros(self.plan.input_size))
+                return torch.zeros(self.plan.input_size)
+
+        indices = range(start, stop)
+        if self.plan.decode_threads > 1:
+            tensors = list(self._decoder_pool().map(one, indices))
+        else:
+            tensors = [one(i) for i in indices]
         batch = torch.stack(tensors)
         if self.device.type == "cuda":
             batch = batch.pin_memory()

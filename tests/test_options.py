@@ -89,7 +89,10 @@ def test_every_extract_option_reaches_the_config(path: str) -> None:
 def test_required_and_positional_options() -> None:
     cfg = parse()
     assert (cfg.model, cfg.images, cfg.store, cfg.run) == (
-        ModelSpec("resnet18"), "builtin:faces", "s.zarr", "r"
+        ModelSpec("resnet18"),
+        "builtin:faces",
+        "s.zarr",
+        "r",
     )
     assert (cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker) == (AUTO, AUTO, AUTO)
 

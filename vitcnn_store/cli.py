@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 class LayersOptions:
     """Options of ``vitcnn layers``."""
 
-    model: ModelSpec = option(flag="model", nested=ModelSpec)
+    model: ModelSpec = option(flag="model", nested=ModelSpec)  # noqa: RUF009 (field specifier)
     layers: str | None = option(None, flag="--layers", parse=str, metavar="PATTERNS",
                                 help="show only what these patterns select")  # fmt: skip
 

@@ -170,8 +170,8 @@ def add_arguments(
             target.add_argument(dest, help=opt.help, metavar=opt.metavar or f.name.upper(),
                                 type=_argparse_type(opt))  # fmt: skip
         elif opt.action in ("true", "false"):
-            target.add_argument(opt.flag, dest=dest, help=opt.help,
-                                action="store_true" if opt.action == "true" else "store_false")  # fmt: skip
+            action = "store_true" if opt.action == "true" else "store_false"
+            target.add_argument(opt.flag, dest=dest, help=opt.help, action=action)
         else:
             shown = (
                 "" if default in (dataclasses.MISSING, None, (), "") else f" (default: {default})"

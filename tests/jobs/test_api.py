@@ -28,7 +28,9 @@ class TinyNet(torch.nn.Module):
         super().__init__()
         self.stem = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
         self.block = torch.nn.Sequential(
-            torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(inplace=True)
+            torch.nn.Conv2d(8, 8, 3, padding=1),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(inplace=True),
         )
         self.tokens = torch.nn.Identity()  # (n, 36, 8): the map as a token sequence
         self.head = torch.nn.Linear(8, 5)
@@ -133,7 +135,7 @@ def test_a_custom_transform(tmp_path: Path) -> None:
 
 def test_refusals_before_anything_is_written(tmp_path: Path) -> None:
     url = tmp_path / "acts.zarr"
-    with pytest.raises(UsageError, match="transform= .* or data_config="):
+    with pytest.raises(UsageError, match=r"transform= .* or data_config="):
         vitcnn_store.extract(tiny_net(), "builtin:faces", str(url), "r", layers="stem", **COMMON)
     with pytest.raises(LayerPatternError, match="no attention module that exposes"):
         vitcnn_store.extract(tiny_net(), "builtin:faces", str(url), "r", layers="stem",
@@ -174,9 +176,12 @@ def test_a_timm_name_gives_the_same_run_as_the_cli(tmp_path: Path) -> None:
     assert tree["api"]["layer1.0"]["activation"].dims == ("image", "y", "x", "channel")
 
 
-def test_the_plan_is_printed_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_plan_is_printed_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    options = {**COMMON, "progress": True}
     vitcnn_store.extract(tiny_net(), "builtin:faces", str(tmp_path / "a.zarr"), "r",
-                         layers="head", data_config=DATA, **{**COMMON, "progress": True})  # fmt: skip
+                         layers="head", data_config=DATA, **options)  # fmt: skip
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("vitcnn extract:")]
     assert len(lines) == 1 and "in this process: " in lines[0] and "torch thread" in lines[0]
 

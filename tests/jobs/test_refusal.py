@@ -66,8 +66,11 @@ def refused(args: list[str], store: Path, code: int, capsys: pytest.CaptureFixtu
         (["--gpus-per-worker", "1"], 2, "no node with 1 GPU(s)"),
         (["--lease-ttl", "nan"], 2, "--lease-ttl must be positive"),
         (["--device", "cuda"], 2, "--device cuda: this machine has no CUDA device"),
-        (["--workers", "1", "--device", "cuda", "--gpus-per-worker", "0"], 2,
-         "--device cuda needs --gpus-per-worker"),
+        (
+            ["--workers", "1", "--device", "cuda", "--gpus-per-worker", "0"],
+            2,
+            "--device cuda needs --gpus-per-worker",
+        ),
         (["--reduce", "blocks.*=cls", "--reduce", "blocks.1=mean"], 2, "both cls and mean"),
         (["--model-arg", "checkpoint_path=w.pth"], 2, "use --checkpoint"),
     ],

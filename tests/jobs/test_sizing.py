@@ -27,14 +27,15 @@ def test_local_machine_without_address_runs_in_process_on_every_cpu() -> None:
     plan = size(res=Resources(cpus=2))
     assert (plan.mode, plan.workers, plan.threads, plan.device) == ("in-process", 0, 2, "cpu")
     assert plan.describe() == (
-        "in this process: 2 torch threads + decode and write threads, cpu (no cluster address)"
+        "in this process: 2 torch threads + 1 decode and 1 write thread, cpu (no cluster address)"
     )
     assert size(res=Resources(cpus=64)).threads == 64
 
 
-def test_one_gpu_runs_in_process_on_it() -> None:
-    plan = size(res=Resources(cpus=8, gpus=1))
-    assert (plan.mode, plan.device, plan.threads) == ("in-process", "cuda", 8)
+def test_one_gpu_runs_in_process_on_it_with_the_cpus_decoding() -> None:
+    plan = size(res=Resources(cpus=16, gpus=1))
+    assert (plan.mode, plan.device, plan.threads) == ("in-process", "cuda", 2)
+    assert (plan.decode_threads, plan.write_threads) == (14, 4)
 
 
 def test_cpus_per_worker_sets_the_threads_in_process() -> None:
@@ -44,7 +45,10 @@ def test_cpus_per_worker_sets_the_threads_in_process() -> None:
 def test_several_local_gpus_get_one_actor_each() -> None:
     plan = size(res=Resources(cpus=16, gpus=4))
     assert (plan.mode, plan.workers, plan.gpus_per_worker, plan.cpus_per_worker) == (
-        "ray", 4, 1.0, 4.0
+        "ray",
+        4,
+        1.0,
+        4.0,
     )
     assert plan.device == "cuda" and "one actor per GPU of 4" in plan.describe()
 
@@ -73,7 +77,10 @@ def test_gpu_cluster_gets_one_actor_per_gpu() -> None:
     nodes = (NodeResources(16, 2), NodeResources(16, 2), NodeResources(4, 0))
     plan = size(res=Resources(cpus=36, gpus=4, nodes=nodes), address="head:6379")
     assert (plan.workers, plan.gpus_per_worker, plan.cpus_per_worker, plan.device) == (
-        4, 1.0, 8.0, "cuda"
+        4,
+        1.0,
+        8.0,
+        "cuda",
     )
 
 

@@ -18,7 +18,7 @@ from vitcnn_store.models.reduce import (
 
 def numpy_pool(a: np.ndarray, k: int) -> np.ndarray:
     """(n, h, w, c) → K×K windows with stride K; edge windows average what they cover."""
-    n, h, w, c = a.shape
+    h, w = a.shape[1:3]
     rows = [a[:, i : i + k] for i in range(0, h, k)]
     return np.stack(
         [np.stack([r[:, :, j : j + k].mean(axis=(1, 2)) for j in range(0, w, k)], 1) for r in rows],
@@ -27,8 +27,10 @@ def numpy_pool(a: np.ndarray, k: int) -> np.ndarray:
 
 
 def token_coords(prefix: int, gh: int, gw: int, patch: int = 16) -> dict[str, np.ndarray]:
-    kinds = ["cls"] + ["reg"] * (prefix - 1) + ["patch"] * (gh * gw) if prefix else ["patch"] * (
-        gh * gw
+    kinds = (
+        ["cls"] + ["reg"] * (prefix - 1) + ["patch"] * (gh * gw)
+        if prefix
+        else ["patch"] * (gh * gw)
     )
     rows, cols = np.divmod(np.arange(gh * gw), gw)
     nan = np.full(prefix, np.nan)
