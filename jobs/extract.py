@@ -33,6 +33,7 @@ from jobs.config import ExtractConfig
 from jobs.plan import RunTemplate, plan_extraction
 from jobs.run_setup import RunSession, check_run, prepare_store
 from jobs.sizing import ExecutionPlan, local_resources, size_job
+from vitcnn_store.models.factory import ModelSpec
 from vitcnn_store.store import consolidate, unit_bounds
 
 __all__ = [
@@ -203,6 +204,29 @@ def _in_process(cfg: ExtractConfig, sizing: ExecutionPlan, prep: _Prepared,
         extractor.close()
 
 
+@contextmanager
+def _as_found(model: Any) -> Iterator[None]:
+    """Give a module handed in from Python back on its device, in its memory format
+    and training mode (the job puts it in eval mode, moves it to the job's device,
+    channels last for a CNN); a timm name's model is the job's own."""
+    if isinstance(model, ModelSpec):
+        yield
+        return
+    import torch
+
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    conv = next((p for p in model.parameters() if p.dim() == 4), None)
+    channels_last = (conv is not None and not conv.is_contiguous()
+                     and conv.is_contiguous(memory_format=torch.channels_last))  # fmt: skip
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    training = model.training
+    try:
+        yield
+    finally:
+        model.to(device=device, memory_format=fmt).train(training)
+
+
 def _on_ray(cfg: ExtractConfig, sizing: ExecutionPlan, address: str | None,
             summary: ExtractSummary, t0: float) -> _Prepared:  # fmt: skip
     import ray
@@ -272,12 +296,13 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     sizing = size_job(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker, cfg.device,
                       local_resources(), address)  # fmt: skip
     summary = ExtractSummary(cfg.run, cfg.store, 0, 0, 0, 0, {}, 0.0, plan=sizing.describe())
-    if sizing.on_ray:
-        prep = _on_ray(cfg, sizing, address, summary, t0)
-    else:
-        prep = _prepare(cfg, sizing)
-        if prep.units:
-            _in_process(cfg, sizing, prep, summary, t0)
+    with _as_found(cfg.model):
+        if sizing.on_ray:
+            prep = _on_ray(cfg, sizing, address, summary, t0)
+        else:
+            prep = _prepare(cfg, sizing)
+            if prep.units:
+                _in_process(cfg, sizing, prep, summary, t0)
     summary.n_images = len(prep.template.plan.images)
     summary.units_total = -(-summary.n_images // cfg.chunk_size)
     summary.timings = {**prep.template.timings, **summary.timings}

@@ -71,10 +71,14 @@ def own_forward(net: torch.nn.Module, x: torch.Tensor, names: list[str]) -> dict
 @pytest.fixture(scope="module")
 def module_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     url = str(tmp_path_factory.mktemp("api") / "acts.zarr")
-    run = vitcnn_store.extract(tiny_net(), "builtin:faces", url, "mine",
+    net = tiny_net().train()
+    run = vitcnn_store.extract(net, "builtin:faces", url, "mine",
                                layers="stem,block,tokens,head", data_config=DATA, inputs=True,
                                **COMMON)  # fmt: skip
     assert run.complete
+    # The module comes back as it was handed in: training mode, memory format, no hooks.
+    assert net.training and net.stem.weight.is_contiguous()
+    assert not net.stem._forward_hooks and not net.head._forward_hooks
     return url
 
 
