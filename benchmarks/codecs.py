@@ -59,7 +59,7 @@ def candidates() -> dict[str, object | None]:
 
 
 #: The store's --compression names and the chain each stands for (vitcnn_store/store/codecs.py).
-STORE_CHAINS = {"none": "none", "lz4": "blosc-lz4:1-shuffle", "zstd": "zstd:1"}
+STORE_CHAINS = {"none": "none", "lz4": "blosc-lz4:1-bitshuffle", "zstd": "zstd:1"}
 
 
 def unit_values(name: str, images: int, folder: str) -> tuple[dict[str, np.ndarray], float]:
