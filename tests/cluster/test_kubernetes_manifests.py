@@ -310,8 +310,10 @@ def test_rayjob() -> None:
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         gpus += group["replicas"] * int(limits.get("nvidia.com/gpu", 0))
         cpus += group["replicas"] * quantity(limits["cpu"])
-    assert args.workers * args.gpus_per_worker <= gpus
-    assert args.workers * args.cpus_per_worker <= cpus
+    # "auto" sizes actors from the cluster's resources, so only fixed numbers can overflow it.
+    assert args.workers != "auto", "the job names its actor count"
+    for per_worker, available in ((args.gpus_per_worker, gpus), (args.cpus_per_worker, cpus)):
+        assert per_worker == "auto" or args.workers * per_worker <= available
     # The head mounts what --images names (the driver lists the folder).
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert any(args.images.startswith(m["mountPath"]) for m in head["volumeMounts"])
