@@ -56,10 +56,20 @@ __all__ = [
 
 #: The value of an option that the job sizes itself (``--workers auto``).
 AUTO = "auto"
-_CHECKS = {
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "positive": (lambda v: v > 0, "must be positive"),
     "non-negative": (lambda v: v >= 0, "must be >= 0"),
+    "fraction": (lambda v: 0 < v < 1, "must be in (0, 1)"),
 }
+_AT_LEAST = "at least "
+
+
+def _rule(check: str) -> tuple[Callable[[Any], bool], str]:
+    """The test and the words of ``check``: a name of ``_CHECKS`` or ``"at least N"``."""
+    if check.startswith(_AT_LEAST):
+        low = int(check[len(_AT_LEAST) :])
+        return (lambda v: v >= low), f"must be >= {low}"
+    return _CHECKS[check]
 
 
 @dataclass(frozen=True)
@@ -68,10 +78,14 @@ class Option:
 
     ``action`` is ``"store"`` (a value), ``"true"``/``"false"`` (a flag setting
     the field to True/False), ``"append"`` (repeatable, a tuple) or
-    ``"positional"``. ``check`` is ``"positive"`` or ``"non-negative"``;
-    ``auto`` lets the value ``"auto"`` through. ``exclusive`` names a group of
-    flags of which at most one may be given. ``nested`` is a dataclass whose
-    own options stand for this field (``--img-size`` for ``model.img_size``).
+    ``"positional"``. ``check`` is ``"positive"``, ``"non-negative"``,
+    ``"fraction"`` (in (0, 1)) or ``"at least N"``; a tuple value is checked item
+    by item and must not be empty. ``auto`` lets the value ``"auto"`` through.
+    ``shown`` is the default as the help states it, where the value itself
+    would not read well (``--gather-memory``: "2048 MiB", not the bytes).
+    ``exclusive`` names a group of flags of which at most one may be given.
+    ``nested`` is a dataclass whose own options stand for this field
+    (``--img-size`` for ``model.img_size``).
     """
 
     flag: str
@@ -86,10 +100,15 @@ class Option:
     nested: type | None = None
     note: str = ""  # appended to the message of a failed check (how to fix it)
     collect: Callable[[list[Any]], Any] | None = None  # "append": the list -> the field
+    shown: str | None = None
 
     def __post_init__(self) -> None:
-        if self.check is not None and self.check not in _CHECKS:
-            raise ValueError(f"unknown check {self.check!r}")
+        if self.check is None:
+            return
+        try:
+            _rule(self.check)
+        except (KeyError, ValueError):
+            raise ValueError(f"unknown check {self.check!r}") from None
 
 
 def option(default: Any = dataclasses.MISSING, *, flag: str, help: str = "", **kwargs: Any) -> Any:
@@ -173,9 +192,12 @@ def add_arguments(
             action = "store_true" if opt.action == "true" else "store_false"
             target.add_argument(opt.flag, dest=dest, help=opt.help, action=action)
         else:
-            shown = (
-                "" if default in (dataclasses.MISSING, None, (), "") else f" (default: {default})"
-            )
+            if opt.shown is not None:
+                shown = f" (default: {opt.shown})"
+            elif default in (dataclasses.MISSING, None, (), ""):
+                shown = ""
+            else:
+                shown = f" (default: {default})"
             kwargs: dict[str, Any] = {
                 "dest": dest,
                 "help": opt.help + shown if opt.action != "append" else opt.help,
@@ -219,7 +241,7 @@ def _check_one(opt: Option, value: Any) -> None:
         raise UsageError(f"{opt.flag} must be one of {', '.join(opt.choices)}, got {value!r}")
     if opt.check is None:
         return
-    test, words = _CHECKS[opt.check]
+    test, words = _rule(opt.check)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         extra = " or auto" if opt.auto else ""
         raise UsageError(f"{opt.flag} must be a number{extra}, got {value!r}")
@@ -240,6 +262,11 @@ def check_options(config: Any) -> None:
             continue
         if opt.action == "append":
             for item in value or ():
+                _check_one(opt, item)
+        elif opt.check is not None and isinstance(value, (tuple, list)):
+            if not value:
+                raise UsageError(f"{opt.flag} needs at least one value")
+            for item in value:
                 _check_one(opt, item)
         else:
             _check_one(opt, value)
