@@ -19,18 +19,39 @@ Examples
 >>> result.dataset["cka"]  # doctest: +SKIP
 """
 
-from collections.abc import Callable
-from typing import Any
+from __future__ import annotations
 
-from jobs.analyze.attention import AttentionConfig, run_attention
-from jobs.analyze.cka import CKAConfig, run_cka
-from jobs.analyze.localization import LocalizationConfig, run_localization
-from jobs.analyze.options import AnalysisOptions, AnalysisWarning
-from jobs.analyze.pipeline import AnalysisResult
-from jobs.analyze.probe import ProbeConfig, run_probe
-from jobs.analyze.skip import SkipConfig, run_skip
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# The configs are light (the CLI builds its parser from them); the jobs load on
+# first use, so importing a config does not import the analyses.
+from jobs.analyze.options import (
+    CONFIGS,
+    AnalysisOptions,
+    AnalysisWarning,
+    AttentionConfig,
+    CKAConfig,
+    LocalizationConfig,
+    ProbeConfig,
+    SkipConfig,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from jobs.analyze.attention import run_attention
+    from jobs.analyze.cka import run_cka
+    from jobs.analyze.localization import run_localization
+    from jobs.analyze.pipeline import AnalysisResult
+    from jobs.analyze.probe import run_probe
+    from jobs.analyze.skip import run_skip
+
+    # analysis name -> (config class, job function), as the CLI dispatches them.
+    JOBS: dict[str, tuple[type[AnalysisOptions], Callable[[Any], AnalysisResult]]]
 
 __all__ = [
+    "CONFIGS",
     "JOBS",
     "AnalysisOptions",
     "AnalysisResult",
@@ -47,11 +68,22 @@ __all__ = [
     "run_skip",
 ]
 
-# analysis name -> (config class, job function), as the CLI dispatches them.
-JOBS: dict[str, tuple[type[AnalysisOptions], Callable[[Any], AnalysisResult]]] = {
-    "cka": (CKAConfig, run_cka),
-    "attention": (AttentionConfig, run_attention),
-    "localization": (LocalizationConfig, run_localization),
-    "skip": (SkipConfig, run_skip),
-    "probe": (ProbeConfig, run_probe),
+_LAZY = {
+    "AnalysisResult": "jobs.analyze.pipeline",
+    "run_attention": "jobs.analyze.attention",
+    "run_cka": "jobs.analyze.cka",
+    "run_localization": "jobs.analyze.localization",
+    "run_probe": "jobs.analyze.probe",
+    "run_skip": "jobs.analyze.skip",
 }
+
+
+def __getattr__(name: str) -> Any:
+    if name == "JOBS":
+        return {
+            analysis: (config, __getattr__(f"run_{analysis}"))
+            for analysis, config in CONFIGS.items()
+        }
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,14 +14,13 @@ resolution and patch size
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from jobs.analyze.executor import Executor
 from jobs.analyze.layers import select_attention_layers, token_positions
-from jobs.analyze.options import AnalysisOptions
+from jobs.analyze.options import AttentionConfig
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.runs import open_runs, usable_mask
 from jobs.analyze.tasks import chunk_tasks
@@ -33,15 +32,6 @@ if TYPE_CHECKING:
     import xarray as xr
 
 __all__ = ["AttentionConfig", "run_attention"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class AttentionConfig(AnalysisOptions):
-    """Options of ``vitcnn analyze attention``: ``renormalize`` rows over patch keys;
-    ``layers`` restricts the attention modules with glob patterns."""
-
-    renormalize: bool = False
-    layers: str | None = None
 
 
 def _accumulate(

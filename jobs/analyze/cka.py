@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jobs.analyze.cka_tiles import GramSide, TilePass, run_tile_pass
-from jobs.analyze.depth import ROLE_SETS, block_depth, layer_role_names, select_by_role
+from jobs.analyze.depth import block_depth, layer_role_names, select_by_role
 from jobs.analyze.executor import Executor
 from jobs.analyze.grams import ensure_grams
-from jobs.analyze.layers import REDUCTIONS, layer_info, reduce_layer
-from jobs.analyze.options import AnalysisOptions, AnalysisWarning, cap_batch_size
+from jobs.analyze.layers import layer_info, reduce_layer
+from jobs.analyze.options import ESTIMATORS, KERNELS, AnalysisWarning, CKAConfig, cap_batch_size
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.runs import align_images, open_runs, usable_mask
 from vitcnn_store.analysis.cka import (
@@ -45,13 +45,11 @@ from vitcnn_store.analysis.gram import rbf_from_linear_gram
 from vitcnn_store.analysis.tiles import BatchLayout, GatheredGrams
 from vitcnn_store.errors import DamagedDataError, UsageError
 from vitcnn_store.store.grams import (
-    GRAM_DTYPES,
     GramInfo,
     delete_grams,
     gram_layer,
     source_state,
 )
-from vitcnn_store.store.layout import check_name
 from vitcnn_store.store.reader import Run
 from vitcnn_store.store.schema import string_coord
 
@@ -60,74 +58,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ESTIMATORS", "KERNELS", "NULL_BYTES", "CKAConfig", "run_cka"]
 
-ESTIMATORS = ("unbiased-minibatch", "biased", "unbiased")
-KERNELS = ("linear", "rbf")
 NULL_BYTES = 2**30  # batch Grams the null holds at once (both sides); sets its default size
 _NULL_SEED = 0x6E756C6C  # "null": the permutation's stream, apart from the batches'
-
-
-@dataclass(frozen=True, kw_only=True)
-class CKAConfig(AnalysisOptions):
-    """Options of ``vitcnn analyze cka`` (see its ``--help``).
-
-    ``run2`` compares ``run`` with another run (result ``cka__<run2>``);
-    ``layers``/``layers2`` pick layers with glob patterns (``layers2`` defaults
-    to ``layers`` within a run, to the same roles of ``run2`` across runs);
-    without patterns ``roles`` picks them: ``stream`` (default), ``branches``
-    or ``all``. ``max_batches`` caps the batches per repeat. ``null_batches``
-    sizes the permutation null (default: one repeat's batches, within
-    :data:`NULL_BYTES`; 0: none). ``gram_dtype`` stores the Gram cache in
-    float64 (default) or float32. ``gram_tile`` (images per Gram tile) and
-    ``gather_bytes`` (memory for whole batch Grams, RBF only) change how the
-    result is computed, never what it is.
-    """
-
-    run2: str | None = None
-    estimator: str = "unbiased-minibatch"
-    batch_size: int = 1024
-    repeats: int = 1
-    max_batches: int | None = None
-    seed: int = 0
-    reduce: str = "flatten"
-    kernel: str = "linear"
-    rbf_threshold: float = 1.0
-    layers: str | None = None
-    layers2: str | None = None
-    roles: str = "stream"
-    null_batches: int | None = None
-    gram_dtype: str = "float64"
-    gram_tile: int | None = None
-    gather_bytes: int = 2 * 2**30
-
-    def validate(self) -> None:
-        if self.estimator not in ESTIMATORS:
-            raise UsageError(f"--estimator must be one of {', '.join(ESTIMATORS)}")
-        if self.reduce not in REDUCTIONS:
-            raise UsageError(f"--reduce must be one of {', '.join(REDUCTIONS)}")
-        if self.kernel not in KERNELS:
-            raise UsageError(f"--kernel must be one of {', '.join(KERNELS)}")
-        if self.roles not in ROLE_SETS:
-            raise UsageError(f"--roles must be one of {', '.join(ROLE_SETS)}")
-        if self.gram_dtype not in GRAM_DTYPES:
-            raise UsageError(f"--gram-dtype must be one of {', '.join(GRAM_DTYPES)}")
-        if self.repeats < 1:
-            raise UsageError(f"--repeats must be >= 1, got {self.repeats}")
-        if self.max_batches is not None and self.max_batches < 1:
-            raise UsageError(f"--batches must be >= 1, got {self.max_batches}")
-        if self.null_batches is not None and self.null_batches < 0:
-            raise UsageError(f"--null-batches must be >= 0, got {self.null_batches}")
-        if self.gram_tile is not None and self.gram_tile < 1:
-            raise UsageError(f"--gram-tile must be >= 1, got {self.gram_tile}")
-        if self.gather_bytes < 1:
-            raise UsageError(f"--gather-memory must be positive, got {self.gather_bytes}")
-        if not self.rbf_threshold > 0:
-            raise UsageError(f"--rbf-threshold must be > 0, got {self.rbf_threshold}")
-        if self.run2 is not None:
-            check_name(self.run2)
-
-    @property
-    def full_sample(self) -> bool:
-        return self.estimator != "unbiased-minibatch"
 
 
 @dataclass
@@ -387,7 +319,6 @@ def run_cka(cfg: CKAConfig) -> AnalysisResult:
     ``cka_null``, and the batches (``batch_image``, ``batch_image_id``, and for
     two runs ``batch_image_b``; the null's ``null_image_a``/``null_image_b``).
     """
-    cfg.validate()
     plan = _plan(cfg)
     states = {f"{plan.run_a.name}/{k}": v["digest"] for k, v in plan.states_a.items()}
     states.update({f"{plan.run_b.name}/{k}": v["digest"] for k, v in plan.states_b.items()})

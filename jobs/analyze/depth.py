@@ -16,13 +16,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from jobs.analyze.layers import layer_roles, select_layers
+from jobs.analyze.options import ROLE_SETS
 from vitcnn_store.errors import UsageError
 from vitcnn_store.models.families import BRANCH, is_residual_stream
 from vitcnn_store.store.reader import Run
 
 __all__ = ["ROLE_SETS", "block_depth", "layer_role_names", "select_by_role"]
-
-ROLE_SETS = ("stream", "branches", "all")
 
 
 def select_by_role(

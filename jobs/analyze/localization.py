@@ -21,14 +21,13 @@ stored (float16: 2 bytes × (targets × channels + H × W × 3) per image).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from jobs.analyze.executor import Executor, LazyTasks
 from jobs.analyze.layers import layer_info, layer_roles, patch_grid
-from jobs.analyze.options import AnalysisOptions, cap_batch_size
+from jobs.analyze.options import LocalizationConfig, TokenSpec, cap_batch_size
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.runs import open_runs, usable_mask
 from jobs.analyze.tasks import row_pieces, take_rows
@@ -48,24 +47,6 @@ __all__ = [
     "resolve_targets",
     "run_localization",
 ]
-
-# A target token: a grid position (row, col) or a flat patch index (row-major).
-TokenSpec = tuple[int, int] | int
-
-
-@dataclass(frozen=True, kw_only=True)
-class LocalizationConfig(AnalysisOptions):
-    """Options of ``vitcnn analyze localization``.
-
-    ``layer`` defaults to the last stored block output; ``tokens`` lists grid
-    positions ``(row, col)`` or flat patch indices ``k`` (row-major), and
-    defaults to :func:`default_targets`.
-    """
-
-    layer: str | None = None
-    tokens: tuple[TokenSpec, ...] | None = None
-    batch_size: int = 1024
-    seed: int = 0
 
 
 def default_targets(gy: int, gx: int) -> list[tuple[int, int]]:

@@ -1,20 +1,165 @@
-"""Options every analysis job takes, and checks of option values against the data."""
+"""The option table of every analysis job, and the batch-size policy.
+
+Each config dataclass declares its options once with
+:func:`vitcnn_store.options.option` (flag, help, parser, choices, bounds):
+``vitcnn analyze`` builds its argparse options from these tables, and
+:meth:`AnalysisOptions.validate` (run on construction) refuses bad values
+with the same words whether the config came from the CLI or from Python.
+The text parsers (``--tokens``, ``--shots full``, ``--l2 auto``, lists, MiB)
+live here beside the fields that use them; they only convert text, the
+bounds are the table's.
+
+This module is light (no dask, xarray or zarr) so the CLI can build its
+parser from it without loading the jobs.
+
+Examples
+--------
+>>> ProbeConfig(store="acts.zarr", run="vit", cv_folds=1)
+Traceback (most recent call last):
+...
+vitcnn_store.errors.UsageError: --cv-folds must be >= 2, got 1
+"""
 
 from __future__ import annotations
 
+import argparse
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from vitcnn_store.analysis.probes import DEFAULT_L2_GRID
 from vitcnn_store.errors import UsageError
+from vitcnn_store.options import check_options, option
+from vitcnn_store.store.grams import GRAM_DTYPES, REDUCTIONS
+from vitcnn_store.store.layout import check_name
 
-__all__ = ["EXECUTION_OPTIONS", "AnalysisOptions", "AnalysisWarning", "cap_batch_size"]
+__all__ = [
+    "CONFIGS",
+    "ESTIMATORS",
+    "EXECUTION_OPTIONS",
+    "FEATURES",
+    "KERNELS",
+    "ROLE_SETS",
+    "AnalysisOptions",
+    "AnalysisWarning",
+    "AttentionConfig",
+    "CKAConfig",
+    "LocalizationConfig",
+    "ProbeConfig",
+    "SkipConfig",
+    "TokenSpec",
+    "cap_batch_size",
+    "parse_l2",
+    "parse_mebibytes",
+    "parse_numbers",
+    "parse_shots",
+    "parse_tokens",
+]
 
 # Options that change how a result is computed, never what it is: left out of the
 # parameter dict compared for reuse.
 EXECUTION_OPTIONS = frozenset(
     {"store", "recompute", "dask_address", "threads", "progress", "gram_tile", "gather_bytes"}
 )
+ESTIMATORS = ("unbiased-minibatch", "biased", "unbiased")
+KERNELS = ("linear", "rbf")
+FEATURES = ("auto", "cls", "gap")
+#: Layer selections of the analyses drawn along depth (:func:`jobs.analyze.depth.select_by_role`).
+ROLE_SETS = ("stream", "branches", "all")
+# A target token: a grid position (row, col) or a flat patch index (row-major).
+TokenSpec = tuple[int, int] | int
+
+
+def parse_mebibytes(text: str) -> int:
+    """``--gather-memory``: MiB as text → bytes.
+
+    Examples
+    --------
+    >>> parse_mebibytes("2")
+    2097152
+    """
+    try:
+        return int(text) * 2**20
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer (MiB), got {text!r}") from None
+
+
+def parse_l2(text: str) -> float | None:
+    """``--l2``: ``auto`` (None: chosen by cross-validation) or a number.
+
+    Examples
+    --------
+    >>> parse_l2("auto"), parse_l2("0.5")
+    (None, 0.5)
+    """
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
+
+
+def parse_numbers(text: str) -> tuple[float, ...]:
+    """A comma-separated list of numbers (``--l2-grid``).
+
+    Examples
+    --------
+    >>> parse_numbers("0.1, 1,")
+    (0.1, 1.0)
+    """
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def parse_shots(text: str) -> int:
+    """``--shots``: training images per class, or ``full`` (0: a stratified split).
+
+    Examples
+    --------
+    >>> parse_shots("full"), parse_shots("10")
+    (0, 10)
+    """
+    if text.strip().lower() == "full":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or full, got {text!r}") from None
+
+
+def parse_tokens(text: str) -> tuple[TokenSpec, ...]:
+    """``--tokens``: grid positions ``row:col`` or flat patch indices, comma-separated.
+
+    Ranges are checked by the job against the layer's grid.
+
+    Examples
+    --------
+    >>> parse_tokens("0:1, 5")
+    ((0, 1), 5)
+    """
+    out: list[TokenSpec] = []
+    for item in (s.strip() for s in re.split(r"[,;]", text)):
+        if not item:
+            continue
+        try:
+            if ":" in item:
+                row, col = (int(v) for v in item.split(":"))
+                out.append((row, col))
+            else:
+                out.append(int(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--tokens wants row:col or patch indices, comma-separated; got {item!r}"
+            ) from None
+    if not out:
+        raise argparse.ArgumentTypeError("--tokens names no token")
+    return tuple(out)
 
 
 class AnalysisWarning(UserWarning):
@@ -48,18 +193,195 @@ class AnalysisOptions:
     {'run': 'vit', 'name': None, 'allow_incomplete': False}
     """
 
-    store: str
+    # fmt: off
+    store: str  # the positionals of the CLI, typed by hand there
     run: str
-    name: str | None = None
-    recompute: bool = False
-    allow_incomplete: bool = False
-    dask_address: str | None = None
-    threads: int | None = None
-    progress: bool = True
+    name: str | None = option(None, flag="--name", parse=str,
+        help="result name under <run>/_analyses/ (default: the analysis)")
+    recompute: bool = option(False, flag="--recompute", action="true",
+        help="recompute even if a result with the same parameters is stored")
+    allow_incomplete: bool = option(False, flag="--allow-incomplete", action="true",
+        help="analyse the written units of an unfinished run (recorded in the result)")
+    dask_address: str | None = option(None, flag="--dask-address", parse=str,
+        metavar="tcp://HOST:PORT", help="dask scheduler to run on (default: local threads)")
+    threads: int | None = option(None, flag="--threads", parse=int, check="positive",
+        help="local threads (default: all cores)")
+    progress: bool = option(True, flag="--no-progress", action="false", help="no progress bar")
+    # fmt: on
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse what the option table forbids; subclasses add checks across fields."""
+        check_options(self)
 
     def parameters(self) -> dict[str, Any]:
         """The options that define the result (compared to decide on reuse)."""
         return {k: v for k, v in asdict(self).items() if k not in EXECUTION_OPTIONS}
+
+
+_ROLES_HELP = ("layers without --layers: the residual stream (stem and block outputs), plus "
+               "branch outputs, or every stored layer")  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class CKAConfig(AnalysisOptions):
+    """Options of ``vitcnn analyze cka`` (see its ``--help``).
+
+    ``run2`` compares ``run`` with another run (result ``cka__<run2>``);
+    ``layers``/``layers2`` pick layers with glob patterns (``layers2`` defaults
+    to ``layers`` within a run, to the same roles of ``run2`` across runs);
+    without patterns ``roles`` picks them: ``stream`` (default), ``branches``
+    or ``all``. ``max_batches`` caps the batches per repeat. ``null_batches``
+    sizes the permutation null (default: one repeat's batches, within
+    :data:`jobs.analyze.cka.NULL_BYTES`; 0: none). ``gram_dtype`` stores the
+    Gram cache in float64 (default) or float32. ``gram_tile`` (images per Gram
+    tile) and ``gather_bytes`` (memory for whole batch Grams, RBF only) change
+    how the result is computed, never what it is.
+    """
+
+    # fmt: off
+    run2: str | None = None  # the optional positional RUN2 of the CLI
+    estimator: str = option("unbiased-minibatch", flag="--estimator", choices=ESTIMATORS,
+        help="unbiased HSIC1 summed over minibatches (the paper's), biased HSIC over all "
+        "images, or unbiased HSIC1 over all images")
+    batch_size: int = option(1024, flag="--batch-size", parse=int, check="at least 4",
+        help="images per batch, capped to the usable images")
+    repeats: int = option(1, flag="--repeats", parse=int, check="positive",
+        help="fresh samplings, averaged (std reported)")
+    max_batches: int | None = option(None, flag="--batches", parse=int, check="positive",
+        metavar="N", help="at most N batches per repeat (default: every full batch)")
+    seed: int = option(0, flag="--seed", parse=int, help="sampling seed")
+    reduce: str = option("flatten", flag="--reduce", choices=REDUCTIONS,
+        help="flatten tokens x channels, token/spatial mean, or CLS")
+    kernel: str = option("linear", flag="--kernel", choices=KERNELS, help="the CKA kernel")
+    rbf_threshold: float = option(1.0, flag="--rbf-threshold", parse=float, check="positive",
+        help="RBF bandwidth as a fraction of the median distance")
+    layers: str | None = option(None, flag="--layers", parse=str, metavar="PATTERNS",
+        help="pick the first run's layers")
+    layers2: str | None = option(None, flag="--layers2", parse=str, metavar="PATTERNS",
+        help="pick the second side's layers (default: --layers within a run, the same "
+        "roles of RUN2 across runs)")
+    roles: str = option("stream", flag="--roles", choices=ROLE_SETS, help=_ROLES_HELP)
+    null_batches: int | None = option(None, flag="--null-batches", parse=int,
+        check="non-negative", metavar="K",
+        help="batches of the permutation null (default: one repeat's, within 1 GiB of batch "
+        "Grams; 0: no null)")
+    gram_dtype: str = option("float64", flag="--gram-dtype", choices=GRAM_DTYPES,
+        help="storage of the Gram cache (always accumulated in float64; float32 halves it "
+        "and costs ~1e-7 in CKA)")
+    gram_tile: int | None = option(None, flag="--gram-tile", parse=int, check="positive",
+        metavar="N", help="images per Gram tile when computing the cache (default 512, "
+        "whole units)")
+    gather_bytes: int = option(2 * 2**30, flag="--gather-memory", parse=parse_mebibytes,
+        check="positive", metavar="MIB", shown="2048 MiB", note=" bytes (the flag takes MiB)",
+        help="memory for whole batch Grams of the RBF kernel")
+    # fmt: on
+
+    def validate(self) -> None:
+        super().validate()
+        if self.run2 is not None:
+            check_name(self.run2)
+
+    @property
+    def full_sample(self) -> bool:
+        return self.estimator != "unbiased-minibatch"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionConfig(AnalysisOptions):
+    """Options of ``vitcnn analyze attention``: ``renormalize`` rows over patch keys;
+    ``layers`` restricts the attention modules with glob patterns."""
+
+    # fmt: off
+    renormalize: bool = option(False, flag="--renormalize", action="true",
+        help="rescale rows over patch keys after dropping prefix tokens")
+    layers: str | None = option(None, flag="--layers", parse=str, metavar="PATTERNS",
+        help="restrict the attention layers")
+    # fmt: on
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalizationConfig(AnalysisOptions):
+    """Options of ``vitcnn analyze localization``.
+
+    ``layer`` defaults to the last stored block output; ``tokens`` lists grid
+    positions ``(row, col)`` or flat patch indices ``k`` (row-major), and
+    defaults to :func:`jobs.analyze.localization.default_targets`.
+    """
+
+    # fmt: off
+    layer: str | None = option(None, flag="--layer", parse=str,
+        help="layer (default: the last stored block)")
+    tokens: tuple[TokenSpec, ...] | None = option(None, flag="--tokens", parse=parse_tokens,
+        metavar="LIST", help="grid positions row:col or flat patch indices, comma-separated "
+        "(default: 4-5 spread over the grid)")
+    batch_size: int = option(1024, flag="--batch-size", parse=int, check="at least 4",
+        help="images per batch, capped to the usable images")
+    seed: int = option(0, flag="--seed", parse=int, help="sampling seed")
+    # fmt: on
+
+
+@dataclass(frozen=True, kw_only=True)
+class SkipConfig(AnalysisOptions):
+    """Options of ``vitcnn analyze skip`` (the common ones only)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeConfig(AnalysisOptions):
+    """Options of ``vitcnn analyze probe``.
+
+    ``shots`` per class (0 = full split with ``test_fraction`` held out);
+    ``features`` auto|cls|gap; ridge ``l2`` (None: chosen by ``cv_folds``-fold
+    cross-validation over ``l2_grid``); ``repeats`` splits from ``seed``;
+    ``layers`` patterns (default: the residual stream; ``roles`` as in
+    :func:`~jobs.analyze.depth.select_by_role`).
+    """
+
+    # fmt: off
+    shots: int = option(0, flag="--shots", parse=parse_shots, check="non-negative",
+        metavar="K|full", shown="full", note=" (0 or full: a stratified split)",
+        help="training images per class; full: a stratified split")
+    features: str = option("auto", flag="--features", choices=FEATURES,
+        help="auto: the CLS token where a layer has one that varies between images, else "
+        "the token/spatial mean, recorded per layer with the reason; cls: the CLS token "
+        "(layers without one are refused); gap: the token/spatial mean")
+    seed: int = option(0, flag="--seed", parse=int, help="split (and fold) seed")
+    l2: float | None = option(None, flag="--l2", parse=parse_l2, check="non-negative",
+        metavar="auto|VALUE", help="ridge penalty: auto (default) chooses it per layer by "
+        "cross-validation over --l2-grid; a number fixes it")
+    l2_grid: tuple[float, ...] = option(DEFAULT_L2_GRID, flag="--l2-grid", parse=parse_numbers,
+        check="positive", metavar="LIST", shown="1e-3 to 1e5 in half decades",
+        help="penalties tried by cross-validation, comma-separated")
+    cv_folds: int = option(5, flag="--cv-folds", parse=int, check="at least 2", metavar="K",
+        help="stratified folds of the training split (capped at the smallest class count)")
+    repeats: int = option(1, flag="--repeats", parse=int, check="positive",
+        help="splits, averaged")
+    test_fraction: float = option(0.25, flag="--test-fraction", parse=float, check="fraction",
+        help="held-out share of each class for --shots full")
+    layers: str | None = option(None, flag="--layers", parse=str, metavar="PATTERNS",
+        help="layers by pattern (default: the residual stream, one point per block)")
+    roles: str = option("stream", flag="--roles", choices=ROLE_SETS, help=_ROLES_HELP)
+    # fmt: on
+
+    def validate(self) -> None:
+        super().validate()
+        if self.l2 is None and self.shots == 1:
+            raise UsageError(
+                "--shots 1 leaves one training image per class: nothing to cross-validate "
+                "the ridge penalty on; give --l2 VALUE (e.g. --l2 1.0) or use --shots >= 2"
+            )
+
+
+# analysis name -> its config, as ``vitcnn analyze`` offers them.
+CONFIGS: dict[str, type[AnalysisOptions]] = {
+    "cka": CKAConfig,
+    "attention": AttentionConfig,
+    "localization": LocalizationConfig,
+    "skip": SkipConfig,
+    "probe": ProbeConfig,
+}
 
 
 def cap_batch_size(requested: int, n: int, what: str = "--batch-size") -> int:

@@ -26,19 +26,17 @@ class share of each test split.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jobs.analyze.depth import ROLE_SETS, block_depth, select_by_role
+from jobs.analyze.depth import block_depth, select_by_role
 from jobs.analyze.executor import Executor
 from jobs.analyze.layers import layer_info, layer_roles, reduce_layer
-from jobs.analyze.options import AnalysisOptions
+from jobs.analyze.options import FEATURES, ProbeConfig
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.runs import open_runs, usable_mask
 from vitcnn_store.analysis.probes import (
-    DEFAULT_L2_GRID,
     chance_accuracy,
     probe_splits,
     ridge_probe,
@@ -52,57 +50,9 @@ if TYPE_CHECKING:
 
 __all__ = ["FEATURES", "ProbeConfig", "run_probe"]
 
-FEATURES = ("auto", "cls", "gap")
 _CONSTANT_CLS = (
     "CLS token identical on every image (it has attended to no patch yet): patch-token mean"
 )
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProbeConfig(AnalysisOptions):
-    """Options of ``vitcnn analyze probe``.
-
-    ``shots`` per class (0 = full split with ``test_fraction`` held out);
-    ``features`` auto|cls|gap; ridge ``l2`` (None: chosen by ``cv_folds``-fold
-    cross-validation over ``l2_grid``); ``repeats`` splits from ``seed``;
-    ``layers`` patterns (default: the residual stream; ``roles`` as in
-    :func:`~jobs.analyze.depth.select_by_role`).
-    """
-
-    shots: int = 0
-    features: str = "auto"
-    seed: int = 0
-    l2: float | None = None
-    l2_grid: tuple[float, ...] = DEFAULT_L2_GRID
-    cv_folds: int = 5
-    repeats: int = 1
-    test_fraction: float = 0.25
-    layers: str | None = None
-    roles: str = "stream"
-
-    def validate(self) -> None:
-        if self.shots < 0:
-            raise UsageError(f"--shots must be >= 0 (0 = full), got {self.shots}")
-        if self.features not in FEATURES:
-            raise UsageError(f"--features must be one of {', '.join(FEATURES)}")
-        if self.roles not in ROLE_SETS:
-            raise UsageError(f"--roles must be one of {', '.join(ROLE_SETS)}, got {self.roles!r}")
-        if self.repeats < 1:
-            raise UsageError(f"--repeats must be >= 1, got {self.repeats}")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise UsageError(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
-        if self.l2 is not None and not (self.l2 >= 0 and np.isfinite(self.l2)):
-            raise UsageError(f"--l2 must be 'auto' or a number >= 0, got {self.l2}")
-        grid = np.asarray(self.l2_grid, dtype=float)
-        if not grid.size or not np.all(np.isfinite(grid)) or grid.min() <= 0:
-            raise UsageError(f"--l2-grid needs positive numbers, got {list(self.l2_grid)}")
-        if self.cv_folds < 2:
-            raise UsageError(f"--cv-folds must be >= 2, got {self.cv_folds}")
-        if self.l2 is None and self.shots == 1:
-            raise UsageError(
-                "--shots 1 leaves one training image per class: nothing to cross-validate "
-                "the ridge penalty on; give --l2 VALUE (e.g. --l2 1.0) or use --shots >= 2"
-            )
 
 
 def _splits(cfg: ProbeConfig, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -211,7 +161,6 @@ def run_probe(cfg: ProbeConfig) -> AnalysisResult:
     ``cv_accuracy`` (layer, l2_grid); with repeats also ``accuracy_std`` and
     ``accuracy_repeats`` (repeat, layer).
     """
-    cfg.validate()
     (run,) = open_runs(cfg.store, [cfg.run])
     mask = usable_mask(run, cfg.allow_incomplete)
     labels_all = np.asarray(run.labels, dtype=np.int64)

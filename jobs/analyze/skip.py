@@ -26,7 +26,6 @@ axis.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,7 +33,7 @@ import numpy as np
 from jobs.analyze.depth import block_depth
 from jobs.analyze.executor import Executor
 from jobs.analyze.layers import layer_info, layer_roles
-from jobs.analyze.options import AnalysisOptions
+from jobs.analyze.options import SkipConfig
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.runs import open_runs, usable_mask
 from jobs.analyze.tasks import chunk_tasks
@@ -53,11 +52,6 @@ if TYPE_CHECKING:
     from vitcnn_store.store.reader import Run
 
 __all__ = ["SkipConfig", "run_skip", "skip_branches"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class SkipConfig(AnalysisOptions):
-    """Options of ``vitcnn analyze skip`` (the common ones only)."""
 
 
 def _refuse_missing(run: Run, missing: Sequence[str]) -> None:
