@@ -175,3 +175,86 @@ def test_python_only_fields_have_no_flag() -> None:
     assert {"extra_attrs", "transform", "data_config"}.isdisjoint(flags)
     with pytest.raises(UsageError, match="either transform or data_config"):
         dataclasses.replace(parse(), transform=lambda im: im, data_config={}).validate()
+
+
+# --- vitcnn analyze: the option tables of jobs/analyze/options.py ---
+
+
+def _analyze_subparsers() -> dict[str, Any]:
+    top = next(a for a in build_parser()._actions if a.choices and "analyze" in a.choices)
+    analyze = top.choices["analyze"]  # type: ignore[index]
+    sub = next(a for a in analyze._actions if a.choices and "cka" in a.choices)
+    return dict(sub.choices)
+
+
+def test_analyze_parsers_are_built_from_the_option_tables() -> None:
+    """Every flagged field of each analysis config is an argument with the field's name,
+    default and choices; the only other options are the interface's (figures, help)."""
+    from jobs.analyze.options import CONFIGS
+    from vitcnn_store.cli_analyze import analysis_config
+
+    parsers = _analyze_subparsers()
+    assert set(parsers) == set(CONFIGS)
+    for name, config in CONFIGS.items():
+        actions = {s: a for a in parsers[name]._actions for s in a.option_strings}
+        table = set()
+        for f, opt in options_of(config):
+            action = actions[opt.flag]
+            table.add(opt.flag)
+            assert action.dest == f.name, (name, opt.flag)
+            assert action.default == f.default, (name, opt.flag)
+            assert (tuple(action.choices) if action.choices else None) == opt.choices
+            assert action.help is not None and action.help.startswith(opt.help)
+        assert set(actions) - table == {"-h", "--help", "--figures", "--no-figure"}, name
+        args = build_parser().parse_args(["analyze", name, "s.zarr", "r"])
+        assert analysis_config(args) == config(store="s.zarr", run="r"), name
+
+
+# (analysis, CLI arguments, the same value given to the Python config)
+ANALYZE_REFUSALS = [
+    ("cka", ["--batch-size", "3"], {"batch_size": 3}),
+    ("cka", ["--batches", "0"], {"max_batches": 0}),
+    ("cka", ["--rbf-threshold", "0"], {"rbf_threshold": 0.0}),
+    ("cka", ["--gather-memory", "0"], {"gather_bytes": 0}),
+    ("attention", ["--threads", "0"], {"threads": 0}),
+    ("localization", ["--batch-size", "2"], {"batch_size": 2}),
+    ("skip", ["--threads", "0"], {"threads": 0}),
+    ("probe", ["--cv-folds", "1"], {"cv_folds": 1}),
+    ("probe", ["--test-fraction", "1"], {"test_fraction": 1.0}),
+    ("probe", ["--l2-grid", "1,0"], {"l2_grid": (1.0, 0.0)}),
+    ("probe", ["--shots", "1"], {"shots": 1}),  # a check across fields (no --l2)
+]
+
+
+@pytest.mark.parametrize(("analysis", "argv", "kwargs"), ANALYZE_REFUSALS)
+def test_analyze_refuses_a_bad_value_alike_from_cli_and_python(
+    analysis: str,
+    argv: list[str],
+    kwargs: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from jobs.analyze.options import CONFIGS
+
+    store = str(tmp_path / "never.zarr")
+    with pytest.raises(UsageError) as refused:
+        CONFIGS[analysis](store=store, run="r", **kwargs)
+    message = str(refused.value)
+    assert message.startswith(argv[0]), message  # names the flag
+    assert main(["analyze", analysis, store, "r", *argv]) == 2
+    assert capsys.readouterr().err == f"vitcnn analyze: error: {message}\n"
+    assert not (tmp_path / "never.zarr").exists()
+
+
+def test_the_cli_parser_loads_no_analysis_job() -> None:
+    """Building the parser (``vitcnn --help``) imports the option tables, not the jobs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from vitcnn_store.cli import build_parser; build_parser(); "
+        "heavy = ('dask', 'xarray', 'zarr', 'torch', 'ray', 'matplotlib', 'jobs.analyze.cka'); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
