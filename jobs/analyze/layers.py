@@ -16,6 +16,7 @@ from vitcnn_store.errors import StoreError, UsageError
 from vitcnn_store.models.families import stored_roles
 from vitcnn_store.models.layers import match_patterns
 from vitcnn_store.store import schema
+from vitcnn_store.store.grams import REDUCTIONS  # the reductions a Gram cache is keyed by
 from vitcnn_store.store.reader import Run
 
 if TYPE_CHECKING:
@@ -32,8 +33,6 @@ __all__ = [
     "select_layers",
     "token_positions",
 ]
-
-REDUCTIONS = ("flatten", "gap", "cls")
 
 
 def select_layers(run: Run, patterns: str | None, option: str = "--layers") -> list[str]:
