@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import zarr
 
@@ -38,3 +40,25 @@ def assert_runs_identical(url_a: str, run_a: str, url_b: str, run_b: str) -> Non
             assert np.array_equal(a[key], b[key], equal_nan=True), key
         else:
             assert np.array_equal(a[key], b[key]), key
+
+
+def module_outputs(model: Any, x: Any, names: list[str]) -> dict[str, Any]:
+    """Outputs (torch tensors) of ``model``'s modules ``names`` on the batch ``x``, taken
+    with the test's own forward hooks: an independent reference for what extraction stores."""
+    import torch
+
+    modules = dict(model.named_modules())
+    out: dict[str, Any] = {}
+    hooks = [
+        modules[n].register_forward_hook(
+            lambda _m, _i, o, n=n: out.__setitem__(n, o.detach().clone())
+        )
+        for n in names
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out

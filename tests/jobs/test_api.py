@@ -12,7 +12,7 @@ import xarray as xr
 from PIL import Image
 
 import vitcnn_store
-from tests.helpers import assert_runs_identical
+from tests.helpers import assert_runs_identical, module_outputs
 from tests.jobs.test_refusal import snapshot
 from vitcnn_store.data import open_image_set
 from vitcnn_store.errors import LayerPatternError, RunMismatchError, UsageError
@@ -58,14 +58,7 @@ def own_inputs(n: int) -> torch.Tensor:
 
 
 def own_forward(net: torch.nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, np.ndarray]:
-    modules, out = dict(net.named_modules()), {}
-    hooks = [modules[n].register_forward_hook(
-        lambda m, a, o, n=n: out.__setitem__(n, o.detach().clone())) for n in names]  # fmt: skip
-    with torch.no_grad():
-        net(x)
-    for h in hooks:
-        h.remove()
-    return {n: v.numpy() for n, v in out.items()}
+    return {n: v.numpy() for n, v in module_outputs(net, x, names).items()}
 
 
 @pytest.fixture(scope="module")

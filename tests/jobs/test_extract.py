@@ -16,7 +16,7 @@ from timm.data import create_transform, resolve_data_config
 from jobs.extract import ExtractConfig, extract, plan_extraction, prepare_store
 from jobs.worker import UnitExtractor
 from tests.conftest import TINY_VIT, extract_tiny
-from tests.helpers import assert_runs_identical
+from tests.helpers import assert_runs_identical, module_outputs
 from vitcnn_store import open_store
 from vitcnn_store.data import open_image_set
 from vitcnn_store.errors import ImageSetError, RunExistsError, RunMismatchError
@@ -53,21 +53,6 @@ def reference_inputs(model: torch.nn.Module, n: int) -> torch.Tensor:
     return torch.stack([transform(images.load(i)) for i in range(n)])
 
 
-def reference_forward(model: torch.nn.Module, x: torch.Tensor, names: list[str]) -> dict:
-    """Module outputs and softmax attention computed with the test's own hooks."""
-    modules = dict(model.named_modules())
-    outputs: dict[str, torch.Tensor] = {}
-    handles = [
-        modules[n].register_forward_hook(lambda m, a, o, n=n: outputs.__setitem__(n, o))
-        for n in names
-    ]
-    with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
-    return outputs
-
-
 def attention_from_weights(attn_module: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """softmax(q kᵀ · scale) from the module's own qkv weights, given its input tokens."""
     b, t, c = tokens.shape
@@ -83,7 +68,7 @@ def test_every_layer_equals_direct_forward(f32_store: str) -> None:
     model = reference_model()
     x = reference_inputs(model, run.n_images)
     np.testing.assert_allclose(run.inputs.values, x.permute(0, 2, 3, 1).numpy(), atol=1e-6)
-    ref = reference_forward(model, x, run.layers)
+    ref = module_outputs(model, x, run.layers)
     assert len(run.layers) == 1 + 6 * 2  # norm_pre + six taps for each of two blocks
     for layer in run.layers:
         np.testing.assert_allclose(run[layer].values, ref[layer].numpy(), atol=1e-5, err_msg=layer)
@@ -92,7 +77,7 @@ def test_every_layer_equals_direct_forward(f32_store: str) -> None:
 def test_float16_store_within_rounding(tiny_store: str) -> None:
     run = open_store(tiny_store)["vit"]
     model = reference_model()
-    ref = reference_forward(model, reference_inputs(model, run.n_images), run.layers)
+    ref = module_outputs(model, reference_inputs(model, run.n_images), run.layers)
     for layer in run.layers:
         stored = run[layer].values
         assert stored.dtype == np.float16
@@ -106,7 +91,7 @@ def test_attention_is_softmax_of_qk(f32_store: str) -> None:
     model = reference_model()
     x = reference_inputs(model, run.n_images)
     names = [f"blocks.{i}.norm1" for i in range(2)]
-    norm1 = reference_forward(model, x, names)
+    norm1 = module_outputs(model, x, names)
     assert run.attention_layers == ["blocks.0.attn", "blocks.1.attn"]
     for i, layer in enumerate(run.attention_layers):
         stored = run.attention(layer).values

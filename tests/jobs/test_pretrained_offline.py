@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.helpers import module_outputs
+
 MODEL = "vit_tiny_patch16_224"
 HUB_ID = "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 ARGS = {"depth": 2, "img_size": 32}
@@ -64,19 +66,8 @@ def _reference(state: dict, images: list) -> dict[str, np.ndarray]:
     model.load_state_dict(state, strict=True)
     model.eval()
     x = torch.stack([make_transform(data_config(model, ARGS["img_size"]))(im) for im in images])
-    out: dict[str, np.ndarray] = {}
     names = ["norm_pre", "blocks.0", "blocks.1"]
-    hooks = [
-        model.get_submodule(n).register_forward_hook(
-            lambda _m, _i, o, n=n: out.__setitem__(n, o.detach().numpy().copy())
-        )
-        for n in names
-    ]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return out
+    return {n: v.numpy() for n, v in module_outputs(model, x, names).items()}
 
 
 def test_extract_pretrained_offline_from_a_hub_cache(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.store.test_store import PROVENANCE, SPECS, fill_run, make_run, unit_values
+from tests.store.test_store import PROVENANCE, SPECS, filled_store, make_run, unit_values
 from vitcnn_store import open_store
 from vitcnn_store.cli import main
 from vitcnn_store.errors import BrokenRunError, DamagedDataError
@@ -32,12 +32,7 @@ def flip(path: Path, offset: int = 12) -> None:
 
 @pytest.fixture
 def store(tmp_path: Path) -> str:
-    url = str(tmp_path / "s.zarr")
-    make_run(url, attention=True)
-    fill_run(url, attention=True)
-    make_run(url, "other")
-    fill_run(url, "other")
-    return url
+    return filled_store(tmp_path)
 
 
 def chunk(url: str, run: str, array: str, unit: int) -> Path:

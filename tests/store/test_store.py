@@ -77,6 +77,16 @@ def fill_run(url: str, name: str = "r", attention: bool = False) -> dict[int, di
     return written
 
 
+def filled_store(tmp_path: Path) -> str:
+    """A store with two complete runs: ``r`` (with attention) and ``other``."""
+    url = str(tmp_path / "s.zarr")
+    make_run(url, attention=True)
+    fill_run(url, attention=True)
+    make_run(url, "other")
+    fill_run(url, "other")
+    return url
+
+
 def unit_values(n: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {

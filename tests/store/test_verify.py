@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.store.test_integrity import chunk, flip, interrupt_creation
-from tests.store.test_store import fill_run, make_run
+from tests.store.test_store import filled_store
 from vitcnn_store import open_store
 from vitcnn_store.cli import main
 from vitcnn_store.store import verify_store
@@ -18,12 +18,7 @@ from vitcnn_store.store.lease import acquire_lease
 
 @pytest.fixture
 def store(tmp_path: Path) -> str:
-    url = str(tmp_path / "s.zarr")
-    make_run(url, attention=True)
-    fill_run(url, attention=True)
-    make_run(url, "other")
-    fill_run(url, "other")
-    return url
+    return filled_store(tmp_path)
 
 
 def run_verify(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
