@@ -195,3 +195,16 @@ def test_damaged_chunk_is_refused(store: str, tmp_path: Path) -> None:
         SpecStore(copy).read("resnet/layer1.0/activation")
     with pytest.raises(ValueError, match="checksum"):
         _zarr(str(copy), "resnet/layer1.0/activation")
+
+
+def test_every_array_ends_with_crc32c_and_reads_as_zarr_reads_it(store: str) -> None:
+    spec = SpecStore(store)
+    arrays = sorted(
+        p.parent.relative_to(store).as_posix()
+        for p in Path(store).rglob("zarr.json")
+        if json.loads(p.read_text())["node_type"] == "array"
+    )
+    assert any("/_grams/" in a for a in arrays) and any("/_analyses/" in a for a in arrays)
+    for path in arrays:
+        assert spec.metadata(path)["codecs"][-1]["name"] == "crc32c", path
+        _same(spec.read(path), _zarr(store, path))
