@@ -10,10 +10,12 @@ it is computed once and kept in the run (docs/format.md, "Gram cache"):
     chunked in square tiles of ``tile`` images (a multiple of the run's unit
     size). Only the tiles on and above the diagonal are stored: the matrix is
     symmetric, the lower tiles read as the fill value NaN
-    (``np.where(np.isnan(g), g.T, g)`` restores them). Rows and columns of images
-    that were not usable when it was computed (failed, or in unwritten units)
-    are NaN. ``row_mean`` (``row_mean_gap``, ...) ``(image_a)``: each row's mean
-    over the usable images, used to centre tiles before summing them.
+    (``np.where(np.isnan(g), g.T, g)`` restores them). Stored shifted:
+    ``gram[i, j] = (x_i - μ)·(x_j - μ)``, and ``offset`` (``offset_gap``, ...)
+    ``(image_a)`` gives ``X Xᵀ = gram + offset[i] + offset[j]``. Rows and columns
+    of images that were not usable when it was computed (failed, or in unwritten
+    units) are NaN. ``row_mean`` (``row_mean_gap``, ...) ``(image_a)``: each row's
+    mean of ``gram`` over the usable images, used to centre tiles before summing them.
 
 The attributes of a Gram say what it was computed from: the run's creation
 time, each work unit's state (its ``done`` flag and the size, modification time
@@ -175,8 +177,9 @@ def source_state(run: Run, layer: str, mask: np.ndarray) -> dict[str, Any]:
 
 
 def _compressors() -> Any:
-    # Gram entries are float64 noise to a compressor; blosc-lz4 with byte shuffle is fast
-    # and still saves the exponent bytes. crc32c last, as on every array of format 2.
+    # Gram entries are float64 noise to a compressor; blosc-lz4 with bit shuffle (the
+    # run's lz4 chain) is fast and still saves the exponent bits. crc32c last, as on
+    # every array of format 2.
     return checksummed("lz4")
 
 
