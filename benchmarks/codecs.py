@@ -71,7 +71,7 @@ def unit_values(name: str, images: int, folder: str) -> tuple[dict[str, np.ndarr
         template = plan_extraction(cfg, threads=torch.get_num_threads())
         prepare_store(cfg, template)
         ex = UnitExtractor(template.plan, template.model)
-        batch, _, _ = ex.decode(0, images)
+        batch = ex.decode(0, images).batch
         ex.forward(batch)  # warm-up
         with torch.inference_mode():
             r0 = resource.getrusage(resource.RUSAGE_SELF)

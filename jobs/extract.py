@@ -128,7 +128,7 @@ def _prepare(cfg: ExtractConfig, sizing: ExecutionPlan) -> _Prepared:
     template = replace(template, plan=plan)
     t = time.perf_counter()
     create = check_run(cfg, template)
-    n_units = -(-len(template.plan.images) // cfg.chunk_size)
+    n_units = -(-len(template.plan.images) // template.chunk_size)
     units = _units_to_write(cfg, create, n_units)
     template.timings["store checks"] = time.perf_counter() - t
     return _Prepared(template, create, units)
@@ -155,7 +155,7 @@ def _writing(cfg: ExtractConfig, prep: _Prepared, summary: ExtractSummary,
     session = RunSession(cfg, prep.template, prep.create)
     _announce(cfg, summary, t0)
     lock = threading.Lock()
-    bounds = unit_bounds(len(prep.template.plan.images), cfg.chunk_size)
+    bounds = unit_bounds(len(prep.template.plan.images), prep.template.chunk_size)
     bar = tqdm(total=sum(bounds[u][1] - bounds[u][0] for u in prep.units), unit="img",
                desc=f"extract {cfg.run}", disable=not cfg.progress, file=sys.stderr,
                dynamic_ncols=True)  # fmt: skip
@@ -195,7 +195,7 @@ def _in_process(cfg: ExtractConfig, sizing: ExecutionPlan, prep: _Prepared,
     summary.lap("workers", t)
     try:
         with _writing(cfg, prep, summary, t0) as (session, on_written):
-            bounds = unit_bounds(len(plan.images), cfg.chunk_size)
+            bounds = unit_bounds(len(plan.images), prep.template.chunk_size)
             runner = run_units(extractor, prep.units, bounds, on_written, session.open,
                                write_threads=sizing.write_threads)  # fmt: skip
             for _ in runner:
@@ -304,7 +304,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
             if prep.units:
                 _in_process(cfg, sizing, prep, summary, t0)
     summary.n_images = len(prep.template.plan.images)
-    summary.units_total = -(-summary.n_images // cfg.chunk_size)
+    summary.units_total = -(-summary.n_images // prep.template.chunk_size)
     summary.timings = {**prep.template.timings, **summary.timings}
     if prep.units:
         t = time.perf_counter()

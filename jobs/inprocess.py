@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from jobs.worker import UnitExtractor, UnitValues
+from jobs.worker import UnitExtractor
 
 __all__ = ["run_units"]
 
@@ -99,8 +99,8 @@ def run_units(
         stage.start()
     try:
         while (item := _get(decoded, stop)) is not _DONE:
-            unit, (batch, failed, reasons) = item
-            values = UnitValues(unit, extractor.forward(batch), failed, reasons)
+            unit, images = item
+            values = images.unit_values(unit, extractor.forward(images.batch))
             if not _put(forwarded, values, stop):
                 break
             yield

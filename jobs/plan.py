@@ -21,7 +21,7 @@ import numpy as np
 from jobs.worker import ExtractionPlan
 from vitcnn_store._version import FORMAT_VERSION, __version__
 from vitcnn_store.data import ImageSet, image_set_sha256, open_image_set
-from vitcnn_store.errors import LayerPatternError, ModelError, UsageError
+from vitcnn_store.errors import LayerPatternError, ModelError, UsageError, VitcnnError
 from vitcnn_store.models import (
     ModelSpec,
     attention_modules,
@@ -35,6 +35,7 @@ from vitcnn_store.models import (
     weights_sha256,
 )
 from vitcnn_store.models.capture import Capture, LayerLayout
+from vitcnn_store.models.fingerprint import callable_fingerprint, module_sha256
 from vitcnn_store.models.reduce import (
     ResolvedReduction,
     assign_reductions,
@@ -42,6 +43,7 @@ from vitcnn_store.models.reduce import (
     resolve_reduction,
 )
 from vitcnn_store.store import ArraySpec
+from vitcnn_store.store.layout import check_layer_name
 from vitcnn_store.store.writer import check_peaks
 
 if TYPE_CHECKING:
@@ -64,6 +66,8 @@ class RunTemplate:
     provenance: dict[str, Any]
     specs: list[ArraySpec]
     image_sha256: list[str]
+    #: Images per chunk (= work unit): the option, capped at the number of images.
+    chunk_size: int
     model: Any = None  # the driver's torch.nn.Module (hashed: weights_sha256)
     #: Seconds of each step of planning (model, template, weights hash, image hashes).
     timings: dict[str, float] = field(default_factory=dict)
@@ -158,8 +162,10 @@ def _model_provenance(cfg: ExtractConfig, model: Any) -> dict[str, Any]:
         "model_args": {},
         "img_size": None,
         # A module handed in from Python: its weights are whatever it holds, and the
-        # hash below is what identifies them.
+        # hash below is what identifies them; module_sha256 identifies the whole module
+        # (its submodules' settings and buffers too), which --resume compares.
         "weights_source": "module",
+        "module_sha256": module_sha256(model),
         "weights_seed": None,
         "checkpoint": None,
         "weights_hub_id": None,
@@ -218,7 +224,8 @@ def _preprocessing(
 ) -> tuple[dict[str, Any], Callable[[Any], Any] | None]:
     """The data config recorded in provenance, and the custom transform if one was given."""
     if cfg.transform is not None:
-        return {"transform": repr(cfg.transform)[:2000]}, cfg.transform
+        # A fingerprint without memory addresses: --resume compares it in another process.
+        return {"transform": callable_fingerprint(cfg.transform)}, cfg.transform
     if cfg.data_config is not None:
         keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
         missing = [k for k in ("input_size", "mean", "std") if k not in cfg.data_config]
@@ -312,11 +319,15 @@ def plan_extraction(cfg: ExtractConfig, threads: int | None = None) -> RunTempla
     cfg.validate()
     clock = _Clock()
     images = open_image_set(cfg.images, limit=cfg.limit)
+    # A chunk longer than the set would be allocated, and stored, at its full length.
+    cfg = replace(cfg, chunk_size=min(cfg.chunk_size, len(images)))
     clock.lap("image set")
     model = _get_model(cfg)
     clock.lap("model")
     layers = expand_layers(model, cfg.layers)
     attention = _select_attention(model, cfg)
+    for name in [*layers, *attention]:
+        check_layer_name(name)
     dcfg, custom = _preprocessing(cfg, model)
     if custom is not None:
         transform = custom
@@ -336,6 +347,8 @@ def plan_extraction(cfg: ExtractConfig, threads: int | None = None) -> RunTempla
         # give NaN are refused here, before anything is written.
         try:
             acts, attn = cap(x)
+        except VitcnnError:  # the capture's own refusals (a layer it cannot store) as they are
+            raise
         except (RuntimeError, TypeError, ValueError, AssertionError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"{cfg.model_name} fails on a preprocessed image: {first}") from e
@@ -372,7 +385,7 @@ def plan_extraction(cfg: ExtractConfig, threads: int | None = None) -> RunTempla
         reductions=resolved,
     )
     specs = array_specs(layouts, input_size, cfg.inputs, layer_roles(model), reduce_attrs)
-    return RunTemplate(plan, provenance, specs, hashes, model, clock.laps)
+    return RunTemplate(plan, provenance, specs, hashes, cfg.chunk_size, model, clock.laps)
 
 
 class _Clock:

@@ -71,7 +71,7 @@ def create_run_from(cfg: ExtractConfig, template: RunTemplate) -> None:
     create_run(
         cfg.store, cfg.run,
         image_ids=[r.image_id for r in records], labels=[r.label for r in records],
-        image_sha256=template.image_sha256, chunk=cfg.chunk_size, dtype=cfg.dtype,
+        image_sha256=template.image_sha256, chunk=template.chunk_size, dtype=cfg.dtype,
         arrays=template.specs, attrs=template.provenance, compression=cfg.compression,
     )  # fmt: skip
 

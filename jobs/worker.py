@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from vitcnn_store.models.reduce import ResolvedReduction
 
 __all__ = [
+    "CHANGED_REASON",
+    "Decoded",
     "ExtractionPlan",
     "NotLoadedError",
     "UnitExtractor",
@@ -72,14 +74,37 @@ class ExtractionPlan:
     decode_threads: int = 1
 
 
+#: Why an image whose bytes changed between planning and decoding is not stored.
+CHANGED_REASON = (
+    "changed during extraction (the decoded bytes' sha256 differs from the run's "
+    "image_sha256); re-extract with --overwrite"
+)
+
+
+@dataclass
+class Decoded:
+    """One unit's preprocessed batch, failed images with reasons, and content hashes."""
+
+    batch: torch.Tensor
+    failed: np.ndarray
+    reasons: list[str]
+    digests: list[str]
+
+    def unit_values(self, unit: int, values: dict[str, np.ndarray]) -> UnitValues:
+        """The unit's forward output ``values`` with what decoding found."""
+        return UnitValues(unit, values, self.failed, self.reasons, self.digests)
+
+
 @dataclass
 class UnitValues:
-    """One unit's arrays (keys like ``blocks.3/activation``) and its failed images."""
+    """One unit's arrays (keys like ``blocks.3/activation``), its failed images, and
+    the content hash of each image as decoded (``""`` for images that failed)."""
 
     unit: int
     values: dict[str, np.ndarray]
     failed: np.ndarray
     reasons: list[str]
+    digests: list[str]
 
     @property
     def n_images(self) -> int:
@@ -168,15 +193,21 @@ class UnitExtractor:
 
     # -- stages ---------------------------------------------------------------------
 
-    def decode(self, start: int, stop: int) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-        """Load and preprocess images ``start:stop``; failures become zero images."""
+    def decode(self, start: int, stop: int) -> Decoded:
+        """Load and preprocess images ``start:stop``; failures become zero images.
+
+        Each image is hashed from the bytes it is decoded from, so the write stage
+        can refuse one that changed since the run recorded its hash.
+        """
         import torch
 
         failed, reasons = np.zeros(stop - start, dtype=bool), [""] * (stop - start)
+        digests = [""] * (stop - start)
 
         def one(i: int) -> torch.Tensor:
             try:
-                return self.transform(self.plan.images.load(i))
+                image, digests[i - start] = self.plan.images.load_hashed(i)
+                return self.transform(image)
             except ImageDecodeError as e:
                 failed[i - start], reasons[i - start] = True, str(e)
                 return torch.zeros(self.plan.input_size)
@@ -189,7 +220,7 @@ class UnitExtractor:
         batch = torch.stack(tensors)
         if self.device.type == "cuda":
             batch = batch.pin_memory()
-        return batch, failed, reasons
+        return Decoded(batch, failed, reasons, digests)
 
     def _host_buffers(self, n: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
         import torch
@@ -230,8 +261,23 @@ class UnitExtractor:
             assert host is not None
             return {k: v.numpy() for k, v in host.items()}
 
+    def _refuse_changed(self, unit: UnitValues) -> None:
+        """Mark failed every image whose decoded bytes are not those the run recorded.
+
+        The run's ``image_sha256`` was taken at planning; a file replaced since
+        would otherwise be stored under the old hash with the new pixels.
+        """
+        start, stop = self.writer.units[unit.unit]
+        recorded = self.writer.image_sha256(start, stop)
+        if recorded is None:
+            return
+        for i, (was, now) in enumerate(zip(recorded, unit.digests, strict=True)):
+            if not unit.failed[i] and was != now:
+                unit.failed[i], unit.reasons[i] = True, CHANGED_REASON
+
     def write(self, unit: UnitValues) -> int:
-        """Check ``unit``'s values, then write every array of it and flag it done."""
+        """Check ``unit``'s images and values, then write every array of it and flag it done."""
+        self._refuse_changed(unit)
         ok = ~unit.failed
         check_finite({k: v[ok] if not ok.all() else v for k, v in unit.values.items()},
                      self.plan.dtype)  # fmt: skip
@@ -244,8 +290,8 @@ class UnitExtractor:
     def extract(self, unit: int) -> UnitValues:
         """Decode and forward unit ``unit`` (no write)."""
         start, stop = self.writer.units[unit]
-        batch, failed, reasons = self.decode(start, stop)
-        return UnitValues(unit, self.forward(batch), failed, reasons)
+        decoded = self.decode(start, stop)
+        return decoded.unit_values(unit, self.forward(decoded.batch))
 
     def run_unit(self, unit: int) -> int:
         """Extract and write unit ``unit``; returns the number of images written."""

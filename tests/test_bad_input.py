@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +137,38 @@ def test_malicious_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     torch.save({"w": _Payload(str(marker))}, tmp_path / "evil.pth")
     err = run_bad(extract_args(tmp_path, "--checkpoint", str(tmp_path / "evil.pth")), capsys, None)
     assert "refused" in err and not marker.exists()
+
+
+@pytest.fixture
+def filled(tmp_path: Path) -> Path:
+    """The store ``s.zarr`` holding run ``r`` (8 images), made by the CLI."""
+    assert main(extract_args(tmp_path)) == 0
+    return tmp_path / "s.zarr"
+
+
+def test_file_name_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                            filled: Path) -> None:  # fmt: skip
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "good.png")
+    bad = os.path.join(os.fsencode(folder), b"bad\xff.png")  # not UTF-8 (a real file)
+    with open(bad, "wb") as f:
+        f.write((folder / "good.png").read_bytes())
+    args = extract_args(tmp_path, images=str(folder))
+    args[args.index("--run") + 1] = "other"
+    err = run_bad(args, capsys, filled)
+    assert "bad\\\\xff.png" in err and "not valid UTF-8" in err
+
+
+def test_chunk_size_is_capped_at_the_number_of_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--chunk-size 1000000 on 8 images: chunks of 8 images (not a million-image chunk to
+    allocate and store), and a resume with the same flag continues the run."""
+    assert main(extract_args(tmp_path, "--chunk-size", "1000000")) == 0
+    run = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["r"]
+    assert run.attrs["chunk_size"] == 8 and run["blocks.0/activation"].chunks[0] == 8
+    stored = sum(p.stat().st_size for p in (tmp_path / "s.zarr").rglob("*") if p.is_file())
+    assert stored < 1_000_000  # 8 images × 17 tokens × 192 channels × 2 bytes per layer
+    assert main(extract_args(tmp_path, "--chunk-size", "1000000", "--resume")) == 0
+    assert "0 of 1 units written" in capsys.readouterr().out

@@ -42,3 +42,19 @@ def test_folder_hashes_in_order_and_sensitive_to_content(tmp_path: Path) -> None
     again = open_image_set(str(tmp_path))
     assert again.content_hash() == s.content_hash()  # ids, labels and sizes alike...
     assert image_set_sha256(again, hash_images(again)) != set_hash  # ...content is not
+
+
+def test_load_hashed_hashes_the_bytes_it_decodes(tmp_path: Path) -> None:
+    """The hash a worker compares is that of the very bytes it decoded, and equals the
+    planning hash of an unchanged file or built-in image."""
+    rng = np.random.default_rng(2)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    s = open_image_set(str(tmp_path))
+    image, digest = s.load_hashed(0)
+    assert digest == sha256_file(s.records[0].source) == hash_images(s)[0]
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(s.load(0)))
+    faces = open_image_set("builtin:faces", limit=2)
+    image, digest = faces.load_hashed(1)
+    assert digest == sha256_source(faces.records[1].source)
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(faces.load(1)))

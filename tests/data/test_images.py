@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 from pathlib import Path
 
@@ -336,3 +337,16 @@ def test_pickle_round_trip_any_records(
 ) -> None:
     s = ImageSet("spec", tuple(ImageRecord(*r) for r in rows), tuple(names))
     assert pickle.loads(pickle.dumps(s)) == s
+
+
+def test_file_name_not_utf8_is_refused_naming_it(tmp_path: Path) -> None:
+    """A name with bytes that are not UTF-8 cannot be a stored image id: one line naming it."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _png(folder / "good.png")
+    data = (folder / "good.png").read_bytes()
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.png"), "wb") as f:  # latin-1 é
+        f.write(data)
+    with pytest.raises(ImageSetError, match=r"caf\\\\xe9\.png.* is not valid UTF-8") as e:
+        open_image_set(str(folder))
+    assert "\n" not in str(e.value)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +39,8 @@ class TinyNet(torch.nn.Module):
         self.head = torch.nn.Linear(8, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.block(self.stem(x)) + self.stem(x)
+        s = self.stem(x)  # once: a module run twice per forward is refused
+        x = self.block(s) + s
         t = self.tokens(x.flatten(2).transpose(1, 2))
         return self.head(t.mean(1))
 
@@ -46,6 +50,12 @@ def tiny_net(seed: int = 0) -> TinyNet:
     net = TinyNet()
     net.block[1].running_mean.uniform_(-0.5, 0.5)  # non-trivial BN statistics
     return net.eval()
+
+
+def small_transform(image: Image.Image) -> torch.Tensor:
+    """A plain function as the transform: its fingerprint must be the same in every process."""
+    a = np.asarray(image.resize((16, 16)), dtype=np.float32) / 255.0
+    return torch.from_numpy(a).permute(2, 0, 1)
 
 
 def own_inputs(n: int) -> torch.Tensor:
@@ -191,3 +201,100 @@ def test_a_module_travels_to_ray_actors(module_store: str, tmp_path: Path) -> No
                          layers="stem,block,tokens,head", data_config=DATA, inputs=True,
                          **COMMON)  # fmt: skip
     assert_runs_identical(url, "mine", module_store, "mine")
+
+
+def test_resume_refuses_the_same_weights_in_another_module(module_store: str) -> None:
+    """ReLU -> Tanh keeps every weight: the module's configuration tells them apart."""
+    from vitcnn_store.models import weights_sha256
+
+    tanh = tiny_net()
+    tanh.block[2] = torch.nn.Tanh()
+    assert weights_sha256(tanh) == weights_sha256(tiny_net())
+    before = snapshot(Path(module_store))
+    with pytest.raises(RunMismatchError, match="module_sha256") as e:
+        vitcnn_store.extract(tanh, "builtin:faces", module_store, "mine",
+                             layers="stem,block,tokens,head", data_config=DATA, inputs=True,
+                             resume=True, **COMMON)  # fmt: skip
+    assert "\n" not in str(e.value) and e.value.exit_code == 2
+    assert snapshot(Path(module_store)) == before
+
+
+def _resume_in_a_new_process(url: str, variant: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    return subprocess.run(
+        [sys.executable, "-m", "tests.jobs.resume_job", url, "t", variant],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )  # fmt: skip
+
+
+def test_resume_in_a_new_process_with_a_function_transform(tmp_path: Path) -> None:
+    """A plain-function transform resumes in another process; a changed module is refused
+    there in one line, leaving the run as it was."""
+    from jobs.config import ExtractConfig
+    from jobs.extract import plan_extraction, prepare_store
+    from jobs.worker import UnitExtractor
+
+    url = str(tmp_path / "acts.zarr")
+    cfg = ExtractConfig(model=tiny_net(), images="builtin:faces", store=url, run="t",
+                        layers="stem,head", transform=small_transform, **COMMON)  # fmt: skip
+    template = plan_extraction(cfg)
+    prepare_store(cfg, template)
+    UnitExtractor(template.plan, template.model).run_unit(0)  # a job that stopped early
+    assert list(vitcnn_store.open_store(url)["t"].done) == [True, False, False]
+
+    before = snapshot(Path(url))
+    refused = _resume_in_a_new_process(url, "tanh")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    err = refused.stderr.strip()
+    assert len(err.splitlines()) == 1 and "module_sha256" in err and "Traceback" not in err
+    assert snapshot(Path(url)) == before
+
+    resumed = _resume_in_a_new_process(url, "same")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert vitcnn_store.open_store(url)["t"].complete
+    vitcnn_store.extract(tiny_net(), "builtin:faces", url, "clean", layers="stem,head",
+                         transform=small_transform, **COMMON)  # fmt: skip
+    assert_runs_identical(url, "t", url, "clean")
+
+
+class Hostile(torch.nn.Module):
+    """Modules a run cannot store as they are: one called twice (shared weights), names
+    that are not zarr node names, an integer output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 4, 4, stride=4)
+        self.shared = torch.nn.Linear(4, 4)
+        self.zarr = torch.nn.Sequential()
+        self.zarr.add_module("json", torch.nn.Identity())  # path "zarr.json"
+        self.d = torch.nn.ModuleDict({"a/b": torch.nn.Identity()})  # path "d.a/b"
+        self.pick = ArgMax()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.stem(x).flatten(2).transpose(1, 2)  # (n, 36, 4)
+        t = self.shared(self.shared(t))
+        t = self.d["a/b"](self.zarr.json(t))
+        return self.pick(t)
+
+
+class ArgMax(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.argmax(-1)
+
+
+@pytest.mark.parametrize(
+    ("layer", "words"),
+    [("shared", "'shared' runs 2 times in one forward pass"),
+     ("zarr.json", "cannot store layer 'zarr.json': zarr.json is the run's own metadata"),
+     ("d.a/b", "cannot store layer 'd.a/b': a '/' would nest it"),
+     ("pick", "'pick' outputs int64 values")],
+)  # fmt: skip
+def test_layers_a_run_cannot_store_are_refused_before_writing(
+    module_store: str, layer: str, words: str
+) -> None:
+    before = snapshot(Path(module_store))
+    with pytest.raises(LayerPatternError) as e:
+        vitcnn_store.extract(Hostile(), "builtin:faces", module_store, "hostile", layers=layer,
+                             data_config=DATA, **COMMON)  # fmt: skip
+    assert words in str(e.value) and "\n" not in str(e.value) and e.value.exit_code == 2
+    assert snapshot(Path(module_store)) == before

@@ -94,3 +94,45 @@ def test_cast_in_hook(vit: torch.nn.Module) -> None:
     with Capture(vit, ["blocks.0"], ["blocks.0.attn"], dtype=torch.float16) as cap:
         acts, attn = cap(torch.randn(1, 3, 48, 48))
     assert acts["blocks.0"].dtype == attn["blocks.0.attn"].dtype == torch.float16
+
+
+class _TwiceAndArgmax(torch.nn.Module):
+    """A block applied twice per forward (shared weights), then an argmax."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.head(self.block(self.block(x)))
+        return h, h.argmax(-1)
+
+
+class _ArgMax(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.argmax(-1)
+
+
+def test_a_module_called_twice_per_forward_is_refused_naming_it() -> None:
+    model = _TwiceAndArgmax().eval()
+    with Capture(model, ["head"]) as cap:
+        acts, _ = cap(torch.randn(2, 5, 4))  # a module run once is fine
+    assert acts["head"].shape == (2, 5, 3)
+    with (
+        Capture(model, ["block", "head"]) as cap,
+        pytest.raises(LayerPatternError, match=r"^layer 'block' runs 2 times in one forward pass"),
+    ):
+        cap(torch.randn(2, 5, 4))
+    assert not model.block._forward_hooks  # hooks removed after the refusal
+
+
+def test_integer_outputs_are_refused() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), _ArgMax()).eval()
+    with (
+        Capture(model, ["1"]) as cap,
+        pytest.raises(
+            LayerPatternError, match=r"'1' outputs int64 values .* only floating-point outputs"
+        ),
+    ):
+        cap(torch.randn(2, 5, 4))

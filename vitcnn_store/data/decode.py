@@ -11,14 +11,13 @@ import io
 import os
 import re
 import warnings
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vitcnn_store.errors import ImageDecodeError
 
-__all__ = ["load_image"]
+__all__ = ["load_image", "read_image_file"]
 
 
 def _bomb_reason(e: Exception) -> str:
@@ -60,6 +59,34 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         raise ImageDecodeError(f"unsupported image mode {mode!r} ({e})") from e
 
 
+def read_image_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of one image file, read once (so that what is hashed is what is decoded).
+
+    Raises
+    ------
+    ImageDecodeError
+        ``"file not found"``, ``"not a regular file"`` or ``"cannot read file (...)"``.
+
+    Examples
+    --------
+    >>> read_image_file("/no/such/file.png")
+    Traceback (most recent call last):
+    ...
+    vitcnn_store.errors.ImageDecodeError: file not found
+    """
+    path = os.fspath(path)
+    try:
+        if not os.path.isfile(path):
+            os.stat(path)  # raises for a missing file or a dangling link
+            raise ImageDecodeError("not a regular file")
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ImageDecodeError("file not found") from None
+    except OSError as e:
+        raise ImageDecodeError(f"cannot read file ({e.strerror or e})") from None
+
+
 def load_image(path_or_bytes: str | os.PathLike[str] | bytes | bytearray) -> Image.Image:
     """Decode one image file (or its bytes) to 8-bit RGB, EXIF orientation applied.
 
@@ -97,23 +124,14 @@ def load_image(path_or_bytes: str | os.PathLike[str] | bytes | bytearray) -> Ima
     ...
     vitcnn_store.errors.ImageDecodeError: not an image (cannot identify image file)
     """
-    fp: Any
-    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
-        fp = io.BytesIO(bytes(path_or_bytes))
-        empty = len(fp.getbuffer()) == 0
-    else:
-        fp = os.fspath(path_or_bytes)
-        try:
-            st = os.stat(fp)
-        except FileNotFoundError:
-            raise ImageDecodeError("file not found") from None
-        except OSError as e:
-            raise ImageDecodeError(f"cannot read file ({e.strerror or e})") from None
-        if not os.path.isfile(fp):
-            raise ImageDecodeError("not a regular file")
-        empty = st.st_size == 0
-    if empty:
+    data = (
+        bytes(path_or_bytes)
+        if isinstance(path_or_bytes, (bytes, bytearray, memoryview))
+        else read_image_file(path_or_bytes)
+    )
+    if not data:
         raise ImageDecodeError("zero-byte file")
+    fp = io.BytesIO(data)
 
     with warnings.catch_warnings():
         # PIL's own UserWarnings (e.g. "Corrupt EXIF data") concern images that still

@@ -22,9 +22,18 @@ from vitcnn_store.data.builtin import load_builtin
 from vitcnn_store.errors import ImageDecodeError
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from vitcnn_store.data.imageset import ImageSet
 
-__all__ = ["DEFAULT_THREADS", "hash_images", "image_set_sha256", "sha256_file", "sha256_source"]
+__all__ = [
+    "DEFAULT_THREADS",
+    "hash_images",
+    "image_set_sha256",
+    "sha256_file",
+    "sha256_pixels",
+    "sha256_source",
+]
 
 DEFAULT_THREADS = 8  # I/O-bound: more threads than cores keep a disk or NFS busy
 _BLOCK = 1 << 20
@@ -52,14 +61,20 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def sha256_pixels(image: Image.Image) -> str:
+    """sha256 hex digest of an image's 8-bit RGB pixels, row-major ``(height, width, 3)``:
+    the content hash of a built-in image."""
+    pixels = np.ascontiguousarray(np.asarray(image.convert("RGB")))
+    return hashlib.sha256(pixels.tobytes()).hexdigest()
+
+
 def sha256_source(source: str) -> str:
     """The content hash of one record's source: a file path or a ``builtin:`` reference."""
     if source.startswith("builtin:"):
         try:
-            pixels = np.ascontiguousarray(np.asarray(load_builtin(source).convert("RGB")))
+            return sha256_pixels(load_builtin(source))
         except ImageDecodeError:
             return ""
-        return hashlib.sha256(pixels.tobytes()).hexdigest()
     return sha256_file(source)
 
 

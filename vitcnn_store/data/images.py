@@ -60,6 +60,19 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def _check_utf8(path: str) -> None:
+    """Refuse a file name that is not valid UTF-8: ids are stored as UTF-8 strings, and an
+    id made up for it (escaped bytes) could collide with a real name."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise ImageSetError(
+            f"file name {shown!r} is not valid UTF-8 (image ids are stored as UTF-8): "
+            "rename it, or list the images in a manifest without it"
+        ) from None
+
+
 def _open_folder(spec: str, root: Path) -> ImageSet:
     root = root.absolute()
 
@@ -79,6 +92,7 @@ def _open_folder(spec: str, root: Path) -> ImageSet:
             if _is_hidden(name) or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
             full = os.path.join(dirpath, name)
+            _check_utf8(full)
             try:
                 size = os.stat(full).st_size
             except OSError:  # e.g. dangling symlink: listed, fails at load
@@ -205,6 +219,7 @@ def open_image_set(spec: str, *, limit: int | None = None) -> ImageSet:
     """
     if limit is not None and (isinstance(limit, bool) or limit <= 0):
         raise ImageSetError(f"limit must be a positive number of images, got {limit!r}")
+    _check_utf8(spec)  # the set is recorded as typed
     if spec.startswith("builtin:"):
         records, names = builtin_records(spec)
         image_set = ImageSet(spec, records, names)

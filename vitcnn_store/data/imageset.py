@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from vitcnn_store.data.builtin import load_builtin
-from vitcnn_store.data.decode import load_image
+from vitcnn_store.data.decode import load_image, read_image_file
 from vitcnn_store.data.records import ImageRecord
 from vitcnn_store.errors import ImageDecodeError
 
@@ -97,6 +97,27 @@ class ImageSet:
         if source.startswith("builtin:"):
             return load_builtin(source)
         return load_image(source)
+
+    def load_hashed(self, index: int) -> tuple[Image.Image, str]:
+        """Decode image ``index`` and return it with the content hash of what was decoded.
+
+        A file is read once: its bytes are hashed and decoded from that one copy, so
+        the hash is that of the pixels returned even if the file changes meanwhile
+        (the worker compares it with the hash the run recorded at planning).
+
+        Raises
+        ------
+        ImageDecodeError
+            As :meth:`load`.
+        """
+        from vitcnn_store.data.hashing import sha256_pixels
+
+        source = self.records[index].source
+        if source.startswith("builtin:"):
+            image = load_builtin(source)
+            return image, sha256_pixels(image)
+        data = read_image_file(source)
+        return load_image(data), hashlib.sha256(data).hexdigest()
 
     def content_hashes(self, *, threads: int = 8, progress: bool = False) -> list[str]:
         """Per image: sha256 of the file's bytes (built-ins: of the decoded pixels).

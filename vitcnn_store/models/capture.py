@@ -166,6 +166,7 @@ class Capture:
         self._acts: dict[str, torch.Tensor] = {}
         self._attn: dict[str, torch.Tensor] = {}
         self.order: list[str] = []  # hook firing order of the last call: forward order
+        self._calls: dict[str, int] = {}  # hook calls per captured array in the last call
 
     def _copy(self, t: torch.Tensor) -> torch.Tensor:
         # One copy, fused with the cast when there is one; contiguous in the stored layout.
@@ -179,12 +180,19 @@ class Capture:
             t = _first_tensor(output)
             if t is None:
                 raise LayerPatternError(f"layer {name!r} returns no tensor; choose another layer")
+            if not t.is_floating_point():
+                raise LayerPatternError(
+                    f"layer {name!r} outputs {str(t.dtype).removeprefix('torch.')} values (indices "
+                    "or masks, not activations): only floating-point outputs are stored; choose "
+                    "another layer"
+                )
             t = _canonical(name, t.detach())
             reduction = self.reductions.get(name)
             if reduction is not None:
                 t = reduction.apply(t)
             self._acts[name] = self._copy(t)
             self.order.append(name)
+            self._calls[name] = self._calls.get(name, 0) + 1
 
         return hook
 
@@ -193,6 +201,7 @@ class Capture:
             # attn_drop is the identity in eval: its output is the softmax itself.
             self._attn[name] = self._copy(output.detach())
             self.order.append(name + "/attention")
+            self._calls[name + "/attention"] = self._calls.get(name + "/attention", 0) + 1
 
         return hook
 
@@ -226,12 +235,27 @@ class Capture:
 
         if not self._handles and (self.layers or self.attention):
             raise RuntimeError("Capture must be used inside a `with` block")
-        self._acts, self._attn, self.order = {}, {}, []
+        self._acts, self._attn, self.order, self._calls = {}, {}, [], {}
         with torch.inference_mode():
             self.model(x)
         acts, attn = self._acts, self._attn
         self._acts, self._attn = {}, {}
+        self._refuse_repeated_calls()
         return acts, attn
+
+    def _refuse_repeated_calls(self) -> None:
+        """A module run more than once per forward (shared weights) has one stored array
+        for several outputs: storing the last one would hide the others."""
+        repeated = [(k, n) for k, n in self._calls.items() if n > 1]
+        if repeated:
+            key, n = repeated[0]
+            what = f"attention of {key.removesuffix('/attention')!r}" if key.endswith(
+                "/attention") else f"layer {key!r}"  # fmt: skip
+            raise LayerPatternError(
+                f"{what} runs {n} times in one forward pass (a module called more than once, "
+                "e.g. shared weights): only one output per image can be stored; choose a "
+                "module that runs once"
+            )
 
     def describe(self, x: torch.Tensor) -> dict[str, LayerLayout]:
         """Dry-run ``x`` (one image is enough) and describe every captured array.

@@ -36,6 +36,7 @@ __all__ = [
     "LABEL_FILL",
     "MAX_NAME_LENGTH",
     "RUN_ARRAYS",
+    "check_layer_name",
     "check_name",
     "check_writable",
     "environment_error",
@@ -86,6 +87,49 @@ def check_name(name: str, what: str = "run") -> str:
         )
     if name.lower() in _RESERVED:
         raise UsageError(f"invalid {what} name {name!r}: zarr uses that name; choose another")
+    return name
+
+
+#: Longest layer name: a file or object name component on every file system (bytes).
+MAX_LAYER_NAME_BYTES = 255
+
+
+def check_layer_name(name: str) -> str:
+    """Refuse a module path that cannot be a layer group of a run (before any write).
+
+    A layer group is named by its module path: one zarr node name, so without
+    ``/``, not ``.``/``..``, not starting with ``__`` (zarr v3 reserves those), not
+    ``zarr.json`` (the run's own metadata), not a run array (``image_id``, ``done``,
+    ...) and not starting with ``_`` (``_analyses``, ``_grams``). Module paths from
+    ``named_modules()`` satisfy this unless a module was registered under such a name.
+
+    Examples
+    --------
+    >>> check_layer_name("blocks.3.attn")
+    'blocks.3.attn'
+    >>> check_layer_name("head/logits")  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    vitcnn_store.errors.LayerPatternError: cannot store layer 'head/logits': ...
+    """
+    why = ""
+    if not name or name in (".", ".."):
+        why = "an empty or dot-only name is not a zarr node name"
+    elif "/" in name:
+        why = "a '/' would nest it in groups of other names"
+    elif name.lower() in _RESERVED:
+        why = "zarr.json is the run's own metadata file"
+    elif name in RUN_ARRAYS or name.startswith("_"):
+        why = "the run keeps an array or group of that name (names starting with '_' are reserved)"
+    elif not name.isprintable():
+        why = "control characters do not belong in stored names"
+    elif len(name.encode("utf-8", "surrogatepass")) > MAX_LAYER_NAME_BYTES:
+        why = f"longer than {MAX_LAYER_NAME_BYTES} bytes, the longest file name"
+    if why:
+        from vitcnn_store.errors import LayerPatternError
+
+        raise LayerPatternError(
+            f"cannot store layer {name!r}: {why}; choose another layer (or rename the module)"
+        )
     return name
 
 

@@ -36,8 +36,9 @@ RESUME_KEYS = (
     "model", "model_args", "img_size", "weights_source", "weights_sha256", "input_size",
     "interpolation", "mean", "std", "crop_pct", "crop_mode", "image_set_sha256", "n_images",
     "layers", "attention_layers", "inputs", "dtype", "chunk_size",
-    # Absent unless used (so older runs still resume): --reduce, and a Python transform.
-    "reductions", "transform",
+    # Absent unless used (so older runs still resume): --reduce, a Python transform, and
+    # the whole configuration of a module handed in from Python.
+    "reductions", "transform", "module_sha256",
 )  # fmt: skip
 
 

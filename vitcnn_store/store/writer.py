@@ -35,6 +35,7 @@ from vitcnn_store.store.layout import (
     IMAGE_COORDS,
     LABEL_FILL,
     RUN_ARRAYS,
+    check_layer_name,
     check_name,
     open_root,
     quiet_zarr,
@@ -108,6 +109,8 @@ def _check_labels(labels: Sequence[int]) -> np.ndarray:
 
 def _check_specs(arrays: Sequence[ArraySpec]) -> None:
     for spec in arrays:
+        if spec.group:
+            check_layer_name(spec.group)
         if spec.group in RUN_ARRAYS or spec.group.startswith((ANALYSES, "_")):
             raise StoreError(f"layer name {spec.group!r} collides with a run array name")
         for cname, (cdims, _) in spec.coords.items():
@@ -291,6 +294,13 @@ class RunWriter:
     @property
     def units(self) -> list[tuple[int, int]]:
         return unit_bounds(self.n_images, self.chunk)
+
+    def image_sha256(self, start: int, stop: int) -> list[str] | None:
+        """The content hashes the run recorded for images ``start:stop`` (None: none kept)."""
+        with quiet_zarr(), store_io(self.url):
+            if "image_sha256" not in self.group:
+                return None
+            return [str(v) for v in np.asarray(self.group["image_sha256"][start:stop]).tolist()]
 
     def pending_units(self) -> list[int]:
         """Units not yet flagged done."""
