@@ -138,13 +138,16 @@ class _Prepared:
     restore: bool = False  # resume a run that lost arrays: recreate them first
 
 
-def _prepare(cfg: ExtractConfig, sizing: ExecutionPlan) -> _Prepared:
-    """Steps 2 and 3: the template and every store-side check (writes nothing)."""
+def _prepare(cfg: ExtractConfig, sizing: ExecutionPlan, state: Any) -> _Prepared:
+    """Steps 2 and 3: the template and every store-side check (writes nothing).
+
+    ``state`` is the run as the job found it when it began: the job writes only if
+    the run is still so once it holds the lease.
+    """
     template = plan_extraction(cfg, threads=sizing.threads)
     plan = replace(template.plan, device=sizing.device, decode_threads=sizing.decode_threads)
     template = replace(template, plan=plan)
     t = time.perf_counter()
-    state = run_state(cfg.store, cfg.run)  # compared again once the job holds the lease
     create = check_run(cfg, template)
     n_units = -(-len(template.plan.images) // cfg.chunk_size)
     restore = not create and _lost_arrays(cfg)
@@ -247,7 +250,7 @@ def _as_found(model: Any) -> Iterator[None]:
 
 
 def _on_ray(cfg: ExtractConfig, sizing: ExecutionPlan, address: str | None,
-            summary: ExtractSummary, t0: float) -> _Prepared:  # fmt: skip
+            summary: ExtractSummary, t0: float, state: Any) -> _Prepared:  # fmt: skip
     import ray
 
     from jobs.ray_cluster import check_resources, connect, disconnect
@@ -258,7 +261,7 @@ def _on_ray(cfg: ExtractConfig, sizing: ExecutionPlan, address: str | None,
 
     def prepare() -> None:  # step 2-3 while Ray starts or connects
         try:
-            box["prep"] = _prepare(cfg, sizing)
+            box["prep"] = _prepare(cfg, sizing, state)
         except BaseException as e:
             box["error"] = e
 
@@ -315,11 +318,14 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     sizing = size_job(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker, cfg.device,
                       local_resources(), address)  # fmt: skip
     summary = ExtractSummary(cfg.run, cfg.store, 0, 0, 0, 0, {}, 0.0, plan=sizing.describe())
+    # The run as this job finds it: compared again once the job holds the run's lease,
+    # so a job started before another replaced or created the run never writes.
+    state = run_state(cfg.store, cfg.run)
     with _as_found(cfg.model):
         if sizing.on_ray:
-            prep = _on_ray(cfg, sizing, address, summary, t0)
+            prep = _on_ray(cfg, sizing, address, summary, t0, state)
         else:
-            prep = _prepare(cfg, sizing)
+            prep = _prepare(cfg, sizing, state)
             if prep.units:
                 _in_process(cfg, sizing, prep, summary, t0)
     summary.n_images = len(prep.template.plan.images)

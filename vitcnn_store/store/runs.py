@@ -20,6 +20,7 @@ from vitcnn_store.errors import (
     RunExistsError,
     RunMismatchError,
     StoreError,
+    VitcnnError,
 )
 from vitcnn_store.store.layout import (
     CREATED_ATTR,
@@ -220,10 +221,13 @@ def run_state(url: str, name: str) -> Any:
     """
     import numpy as np
 
-    with store_io(url):
-        if is_empty_location(url):
-            return None
-    root = open_root(url, mode="r")
+    try:
+        with store_io(url):
+            if is_empty_location(url):
+                return None
+        root = open_root(url, mode="r")
+    except VitcnnError as e:  # not a store (yet): the job's own checks say why, later
+        return ("unreadable", type(e).__name__)
     entry = run_entry(root, name)
     if entry is None:
         return None
