@@ -266,7 +266,7 @@ def _new(owner: str, ttl: float, generation: int, acquired_at: str | None = None
         host=socket.gethostname(),
         pid=os.getpid(),
         acquired_at=acquired_at or now.isoformat(timespec="seconds"),
-        expires_at=(now + _dt.timedelta(seconds=ttl)).isoformat(timespec="seconds"),
+        expires_at=(now + _dt.timedelta(seconds=ttl)).isoformat(timespec="milliseconds"),
         generation=generation,
     )
 

@@ -30,7 +30,7 @@ from vitcnn_store.store.layout import (
     quiet_zarr,
     store_io,
 )
-from vitcnn_store.store.manifest import missing_names
+from vitcnn_store.store.manifest import MANIFEST_ATTR, missing_names
 
 __all__ = [
     "RESUME_KEYS", "RunEntry", "list_runs", "prepare_run", "run_entry", "run_format", "run_state",
@@ -242,4 +242,6 @@ def run_state(url: str, name: str) -> Any:
             done = np.asarray(group["done"][...]).astype(bool).tolist()
     except Exception:  # damaged or missing flags: the attributes still tell a replacement
         done = None
-    return (entry.created, entry.problem, attrs.get("created_at"), attrs.get(CREATED_ATTR), done)
+    manifest = attrs.get(MANIFEST_ATTR)
+    creation = manifest.get("creation_id") if isinstance(manifest, dict) else None
+    return (entry.created, entry.problem, attrs.get("created_at"), creation, done)
