@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,13 +24,13 @@ from vitcnn_store import open_store
 from vitcnn_store.cli import main
 
 TINY = [
-    TINY_VIT["name"], "--img-size", "32", "--model-arg", "depth=2", "--images", "builtin:faces",
-    "--limit", "24", "--chunk-size", "8", "--no-progress",
+    str(TINY_VIT["name"]), "--img-size", "32", "--model-arg", "depth=2",
+    "--images", "builtin:faces", "--limit", "24", "--chunk-size", "8", "--no-progress",
 ]  # fmt: skip
 REFUSALS = ("is being written by", "was changed by another job", "exists in")
 
 
-def _wait(predicate, timeout: float = 300.0) -> None:  # type: ignore[no-untyped-def]
+def _wait(predicate: Callable[[], bool], timeout: float = 300.0) -> None:
     end = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < end, "timed out waiting for the racing jobs"
