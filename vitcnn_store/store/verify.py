@@ -212,7 +212,22 @@ def _restore_done(url: str, run: str, report: VerifyReport) -> None:
 
 
 def _repair(url: str, report: VerifyReport) -> None:
-    from vitcnn_store.store.lease import check_not_leased
+    """Repair holding the lease of every run it touches (refused while a job holds one)."""
+    from vitcnn_store.store.lease import acquire_lease, new_owner, release_lease
+
+    touched = {p.run for p in report.problems if p.repairable or gram_layer(p.layer) is not None}
+    owner, held = new_owner(), []
+    try:
+        for run in sorted(touched):
+            acquire_lease(url, run, owner)
+            held.append(run)
+        _repair_held(url, report)
+    finally:
+        for run in held:
+            release_lease(url, run, owner)
+
+
+def _repair_held(url: str, report: VerifyReport) -> None:
     from vitcnn_store.store.writer import consolidate
 
     units: dict[str, set[int]] = {}
@@ -221,7 +236,6 @@ def _repair(url: str, report: VerifyReport) -> None:
     for p in report.problems:
         if p.unit is not None or not p.repairable:
             continue
-        check_not_leased(url, p.run)
         if p.layer == "done":
             _restore_done(url, p.run, report)
         elif not _copy_from_intact(url, p.run, p.layer, report):  # an image coordinate
@@ -245,7 +259,6 @@ def _repair(url: str, report: VerifyReport) -> None:
         return
     root = open_root(url, mode="r+")
     for run, todo in units.items():
-        check_not_leased(url, run)
         with quiet_zarr(), store_io(url):
             done = root[run]["done"]
             for u in sorted(todo):
