@@ -11,8 +11,9 @@ The order is the job's promise that refusal changes nothing:
 4. start the workers: in process, move the model to its device; on Ray (reached
    within a bounded wait while step 2 runs on another thread), start every
    actor and wait until each holds the model (:mod:`jobs.ray_pool`);
-5. only then create (or, with ``--overwrite``, replace) the run, take its
-   lease, print the plan in one line, and write the units not yet done
+5. only then take the run's lease (atomically: a second job on the run is
+   refused here), check the run is as step 3 saw it, create (or, with
+   ``--overwrite``, replace) the run, print the plan in one line, and write the units not yet done
    (:mod:`jobs.inprocess` or :mod:`jobs.ray_pool`).
 
 A job refused or failed in steps 1–4 leaves an existing run byte for byte as it was.
@@ -35,6 +36,7 @@ from jobs.run_setup import RunSession, check_run, prepare_store
 from jobs.sizing import ExecutionPlan, local_resources, size_job
 from vitcnn_store.models.factory import ModelSpec
 from vitcnn_store.store import consolidate, unit_bounds
+from vitcnn_store.store.runs import run_state
 
 __all__ = [
     "ExtractConfig",
@@ -114,24 +116,44 @@ def _units_to_write(cfg: ExtractConfig, create: bool, n_units: int) -> list[int]
     return sorted(todo | missing)
 
 
+def _lost_arrays(cfg: ExtractConfig) -> bool:
+    """True when the run to resume lost arrays of its manifest (``--resume`` restores them)."""
+    from vitcnn_store.store import open_root
+    from vitcnn_store.store.runs import run_entry
+
+    entry = run_entry(open_root(cfg.store), cfg.run, cfg.store)
+    if entry is None or not entry.damaged:
+        return False
+    print(f"vitcnn extract: run {cfg.run!r} is {entry.problem}: restoring it and rewriting "
+          "every unit", file=sys.stderr)  # fmt: skip
+    return True
+
+
 @dataclass
 class _Prepared:
     template: RunTemplate
     create: bool
     units: list[int]
+    state: Any = None  # the run as the checks saw it (store.runs.run_state)
+    restore: bool = False  # resume a run that lost arrays: recreate them first
 
 
-def _prepare(cfg: ExtractConfig, sizing: ExecutionPlan) -> _Prepared:
-    """Steps 2 and 3: the template and every store-side check (writes nothing)."""
+def _prepare(cfg: ExtractConfig, sizing: ExecutionPlan, state: Any) -> _Prepared:
+    """Steps 2 and 3: the template and every store-side check (writes nothing).
+
+    ``state`` is the run as the job found it when it began: the job writes only if
+    the run is still so once it holds the lease.
+    """
     template = plan_extraction(cfg, threads=sizing.threads)
     plan = replace(template.plan, device=sizing.device, decode_threads=sizing.decode_threads)
     template = replace(template, plan=plan)
     t = time.perf_counter()
     create = check_run(cfg, template)
     n_units = -(-len(template.plan.images) // template.chunk_size)
-    units = _units_to_write(cfg, create, n_units)
+    restore = not create and _lost_arrays(cfg)
+    units = list(range(n_units)) if restore else _units_to_write(cfg, create, n_units)
     template.timings["store checks"] = time.perf_counter() - t
-    return _Prepared(template, create, units)
+    return _Prepared(template, create, units, state, restore)
 
 
 def _announce(cfg: ExtractConfig, summary: ExtractSummary, t0: float) -> None:
@@ -152,7 +174,7 @@ def _writing(cfg: ExtractConfig, prep: _Prepared, summary: ExtractSummary,
     """
     from tqdm.auto import tqdm
 
-    session = RunSession(cfg, prep.template, prep.create)
+    session = RunSession(cfg, prep.template, prep.create, prep.state, prep.restore)
     _announce(cfg, summary, t0)
     lock = threading.Lock()
     bounds = unit_bounds(len(prep.template.plan.images), prep.template.chunk_size)
@@ -228,7 +250,7 @@ def _as_found(model: Any) -> Iterator[None]:
 
 
 def _on_ray(cfg: ExtractConfig, sizing: ExecutionPlan, address: str | None,
-            summary: ExtractSummary, t0: float) -> _Prepared:  # fmt: skip
+            summary: ExtractSummary, t0: float, state: Any) -> _Prepared:  # fmt: skip
     import ray
 
     from jobs.ray_cluster import check_resources, connect, disconnect
@@ -239,7 +261,7 @@ def _on_ray(cfg: ExtractConfig, sizing: ExecutionPlan, address: str | None,
 
     def prepare() -> None:  # step 2-3 while Ray starts or connects
         try:
-            box["prep"] = _prepare(cfg, sizing)
+            box["prep"] = _prepare(cfg, sizing, state)
         except BaseException as e:
             box["error"] = e
 
@@ -296,11 +318,14 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     sizing = size_job(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker, cfg.device,
                       local_resources(), address)  # fmt: skip
     summary = ExtractSummary(cfg.run, cfg.store, 0, 0, 0, 0, {}, 0.0, plan=sizing.describe())
+    # The run as this job finds it: compared again once the job holds the run's lease,
+    # so a job started before another replaced or created the run never writes.
+    state = run_state(cfg.store, cfg.run)
     with _as_found(cfg.model):
         if sizing.on_ray:
-            prep = _on_ray(cfg, sizing, address, summary, t0)
+            prep = _on_ray(cfg, sizing, address, summary, t0, state)
         else:
-            prep = _prepare(cfg, sizing)
+            prep = _prepare(cfg, sizing, state)
             if prep.units:
                 _in_process(cfg, sizing, prep, summary, t0)
     summary.n_images = len(prep.template.plan.images)

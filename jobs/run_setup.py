@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from vitcnn_store.errors import ImageSetError, VitcnnError
+from vitcnn_store.errors import ImageSetError, RunLockedError, VitcnnError
 from vitcnn_store.store import RunWriter, check_writable, create_run, prepare_run
 from vitcnn_store.store.lease import (
     Lease,
@@ -23,27 +23,23 @@ from vitcnn_store.store.lease import (
     release_lease,
     renew_lease,
 )
-from vitcnn_store.store.runs import list_runs
+from vitcnn_store.store.runs import run_state
+from vitcnn_store.store.writer import restore_run
 
 if TYPE_CHECKING:
     from jobs.config import ExtractConfig
     from jobs.plan import RunTemplate
 
-__all__ = ["LeaseKeeper", "RunSession", "check_run", "create_run_from", "prepare_store"]
+__all__ = [
+    "LeaseKeeper", "RunSession", "check_run", "create_run_from", "prepare_store",
+    "restore_run_from",
+]  # fmt: skip
 
 
 def _refuse_if_leased(cfg: ExtractConfig) -> None:
-    import fsspec
-
-    from vitcnn_store.store.layout import store_io
-
-    with store_io(cfg.store):
-        fs, path = fsspec.core.url_to_fs(cfg.store)
-        if not fs.exists(path):
-            return
-    entries = {e.name: e for e in list_runs(cfg.store)}
-    if cfg.run in entries and entries[cfg.run].created:
-        check_not_leased(cfg.store, cfg.run)
+    # Early, for a clear refusal before the model and workers start; the lease itself is
+    # taken (atomically) by RunSession.open, before anything is created or deleted.
+    check_not_leased(cfg.store, cfg.run)
 
 
 def check_run(cfg: ExtractConfig, template: RunTemplate) -> bool:
@@ -73,6 +69,17 @@ def create_run_from(cfg: ExtractConfig, template: RunTemplate) -> None:
         image_ids=[r.image_id for r in records], labels=[r.label for r in records],
         image_sha256=template.image_sha256, chunk=template.chunk_size, dtype=cfg.dtype,
         arrays=template.specs, attrs=template.provenance, compression=cfg.compression,
+    )  # fmt: skip
+
+
+def restore_run_from(cfg: ExtractConfig, template: RunTemplate) -> list[str]:
+    """Recreate what a resumed run lost (missing arrays, unreadable coordinates)."""
+    records = template.plan.images.records
+    return restore_run(
+        cfg.store, cfg.run,
+        image_ids=[r.image_id for r in records], labels=[r.label for r in records],
+        image_sha256=template.image_sha256, chunk=template.chunk_size, dtype=cfg.dtype,
+        arrays=template.specs, compression=cfg.compression,
     )  # fmt: skip
 
 
@@ -122,29 +129,54 @@ class LeaseKeeper:
 class RunSession:
     """A job's hold on its run, from creation to the last unit.
 
-    :meth:`open` creates (or replaces) the run when the job must, then takes its
-    lease; it runs once, from whichever thread writes first (the in-process
-    runner opens it from its write thread, so creating the run overlaps the
-    first unit's decode and forward). :meth:`check` raises if the lease was
-    lost; :meth:`close` drops it.
+    :meth:`open` takes the run's lease first — atomically, so of two jobs on one
+    run exactly one gets it and the other is refused having written nothing —
+    then, holding it, checks that the run is still as the job's checks saw it
+    (``state``, from :func:`~vitcnn_store.store.runs.run_state`), and only then
+    creates (or replaces) the run when the job must. It runs once, from
+    whichever thread writes first (the in-process runner opens it from its write
+    thread, so creating the run overlaps the first unit's decode and forward).
+    :meth:`check` raises if the lease was lost; :meth:`close` drops it.
     """
 
-    def __init__(self, cfg: ExtractConfig, template: RunTemplate, create: bool) -> None:
-        self.cfg, self.template, self.create = cfg, template, create
+    def __init__(self, cfg: ExtractConfig, template: RunTemplate, create: bool,
+                 state: object = None, restore: bool = False) -> None:  # fmt: skip
+        self.cfg, self.template, self.create, self.state = cfg, template, create, state
+        self.restore = restore  # a resumed run lost arrays: recreate them from the template
         self.keeper: LeaseKeeper | None = None
         self.seconds = 0.0  # spent creating the run and taking the lease
         self._lock = threading.Lock()
+        self._failed: BaseException | None = None
 
     def open(self) -> None:
         import time
 
         with self._lock:
+            if self._failed is not None:  # a second write thread: the first one failed
+                raise self._failed
             if self.keeper is not None:
                 return
             t = time.perf_counter()
-            if self.create:  # the job is certain to start: only now replace anything
-                create_run_from(self.cfg, self.template)
-            self.keeper = LeaseKeeper(self.cfg.store, self.cfg.run, self.cfg.lease_ttl)
+            try:
+                keeper = LeaseKeeper(self.cfg.store, self.cfg.run, self.cfg.lease_ttl)
+            except BaseException as e:
+                self._failed = e
+                raise
+            try:
+                if run_state(self.cfg.store, self.cfg.run) != self.state:
+                    raise RunLockedError(
+                        f"run {self.cfg.run!r} was changed by another job while this one was "
+                        "starting; nothing was written: run the command again"
+                    )
+                if self.create:  # the job holds the run: only now replace anything
+                    create_run_from(self.cfg, self.template)
+                elif self.restore:
+                    restore_run_from(self.cfg, self.template)
+            except BaseException as e:
+                keeper.release()
+                self._failed = e
+                raise
+            self.keeper = keeper
             self.seconds = time.perf_counter() - t
 
     def check(self) -> None:

@@ -122,6 +122,11 @@ def _broken_row(name: str, problem: str) -> list[str]:
     return [name, "-", "-", "-", "-", "-", "-", "-", f"BROKEN: {problem} ({RECOVER})", "-"]
 
 
+def _damaged_row(name: str, problem: str) -> list[str]:
+    what = f"DAMAGED: {problem.removeprefix('damaged: ')}, run vitcnn verify"
+    return [name, "-", "-", "-", "-", "-", "-", "-", what, "-"]
+
+
 def describe_store(url: str) -> str:
     """One line per run: model, weights, images, layers, size, completeness, damage."""
     from vitcnn_store.store import open_store
@@ -132,6 +137,9 @@ def describe_store(url: str) -> str:
         return f"{url}: empty store (no runs)"
     rows = []
     for entry in entries:
+        if entry.damaged:  # lost arrays of its manifest: never shown as complete
+            rows.append(_damaged_row(entry.name, entry.problem))
+            continue
         if not entry.created:
             rows.append(_broken_row(entry.name, entry.problem))
             continue
@@ -145,10 +153,14 @@ def describe_store(url: str) -> str:
     return f"{url}: {len(rows)} run(s)\n" + table(rows, header)
 
 
-def _describe_broken(url: str, run_name: str, problem: str) -> str:
+_RESTORE = "vitcnn verify lists what is lost; --resume restores it"
+
+
+def _describe_broken(url: str, run_name: str, problem: str, state: str = "BROKEN",
+                     recover: str = RECOVER) -> str:  # fmt: skip
     from vitcnn_store.store import open_root
 
-    lines = [f"run {run_name!r} in {url}: BROKEN ({problem}); {RECOVER}"]
+    lines = [f"run {run_name!r} in {url}: {state} ({problem}); {recover}"]
     try:
         attrs = dict(open_root(url)[run_name].attrs)
     except Exception:
@@ -158,7 +170,7 @@ def _describe_broken(url: str, run_name: str, problem: str) -> str:
     return "\n".join(lines)
 
 
-_SKIP = {"layers", "attention_layers", "label_names"}
+_SKIP = {"layers", "attention_layers", "label_names", "vitcnn_store.manifest"}
 
 
 def describe_run(url: str, run_name: str) -> str:
@@ -170,6 +182,9 @@ def describe_run(url: str, run_name: str) -> str:
     broken = store.broken
     if run_name in broken:
         return _describe_broken(url, run_name, broken[run_name])
+    damaged = store.damaged
+    if run_name in damaged:
+        return _describe_broken(url, run_name, damaged[run_name], "DAMAGED", _RESTORE)
     run = store[run_name]
     lines = [f"run {run_name!r} in {url}", "", "provenance:"]
     for key, value in sorted(run.attrs.items()):

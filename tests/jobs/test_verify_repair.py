@@ -80,3 +80,24 @@ def test_resume_rewrites_finished_units_with_missing_chunks(
     assert summary.units_written == 1  # type: ignore[attr-defined]
     assert "1 finished unit(s) of 'vit' have missing chunks" in capsys.readouterr().err
     assert_runs_identical(str(url), "vit", str(clean), "vit")
+
+
+def test_a_lost_layer_is_restored_by_resume(
+    clean: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = tmp_path / "acts.zarr"
+    shutil.copytree(clean, url)
+    store = str(url)
+    shutil.rmtree(url / "vit" / "blocks.1")
+    shutil.rmtree(url / "vit" / "image_sha256")
+    assert main(["verify", store, "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "blocks.1" in out and "layer missing" in out and "image_sha256" in out
+    assert main(["analyze", "cka", store, "vit", "--figures", str(tmp_path / "f"),
+                 "--no-progress"]) == 1  # fmt: skip
+    assert "blocks.1, image_sha256 missing" in one_line(capsys)  # refused, naming the loss
+    summary = extract_tiny(url, "vit", resume=True, **OPTIONS)
+    assert summary.units_written == 3  # type: ignore[attr-defined]
+    assert "restoring it and rewriting every unit" in capsys.readouterr().err
+    assert_runs_identical(store, "vit", str(clean), "vit")
+    assert main(["verify", store, "--no-progress"]) == 0

@@ -112,3 +112,81 @@ def test_unknown_run_is_bad_input(store: str, capsys: pytest.CaptureFixture[str]
     assert main(["verify", store, "nope"]) == 2
     assert "no run 'nope'" in capsys.readouterr().err
     assert np.all(open_store(store)["r"].done)
+
+
+# -- the run's manifest (issue 16, hostile case 5) -------------------------------------
+
+
+def test_a_lost_layer_is_damage_not_a_smaller_run(store: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    from vitcnn_store.errors import DamagedDataError
+
+    shutil.rmtree(Path(store, "r", "layer1.0"))
+    code, out = run_verify(capsys, store)
+    assert code == 1 and "r    layer1.0" in out and "layer missing" in out and "--resume" in out
+    assert main(["ls", store]) == 0
+    listing = capsys.readouterr().out
+    row = next(line for line in listing.splitlines() if line.startswith("r "))
+    assert "DAMAGED: layer1.0 missing" in row and "2/2" not in row
+    with pytest.raises(DamagedDataError, match=r"layer1\.0 missing"):
+        open_store(store)["r"]  # analyses open runs this way: they refuse, naming it
+    assert main(["show", store, "r"]) == 0
+    assert "DAMAGED (damaged: layer1.0 missing)" in capsys.readouterr().out
+    assert open_store(store)["other"].complete  # the other run is untouched
+
+
+@pytest.mark.parametrize("lost", ["done", "image_id"])
+def test_lost_flags_or_ids_are_reported_and_repaired(store: str, lost: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    shutil.rmtree(Path(store, "other", lost))
+    for command in (["ls", store], ["show", store, "other"]):
+        assert main(command) == 0  # no KeyError: the run is reported damaged
+        assert "DAMAGED" in capsys.readouterr().out
+    code, out = run_verify(capsys, store)
+    assert code == 1 and f"other  {lost}" in out and "--repair recreates it" in out
+    code, out = run_verify(capsys, store, "--repair")
+    assert code == 1
+    run = open_store(store)["other"]
+    if lost == "done":  # recreated from the manifest: every unit to rewrite
+        assert "cleared done for unit(s) 0, 1, 2" in out and not run.done.any()
+    else:  # rewritten from a layer's intact copy
+        assert "from its intact copy" in out and run.complete
+        assert run_verify(capsys, store)[0] == 0
+
+
+def test_damaged_image_hashes_are_rewritten_from_a_copy(store: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    hashes = open_store(store)["r"].image_sha256.copy()
+    flip(Path(store, "r", "image_sha256", "c", "0"), offset=0)
+    code, out = run_verify(capsys, store)
+    assert code == 1 and "--repair rewrites it from an intact copy" in out
+    code, out = run_verify(capsys, store, "--repair")
+    assert "rewrote r/image_sha256 from its intact copy" in out
+    assert run_verify(capsys, store)[0] == 0
+    np.testing.assert_array_equal(open_store(store)["r"].image_sha256, hashes)
+
+
+def test_runs_without_a_manifest_keep_the_old_behaviour(store: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from vitcnn_store.store.writer import consolidate
+
+    meta = Path(store, "r", "zarr.json")
+    doc = json.loads(meta.read_text())
+    del doc["attributes"]["vitcnn_store.manifest"]  # a format-2 run from before manifests
+    meta.write_text(json.dumps(doc))
+    consolidate(store)
+    assert open_store(store)["r"].complete
+    assert run_verify(capsys, store)[0] == 0
+
+
+def test_a_changed_array_is_named(store: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    meta = Path(store, "r", "zarr.json")
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["vitcnn_store.manifest"]["arrays"]["blocks.0/activation"]["shape"][1] = 9
+    meta.write_text(json.dumps(doc))
+    code, out = run_verify(capsys, store)
+    assert code == 1 and "blocks.0/activation" in out and "(created as [5, 9, 4])" in out

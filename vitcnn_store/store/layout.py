@@ -34,12 +34,14 @@ __all__ = [
     "GRAMS",
     "IMAGE_COORDS",
     "LABEL_FILL",
+    "LEASES",
     "MAX_NAME_LENGTH",
     "RUN_ARRAYS",
     "check_layer_name",
     "check_name",
     "check_writable",
     "environment_error",
+    "is_empty_location",
     "open_root",
     "quiet_zarr",
     "store_io",
@@ -52,6 +54,9 @@ CREATED_ATTR = "vitcnn_store.created"
 ANALYSES = "_analyses"
 #: Per-image coordinates of a run, copied into every layer group (format 2).
 IMAGE_COORDS = ("image", "image_id", "label", "image_sha256")
+#: Root folder of the run leases (store/lease.py): outside every run, so a lease can
+#: guard a run's creation and replacement. Not a zarr node; readers skip it.
+LEASES = "_leases"
 GRAMS = "_grams"  # the Gram cache (store/grams.py); like _analyses, derived from the run
 # Arrays directly under a run; layer groups may not take these names.
 RUN_ARRAYS = (
@@ -209,13 +214,18 @@ def store_io(url: str) -> Iterator[None]:
         raise mapped from e
 
 
-def _is_empty_location(url: str) -> bool:
+def is_empty_location(url: str) -> bool:
+    """No store here yet: nothing, an empty folder, or only the leases of runs about to
+    be created (a job takes its run's lease before it creates the store)."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(url)
     if not fs.exists(path):
         return True
-    return fs.isdir(path) and not fs.ls(path)
+    if not fs.isdir(path):
+        return False
+    names = {str(n).rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)}
+    return names <= {LEASES}
 
 
 def check_writable(url: str) -> None:
@@ -265,15 +275,17 @@ def open_root(url: str, mode: Literal["r", "r+", "a"] = "r", *, create: bool = F
     url = str(url)
     with quiet_zarr(), store_io(url):
         try:
-            if create and _is_empty_location(url):
-                root = zarr.open_group(url, mode="w", zarr_format=3)
+            if create and is_empty_location(url):
+                # Mode "a", never "w": "w" would delete the leases of jobs about to
+                # create their runs here (and a concurrent job's new store).
+                root = zarr.open_group(url, mode="a", zarr_format=3)
                 root.attrs[FORMAT_ATTR] = FORMAT_VERSION
                 return root
             # Never mode "a" here: it would turn any folder into a zarr group.
             existing: Literal["r", "r+"] = "r" if mode == "r" else "r+"
             root = zarr.open_group(url, mode=existing, zarr_format=3, use_consolidated=False)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
-            if not create and _is_empty_location(url):
+            if not create and is_empty_location(url):
                 raise StoreError(f"no store at {url}") from e
             raise NotAStoreError(f"{url} is not a vitcnn store (no zarr v3 group there)") from e
         except (ValueError, TypeError, KeyError, UnicodeDecodeError) as e:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vitcnn_store.errors import BrokenRunError, RunNotFoundError
+from vitcnn_store.errors import BrokenRunError, DamagedDataError, RunNotFoundError
 from vitcnn_store.store.checked import CheckedArray, checked_dask, damage_error, read_checked
 from vitcnn_store.store.layout import open_root, quiet_zarr, unit_bounds
 from vitcnn_store.store.runs import RunEntry, list_runs, run_entry, run_format
@@ -56,8 +56,14 @@ class Store:
 
     @property
     def runs(self) -> list[str]:
-        """Names of the fully created runs, sorted."""
+        """Names of the fully created runs, sorted (damaged ones included: opening one
+        says what it lost)."""
         return [e.name for e in self.entries if e.created]
+
+    @property
+    def damaged(self) -> dict[str, str]:
+        """Created runs that lost arrays or layers of their manifest: name → what."""
+        return {e.name: e.problem for e in self.entries if e.damaged}
 
     @property
     def broken(self) -> dict[str, str]:
@@ -72,7 +78,7 @@ class Store:
 
     def __getitem__(self, run: str) -> Run:
         hidden = not run or run.startswith(("_", ".")) or "/" in run
-        entry = None if hidden else run_entry(self._root, run)
+        entry = None if hidden else run_entry(self._root, run, self.url)
         if entry is None:
             known = ", ".join(self.runs) or "none"
             raise RunNotFoundError(f"no run {run!r} in {self.url} (runs: {known})")
@@ -80,6 +86,11 @@ class Store:
             raise BrokenRunError(
                 f"run {run!r} in {self.url} is broken ({entry.problem}): recover it with "
                 "`vitcnn extract ... --overwrite` or `--resume`"
+            )
+        if entry.damaged:
+            raise DamagedDataError(
+                f"run {run!r} in {self.url} is {entry.problem}: see `vitcnn verify`; "
+                "`vitcnn extract ... --resume` restores it"
             )
         return Run(self, run)
 

@@ -20,16 +20,21 @@ from vitcnn_store.errors import (
     RunExistsError,
     RunMismatchError,
     StoreError,
+    VitcnnError,
 )
 from vitcnn_store.store.layout import (
     CREATED_ATTR,
     check_name,
+    is_empty_location,
     open_root,
     quiet_zarr,
     store_io,
 )
+from vitcnn_store.store.manifest import MANIFEST_ATTR, missing_names
 
-__all__ = ["RESUME_KEYS", "RunEntry", "list_runs", "prepare_run", "run_entry", "run_format"]
+__all__ = [
+    "RESUME_KEYS", "RunEntry", "list_runs", "prepare_run", "run_entry", "run_format", "run_state",
+]  # fmt: skip
 
 # Provenance keys that must match for --resume to continue a run.
 RESUME_KEYS = (
@@ -44,11 +49,20 @@ RESUME_KEYS = (
 
 @dataclass(frozen=True)
 class RunEntry:
-    """A run group under the store's root: created, or broken and why."""
+    """A run group under the store's root: created, or broken and why.
+
+    A created run with a ``problem`` is *damaged*: it lacks an array of its
+    manifest (or, before manifests, one every run has); ``vitcnn verify``
+    says what, ``--resume`` restores it.
+    """
 
     name: str
     created: bool
     problem: str = ""
+
+    @property
+    def damaged(self) -> bool:
+        return self.created and bool(self.problem)
 
 
 def run_format(attrs: Mapping[str, Any]) -> int:
@@ -57,8 +71,12 @@ def run_format(attrs: Mapping[str, Any]) -> int:
     return value if isinstance(value, int) else 1
 
 
-def run_entry(root: Any, name: str) -> RunEntry | None:
-    """The run ``name`` of an open root group, or None when there is no such child."""
+def run_entry(root: Any, name: str, url: str | None = None) -> RunEntry | None:
+    """The run ``name`` of an open root group, or None when there is no such child.
+
+    A created run is checked for lost arrays or layers (one listing of its
+    folder when ``url`` is given).
+    """
     try:
         with quiet_zarr():
             group = root[name]
@@ -69,13 +87,18 @@ def run_entry(root: Any, name: str) -> RunEntry | None:
         return RunEntry(name, False, f"metadata unreadable ({type(e).__name__})")
     if not hasattr(group, "members"):
         return RunEntry(name, False, "an array, not a run group")
-    if attrs.get(CREATED_ATTR) is True:
-        return RunEntry(name, True)
-    if run_format(attrs) == 1 and CREATED_ATTR not in attrs:
+    created = attrs.get(CREATED_ATTR) is True
+    if not created and run_format(attrs) == 1 and CREATED_ATTR not in attrs:
         with quiet_zarr():
-            if "done" in group:
-                return RunEntry(name, True)
-    return RunEntry(name, False, "creation interrupted")
+            created = "done" in group
+    if not created:
+        return RunEntry(name, False, "creation interrupted")
+    missing = missing_names(url, group, name, attrs)
+    if missing:
+        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        shown = ", ".join(missing[:4]) + more
+        return RunEntry(name, True, f"damaged: {shown} missing")
+    return RunEntry(name, True)
 
 
 def list_runs(url: str, root: Any | None = None) -> list[RunEntry]:
@@ -95,7 +118,7 @@ def list_runs(url: str, root: Any | None = None) -> list[RunEntry]:
             if e.get("type") == "directory"
         )
     names = [n for n in names if n and not n.startswith(("_", "."))]
-    entries = [run_entry(root, n) for n in names]
+    entries = [run_entry(root, n, url) for n in names]
     return [e if e is not None else RunEntry(n, False, "no zarr.json")
             for n, e in zip(names, entries, strict=True)]  # fmt: skip
 
@@ -107,13 +130,18 @@ def _json_equal(a: Any, b: Any) -> bool:
 def _changed_images(group: Any, image_ids: Sequence[str], hashes: Sequence[str]) -> None:
     import numpy as np
 
-    with quiet_zarr():
-        if "image_sha256" not in group:
-            return
-        stored_ids = [str(v) for v in np.asarray(group["image_id"][...]).tolist()]
-        if stored_ids != list(image_ids):
-            return  # a different image set: reported as an image_set_sha256 mismatch
-        stored = [str(v) for v in np.asarray(group["image_sha256"][...]).tolist()]
+    try:
+        with quiet_zarr():
+            if "image_sha256" not in group:
+                return
+            stored_ids = [str(v) for v in np.asarray(group["image_id"][...]).tolist()]
+            if stored_ids != list(image_ids):
+                return  # a different image set: reported as an image_set_sha256 mismatch
+            stored = [str(v) for v in np.asarray(group["image_sha256"][...]).tolist()]
+    except Exception:
+        # Damaged or missing coordinates: the provenance's image_set_sha256 (ids, labels
+        # and content hashes) still decides, and resuming rewrites them (restore_run).
+        return
     changed = [i for i, (a, b) in enumerate(zip(stored, hashes, strict=True)) if a != b]
     if changed:
         first = ", ".join(image_ids[i] for i in changed[:3])
@@ -142,12 +170,9 @@ def prepare_run(
     format. A broken run (interrupted creation) is recreated by either flag.
     Nothing is written here, so a refused job leaves the store unchanged.
     """
-    import fsspec
-
     check_name(name)
     with store_io(url):
-        fs, path = fsspec.core.url_to_fs(url)
-        if not fs.exists(path) or (fs.isdir(path) and not fs.ls(path)):
+        if is_empty_location(url):
             return True
     root = open_root(url, mode="r")
     entries = {e.name: e for e in list_runs(url, root)}
@@ -186,3 +211,38 @@ def prepare_run(
             f"{' ...' if len(diffs) > 3 else ''} differ; use --overwrite to replace it"
         )
     return False
+
+
+def run_state(url: str, name: str) -> Any:
+    """A snapshot of what run ``name`` is now (None: no such run), to compare later.
+
+    A job takes its checks with this snapshot and compares it again once it
+    holds the run's lease: if another job created, replaced or advanced the run
+    in between, the checks no longer hold and the job must not write.
+    """
+    import numpy as np
+
+    try:
+        with store_io(url):
+            if is_empty_location(url):
+                return None
+        root = open_root(url, mode="r")
+    except VitcnnError as e:  # not a store (yet): the job's own checks say why, later
+        return ("unreadable", type(e).__name__)
+    entry = run_entry(root, name)
+    if entry is None:
+        return None
+    try:
+        with quiet_zarr():
+            group = root[name]
+            attrs = dict(group.attrs)
+    except Exception:  # unreadable metadata: run_entry said why
+        return (entry.created, entry.problem)
+    try:
+        with quiet_zarr():
+            done = np.asarray(group["done"][...]).astype(bool).tolist()
+    except Exception:  # damaged or missing flags: the attributes still tell a replacement
+        done = None
+    manifest = attrs.get(MANIFEST_ATTR)
+    creation = manifest.get("creation_id") if isinstance(manifest, dict) else None
+    return (entry.created, entry.problem, attrs.get("created_at"), creation, done)

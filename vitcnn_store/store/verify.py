@@ -24,6 +24,7 @@ from vitcnn_store.store.chunks import chunk_key, grid, list_objects, unit_arrays
 from vitcnn_store.store.codecs import has_checksum
 from vitcnn_store.store.grams import delete_grams, gram_layer
 from vitcnn_store.store.layout import (
+    IMAGE_COORDS,
     check_name,
     environment_error,
     open_root,
@@ -31,11 +32,15 @@ from vitcnn_store.store.layout import (
     store_io,
     unit_bounds,
 )
+from vitcnn_store.store.manifest import manifest_problems, missing_names
 from vitcnn_store.store.runs import list_runs, run_format
 
 __all__ = ["Problem", "VerifyReport", "verify_store"]
 
 RECOVER = "recover with `vitcnn extract ... --overwrite` (or --resume)"
+RESTORE = "`vitcnn extract ... --resume` recreates it and rewrites the run's units"
+#: Lost arrays that ``--repair`` restores without the model (the manifest or a copy suffices).
+REPAIRED_HERE = {"done", *IMAGE_COORDS}
 
 
 @dataclass(frozen=True)
@@ -145,12 +150,98 @@ def _plan_run(url: str, name: str, group: Any, report: VerifyReport) -> list[_Ta
     return tasks
 
 
+def _check_manifest(name: str, group: Any, report: VerifyReport) -> set[str]:
+    """Problems for arrays of the run's manifest that are missing or differ; their paths."""
+    attrs = dict(group.attrs)
+    gone = set(missing_names(None, group, name, attrs))  # whole layers: one row each
+    found = manifest_problems(group, attrs)
+    for layer in sorted(gone - {p for p, _ in found}):
+        report.problems.append(Problem(name, layer, None, f"layer missing: {RESTORE}"))
+    for path, what in found:
+        if path.split("/", 1)[0] in gone and "/" in path:
+            continue
+        restorable = path in REPAIRED_HERE
+        how = "--repair recreates it" if restorable else RESTORE
+        report.problems.append(Problem(name, path, None, f"{what}: {how}", restorable))
+    return {path for path, _ in found} | gone
+
+
+def _copy_from_intact(url: str, run: str, path: str, report: VerifyReport) -> bool:
+    """Rewrite (or recreate) image coordinate ``path`` from an intact copy: the run and
+    every layer hold one. False when no intact copy exists."""
+    from vitcnn_store.store.chunks import walk_arrays
+    from vitcnn_store.store.writer import write_coordinate
+
+    name = path.rsplit("/", 1)[-1]
+    with quiet_zarr(), store_io(url):
+        group = open_root(url, mode="r+")[run]
+        copies = [p for p, _ in walk_arrays(group) if p.rsplit("/", 1)[-1] == name]
+        for source in (p for p in copies if p != path and not p.startswith("_")):
+            try:
+                src = group[source]
+                values = np.asarray(src[...])
+            except Exception:
+                continue
+            if path in group:
+                group[path][...] = values
+            else:
+                parent, _, cname = path.rpartition("/")
+                target = group[parent] if parent else group
+                write_coordinate(target, cname, values, ["image"], src.chunks)
+            report.notes.append(f"rewrote {run}/{path} from its intact copy {source}")
+            return True
+    return False
+
+
+def _restore_done(url: str, run: str, report: VerifyReport) -> None:
+    """Recreate a lost ``done`` array as the manifest says, every unit not done."""
+    from vitcnn_store.store.codecs import checksummed
+    from vitcnn_store.store.manifest import manifest_arrays
+
+    with quiet_zarr(), store_io(url):
+        group = open_root(url, mode="r+")[run]
+        want = (manifest_arrays(dict(group.attrs)) or {}).get("done")
+        if want is None:
+            return
+        group.create_array(
+            "done", shape=tuple(want["shape"]), chunks=tuple(want["chunks"]), dtype=bool,
+            fill_value=False, dimension_names=["unit"], compressors=checksummed("none"),
+            attributes={"long_name": "unit fully written (all arrays)"},
+        )  # fmt: skip
+    report.repaired[run] = list(range(int(want["shape"][0])))
+
+
 def _repair(url: str, report: VerifyReport) -> None:
-    from vitcnn_store.store.lease import check_not_leased
+    """Repair holding the lease of every run it touches (refused while a job holds one)."""
+    from vitcnn_store.store.lease import acquire_lease, new_owner, release_lease
+
+    touched = {p.run for p in report.problems if p.repairable or gram_layer(p.layer) is not None}
+    owner, held = new_owner(), []
+    try:
+        for run in sorted(touched):
+            acquire_lease(url, run, owner)
+            held.append(run)
+        _repair_held(url, report)
+    finally:
+        for run in held:
+            release_lease(url, run, owner)
+
+
+def _repair_held(url: str, report: VerifyReport) -> None:
     from vitcnn_store.store.writer import consolidate
 
     units: dict[str, set[int]] = {}
     grams: dict[str, set[str]] = {}
+    changed = False
+    for p in report.problems:
+        if p.unit is not None or not p.repairable:
+            continue
+        if p.layer == "done":
+            _restore_done(url, p.run, report)
+        elif not _copy_from_intact(url, p.run, p.layer, report):  # an image coordinate
+            report.notes.append(f"{p.run}/{p.layer}: no intact copy; {RECOVER}")
+            continue
+        changed = True
     for p in report.problems:
         if p.repairable and p.unit is not None:
             units.setdefault(p.run, set()).add(p.unit)
@@ -163,12 +254,11 @@ def _repair(url: str, report: VerifyReport) -> None:
             report.notes.append(f"dropped the damaged Gram cache of {run}/{layer}: "
                                 "`vitcnn analyze cka` recomputes it")  # fmt: skip
     if not units:
-        if grams:
+        if grams or changed:
             consolidate(url)
         return
     root = open_root(url, mode="r+")
     for run, todo in units.items():
-        check_not_leased(url, run)
         with quiet_zarr(), store_io(url):
             done = root[run]["done"]
             for u in sorted(todo):
@@ -205,6 +295,9 @@ def verify_store(
             continue
         with quiet_zarr():
             group = root[entry.name]
+        lost = _check_manifest(entry.name, group, report)
+        if lost & {"done", "image"}:
+            continue  # the unit grid is unknown: nothing more to check until restored
         try:
             tasks += _plan_run(url, entry.name, group, report)
         except DamagedDataError as e:
@@ -225,12 +318,17 @@ def verify_store(
             if outcome is None:
                 continue
             per_unit = task.unit is not None
+            coordinate = task.path.rsplit("/", 1)[-1] in IMAGE_COORDS
             what = outcome if per_unit else f"{outcome}: {RECOVER}"
+            if coordinate:  # the run and every layer hold a copy of the image coordinates
+                what = f"{outcome}: --repair rewrites it from an intact copy"
             if gram_layer(task.path) is not None:  # derived data: drop it, analyses redo it
                 what = (
                     f"{outcome}: a cached Gram; --repair drops it, `vitcnn analyze cka` redoes it"
                 )
-            report.problems.append(Problem(task.run, task.path, task.unit, what, per_unit))
+            report.problems.append(
+                Problem(task.run, task.path, task.unit, what, per_unit or coordinate)
+            )
     if bar is not None:
         bar.close()
     report.problems.sort(key=lambda p: (p.run, p.unit if p.unit is not None else -1, p.layer))

@@ -42,6 +42,7 @@ from vitcnn_store.store.layout import (
     store_io,
     unit_bounds,
 )
+from vitcnn_store.store.manifest import MANIFEST_ATTR, build_manifest
 
 __all__ = [
     "COMPRESSIONS",
@@ -51,6 +52,8 @@ __all__ = [
     "consolidate",
     "coord_chunk",
     "create_run",
+    "restore_run",
+    "write_coordinate",
 ]
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -121,6 +124,135 @@ def _check_specs(arrays: Sequence[ArraySpec]) -> None:
                 )
 
 
+def _layout(
+    image_ids: Sequence[str], labels: Sequence[int], chunk: int, dtype: str,
+    arrays: Sequence[ArraySpec], compression: str, image_sha256: Sequence[str] | None,
+) -> _Layout:  # fmt: skip
+    """Check a run's inputs before any write and gather them."""
+    n = len(image_ids)
+    if n == 0:
+        raise StoreError("cannot create a run over zero images")
+    label_values = _check_labels(labels)
+    hashes = list(image_sha256) if image_sha256 is not None else [""] * n
+    if len(hashes) != n:
+        raise StoreError(f"{len(hashes)} image hashes for {n} images")
+    checksummed(compression)  # refuses an unknown compression before any write
+    _check_specs(arrays)
+    layout = _Layout(
+        n=n, chunk=chunk, dtype=dtype, compression=compression, arrays=list(arrays),
+        image_values={
+            "image": np.arange(n, dtype=np.int64),
+            "image_id": np.asarray(list(image_ids), dtype=object),
+            "label": label_values,
+            "image_sha256": np.asarray(hashes, dtype=object),
+        },
+    )  # fmt: skip
+    return layout
+
+
+@dataclass
+class _Layout:
+    """Everything a run's arrays are made from (checked by :func:`_layout`)."""
+
+    n: int
+    chunk: int
+    dtype: str
+    compression: str
+    arrays: list[ArraySpec]
+    image_values: dict[str, np.ndarray]
+    created: list[str] = field(default_factory=list)  # paths made by populate()
+
+    def coord(self, group: Any, cname: str, values: np.ndarray, dims: Sequence[str],
+              cshape: Any, restore: bool) -> None:  # fmt: skip
+        if cname in group:
+            if restore and not _readable(group[cname]):
+                group[cname][...] = values  # a damaged coordinate: its values are known
+                self.created.append(f"{group.path}/{cname}")
+            return
+        write_coordinate(group, cname, values, dims, cshape)
+        self.created.append(f"{group.path}/{cname}")
+
+    def image_coords(self, group: Any, restore: bool) -> None:
+        cchunk = coord_chunk(self.n, self.chunk)
+        for cname, values in self.image_values.items():
+            self.coord(group, cname, values, ("image",), (cchunk,), restore)
+
+    def populate(self, run: Any, restore: bool = False) -> bool:
+        """Create every array of ``run`` that is absent; True if a unit array was made.
+
+        With ``restore``, coordinate arrays that exist but cannot be read are
+        rewritten (their values are known here).
+        """
+        n, chunk = self.n, self.chunk
+        image_attrs = {"coordinates": "image_id label image_sha256"}
+        unit_made = False
+        self.image_coords(run, restore)
+        if "done" not in run:
+            run.create_array(
+                "done", shape=(len(unit_bounds(n, chunk)),), chunks=(1,), dtype=bool,
+                fill_value=False, dimension_names=["unit"], compressors=checksummed("none"),
+                attributes={"long_name": "unit fully written (all arrays)"},
+            )  # fmt: skip
+            unit_made = True
+        for key, kind, fill in (("failed", bool, False), ("failure", str, "")):
+            if key not in run:
+                run.create_array(
+                    key, shape=(n,), chunks=(chunk,), dtype=kind, fill_value=fill,
+                    dimension_names=["image"], attributes=image_attrs,
+                    compressors=checksummed("zstd"),
+                )  # fmt: skip
+                unit_made = True
+        for spec in self.arrays:
+            group = run.require_group(spec.group) if spec.group else run
+            if spec.group:
+                group.attrs.update(_json_safe(spec.attrs))
+                self.image_coords(group, restore)
+            own = []
+            for cname, (cdims, values) in spec.coords.items():
+                if cname not in cdims:
+                    own.append(cname)  # dimension coordinates need no `coordinates` entry
+                self.coord(group, cname, values, cdims, values.shape, restore)
+            if spec.name in group:
+                continue
+            group.create_array(
+                spec.name,
+                shape=(n, *spec.shape),
+                chunks=(chunk, *spec.shape),
+                dtype=self.dtype,
+                fill_value=np.nan,
+                compressors=checksummed(self.compression),
+                dimension_names=["image", *spec.dims],
+                attributes={"coordinates": " ".join([*own, *IMAGE_COORDS[1:]])},
+            )
+            self.created.append(spec.key)
+            unit_made = True
+        return unit_made
+
+
+_FILLS: dict[str, Any] = {"image": -1, "label": LABEL_FILL, "image_id": "", "image_sha256": ""}
+
+
+def write_coordinate(group: Any, cname: str, values: np.ndarray, dims: Sequence[str],
+                     chunks: Sequence[int]) -> None:  # fmt: skip
+    """Create coordinate array ``cname`` of ``group`` holding ``values``."""
+    is_str = values.dtype.kind in "OUT"
+    default: Any = "" if is_str else np.nan if values.dtype.kind == "f" else -1
+    arr = group.create_array(
+        cname, shape=values.shape, dtype=str if is_str else values.dtype,
+        chunks=tuple(chunks), dimension_names=list(dims), compressors=checksummed("zstd"),
+        fill_value=_FILLS.get(cname, default),
+    )  # fmt: skip
+    arr[...] = values
+
+
+def _readable(array: Any) -> bool:
+    try:
+        array[...]
+    except Exception:
+        return False
+    return True
+
+
 def create_run(
     url: str,
     name: str,
@@ -137,45 +269,14 @@ def create_run(
     """Create run ``name`` with every array it will ever hold (replacing any old one).
 
     ``image_sha256`` is each image's content hash (``""`` when unknown). The
-    creation marker is written last; callers decide beforehand whether an old
-    run may be replaced.
+    manifest of the run's arrays and the creation marker are written last, in
+    one metadata write; callers decide beforehand (holding the run's lease)
+    whether an old run may be replaced.
     """
     import zarr
 
     check_name(name)
-    n = len(image_ids)
-    if n == 0:
-        raise StoreError("cannot create a run over zero images")
-    label_values = _check_labels(labels)
-    hashes = list(image_sha256) if image_sha256 is not None else [""] * n
-    if len(hashes) != n:
-        raise StoreError(f"{len(hashes)} image hashes for {n} images")
-    checksummed(compression)  # refuses an unknown compression before any write
-    _check_specs(arrays)
-    cchunk = coord_chunk(n, chunk)
-    image_values: dict[str, np.ndarray] = {
-        "image": np.arange(n, dtype=np.int64),
-        "image_id": np.asarray(list(image_ids), dtype=object),
-        "label": label_values,
-        "image_sha256": np.asarray(hashes, dtype=object),
-    }
-    fills: dict[str, Any] = {"image": -1, "label": LABEL_FILL, "image_id": "", "image_sha256": ""}
-    image_attrs = {"coordinates": "image_id label image_sha256"}
-
-    def coord(group: Any, cname: str, values: np.ndarray, dims: Sequence[str], cshape: Any) -> None:
-        is_str = values.dtype.kind in "OU"
-        default: Any = "" if is_str else np.nan if values.dtype.kind == "f" else -1
-        arr = group.create_array(
-            cname, shape=values.shape, dtype=str if is_str else values.dtype,
-            chunks=cshape, dimension_names=list(dims), compressors=checksummed("zstd"),
-            fill_value=fills.get(cname, default),
-        )  # fmt: skip
-        arr[...] = values
-
-    def image_coords(group: Any) -> None:
-        for cname, values in image_values.items():
-            coord(group, cname, values, ("image",), (cchunk,))
-
+    layout = _layout(image_ids, labels, chunk, dtype, arrays, compression, image_sha256)
     with quiet_zarr(), store_io(url), zarr.config.set({"array.write_empty_chunks": True}):
         root = open_root(url, mode="a", create=True)
         if root.attrs.get(FORMAT_ATTR) != FORMAT_VERSION:
@@ -185,45 +286,52 @@ def create_run(
             del root[name]
         run = root.create_group(name)
         run.attrs.update(_json_safe({**attrs, "format": FORMAT_VERSION, "created_at": _now()}))
-        image_coords(run)
-        n_units = len(unit_bounds(n, chunk))
-        done = run.create_array(
-            "done", shape=(n_units,), chunks=(1,), dtype=bool, fill_value=False,
-            dimension_names=["unit"], compressors=checksummed("none"),
-            attributes={"long_name": "unit fully written (all arrays)"},
-        )  # fmt: skip
-        del done
-        for key, kind, fill in (("failed", bool, False), ("failure", str, "")):
-            run.create_array(
-                key, shape=(n,), chunks=(chunk,), dtype=kind, fill_value=fill,
-                dimension_names=["image"], attributes=image_attrs,
-                compressors=checksummed("zstd"),
-            )  # fmt: skip
-        for spec in arrays:
-            group = run.require_group(spec.group) if spec.group else run
-            if spec.group:
-                group.attrs.update(_json_safe(spec.attrs))
-                if "image" not in group:
-                    image_coords(group)
-            own = []
-            for cname, (cdims, values) in spec.coords.items():
-                if cname not in cdims:
-                    own.append(cname)  # dimension coordinates need no `coordinates` entry
-                if cname not in group:
-                    coord(group, cname, values, cdims, values.shape)
-            group.create_array(
-                spec.name,
-                shape=(n, *spec.shape),
-                chunks=(chunk, *spec.shape),
-                dtype=dtype,
-                fill_value=np.nan,
-                compressors=checksummed(compression),
-                dimension_names=["image", *spec.dims],
-                attributes={"coordinates": " ".join([*own, *IMAGE_COORDS[1:]])},
-            )
+        layout.populate(run)
         # Last: every array exists, so readers may now trust the run.
-        run.attrs[CREATED_ATTR] = True
+        run.attrs.update({MANIFEST_ATTR: build_manifest(run), CREATED_ATTR: True})
     consolidate(url)
+
+
+def restore_run(
+    url: str,
+    name: str,
+    *,
+    image_ids: Sequence[str],
+    labels: Sequence[int],
+    chunk: int,
+    dtype: str,
+    arrays: Sequence[ArraySpec],
+    compression: str = "lz4",
+    image_sha256: Sequence[str] | None = None,
+) -> list[str]:
+    """Recreate what an existing run lost, from the job that resumes it; returns the paths.
+
+    Arrays (or whole layers) that are missing are created again as at creation;
+    coordinate arrays that cannot be read are rewritten (the resuming job has
+    their values: its settings and images match the run's). When any array
+    written by work units had to be made, every unit's ``done`` flag is cleared,
+    so the job rewrites them all. The result must match the run's manifest.
+    Callers hold the run's lease and have checked that the run is theirs to resume.
+    """
+    import zarr
+
+    from vitcnn_store.store.manifest import manifest_problems
+
+    layout = _layout(image_ids, labels, chunk, dtype, arrays, compression, image_sha256)
+    with quiet_zarr(), store_io(url), zarr.config.set({"array.write_empty_chunks": True}):
+        run = open_root(url, mode="r+")[name]
+        if layout.populate(run, restore=True):
+            run["done"][...] = False
+        problems = manifest_problems(run, dict(run.attrs))
+    if problems:
+        path, what = problems[0]
+        raise StoreError(
+            f"run {name!r}: {path} is {what} even after restoring it from this job's template; "
+            "use --overwrite to re-extract the run"
+        )
+    if layout.created:
+        consolidate(url)
+    return [p.removeprefix(f"{name}/") for p in layout.created]
 
 
 def _now() -> str:
