@@ -22,6 +22,7 @@ Drawing and printing are the interface's (:mod:`vitcnn_store.cli_analyze`,
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ import numpy as np
 from jobs.analyze.executor import Executor
 from jobs.analyze.options import AnalysisOptions
 from vitcnn_store._version import __version__
+from vitcnn_store.errors import StoreUnavailableError
 from vitcnn_store.store.analyses import (
     analysis_group,
     delete_result,
@@ -39,6 +41,7 @@ from vitcnn_store.store.analyses import (
     list_results,
     parameters_key,
     plain_json,
+    set_latest,
     write_analysis,
 )
 from vitcnn_store.store.layout import check_name
@@ -142,7 +145,8 @@ def _reused(
     """The stored result reused; the name's other results kept, or deleted with
     ``replace`` (the caller then holds the lock)."""
     result = AnalysisResult(analysis, opts.store, opts.run, name, ds, reused=True, key=key)
-    for other in list_results(opts.store, opts.run, name):
+    results = list_results(opts.store, opts.run, name)
+    for other in results:
         if other.key == key:
             continue
         if opts.replace:
@@ -150,6 +154,10 @@ def _reused(
             result.removed.append(other.group)
         elif other.complete:
             result.kept.append(other.group)
+    if opts.replace or not any(r.latest and r.key == key for r in results):
+        # ``latest`` names what the last job produced; a read-only store keeps its pointer.
+        with contextlib.suppress(StoreUnavailableError):
+            set_latest(opts.store, opts.run, name, key)
     if result.removed:
         consolidate(opts.store)
     return result

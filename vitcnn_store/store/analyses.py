@@ -15,7 +15,7 @@ without the marker (a job killed while writing it) is never read, reused,
 reported or pointed at; ``vitcnn verify`` reports it and ``--repair`` removes
 it. The ``<name>`` group's attribute ``vitcnn_store.latest`` names the key of
 the most recently written complete result: what :func:`read_analysis` returns
-unless asked for another key.
+unless asked for another key (a job that reuses a result points it there too).
 
 Examples
 --------
@@ -66,6 +66,7 @@ __all__ = [
     "plain_json",
     "read_analysis",
     "result_digest",
+    "set_latest",
     "write_analysis",
 ]
 
@@ -75,7 +76,7 @@ COMPLETE_ATTR = "vitcnn_store.complete"
 ARRAYS_ATTR = "vitcnn_store.arrays"
 #: sha256 of the result's arrays as stored (see :func:`result_digest`).
 DIGEST_ATTR = "vitcnn_store.digest"
-#: Attribute of ``<run>/_analyses/<name>``: key of the most recently written result.
+#: Attribute of ``<run>/_analyses/<name>``: key of the result last written or reused.
 LATEST_ATTR = "vitcnn_store.latest"
 _MARKER = (COMPLETE_ATTR, ARRAYS_ATTR, DIGEST_ATTR)
 KEY_LENGTH = 12  # hex digits of the parameters' sha256: collisions need ~16M results
@@ -302,12 +303,35 @@ class WriteOutcome:
     removed: list[str] = field(default_factory=list)  # other results deleted (replace_all)
 
 
-def delete_result(url: str, result: ResultInfo) -> None:
-    """Delete one stored result (a legacy result: its arrays and attributes only)."""
+def set_latest(url: str, run: str, name: str, key: str | None) -> None:
+    """Point ``<run>/_analyses/<name>``'s ``latest`` at ``key`` (None: at the newest
+    complete result left, or nowhere)."""
+    if key is None:
+        newest = latest_result(list_results(url, run, name))
+        key = newest.key if newest is not None and newest.key else None
     root = open_root(url, mode="r+")
     with quiet_zarr():
+        try:
+            node = root[analysis_group(run, name)]
+        except KeyError:
+            return
+        if key is not None:
+            node.attrs[LATEST_ATTR] = key
+        elif LATEST_ATTR in node.attrs:
+            del node.attrs[LATEST_ATTR]
+
+
+def delete_result(url: str, result: ResultInfo) -> None:
+    """Delete one stored result (a legacy result: its arrays and attributes only); a
+    ``latest`` pointer at it moves to the newest complete result left."""
+    root = open_root(url, mode="r+")
+    with quiet_zarr():
+        name_group = root[analysis_group(result.run, result.name)]
+        pointed = name_group.attrs.get(LATEST_ATTR)
         if result.key:
-            del root[analysis_group(result.run, result.name)][result.key]
+            del name_group[result.key]
+            if pointed == result.key:
+                set_latest(url, result.run, result.name, None)
             return
         node = root[result.group]
         for k in [k for k, _ in node.arrays()]:
@@ -349,7 +373,7 @@ def write_analysis(
         node.attrs.update({ARRAYS_ATTR: shapes, DIGEST_ATTR: digest})
         node.attrs[COMPLETE_ATTR] = True  # the commit: last write of the result
         root[analysis_group(run, name)].attrs[LATEST_ATTR] = key
-    outcome = WriteOutcome(group, key, replaced=bool(same))
+    outcome = WriteOutcome(group, key, replaced=any(r.complete for r in same))
     for other in before:
         if other.key == key:
             continue
