@@ -91,7 +91,7 @@ def test_analyses_on_s3(s3_bucket: str, tmp_path: object) -> None:
 
     with analysis_lock(url, ["vit"], "vitcnn analyze cka vit"):
         assert "vitcnn analyze cka vit" in str(lock_holder(url, "vit"))
-        with pytest.raises(RunLockedError, match="being analysed by vitcnn analyze cka vit.*delete"):
+        with pytest.raises(RunLockedError, match=r"analysed by vitcnn analyze cka vit .*delete"):
             run_cka(CKAConfig(store=url, run="vit", batch_size=12, seed=9, progress=False))
     assert lock_holder(url, "vit") is None
 
