@@ -165,29 +165,41 @@ def _describe_broken(url: str, run_name: str, problem: str) -> str:
 _SKIP = {"layers", "attention_layers", "label_names"}
 
 
-# Parameters every result of a run shares, or too long for one line.
+# Parameters no user option sets, or too long for one line.
 _QUIET_PARAMETERS = {"analysis", "run", "name", "sources", "source_states", "allow_incomplete"}
+# Shown when a name's results do not differ in any option (or it has one result).
+_USUAL_PARAMETERS = ("run2", "estimator", "reduce", "batch_size", "repeats", "seed", "layer",
+                     "features", "shots")  # fmt: skip
 
 
-def parameter_summary(parameters: Any, width: int = 60) -> str:
-    """The options of a result's ``parameters`` that tell results apart, on one line.
+def parameter_summary(parameters: Any, keys: Any = None, width: int = 60) -> str:
+    """The options ``keys`` of a result's ``parameters`` (default: the usual ones) on
+    one line, at most ``width`` characters.
 
     Examples
     --------
     >>> parameter_summary({"analysis": "cka", "batch_size": 128, "seed": 0, "layers": None,
-    ...                    "layers_a": ["a", "b"]})
-    'batch_size=128, seed=0, layers_a=[2]'
+    ...                    "layers_a": ["a", "b"]}, ["seed", "layers_a"])
+    'seed=0, layers_a=[2 items]'
     """
     if not isinstance(parameters, dict):
         return "-"
     parts = []
-    for k, v in parameters.items():
+    for k in _USUAL_PARAMETERS if keys is None else keys:
+        v = parameters.get(k)
         if k in _QUIET_PARAMETERS or v is None:
             continue
-        shown = f"[{len(v)}]" if isinstance(v, list | dict) else str(v)
+        shown = f"[{len(v)} items]" if isinstance(v, list | dict) else str(v)
         parts.append(f"{k}={shown}")
     text = ", ".join(parts) or "-"
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _differing(parameters: list[Any]) -> list[str]:
+    """Options whose values differ between results of one name, in their order."""
+    dicts = [p for p in parameters if isinstance(p, dict)]
+    keys = list(dict.fromkeys(k for p in dicts for k in p if k not in _QUIET_PARAMETERS))
+    return [k for k in keys if len({repr(p.get(k)) for p in dicts}) > 1]
 
 
 def _describe_analyses(url: str, run_name: str) -> list[str]:
@@ -204,9 +216,10 @@ def _describe_analyses(url: str, run_name: str) -> list[str]:
     for name in sorted({r.name for r in results}):
         mine = [r for r in results if r.name == name]
         latest = latest_result(mine)
+        keys = _differing([r.parameters for r in mine]) or None
         for r in mine:
             state = "complete" + (" (latest)" if r is latest else "") if r.complete else r.problem
-            rows.append([name, r.key or "-", parameter_summary(r.parameters),
+            rows.append([name, r.key or "-", parameter_summary(r.parameters, keys),
                          r.computed_at[:19] or "-", state])  # fmt: skip
     n_bad = sum(1 for r in results if not r.complete)
     head = f"analyses ({len(results)} result(s)"

@@ -69,11 +69,13 @@ def killed(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 setattr(mod, name, killed)
 """
+# After every array of the result is written, before its commit marker.
+KILL_RESULT = KILL_AT.format(where="vitcnn_store.store.analyses.result_digest")
 
 
 def test_killed_while_writing_result_never_reused(store: str, tmp_path: Path) -> None:
     # Killed after every array of the result is written, before its commit marker.
-    job = analyze(store, hook=KILL_AT.format(where="vitcnn_store.store.analyses.result_digest"))
+    job = analyze(store, hook=KILL_RESULT)
     assert job.wait(timeout=300) == -9, job.stderr.read() if job.stderr else ""
     (earlier,) = [r for r in list_results(store, "vit", "cka") if r.complete]
     (partial,) = [r for r in list_results(store, "vit", "cka") if not r.complete]
@@ -178,3 +180,23 @@ def test_cross_run_analysis_locks_both_runs(store: str, capsys: pytest.CaptureFi
         assert verify_store(store).ok
     after = snapshot(Path(store))
     assert after == before  # the lock lives outside the runs and is gone with its holder
+
+
+def test_show_lists_the_runs_analyses(store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["analyze", "cka", store, "vit", *CKA, "--repeats", "2"]) == 0
+    job = analyze(store, "--seed", "4", hook=KILL_RESULT)
+    assert job.wait(timeout=300) == -9
+    capsys.readouterr()
+    assert cli(["show", store, "vit"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("cka ")]
+    results = {r.key: r for r in list_results(store, "vit", "cka")}
+    assert len(rows) == 3 == len(results) and "3 result(s), 1 not usable" in out
+    for key, result in results.items():
+        (row,) = [r for r in rows if key in r]
+        assert result.computed_at[:19] in row if result.complete else "incomplete" in row
+    latest = [r for r in rows if "complete (latest)" in r]
+    assert len(latest) == 1 and "repeats=2" in latest[0] and "seed=0" in latest[0]
+    assert sum("seed=1" in r and "complete" in r for r in rows) == 1
+    assert cli(["show", store, "other"]) == 0
+    assert "analyses: none" in capsys.readouterr().out
