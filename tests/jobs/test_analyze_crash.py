@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -97,6 +98,12 @@ def test_killed_while_writing_result_never_reused(store: str, tmp_path: Path) ->
     ds = open_store(store)["vit"].analysis("cka")
     assert ds.attrs["seed"] == 0 and np.isfinite(ds["cka"].values).all()
     assert verify_store(store).ok
+    # A committed result that lost an array: verify names it, the report leaves it out.
+    shutil.rmtree(Path(store, partial.group, "cka"))
+    assert [p.layer for p in verify_store(store).problems] == [partial.group.split("/", 1)[1]]
+    page = build_report(store, tmp_path / "report2").read_text(encoding="utf-8")
+    assert f"{partial.group}: damaged: array(s) cka missing" in page
+    assert open_store(store)["vit"].analysis("cka").attrs["seed"] == 1  # the one left
 
 
 def test_killed_while_writing_a_gram_recomputes_it(store: str) -> None:
