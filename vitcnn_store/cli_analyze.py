@@ -88,8 +88,9 @@ def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "analyze",
         help="analyses of stored activations (CKA, attention, localization, skip, probes)",
-        description="Dask jobs over a store; results go to <run>/_analyses/<name>, figures "
-        "beside the store. No model is loaded.",
+        description="Dask jobs over a store; results go to <run>/_analyses/<name>/<key> (key: "
+        "a hash of the parameters; earlier results are kept), figures beside the store. No "
+        "model is loaded.",
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -110,11 +111,19 @@ def analysis_config(args: argparse.Namespace) -> AnalysisOptions:
 def describe_result(result: AnalysisResult, figure: Path | None = None) -> str:
     """What ``vitcnn analyze`` prints: where the result went (or was reused), its
     summary line, and its figure."""
-    where = f"{result.store.rstrip('/')}/{result.group}"
+    base = result.store.rstrip("/")
+    where = f"{base}/{result.group}"
     if result.reused:
         lines = [f"{result.analysis}: reused {where} (same parameters; --recompute to redo)"]
+    elif result.replaced:
+        lines = [f"{result.analysis}: rewrote {where} (same parameters, --recompute)"]
     else:
         lines = [f"{result.analysis}: wrote {where}"]
+    if result.kept:
+        lines.append(f"  kept {len(result.kept)} earlier result(s) of {result.name!r} "
+                     "(other parameters; --replace deletes them):")  # fmt: skip
+        lines += [f"    {base}/{group}" for group in result.kept]
+    lines += [f"  removed {base}/{group} (--replace)" for group in result.removed]
     summary = result.dataset.attrs.get("summary")
     if summary:
         lines.append(f"  {summary}")

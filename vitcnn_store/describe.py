@@ -1,5 +1,8 @@
 """Human-readable summaries for ``vitcnn layers``, ``ls``, ``show`` and ``verify``.
 
+``show`` lists a run's analysis results too: every parameter set kept, which
+one is the latest, and any left incomplete by an interrupted job.
+
 ``ls`` and ``show`` never crash on a damaged or half-created run: they say so
 (``BROKEN``, ``DAMAGED``) and point at the command that recovers it.
 """
@@ -16,6 +19,7 @@ __all__ = [
     "describe_store",
     "describe_verify",
     "format_bytes",
+    "parameter_summary",
     "table",
 ]
 
@@ -173,6 +177,68 @@ def _describe_broken(url: str, run_name: str, problem: str, state: str = "BROKEN
 _SKIP = {"layers", "attention_layers", "label_names", "vitcnn_store.manifest"}
 
 
+# Parameters no user option sets, or too long for one line.
+_QUIET_PARAMETERS = {"analysis", "run", "name", "sources", "source_states", "allow_incomplete"}
+# Shown when a name's results do not differ in any option (or it has one result).
+_USUAL_PARAMETERS = ("run2", "estimator", "reduce", "batch_size", "repeats", "seed", "layer",
+                     "features", "shots")  # fmt: skip
+
+
+def parameter_summary(parameters: Any, keys: Any = None, width: int = 60) -> str:
+    """The options ``keys`` of a result's ``parameters`` (default: the usual ones) on
+    one line, at most ``width`` characters.
+
+    Examples
+    --------
+    >>> parameter_summary({"analysis": "cka", "batch_size": 128, "seed": 0, "layers": None,
+    ...                    "layers_a": ["a", "b"]}, ["seed", "layers_a"])
+    'seed=0, layers_a=[2 items]'
+    """
+    if not isinstance(parameters, dict):
+        return "-"
+    parts = []
+    for k in _USUAL_PARAMETERS if keys is None else keys:
+        v = parameters.get(k)
+        if k in _QUIET_PARAMETERS or v is None:
+            continue
+        shown = f"[{len(v)} items]" if isinstance(v, list | dict) else str(v)
+        parts.append(f"{k}={shown}")
+    text = ", ".join(parts) or "-"
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _differing(parameters: list[Any]) -> list[str]:
+    """Options whose values differ between results of one name, in their order."""
+    dicts = [p for p in parameters if isinstance(p, dict)]
+    keys = list(dict.fromkeys(k for p in dicts for k in p if k not in _QUIET_PARAMETERS))
+    return [k for k in keys if len({repr(p.get(k)) for p in dicts}) > 1]
+
+
+def _describe_analyses(url: str, run_name: str) -> list[str]:
+    """One row per stored result of the run: name, key, parameters, state, when."""
+    from vitcnn_store.store.analyses import latest_result, list_results
+
+    try:
+        results = list_results(url, run_name)
+    except (DamagedDataError, StoreUnavailableError) as e:
+        return [f"analyses: unreadable ({str(e).split(':')[0]})"]
+    if not results:
+        return ["analyses: none"]
+    rows = []
+    for name in sorted({r.name for r in results}):
+        mine = [r for r in results if r.name == name]
+        latest = latest_result(mine)
+        keys = _differing([r.parameters for r in mine]) or None
+        for r in mine:
+            state = "complete" + (" (latest)" if r is latest else "") if r.complete else r.problem
+            rows.append([name, r.key or "-", parameter_summary(r.parameters, keys),
+                         r.computed_at[:19] or "-", state])  # fmt: skip
+    n_bad = sum(1 for r in results if not r.complete)
+    head = f"analyses ({len(results)} result(s)"
+    head += f", {n_bad} not usable: vitcnn verify --repair removes them):" if n_bad else "):"
+    return [head, table(rows, ["name", "key", "parameters", "computed", "state"])]
+
+
 def describe_run(url: str, run_name: str) -> str:
     """Provenance, layers with shapes and dtypes, failed images and damage of one run."""
     from vitcnn_store.store import check_name, open_store
@@ -217,6 +283,7 @@ def describe_run(url: str, run_name: str) -> str:
         f"arrays ({len(rows)}):",
         table(rows, ["layer", "kind", "depth", "shape", "dtype"]),
     ]
+    lines += ["", *_describe_analyses(url, run_name)]
     try:
         done = run.done
         lines += ["", f"units done: {int(done.sum())}/{done.size}"]

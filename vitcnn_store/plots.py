@@ -2,7 +2,7 @@
 
 Each ``plot_*`` function takes a result dataset as written by ``jobs.analyze``
 (or read back with ``Run.analysis(name)``, or plain ``xr.open_zarr(store,
-group="<run>/_analyses/<name>")``) and a path, draws the figure, saves it and
+group="<run>/_analyses/<name>/<key>")``) and a path, draws the figure, saves it and
 returns the path; the ``draw_*`` functions return the figure itself (tests
 read its axes and baselines). Curves along depth use the results'
 normalized depth by block, so a ViT and a ResNet share an axis

@@ -23,7 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from vitcnn_store.store import open_store
-from vitcnn_store.store.analyses import analysis_group
+from vitcnn_store.store.analyses import (
+    analysis_group,
+    latest_result,
+    list_results,
+    read_analysis,
+)
 
 __all__ = ["PAPER_PROTOCOL", "SECTIONS", "ResultEntry", "build_report", "collect_results"]
 
@@ -84,27 +89,50 @@ PAPER_PROTOCOL: dict[str, str] = {
 
 @dataclass
 class ResultEntry:
-    """One ``<run>/_analyses/<name>`` group of a store."""
+    """One ``<run>/_analyses/<name>/<key>`` group of a store: the latest complete result
+    of its name."""
 
     run: str
     name: str
     analysis: str
     dataset: Any
+    key: str = ""
+    earlier: int = 0  # other complete results of the name, kept in the store
 
     @property
     def group(self) -> str:
-        return analysis_group(self.run, self.name)
+        return analysis_group(self.run, self.name, self.key or None)
 
 
-def collect_results(url: str) -> list[ResultEntry]:
-    """Every analysis result stored in ``url``, by run then name."""
+def collect_results(url: str, skipped: list[str] | None = None) -> list[ResultEntry]:
+    """The latest complete result of every analysis name in ``url``, by run then name.
+
+    Incomplete or damaged results are left out (and named in ``skipped``), so
+    one of them never stops the report of the others.
+    """
+    from vitcnn_store.errors import VitcnnError
+
     store = open_store(url)
     out = []
     for name in store.runs:
         run = store[name]
-        for result in run.analyses:
-            ds = run.analysis(result)
-            out.append(ResultEntry(name, result, str(ds.attrs.get("analysis", "")), ds))
+        results = list_results(url, name)
+        for info in results:
+            if not info.complete and skipped is not None:
+                skipped.append(f"{info.group}: {info.problem}")
+        for result in sorted({r.name for r in results if r.complete}):
+            mine = [r for r in results if r.name == result]
+            latest = latest_result(mine)
+            assert latest is not None  # the name has a complete result
+            try:
+                ds = read_analysis(run, result, latest.key)
+            except VitcnnError as e:  # a chunk that fails its checksum
+                if skipped is not None:
+                    skipped.append(f"{latest.group}: {e}")
+                continue
+            earlier = sum(1 for r in mine if r.complete) - 1
+            out.append(ResultEntry(name, result, str(ds.attrs.get("analysis", "")), ds,
+                                   latest.key, earlier))  # fmt: skip
     return out
 
 
@@ -325,7 +353,8 @@ def build_report(url: str, out_dir: str | Path) -> Path:
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "data").mkdir(exist_ok=True)
     store = open_store(url)
-    results = collect_results(url)
+    skipped: list[str] = []
+    results = collect_results(url, skipped)
     runs = {name: store[name] for name in store.runs}
     esc = html.escape
     body = [
@@ -348,6 +377,12 @@ def build_report(url: str, out_dir: str | Path) -> Path:
             '<div class="note">No analyses in this store yet: run '
             "<code>vitcnn analyze ...</code> first.</div>"
         )
+    if skipped:
+        items = "".join(f"<li><code>{esc(s)}</code></li>" for s in skipped)
+        body.append(
+            f'<div class="note"><b>Left out</b>: {len(skipped)} incomplete or damaged analysis '
+            f"result(s); <code>vitcnn verify --repair</code> removes them.<ul>{items}</ul></div>"
+        )
     findings = _findings(runs, results)
     body.append(_caveats_html(findings))
     for analysis, (title, caption) in SECTIONS.items():
@@ -369,6 +404,8 @@ def build_report(url: str, out_dir: str | Path) -> Path:
                 )
             sources = ", ".join(map(str, entry.dataset.attrs.get("source_runs", [entry.run])))
             snippet = f'import xarray as xr\nds = xr.open_zarr("{url}", group="{entry.group}")'
+            if entry.earlier:
+                snippet += f"\n# {entry.earlier} earlier result(s) of {entry.name!r} kept beside it"
             body.append(
                 f'<div class="card"><b>{esc(entry.name)}</b> · runs {esc(sources)}'
                 f'<div class="meta">{esc(_params(entry.dataset))}</div>'

@@ -2,7 +2,7 @@
 
 Each job reads stored activations (``vitcnn_store.open_store``), computes on
 local threads or a ``distributed`` cluster, and writes a labelled
-:class:`xarray.Dataset` to ``<run>/_analyses/<name>`` through
+:class:`xarray.Dataset` to ``<run>/_analyses/<name>/<key>`` through
 :mod:`vitcnn_store.store.analyses`. Re-running with the same parameters reuses
 the stored result unless ``recompute`` is set. Jobs draw and print nothing:
 the CLI (:mod:`vitcnn_store.cli_analyze`) does.

@@ -60,8 +60,9 @@ __all__ = [
 # Options that change how a result is computed, never what it is: left out of the
 # parameter dict compared for reuse.
 EXECUTION_OPTIONS = frozenset(
-    {"store", "recompute", "dask_address", "threads", "progress", "gram_tile", "gather_bytes"}
-)
+    {"store", "recompute", "replace", "dask_address", "threads", "progress", "gram_tile",
+     "gather_bytes"}
+)  # fmt: skip
 ESTIMATORS = ("unbiased-minibatch", "biased", "unbiased")
 KERNELS = ("linear", "rbf")
 FEATURES = ("auto", "cls", "gap")
@@ -177,7 +178,11 @@ class AnalysisOptions:
     name : str or None
         Result name under ``<run>/_analyses/``; each job has a default.
     recompute : bool
-        Recompute even when a result with the same parameters is stored.
+        Recompute even when a result with the same parameters is stored (and
+        rewrite that result).
+    replace : bool
+        Delete the name's results with other parameters once this one is
+        written (by default they are kept beside it).
     allow_incomplete : bool
         Use the written units of an unfinished run (the result says so).
     dask_address : str or None
@@ -199,7 +204,10 @@ class AnalysisOptions:
     name: str | None = option(None, flag="--name", parse=str,
         help="result name under <run>/_analyses/ (default: the analysis)")
     recompute: bool = option(False, flag="--recompute", action="true",
-        help="recompute even if a result with the same parameters is stored")
+        help="recompute even if a result with the same parameters is stored (rewriting it)")
+    replace: bool = option(False, flag="--replace", action="true",
+        help="delete this name's results with other parameters once the new one is written "
+        "(default: keep them)")
     allow_incomplete: bool = option(False, flag="--allow-incomplete", action="true",
         help="analyse the written units of an unfinished run (recorded in the result)")
     dask_address: str | None = option(None, flag="--dask-address", parse=str,

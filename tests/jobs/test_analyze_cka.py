@@ -205,7 +205,7 @@ def test_cross_run_aligned_by_image_id(tmp_path: Path) -> None:
     assert ds["depth_b"].values.tolist() == [0.0, 0.5, 1.0]
     assert ds.attrs["source_runs"] == ["a", "b"]
     again = run_cka(cfg)
-    assert again.reused and again.group == "a/_analyses/cka__b"
+    assert again.reused and again.group == f"a/_analyses/cka__b/{again.key}"
     make_run(url, "c", ids(8, "other"), depth=1, attention=False, inputs=False)
     assert cli(["analyze", "cka", url, "a", "c", "--no-progress", "--no-figure"]) == 2
 
@@ -400,9 +400,9 @@ def test_incomplete_run_refused_then_masked(synth: str, capsys: pytest.CaptureFi
         "incomplete" in err and "--allow-incomplete" in err and len(err.strip().splitlines()) == 1
     )
     assert cli([*args, "--allow-incomplete"]) == 0
-    import xarray as xr
+    from vitcnn_store import open_store
 
-    ds = xr.open_zarr(synth, group="partial/_analyses/cka", consolidated=False)
+    ds = open_store(synth)["partial"].analysis("cka")
     assert ds.attrs["incomplete_runs"] is True and ds.attrs["n"] == 16
     assert ds.attrs["sources"][0]["units_done"] == 2
     layers = [str(v) for v in ds["layer_a"].values]

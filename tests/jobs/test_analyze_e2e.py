@@ -8,12 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 
 from tests.jobs.test_analyze_common import cli, copy_store, png_ok
 from vitcnn_store import open_store
+from vitcnn_store.store.analyses import LATEST_ATTR
 from vitcnn_store.store.layout import quiet_zarr
 
-# (analysis, arguments after STORE, result group)
+# (analysis, arguments after STORE, the result's name group)
 COMMANDS = [
     ("cka", ["vit"], "vit/_analyses/cka"),
     (
@@ -35,6 +37,11 @@ COMMANDS = [
 ]
 
 
+def latest(store: str, name_group: str) -> str:
+    """The group of a name's latest result, found as a plain zarr reader would."""
+    return f"{name_group}/{zarr.open_group(store, path=name_group).attrs[LATEST_ATTR]}"
+
+
 @pytest.fixture(scope="module")
 def store(tiny_store: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A private copy of the session's tiny store, with every analysis written into it."""
@@ -47,7 +54,7 @@ def store(tiny_store: str, tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_results_written_with_figures(store: str, capsys: pytest.CaptureFixture[str]) -> None:
     figures = Path(store + ".figures")  # the default: beside a local store
     for analysis, args, group in COMMANDS:
-        ds = xr.open_zarr(store, group=group, consolidated=False)
+        ds = xr.open_zarr(store, group=latest(store, group), consolidated=False)
         assert ds.attrs["analysis"] == analysis
         assert ds.attrs["weights_sha256"][0] == open_store(store)[args[0]].attrs["weights_sha256"]
         assert ds.attrs["image_set_sha256"] and ds.attrs["computed_at"]
@@ -69,38 +76,52 @@ def test_results_written_with_figures(store: str, capsys: pytest.CaptureFixture[
 def test_datatree_opens_with_results(store: str) -> None:
     with quiet_zarr():
         tree = xr.open_datatree(store, engine="zarr")
-    for _, _, group in COMMANDS:
+    for _, _, name_group in COMMANDS:
+        group = latest(store, name_group)
         node = tree[group]
         assert node.has_data
         # No dim of a result may clash with a dim of its run (an ancestor).
         run_dims = dict(tree[group.split("/")[0]].dataset.sizes)
         for dim, size in node.to_dataset(inherit=False).sizes.items():
             assert run_dims.get(dim, size) == size, (group, dim)
-    cka = tree["vit/_analyses/cka"]
+    cka = tree[latest(store, "vit/_analyses/cka")]
     assert cka["cka"].dims == ("layer_a", "layer_b")
-    assert tree["vit/_analyses/attention"]["mean_distance"].dims == ("layer", "head")
+    attention = tree[latest(store, "vit/_analyses/attention")]
+    assert attention["mean_distance"].dims == ("layer", "head")
 
 
 def test_reuse_unless_recompute(store: str, capsys: pytest.CaptureFixture[str]) -> None:
-    group = "vit/_analyses/cka"
+    name_group = "vit/_analyses/cka"
 
     def stamp() -> str:
+        group = latest(store, name_group)
         return str(xr.open_zarr(store, group=group, consolidated=False).attrs["computed_at"])
 
     capsys.readouterr()
     before = stamp()
+    first = latest(store, name_group)
     assert cli(["analyze", "cka", store, "vit", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "reused" in out and stamp() == before
+    assert f"reused {store}/{first} " in out and stamp() == before
     figure = re.search(r"figure: (\S+)", out)
     assert figure is not None and Path(figure.group(1)).exists()
     assert cli(["analyze", "cka", store, "vit", "--no-progress", "--recompute"]) == 0
-    assert "wrote" in capsys.readouterr().out and stamp() != before
-    # Other parameters: recomputed under the same name.
-    mid = stamp()
+    assert f"rewrote {store}/{first} " in capsys.readouterr().out and stamp() != before
+    # Other parameters: a new result beside the earlier one, which is kept and named.
     assert cli(["analyze", "cka", store, "vit", "--no-progress", "--seed", "3"]) == 0
-    assert stamp() != mid
-    assert xr.open_zarr(store, group=group, consolidated=False).attrs["seed"] == 3
+    out = capsys.readouterr().out
+    second = latest(store, name_group)
+    assert second != first and f"wrote {store}/{second}\n" in out
+    assert "kept 1 earlier result(s) of 'cka'" in out and f"    {store}/{first}" in out
+    assert open_store(store)["vit"].analysis("cka").attrs["seed"] == 3
+    assert xr.open_zarr(store, group=first, consolidated=False).attrs["seed"] == 0
+    # The first again: reused, not recomputed; --replace then deletes the other.
+    assert cli(["analyze", "cka", store, "vit", "--no-progress", "--replace"]) == 0
+    out = capsys.readouterr().out
+    assert f"reused {store}/{first} " in out and f"removed {store}/{second} (--replace)" in out
+    with quiet_zarr():
+        kept = {k for k, _ in zarr.open_group(store, path=name_group, mode="r").groups()}
+    assert kept == {first.rsplit("/", 1)[1]} and latest(store, name_group) == first
 
 
 def test_errors_on_real_runs(store: str, capsys: pytest.CaptureFixture[str]) -> None:

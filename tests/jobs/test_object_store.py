@@ -80,11 +80,20 @@ def test_analyses_on_s3(s3_bucket: str, tmp_path: object) -> None:
     assert figure is not None and figure.exists()
     import xarray as xr
 
-    stored = xr.open_zarr(url, group="vit/_analyses/cka")
+    stored = xr.open_zarr(url, group=cka.group)
     np.testing.assert_allclose(stored["cka"].values, cka.dataset["cka"].values)
     assert attention.dataset["mean_distance"].dims == ("layer", "head")
     again = run_cka(CKAConfig(store=url, run="vit", batch_size=12, progress=False))
     assert again.reused
+    # The analysis lock is an object created only if absent (S3's conditional write).
+    from vitcnn_store.errors import RunLockedError
+    from vitcnn_store.store.locks import analysis_lock, lock_holder
+
+    with analysis_lock(url, ["vit"], "vitcnn analyze cka vit"):
+        assert "vitcnn analyze cka vit" in str(lock_holder(url, "vit"))
+        with pytest.raises(RunLockedError, match=r"analysed by vitcnn analyze cka vit .*delete"):
+            run_cka(CKAConfig(store=url, run="vit", batch_size=12, seed=9, progress=False))
+    assert lock_holder(url, "vit") is None
 
 
 def test_unreachable_object_store() -> None:

@@ -1,17 +1,28 @@
-"""Analysis results in the store: ``<run>/_analyses/<name>``, read and written here only.
+"""Analysis results in the store: ``<run>/_analyses/<name>/<key>``, read and written here only.
 
-A result is an :class:`xarray.Dataset` written as a zarr v3 group under the
-run it belongs to, so plain ``xr.open_zarr(store, group="<run>/_analyses/<name>")``
-reads it. Its attributes say how it was computed; one of them, ``parameters``
-(plain JSON: the job's options and the source runs' fingerprints), is the
-reuse key: :func:`find_reusable` returns a stored result only when its
-``parameters`` equal the ones asked for, and :func:`write_analysis` replaces
-the result group (its siblings and the run are left alone).
+A result is an :class:`xarray.Dataset` written as a zarr v3 group, so plain
+``xr.open_zarr(store, group="<run>/_analyses/<name>/<key>")`` reads it. Results
+are kept: ``<key>`` is a short hash of the result's ``parameters`` attribute
+(plain JSON: the job's options and the source runs' fingerprints), so a rerun
+with other parameters *adds* a result beside the earlier ones, and a rerun with
+the same parameters finds the stored one (:func:`find_reusable`).
+
+A result becomes visible only when complete: its arrays are written first,
+then, last, the commit marker — attributes ``vitcnn_store.complete = true``,
+``vitcnn_store.arrays`` (each array's shape) and ``vitcnn_store.digest`` (a
+sha256 over every array's name, dtype, shape and values, as stored). A result
+without the marker (a job killed while writing it) is never read, reused,
+reported or pointed at; ``vitcnn verify`` reports it and ``--repair`` removes
+it. The ``<name>`` group's attribute ``vitcnn_store.latest`` names the key of
+the most recently written complete result: what :func:`read_analysis` returns
+unless asked for another key (a job that reuses a result points it there too).
 
 Examples
 --------
->>> analysis_group("vitb16", "cka__r50")
-'vitb16/_analyses/cka__r50'
+>>> analysis_group("vitb16", "cka__r50", "3f2a9c1b7e4d")
+'vitb16/_analyses/cka__r50/3f2a9c1b7e4d'
+>>> parameters_key({"analysis": "cka", "seed": 0})
+'256e98b4161c'
 >>> run = open_store("acts.zarr")["vitb16"]  # doctest: +SKIP
 >>> run.analyses  # doctest: +SKIP
 ['attention', 'cka', 'cka__r50']
@@ -21,13 +32,15 @@ Examples
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vitcnn_store.errors import RunNotFoundError
+from vitcnn_store.errors import DamagedDataError, RunNotFoundError
 from vitcnn_store.store.codecs import xarray_encoding
 from vitcnn_store.store.layout import ANALYSES, check_name, open_root, quiet_zarr
 from vitcnn_store.store.writer import consolidate
@@ -38,18 +51,41 @@ if TYPE_CHECKING:
     from vitcnn_store.store.reader import Run
 
 __all__ = [
+    "COMPLETE_ATTR",
+    "DIGEST_ATTR",
+    "LATEST_ATTR",
+    "ResultInfo",
+    "WriteOutcome",
     "analysis_group",
     "analysis_names",
+    "delete_result",
     "find_reusable",
+    "latest_result",
+    "list_results",
+    "parameters_key",
     "plain_json",
     "read_analysis",
+    "result_digest",
+    "set_latest",
     "write_analysis",
 ]
 
+#: Commit marker of a result, written last: without it the result does not exist to readers.
+COMPLETE_ATTR = "vitcnn_store.complete"
+#: Shapes of the result's arrays, written with the marker: a missing array is damage.
+ARRAYS_ATTR = "vitcnn_store.arrays"
+#: sha256 of the result's arrays as stored (see :func:`result_digest`).
+DIGEST_ATTR = "vitcnn_store.digest"
+#: Attribute of ``<run>/_analyses/<name>``: key of the result last written or reused.
+LATEST_ATTR = "vitcnn_store.latest"
+_MARKER = (COMPLETE_ATTR, ARRAYS_ATTR, DIGEST_ATTR)
+KEY_LENGTH = 12  # hex digits of the parameters' sha256: collisions need ~16M results
 
-def analysis_group(run: str, name: str) -> str:
-    """Group path of result ``name`` of ``run`` inside the store (the one place it is built)."""
-    return f"{run}/{ANALYSES}/{check_name(name, 'analysis')}"
+
+def analysis_group(run: str, name: str, key: str | None = None) -> str:
+    """Group path of result ``name`` (one parameter ``key`` of it) of ``run`` in the store."""
+    group = f"{run}/{ANALYSES}/{check_name(name, 'analysis')}"
+    return group if key is None else f"{group}/{check_name(key, 'result key')}"
 
 
 def plain_json(value: Any) -> Any:
@@ -76,51 +112,275 @@ def plain_json(value: Any) -> Any:
     return json.loads(json.dumps(value, default=default))
 
 
-def analysis_names(run: Run) -> list[str]:
-    """Names of the results stored under ``run``, sorted."""
+def parameters_key(parameters: Any) -> str:
+    """The result key of ``parameters``: the first hex digits of the sha256 of their
+    plain JSON with sorted keys (equal parameters, equal key)."""
+    text = json.dumps(plain_json(parameters), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
+
+
+def result_digest(group: Any) -> tuple[str, dict[str, list[int]]]:
+    """``("sha256:<hex>", {array: shape})`` of a result group's arrays as stored.
+
+    The digest covers each array's name, dtype, shape and values in name order;
+    numbers as their little-endian bytes, strings as a JSON list. Reading every
+    value also checks every chunk's crc32c.
+    """
+    h = hashlib.sha256()
+    shapes: dict[str, list[int]] = {}
     with quiet_zarr():
-        if ANALYSES not in run.group:
+        arrays = sorted(group.arrays(), key=lambda kv: kv[0])
+        for name, arr in arrays:
+            values = np.asarray(arr[...])
+            shapes[name] = [int(s) for s in arr.shape]
+            head = json.dumps([name, str(arr.dtype), shapes[name]])
+            h.update(head.encode() + b"\0")
+            if values.dtype.kind in "biufc":
+                h.update(np.ascontiguousarray(values, values.dtype.newbyteorder("<")).tobytes())
+            else:  # vlen strings (object or numpy StringDType)
+                h.update(json.dumps([str(v) for v in values.ravel().tolist()]).encode())
+    return f"sha256:{h.hexdigest()}", shapes
+
+
+@dataclass(frozen=True)
+class ResultInfo:
+    """One stored result of a run: where it is and whether readers may use it."""
+
+    run: str
+    name: str
+    key: str  # "" for a result written before keys (directly in <name>)
+    attrs: dict[str, Any]
+    problem: str = ""  # why it is not usable ("" when complete)
+    latest: bool = False
+
+    @property
+    def group(self) -> str:
+        """Group path of the result inside the store."""
+        return analysis_group(self.run, self.name, self.key or None)
+
+    @property
+    def complete(self) -> bool:
+        return not self.problem
+
+    @property
+    def computed_at(self) -> str:
+        return str(self.attrs.get("computed_at") or "")
+
+    @property
+    def parameters(self) -> Any:
+        return self.attrs.get("parameters")
+
+
+def _problem(node: Any, attrs: dict[str, Any], legacy: bool) -> str:
+    """Why a result group is not usable, "" when its marker and arrays are there."""
+    if legacy:
+        return "no commit marker (written by an older vitcnn_store, or interrupted)"
+    if attrs.get(COMPLETE_ATTR) is not True:
+        return "incomplete: no commit marker (its job was interrupted while writing it)"
+    want = attrs.get(ARRAYS_ATTR) or {}
+    with quiet_zarr():
+        have = {k: [int(s) for s in a.shape] for k, a in node.arrays()}
+    missing = sorted(set(want) - set(have))
+    if missing:
+        return f"damaged: array(s) {', '.join(missing)} missing"
+    changed = sorted(k for k in want if have[k] != list(want[k]))
+    if changed:
+        return f"damaged: array(s) {', '.join(changed)} changed shape"
+    return ""
+
+
+def _results_of(run: str, name: str, node: Any) -> list[ResultInfo]:
+    with quiet_zarr():
+        latest = node.attrs.get(LATEST_ATTR)
+        children = sorted(node.groups(), key=lambda kv: kv[0])
+        has_arrays = any(True for _ in node.arrays())
+    out = []
+    if has_arrays:  # a result of the layout before keys: arrays directly in <name>
+        attrs = {k: v for k, v in dict(node.attrs).items() if k != LATEST_ATTR}
+        out.append(ResultInfo(run, name, "", attrs, _problem(node, attrs, legacy=True)))
+    for key, child in children:
+        try:
+            with quiet_zarr():
+                attrs = dict(child.attrs)
+            problem = _problem(child, attrs, legacy=False)
+        except Exception as e:  # unreadable metadata: report it, never crash a listing
+            attrs, problem = {}, f"damaged: metadata unreadable ({type(e).__name__})"
+        out.append(ResultInfo(run, name, key, attrs, problem, latest=key == latest))
+    return out
+
+
+def list_results(url: str, run: str, name: str | None = None) -> list[ResultInfo]:
+    """Every stored result of ``run`` (of one ``name``), complete or not, by name then
+    computation time."""
+    root = open_root(url, mode="r")
+    with quiet_zarr():
+        try:
+            base = root[f"{run}/{ANALYSES}"]
+        except KeyError:
             return []
-        return sorted(k for k, _ in run.group[ANALYSES].groups())
+        names = sorted(k for k, _ in base.groups())
+    out: list[ResultInfo] = []
+    for n in names if name is None else [name]:
+        with quiet_zarr():
+            try:
+                node = base[n]
+            except KeyError:
+                continue
+        out += sorted(_results_of(run, n, node), key=lambda r: (r.computed_at, r.key))
+    return out
+
+
+def latest_result(results: list[ResultInfo]) -> ResultInfo | None:
+    """Of one name's ``results``: the one the ``latest`` pointer names if it is complete,
+    else the most recently computed complete one."""
+    complete = [r for r in results if r.complete]
+    pointed = [r for r in complete if r.latest]
+    return pointed[0] if pointed else (complete[-1] if complete else None)
+
+
+def analysis_names(run: Run) -> list[str]:
+    """Names under which ``run`` holds at least one complete result, sorted."""
+    return sorted({r.name for r in list_results(run.store.url, run.name) if r.complete})
 
 
 def _open(url: str, group: str) -> xr.Dataset:
     import xarray as xr
 
     with quiet_zarr():
-        return xr.open_zarr(url, group=group, consolidated=False, zarr_format=3).load()
+        ds = xr.open_zarr(url, group=group, consolidated=False, zarr_format=3).load()
+    # The marker describes the stored group, not the data: a rewrite computes its own.
+    for attr in _MARKER:
+        ds.attrs.pop(attr, None)
+    return ds
 
 
-def read_analysis(run: Run, name: str) -> xr.Dataset:
-    """Result ``name`` of ``run``, loaded into memory."""
-    if name not in analysis_names(run):
+def read_analysis(run: Run, name: str, key: str | None = None) -> xr.Dataset:
+    """Result ``name`` of ``run`` (the latest complete one, or the one of ``key``), loaded."""
+    results = [r for r in list_results(run.store.url, run.name, name) if r.complete]
+    if key is None:
+        chosen = latest_result(results)
+    else:
+        chosen = next((r for r in results if r.key == key), None)
+    if chosen is None:
         known = ", ".join(analysis_names(run)) or "none"
-        raise RunNotFoundError(f"no analysis {name!r} in run {run.name!r} (stored: {known})")
-    return _open(run.store.url, analysis_group(run.name, name))
+        what = f"{name!r}" if key is None else f"{name!r} with key {key!r}"
+        raise RunNotFoundError(
+            f"no analysis {what} in run {run.name!r} (complete results: {known})"
+        )
+    try:
+        return _open(run.store.url, chosen.group)
+    except Exception as e:  # a chunk that fails its checksum
+        raise DamagedDataError(
+            f"analysis result {chosen.group} is damaged ({type(e).__name__}): run "
+            f"`vitcnn verify {run.store.url} --repair` and analyse again",
+            run=run.name, layer=chosen.group.split("/", 1)[1],
+        ) from e  # fmt: skip
 
 
 def find_reusable(url: str, run: str, name: str, parameters: Any) -> xr.Dataset | None:
-    """The stored result ``name`` of ``run`` if its ``parameters`` attribute equals
+    """The complete stored result ``name`` of ``run`` whose ``parameters`` attribute equals
     ``parameters`` (compared as plain JSON), else None."""
-    group = analysis_group(run, name)
-    root = open_root(url, mode="r")
+    key = parameters_key(parameters)
+    for result in list_results(url, run, name):
+        if result.key == key and result.complete:
+            if plain_json(result.parameters) != plain_json(parameters):
+                return None  # a hash collision (48 bits): compute again
+            try:
+                return _open(url, result.group)
+            except Exception:  # damaged: recompute (verify reports it)
+                return None
+    return None
+
+
+@dataclass
+class WriteOutcome:
+    """What :func:`write_analysis` did: the group written and what it kept or removed."""
+
+    group: str
+    key: str
+    replaced: bool = False  # a stored result with the same parameters was rewritten
+    kept: list[str] = field(default_factory=list)  # other results of the name, left alone
+    removed: list[str] = field(default_factory=list)  # other results deleted (replace_all)
+
+
+def set_latest(url: str, run: str, name: str, key: str | None) -> None:
+    """Point ``<run>/_analyses/<name>``'s ``latest`` at ``key`` (None: at the newest
+    complete result left, or nowhere)."""
+    if key is None:
+        newest = latest_result(list_results(url, run, name))
+        key = newest.key if newest is not None and newest.key else None
+    root = open_root(url, mode="r+")
     with quiet_zarr():
         try:
-            node = root[group]
+            node = root[analysis_group(run, name)]
         except KeyError:
-            return None
-        if plain_json(node.attrs.get("parameters")) != plain_json(parameters):
-            return None
-    return _open(url, group)
+            return
+        if key is not None:
+            node.attrs[LATEST_ATTR] = key
+        elif LATEST_ATTR in node.attrs:
+            del node.attrs[LATEST_ATTR]
 
 
-def write_analysis(url: str, run: str, name: str, ds: xr.Dataset) -> str:
-    """Write ``ds`` as result ``name`` of ``run``, replacing an older one; returns its group."""
-    group = analysis_group(run, name)
+def delete_result(url: str, result: ResultInfo) -> None:
+    """Delete one stored result (a legacy result: its arrays and attributes only); a
+    ``latest`` pointer at it moves to the newest complete result left."""
+    root = open_root(url, mode="r+")
     with quiet_zarr():
-        # mode="w" replaces this result's group only; siblings and the run stay.
-        # Checksummed like the run's own arrays, with integer fills that are not data.
-        ds.to_zarr(url, group=group, mode="w", zarr_format=3, consolidated=False,
-                   encoding=xarray_encoding(ds))  # fmt: skip
+        name_group = root[analysis_group(result.run, result.name)]
+        pointed = name_group.attrs.get(LATEST_ATTR)
+        if result.key:
+            del name_group[result.key]
+            if pointed == result.key:
+                set_latest(url, result.run, result.name, None)
+            return
+        node = root[result.group]
+        for k in [k for k, _ in node.arrays()]:
+            del node[k]
+        if not any(True for _ in node.groups()):
+            del root[f"{result.run}/{ANALYSES}"][result.name]
+        else:  # results with keys live below it: keep only their pointer
+            latest = node.attrs.get(LATEST_ATTR)
+            node.attrs.put({} if latest is None else {LATEST_ATTR: latest})
+
+
+def write_analysis(
+    url: str, run: str, name: str, ds: xr.Dataset, *, replace_all: bool = False
+) -> WriteOutcome:
+    """Write ``ds`` as a result of ``run`` under ``name``, keyed by its ``parameters``.
+
+    The arrays go first, the commit marker last, then the ``latest`` pointer.
+    Results of ``name`` with other parameters are kept unless ``replace_all``
+    (then deleted once this one is complete). Callers hold the run's analysis
+    lock (:mod:`vitcnn_store.store.locks`).
+    """
+    parameters = ds.attrs.get("parameters")
+    key = parameters_key(parameters)
+    group = analysis_group(run, name, key)
+    before = list_results(url, run, name)
+    same = [r for r in before if r.key == key]
+    clean = ds.copy(deep=False)
+    for attr in _MARKER:
+        clean.attrs.pop(attr, None)
+    root = open_root(url, mode="r+")
+    with quiet_zarr():
+        root[run].require_group(ANALYSES).require_group(name)
+        # mode="w" replaces this key's group only (a rewrite with --recompute); the
+        # group has no marker until the last step, so a crash leaves it incomplete.
+        clean.to_zarr(url, group=group, mode="w", zarr_format=3, consolidated=False,
+                      encoding=xarray_encoding(clean))  # fmt: skip
+        node = open_root(url, mode="r+")[group]
+        digest, shapes = result_digest(node)
+        node.attrs.update({ARRAYS_ATTR: shapes, DIGEST_ATTR: digest})
+        node.attrs[COMPLETE_ATTR] = True  # the commit: last write of the result
+        root[analysis_group(run, name)].attrs[LATEST_ATTR] = key
+    outcome = WriteOutcome(group, key, replaced=any(r.complete for r in same))
+    for other in before:
+        if other.key == key:
+            continue
+        if replace_all:
+            delete_result(url, other)
+            outcome.removed.append(other.group)
+        elif other.complete:
+            outcome.kept.append(other.group)
     consolidate(url)
-    return group
+    return outcome

@@ -319,16 +319,17 @@ class Run:
 
     @property
     def analyses(self) -> list[str]:
-        """Names of the analysis results stored under this run (``<run>/_analyses/``)."""
+        """Names of the complete analysis results stored under this run (``<run>/_analyses/``)."""
         from vitcnn_store.store.analyses import analysis_names
 
         return analysis_names(self)
 
-    def analysis(self, name: str) -> xr.Dataset:
-        """One stored analysis result, loaded (see :mod:`vitcnn_store.store.analyses`)."""
+    def analysis(self, name: str, key: str | None = None) -> xr.Dataset:
+        """Analysis result ``name``, loaded: the latest complete one, or the one whose
+        parameters hash to ``key`` (see :mod:`vitcnn_store.store.analyses`)."""
         from vitcnn_store.store.analyses import read_analysis
 
-        return read_analysis(self, name)
+        return read_analysis(self, name, key)
 
     def __repr__(self) -> str:
         done = self.done

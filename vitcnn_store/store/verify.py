@@ -6,6 +6,12 @@ whole. Runs whose creation was interrupted are reported as broken. With
 ``repair``, the ``done`` flag of every unit with a damaged or missing chunk is
 cleared, so ``vitcnn extract --resume`` rewrites exactly those units — the
 same bytes a clean run writes.
+
+Derived data is checked too: every analysis result must carry its commit
+marker, hold the arrays the marker lists, with checksums, and match its
+digest; every cached Gram must be marked complete. While an analysis job holds
+a run's analysis lock, what it is writing is not reported. ``repair`` removes
+incomplete or damaged results and Grams (the next analysis computes them).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from vitcnn_store.errors import DamagedDataError, RunNotFoundError
+from vitcnn_store.store.analyses import ResultInfo, delete_result, list_results, result_digest
 from vitcnn_store.store.checked import failure_reason
 from vitcnn_store.store.chunks import chunk_key, grid, list_objects, unit_arrays, walk_arrays
 from vitcnn_store.store.codecs import has_checksum
@@ -41,6 +48,7 @@ RECOVER = "recover with `vitcnn extract ... --overwrite` (or --resume)"
 RESTORE = "`vitcnn extract ... --resume` recreates it and rewrites the run's units"
 #: Lost arrays that ``--repair`` restores without the model (the manifest or a copy suffices).
 REPAIRED_HERE = {"done", *IMAGE_COORDS}
+REDO = "--repair removes it, `vitcnn analyze` redoes it"
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,8 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     repaired: dict[str, list[int]] = field(default_factory=dict)
+    #: Analysis results found incomplete or damaged: what ``repair`` removes.
+    bad_results: list[ResultInfo] = field(default_factory=list, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -211,6 +221,119 @@ def _restore_done(url: str, run: str, report: VerifyReport) -> None:
     report.repaired[run] = list(range(int(want["shape"][0])))
 
 
+def _check_results(url: str, run: str, report: VerifyReport) -> None:
+    """Problems of ``run``'s analysis results: no commit marker, a missing array, an
+    array without checksums, a digest that does not match."""
+    from vitcnn_store.store.locks import lock_holder
+
+    results = list_results(url, run)
+    grams = _incomplete_grams(url, run)
+    if not results and not grams:
+        return
+    # Incomplete derived data is expected while a job writes it: ask who, once.
+    holder = lock_holder(url, run) if grams or any(not r.complete for r in results) else None
+    root = open_root(url, mode="r")
+    for result in results:
+        where = result.group.split("/", 1)[1]
+        problem = result.problem
+        if not problem:
+            with quiet_zarr():
+                node = root[result.group]
+                unchecked = [k for k, a in node.arrays() if not has_checksum(a)]
+            if unchecked:
+                problem = f"damaged: array(s) {', '.join(sorted(unchecked))} without crc32c"
+            else:
+                try:
+                    digest, _ = result_digest(node)
+                except Exception as e:
+                    if environment_error("", e) is not None:
+                        raise
+                    continue  # a chunk that does not decode: reported by the chunk check
+                if digest != result.attrs.get("vitcnn_store.digest"):
+                    problem = "damaged: its arrays do not match the digest written with them"
+        if not problem:
+            continue
+        if holder is not None and not result.complete:
+            report.notes.append(f"{run}/{where}: being written by {holder}, not checked")
+            continue
+        report.bad_results.append(result)
+        report.problems.append(Problem(run, where, None, f"analysis result {problem}; {REDO}"))
+    for path in grams:
+        if holder is not None:
+            report.notes.append(f"{run}/{path}: being written by {holder}, not checked")
+            continue
+        what = "incomplete cached Gram (its job was interrupted); --repair drops it, "
+        report.problems.append(Problem(run, path, None, what + "`vitcnn analyze cka` redoes it"))
+
+
+def _result_of(run: str, path: str) -> ResultInfo | None:
+    """The analysis result an array path of a run belongs to, else None.
+
+    Examples
+    --------
+    >>> _result_of("v", "_analyses/cka/256e98b4161c/cka").group
+    'v/_analyses/cka/256e98b4161c'
+    >>> _result_of("v", "_analyses/cka/cka").key, _result_of("v", "blocks.0/activation")
+    ('', None)
+    """
+    from vitcnn_store.store.layout import ANALYSES
+
+    parts = path.split("/")
+    if parts[0] != ANALYSES or len(parts) < 3:
+        return None
+    key = parts[2] if len(parts) > 3 else ""  # "": an array directly in <name> (older layout)
+    return ResultInfo(run, parts[1], key, {}, "damaged chunk")
+
+
+def _incomplete_grams(url: str, run: str) -> list[str]:
+    """Paths (in the run) of cached Grams not marked complete."""
+    from vitcnn_store.store.layout import GRAMS
+
+    root = open_root(url, mode="r")
+    out = []
+    with quiet_zarr():
+        group = root[run]
+        if GRAMS not in group:
+            return []
+        for path, arr in walk_arrays(group[GRAMS], f"{GRAMS}/"):
+            name = path.rsplit("/", 1)[1]
+            if name.startswith("gram") and arr.attrs.get("complete") is not True:
+                out.append(path)
+    return out
+
+
+def _repair_derived(url: str, report: VerifyReport) -> bool:
+    """Remove bad analysis results and Grams, under each run's analysis lock; whether
+    anything was removed."""
+    from vitcnn_store.errors import RunLockedError
+    from vitcnn_store.store.locks import analysis_lock
+
+    grams: dict[str, set[str]] = {}
+    for p in report.problems:
+        layer = gram_layer(p.layer)
+        if layer is not None:
+            grams.setdefault(p.run, set()).add(layer)
+    results: dict[str, list[ResultInfo]] = {}
+    for r in report.bad_results:
+        results.setdefault(r.run, []).append(r)
+    changed = False
+    for run in sorted(set(grams) | set(results)):
+        try:
+            with analysis_lock(url, [run], "vitcnn verify --repair"):
+                for layer in sorted(grams.get(run, ())):
+                    delete_grams(url, run, layer)
+                    report.notes.append(f"dropped the damaged Gram cache of {run}/{layer}: "
+                                        "`vitcnn analyze cka` recomputes it")  # fmt: skip
+                for result in results.get(run, []):
+                    delete_result(url, result)
+                    report.notes.append(f"removed the analysis result {result.group}: "
+                                        "`vitcnn analyze` recomputes it")  # fmt: skip
+                changed = True
+        except RunLockedError as e:
+            report.notes.append(f"left {run}'s derived data alone: {e}")
+    return changed
+
+
 def _repair(url: str, report: VerifyReport) -> None:
     """Repair holding the lease of every run it touches (refused while a job holds one)."""
     from vitcnn_store.store.lease import acquire_lease, new_owner, release_lease
@@ -231,7 +354,6 @@ def _repair_held(url: str, report: VerifyReport) -> None:
     from vitcnn_store.store.writer import consolidate
 
     units: dict[str, set[int]] = {}
-    grams: dict[str, set[str]] = {}
     changed = False
     for p in report.problems:
         if p.unit is not None or not p.repairable:
@@ -245,16 +367,9 @@ def _repair_held(url: str, report: VerifyReport) -> None:
     for p in report.problems:
         if p.repairable and p.unit is not None:
             units.setdefault(p.run, set()).add(p.unit)
-        layer = gram_layer(p.layer)
-        if layer is not None:
-            grams.setdefault(p.run, set()).add(layer)
-    for run, layers in grams.items():
-        for layer in sorted(layers):
-            delete_grams(url, run, layer)
-            report.notes.append(f"dropped the damaged Gram cache of {run}/{layer}: "
-                                "`vitcnn analyze cka` recomputes it")  # fmt: skip
+    derived = _repair_derived(url, report)
     if not units:
-        if grams or changed:
+        if derived or changed:
             consolidate(url)
         return
     root = open_root(url, mode="r+")
@@ -300,6 +415,7 @@ def verify_store(
             continue  # the unit grid is unknown: nothing more to check until restored
         try:
             tasks += _plan_run(url, entry.name, group, report)
+            _check_results(url, entry.name, report)
         except DamagedDataError as e:
             report.problems.append(Problem(entry.name, "-", None, f"{e}: {RECOVER}"))
     bar = None
@@ -326,6 +442,11 @@ def verify_store(
                 what = (
                     f"{outcome}: a cached Gram; --repair drops it, `vitcnn analyze cka` redoes it"
                 )
+            result = _result_of(task.run, task.path)
+            if result is not None:
+                what = f"{outcome}: an analysis result; {REDO}"
+                if all(r.group != result.group for r in report.bad_results):
+                    report.bad_results.append(result)
             report.problems.append(
                 Problem(task.run, task.path, task.unit, what, per_unit or coordinate)
             )
