@@ -62,3 +62,19 @@ def module_outputs(model: Any, x: Any, names: list[str]) -> dict[str, Any]:
         for h in hooks:
             h.remove()
     return out
+
+
+def snapshot(path: Any) -> dict[str, str]:
+    """Every file under folder ``path`` with a hash of its bytes (``{}`` if it does not exist):
+    a refusal must leave it equal."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(path)
+    if not root.exists():
+        return {}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import snapshot
 from vitcnn_store.cli import main
 
 
@@ -29,18 +30,34 @@ def test_ls_and_show(tiny_store: str, capsys: pytest.CaptureFixture[str]) -> Non
     assert "blocks.1.attn/attention" in out and "failed images: 0" in out
 
 
-def test_query_by_index_and_id(tiny_store: str, tmp_path: Path) -> None:
-    out = tmp_path / "x.npy"
+def test_query_writes_values_with_their_image_ids(
+    tiny_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vitcnn_store import open_store
+
+    ids = open_store(tiny_store)["vit"].image_ids
+    out = tmp_path / "x"
     assert (
         main(["query", tiny_store, "vit", "blocks.1", "--images", "0:16", "--out", str(out)]) == 0
     )
-    assert np.load(out).shape == (16, 5, 192)
+    assert capsys.readouterr().out.strip().endswith(f"-> {out}.npz")  # the file written
+    with np.load(f"{out}.npz") as got:
+        assert got["values"].shape == (16, 5, 192)
+        assert got["dims"].tolist() == ["image", "token", "channel"]
+        assert got["image"].tolist() == list(range(16))
+        assert got["image_id"].tolist() == ids[:16].tolist()
+    out = tmp_path / "y.npz"
     assert main(["query", tiny_store, "vit", "blocks.1", "--ids", "faces/0100,faces/0000",
                  "--out", str(out)]) == 0  # fmt: skip
-    assert np.load(out).shape == (2, 5, 192)
+    with np.load(out) as got:
+        assert got["values"].shape == (2, 5, 192)
+        assert sorted(got["image_id"].tolist()) == ["faces/0000", "faces/0100"]
+        first = open_store(tiny_store)["vit"]["blocks.1"].values[got["image"][0]]
+        np.testing.assert_array_equal(got["values"][0], first)
     assert main(["query", tiny_store, "vit", "blocks.0.attn", "--attention", "--images", "1,2",
                  "--out", str(out)]) == 0  # fmt: skip
-    assert np.load(out).shape == (2, 3, 5, 5)
+    with np.load(out) as got:
+        assert got["values"].shape == (2, 3, 5, 5) and got["image_id"].tolist() == ids[1:3].tolist()
 
 
 def test_layers_lists_shapes(capsys: pytest.CaptureFixture[str]) -> None:
@@ -91,7 +108,11 @@ def test_argparse_errors_exit_2() -> None:
     [
         (["--images", "0:5:0"], "step must not be zero"),
         (["--images", "a:b"], "START:STOP"),
-        (["--out", "{tmp}/no/such/folder/x.npy"], "does not exist; create it first"),
+        (["--out", "{tmp}/no/such/folder/x.npz"], "does not exist; create it first"),
+        (["--images", "0:999", "--out", "{tmp}/x"], "--images 0:999: the run has 40 images"),
+        (["--images=-41:", "--out", "{tmp}/x"], "the run has 40 images"),
+        (["--images", "3,40", "--out", "{tmp}/x"], "indices must be in 0..39"),
+        (["--out", "{tmp}/x.npy"], "name it {tmp}/x.npz"),
     ],
 )
 def test_query_bad_input_is_one_line_exit_2(
@@ -99,10 +120,22 @@ def test_query_bad_input_is_one_line_exit_2(
     message: str,
 ) -> None:  # fmt: skip
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    before = snapshot(tiny_store)
     assert main(["query", tiny_store, "vit", "blocks.1", *args]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err, err
-    assert not (tmp_path / "no").exists()
+    assert len(err.splitlines()) == 1 and message.replace("{tmp}", str(tmp_path)) in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert snapshot(tiny_store) == before
+
+
+def test_analyze_negative_seed_is_one_line_exit_2(
+    tiny_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """issue 16: ``analyze cka --seed -5`` was a traceback from numpy's sampler."""
+    before = snapshot(tiny_store), snapshot(f"{tiny_store}.figures")
+    assert main(["analyze", "cka", tiny_store, "vit", "--seed", "-5", "--no-progress"]) == 2
+    assert capsys.readouterr().err == "vitcnn analyze: error: --seed must be >= 0, got -5\n"
+    assert (snapshot(tiny_store), snapshot(f"{tiny_store}.figures")) == before
 
 
 def test_show_and_verify_name_checks(tiny_store: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -216,6 +216,9 @@ ANALYZE_REFUSALS = [
     ("cka", ["--batches", "0"], {"max_batches": 0}),
     ("cka", ["--rbf-threshold", "0"], {"rbf_threshold": 0.0}),
     ("cka", ["--gather-memory", "0"], {"gather_bytes": 0}),
+    ("cka", ["--seed", "-5"], {"seed": -5}),  # was numpy's traceback (issue 16)
+    ("localization", ["--seed", "-1"], {"seed": -1}),
+    ("probe", ["--seed", "-1"], {"seed": -1}),
     ("attention", ["--threads", "0"], {"threads": 0}),
     ("localization", ["--batch-size", "2"], {"batch_size": 2}),
     ("skip", ["--threads", "0"], {"threads": 0}),

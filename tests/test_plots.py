@@ -150,8 +150,8 @@ def test_probe_figure_draws_chance_and_normalized_depth() -> None:
     stream = ds["role"].values == "stream"
     curve = next(c for c in ax.containers)  # the error-bar curve: residual stream only
     x, y = curve.lines[0].get_data()
-    np.testing.assert_allclose(x, ds["depth_fraction"].values[stream])
-    np.testing.assert_allclose(y, ds["accuracy"].values[stream])
+    np.testing.assert_allclose(x, ds["depth_fraction"].values[stream], atol=1e-12)
+    np.testing.assert_allclose(y, ds["accuracy"].values[stream], atol=1e-12)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert any("branch outputs" in t for t in labels) and any("CLS" in t for t in labels)
     # Older results (no chance variable): chance is 1/n_classes.
@@ -172,7 +172,7 @@ def test_skip_figure_uses_depth_and_marks_dead_branches() -> None:
     ax = fig.axes[0]
     assert ax.get_xlabel() == plots.DEPTH_LABEL and _hlines(ax)["‖z‖ = ‖f(z)‖"] == 1.0
     first = ax.get_lines()[0]
-    np.testing.assert_allclose(first.get_xdata(), ds["depth_fraction"].values)
+    np.testing.assert_allclose(first.get_xdata(), ds["depth_fraction"].values, atol=1e-12)
     dead = ds.copy(deep=True)
     dead["dead_fraction"][:] = 1.0
     dead["ratio_spatial"][:] = np.nan

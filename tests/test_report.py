@@ -20,6 +20,8 @@ ANALYSES = {"vit": {"cka", "cka__resnet", "attention", "localization"},
             "resnet_faces": {"skip", "probe"}}  # fmt: skip
 OVERLAYS = {"probe", "skip"}  # every run's curve on one normalized-depth axis
 N_FIGURES = sum(len(v) for v in ANALYSES.values()) + len(OVERLAYS)
+# The store's figure folder, where vitcnn analyze and vitcnn report also draw (one convention).
+FIGURES = "acts.zarr.figures"
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +38,19 @@ def test_demo_quick_end_to_end(demo: Path) -> None:
         assert store[run].complete
         stored = {k for k, _ in store[run].group["_analyses"].groups()}
         assert names <= stored, (run, stored)
-    assert (demo / "report.html").stat().st_size > 10_000
+    assert (demo / FIGURES / "report.html").stat().st_size > 10_000
+    assert sorted(p.name for p in demo.iterdir()) == ["acts.zarr", FIGURES]
 
 
 def test_every_figure_is_a_real_png(demo: Path) -> None:
-    figures = sorted((demo / "figures").glob("*.png"))
+    figures = sorted((demo / FIGURES).glob("*.png"))
     assert len(figures) == N_FIGURES
     for path in figures:
         with Image.open(path) as im:
             im.verify()
         pixels = np.asarray(Image.open(path).convert("RGB"))
         assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 16, path
-    assert sorted((demo / "data").glob("*.csv"))
+    assert sorted((demo / FIGURES / "data").glob("*.csv"))
 
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="no chromium here")
@@ -66,7 +69,7 @@ def test_report_in_headless_browser(demo: Path) -> None:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto((demo / "report.html").as_uri())
+        page.goto((demo / FIGURES / "report.html").as_uri())
         page.wait_for_load_state("load")
         sizes = page.evaluate(
             "Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
@@ -104,7 +107,7 @@ def test_probes_use_real_classes_and_baselines(demo: Path) -> None:
 
 
 def test_report_names_baselines_caveats_and_protocols(demo: Path) -> None:
-    page = (demo / "report.html").read_text(encoding="utf-8")
+    page = (demo / FIGURES / "report.html").read_text(encoding="utf-8")
     # Random-init timm ResNets: every branch's last BN is zero, blocks repeat their input.
     assert '<section id="caveats">' in page and "zero_init_last" in page
     assert "layer1.0 = layer1.1" in page

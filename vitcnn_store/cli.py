@@ -22,6 +22,12 @@ from vitcnn_store.options import add_arguments, config_kwargs, option
 
 __all__ = ["build_parser", "main"]
 
+#: What ``vitcnn --help`` says first (plain text: argparse prints it as is).
+DESCRIPTION = (
+    "The vitcnn command line: extract activations into a zarr store, analyse them, report."
+)
+STORE_HELP = "store path or fsspec URL"
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # one line, exit 2, like every other bad input
@@ -35,7 +41,9 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vitcnn", description=__doc__.splitlines()[0])
+    from vitcnn_store.cli_analyze import FIGURES, add_analyze_parser  # argparse only: cheap
+
+    parser = _Parser(prog="vitcnn", description=DESCRIPTION)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -56,47 +64,59 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, LayersOptions)
 
     p = sub.add_parser("ls", help="list the runs of a store")
-    p.add_argument("store")
+    p.add_argument("store", help=STORE_HELP)
 
     p = sub.add_parser("show", help="provenance, layers and failed images of a run")
-    p.add_argument("store")
-    p.add_argument("run")
+    p.add_argument("store", help=STORE_HELP)
+    p.add_argument("run", help="run name (vitcnn ls lists them)")
 
     p = sub.add_parser(
         "verify", help="read every chunk of a store; report damaged or missing data",
         description="Scrub a store: every chunk of every done unit must exist and match its "
         "checksum. Exit 0 when all is well, 1 when anything is wrong.",
     )  # fmt: skip
-    p.add_argument("store")
+    p.add_argument("store", help=STORE_HELP)
     p.add_argument("run", nargs="?", help="check only this run")
     p.add_argument(
         "--repair", action="store_true",
-        help="clear `done` of damaged units so `vitcnn extract ... --resume` rewrites them",
+        help="mark damaged units as not done, so that vitcnn extract ... --resume rewrites them",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("query", help="read stored activations of one layer")
-    p.add_argument("store")
-    p.add_argument("run")
-    p.add_argument("layer")
-    p.add_argument("--images", default=":", help="index slice START:STOP or list i,j,k")
+    p.add_argument("store", help=STORE_HELP)
+    p.add_argument("run", help="run name (vitcnn ls lists them)")
+    p.add_argument("layer", help="layer name (vitcnn show lists them)")
+    p.add_argument(
+        "--images",
+        default=":",
+        help="index slice START:STOP[:STEP] or list i,j,k (default: every image)",
+    )
     p.add_argument("--ids", help="comma-separated image ids (instead of --images)")
     p.add_argument("--attention", action="store_true", help="read attention, not activation")
-    p.add_argument("--out", help="write the array to this .npy file")
+    p.add_argument(
+        "--out", metavar="FILE.npz", help="write the values with their image ids to this .npz file"
+    )
 
     p = sub.add_parser("report", help="an HTML report of every analysis in a store")
-    p.add_argument("store")
-    p.add_argument("--out", default="vitcnn_report", help="output folder for report.html")
+    p.add_argument("store", help=STORE_HELP)
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help=f"folder of report.html, its figures and data (default: {FIGURES})",
+    )
 
     p = sub.add_parser("demo", help="the whole pipeline on built-in images, no network")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
-    p.add_argument("--out", default="vitcnn_demo", help="output folder (store, report)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--out",
+        default="vitcnn_demo",
+        help="output folder: the store acts.zarr and its figures beside it (default: vitcnn_demo)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="Ray actors (default: 2)")
     p.add_argument("--pretrained", action="store_true", help="timm pretrained weights")
     p.add_argument("--vit-checkpoint", metavar="PATH", help="weights for the ViT")
     p.add_argument("--resnet-checkpoint", metavar="PATH", help="weights for the ResNet")
-
-    from vitcnn_store.cli_analyze import add_analyze_parser  # argparse only: cheap
 
     add_analyze_parser(sub)
     return parser
@@ -158,27 +178,47 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_images(text: str, n: int) -> Any:
+def _ints(items: list[str]) -> list[int | None] | None:
+    """Each item as an int (blank: None), or None where one is not a number."""
     try:
-        if ":" not in text:
-            return [int(p) for p in text.split(",") if p.strip()]
-        parts = [int(p) if p.strip() else None for p in text.split(":")]
+        return [int(p) if p.strip() else None for p in items]
     except ValueError:
-        parts = []
-    if not 2 <= len(parts) <= 3:
+        return None
+
+
+def _parse_images(text: str, n: int) -> Any:
+    """``--images`` as a list of indices or a slice, refused where it reaches past ``n`` images."""
+    parts = _ints(text.split(":" if ":" in text else ","))
+    if parts is None or not (":" not in text or 2 <= len(parts) <= 3):
         raise UsageError(f"--images wants START:STOP[:STEP] or i,j,k, got {text!r}")
+    if ":" not in text:
+        indices = [i for i in parts if i is not None]
+        if not indices or any(not 0 <= i < n for i in indices):
+            raise UsageError(f"--images {text}: indices must be in 0..{n - 1} "
+                             f"(the run has {n} images)")  # fmt: skip
+        return indices
     if len(parts) == 3 and parts[2] == 0:
         raise UsageError(f"--images {text!r}: the step must not be zero (START:STOP:STEP)")
+    # A slice past the end would be cut short silently (numpy's rule): say so instead.
+    if any(p is not None and not -n <= p <= n for p in parts[:2]):
+        raise UsageError(f"--images {text}: the run has {n} images (0:{n} takes them all)")
     return slice(*parts)
 
 
-def _check_out(path: str | None) -> None:
-    """Refuse an output file whose folder does not exist, before reading anything."""
+def _out_path(path: str | None) -> str | None:
+    """The file ``--out`` writes: ``.npz`` added where missing; a folder that must exist.
+
+    Checked before anything is read, so a refusal writes nothing.
+    """
     if path is None:
-        return
+        return None
+    if path.endswith(".npy"):
+        raise UsageError(f"--out {path}: query writes the values with their image ids as "
+                         f"one .npz file; name it {path[:-4]}.npz")  # fmt: skip
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"--out {path}: folder {folder} does not exist; create it first")
+    return path if path.endswith(".npz") else f"{path}.npz"
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -186,7 +226,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     from vitcnn_store.store import open_store
 
-    _check_out(args.out)
+    out = _out_path(args.out)
     run = open_store(args.store)[args.run]
     data = run.attention(args.layer) if args.attention else run[args.layer]
     if args.ids:
@@ -196,21 +236,21 @@ def cmd_query(args: argparse.Namespace) -> int:
             raise UsageError(f"unknown image id(s): {', '.join(missing[:5])}")
         data = data.sel(image=data.image_id.isin(ids))
     else:
-        sel = _parse_images(args.images, run.n_images)
-        if isinstance(sel, list) and any(not 0 <= i < run.n_images for i in sel):
-            raise UsageError(f"--images: indices must be in 0..{run.n_images - 1}")
-        data = data.isel(image=sel)
+        data = data.isel(image=_parse_images(args.images, run.n_images))
     values = data.values
-    if args.out:
+    if out:
         from vitcnn_store.store.layout import store_io
 
-        with store_io(args.out):
-            np.save(args.out, values)
+        # The image ids travel with the values: an array alone loses which image is which.
+        with store_io(out), open(out, "wb") as f:
+            np.savez(f, values=values, dims=np.array(data.dims, dtype=str),
+                     image=data["image"].values, image_id=data["image_id"].values.astype(str),
+                     label=data["label"].values)  # fmt: skip
     mask = ~np.isnan(values.reshape(values.shape[0], -1)).all(axis=1) if values.size else []
     print(
         f"{args.run}/{args.layer} {'attention' if args.attention else 'activation'} "
         f"{dict(zip(data.dims, values.shape, strict=True))} {values.dtype}, "
-        f"{int(np.sum(mask))} image(s) with data" + (f" -> {args.out}" if args.out else "")
+        f"{int(np.sum(mask))} image(s) with data" + (f" -> {out}" if out else "")
     )
     return 0
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from jobs.analyze import AnalysisResult
 
 __all__ = [
+    "FIGURES",
     "add_analyze_parser",
     "analysis_config",
     "analyze",
@@ -33,8 +34,12 @@ __all__ = [
     "parse_tokens",
 ]
 
+#: Where the figures of a store go, as the help says it (:func:`vitcnn_store.plots.figure_dir`):
+#: analyze, report and demo all use this one folder.
+FIGURES = "<store>.figures/ beside a local store, ./vitcnn_figures/ for a remote URL"
+
 _EXAMPLES = """examples:
-  vitcnn analyze cka acts.zarr vitb16                 # all layers x all layers
+  vitcnn analyze cka acts.zarr vitb16                 # residual stream x residual stream
   vitcnn analyze cka acts.zarr vitb16 r50             # cross-model, aligned by image_id
   vitcnn analyze cka acts.zarr vitb16 --batch-size 1024 --batches 10 --repeats 20
   vitcnn analyze cka acts.zarr vitb16 --estimator unbiased --roles branches
@@ -56,12 +61,7 @@ def _common(p: argparse.ArgumentParser, config: type[AnalysisOptions]) -> None:
     add_arguments(p, config, skip=common)
     g = p.add_argument_group("result and execution")
     add_arguments(g, AnalysisOptions)  # type: ignore[arg-type]  # a group adds arguments too
-    g.add_argument(
-        "--figures",
-        metavar="DIR",
-        help="figure folder (default: <store>.figures/ beside a local store, "
-        "./vitcnn_figures/ for remote URLs)",
-    )
+    g.add_argument("--figures", metavar="DIR", help=f"figure folder (default: {FIGURES})")
     g.add_argument("--no-figure", dest="figure", action="store_false", help="draw no figure")
 
 
@@ -89,8 +89,8 @@ def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
         "analyze",
         help="analyses of stored activations (CKA, attention, localization, skip, probes)",
         description="Dask jobs over a store; results go to <run>/_analyses/<name>/<key> (key: "
-        "a hash of the parameters; earlier results are kept), figures beside the store. No "
-        "model is loaded.",
+        f"a hash of the parameters; earlier results are kept), figures to {FIGURES}. No model "
+        "is loaded.",
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

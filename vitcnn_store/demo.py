@@ -4,8 +4,10 @@ Runs the plan of :mod:`jobs.demo` — a local Ray cluster extracts a ViT and a
 ResNet over built-in photographs (for CKA, attention and localization) and
 over built-in faces and non-faces (for probes with real classes, and skip
 ratios) into ``<out>/acts.zarr``, dask runs every analysis — printing as it
-goes, then writes ``<out>/report.html`` with each figure's protocol beside the
-paper's and the artifacts of random initialisation named.
+goes, then writes ``report.html`` with each figure's protocol beside the
+paper's and the artifacts of random initialisation named, with the figures,
+into the store's figure folder ``<out>/acts.zarr.figures/`` (where ``vitcnn
+analyze`` and ``vitcnn report`` put them too).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def run_demo(args: argparse.Namespace) -> int:
     for analysis in plan.analyses:
         print(f"\n== {analysis.title}")
         print(describe_result(analysis.run()))
-    report = build_report(store, out)
+    report = build_report(store)  # the store's figure folder, as analyze and report use
     print(f"\ndone in {time.perf_counter() - t0:.0f} s.")
     print(f"report: {report}  (open it in a browser; it needs no server)")
     print("explore the store with:")

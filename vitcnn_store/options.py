@@ -182,7 +182,11 @@ def add_arguments(
             continue
         target: Any = parser
         if opt.exclusive:
-            target = groups.setdefault(opt.exclusive, parser.add_mutually_exclusive_group())
+            # One group per name, made once: an empty group left behind (setdefault's
+            # argument is built on every call) crashes argparse's --help.
+            if opt.exclusive not in groups:
+                groups[opt.exclusive] = parser.add_mutually_exclusive_group()
+            target = groups[opt.exclusive]
         default = _default_of(f)
         dest = prefix + f.name
         if opt.action == "positional":
@@ -202,7 +206,8 @@ def add_arguments(
                 "dest": dest,
                 "help": opt.help + shown if opt.action != "append" else opt.help,
                 "type": _argparse_type(opt),
-                "metavar": opt.metavar,
+                # a nested option's dest reads "model.seed": name its value SEED instead
+                "metavar": opt.metavar or (f.name.upper() if prefix else None),
             }
             if opt.choices is not None:
                 kwargs["choices"] = opt.choices

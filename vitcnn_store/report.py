@@ -281,7 +281,7 @@ def _overlay_html(analysis: str, entries: list[ResultEntry], runs: dict[str, Any
     png = plot_overlay(
         analysis,
         list(zip(labels, [e.dataset for e in entries], strict=True)),
-        out / "figures" / f"overlay__{analysis}.png",
+        out / f"overlay__{analysis}.png",
     )
     alt = f"{analysis} of {', '.join(e.run for e in entries)} on one depth axis"
     return (
@@ -345,13 +345,17 @@ margin:8px 0} .caveat ul{margin:4px 0;padding-left:18px}
 """
 
 
-def build_report(url: str, out_dir: str | Path) -> Path:
-    """Write ``report.html`` (plus its PNG and CSV files) for the store at ``url``."""
-    from vitcnn_store.plots import plot_result
+def build_report(url: str, out_dir: str | Path | None = None) -> Path:
+    """Write ``report.html`` with its PNG figures and its ``data/*.csv`` for the store at ``url``.
 
-    out = Path(out_dir)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    (out / "data").mkdir(exist_ok=True)
+    They go to ``out_dir``, by default the store's figure folder
+    (:func:`vitcnn_store.plots.figure_dir`), where ``vitcnn analyze`` draws its
+    figures under the same names (``<run>__<name>.png``).
+    """
+    from vitcnn_store.plots import figure_dir, plot_result
+
+    out = figure_dir(url, None if out_dir is None else str(out_dir))
+    (out / "data").mkdir(parents=True, exist_ok=True)
     store = open_store(url)
     skipped: list[str] = []
     results = collect_results(url, skipped)
@@ -393,7 +397,7 @@ def build_report(url: str, out_dir: str | Path) -> Path:
         body.append(_overlay_html(analysis, entries, runs, out))
         for entry in entries:
             stem = f"{entry.run}__{entry.name}"
-            png = plot_result(entry.dataset, out / "figures" / f"{stem}.png")
+            png = plot_result(entry.dataset, out / f"{stem}.png")
             links = []
             for var, data in _csv(entry.dataset).items():
                 (out / "data" / f"{stem}__{var}.csv").write_bytes(data)

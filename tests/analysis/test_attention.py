@@ -37,6 +37,9 @@ def reference_uniform_distance(grid=GRID, patch=PATCH):
 REF = reference_uniform_distance()
 YX = vit_token_yx()
 T = YX.shape[0]  # 197
+# Absolute tolerance of distances in pixels: 1e-12 of the ~200-px scale of a 224-px input
+# (a distance can be 0, where a relative tolerance alone allows no rounding at all).
+PX = 1e-10
 
 
 def test_reference_value_is_about_116_5():
@@ -58,8 +61,8 @@ def test_cls_mass_is_dropped_unless_renormalized():
     attn = np.full((1, 2, T, T), 1.0 / T)  # rows sum to 1 over CLS + 196 patches
     plain = mean_attention_distance(attn, YX)
     renorm = mean_attention_distance(attn, YX, renormalize=True)
-    np.testing.assert_allclose(plain, REF * (T - 1) / T, rtol=1e-12)
-    np.testing.assert_allclose(renorm, REF, rtol=1e-12)
+    np.testing.assert_allclose(plain, REF * (T - 1) / T, rtol=1e-12, atol=PX)
+    np.testing.assert_allclose(renorm, REF, rtol=1e-12, atol=PX)
 
 
 def test_self_attention_gives_zero_and_heads_are_separate():
@@ -93,7 +96,7 @@ def test_random_attention_against_loop_reference_and_chunking():
                 row = attn[img, h, q, 2:]
                 expect[h] += sum(row[ki] * dist[qi, ki] for ki in range(t - 2))
     expect /= 5 * (t - 2)
-    np.testing.assert_allclose(mean_attention_distance(attn, yx), expect, rtol=1e-12)
+    np.testing.assert_allclose(mean_attention_distance(attn, yx), expect, rtol=1e-12, atol=PX)
     # Chunked accumulation (and merging partial accumulators) equals the one-shot value.
     a, b = AttentionAccumulator(yx, cls_index=0), AttentionAccumulator(yx, cls_index=0)
     a.update(attn[:2])
@@ -101,15 +104,17 @@ def test_random_attention_against_loop_reference_and_chunking():
     b.update(attn[4:])
     a.merge(b)
     assert a.n_images == 5
-    np.testing.assert_allclose(a.mean_distance(), expect, rtol=1e-12)
-    np.testing.assert_allclose(a.entropy(), attention_entropy(attn, yx), rtol=1e-12)
-    np.testing.assert_allclose(a.cls_map(), cls_attention_map(attn, yx), rtol=1e-12)
+    np.testing.assert_allclose(a.mean_distance(), expect, rtol=1e-12, atol=PX)
+    np.testing.assert_allclose(a.entropy(), attention_entropy(attn, yx), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(a.cls_map(), cls_attention_map(attn, yx), rtol=1e-12, atol=1e-12)
 
 
 def test_patch_distance_matrix():
     d = patch_distance_matrix(vit_token_yx(grid=2, patch=16))
     s = 16 * np.sqrt(2)
-    np.testing.assert_allclose(d, [[0, 16, 16, s], [16, 0, s, 16], [16, s, 0, 16], [s, 16, 16, 0]])
+    np.testing.assert_allclose(
+        d, [[0, 16, 16, s], [16, 0, s, 16], [16, s, 0, 16], [s, 16, 16, 0]], atol=PX
+    )
 
 
 def test_entropy():
@@ -131,11 +136,11 @@ def test_cls_attention_map_layout():
     attn[1, :, 0, 1:] = 3 * w / w.sum()
     m = cls_attention_map(attn, YX)
     assert m.shape == (2, GRID, GRID)
-    np.testing.assert_allclose(m[0], (2 * w / w.sum()).reshape(GRID, GRID))
+    np.testing.assert_allclose(m[0], (2 * w / w.sum()).reshape(GRID, GRID), atol=1e-12)
     assert m[0, 0, 1] > m[0, 0, 0] and m[0, 1, 0] > m[0, 0, GRID - 1]  # row-major layout
     attn[:, :, 0, 0] = 0.5  # CLS self-mass: renormalize rescales the patch part to sum 1
     r = cls_attention_map(attn, YX, renormalize=True)
-    np.testing.assert_allclose(r.sum(axis=(1, 2)), [1.0, 1.0])
+    np.testing.assert_allclose(r.sum(axis=(1, 2)), [1.0, 1.0], atol=1e-12)
 
 
 def test_torch_input_and_validation():

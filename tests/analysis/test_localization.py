@@ -52,7 +52,7 @@ def test_map_equals_per_patch_cka():
     rng, _, patches = synthetic(n=20, seed=3)
     token = np.tanh(patches[:, :3].reshape(20, -1) @ rng.normal(size=(3 * 48, 10)))
     expect = [unbiased_linear_cka(token, patches[:, p]) for p in range(patches.shape[1])]
-    np.testing.assert_allclose(localization_map(token, patches), expect, rtol=1e-10)
+    np.testing.assert_allclose(localization_map(token, patches), expect, rtol=1e-10, atol=1e-10)
 
 
 def test_minibatch_several_tokens_and_merge():
@@ -66,7 +66,7 @@ def test_minibatch_several_tokens_and_merge():
     res = whole.result()
     assert res.shape == (2, GRID * GRID)
     assert list(np.argmax(res, axis=1)) == [2, 9]
-    np.testing.assert_allclose(a.merge(b).result(), res, rtol=1e-12)
+    np.testing.assert_allclose(a.merge(b).result(), res, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="equal batch sizes"):
         whole.update([t[:8] for t in tokens], patches[:8])
     with pytest.raises(ValueError, match="mix"):

@@ -23,7 +23,9 @@ def test_token_layer_matches_loop():
     rng = np.random.default_rng(0)
     z = rng.normal(size=(4, 5, 8)) * rng.uniform(0.5, 4, size=(1, 5, 1))
     fz = rng.normal(size=(4, 5, 8))
-    np.testing.assert_allclose(skip_norm_ratio(z, fz), loop_reference(z, fz), rtol=1e-12)
+    np.testing.assert_allclose(
+        skip_norm_ratio(z, fz), loop_reference(z, fz), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_spatial_layer_is_flattened_row_major_and_float16_ok():
@@ -33,7 +35,7 @@ def test_spatial_layer_is_flattened_row_major_and_float16_ok():
     r = skip_norm_ratio(z, fz)
     assert r.shape == (6,) and r.dtype == np.float64
     ref = loop_reference(z.reshape(3, 6, 6), fz.reshape(3, 6, 6))
-    np.testing.assert_allclose(r, ref, rtol=1e-12)
+    np.testing.assert_allclose(r, ref, rtol=1e-12, atol=1e-12)
     assert skip_norm_ratio(z[:, 0, 0], fz[:, 0, 0]).shape == (1,)  # pooled (n, channel)
 
 
@@ -46,7 +48,9 @@ def test_zero_branch_is_finite_and_sums_accumulate():
     rng = np.random.default_rng(2)
     z, fz = rng.normal(size=(6, 4, 3)), rng.normal(size=(6, 4, 3))
     (s1, n1), (s2, n2) = skip_norm_ratio_sum(z[:2], fz[:2]), skip_norm_ratio_sum(z[2:], fz[2:])
-    np.testing.assert_allclose((s1 + s2) / (n1 + n2), skip_norm_ratio(z, fz), rtol=1e-12)
+    np.testing.assert_allclose(
+        (s1 + s2) / (n1 + n2), skip_norm_ratio(z, fz), rtol=1e-12, atol=1e-12
+    )
     with pytest.raises(ValueError, match="differ"):
         skip_norm_ratio(z, fz[:, :3])
 

@@ -36,13 +36,19 @@ def test_attention_matches_kernels(synth: str, renormalize: bool) -> None:  # no
         yx = np.stack([a["query_y"].values, a["query_x"].values], axis=1)
         kw = {"renormalize": renormalize}
         np.testing.assert_allclose(
-            ds["mean_distance"].values[j], mean_attention_distance(attn, yx, **kw), rtol=1e-10
+            ds["mean_distance"].values[j],
+            mean_attention_distance(attn, yx, **kw),
+            rtol=1e-10,
+            atol=1e-8,
         )
         np.testing.assert_allclose(
-            ds["entropy"].values[j], attention_entropy(attn, yx, **kw), rtol=1e-10
+            ds["entropy"].values[j], attention_entropy(attn, yx, **kw), rtol=1e-10, atol=1e-10
         )
         np.testing.assert_allclose(
-            ds["cls_attention"].values[j], cls_attention_map(attn, yx, 0, **kw), rtol=1e-10
+            ds["cls_attention"].values[j],
+            cls_attention_map(attn, yx, 0, **kw),
+            rtol=1e-10,
+            atol=1e-10,
         )
     assert ds.attrs["renormalize"] is renormalize and ds.attrs["n"] == 47
     assert ds["mean_distance"].dims == ("layer", "head")
@@ -53,9 +59,11 @@ def test_attention_matches_kernels(synth: str, renormalize: bool) -> None:  # no
     # (32 + 16√2) / 16; without renormalization 4 of the 5 keys count.
     pair = (32 + 16 * np.sqrt(2)) / 16
     expected = pair if renormalize else pair * 4 / 5
-    np.testing.assert_allclose(ds["uniform_distance"].values, [expected] * 2, rtol=1e-12)
+    np.testing.assert_allclose(
+        ds["uniform_distance"].values, [expected] * 2, rtol=1e-12, atol=1e-12
+    )
     ent = np.log(4) if renormalize else 4 / 5 * np.log(5)
-    np.testing.assert_allclose(ds["uniform_entropy"].values, [ent] * 2, rtol=1e-12)
+    np.testing.assert_allclose(ds["uniform_entropy"].values, [ent] * 2, rtol=1e-12, atol=1e-12)
     assert "2×2 grid of 4-px patches" in ds.attrs["baseline"]
 
 

@@ -274,8 +274,11 @@ def test_select_layers_and_batch_size(synth: str) -> None:
     assert select_layers(run, None) == run.layers
     with pytest.raises(LayerPatternError, match="matches no stored layer"):
         select_layers(run, "stages.*")
-    with pytest.warns(AnalysisWarning, match="using 40"):
+    # The words say what the user gave: a default they never typed is named as the default.
+    with pytest.warns(AnalysisWarning, match=r"^the default batch size 1024 is more than the 40 "):
         assert cap_batch_size(1024, 40) == 40
+    with pytest.warns(AnalysisWarning, match=r"^--batch-size 64 is more than the 40 usable"):
+        assert cap_batch_size(64, 40) == 40
     assert cap_batch_size(16, 40) == 16
     with pytest.raises(UsageError, match=">= 4"):
         cap_batch_size(3, 40)

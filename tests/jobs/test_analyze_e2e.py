@@ -73,6 +73,22 @@ def test_results_written_with_figures(store: str, capsys: pytest.CaptureFixture[
     assert run.layers[0] == "norm_pre"
 
 
+def test_report_draws_into_the_folder_of_the_analyses_figures(
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One folder per store: analyze's figures, and report.html with its figures (under the
+    same names) and data, all in <store>.figures/ (issue 16: the demo and analyze used two)."""
+    figures = Path(store + ".figures")
+    drawn = {p.name for p in figures.glob("*.png")}
+    assert len(drawn) == len(COMMANDS)
+    assert cli(["report", store]) == 0
+    assert capsys.readouterr().out == f"report: {figures / 'report.html'}\n"
+    assert drawn < {p.name for p in figures.glob("*.png")}  # + the overlays of probe and skip
+    assert sorted(p.name for p in figures.iterdir() if p.is_dir()) == ["data"]
+    for name in drawn:
+        png_ok(figures / name)
+
+
 def test_datatree_opens_with_results(store: str) -> None:
     with quiet_zarr():
         tree = xr.open_datatree(store, engine="zarr")

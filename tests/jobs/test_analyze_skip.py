@@ -24,8 +24,8 @@ def test_vit_ratios_match_kernel(synth: str) -> None:  # noqa: F811
         attn = run[f"blocks.{i}.attn"].values[valid].astype(np.float64)
         mlp = run[f"blocks.{i}.mlp"].values[valid]
         r_attn, r_mlp = skip_norm_ratio(z, attn), skip_norm_ratio(z + attn, mlp)
-        np.testing.assert_allclose(ds["ratio"].values[0, i], r_attn, rtol=1e-10)
-        np.testing.assert_allclose(ds["ratio"].values[1, i], r_mlp, rtol=1e-10)
+        np.testing.assert_allclose(ds["ratio"].values[0, i], r_attn, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(ds["ratio"].values[1, i], r_mlp, rtol=1e-10, atol=1e-10)
         assert ds["ratio_cls"].values[0, i] == pytest.approx(r_attn[0])
         assert ds["ratio_spatial"].values[1, i] == pytest.approx(r_mlp[1:].mean())
     assert ds["ratio"].dims == ("branch", "block", "position")
@@ -84,7 +84,7 @@ def test_skip_inputs_come_from_recorded_roles(tmp_path: Path) -> None:
     run = open_store(url)["r"]
     z = run["stem"].values.astype(np.float64) + run["enc.0"].values
     ref = skip_norm_ratio(z, run["enc.1.mix"].values)
-    np.testing.assert_allclose(ds["ratio"].values[0, 1], ref, rtol=1e-10)
+    np.testing.assert_allclose(ds["ratio"].values[0, 1], ref, rtol=1e-10, atol=1e-10)
     assert ds["skip_taps"].values.tolist() == [["stem", "stem + enc.0"]]
     assert ds["branch"].values.tolist() == ["mix"]
 
@@ -147,7 +147,7 @@ def test_bottleneck_skip_inputs_are_what_the_block_adds(bottleneck_store: str) -
                               run[f"layer{stage}.0.bn3"].values).mean()  # fmt: skip
         assert ds["ratio_spatial"].values[0, j] == pytest.approx(ref, rel=1e-10)
     assert (ds["dead_fraction"].values == 0).all() and ds.attrs["dead_branches"] == "none"
-    np.testing.assert_allclose(ds["depth_fraction"].values, [0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(ds["depth_fraction"].values, [0.25, 0.5, 0.75, 1.0], atol=1e-12)
 
 
 def test_dead_branches_are_named_not_divided(tmp_path: Path) -> None:

@@ -72,21 +72,21 @@ def test_token_reductions_equal_numpy(how: str) -> None:
         np.testing.assert_array_equal(got, x[:, 0])
         assert kind == "pooled"
     elif how == "mean":
-        np.testing.assert_allclose(got, x[:, prefix:].mean(1), rtol=1e-6)
+        np.testing.assert_allclose(got, x[:, prefix:].mean(1), rtol=1e-6, atol=1e-6)
         assert kind == "pooled"
     else:
         k = int(how.split(":")[1])
         grid = x[:, prefix:].reshape(3, gh, gw, c)
         pooled = numpy_pool(grid, k)
         np.testing.assert_array_equal(got[:, :prefix], x[:, :prefix])  # prefix tokens kept
-        np.testing.assert_allclose(got[:, prefix:], pooled.reshape(3, -1, c), rtol=1e-5)
+        np.testing.assert_allclose(got[:, prefix:], pooled.reshape(3, -1, c), rtol=1e-5, atol=1e-6)
         assert kind == "token"
         gy, gx = pooled.shape[1:3]
         assert list(new["token_kind"]) == ["cls", "reg"] + ["patch"] * (gy * gx)
         # Window centres: the mean of the pixel centres each window covers.
         centres = (np.arange(gh) + 0.5) * 16
         expected_y = [centres[i : i + k].mean() for i in range(0, gh, k)]
-        np.testing.assert_allclose(new["token_y"][prefix::gx], expected_y)
+        np.testing.assert_allclose(new["token_y"][prefix::gx], expected_y, atol=1e-6)
 
 
 @pytest.mark.parametrize("how", ["mean", "pool:2", "pool:3"])
@@ -99,11 +99,11 @@ def test_spatial_reductions_equal_numpy(how: str) -> None:
     got = fitted.apply(torch.from_numpy(x)).numpy()
     assert got.shape[1:] == shape
     if how == "mean":
-        np.testing.assert_allclose(got, x.mean((1, 2)), rtol=1e-5)
+        np.testing.assert_allclose(got, x.mean((1, 2)), rtol=1e-5, atol=1e-6)
         assert kind == "pooled" and new == {}
     else:
         k = int(how.split(":")[1])
-        np.testing.assert_allclose(got, numpy_pool(x, k), rtol=1e-5)
+        np.testing.assert_allclose(got, numpy_pool(x, k), rtol=1e-5, atol=1e-6)
         assert len(new["y"]) == -(-7 // k) and len(new["x"]) == -(-8 // k)
 
 
