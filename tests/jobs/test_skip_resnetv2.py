@@ -56,12 +56,19 @@ def _reference(spec: ModelSpec, x: Any) -> dict[str, tuple[np.ndarray, np.ndarra
         if not isinstance(block, (PreActBasic, PreActBottleneck)):
             continue
         store = seen.setdefault(name, {})
-        hooks.append(block.register_forward_pre_hook(
-            lambda _m, a, s=store: s.__setitem__("input", a[0].clone())))
-        hooks.append(block.register_forward_hook(
-            lambda _m, _a, o, s=store: s.__setitem__("out", o.clone())))
-        hooks.append(block.drop_path.register_forward_pre_hook(
-            lambda _m, a, s=store: s.__setitem__("f", a[0].clone())))
+        hooks.append(
+            block.register_forward_pre_hook(
+                lambda _m, a, s=store: s.__setitem__("input", a[0].clone())
+            )
+        )
+        hooks.append(
+            block.register_forward_hook(lambda _m, _a, o, s=store: s.__setitem__("out", o.clone()))
+        )
+        hooks.append(
+            block.drop_path.register_forward_pre_hook(
+                lambda _m, a, s=store: s.__setitem__("f", a[0].clone())
+            )
+        )
         if block.downsample is not None:
             hooks.append(block.downsample.register_forward_hook(
                 lambda _m, _a, o, s=store: s.__setitem__("shortcut", o.clone())))  # fmt: skip

@@ -116,7 +116,12 @@ def test_resnetv2_first_block_takes_the_stem_and_branches_end_at_the_last_conv()
     assert found["stages.0.blocks.1"].skip_input == ("stages.0.blocks.0",)
     assert found["stages.1.blocks.0"].skip_input == ("stages.1.blocks.0.downsample",)
     assert found["stages.2.blocks.0"].skip_input == ("stages.1.blocks.0",)
-    assert [found[b].output.rsplit(".", 1)[1] for b in found] == ["conv2", "conv2", "conv3", "norm3"]
+    assert [found[b].output.rsplit(".", 1)[1] for b in found] == [
+        "conv2",
+        "conv2",
+        "conv3",
+        "norm3",
+    ]
     assert families.output_activation("resnetv2", "PreActBottleneck") == ""
     assert families.output_activation("resnetv2", "Bottleneck") == "relu"
     assert families.output_activation("resnet", "BasicBlock") == "relu"

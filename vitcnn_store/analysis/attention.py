@@ -166,8 +166,8 @@ class AttentionAccumulator:
             row_sums = a[s : s + step][:, :, idx, :].astype(np.float64).sum(axis=-1)
             prefix_key_sum += (row_sums - blk.sum(axis=-1)).sum(axis=(0, 2))
             if self.cls_index is not None:
-                cls_key_sum += a[s : s + step, :, idx, self.cls_index].astype(np.float64).sum(
-                    axis=(0, 2)
+                cls_key_sum += (
+                    a[s : s + step, :, idx, self.cls_index].astype(np.float64).sum(axis=(0, 2))
                 )
             if self.renormalize:
                 blk /= np.maximum(blk.sum(axis=-1, keepdims=True), _EPS)
@@ -338,9 +338,7 @@ def cls_key_mass(attn: Any, token_yx: Any, cls_index: int = 0) -> FloatArray:
     >>> cls_key_mass(attn, yx).tolist()
     [1.0, 0.0]
     """
-    acc = AttentionAccumulator(
-        token_yx, distance=False, entropy=False, cls_index=cls_index
-    )
+    acc = AttentionAccumulator(token_yx, distance=False, entropy=False, cls_index=cls_index)
     acc.update(attn)
     return acc.cls_key_mass()
 

@@ -2,10 +2,10 @@
 
 The ViT, ResNet (V1, timm's ``ResNet``) and pre-activation ResNet (V2, timm's
 ``ResNetV2``: the BiT ResNets of the paper) families are residual networks: a
-block adds the output of one or more *branches* f(z) onto its *skip path* z. Knowing which module path
-is which is needed in three places — the layer presets, the skip-ratio
-analysis and the default layer of localization — and is written down here
-only. Everything works on a mapping ``{module path: module type name}``: the
+block adds the output of one or more *branches* f(z) onto its *skip path* z.
+Knowing which module path is which is needed in three places — the layer
+presets, the skip-ratio analysis and the default layer of localization — and
+is written down here only. Everything works on a mapping ``{module path: module type name}``: the
 whole model's (``{n: type(m).__name__ for n, m in model.named_modules()}``) at
 extraction, or a run's stored layers (with their ``module_type`` attribute)
 when reading a store written before roles were recorded.
