@@ -198,3 +198,16 @@ def test_overlay_puts_runs_on_one_depth_axis(tmp_path: Path) -> None:
     assert fig.axes[0].get_yscale() == "log"
     with pytest.raises(ValueError, match="no overlay"):
         plots.draw_overlay("cka", [])
+
+
+def test_attention_figure_says_what_it_does_with_the_cls_key() -> None:
+    ds = _datasets()["attention"]
+    ds["cls_key_mass"] = (("layer", "head"), np.full((4, 3), 0.088))
+    fig = plots.draw_attention(ds)
+    title = fig.subfigs[0]._suptitle.get_text()
+    assert "CLS-key mass dropped, rows not renormalized" in title
+    assert fig.axes[2].get_ylabel().startswith("attention on the CLS key")
+    np.testing.assert_allclose(fig.axes[2].collections[0].get_offsets()[:, 1], 0.088)
+    ds.attrs["renormalize"] = True
+    title = plots.draw_attention(ds).subfigs[0]._suptitle.get_text()
+    assert "rows renormalized over patch keys" in title

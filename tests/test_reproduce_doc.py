@@ -97,6 +97,14 @@ def _values_per_image(name: str, layers: str) -> tuple[int, int]:
         ("vit_large_patch16_224", "norm_pre", "`vitl16_att`"),
         ("resnet50", "preset:blocks", "`r50`"),
         ("resnet50", "preset:paper", "`r50_skip`"),
+        ("resnetv2_50x1_bit", "preset:paper", "`bit50_skip`"),
+        ("vit_base_patch32_224", "preset:all", "`vitb32_all`"),
+        ("resnetv2_50x1_bit", "preset:all", "`bit50_all`"),
+        ("vit_large_patch16_224", "preset:all", "`vitl16_all`"),
+        ("vit_huge_patch14_224", "preset:all", "`vith14_all`"),
+        ("resnetv2_152x2_bit", "preset:all", "`bit152_all`"),
+        ("vit_base_patch32_224", "norm_pre", "`vitb32_att`"),
+        ("vit_huge_patch14_224", "norm_pre", "`vith14_att`"),
     ],
 )
 def test_storage_table_follows_from_shapes(model: str, layers: str, row: str) -> None:
@@ -107,3 +115,9 @@ def test_storage_table_follows_from_shapes(model: str, layers: str, row: str) ->
         assert stated[:2] == [round(attention * 2 / 1e6, 2), round(values * 2 / 1e6, 2)]
     else:
         assert stated[0] == round(values * 2 / 1e6, 2)
+        assert stated[1:] in ([], [round(224 * 224 * 3 * 2 / 1e6, 2)])  # the stored input
+    # The total: the stated MB per image × images, in GB.
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    images = int(cells[3].replace(",", ""))
+    total = float(re.fullmatch(r"([\d.]+) GB", cells[4]).group(1))  # type: ignore[union-attr]
+    assert total == round(sum(stated[:2]) * images / 1000)

@@ -47,6 +47,7 @@ def describe_model_layers(spec: Any, patterns: str | None = None) -> str:
     import torch
 
     from vitcnn_store.models import (
+        PRESETS,
         attention_modules,
         build_model,
         data_config,
@@ -69,7 +70,7 @@ def describe_model_layers(spec: Any, patterns: str | None = None) -> str:
             [name, type(modules[name]).__name__, shown, "attention" if name in attn else ""]
         )
     family = model_family(model)
-    presets = "preset:blocks, preset:paper" if family else "none for this family"
+    presets = ", ".join(PRESETS) if family else "none for this family"
     head = (
         f"{spec.name}: input {tuple(cfg['input_size'])}, {len(rows)} module(s) "
         f"(shapes per image; presets: {presets})"

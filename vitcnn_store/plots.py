@@ -30,6 +30,7 @@ __all__ = [
     "DEPTH_LABEL",
     "OVERLAYS",
     "PLOTTERS",
+    "attention_convention",
     "cka_figure",
     "draw_attention",
     "draw_overlay",
@@ -200,27 +201,41 @@ def _baseline(ax: Any, values: Any, label: str) -> None:
         ax.step(np.arange(v.size), v, where="mid", color="0.35", ls="--", lw=1.2, label=label)
 
 
+def attention_convention(ds: xr.Dataset) -> str:
+    """What an attention result's distances do with the CLS key, in words (figure titles)."""
+    if ds.attrs.get("renormalize"):
+        return "rows renormalized over patch keys (CLS-key mass rescaled away)"
+    return "CLS-key mass dropped, rows not renormalized (it counts 0 px)"
+
+
 def draw_attention(ds: xr.Dataset) -> Figure:
     """Mean attention distance and entropy per head (one column of dots per layer,
-    heads sorted) with the uniform-attention baseline, and the mean CLS attention map
-    of each layer (paper Fig. 3)."""
+    heads sorted) with the uniform-attention baseline, the attention of patch queries on
+    the CLS key per head (what the distances drop or rescale away), and the mean CLS
+    attention map of each layer (paper Fig. 3). The title says which convention the
+    distances follow."""
     from matplotlib import colormaps
 
     layers = _names(ds["layer"].values)
     has_cls = "cls_attention" in ds
+    has_mass = "cls_key_mass" in ds
     n = len(layers)
-    fig = _figure(float(np.clip(1.0 + 0.9 * n, 6.0, 16.0)), 7.0 if has_cls else 4.5)
+    width = float(np.clip(1.0 + 0.9 * n, 6.0, 16.0)) * (1.5 if has_mass else 1.0)
+    fig = _figure(width, 7.0 if has_cls else 4.5)
     top: Any = fig
     bottom: Any = None
     if has_cls:
         subs: Any = fig.subfigures(2, 1, height_ratios=[2.2, 1.0])
         top, bottom = subs[0], subs[1]
-    axes = top.subplots(1, 2)
+    panels = [
+        ("mean_distance", "mean attention distance (px)", "uniform_distance"),
+        ("entropy", "attention entropy (nats)", "uniform_entropy"),
+    ]
+    if has_mass:
+        panels.append(("cls_key_mass", "attention on the CLS key (share of a patch row)", ""))
+    axes = top.subplots(1, len(panels))
     cmap = colormaps["viridis"]
-    for ax, var, label, base in (
-        (axes[0], "mean_distance", "mean attention distance (px)", "uniform_distance"),
-        (axes[1], "entropy", "attention entropy (nats)", "uniform_entropy"),
-    ):
+    for ax, (var, label, base) in zip(axes, panels, strict=True):
         _column_dots(ax, np.asarray(ds[var].values, dtype=float), cmap)
         if base in ds:
             _baseline(ax, ds[base].values, "uniform attention")
@@ -231,8 +246,8 @@ def draw_attention(ds: xr.Dataset) -> Figure:
         ax.grid(alpha=0.3)
     grid = f", {ds.attrs['grid']}" if "grid" in ds.attrs else ""
     top.suptitle(
-        f"attention of run {ds.attrs.get('run', '')} (n={ds.attrs.get('n', '?')}{grid}, "
-        f"{'renormalized' if ds.attrs.get('renormalize') else 'not renormalized'})",
+        f"attention of run {ds.attrs.get('run', '')} (n={ds.attrs.get('n', '?')}{grid})\n"
+        f"distance and entropy over patch keys: {attention_convention(ds)}",
         fontsize=9,
     )
     if has_cls and bottom is not None:

@@ -9,7 +9,11 @@ renormalized unless asked (the reference convention), and the choice is
 recorded in the result. Each layer also records the baseline: what uniform
 attention over all its tokens reads under the same convention, at the run's
 resolution and patch size
-(:func:`~vitcnn_store.analysis.attention.uniform_attention_baseline`).
+(:func:`~vitcnn_store.analysis.attention.uniform_attention_baseline`), and
+per head the mass the patch queries put on the CLS key (``cls_key_mass``) and
+on all prefix keys (``prefix_key_mass``), from the rows as stored: without
+renormalization that mass drops out of the distance, so a head attending to
+CLS would otherwise read as local.
 """
 
 from __future__ import annotations
@@ -47,8 +51,9 @@ def run_attention(cfg: AttentionConfig) -> AnalysisResult:
 
     The result (``<run>/_analyses/attention``) holds ``mean_distance`` and
     ``entropy`` (layer, head), their uniform-attention baselines
-    ``uniform_distance`` and ``uniform_entropy`` (layer) and, when the layers
-    have a CLS token, ``cls_attention`` (layer, head, grid_y, grid_x).
+    ``uniform_distance`` and ``uniform_entropy`` (layer), ``prefix_key_mass``
+    (layer, head) and, when the layers have a CLS token, ``cls_key_mass``
+    (layer, head) and ``cls_attention`` (layer, head, grid_y, grid_x).
     """
     (run,) = open_runs(cfg.store, [cfg.run])
     mask = usable_mask(run, cfg.allow_incomplete)
@@ -94,6 +99,8 @@ def _dataset(
     heads = max(a.sizes["head"] for a in arrays)
     dist = np.full((len(layers), heads), np.nan)
     ent = np.full((len(layers), heads), np.nan)
+    cls_mass = np.full((len(layers), heads), np.nan)
+    prefix_mass = np.full((len(layers), heads), np.nan)
     maps: list[np.ndarray | None] = []
     for j, acc in enumerate(accs):
         if acc is None:  # pragma: no cover - usable_mask guarantees images
@@ -101,6 +108,9 @@ def _dataset(
         h = acc.mean_distance().size
         dist[j, :h] = acc.mean_distance()
         ent[j, :h] = acc.entropy()
+        prefix_mass[j, :h] = acc.prefix_key_mass()
+        if setups[j][1] is not None:
+            cls_mass[j, :h] = acc.cls_key_mass()
         maps.append(acc.cls_map() if setups[j][1] is not None else None)
     # Patch grid (pixel centres) of the first layer; every ViT block shares it.
     yx = setups[0][0]
@@ -114,7 +124,11 @@ def _dataset(
         "entropy": (("layer", "head"), ent),
         "uniform_distance": (("layer",), baselines[:, 0]),
         "uniform_entropy": (("layer",), baselines[:, 1]),
+        "prefix_key_mass": (("layer", "head"), prefix_mass),
     }
+    has_cls = any(cls_index is not None for _, cls_index in setups)
+    if has_cls:
+        data["cls_key_mass"] = (("layer", "head"), cls_mass)
     shape = (heads, grid_y.size, grid_x.size)
     if all(m is not None and m.shape[1:] == shape[1:] for m in maps):
         cls = np.full((len(layers), *shape), np.nan)
@@ -146,8 +160,17 @@ def _dataset(
     )
     if "cls_attention" in ds:
         ds["cls_attention"].attrs["long_name"] = "mean CLS attention to each patch"
+    ds["prefix_key_mass"].attrs["long_name"] = (
+        "mean over images and patch queries of the attention on prefix keys (CLS, registers),"
+        " rows as stored"
+    )
+    if has_cls:
+        ds["cls_key_mass"].attrs["long_name"] = (
+            "mean over images and patch queries of the attention on the CLS key, rows as stored"
+        )
     ds["grid_y"].attrs["units"] = ds["grid_x"].attrs["units"] = "input pixels (patch centre)"
     mean = np.nanmean(dist, axis=1)
+    top_mass = float(np.nanmax(cls_mass)) if has_cls and np.isfinite(cls_mass).any() else None
     side = f"{grid_y.size}×{grid_x.size}"
     patch = float(np.diff(grid_x)[0]) if grid_x.size > 1 else float("nan")
     ds.attrs.update(
@@ -161,10 +184,17 @@ def _dataset(
         renormalize=cfg.renormalize,
         prefix_tokens="dropped from queries and keys",
         rows="renormalized over patch keys" if cfg.renormalize else "not renormalized",
+        cls_key=(
+            "mass on CLS (cls_key_mass) rescaled away: distances are over patch keys only"
+            if cfg.renormalize
+            else "mass on CLS (cls_key_mass) dropped, not renormalized: it adds 0 px, so a "
+            "head attending to CLS reads as local"
+        ),
         summary=(
             f"{len(layers)} attention layers × {heads} heads, n={n}; mean distance "
             f"{mean[0]:.1f} px (first) → {mean[-1]:.1f} px (last); uniform attention "
             f"{baselines[0, 0]:.1f} px"
+            + (f"; CLS-key mass up to {top_mass:.1%} (one head)" if top_mass is not None else "")
         ),
     )
     return ds

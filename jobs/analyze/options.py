@@ -302,12 +302,15 @@ class CKAConfig(AnalysisOptions):
 
 @dataclass(frozen=True, kw_only=True)
 class AttentionConfig(AnalysisOptions):
-    """Options of ``vitcnn analyze attention``: ``renormalize`` rows over patch keys;
+    """Options of ``vitcnn analyze attention``: ``renormalize`` rows over patch keys
+    (default: the mass on CLS and registers is dropped, not rescaled; the result
+    reports it per head as ``cls_key_mass`` either way, and records the choice);
     ``layers`` restricts the attention modules with glob patterns."""
 
     # fmt: off
     renormalize: bool = option(False, flag="--renormalize", action="true",
-        help="rescale rows over patch keys after dropping prefix tokens")
+        help="rescale rows to sum to 1 over patch keys after dropping prefix tokens "
+             "(default: drop the CLS-key mass without rescaling, as the reference code)")
     layers: str | None = option(None, flag="--layers", parse=str, metavar="PATTERNS",
         help="restrict the attention layers")
     # fmt: on

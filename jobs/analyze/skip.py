@@ -6,8 +6,11 @@ attributes (``role``, ``block``, ``branches``, ``branch``, ``skip_input``;
 :mod:`vitcnn_store.models.families`). Runs stored before those attributes
 existed get them from the same module's name rules. For a ViT block that
 means: the attention branch adds onto the block input, the MLP branch onto
-the block input plus the attention branch's output; for a ResNet block the
-residual branch adds onto the block input or its ``downsample``.
+the block input plus the attention branch's output; for a ResNet block (V1 or
+the pre-activation V2 of BiT) the residual branch adds onto the block input or
+its ``downsample``. A V1 block applies a ReLU to the sum, a V2 block does not:
+the result's ``block_output`` attribute says which, since a V1 ratio compares
+the two summands of a tensor the block does not output as such.
 
 Ratios are per image and token (L2 norm over channels), averaged over images;
 for token layers CLS is reported apart from the patch tokens, for spatial
@@ -43,7 +46,12 @@ from vitcnn_store.analysis.skip import (
     zero_norm_count,
 )
 from vitcnn_store.errors import UsageError
-from vitcnn_store.models.families import Branch, branches_from_roles, infer_family
+from vitcnn_store.models.families import (
+    Branch,
+    branches_from_roles,
+    infer_family,
+    output_activation,
+)
 from vitcnn_store.store import schema
 
 if TYPE_CHECKING:
@@ -149,6 +157,16 @@ def run_skip(cfg: SkipConfig) -> AnalysisResult:
     )
 
 
+def _block_output(run: Run, family: str | None, blocks: list[str]) -> str:
+    """What each block outputs in terms of z and f(z), in words (families.output_activation)."""
+    types = [str(run[b].attrs.get("module_type", "")) if b in run.layers else "" for b in blocks]
+    relu = {output_activation(family, t) == "relu" for t in types}
+    if relu == {False}:
+        return "z + f(z): nothing is applied after the sum (ViT, pre-activation ResNetV2)"
+    what = "ReLU(z + f(z)): the block applies a ReLU after the sum (timm ResNet V1 blocks)"
+    return what if relu == {True} else what.replace("the block", "some blocks")
+
+
 def _dataset(
     run: Run, found: list[Branch], blocks: list[str], sums: list[list[Any]], n: int
 ) -> xr.Dataset:
@@ -228,9 +246,13 @@ def _dataset(
     elif tokens:
         layer_scale = "identity (timm's init_values=None): attn/mlp outputs are the branch outputs"
     n_dead = int(np.sum(dead == 1.0))
+    family = run.attrs.get("model_family") or infer_family(
+        run.layers, {name: str(run[name].attrs.get("module_type", "")) for name in run.layers}
+    )
     ds.attrs.update(
         n=n,
-        family=run.attrs.get("model_family") or infer_family(run.layers),
+        family=family,
+        block_output=_block_output(run, family, blocks),
         depth_axis=depth_axis,
         dead_branches=(
             f"{n_dead} of {int(np.sum(np.isfinite(dead)))} branches output exactly 0 on every "

@@ -194,3 +194,58 @@ def test_uniform_baseline_matches_brute_force(side, patch, prefix, renormalize, 
     acc.update(np.full((2, 1, t, t), 1.0 / t))
     assert acc.mean_distance()[0] == pytest.approx(dist, rel=1e-10)
     assert acc.entropy()[0] == pytest.approx(ent, rel=1e-10)
+
+
+def _reference_key_masses(attn, yx, cls_index):
+    """CLS-key and prefix-key mass per head, and the two MADs, by explicit loops over
+    images, heads and patch queries (numpy only; independent of the accumulator)."""
+    n, heads, tokens, _ = attn.shape
+    patches = [t for t in range(tokens) if not np.isnan(yx[t]).any()]
+    cls = np.zeros(heads)
+    prefix = np.zeros(heads)
+    plain = np.zeros(heads)
+    renorm = np.zeros(heads)
+    for i in range(n):
+        for h in range(heads):
+            for q in patches:
+                row = attn[i, h, q].astype(np.float64)
+                cls[h] += row[cls_index]
+                prefix[h] += sum(row[k] for k in range(tokens) if k not in patches)
+                on_patches = sum(row[k] for k in patches)
+                d = sum(row[k] * np.hypot(*(yx[q] - yx[k])) for k in patches)
+                plain[h] += d
+                renorm[h] += d / on_patches
+    count = n * len(patches)
+    return cls / count, prefix / count, plain / count, renorm / count
+
+
+@pytest.mark.parametrize("n_prefix", [1, 3])  # CLS only; CLS and two registers
+def test_cls_key_mass_against_loops(n_prefix):
+    from vitcnn_store.analysis.attention import cls_key_mass
+
+    rng = np.random.default_rng(7)
+    yx = vit_token_yx(grid=4, patch=8, n_prefix=n_prefix)
+    t = yx.shape[0]
+    logits = rng.normal(size=(3, 4, t, t))
+    logits[:, 0, :, 0] += 4.0  # head 0 sends most of its attention to CLS
+    attn = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
+    cls, prefix, plain, renorm = _reference_key_masses(attn, yx, 0)
+    np.testing.assert_allclose(cls_key_mass(attn, yx), cls, rtol=1e-12)
+    acc = AttentionAccumulator(yx, cls_index=0)
+    acc.update(attn[:2])
+    other = AttentionAccumulator(yx, cls_index=0)
+    other.update(attn[2:])
+    acc.merge(other)
+    np.testing.assert_allclose(acc.cls_key_mass(), cls, rtol=1e-12)
+    np.testing.assert_allclose(acc.prefix_key_mass(), prefix, rtol=1e-12)
+    np.testing.assert_allclose(acc.mean_distance(), plain, rtol=1e-12)
+    np.testing.assert_allclose(mean_attention_distance(attn, yx, renormalize=True), renorm,
+                               rtol=1e-12)  # fmt: skip
+    # The head on CLS reads as far more local than the others without renormalization,
+    # and like them with it (its patch attention is as random as theirs).
+    assert cls[0] > 0.5 and plain[0] < 0.5 * plain[1:].min()
+    assert abs(renorm[0] - renorm[1:].mean()) < 0.1 * renorm[1:].mean()
+    # Renormalizing does not change what was on CLS: the mass is of the stored rows.
+    renormed = AttentionAccumulator(yx, cls_index=0, renormalize=True)
+    renormed.update(attn)
+    np.testing.assert_allclose(renormed.cls_key_mass(), cls, rtol=1e-12)

@@ -79,3 +79,50 @@ def test_no_attention_is_one_line_error(synth: str, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err.strip()
     assert "--attention" in err and len(err.splitlines()) == 1
     assert cli(["analyze", "attention", synth, "vit", "--layers", "x.*", "--no-progress"]) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_vit_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real tiny ViT (random init) extracted in-process with its attention."""
+    from tests.conftest import extract_tiny
+
+    url = str(tmp_path_factory.mktemp("att") / "vit.zarr")
+    extract_tiny(url, "vit", "vit", layers="preset:blocks", attention=True, limit=12, chunk_size=6)
+    return url
+
+
+def test_cls_key_mass_end_to_end(tiny_vit_store: str, tmp_path: Path) -> None:
+    """CLS-key mass per head from a real extraction, against numpy on the stored arrays;
+    the convention is chosen on the command line and recorded in the result."""
+    url = tiny_vit_store
+    assert cli(["analyze", "attention", url, "vit", "--renormalize", "--name", "att_r",
+                "--no-progress", "--figures", str(tmp_path)]) == 0  # fmt: skip
+    run = open_store(url)["vit"]
+    for renormalize in (False, True):
+        name = "att_r" if renormalize else "att"
+        cfg = AttentionConfig(store=url, run="vit", renormalize=renormalize, name=name,
+                              progress=False)  # fmt: skip
+        ds = run_attention(cfg).dataset
+        assert ds["cls_key_mass"].dims == ("layer", "head")
+        assert ds.attrs["renormalize"] is renormalize
+        assert ("rescaled away" if renormalize else "dropped, not renormalized") in ds.attrs[
+            "cls_key"
+        ]
+        for j, layer in enumerate(run.attention_layers):
+            a = run.attention(layer)
+            attn = np.asarray(a.values, dtype=np.float64)
+            kinds = np.asarray(a["key_kind"].values).astype(str)
+            patch, cls = kinds == "patch", int(np.flatnonzero(kinds == "cls")[0])
+            expected = attn[:, :, patch, cls].mean(axis=(0, 2))
+            np.testing.assert_allclose(ds["cls_key_mass"].values[j], expected, rtol=1e-10)
+            np.testing.assert_allclose(ds["prefix_key_mass"].values[j], expected, rtol=1e-10)
+            # Distances follow the convention: dropped mass, or rows rescaled to sum 1.
+            rows = attn[:, :, patch][:, :, :, patch]
+            if renormalize:
+                rows = rows / rows.sum(axis=-1, keepdims=True)
+            yx = np.stack([a["key_y"].values, a["key_x"].values], axis=1)[patch].astype(float)
+            dist = np.linalg.norm(yx[:, None] - yx[None], axis=-1)
+            mad = np.einsum("nhqk,qk->h", rows, dist) / (rows.shape[0] * rows.shape[2])
+            np.testing.assert_allclose(ds["mean_distance"].values[j], mad, rtol=1e-10)
+        # A random-init ViT's heads spread over all 5 tokens: CLS gets about a fifth.
+        assert 0.05 < float(ds["cls_key_mass"].mean()) < 0.5

@@ -59,6 +59,8 @@ def test_resnet_first_block_of_a_stage_takes_the_previous_stage() -> None:
         ("deit3_small_patch16_224", "vit", {"depth": 2, "img_size": 32}),
         ("resnet18", "resnet", {}),
         ("resnet50", "resnet", {}),
+        ("resnetv2_50", "resnetv2", {"layers": [1, 1, 1, 1]}),
+        ("resnetv2_18", "resnetv2", {"layers": [1, 2, 1, 1]}),
     ],
 )
 def test_old_store_fallback_equals_recorded_roles(
@@ -101,4 +103,33 @@ def test_roles_tell_stream_from_branch() -> None:
 
 def test_presets_of_unknown_name() -> None:
     with pytest.raises(ValueError, match="unknown preset"):
-        families.preset_layers("vit", {"blocks.0": ""}, "all")
+        families.preset_layers("vit", {"blocks.0": ""}, "everything")
+
+
+def test_resnetv2_first_block_takes_the_stem_and_branches_end_at_the_last_conv() -> None:
+    modules = {"stem": "Sequential", "stages.0.blocks.0": "PreActBasic",
+               "stages.0.blocks.1": "PreActBasic", "stages.1.blocks.0": "PreActBottleneck",
+               "stages.1.blocks.0.downsample": "DownsampleConv",
+               "stages.2.blocks.0": "Bottleneck"}  # fmt: skip
+    found = {b.block: b for b in branches("resnetv2", modules)}
+    assert found["stages.0.blocks.0"].skip_input == ("stem",)
+    assert found["stages.0.blocks.1"].skip_input == ("stages.0.blocks.0",)
+    assert found["stages.1.blocks.0"].skip_input == ("stages.1.blocks.0.downsample",)
+    assert found["stages.2.blocks.0"].skip_input == ("stages.1.blocks.0",)
+    assert [found[b].output.rsplit(".", 1)[1] for b in found] == [
+        "conv2",
+        "conv2",
+        "conv3",
+        "norm3",
+    ]
+    assert families.output_activation("resnetv2", "PreActBottleneck") == ""
+    assert families.output_activation("resnetv2", "Bottleneck") == "relu"
+    assert families.output_activation("resnet", "BasicBlock") == "relu"
+
+
+def test_resnetv2_is_inferred_from_module_types_only() -> None:
+    """ConvNeXt and Swin share the stages.N.blocks.M paths: names alone say nothing."""
+    names = ["stem", "stages.0.blocks.0"]
+    assert families.infer_family(names) is None
+    assert families.infer_family(names, {"stages.0.blocks.0": "ConvNeXtBlock"}) is None
+    assert families.infer_family(names, {"stages.0.blocks.0": "PreActBottleneck"}) == "resnetv2"

@@ -135,3 +135,51 @@ def test_roles_of_real_models(vit: object, resnet: object) -> None:
     assert roles["layer2.0.downsample"] == {"role": "shortcut", "block": "layer2.0"}
     assert roles["layer3.0.downsample.0"] == {"role": "inner", "block": "layer3.0"}
     assert layer_roles(timm.create_model("convnext_atto")) == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "count"),
+    [
+        # The counts docs/science.md and families.py state for the paper's models.
+        ("vit_base_patch16_224", {}, 1 + 12 * 7),
+        ("vit_large_patch16_224", {}, 1 + 24 * 7),
+        ("vit_huge_patch14_224", {}, 1 + 32 * 7),
+        ("resnet50", {}, 1 + 16 * 4 + 4),
+        ("resnetv2_50x1_bit", {}, 1 + 16 * 4 + 4),
+        ("resnetv2_152x2_bit", {}, 1 + 50 * 4 + 4),
+        # Tiny models: one block per stage; resnetv2_18's first block has no projection.
+        ("vit_tiny_patch16_224", {"depth": 2, "img_size": 32}, 1 + 2 * 7),
+        ("resnet50", {"layers": [1, 1, 1, 1]}, 1 + 4 * 4 + 4),
+        ("resnetv2_50", {"layers": [1, 1, 1, 1]}, 1 + 4 * 4 + 4),
+        ("resnetv2_18", {"layers": [1, 1, 1, 1]}, 1 + 4 * 3 + 3),
+    ],
+)
+def test_all_preset_counts(name: str, kwargs: dict[str, object], count: int) -> None:
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(name, **kwargs)
+    every = expand_layers(model, "preset:all")
+    assert len(every) == count
+    assert set(expand_layers(model, "preset:paper")) <= set(every)  # skip ratios still work
+
+
+def test_all_preset_layers_of_each_family() -> None:
+    vit = timm.create_model("vit_tiny_patch16_224", depth=1, img_size=32)
+    assert expand_layers(vit, "preset:all") == [
+        "norm_pre", "blocks.0", "blocks.0.norm1", "blocks.0.attn", "blocks.0.norm2",
+        "blocks.0.mlp", "blocks.0.mlp.fc1", "blocks.0.mlp.act",
+    ]  # fmt: skip
+    v1 = timm.create_model("resnet50", layers=[1, 1, 1, 1])
+    assert [n for n in expand_layers(v1, "preset:all") if n.startswith("layer1")] == [
+        "layer1.0", "layer1.0.act1", "layer1.0.act2", "layer1.0.bn3", "layer1.0.downsample",
+    ]  # fmt: skip
+    v2 = timm.create_model("resnetv2_50x1_bit")
+    assert [n for n in expand_layers(v2, "preset:all") if n.startswith("stages.0.blocks.0")] == [
+        "stages.0.blocks.0", "stages.0.blocks.0.downsample", "stages.0.blocks.0.conv1",
+        "stages.0.blocks.0.conv2", "stages.0.blocks.0.conv3",
+    ]  # fmt: skip
+    roles = layer_roles(v2)
+    assert roles["stages.1.blocks.0.conv3"]["skip_input"] == ["stages.1.blocks.0.downsample"]
+    assert roles["stages.0.blocks.1.conv3"]["skip_input"] == ["stages.0.blocks.0"]
+    assert roles["stem"] == {"role": "stream"} and roles["norm"] == {"role": "other"}

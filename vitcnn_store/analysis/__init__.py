@@ -31,6 +31,7 @@ from vitcnn_store.analysis.attention import (
     AttentionAccumulator,
     attention_entropy,
     cls_attention_map,
+    cls_key_mass,
     mean_attention_distance,
     patch_distance_matrix,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "cka_matrix_from_grams",
     "cls_and_spatial_ratio",
     "cls_attention_map",
+    "cls_key_mass",
     "cross_validate_l2",
     "few_shot_split",
     "fit_ridge",

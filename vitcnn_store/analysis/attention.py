@@ -9,6 +9,16 @@ and the key axes. By default rows are **not** renormalized after dropping
 tokens simply vanishes. ``renormalize=True`` rescales each row to sum to 1 over
 patch keys; record the choice with the result.
 
+CLS-key mass
+------------
+Without renormalization a head that puts most of a patch query's attention on
+the CLS key reads as *local*: the mass on CLS has no distance and simply drops
+out of the sum. :func:`cls_key_mass` reports, per head, the mean over images
+and patch queries of the attention on the CLS key (``A_q,cls``, from the rows as
+stored, before any renormalization), so a small distance can be told apart
+from attention that went to CLS; :meth:`AttentionAccumulator.prefix_key_mass`
+the same for every prefix key (CLS and registers).
+
 Baseline
 --------
 :func:`uniform_attention_baseline` gives what the same statistics read for
@@ -40,6 +50,7 @@ __all__ = [
     "AttentionAccumulator",
     "attention_entropy",
     "cls_attention_map",
+    "cls_key_mass",
     "mean_attention_distance",
     "patch_distance_matrix",
     "uniform_attention_baseline",
@@ -90,7 +101,8 @@ class AttentionAccumulator:
     distance, entropy : bool
         Which statistics to accumulate.
     cls_index : int or None
-        Query token whose attention to patch keys is accumulated as a map.
+        The CLS token: its query's attention to patch keys is accumulated as a
+        map, and the patch queries' attention on it as the CLS-key mass.
 
     Examples
     --------
@@ -100,6 +112,8 @@ class AttentionAccumulator:
     >>> acc.update(attn[:1]); acc.update(attn[1:])
     >>> acc.mean_distance().round(4).tolist(), acc.cls_map().round(4).tolist()
     ([5.3333], [[[0.3333, 0.3333]]])
+    >>> acc.cls_key_mass().round(4).tolist()
+    [0.3333]
     """
 
     def __init__(
@@ -128,6 +142,8 @@ class AttentionAccumulator:
         self.distance_sum: FloatArray | None = None  # (head,) Σ over images, queries
         self.entropy_sum: FloatArray | None = None  # (head,) Σ over images, queries
         self.cls_sum: FloatArray | None = None  # (head, n_patch) Σ over images
+        self.cls_key_sum: FloatArray | None = None  # (head,) Σ over images, patch queries
+        self.prefix_key_sum: FloatArray | None = None  # (head,) Σ over images, patch queries
 
     def update(self, attn: Any) -> None:
         """Add a chunk of attention probabilities (n_chunk, head, query, key)."""
@@ -140,11 +156,19 @@ class AttentionAccumulator:
         idx = self._idx if self._idx is not None else np.arange(tokens)
         zeros = np.zeros(heads)
         dist_sum, ent_sum = zeros.copy(), zeros.copy()
+        cls_key_sum, prefix_key_sum = zeros.copy(), zeros.copy()
         cls_sum = np.zeros((heads, idx.size))
         step = max(1, _BLOCK_ELEMENTS // max(1, heads * idx.size * idx.size))
         for s in range(0, n, step):
             # Drop prefix queries and keys; float64 before any arithmetic (float16 input).
             blk = a[s : s + step][:, :, idx[:, None], idx[None, :]].astype(np.float64)
+            # Mass on prefix keys, from the rows as stored: what dropping them discards.
+            row_sums = a[s : s + step][:, :, idx, :].astype(np.float64).sum(axis=-1)
+            prefix_key_sum += (row_sums - blk.sum(axis=-1)).sum(axis=(0, 2))
+            if self.cls_index is not None:
+                cls_key_sum += (
+                    a[s : s + step, :, idx, self.cls_index].astype(np.float64).sum(axis=(0, 2))
+                )
             if self.renormalize:
                 blk /= np.maximum(blk.sum(axis=-1, keepdims=True), _EPS)
             if self._dist is not None:
@@ -157,19 +181,26 @@ class AttentionAccumulator:
                 if self.renormalize:
                     row /= np.maximum(row.sum(axis=-1, keepdims=True), _EPS)
                 cls_sum += row.sum(axis=0)
-        self._add(n, idx.size, dist_sum, ent_sum, cls_sum)
+        self._add(n, idx.size, dist_sum, ent_sum, cls_sum, cls_key_sum, prefix_key_sum)
 
     def _add(
-        self, n: int, queries: int, dist: FloatArray, ent: FloatArray, cls: FloatArray
-    ) -> None:
-        if self.distance_sum is None or self.entropy_sum is None or self.cls_sum is None:
+        self, n: int, queries: int, dist: FloatArray, ent: FloatArray, cls: FloatArray,
+        cls_key: FloatArray, prefix_key: FloatArray,
+    ) -> None:  # fmt: skip
+        if (
+            self.distance_sum is None or self.entropy_sum is None or self.cls_sum is None
+            or self.cls_key_sum is None or self.prefix_key_sum is None
+        ):  # fmt: skip
             self.distance_sum, self.entropy_sum, self.cls_sum = dist.copy(), ent.copy(), cls.copy()
+            self.cls_key_sum, self.prefix_key_sum = cls_key.copy(), prefix_key.copy()
         else:
             if dist.shape != self.distance_sum.shape or cls.shape != self.cls_sum.shape:
                 raise ValueError("chunks disagree on the number of heads or tokens")
             self.distance_sum += dist
             self.entropy_sum += ent
             self.cls_sum += cls
+            self.cls_key_sum += cls_key
+            self.prefix_key_sum += prefix_key
         self.n_images += n
         self.n_queries = queries
 
@@ -177,12 +208,15 @@ class AttentionAccumulator:
         """Add another accumulator's sums (same settings) into this one; returns self."""
         if other.distance_sum is not None and other.entropy_sum is not None:
             assert other.cls_sum is not None
+            assert other.cls_key_sum is not None and other.prefix_key_sum is not None
             self._add(
                 other.n_images,
                 other.n_queries,
                 other.distance_sum,
                 other.entropy_sum,
                 other.cls_sum,
+                other.cls_key_sum,
+                other.prefix_key_sum,
             )
         return self
 
@@ -202,6 +236,23 @@ class AttentionAccumulator:
         if not self._entropy:
             raise ValueError("constructed with entropy=False")
         return self._mean(self.entropy_sum, "attention")
+
+    def cls_key_mass(self) -> FloatArray:
+        """Mean over images and patch queries of the attention on the CLS key, (head,).
+
+        Taken from the rows as stored (before any renormalization): the share of
+        each patch query's attention that the default convention discards.
+        """
+        if self.cls_index is None:
+            raise ValueError("constructed without cls_index")
+        return self._mean(self.cls_key_sum, "attention")
+
+    def prefix_key_mass(self) -> FloatArray:
+        """Mean over images and patch queries of the attention on all prefix keys
+        (CLS and registers), (head,); equals :meth:`cls_key_mass` without registers."""
+        if self._idx is None:
+            raise ValueError("prefix keys need token_yx")
+        return self._mean(self.prefix_key_sum, "attention")
 
     def cls_map(self) -> FloatArray:
         """Mean attention of the ``cls_index`` query to each patch, (head, gy, gx).
@@ -273,6 +324,23 @@ def cls_attention_map(
     )
     acc.update(attn)
     return acc.cls_map()
+
+
+def cls_key_mass(attn: Any, token_yx: Any, cls_index: int = 0) -> FloatArray:
+    """Mean over images and patch queries of the attention on the CLS key, (head,).
+
+    The rows are taken as stored (before any renormalization over patch keys).
+
+    Examples
+    --------
+    >>> yx = np.array([[np.nan, np.nan], [8, 8], [8, 24]])
+    >>> attn = np.zeros((1, 2, 3, 3)); attn[0, 0, :, 0] = 1.0; attn[0, 1, :, 1:] = 0.5
+    >>> cls_key_mass(attn, yx).tolist()
+    [1.0, 0.0]
+    """
+    acc = AttentionAccumulator(token_yx, distance=False, entropy=False, cls_index=cls_index)
+    acc.update(attn)
+    return acc.cls_key_mass()
 
 
 def uniform_attention_baseline(token_yx: Any, *, renormalize: bool = False) -> tuple[float, float]:

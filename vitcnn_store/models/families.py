@@ -1,10 +1,11 @@
 """What the blocks of a model family look like, by module path alone (no torch).
 
-The ViT and ResNet families are residual networks: a block adds the output of
-one or more *branches* f(z) onto its *skip path* z. Knowing which module path
-is which is needed in three places — the layer presets, the skip-ratio
-analysis and the default layer of localization — and is written down here
-only. Everything works on a mapping ``{module path: module type name}``: the
+The ViT, ResNet (V1, timm's ``ResNet``) and pre-activation ResNet (V2, timm's
+``ResNetV2``: the BiT ResNets of the paper) families are residual networks: a
+block adds the output of one or more *branches* f(z) onto its *skip path* z.
+Knowing which module path is which is needed in three places — the layer
+presets, the skip-ratio analysis and the default layer of localization — and
+is written down here only. Everything works on a mapping ``{module path: module type name}``: the
 whole model's (``{n: type(m).__name__ for n, m in model.named_modules()}``) at
 extraction, or a run's stored layers (with their ``module_type`` attribute)
 when reading a store written before roles were recorded.
@@ -37,7 +38,30 @@ when layer scale is on and ``attn``/``mlp`` when ``ls1``/``ls2`` are
 identities (timm's default). ResNet block ``layerK.M`` adds its residual
 branch (ending at ``se`` when squeeze-excitation is on, else ``bn3`` for
 bottlenecks, ``bn2`` for basic blocks) onto its input, or onto the
-``downsample`` of it when the block has one.
+``downsample`` of it when the block has one; timm's V1 blocks then apply a
+ReLU to the sum, so a V1 block output is ReLU(z + f(z)), not z + f(z).
+
+ResNetV2 block ``stages.S.blocks.M`` (:class:`timm.models.resnetv2.PreActBottleneck`)
+computes ``p = norm1(x)`` (norm and ReLU: the pre-activation), then
+``x + conv3(norm3(conv2(norm2(conv1(p)))))``, or ``downsample(p) + ...`` when the
+block has a projection: z is the block input (``stem`` for the first block, else
+the previous block) or ``downsample``, f(z) ends at ``conv3`` (``conv2`` for
+``PreActBasic``), and the block output is exactly z + f(z), with no activation
+after the sum. ResNetV2 built with ``preact=False`` (timm's hybrid-ViT
+backbone, blocks of type ``Bottleneck``) ends its branch at ``norm3`` and
+applies a ReLU after the sum, as V1 does (:func:`output_activation`).
+
+Presets
+-------
+:func:`preset_layers`: ``blocks`` the residual stream; ``paper`` the taps the
+paper's analyses need (skip ratios: each branch output and its skip input);
+``all`` every layer the paper's CKA heatmaps draw — for ViT each block's
+``norm1``, ``attn``, ``norm2``, ``mlp.fc1``, ``mlp.act``, ``mlp`` and output;
+for ResNets the end of each conv unit inside a block (V1: ``act1``, ``act2``
+after conv→BN→ReLU, and the branch output; V2: ``conv1``, ``conv2`` after
+norm→ReLU→conv, and ``conv3``), each ``downsample`` and each block output; both
+starting at the stem. Counts: ViT-B/16 85, ViT-L/16 169, ResNet-50 and BiT
+R50x1 69 (1 + 16 blocks × 4 + 4 projections), BiT R152x2 205.
 
 Examples
 --------
@@ -58,10 +82,13 @@ from typing import Any
 
 __all__ = [
     "BRANCH",
+    "CNN_FAMILIES",
     "FAMILIES",
     "INNER",
     "OTHER",
+    "PRESET_NAMES",
     "RESNET",
+    "RESNETV2",
     "ROLES",
     "ROLE_ATTRS",
     "SHORTCUT",
@@ -75,20 +102,31 @@ __all__ = [
     "is_block_output",
     "is_residual_stream",
     "layer_roles",
+    "output_activation",
     "preset_layers",
     "stem",
     "stored_roles",
 ]
 
-VIT, RESNET = "vit", "resnet"
-FAMILIES = (VIT, RESNET)
+VIT, RESNET, RESNETV2 = "vit", "resnet", "resnetv2"
+FAMILIES = (VIT, RESNET, RESNETV2)
+CNN_FAMILIES = (RESNET, RESNETV2)
+PRESET_NAMES = ("blocks", "paper", "all")
 
 STREAM, BRANCH, SHORTCUT, INNER, OTHER = "stream", "branch", "shortcut", "inner", "other"
 ROLES = (STREAM, BRANCH, SHORTCUT, INNER, OTHER)
 ROLE_ATTRS = ("role", "block", "branches", "branch", "skip_input")  # layer attributes we write
 
-_STEM = {VIT: "norm_pre", RESNET: "maxpool"}
-_BLOCK = {VIT: re.compile(r"blocks\.(\d+)"), RESNET: re.compile(r"layer(\d+)\.(\d+)")}
+_STEM = {VIT: "norm_pre", RESNET: "maxpool", RESNETV2: "stem"}
+_BLOCK = {
+    VIT: re.compile(r"blocks\.(\d+)"),
+    RESNET: re.compile(r"layer(\d+)\.(\d+)"),
+    RESNETV2: re.compile(r"stages\.(\d+)\.blocks\.(\d+)"),
+}
+_BLOCK_NAME = {RESNET: "layer{}.{}", RESNETV2: "stages.{}.blocks.{}"}
+_FIRST_STAGE = {RESNET: 1, RESNETV2: 0}
+# timm's ResNetV2 block types (ConvNeXt and Swin share the stages.N.blocks.M paths).
+_RESNETV2_BLOCKS = ("PreActBottleneck", "PreActBasic", "Bottleneck")
 # Block outputs of families without roles too (e.g. ConvNeXt/Swin ``stages.N.blocks.M``).
 _ANY_BLOCK = re.compile(r"(?:.*\.)?(?:blocks|layer\d+|stages\.\d+\.blocks)\.\d+")
 _IDENTITY = "Identity"
@@ -145,12 +183,47 @@ def _branch_output(block: str, scale: str, inner: str, modules: Mapping[str, str
     return scaled  # an identity layer scale stored instead of its input: same values
 
 
-def _resnet_branch_end(block: str, modules: Mapping[str, str]) -> str:
+def _cnn_branch_end(family: str, block: str, modules: Mapping[str, str]) -> str:
+    """The last module of a ResNet block's residual branch (by module type, else by name)."""
+    kind = modules.get(block, "")
+    if family == RESNETV2:
+        if kind == "Bottleneck":  # preact=False: conv → norm, the ReLU after the sum
+            return f"{block}.norm3"
+        if kind == "PreActBasic" or (not kind and f"{block}.conv3" not in modules
+                                     and f"{block}.conv2" in modules):  # fmt: skip
+            return f"{block}.conv2"
+        return f"{block}.conv3"
     if f"{block}.se" in modules:
         return f"{block}.se"
-    if f"{block}.bn3" in modules or modules.get(block) == "Bottleneck":
+    if f"{block}.bn3" in modules or kind == "Bottleneck":
         return f"{block}.bn3"
     return f"{block}.bn2"
+
+
+def _cnn_inner_units(family: str, block: str, modules: Mapping[str, str]) -> list[str]:
+    """Where each conv unit of a ResNet block ends, before the branch's last unit."""
+    kind = modules.get(block, "")
+    three = f"{block}.conv3" in modules or kind in ("Bottleneck", "PreActBottleneck")
+    units = (1, 2) if three else (1,)
+    if family == RESNETV2 and kind != "Bottleneck":
+        return [f"{block}.conv{i}" for i in units]  # norm → ReLU → conv
+    if family == RESNETV2:
+        return [f"{block}.norm{i}" for i in units]  # conv → norm+ReLU (preact=False)
+    return [f"{block}.act{i}" for i in units]  # conv → BN → ReLU
+
+
+def output_activation(family: str | None, block_type: str = "") -> str:
+    """What a block applies to z + f(z): ``"relu"`` for timm's ResNet V1 blocks (and
+    ResNetV2 ``Bottleneck``, ``preact=False``), ``""`` for ViT and pre-activation blocks.
+
+    Examples
+    --------
+    >>> output_activation(RESNET), output_activation(RESNETV2, "PreActBottleneck")
+    ('relu', '')
+    """
+    if family == RESNET or (family == RESNETV2 and block_type == "Bottleneck"):
+        return "relu"
+    return ""
 
 
 def branches(family: str, modules: Mapping[str, str]) -> list[Branch]:
@@ -171,20 +244,21 @@ def branches(family: str, modules: Mapping[str, str]) -> list[Branch]:
             attn = _branch_output(block, "ls1", "attn", modules)
             mlp = _branch_output(block, "ls2", "mlp", modules)
             out += [Branch(block, "attn", attn, (z,)), Branch(block, "mlp", mlp, (z, attn))]
-    elif family == RESNET:
-        keys = {name: _block_key(RESNET, name)[1] for name in names}  # type: ignore[index]
+    elif family in CNN_FAMILIES:
+        keys = {name: _block_key(family, name)[1] for name in names}  # type: ignore[index]
         for block in names:
             stage, index = keys[block]
             if f"{block}.downsample" in modules:
                 z = f"{block}.downsample"
             elif index > 0:
-                z = f"layer{stage}.{index - 1}"
-            elif stage == 1:
-                z = stem(RESNET)
+                z = _BLOCK_NAME[family].format(stage, index - 1)
+            elif stage == _FIRST_STAGE[family]:
+                z = stem(family)
             else:  # a stage's first block takes the previous stage's last block
                 before = [j for s, j in keys.values() if s == stage - 1]
-                z = f"layer{stage - 1}.{max(before) if before else 0}"
-            out.append(Branch(block, "residual", _resnet_branch_end(block, modules), (z,)))
+                z = _BLOCK_NAME[family].format(stage - 1, max(before) if before else 0)
+            end = _cnn_branch_end(family, block, modules)
+            out.append(Branch(block, "residual", end, (z,)))
     return out
 
 
@@ -209,7 +283,7 @@ def layer_roles(family: str | None, modules: Mapping[str, str]) -> dict[str, dic
     for block in blocks(family, modules):
         outputs = [b.output for b in found if b.block == block]
         roles[block] = {"role": STREAM, "block": block, "branches": outputs}
-        if family == RESNET and f"{block}.downsample" in modules:
+        if family in CNN_FAMILIES and f"{block}.downsample" in modules:
             roles[f"{block}.downsample"] = {"role": SHORTCUT, "block": block}
     for b in found:
         roles[b.output] = {
@@ -218,18 +292,26 @@ def layer_roles(family: str | None, modules: Mapping[str, str]) -> dict[str, dic
     return {name: attrs for name, attrs in roles.items() if name in modules}
 
 
-def infer_family(names: Iterable[str]) -> str | None:
+def infer_family(names: Iterable[str], types: Mapping[str, str] | None = None) -> str | None:
     """The family whose block names appear among ``names`` (stores without roles).
+
+    ResNetV2 shares its block paths (``stages.N.blocks.M``) with ConvNeXt and
+    Swin, so it is inferred only from ``types`` (module type names) that say so.
 
     Examples
     --------
-    >>> infer_family(["norm_pre", "blocks.0"]), infer_family(["stem", "stages.0"])
+    >>> infer_family(["norm_pre", "blocks.0"]), infer_family(["stem", "stages.0.blocks.0"])
     ('vit', None)
+    >>> infer_family(["stages.0.blocks.0"], {"stages.0.blocks.0": "PreActBottleneck"})
+    'resnetv2'
     """
     names = list(names)
-    for family in FAMILIES:
+    for family in (VIT, RESNET):
         if blocks(family, names):
             return family
+    types = types or {}
+    if any(types.get(b) in _RESNETV2_BLOCKS for b in blocks(RESNETV2, names)):
+        return RESNETV2
     return None
 
 
@@ -249,8 +331,8 @@ def stored_roles(
     """
     if all("role" in attrs for attrs in layers.values()):
         return {name: dict(attrs) for name, attrs in layers.items()}
-    family = family if family in FAMILIES else infer_family(layers)
     types = {name: str(attrs.get("module_type", "")) for name, attrs in layers.items()}
+    family = family if family in FAMILIES else infer_family(layers, types)
     derived = layer_roles(family, types)
     return {
         name: dict(attrs) if "role" in attrs else {**attrs, **derived.get(name, {})}
@@ -323,31 +405,41 @@ def is_residual_stream(name: str, attrs: Mapping[str, Any] | None = None) -> boo
 
 
 def preset_layers(family: str, modules: Mapping[str, str], preset: str) -> list[str]:
-    """Module paths of a preset: ``blocks`` (the residual stream) or ``paper`` (its taps).
+    """Module paths of a preset: ``blocks``, ``paper`` or ``all`` (module docstring).
 
     ``paper``: for ViT, each block's ``norm1``, attention, ``norm2``, MLP hidden
     activation, MLP and output (and the layer-scale outputs when layer scale is
-    on); for ResNet, each block's branch output and output, with its
-    ``downsample`` when it has one. Both start at the stem.
+    on); for ResNets, each block's branch output and output, with its
+    ``downsample`` when it has one. ``all`` adds, for ViT, ``mlp.fc1`` (the MLP
+    hidden layer before its activation) and, for ResNets, the end of every conv
+    unit inside a block. All start at the stem; the order is the blocks' order.
 
     Examples
     --------
     >>> preset_layers(VIT, {"norm_pre": "", "blocks.0": "Block"}, "blocks")
     ['norm_pre', 'blocks.0']
+    >>> v2 = {"stem": "", "stages.0.blocks.0": "PreActBasic",
+    ...       "stages.0.blocks.0.conv1": "", "stages.0.blocks.0.conv2": ""}
+    >>> preset_layers(RESNETV2, v2, "all")
+    ['stem', 'stages.0.blocks.0.conv1', 'stages.0.blocks.0.conv2', 'stages.0.blocks.0']
     """
     names = blocks(family, modules)
     out = [stem(family)]
     if preset == "blocks":
         return out + names
-    if preset != "paper":
-        raise ValueError(f"unknown preset {preset!r}: blocks or paper")
+    if preset not in PRESET_NAMES:
+        raise ValueError(f"unknown preset {preset!r}: {', '.join(PRESET_NAMES)}")
+    every = preset == "all"
     found = {(b.block, b.name): b.output for b in branches(family, modules)}
     for block in names:
         if family == VIT:
+            hidden = [f"{block}.mlp.fc1"] if every and f"{block}.mlp.fc1" in modules else []
             taps = [f"{block}.norm1", f"{block}.attn", found[block, "attn"], f"{block}.norm2",
-                    f"{block}.mlp.act", f"{block}.mlp", found[block, "mlp"]]  # fmt: skip
+                    *hidden, f"{block}.mlp.act", f"{block}.mlp", found[block, "mlp"]]  # fmt: skip
         else:
+            units = [u for u in _cnn_inner_units(family, block, modules) if u in modules]
+            units = units if every else []
             shortcut = [f"{block}.downsample"] if f"{block}.downsample" in modules else []
-            taps = [*shortcut, found[block, "residual"]]
+            taps = [*units, *shortcut, found[block, "residual"]]
         out += [*dict.fromkeys(taps), block]
     return out

@@ -3,8 +3,10 @@
 A pattern is matched against whole module paths: ``*`` matches within one path
 component, ``**`` across components (``blocks.*`` is each block, ``blocks.*.attn``
 each attention module, ``layer*.*`` each ResNet bottleneck, ``**.attn`` every
-module named ``attn``). Presets name the residual stream and the taps of the
-paper for the ViT and ResNet families, whose block structure is written down in
+module named ``attn``). Presets name the residual stream (``preset:blocks``),
+the taps of the paper's analyses (``preset:paper``) and every layer of the
+paper's CKA heatmaps (``preset:all``) for the ViT, ResNet and ResNetV2 (BiT)
+families, whose block structure is written down in
 :mod:`vitcnn_store.models.families`.
 """
 
@@ -33,7 +35,7 @@ __all__ = [
     "pattern_regex",
 ]
 
-PRESETS = ("preset:blocks", "preset:paper")
+PRESETS = tuple(f"preset:{name}" for name in families.PRESET_NAMES)
 
 
 def pattern_regex(pattern: str) -> re.Pattern[str]:
@@ -83,14 +85,18 @@ def module_names(model: torch.nn.Module) -> list[str]:
 
 
 def model_family(model: torch.nn.Module) -> str | None:
-    """``"vit"`` or ``"resnet"`` for the families with presets, else ``None``."""
+    """``"vit"``, ``"resnet"`` (V1) or ``"resnetv2"`` (pre-activation, BiT) for the
+    families with presets, else ``None``."""
     from timm.models.resnet import ResNet
+    from timm.models.resnetv2 import ResNetV2
     from timm.models.vision_transformer import VisionTransformer
 
     if isinstance(model, VisionTransformer):
         return families.VIT
     if isinstance(model, ResNet):
         return families.RESNET
+    if isinstance(model, ResNetV2):
+        return families.RESNETV2
     return None
 
 
@@ -114,7 +120,8 @@ def module_types(model: torch.nn.Module) -> dict[str, str]:
 
 def layer_roles(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     """Role attributes (stream/branch/shortcut/inner/other, block, skip inputs) of every
-    module of a ViT or ResNet, recorded on the stored layers; empty for other families."""
+    module of a ViT, ResNet or ResNetV2, recorded on the stored layers; empty for other
+    families."""
     return families.layer_roles(model_family(model), module_types(model))
 
 
@@ -122,7 +129,8 @@ def _preset(model: torch.nn.Module, preset: str) -> list[str]:
     family = model_family(model)
     if family is None:
         raise LayerPatternError(
-            f"{preset} is defined for the ViT (vit_*, deit_*) and ResNet (resnet*) families, "
+            f"{preset} is defined for the ViT (vit_*, deit_*), ResNet (resnet*) and ResNetV2 "
+            f"(resnetv2_*, BiT) families, "
             f"not {type(model).__name__}; give module path patterns instead "
             "(see `vitcnn layers`)"
         )
