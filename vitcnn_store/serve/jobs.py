@@ -105,6 +105,7 @@ def analysis_config(config: ServeConfig, body: JobRequest) -> Any:
 
     from jobs.analyze.options import CONFIGS
     from vitcnn_store.options import options_of
+    from vitcnn_store.store.layout import check_name
 
     analysis = body.analysis or ""
     if analysis not in CONFIGS:
@@ -121,6 +122,8 @@ def analysis_config(config: ServeConfig, body: JobRequest) -> Any:
             known = ", ".join(k for k in table if k not in SERVER_OPTIONS)
             raise ApiError(400, f"unknown option {key!r} of {analysis} (options: {known})")
         kwargs[key] = _option_value(analysis, table[key], key, value)
+    if kwargs.get("name") is not None:
+        check_name(str(kwargs["name"]), "analysis")  # refused now: the job checks it only later
     if any(f.name == "run2" for f in fields(cls)):
         kwargs["run2"] = body.run2
     elif body.run2 is not None:

@@ -68,11 +68,15 @@ def result_netcdf(ds: xr.Dataset) -> bytes:
         v = out[name]
         v.attrs = {k: _netcdf_attr(x) for k, x in v.attrs.items()}
         v.encoding = {}
-        if v.dtype == bool:
-            out[name] = v.astype("i1")
-        elif v.dtype.kind in "iu" and v.dtype.itemsize == 8:
-            out[name] = v.astype("i4") if np.abs(v.values).max(initial=0) < 2**31 else v.astype("f8")
-        elif v.dtype.kind in "OT" or (v.dtype.kind == "U"):
-            out[name] = v.astype(str)
+        values = v.values
+        if values.dtype == bool:
+            values = values.astype("i1")
+        elif values.dtype.kind in "iu" and values.dtype.itemsize == 8:
+            fits = np.abs(values).max(initial=0) < 2**31
+            values = values.astype("i4" if fits else "f8")
+        elif values.dtype.kind not in "iufcSU":  # numpy StringDType, objects: plain str
+            values = np.array(values.tolist(), dtype=str)
+        if values is not v.values:
+            out[name] = v.copy(data=values)
     data = out.to_netcdf(engine="scipy")
     return bytes(data)
