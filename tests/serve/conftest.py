@@ -29,8 +29,11 @@ TOKEN = "test-token-0123456789abcdef"
 def snapshot(path: str | Path) -> dict[str, str]:
     """sha256 of every file under ``path``: a refusal must leave it as it was."""
     root = Path(path)
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def free_port() -> int:
@@ -49,8 +52,9 @@ class ThreadServer:
 
         self.config = replace(config, port=free_port())
         self.app = create_app(self.config)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1",
-                                     port=self.config.port, log_level="warning"))  # fmt: skip
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=self.config.port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
@@ -64,9 +68,15 @@ class ThreadServer:
         self.thread.join(timeout=10)
         self.app.state.jobs.stop()
 
-    def request(self, path: str, *, token: str | None = None, method: str = "GET",
-                body: Any = None, headers: dict[str, str] | None = None,
-                ) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+    def request(
+        self,
+        path: str,
+        *,
+        token: str | None = None,
+        method: str = "GET",
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
         """``(status, headers, body)`` of one request (errors included, not raised)."""
         hdrs = dict(headers or {})
         token = self.config.token if token is None else token
@@ -98,8 +108,16 @@ def serve_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     store = tmp_path_factory.mktemp("serve") / "tiny.zarr"
     extract_tiny(store, "vit", "vit", layers="blocks.*", attention=True, limit=16, chunk_size=8)
     extract_tiny(store, "resnet", "resnet", layers="layer*", limit=16, chunk_size=8)
-    argv = ["analyze", "attention", str(store), "vit", "--name", "cli_attn", "--no-figure",
-            "--no-progress"]  # fmt: skip
+    argv = [
+        "analyze",
+        "attention",
+        str(store),
+        "vit",
+        "--name",
+        "cli_attn",
+        "--no-figure",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     return str(store)
 
@@ -113,12 +131,21 @@ def open_server(serve_store: str) -> Iterator[ThreadServer]:
 
 
 @pytest.fixture(scope="session")
-def token_server(serve_store: str, tmp_path_factory: pytest.TempPathFactory,
-                 ) -> Iterator[ThreadServer]:  # fmt: skip
+def token_server(
+    serve_store: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ThreadServer]:
     """Token, jobs on, CORS for one origin, a 20 kB response limit."""
     jobs_dir = tmp_path_factory.mktemp("jobs")
-    server = ThreadServer(ServeConfig(store=serve_store, token=TOKEN, allow_jobs=True,
-                                      jobs_dir=str(jobs_dir), max_response_bytes=20_000,
-                                      cors_origins=("http://example.org",)))  # fmt: skip
+    server = ThreadServer(
+        ServeConfig(
+            store=serve_store,
+            token=TOKEN,
+            allow_jobs=True,
+            jobs_dir=str(jobs_dir),
+            max_response_bytes=20_000,
+            cors_origins=("http://example.org",),
+        )
+    )
     yield server
     server.stop()

@@ -35,12 +35,14 @@ def test_one_run_lists_layers_with_shapes(open_server: ThreadServer, serve_store
     assert images["image_id"] == local.image_ids.tolist() and all(images["valid"])
 
 
-def test_slices_by_index_id_and_token_equal_the_local_values(open_server: ThreadServer,
-                                                              serve_store: str) -> None:  # fmt: skip
+def test_slices_by_index_id_and_token_equal_the_local_values(
+    open_server: ThreadServer, serve_store: str
+) -> None:
     local = open_store(serve_store)["vit"]
     full = local["blocks.1"].values
-    status, headers, body = open_server.request("/api/runs/vit/layers/blocks.1"
-                                                "?images=3:11&tokens=1:4&format=npy")  # fmt: skip
+    status, headers, body = open_server.request(
+        "/api/runs/vit/layers/blocks.1?images=3:11&tokens=1:4&format=npy"
+    )
     assert status == 200 and headers["x-dims"] == "image,token,channel"
     np.testing.assert_array_equal(np.load(io.BytesIO(body)), full[3:11, 1:4])
 
@@ -52,8 +54,9 @@ def test_slices_by_index_id_and_token_equal_the_local_values(open_server: Thread
     np.testing.assert_array_equal(np.array(answer["data"], dtype=np.float16), full[[5, 2], :, :7])
 
     attn = local.attention("blocks.0.attn").values
-    status, _, body = open_server.request("/api/runs/vit/layers/blocks.0.attn"
-                                          "?array=attention&images=0&head=1&format=npy")  # fmt: skip
+    status, _, body = open_server.request(
+        "/api/runs/vit/layers/blocks.0.attn?array=attention&images=0&head=1&format=npy"
+    )
     np.testing.assert_array_equal(np.load(io.BytesIO(body)), attn[0, 1])
 
 
@@ -73,8 +76,9 @@ def test_slices_by_index_id_and_token_equal_the_local_values(open_server: Thread
         ("/api/nothing", 404),
     ],
 )
-def test_bad_requests_answer_one_line_json(open_server: ThreadServer, path: str,
-                                           status: int) -> None:  # fmt: skip
+def test_bad_requests_answer_one_line_json(
+    open_server: ThreadServer, path: str, status: int
+) -> None:
     got, headers, body = open_server.request(path)
     assert got == status, body
     assert headers["content-type"] == "application/json"
@@ -90,18 +94,22 @@ def test_slices_over_the_response_limit_are_refused(token_server: ThreadServer) 
     assert status == 200
 
 
-def test_analysis_result_as_json_csv_and_netcdf(open_server: ThreadServer,
-                                                serve_store: str) -> None:  # fmt: skip
+def test_analysis_result_as_json_csv_and_netcdf(
+    open_server: ThreadServer, serve_store: str
+) -> None:
     stored = open_store(serve_store)["vit"].analysis("cli_attn")
     answer = open_server.json("/api/runs/vit/analyses/cli_attn")
     assert set(answer["data_vars"]) == set(stored.data_vars)
     assert answer["coords"]["layer"]["data"] == stored["layer"].values.tolist()
-    np.testing.assert_allclose(np.array(answer["data_vars"]["mean_distance"]["data"], dtype=float),
-                               stored["mean_distance"].values)  # fmt: skip
+    np.testing.assert_allclose(
+        np.array(answer["data_vars"]["mean_distance"]["data"], dtype=float),
+        stored["mean_distance"].values,
+    )
     assert answer["attrs"]["analysis"] == "attention"
 
-    status, headers, body = open_server.request("/api/runs/vit/analyses/cli_attn?format=csv"
-                                                "&var=mean_distance")  # fmt: skip
+    status, headers, body = open_server.request(
+        "/api/runs/vit/analyses/cli_attn?format=csv&var=mean_distance"
+    )
     assert status == 200 and headers["content-type"].startswith("text/csv")
     lines = body.decode().splitlines()
     assert "mean_distance" in lines[0].split(",") and lines[0].startswith("layer,head")
@@ -116,8 +124,14 @@ def test_analysis_result_as_json_csv_and_netcdf(open_server: ThreadServer,
 
 def test_openapi_documents_the_api(open_server: ThreadServer) -> None:
     spec = open_server.json("/openapi.json")
-    for path in ("/api/runs", "/api/runs/{run}", "/api/runs/{run}/layers/{layer}",
-                 "/api/runs/{run}/analyses/{name}", "/api/jobs", "/zarr/{key}"):  # fmt: skip
+    for path in (
+        "/api/runs",
+        "/api/runs/{run}",
+        "/api/runs/{run}/layers/{layer}",
+        "/api/runs/{run}/analyses/{name}",
+        "/api/jobs",
+        "/zarr/{key}",
+    ):
         assert path in spec["paths"], path
-    status, headers, body = open_server.request("/docs")
+    status, _, body = open_server.request("/docs")
     assert status == 200 and b"swagger" in body.lower()

@@ -26,8 +26,9 @@ def wait_for(server: ThreadServer, job_id: str, timeout: float = 120) -> dict:
         time.sleep(0.1)
 
 
-def test_a_job_writes_the_same_result_as_the_cli(token_server: ThreadServer,
-                                                 serve_store: str) -> None:  # fmt: skip
+def test_a_job_writes_the_same_result_as_the_cli(
+    token_server: ThreadServer, serve_store: str
+) -> None:
     body = {"analysis": "attention", "run": "vit", "options": {"name": "api_attn"}}
     job = token_server.json("/api/jobs", method="POST", body=body)
     assert job["status"] == "queued"
@@ -62,8 +63,9 @@ def test_a_job_writes_the_same_result_as_the_cli(token_server: ThreadServer,
         ({"kind": "weird"}, 400),
     ],
 )
-def test_refused_jobs_write_nothing(token_server: ThreadServer, serve_store: str, body: dict,
-                                    status: int) -> None:  # fmt: skip
+def test_refused_jobs_write_nothing(
+    token_server: ThreadServer, serve_store: str, body: dict, status: int
+) -> None:
     before = snapshot(serve_store)
     got, _, answer = token_server.request("/api/jobs", method="POST", body=body)
     assert got == status, answer
@@ -71,21 +73,27 @@ def test_refused_jobs_write_nothing(token_server: ThreadServer, serve_store: str
     assert snapshot(serve_store) == before
 
 
-def test_without_allow_jobs_nothing_is_submitted(open_server: ThreadServer,
-                                                 serve_store: str) -> None:  # fmt: skip
+def test_without_allow_jobs_nothing_is_submitted(
+    open_server: ThreadServer, serve_store: str
+) -> None:
     before = snapshot(serve_store)
-    status, _, body = open_server.request("/api/jobs", method="POST",
-                                          body={"analysis": "skip", "run": "vit"})  # fmt: skip
+    status, _, body = open_server.request(
+        "/api/jobs", method="POST", body={"analysis": "skip", "run": "vit"}
+    )
     assert status == 403 and "--allow-jobs" in json.loads(body)["error"]
     assert snapshot(serve_store) == before
 
 
-def test_a_restarted_server_reports_a_running_job_as_failed(serve_store: str,
-                                                            tmp_path: Path) -> None:  # fmt: skip
+def test_a_restarted_server_reports_a_running_job_as_failed(
+    serve_store: str, tmp_path: Path
+) -> None:
     config = ServeConfig(store=serve_store, token=TOKEN, allow_jobs=True, jobs_dir=str(tmp_path))
     # What a server that died mid-job leaves behind: its record, still "running".
-    JobManager(config).save(JobRecord(id="0123456789abcdef", kind="analysis",
-                                      request={"analysis": "cka"}, status="running"))  # fmt: skip
+    JobManager(config).save(
+        JobRecord(
+            id="0123456789abcdef", kind="analysis", request={"analysis": "cka"}, status="running"
+        )
+    )
     server = ThreadServer(config)
     try:
         job = server.json("/api/jobs/0123456789abcdef")

@@ -18,8 +18,18 @@ from vitcnn_store.serve.config import ServeConfig
 from vitcnn_store.serve.keys import BadKeyError, StoreFiles
 
 
-@pytest.mark.parametrize("path", ["/zarr/zarr.json", "/api/runs", "/docs", "/openapi.json",
-                                  "/api/jobs", "/", "/api/runs/vit/layers/blocks.0"])  # fmt: skip
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/zarr/zarr.json",
+        "/api/runs",
+        "/docs",
+        "/openapi.json",
+        "/api/jobs",
+        "/",
+        "/api/runs/vit/layers/blocks.0",
+    ],
+)
 def test_every_route_needs_the_token(token_server: ThreadServer, path: str) -> None:
     for token in ("", "wrong-token-0123456789abcdef", TOKEN[:-1]):
         status, headers, body = token_server.request(path, token=token or "")
@@ -32,8 +42,11 @@ def test_every_route_needs_the_token(token_server: ThreadServer, path: str) -> N
     assert status != 401
 
 
-def _raw(server: ThreadServer, path: str, headers: dict[str, str] | None = None,
-         ) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+def _raw(
+    server: ThreadServer,
+    path: str,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
     """A request sent as written: no client-side path normalisation."""
     conn = http.client.HTTPConnection("127.0.0.1", server.config.port, timeout=30)
     try:
@@ -85,8 +98,9 @@ def test_request_body_and_time_limits(token_server: ThreadServer, serve_store: s
         slow.stop()
 
 
-def test_cors_only_for_the_origins_asked(token_server: ThreadServer,
-                                         open_server: ThreadServer) -> None:  # fmt: skip
+def test_cors_only_for_the_origins_asked(
+    token_server: ThreadServer, open_server: ThreadServer
+) -> None:
     asked = {"Origin": "http://example.org"}
     _, headers, _ = token_server.request("/api/runs", headers=asked)
     assert headers.get("access-control-allow-origin") == "http://example.org"
@@ -97,8 +111,13 @@ def test_cors_only_for_the_origins_asked(token_server: ThreadServer,
 
 
 def _serve(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vitcnn_store.cli", "serve", *args],
-                          capture_output=True, text=True, timeout=60, cwd=cwd)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "vitcnn_store.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+    )
 
 
 @pytest.mark.parametrize(
@@ -114,8 +133,9 @@ def _serve(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["--port", "70000"], "--port"),
     ],
 )
-def test_unsafe_or_bad_options_exit_2_with_one_line(serve_store: str, tmp_path: Path,
-                                                    extra: list[str], words: str) -> None:  # fmt: skip
+def test_unsafe_or_bad_options_exit_2_with_one_line(
+    serve_store: str, tmp_path: Path, extra: list[str], words: str
+) -> None:
     (tmp_path / "short.txt").write_text("abc\n")
     before = snapshot(serve_store)
     out = _serve(serve_store, *extra, cwd=tmp_path)
@@ -127,9 +147,11 @@ def test_unsafe_or_bad_options_exit_2_with_one_line(serve_store: str, tmp_path: 
 
 
 def test_help_does_not_load_fastapi() -> None:
-    code = ("import sys\nfrom vitcnn_store.cli import build_parser\nbuild_parser()\n"
-            "assert not any(m.split('.')[0] in ('fastapi', 'uvicorn', 'starlette') "
-            "for m in sys.modules), 'fastapi loaded'")  # fmt: skip
+    code = (
+        "import sys\nfrom vitcnn_store.cli import build_parser\nbuild_parser()\n"
+        "assert not any(m.split('.')[0] in ('fastapi', 'uvicorn', 'starlette') "
+        "for m in sys.modules), 'fastapi loaded'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

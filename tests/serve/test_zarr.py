@@ -21,7 +21,7 @@ PLAIN_XARRAY = textwrap.dedent("""
     url, local = sys.argv[1], sys.argv[2]
     remote = xr.open_datatree(url, engine="zarr")
     here = xr.open_datatree(local, engine="zarr")
-    assert sorted(remote.children) == sorted(here.children) == ["resnet", "vit"], list(remote.children)
+    assert sorted(remote.children) == sorted(here.children) == ["resnet", "vit"]
     n = 0
     for path in ("vit/blocks.0", "vit/blocks.1.attn", "resnet/layer2", "vit"):
         a, b = remote[path].to_dataset(), here[path].to_dataset()
@@ -29,8 +29,8 @@ PLAIN_XARRAY = textwrap.dedent("""
         for name in b.variables:
             x, y = a[name].values, b[name].values
             assert x.dtype == y.dtype and x.shape == y.shape, (path, name)
-            same = np.array_equal(x, y, equal_nan=True) if x.dtype.kind == "f" else np.array_equal(x, y)
-            assert same, (path, name)
+            nan = x.dtype.kind == "f"
+            assert np.array_equal(x, y, equal_nan=nan), (path, name)
             n += 1
     assert "vitcnn_store" not in sys.modules
     print("compared", n)
@@ -43,14 +43,21 @@ def test_plain_xarray_in_a_process_without_vitcnn_reads_the_same_values(
     script = tmp_path / "read.py"
     script.write_text(PLAIN_XARRAY)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # vitcnn_store not importable
-    out = subprocess.run([sys.executable, str(script), f"{open_server.url}/zarr", serve_store],
-                         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(script), f"{open_server.url}/zarr", serve_store],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[-1]) >= 20
 
 
-def test_open_store_over_http_gives_the_same_runs(open_server: ThreadServer,
-                                                  serve_store: str) -> None:  # fmt: skip
+def test_open_store_over_http_gives_the_same_runs(
+    open_server: ThreadServer, serve_store: str
+) -> None:
     from vitcnn_store import open_store
 
     remote, local = open_store(f"{open_server.url}/zarr"), open_store(serve_store)
@@ -62,17 +69,22 @@ def test_open_store_over_http_gives_the_same_runs(open_server: ThreadServer,
         assert r.complete and r.analyses == h.analyses
         for layer in r.layers:
             np.testing.assert_array_equal(r[layer].values, h[layer].values)
-    np.testing.assert_array_equal(remote["vit"].attention("blocks.1.attn").values,
-                                  local["vit"].attention("blocks.1.attn").values)  # fmt: skip
+    np.testing.assert_array_equal(
+        remote["vit"].attention("blocks.1.attn").values,
+        local["vit"].attention("blocks.1.attn").values,
+    )
 
 
 def test_tensorstore_reads_a_served_array(open_server: ThreadServer, serve_store: str) -> None:
     ts = pytest.importorskip("tensorstore")
     from vitcnn_store import open_store
 
-    array = ts.open({"driver": "zarr3",
-                     "kvstore": f"{open_server.url}/zarr/vit/blocks.0/activation/"}).result()  # fmt: skip
-    np.testing.assert_array_equal(array.read().result(), open_store(serve_store)["vit"]["blocks.0"].values)
+    array = ts.open(
+        {"driver": "zarr3", "kvstore": f"{open_server.url}/zarr/vit/blocks.0/activation/"}
+    ).result()
+    np.testing.assert_array_equal(
+        array.read().result(), open_store(serve_store)["vit"]["blocks.0"].values
+    )
 
 
 def test_head_range_etag_and_absent_keys(open_server: ThreadServer, serve_store: str) -> None:
@@ -90,8 +102,9 @@ def test_head_range_etag_and_absent_keys(open_server: ThreadServer, serve_store:
     assert headers["content-range"] == f"bytes 3-9/{len(stored)}"
     status, _, body = open_server.request(f"/zarr/{key}", headers={"Range": "bytes=-4"})
     assert (status, body) == (206, stored[-4:])
-    status, headers, _ = open_server.request(f"/zarr/{key}",
-                                             headers={"Range": f"bytes={len(stored)}-"})  # fmt: skip
+    status, headers, _ = open_server.request(
+        f"/zarr/{key}", headers={"Range": f"bytes={len(stored)}-"}
+    )
     assert status == 416 and headers["content-range"] == f"bytes */{len(stored)}"
     status, _, body = open_server.request(f"/zarr/{key}", headers={"If-None-Match": etag})
     assert (status, body) == (304, b"")
@@ -100,7 +113,12 @@ def test_head_range_etag_and_absent_keys(open_server: ThreadServer, serve_store:
     assert status == 200 and headers["cache-control"] == "no-cache"
     assert headers["content-type"] == "application/json"
     # Absent chunks, absent metadata, zarr v2 probes and folders: 404, as zarr expects.
-    for absent in ("vit/blocks.0/activation/c/9/0/0", "nope/zarr.json", ".zgroup", "vit/.zattrs",
-                   "vit/blocks.0"):  # fmt: skip
+    for absent in (
+        "vit/blocks.0/activation/c/9/0/0",
+        "nope/zarr.json",
+        ".zgroup",
+        "vit/.zattrs",
+        "vit/blocks.0",
+    ):
         status, _, body = open_server.request(f"/zarr/{absent}")
         assert status == 404 and b'"error"' in body, absent

@@ -25,12 +25,21 @@ __all__ = ["create_app", "run_server"]
 Scope = dict[str, Any]
 
 
-async def _send_json(send: Any, status: int, body: dict[str, Any],
-                     headers: Sequence[tuple[bytes, bytes]] = ()) -> None:  # fmt: skip
+async def _send_json(
+    send: Any, status: int, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-        *headers]})  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 
@@ -52,9 +61,12 @@ class TokenMiddleware:
                 break
         if not hmac.compare_digest(given, self.expected):
             why = "missing" if not given else "wrong"
-            await _send_json(send, 401, {"error": f"{why} bearer token: send "
-                             "Authorization: Bearer TOKEN"},
-                             [(b"www-authenticate", b'Bearer realm="vitcnn"')])  # fmt: skip
+            await _send_json(
+                send,
+                401,
+                {"error": f"{why} bearer token: send Authorization: Bearer TOKEN"},
+                [(b"www-authenticate", b'Bearer realm="vitcnn"')],
+            )
             return
         await self.app(scope, receive, send)
 
@@ -127,7 +139,7 @@ def create_app(config: ServeConfig, extra_routers: Sequence[Any] = ()) -> Any:
         version=__version__,
         summary="Activations of vision models, their analyses and the jobs that make them.",
         description="Zarr keys at `/zarr/` (GET with Range, HEAD, ETag), the JSON API at "
-        "`/api/`. Errors are `{\"error\": \"<one line>\"}`. With a token, every request "
+        '`/api/`. Errors are `{"error": "<one line>"}`. With a token, every request '
         "carries `Authorization: Bearer TOKEN`.",
     )
     app.state.config = config
@@ -174,17 +186,21 @@ def create_app(config: ServeConfig, extra_routers: Sequence[Any] = ()) -> Any:
     for router in extra_routers:
         app.include_router(router)
 
-    app.add_middleware(LimitsMiddleware, max_body=config.max_request_bytes,
-                       timeout=config.request_timeout)  # fmt: skip
+    app.add_middleware(
+        LimitsMiddleware, max_body=config.max_request_bytes, timeout=config.request_timeout
+    )
     if config.token is not None:
         app.add_middleware(TokenMiddleware, token=config.token)
     if config.cors_origins:  # added last: outermost, so preflights need no token
         from starlette.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
-                           allow_methods=["GET", "HEAD", "POST"],
-                           allow_headers=["Authorization", "Range", "Content-Type"],
-                           expose_headers=["ETag", "Content-Range", "Content-Length"])  # fmt: skip
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "HEAD", "POST"],
+            allow_headers=["Authorization", "Range", "Content-Type"],
+            expose_headers=["ETag", "Content-Range", "Content-Length"],
+        )
     app.state.jobs.start()
     return app
 
@@ -194,7 +210,13 @@ def run_server(app: Any, config: ServeConfig) -> None:
     import uvicorn
 
     try:
-        uvicorn.run(app, host=config.host, port=config.port, log_level="warning",
-                    timeout_graceful_shutdown=5, server_header=False)  # fmt: skip
+        uvicorn.run(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+            server_header=False,
+        )
     finally:
         app.state.jobs.stop()

@@ -20,7 +20,7 @@ __all__ = ["add_serve_parser", "cmd_serve", "serve_config"]
 _EPILOG = """examples:
   vitcnn serve acts.zarr                                  # http://127.0.0.1:8000/docs
   vitcnn serve acts.zarr --host 0.0.0.0 --token-file token.txt --allow-jobs
-  python -c 'import xarray as xr; print(xr.open_datatree("http://127.0.0.1:8000/zarr", engine="zarr"))'
+  # then, anywhere: xarray.open_datatree("http://127.0.0.1:8000/zarr", engine="zarr")
 """
 
 
@@ -35,22 +35,47 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("store", help="store path or fsspec URL")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default: 127.0.0.1; others need --token-file)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1; others need --token-file)",
+    )
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free)")
-    p.add_argument("--token-file", metavar="F",
-                   help="file holding the bearer token every request must carry")
-    p.add_argument("--allow-jobs", action="store_true",
-                   help="accept analysis jobs that write results into the store (needs a token)")
-    p.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
-                   help="allow browser requests from this origin (repeatable; default: none)")
-    p.add_argument("--dask-address", metavar="tcp://HOST:PORT",
-                   help="dask scheduler for analysis jobs (default: the server's threads)")
+    p.add_argument(
+        "--token-file", metavar="F", help="file holding the bearer token every request must carry"
+    )
+    p.add_argument(
+        "--allow-jobs",
+        action="store_true",
+        help="accept analysis jobs that write results into the store (needs a token)",
+    )
+    p.add_argument(
+        "--cors",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browser requests from this origin (repeatable; default: none)",
+    )
+    p.add_argument(
+        "--dask-address",
+        metavar="tcp://HOST:PORT",
+        help="dask scheduler for analysis jobs (default: the server's threads)",
+    )
     p.add_argument("--jobs-dir", metavar="DIR", help="job records (default: STORE.jobs beside it)")
-    p.add_argument("--max-response-mib", type=int, default=256, metavar="MIB",
-                   help="largest slice or result sent (default: 256; 413 beyond)")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
-                   help="seconds a request may take (default: 60; 504 beyond)")  # fmt: skip
+    p.add_argument(
+        "--max-response-mib",
+        type=int,
+        default=256,
+        metavar="MIB",
+        help="largest slice or result sent (default: 256; 413 beyond)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds a request may take (default: 60; 504 beyond)",
+    )
     return p
 
 
@@ -88,8 +113,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from vitcnn_store.serve.app import create_app, run_server
 
     app = create_app(config)
-    print(f"vitcnn serve: {config.store} at http://{config.host}:{config.port}/ "
-          f"(API docs at /docs{', jobs on' if config.allow_jobs else ''})",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"vitcnn serve: {config.store} at http://{config.host}:{config.port}/ "
+        f"(API docs at /docs{', jobs on' if config.allow_jobs else ''})",
+        file=sys.stderr,
+    )
     run_server(app, config)
     return 0

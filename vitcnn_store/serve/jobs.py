@@ -61,8 +61,9 @@ class JobRequest(BaseModel):
     analysis: str | None = Field(None, description="cka, attention, localization, skip or probe")
     run: str | None = Field(None, description="run the result is written under")
     run2: str | None = Field(None, description="second run (cka, cross-model)")
-    options: dict[str, Any] = Field(default_factory=dict,
-                                    description="the analysis's options by field name")  # fmt: skip
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="the analysis's options by field name"
+    )
 
 
 @dataclass
@@ -129,8 +130,13 @@ def analysis_config(config: ServeConfig, body: JobRequest) -> Any:
     elif body.run2 is not None:
         raise ApiError(400, f"{analysis} takes one run; run2 is for cka")
     try:
-        return cls(store=config.store, run=body.run, dask_address=config.dask_address,
-                   progress=False, **kwargs)  # fmt: skip
+        return cls(
+            store=config.store,
+            run=body.run,
+            dask_address=config.dask_address,
+            progress=False,
+            **kwargs,
+        )
     except TypeError as e:
         raise ApiError(400, one_line(e)) from None
 
@@ -146,8 +152,9 @@ class _Progress:
         self.save = save
         self.before = 0  # tasks of finished graphs
         self.saved_at = 0.0
-        self.callback = Callback(start_state=self._start, posttask=self._posttask,
-                                 finish=self._finish)  # fmt: skip
+        self.callback = Callback(
+            start_state=self._start, posttask=self._posttask, finish=self._finish
+        )
         self.state: dict[str, Any] | None = None
 
     def _start(self, dsk: Any, state: dict[str, Any]) -> None:
@@ -255,8 +262,11 @@ class JobManager:
         if not self.config.allow_jobs:
             raise ApiError(403, "jobs are off: start the server with --allow-jobs --token-file F")
         if body.kind == "extract":
-            raise ApiError(501, "extraction jobs are not offered over HTTP yet; use "
-                           "`vitcnn submit extract` against the Ray cluster")  # fmt: skip
+            raise ApiError(
+                501,
+                "extraction jobs are not offered over HTTP yet; use "
+                "`vitcnn submit extract` against the Ray cluster",
+            )
         config = analysis_config(self.config, body)  # bad options: 400 now, not later
         from vitcnn_store.store import open_store
 
@@ -264,8 +274,7 @@ class JobManager:
         for name in (body.run, body.run2):
             if name is not None:
                 store[name]  # 404 for a missing run, 409 for a broken one
-        record = JobRecord(id=secrets.token_hex(8), kind=body.kind,
-                           request=body.model_dump())  # fmt: skip
+        record = JobRecord(id=secrets.token_hex(8), kind=body.kind, request=body.model_dump())
         self.save(record)
         self.queue.put((record, config))
         return record
@@ -290,14 +299,18 @@ class JobManager:
                 warnings.simplefilter("always", AnalysisWarning)
                 analysis = str(record.request["analysis"])
                 result, _ = analyze(analysis, config, figure=False)
-            record.warnings = [one_line(w.message) for w in caught
-                               if issubclass(w.category, AnalysisWarning)]  # fmt: skip
+            record.warnings = [
+                one_line(w.message) for w in caught if issubclass(w.category, AnalysisWarning)
+            ]
             record.result = {
-                "analysis": result.analysis, "run": result.run, "name": result.name,
-                "group": result.group, "reused": result.reused,
+                "analysis": result.analysis,
+                "run": result.run,
+                "name": result.name,
+                "group": result.group,
+                "reused": result.reused,
                 "summary": result.dataset.attrs.get("summary"),
                 "url": f"/api/runs/{result.run}/analyses/{result.name}",
-            }  # fmt: skip
+            }
             record.status = "succeeded"
         except Exception as e:  # the job failed, the server goes on
             record.status = "failed"
@@ -309,12 +322,18 @@ class JobManager:
 
 
 def _manager(request: Request) -> JobManager:
-    return request.app.state.jobs  # type: ignore[no-any-return]
+    return request.app.state.jobs
 
 
-@router.post("/jobs", status_code=202, summary="Submit an analysis job (--allow-jobs)",
-             responses={403: {"description": "jobs are off"},
-                        501: {"description": "extraction jobs: not offered yet"}})  # fmt: skip
+@router.post(
+    "/jobs",
+    status_code=202,
+    summary="Submit an analysis job (--allow-jobs)",
+    responses={
+        403: {"description": "jobs are off"},
+        501: {"description": "extraction jobs: not offered yet"},
+    },
+)
 def submit_job(body: JobRequest, request: Request) -> dict[str, Any]:
     """Queue an analysis; poll ``GET /api/jobs/{id}`` for its status and result."""
     return asdict(_manager(request).submit(body))

@@ -107,7 +107,9 @@ class StoreFiles:
         if info.get("type") != "file":
             return None
         size = int(info.get("size") or 0)
-        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+        version = (
+            info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+        )
         etag = str(version).strip('"') if version else f"{size:x}"
         modified = info.get("mtime") if isinstance(info.get("mtime"), (int, float)) else None
         return KeyInfo(size, f'"{etag}"', modified)

@@ -34,12 +34,16 @@ def result_json(ds: xr.Dataset) -> bytes:
 def _pick(ds: xr.Dataset, var: str | None) -> xr.Dataset:
     if var is not None:
         if var not in ds.data_vars:
-            raise ApiError(404, f"no variable {var!r} (variables: {', '.join(map(str, ds.data_vars))})")
+            raise ApiError(
+                404, f"no variable {var!r} (variables: {', '.join(map(str, ds.data_vars))})"
+            )
         return ds[[var]]
     dims = {tuple(v.dims) for v in ds.data_vars.values()}
     if len(dims) > 1:
         names = ", ".join(map(str, ds.data_vars))
-        raise ApiError(400, f"the variables have different dimensions: pick one with var= ({names})")
+        raise ApiError(
+            400, f"the variables have different dimensions: pick one with var= ({names})"
+        )
     return ds
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -61,19 +61,19 @@ def parse_indexer(text: str, n: int, what: str) -> slice | list[int] | int:
     return items[0] if len(items) == 1 and "," not in text else items
 
 
-def select(run: Run, layer: str, params: Mapping[str, str]) -> xr.DataArray:
-    """The lazy selection of ``run``'s ``layer`` that ``params`` ask for (nothing read)."""
-    array = params.get("array", "activation")
-    if array == "activation":
-        data = run[layer]
-    elif array == "attention":
-        data = run.attention(layer)
-    else:
-        raise ApiError(400, f"array={array!r}: want activation or attention")
+def select(
+    run: Run, layer: str, params: Mapping[str, str], open_array: Callable[[str], xr.DataArray]
+) -> xr.DataArray:
+    """The lazy selection of ``run``'s ``layer`` that ``params`` ask for (nothing read);
+    ``open_array("activation" | "attention")`` gives the whole lazy array."""
+    data = open_array(params.get("array", "activation"))
     unknown = sorted(set(params) - set(SLICE_PARAMS) - set(data.dims))
     if unknown:
-        raise ApiError(400, f"unknown parameter {unknown[0]!r}: use {', '.join(SLICE_PARAMS)} "
-                       f"or a dimension of {layer} ({', '.join(map(str, data.dims))})")  # fmt: skip
+        raise ApiError(
+            400,
+            f"unknown parameter {unknown[0]!r}: use {', '.join(SLICE_PARAMS)} "
+            f"or a dimension of {layer} ({', '.join(map(str, data.dims))})",
+        )
     if "ids" in params and ("images" in params or "image" in params):
         raise ApiError(400, "give either ids= or images=, not both")
     indexers: dict[str, Any] = {}
@@ -82,8 +82,9 @@ def select(run: Run, layer: str, params: Mapping[str, str]) -> xr.DataArray:
         where = {v: k for k, v in enumerate(run.image_ids.tolist())}
         missing = [i for i in wanted if i not in where]
         if missing or not wanted:
-            raise ApiError(404, f"unknown image id {missing[0] if missing else ''!r} "
-                           f"in run {run.name!r}")  # fmt: skip
+            raise ApiError(
+                404, f"unknown image id {missing[0] if missing else ''!r} in run {run.name!r}"
+            )
         indexers["image"] = [where[i] for i in wanted]
     for name, text in params.items():
         dim = "image" if name == "images" else name
@@ -93,7 +94,9 @@ def select(run: Run, layer: str, params: Mapping[str, str]) -> xr.DataArray:
     if "tokens" in params:
         token_dims = [d for d in _TOKEN_DIMS if d in data.dims]
         if not token_dims:
-            raise ApiError(400, f"tokens=: {layer} has no token dimension ({', '.join(map(str, data.dims))})")
+            raise ApiError(
+                400, f"tokens=: {layer} has no token dimension ({', '.join(map(str, data.dims))})"
+            )
         for d in token_dims:
             indexers[d] = parse_indexer(params["tokens"], data.sizes[d], d)
     return data.isel(indexers)
@@ -104,8 +107,11 @@ def check_size(data: xr.DataArray, fmt: str, limit: int) -> None:
     size = data.size * JSON_BYTES_PER_VALUE if fmt == "json" else data.nbytes
     if size > limit:
         shape = "x".join(map(str, data.shape))
-        raise ApiError(413, f"a {shape} {fmt} slice is about {size} bytes, over the limit of "
-                       f"{limit}: select fewer images or tokens")  # fmt: skip
+        raise ApiError(
+            413,
+            f"a {shape} {fmt} slice is about {size} bytes, over the limit of "
+            f"{limit}: select fewer images or tokens",
+        )
 
 
 def plain(values: Any) -> Any:
@@ -138,9 +144,13 @@ def encode_json(data: xr.DataArray, values: np.ndarray) -> bytes:
         for name, c in data.coords.items()
     }
     body = {
-        "name": data.name, "dims": list(map(str, data.dims)), "shape": list(values.shape),
-        "dtype": str(values.dtype), "coords": coords, "data": plain(values),
-    }  # fmt: skip
+        "name": data.name,
+        "dims": list(map(str, data.dims)),
+        "shape": list(values.shape),
+        "dtype": str(values.dtype),
+        "coords": coords,
+        "data": plain(values),
+    }
     return json.dumps(body, allow_nan=False).encode()
 
 

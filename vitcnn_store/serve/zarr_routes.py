@@ -59,8 +59,9 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     start = int(first)
     end = size if not last else min(int(last) + 1, size)
     if start >= size or end <= start:
-        raise ApiError(416, f"range starts past the end ({size} bytes)",
-                       {"Content-Range": f"bytes */{size}"})  # fmt: skip
+        raise ApiError(
+            416, f"range starts past the end ({size} bytes)", {"Content-Range": f"bytes */{size}"}
+        )
     return start, end
 
 
@@ -94,10 +95,15 @@ async def head_key(key: str, request: Request) -> Response:
     return Response(status_code=200, headers=headers, media_type=_media_type(key))
 
 
-@router.get("/zarr/{key:path}", summary="A store key's bytes (Range, ETag)",
-            responses={206: {"description": "the requested byte range"},
-                       304: {"description": "unchanged (If-None-Match)"},
-                       404: {"description": "no such key (zarr: absent)"}})  # fmt: skip
+@router.get(
+    "/zarr/{key:path}",
+    summary="A store key's bytes (Range, ETag)",
+    responses={
+        206: {"description": "the requested byte range"},
+        304: {"description": "unchanged (If-None-Match)"},
+        404: {"description": "no such key (zarr: absent)"},
+    },
+)
 async def get_key(key: str, request: Request) -> Response:
     """The bytes stored under ``key`` (e.g. ``zarr.json``, ``vit/blocks.0/activation/c/0/0/0``)."""
     files: StoreFiles = request.app.state.files
@@ -109,8 +115,11 @@ async def get_key(key: str, request: Request) -> Response:
     span = parse_range(request.headers.get("range"), info.size)
     start, end = span if span is not None else (0, info.size)
     if end - start > config.max_response_bytes:
-        raise ApiError(413, f"{end - start} bytes is over the response limit "
-                       f"({config.max_response_bytes}); ask for a Range")  # fmt: skip
+        raise ApiError(
+            413,
+            f"{end - start} bytes is over the response limit "
+            f"({config.max_response_bytes}); ask for a Range",
+        )
     data: Any
     if files.local and end - start <= _INLINE_BYTES:
         data = files.read(key, start, end)
@@ -120,5 +129,4 @@ async def get_key(key: str, request: Request) -> Response:
     if span is not None:
         status = 206
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{info.size}"
-    return Response(content=data, status_code=status, headers=headers,
-                    media_type=_media_type(key))  # fmt: skip
+    return Response(content=data, status_code=status, headers=headers, media_type=_media_type(key))

@@ -286,8 +286,8 @@ def open_root(url: str, mode: Literal["r", "r+", "a"] = "r", *, create: bool = F
             existing: Literal["r", "r+"] = "r" if mode == "r" else "r+"
             # Live metadata where folders can be listed; over HTTP, the consolidated
             # snapshot (refreshed by every job that changes the store) stands in for listings.
-            root = zarr.open_group(url, mode=existing, zarr_format=3,
-                                   use_consolidated=None if not lists_folders(url) else False)  # fmt: skip
+            consolidated = None if not lists_folders(url) else False
+            root = zarr.open_group(url, mode=existing, zarr_format=3, use_consolidated=consolidated)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
             if not create and _is_empty_location(url):
                 raise StoreError(f"no store at {url}") from e
