@@ -122,3 +122,21 @@ def test_head_range_etag_and_absent_keys(open_server: ThreadServer, serve_store:
     ):
         status, _, body = open_server.request(f"/zarr/{absent}")
         assert status == 404 and b'"error"' in body, absent
+
+
+def test_plain_xarray_sends_the_token_through_storage_options(serve_store: str) -> None:
+    import xarray as xr
+
+    from tests.serve.conftest import TOKEN
+    from vitcnn_store.serve.config import ServeConfig
+
+    server = ThreadServer(ServeConfig(store=serve_store, token=TOKEN))
+    try:
+        options = {"client_kwargs": {"headers": {"Authorization": f"Bearer {TOKEN}"}}}
+        tree = xr.open_datatree(f"{server.url}/zarr", engine="zarr", storage_options=options)
+        here = xr.open_datatree(serve_store, engine="zarr")
+        np.testing.assert_array_equal(
+            tree["resnet/layer1"]["activation"].values, here["resnet/layer1"]["activation"].values
+        )
+    finally:
+        server.stop()
