@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resnet-checkpoint", metavar="PATH", help="weights for the ResNet")
 
     add_analyze_parser(sub)
+    from vitcnn_store.serve.command import add_serve_parser  # argparse only: cheap
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -283,6 +286,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return run_analyze(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from vitcnn_store.serve.command import cmd_serve as run_serve
+
+    return run_serve(args)
+
+
 COMMANDS = {
     "extract": cmd_extract,
     "submit": cmd_submit,
@@ -294,6 +303,7 @@ COMMANDS = {
     "report": cmd_report,
     "demo": cmd_demo,
     "analyze": cmd_analyze,
+    "serve": cmd_serve,
 }
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "check_writable",
     "environment_error",
     "is_empty_location",
+    "lists_folders",
     "open_root",
     "quiet_zarr",
     "store_io",
@@ -262,6 +263,18 @@ def check_writable(url: str) -> None:
             )
 
 
+def lists_folders(url: str) -> bool:
+    """Whether the storage at ``url`` can list a folder (HTTP cannot: a store served by
+    ``vitcnn serve`` is read through its consolidated metadata instead).
+
+    Examples
+    --------
+    >>> lists_folders("acts.zarr"), lists_folders("http://h:8000/zarr")
+    (True, False)
+    """
+    return not str(url).lower().startswith(("http://", "https://"))
+
+
 def open_root(url: str, mode: Literal["r", "r+", "a"] = "r", *, create: bool = False) -> Any:
     """Open the root group of a vitcnn store (creating an empty store if asked).
 
@@ -283,7 +296,10 @@ def open_root(url: str, mode: Literal["r", "r+", "a"] = "r", *, create: bool = F
                 return root
             # Never mode "a" here: it would turn any folder into a zarr group.
             existing: Literal["r", "r+"] = "r" if mode == "r" else "r+"
-            root = zarr.open_group(url, mode=existing, zarr_format=3, use_consolidated=False)
+            # Live metadata where folders can be listed; over HTTP, the consolidated
+            # snapshot (refreshed by every job that changes the store) stands in for listings.
+            consolidated = None if not lists_folders(url) else False
+            root = zarr.open_group(url, mode=existing, zarr_format=3, use_consolidated=consolidated)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
             if not create and is_empty_location(url):
                 raise StoreError(f"no store at {url}") from e

@@ -26,6 +26,7 @@ from vitcnn_store.store.layout import (
     CREATED_ATTR,
     check_name,
     is_empty_location,
+    lists_folders,
     open_root,
     quiet_zarr,
     store_io,
@@ -111,12 +112,16 @@ def list_runs(url: str, root: Any | None = None) -> list[RunEntry]:
 
     root = root if root is not None else open_root(url, mode="r")
     with store_io(url):
-        fs, path = fsspec.core.url_to_fs(url)
-        names = sorted(
-            posixpath.basename(str(e["name"]).rstrip("/"))
-            for e in fs.ls(path, detail=True)
-            if e.get("type") == "directory"
-        )
+        if not lists_folders(url):  # HTTP: the groups the consolidated metadata names
+            with quiet_zarr():
+                names = sorted(name for name, _ in root.groups())
+        else:
+            fs, path = fsspec.core.url_to_fs(url)
+            names = sorted(
+                posixpath.basename(str(e["name"]).rstrip("/"))
+                for e in fs.ls(path, detail=True)
+                if e.get("type") == "directory"
+            )
     names = [n for n in names if n and not n.startswith(("_", "."))]
     entries = [run_entry(root, n, url) for n in names]
     return [e if e is not None else RunEntry(n, False, "no zarr.json")
