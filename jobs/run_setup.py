@@ -190,7 +190,7 @@ class RunSession:
             return error
         if not self.keeper.release() and isinstance(error, VitcnnError):
             return type(error)(
-                f"{error}; the run's lease could not be dropped, so --resume can take over "
-                f"after {self.keeper.lease.expires_at}"
+                f"{error}; the run's lease could not be dropped: --resume on this host can "
+                f"take over at once, elsewhere after {self.keeper.lease.expires_at}"
             )
         return error

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,11 +82,10 @@ def test_disk_full_while_writing_units_then_resumed(
 ) -> None:
     remount(small_disk, "size=400k")  # room for the run, not for all its units
     store = small_disk / "s.zarr"
-    assert main(extract_args(store, "--lease-ttl", "2")) == 1
-    err = one_line(capsys)
-    assert "disk full writing" in err
-    if "lease could not be dropped" in err:  # the full disk took the lease's release too
-        time.sleep(2.5)
+    assert main(extract_args(store)) == 1
+    # The full disk may take the lease's release too: this host's --resume below still
+    # takes over at once, since the lease's job is known to be gone.
+    assert "disk full writing" in one_line(capsys)
     run = open_store(str(store))["r"]
     assert not run.complete and run.missing_chunks() == []  # done only where fully written
     remount(small_disk, "size=16m")

@@ -74,10 +74,33 @@ class Lease:
 
     @property
     def expired(self) -> bool:
-        return self.released or _dt.datetime.fromisoformat(self.expires_at) <= _now()
+        if self.released or self.abandoned:
+            return True
+        return _dt.datetime.fromisoformat(self.expires_at) <= _now()
+
+    @property
+    def abandoned(self) -> bool:
+        """Held by a job of this host that is known to be gone: its process has exited,
+        or it is this process and the job let go of it (a release that could not be
+        written, e.g. on a full disk). Such a lease need not wait out its TTL."""
+        if self.host != socket.gethostname():
+            return False
+        if self.pid == os.getpid():
+            return self.owner not in _HELD
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # e.g. another user's process: alive
+            return False
+        return False
 
     def describe(self) -> str:
         return f"{self.owner} (host {self.host}, pid {self.pid}, lease expires {self.expires_at})"
+
+
+#: Owners whose leases this process holds (taken and not yet let go of).
+_HELD: set[str] = set()
 
 
 def _now() -> _dt.datetime:
@@ -219,9 +242,12 @@ def _head(folder: _Folder) -> Lease | None:
         gens = folder.generations()
         if not gens:
             return None
-        lease = folder.read(gens[-1])
-        if lease is not None:
-            return lease
+        # The highest readable one: a generation folder may exist before its file does
+        # (a racer between making the folder and linking the file into it).
+        for g in reversed(gens):
+            lease = folder.read(g)
+            if lease is not None:
+                return lease
     raise StoreError(f"the leases under {folder.path} keep changing; try again")
 
 
@@ -287,14 +313,19 @@ def acquire_lease(url: str, run: str, owner: str, ttl: float = DEFAULT_TTL) -> L
         raise _refusal(run, head)
     generation = (head.generation if head is not None else 0) + 1
     lease = _new(owner, ttl, generation)
-    if not folder.create(generation, lease):
-        raise _refusal(run, folder.read(generation))
-    # A job acting on a listing older than a collection may have created a generation
-    # that is no longer the highest: only the highest holds the run.
-    latest = _head(folder)
-    if latest is None or latest.generation != generation:
-        folder.rewrite(replace(lease, released=True))
-        raise _refusal(run, latest)
+    _HELD.add(owner)  # before the file exists, so no one in this process takes it as abandoned
+    try:
+        if not folder.create(generation, lease):
+            raise _refusal(run, folder.read(generation))
+        # A job acting on a listing older than a collection may have created a generation
+        # that is no longer the highest: only the highest holds the run.
+        latest = _head(folder)
+        if latest is None or latest.generation != generation:
+            folder.rewrite(replace(lease, released=True))
+            raise _refusal(run, latest)
+    except BaseException:
+        _HELD.discard(owner)
+        raise
     folder.collect(generation)
     return lease
 
@@ -317,6 +348,7 @@ def renew_lease(url: str, run: str, lease: Lease, ttl: float = DEFAULT_TTL) -> L
 def release_lease(url: str, run: str, owner: str) -> None:
     """Mark the lease released if ``owner`` still holds it (the file stays: generations
     only grow, so a job acting on an old listing can never take a generation twice)."""
+    _HELD.discard(owner)  # let go even if the release below cannot be written
     folder = _Folder(url, run)
     head = _head(folder)
     if head is not None and head.owner == owner and not head.released:

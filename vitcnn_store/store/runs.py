@@ -180,13 +180,16 @@ def prepare_run(
         if is_empty_location(url):
             return True
     root = open_root(url, mode="r")
-    entries = {e.name: e for e in list_runs(url, root)}
-    if name not in entries:
+    entry = {e.name: e for e in list_runs(url, root)}.get(name)
+    if entry is None:
+        # Not listed, yet it may exist by now: another job creating it since the listing
+        # (a run, refused below like any other) or something else of that name.
+        entry = run_entry(root, name, url)
+        if entry is None:
+            return True
         with quiet_zarr():
-            if name in root:  # e.g. an array of that name: not ours to replace
+            if not hasattr(root[name], "members"):  # an array: not ours to replace
                 raise StoreError(f"{url}/{name} exists but is not a run; choose another name")
-        return True
-    entry = entries[name]
     if not resume and not overwrite:
         state = "exists" if entry.created else f"exists but is broken ({entry.problem})"
         raise RunExistsError(
