@@ -246,7 +246,9 @@ class CKAConfig(AnalysisOptions):
     without patterns ``roles`` picks them: ``stream`` (default), ``branches``
     or ``all``. ``max_batches`` caps the batches per repeat. ``null_batches``
     sizes the permutation null (default: one repeat's batches, within
-    :data:`jobs.analyze.cka.NULL_BYTES`; 0: none). ``gram_dtype`` stores the
+    :data:`jobs.analyze.cka.NULL_BYTES`; 0: none); ``null_permutations`` draws
+    that many pairings of the null's images (K >= 2: a distribution and each
+    value's percentile against it). ``gram_dtype`` stores the
     Gram cache in float64 (default) or float32. ``gram_tile`` (images per Gram
     tile) and ``gather_bytes`` (memory for whole batch Grams, RBF only) change
     how the result is computed, never what it is.
@@ -279,6 +281,10 @@ class CKAConfig(AnalysisOptions):
         check="non-negative", metavar="K",
         help="batches of the permutation null (default: one repeat's, within 1 GiB of batch "
         "Grams; 0: no null)")
+    null_permutations: int = option(1, flag="--null-permutations", parse=int,
+        check="positive", metavar="K",
+        help="permutations of the null: K >= 2 stores the null distribution (a permutation "
+        "dimension) and each CKA value's percentile against it")
     gram_dtype: str = option("float64", flag="--gram-dtype", choices=GRAM_DTYPES,
         help="storage of the Gram cache (always accumulated in float64; float32 halves it "
         "and changes CKA by ~1e-10, benchmarks/cka_gram_precision.py)")
@@ -294,6 +300,11 @@ class CKAConfig(AnalysisOptions):
         super().validate()
         if self.run2 is not None:
             check_name(self.run2)
+        if self.null_batches == 0 and self.null_permutations > 1:
+            raise UsageError(
+                f"--null-permutations {self.null_permutations} with --null-batches 0: "
+                "there is no null to permute"
+            )
 
     @property
     def full_sample(self) -> bool:
