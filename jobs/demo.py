@@ -121,7 +121,7 @@ def _extractions(cfg: DemoConfig) -> tuple[ExtractConfig, ...]:
     # A few hundred small images: one worker is quicker than starting two.
     faces: dict[str, Any] = {
         **common, "images": "builtin:faces", "limit": 100 if cfg.quick else 200,
-        "chunk_size": 50, "workers": 1,
+        "chunk_size": 50, "workers": 1, "inputs": True,  # inputs: the raw-pixel probe
     }  # fmt: skip
     return (
         ExtractConfig(model=vit, run="vit", layers="preset:blocks", attention=True, **photos),
@@ -136,7 +136,9 @@ def _analyses(store: str, quick: bool) -> tuple[DemoAnalysis, ...]:
     """Every analysis of the report over the demo store."""
     common: dict[str, Any] = {"store": store}
     batch = 32 if quick else 128  # minibatch CKA as in the paper, at demo scale
-    n = 64 if quick else 256  # localization: one batch of every image
+    # Localization: four batches over every image, so its interval (a bootstrap over
+    # batches) exists.
+    n = 16 if quick else 64
     repeats = 2 if quick else 3  # probe splits: error bars
     return (
         DemoAnalysis("CKA within the ViT", run_cka,

@@ -35,13 +35,13 @@ from jobs.analyze.layers import layer_info, reduce_layer
 from jobs.analyze.options import ESTIMATORS, KERNELS, AnalysisWarning, CKAConfig, cap_batch_size
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.runs import align_images, open_runs, usable_mask
+from vitcnn_store.analysis.bootstrap import null_percentile
 from vitcnn_store.analysis.cka import (
     ConstantRepresentationWarning,
     MinibatchCKAMatrix,
     cka_matrix_from_grams,
     sample_batches,
 )
-from vitcnn_store.analysis.bootstrap import null_percentile
 from vitcnn_store.analysis.gram import rbf_from_linear_gram
 from vitcnn_store.analysis.tiles import BatchLayout, GatheredGrams
 from vitcnn_store.errors import DamagedDataError, UsageError
@@ -350,8 +350,9 @@ def run_cka(cfg: CKAConfig) -> AnalysisResult:
     The result (``<run>/_analyses/cka`` or ``cka__<run2>``) holds ``cka``
     (layer_a, layer_b), with repeats ``cka_std`` and ``cka_repeats``, the null
     ``cka_null`` (with ``--null-permutations K``, K >= 2: ``cka_null_permutations``
-    (permutation, layer_a, layer_b) and ``cka_percentile``), and the batches (``batch_image``, ``batch_image_id``, and for
-    two runs ``batch_image_b``; the null's ``null_image_a``/``null_image_b``).
+    (permutation, layer_a, layer_b) and ``cka_percentile``), and the batches
+    (``batch_image``, ``batch_image_id``, and for two runs ``batch_image_b``; the
+    null's ``null_image_a``/``null_image_b``).
     """
     plan = _plan(cfg)
     states = {f"{plan.run_a.name}/{k}": v["digest"] for k, v in plan.states_a.items()}

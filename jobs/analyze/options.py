@@ -28,6 +28,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from vitcnn_store.analysis.bootstrap import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL
 from vitcnn_store.analysis.probes import DEFAULT_L2_GRID
 from vitcnn_store.errors import UsageError
 from vitcnn_store.options import check_options, option
@@ -40,11 +41,13 @@ __all__ = [
     "ESTIMATORS",
     "EXECUTION_OPTIONS",
     "FEATURES",
+    "GROUPINGS",
     "KERNELS",
     "ROLE_SETS",
     "AnalysisOptions",
     "AnalysisWarning",
     "AttentionConfig",
+    "BootstrapOptions",
     "CKAConfig",
     "LocalizationConfig",
     "ProbeConfig",
@@ -67,6 +70,8 @@ EXECUTION_OPTIONS = frozenset(
 ESTIMATORS = ("unbiased-minibatch", "biased", "unbiased")
 KERNELS = ("linear", "rbf")
 FEATURES = ("auto", "cls", "gap")
+#: ``--groups`` of probes: which images a split keeps together.
+GROUPINGS = ("auto", "parent", "none")
 #: Layer selections of the analyses drawn along depth (:func:`jobs.analyze.depth.select_by_role`).
 ROLE_SETS = ("stream", "branches", "all")
 # A target token: a grid position (row, col) or a flat patch index (row-major).
@@ -312,7 +317,23 @@ class CKAConfig(AnalysisOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class AttentionConfig(AnalysisOptions):
+class BootstrapOptions(AnalysisOptions):
+    """Options of the analyses with bootstrap intervals over images (attention,
+    localization, skip, probe): ``bootstrap`` resamples (0: no interval) and the
+    interval's coverage ``ci_level``; the resamples are drawn from the analysis's
+    ``--seed`` where it has one, else from 0."""
+
+    # fmt: off
+    bootstrap: int = option(DEFAULT_BOOTSTRAP, flag="--bootstrap", parse=int,
+        check="non-negative", metavar="N",
+        help="bootstrap resamples of the images for the intervals (0: none)")
+    ci_level: float = option(DEFAULT_LEVEL, flag="--ci-level", parse=float, check="fraction",
+        help="coverage of the percentile bootstrap intervals")
+    # fmt: on
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionConfig(BootstrapOptions):
     """Options of ``vitcnn analyze attention``: ``renormalize`` rows over patch keys;
     ``layers`` restricts the attention modules with glob patterns."""
 
@@ -325,7 +346,7 @@ class AttentionConfig(AnalysisOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class LocalizationConfig(AnalysisOptions):
+class LocalizationConfig(BootstrapOptions):
     """Options of ``vitcnn analyze localization``.
 
     ``layer`` defaults to the last stored block output; ``tokens`` lists grid
@@ -346,19 +367,20 @@ class LocalizationConfig(AnalysisOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SkipConfig(AnalysisOptions):
+class SkipConfig(BootstrapOptions):
     """Options of ``vitcnn analyze skip`` (the common ones only)."""
 
 
 @dataclass(frozen=True, kw_only=True)
-class ProbeConfig(AnalysisOptions):
+class ProbeConfig(BootstrapOptions):
     """Options of ``vitcnn analyze probe``.
 
     ``shots`` per class (0 = full split with ``test_fraction`` held out);
     ``features`` auto|cls|gap; ridge ``l2`` (None: chosen by ``cv_folds``-fold
     cross-validation over ``l2_grid``); ``repeats`` splits from ``seed``;
     ``layers`` patterns (default: the residual stream; ``roles`` as in
-    :func:`~jobs.analyze.depth.select_by_role`).
+    :func:`~jobs.analyze.depth.select_by_role`); ``groups`` keeps groups of
+    images (the crops of one photograph) on one side of every split and fold.
     """
 
     # fmt: off
@@ -386,6 +408,10 @@ class ProbeConfig(AnalysisOptions):
     layers: str | None = option(None, flag="--layers", parse=str, metavar="PATTERNS",
         help="layers by pattern (default: the residual stream, one point per block)")
     roles: str = option("stream", flag="--roles", choices=ROLE_SETS, help=_ROLES_HELP)
+    groups: str = option("auto", flag="--groups", choices=GROUPINGS,
+        help="images that must stay on one side of every split and fold: auto (the crops "
+        "of one photograph of builtin:photos, else none), parent (the image_id's folder), "
+        "none")
     # fmt: on
 
     def validate(self) -> None:

@@ -79,3 +79,34 @@ def test_no_attention_is_one_line_error(synth: str, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err.strip()
     assert "--attention" in err and len(err.splitlines()) == 1
     assert cli(["analyze", "attention", synth, "vit", "--layers", "x.*", "--no-progress"]) == 2
+
+
+def test_distance_interval_is_the_bootstrap_of_per_image_distances(synth: str) -> None:  # noqa: F811
+    """Each image's mean distance from plain numpy, resampled by a loop drawing from the
+    same stream as the kernel (row b: ``integers(0, n, (B, n))[b]``), percentiles."""
+    ds = run_attention(AttentionConfig(store=synth, run="vit", bootstrap=200, ci_level=0.8,
+                                       progress=False, name="att-ci")).dataset  # fmt: skip
+    run = open_store(synth)["vit"]
+    per_layer = []
+    for layer in run.attention_layers:
+        a = run.attention(layer)
+        attn = a.values[run.valid].astype(np.float64)
+        yx = np.stack([a["query_y"].values, a["query_x"].values], axis=1).astype(np.float64)
+        patch = ~np.isnan(yx).any(axis=1)
+        p = attn[:, :, patch][:, :, :, patch]
+        d = np.linalg.norm(yx[patch][:, None] - yx[patch][None], axis=-1)
+        per_layer.append((p * d).sum(axis=-1).mean(axis=-1))  # (image, head)
+    values = np.stack(per_layer, axis=1)  # (image, layer, head)
+    n = values.shape[0]
+    draws = np.random.default_rng(0).integers(0, n, size=(200, n))
+    reps = np.stack([values[d].mean(axis=0) for d in draws])
+    np.testing.assert_allclose(ds["mean_distance_lo"].values, np.percentile(reps, 10, axis=0),
+                               rtol=0, atol=1e-8)  # fmt: skip
+    np.testing.assert_allclose(ds["mean_distance_hi"].values, np.percentile(reps, 90, axis=0),
+                               rtol=0, atol=1e-8)  # fmt: skip
+    assert (ds["mean_distance_lo"] <= ds["mean_distance"]).all()
+    assert (ds["mean_distance"] <= ds["mean_distance_hi"]).all()
+    assert ds.attrs["ci_level"] == 0.8 and ds.attrs["bootstrap_resamples"] == 200
+    none = run_attention(AttentionConfig(store=synth, run="vit", bootstrap=0, progress=False,
+                                         name="att-noci")).dataset  # fmt: skip
+    assert "mean_distance_lo" not in none
