@@ -93,13 +93,24 @@ class DemoPlan:
 
 
 def _models(cfg: DemoConfig, size: int) -> tuple[ModelSpec, ModelSpec]:
-    """Full demo: ViT-S/16 and ResNet-50; quick: a 4-block ViT-Ti/16 and ResNet-18."""
+    """Full demo: ViT-S/16 and ResNet-50; quick: a 4-block ViT-Ti/16 and ResNet-18. A
+    random-init ResNet is built with ``zero_init_last=False`` (live residual branches).
+
+    Examples
+    --------
+    >>> _models(DemoConfig(quick=True), 64)[1].model_args
+    {'zero_init_last': False}
+    """
     if cfg.quick:
         vit = ModelSpec("vit_tiny_patch16_224", img_size=size, model_args={"depth": 4})
         resnet = ModelSpec("resnet18", img_size=size)
     else:
         vit = ModelSpec("vit_small_patch16_224", img_size=size)
         resnet = ModelSpec("resnet50", img_size=size)
+    if not (cfg.pretrained or cfg.resnet_checkpoint):
+        # timm zero-initialises each residual branch's last BatchNorm: at random init every
+        # branch would output exactly 0 (dead branches, blocks repeating their input).
+        resnet = replace(resnet, model_args={"zero_init_last": False})
     return (
         replace(vit, pretrained=cfg.pretrained, checkpoint=cfg.vit_checkpoint),
         replace(resnet, pretrained=cfg.pretrained, checkpoint=cfg.resnet_checkpoint),
