@@ -67,8 +67,8 @@ SECTIONS: dict[str, tuple[str, str]] = {
         "Test accuracy of closed-form ridge probes on the residual stream (the stem and "
         "every block output) against normalized depth, with the chance level dashed and the "
         "same probe on the raw input pixels dotted (paper Sec. 8, Fig. 13). The ridge penalty "
-        "is chosen per layer by cross-validation on the training split (lower panel); filled circles probe the CLS token, "
-        "squares the token or spatial mean.",
+        "is chosen per layer by cross-validation on the training split (lower panel); filled "
+        "circles probe the CLS token, squares the token or spatial mean.",
     ),
 }
 
