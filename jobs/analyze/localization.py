@@ -128,7 +128,7 @@ def run_localization(cfg: LocalizationConfig) -> AnalysisResult:
     The result (``<run>/_analyses/localization``) holds ``localization``
     (target, grid_y, grid_x), its input baseline ``localization_input``, the
     batches (``batch_image``, ``batch_image_id``) and, with ``bootstrap``
-    resamples, ``localization_lo``/``_hi`` (over batches).
+    resamples and two batches or more, ``localization_lo``/``_hi`` (over batches).
     """
     (run,) = open_runs(cfg.store, [cfg.run])
     mask = usable_mask(run, cfg.allow_incomplete)
@@ -202,7 +202,9 @@ def run_localization(cfg: LocalizationConfig) -> AnalysisResult:
         member_ids = string_coord(run.image_ids[members.ravel()]).reshape(members.shape)
         ds["batch_image_id"] = (("batch", "member"), member_ids)
         ds["batch_image"].attrs["long_name"] = f"image index in run {run.name!r} of each member"
-        if cfg.bootstrap:
+        if cfg.bootstrap and len(batches) < 2:
+            ds.attrs["bootstrap"] = "no interval: one batch, nothing to resample"
+        elif cfg.bootstrap:
             lo, hi = batch_bootstrap_interval([p for p, _ in ordered], n_boot=cfg.bootstrap,
                                               level=cfg.ci_level, seed=cfg.seed)  # fmt: skip
             for end, v in (("lo", lo), ("hi", hi)):
@@ -210,7 +212,7 @@ def run_localization(cfg: LocalizationConfig) -> AnalysisResult:
                 ds[f"localization_{end}"].attrs["long_name"] = (
                     f"{'lower' if end == 'lo' else 'upper'} end of the {cfg.ci_level:g} "
                     f"percentile bootstrap interval over the {len(batches)} batches "
-                    f"({cfg.bootstrap} resamples; NaN with one batch)"
+                    f"({cfg.bootstrap} resamples)"
                 )
             ds.attrs.update(ci_level=cfg.ci_level, bootstrap_resamples=cfg.bootstrap,
                             bootstrap_seed=cfg.seed,
