@@ -30,6 +30,7 @@ SAMPLES: dict[str, tuple[list[str], Any]] = {
                ("layer1.*=pool:2", "layer2.*=mean")),
     "attention": (["--attention"], True),
     "attention_layers": (["--attention-layers", "blocks.0.attn"], "blocks.0.attn"),
+    "attention_heads": (["--attention-heads"], True),
     "inputs": (["--inputs"], True),
     "dtype": (["--dtype", "float32"], "float32"),
     "compression": (["--compression", "zstd"], "zstd"),
