@@ -82,7 +82,16 @@ def _datasets() -> dict[str, xr.Dataset]:
         },
         attrs={"analysis": "probe", "run": "vit", "n_classes": 2, "shots": 10},
     )
-    return {"cka": cka, "attention": att, "localization": loc, "skip": skip, "probe": probe}
+    heads = xr.Dataset(
+        {
+            "mean_distance": (("head_layer", "head"), rng.uniform(5, 100, size=(3, 4))),
+            "cka_lower": (("head_layer", "head"), rng.uniform(0, 0.6, size=(3, 4))),
+        },
+        coords={"head_layer": _names("blocks.attn.norm", 3), "layer_b": _names("layer1.", 2)},
+        attrs={"analysis": "heads", "run_a": "vit", "run_b": "r50", "n": 64},
+    )
+    return {"cka": cka, "attention": att, "localization": loc, "skip": skip, "probe": probe,
+            "heads": heads}  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", list(plots.PLOTTERS))

@@ -33,6 +33,7 @@ __all__ = [
     "PLOTTERS",
     "cka_figure",
     "draw_attention",
+    "draw_heads",
     "draw_localization",
     "draw_overlay",
     "draw_probe",
@@ -40,6 +41,7 @@ __all__ = [
     "figure_dir",
     "plot_attention",
     "plot_cka",
+    "plot_heads",
     "plot_localization",
     "plot_overlay",
     "plot_probe",
@@ -557,6 +559,40 @@ def plot_probe(ds: xr.Dataset, path: str | Path) -> Path:
     return _save(draw_probe(ds), path)
 
 
+def draw_heads(ds: xr.Dataset) -> Figure:
+    """Each ViT head's mean CKA with the CNN's chosen (lower) layers against its mean
+    attention distance, one colour and marker per layer (paper Sec. 5, Fig. 5)."""
+    from matplotlib import colormaps
+
+    layers = _names(ds["head_layer"].values)
+    fig = _figure(6.4, 4.6)
+    ax = fig.add_subplot()
+    cmap = colormaps["viridis"]
+    for j, layer in enumerate(layers):
+        x = np.asarray(ds["mean_distance"].values[j], dtype=float)
+        y = np.asarray(ds["cka_lower"].values[j], dtype=float)
+        keep = np.isfinite(x) & np.isfinite(y)
+        ax.scatter(x[keep], y[keep], s=22, color=cmap(j / max(len(layers) - 1, 1)),
+                   marker=_MARKERS[j % len(_MARKERS)], label=layer)  # fmt: skip
+    ax.set_xlabel("mean attention distance of the head (px)")
+    b = ds.attrs.get("run_b", "run2")
+    ax.set_ylabel(f"mean CKA with {b}'s layers")
+    ax.set_xlim(left=0.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, title="head layer", title_fontsize=7)
+    chosen = _names(ds["layer_b"].values)
+    shown = ", ".join(chosen[:6]) + (" …" if len(chosen) > 6 else "")
+    ax.set_title(f"per-head CKA, {ds.attrs.get('run_a', '')} heads × {b} ({shown})\n"
+                 f"n={ds.attrs.get('n', '?')}, batch {ds.attrs.get('batch_size', '?')} × "
+                 f"{ds.attrs.get('n_batches', '?')}", fontsize=8)  # fmt: skip
+    return fig
+
+
+def plot_heads(ds: xr.Dataset, path: str | Path) -> Path:
+    """Draw :func:`draw_heads` to ``path``."""
+    return _save(draw_heads(ds), path)
+
+
 #: Analyses whose results several runs can share one figure for (:func:`draw_overlay`).
 OVERLAYS = ("probe", "skip")
 
@@ -603,6 +639,7 @@ PLOTTERS: dict[str, Callable[[xr.Dataset, str | Path], Path]] = {
     "localization": plot_localization,
     "skip": plot_skip,
     "probe": plot_probe,
+    "heads": plot_heads,
 }
 
 

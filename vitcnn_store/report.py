@@ -70,6 +70,12 @@ SECTIONS: dict[str, tuple[str, str]] = {
         "is chosen per layer by cross-validation on the training split (lower panel); filled "
         "circles probe the CLS token, squares the token or spatial mean.",
     ),
+    "heads": (
+        "Attention heads against the CNN",
+        "Each ViT head's output compared by CKA with the CNN's lower layers, against the "
+        "head's mean attention distance (paper Sec. 5, Fig. 5): heads that attend locally "
+        "resemble the CNN's lower layers more.",
+    ),
 }
 
 # What the paper did, beside each figure, each with the section or figure that says so
@@ -86,6 +92,8 @@ PAPER_PROTOCOL: dict[str, str] = {
     "ViTs trained with global average pooling)",
     "skip": "trained ViTs, ‖z‖/‖f(z)‖ per block for the CLS and the spatial tokens, "
     "compared with a ResNet (Sec. 6, Fig. 7)",
+    "heads": "individual heads of the lower layers of a trained ViT against the lower "
+    "layers of a ResNet by CKA, sorted by mean attention distance (Sec. 5, Fig. 5)",
     "probe": "closed-form linear probes on the CLS token or the token mean at the output of "
     "every block, ViTs and ResNets trained on data of different scales (Sec. 8, Fig. 13)",
 }

@@ -49,6 +49,7 @@ __all__ = [
     "AttentionConfig",
     "BootstrapOptions",
     "CKAConfig",
+    "HeadsConfig",
     "LocalizationConfig",
     "ProbeConfig",
     "SkipConfig",
@@ -423,6 +424,37 @@ class ProbeConfig(BootstrapOptions):
             )
 
 
+@dataclass(frozen=True, kw_only=True)
+class HeadsConfig(AnalysisOptions):
+    """Options of ``vitcnn analyze heads`` (per-head CKA against mean attention distance).
+
+    ``run`` holds the per-head outputs (``--attention-heads``) and the attention
+    (``--attention``); ``run2`` the network compared with (images paired by
+    ``image_id``); ``layers`` picks head layers, ``layers2`` the second run's
+    layers (default: its residual stream up to half depth).
+    """
+
+    # fmt: off
+    run2: str = ""  # the positional RUN2 of the CLI (required)
+    layers: str | None = option(None, flag="--layers", parse=str, metavar="PATTERNS",
+        help="head layers by pattern (default: every <attention module>.norm stored by "
+        "--attention-heads)")
+    layers2: str | None = option(None, flag="--layers2", parse=str, metavar="PATTERNS",
+        help="layers of RUN2 (default: its residual stream up to half depth)")
+    batch_size: int = option(DEFAULT_BATCH_SIZE, flag="--batch-size", parse=int,
+        check="at least 4", help="images per batch, capped to the usable images")
+    max_batches: int | None = option(None, flag="--batches", parse=int, check="positive",
+        metavar="N", help="at most N batches (default: every full batch)")
+    seed: int = option(0, flag="--seed", parse=int, check="non-negative", help="sampling seed")
+    # fmt: on
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.run2:
+            raise UsageError("heads compares two runs: give RUN2 (the CNN)")
+        check_name(self.run2)
+
+
 # analysis name -> its config, as ``vitcnn analyze`` offers them.
 CONFIGS: dict[str, type[AnalysisOptions]] = {
     "cka": CKAConfig,
@@ -430,6 +462,7 @@ CONFIGS: dict[str, type[AnalysisOptions]] = {
     "localization": LocalizationConfig,
     "skip": SkipConfig,
     "probe": ProbeConfig,
+    "heads": HeadsConfig,
 }
 
 

@@ -69,3 +69,70 @@ def test_attention_heads_refusals(tmp_path: Path) -> None:
     with pytest.raises(LayerPatternError, match="--attention-heads"):
         extract_tiny(url, "r", "resnet", attention_heads=True, limit=4)
     assert snapshot(url) == before  # refused before anything is written
+
+
+def _ref_hsic1(K: np.ndarray, L: np.ndarray) -> float:
+    n = K.shape[0]
+    K, L = K.copy(), L.copy()
+    np.fill_diagonal(K, 0.0)
+    np.fill_diagonal(L, 0.0)
+    rk, rl = K.sum(1), L.sum(1)
+    return float((np.sum(K * L) + rk.sum() * rl.sum() / ((n - 1) * (n - 2))
+                  - 2.0 / (n - 2) * rk @ rl) / (n * (n - 3)))  # fmt: skip
+
+
+def test_per_head_cka_and_distance_equal_numpy(tmp_path: Path) -> None:
+    """Per head, minibatch CKA with the ResNet's lower layers over the recorded batches, and
+    the mean attention distance, both recomputed with plain numpy; the figure draws them."""
+    from jobs.analyze.heads import HeadsConfig, run_heads
+    from vitcnn_store import plots
+
+    url = str(tmp_path / "p.zarr")
+    extract_tiny(url, "vit", layers="preset:blocks", attention=True, attention_heads=True,
+                 limit=24, dtype="float32")  # fmt: skip
+    extract_tiny(url, "resnet", "resnet", layers="preset:blocks", limit=24, dtype="float32")
+    ds = run_heads(HeadsConfig(store=url, run="vit", run2="resnet", batch_size=8,
+                               progress=False)).dataset  # fmt: skip
+    store = open_store(url)
+    vit, resnet = store["vit"], store["resnet"]
+    assert ds["head_layer"].values.tolist() == ["blocks.0.attn.norm", "blocks.1.attn.norm"]
+    lower = ds["layer_b"].values.tolist()
+    assert lower and "layer4.1" not in lower  # up to half depth
+    a, b = ds["batch_image"].values, ds["batch_image_b"].values
+    assert a.shape == (3, 8)
+    for j, layer in enumerate(ds["head_layer"].values.tolist()):
+        x = vit[layer].values.astype(np.float64)
+        for h in range(3):
+            head = x[..., h * 64 : (h + 1) * 64].reshape(24, -1)
+            for k, other in enumerate(lower):
+                y = resnet[other].values.astype(np.float64).reshape(24, -1)
+                kl = [(head[r] @ head[r].T, y[s] @ y[s].T) for r, s in zip(a, b, strict=True)]
+                xy = sum(_ref_hsic1(K, L) for K, L in kl)
+                xx = sum(_ref_hsic1(K, K) for K, _ in kl)
+                yy = sum(_ref_hsic1(L, L) for _, L in kl)
+                assert ds["cka"].values[j, h, k] == pytest.approx(xy / np.sqrt(xx * yy), abs=1e-9)
+        attn = vit.attention(layer.removesuffix(".norm"))
+        p = attn.values.astype(np.float64)
+        yx = np.stack([attn["query_y"].values, attn["query_x"].values], 1).astype(np.float64)
+        patch = ~np.isnan(yx).any(axis=1)
+        d = np.linalg.norm(yx[patch][:, None] - yx[patch][None], axis=-1)
+        ref = (p[:, :, patch][:, :, :, patch] * d).sum(-1).mean(axis=(0, 2))
+        np.testing.assert_allclose(ds["mean_distance"].values[j], ref, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(ds["cka_lower"].values, ds["cka"].values.mean(axis=2), atol=0)
+    fig = plots.draw_heads(ds)
+    points = [c.get_offsets() for c in fig.axes[0].collections]
+    assert len(points) == 2 and all(len(p) == 3 for p in points)
+    np.testing.assert_allclose(points[0][:, 0], ds["mean_distance"].values[0], atol=1e-12)
+
+
+def test_heads_refusals(tmp_path: Path) -> None:
+    from tests.jobs.test_analyze_common import cli
+
+    url = str(tmp_path / "q.zarr")
+    extract_tiny(url, "vit", layers="preset:blocks", attention_heads=True, limit=8)
+    extract_tiny(url, "plain", layers="preset:blocks", limit=8)
+    before = snapshot(url)
+    assert cli(["analyze", "heads", url, "vit", "plain", "--no-progress"]) == 2  # no attention
+    assert cli(["analyze", "heads", url, "plain", "vit", "--no-progress"]) == 2  # no heads
+    assert cli(["analyze", "heads", url, "vit", "--no-progress"]) == 2  # no RUN2
+    assert snapshot(url) == before
