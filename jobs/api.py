@@ -45,6 +45,7 @@ def extract(
     transform: Callable[[Any], Any] | None = None,
     data_config: Mapping[str, Any] | None = None,
     attention: bool | str = False,
+    attention_heads: bool = False,
     inputs: bool = False,
     reduce: Mapping[str, str] | Sequence[str] | None = None,
     pretrained: bool = False,
@@ -96,6 +97,9 @@ def extract(
         ``True`` stores the softmax probabilities of every attention module
         that exposes them the way timm's do; a string restricts it to the
         matching modules. Refused for a model without such modules.
+    attention_heads
+        Also store every such module's per-head outputs (context vectors before
+        the output projection) as layer ``<module>.norm`` (``--attention-heads``).
     reduce
         Reductions at extraction: ``{"blocks.*": "cls"}`` or
         ``["layer*.*=pool:2"]`` (``cls``, ``mean`` or ``pool:K``).
@@ -140,7 +144,7 @@ def extract(
     cfg = ExtractConfig(
         model=spec, images=str(images), store=str(store), run=run,
         layers=layers if isinstance(layers, str) else ",".join(layers),
-        reduce=_reduce_items(reduce), attention=bool(attention),
+        reduce=_reduce_items(reduce), attention=bool(attention), attention_heads=attention_heads,
         attention_layers=attention if isinstance(attention, str) else None, inputs=inputs,
         dtype=dtype, compression=compression, chunk_size=chunk_size, batch_size=batch_size,
         limit=limit, strict=strict, resume=resume, overwrite=overwrite, workers=workers,

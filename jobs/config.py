@@ -69,6 +69,11 @@ class ExtractConfig:
         None, flag="--attention-layers", parse=str, metavar="PATTERNS",
         help="restrict --attention to these attention modules",
     )  # fmt: skip
+    attention_heads: bool = option(
+        False, flag="--attention-heads", action="true",
+        help="store each attention module's per-head outputs (the heads' context vectors "
+        "before the output projection) as layer <module>.norm, channel = head × head_dim + d",
+    )  # fmt: skip
     inputs: bool = option(False, flag="--inputs", action="true",
                           help="store the preprocessed input")  # fmt: skip
     dtype: str = option("float16", flag="--dtype", parse=str, choices=DTYPES,
@@ -133,8 +138,8 @@ class ExtractConfig:
         check_name(self.run)
         for item in self.reduce:
             parse_reduce_item(item)
-        if self.attention_layers and not self.attention:
-            raise UsageError("--attention-layers needs --attention")
+        if self.attention_layers and not (self.attention or self.attention_heads):
+            raise UsageError("--attention-layers needs --attention or --attention-heads")
         if self.transform is not None and self.data_config is not None:
             raise UsageError("give either transform or data_config, not both")
         if self.transform is not None and not callable(self.transform):

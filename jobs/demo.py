@@ -93,13 +93,24 @@ class DemoPlan:
 
 
 def _models(cfg: DemoConfig, size: int) -> tuple[ModelSpec, ModelSpec]:
-    """Full demo: ViT-S/16 and ResNet-50; quick: a 4-block ViT-Ti/16 and ResNet-18."""
+    """Full demo: ViT-S/16 and ResNet-50; quick: a 4-block ViT-Ti/16 and ResNet-18. A
+    random-init ResNet is built with ``zero_init_last=False`` (live residual branches).
+
+    Examples
+    --------
+    >>> _models(DemoConfig(quick=True), 64)[1].model_args
+    {'zero_init_last': False}
+    """
     if cfg.quick:
         vit = ModelSpec("vit_tiny_patch16_224", img_size=size, model_args={"depth": 4})
         resnet = ModelSpec("resnet18", img_size=size)
     else:
         vit = ModelSpec("vit_small_patch16_224", img_size=size)
         resnet = ModelSpec("resnet50", img_size=size)
+    if not (cfg.pretrained or cfg.resnet_checkpoint):
+        # timm zero-initialises each residual branch's last BatchNorm: at random init every
+        # branch would output exactly 0 (dead branches, blocks repeating their input).
+        resnet = replace(resnet, model_args={"zero_init_last": False})
     return (
         replace(vit, pretrained=cfg.pretrained, checkpoint=cfg.vit_checkpoint),
         replace(resnet, pretrained=cfg.pretrained, checkpoint=cfg.resnet_checkpoint),
@@ -121,7 +132,7 @@ def _extractions(cfg: DemoConfig) -> tuple[ExtractConfig, ...]:
     # A few hundred small images: one worker is quicker than starting two.
     faces: dict[str, Any] = {
         **common, "images": "builtin:faces", "limit": 100 if cfg.quick else 200,
-        "chunk_size": 50, "workers": 1,
+        "chunk_size": 50, "workers": 1, "inputs": True,  # inputs: the raw-pixel probe
     }  # fmt: skip
     return (
         ExtractConfig(model=vit, run="vit", layers="preset:blocks", attention=True, **photos),
@@ -136,7 +147,9 @@ def _analyses(store: str, quick: bool) -> tuple[DemoAnalysis, ...]:
     """Every analysis of the report over the demo store."""
     common: dict[str, Any] = {"store": store}
     batch = 32 if quick else 128  # minibatch CKA as in the paper, at demo scale
-    n = 64 if quick else 256  # localization: one batch of every image
+    # Localization: four batches over every image, so its interval (a bootstrap over
+    # batches) exists.
+    n = 16 if quick else 64
     repeats = 2 if quick else 3  # probe splits: error bars
     return (
         DemoAnalysis("CKA within the ViT", run_cka,

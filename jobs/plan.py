@@ -88,6 +88,47 @@ def _select_attention(model: Any, cfg: ExtractConfig) -> list[str]:
     return match_patterns(available, cfg.attention_layers, "attention module (--attention-layers)")
 
 
+def _head_layers(model: Any, cfg: ExtractConfig) -> dict[str, dict[str, Any]]:
+    """``--attention-heads``: per attention module, the layer holding its heads' outputs
+    and the attributes that say how to split it into heads.
+
+    In timm's attention ``x = (softmax(q kᵀ) v)`` is transposed to (token, head, d),
+    flattened to channels and passed through ``norm`` (an identity unless
+    ``scale_norm``) before ``proj``: the output of ``<module>.norm`` is every head's
+    context vector, channel ``h · head_dim + d``. A module whose ``norm`` is not an
+    identity mixes the heads there and is refused.
+    """
+    import torch
+
+    if not cfg.attention_heads:
+        return {}
+    available = attention_modules(model)
+    if cfg.attention_layers:
+        available = match_patterns(available, cfg.attention_layers,
+                                   "attention module (--attention-layers)")  # fmt: skip
+    modules = dict(model.named_modules())
+    out: dict[str, dict[str, Any]] = {}
+    for name in available:
+        module = modules[name]
+        norm = getattr(module, "norm", None)
+        heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
+        if not isinstance(norm, torch.nn.Identity) or not heads or not head_dim:
+            raise LayerPatternError(
+                f"--attention-heads: {name!r} ({type(module).__name__}) has no identity "
+                "`norm` before its output projection (scale_norm mixes the heads) or does not "
+                "say its num_heads/head_dim; leave --attention-heads out"
+            )
+        out[f"{name}.norm"] = {
+            "head_output_of": name, "heads": int(heads), "head_dim": int(head_dim),
+            "channel_layout": "head * head_dim + d (per-head context vectors before proj)",
+        }  # fmt: skip
+    if not out:
+        raise LayerPatternError(
+            f"--attention-heads: {type(model).__name__} has no timm attention module"
+        )
+    return out
+
+
 def _attention_coords(lay: LayerLayout) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
     """Token coordinates of an attention map, once along ``query`` and once along ``key``."""
     out: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
@@ -326,6 +367,8 @@ def plan_extraction(cfg: ExtractConfig, threads: int | None = None) -> RunTempla
     clock.lap("model")
     layers = expand_layers(model, cfg.layers)
     attention = _select_attention(model, cfg)
+    heads = _head_layers(model, cfg)
+    layers += [name for name in heads if name not in layers]
     for name in [*layers, *attention]:
         check_layer_name(name)
     dcfg, custom = _preprocessing(cfg, model)
@@ -356,6 +399,8 @@ def plan_extraction(cfg: ExtractConfig, threads: int | None = None) -> RunTempla
         layouts = cap.layouts(acts, attn, (input_size[1], input_size[2]))
     layers = sorted(layers, key=lambda n: layouts[n].depth_index)
     resolved, layouts, reduce_attrs = _reductions(cfg, layers, layouts)
+    for name, attrs in heads.items():
+        reduce_attrs[name] = {**reduce_attrs.get(name, {}), **attrs}
     clock.lap("template")
     sha = weights_sha256(model)
     clock.lap("weights hash")

@@ -30,6 +30,7 @@ SAMPLES: dict[str, tuple[list[str], Any]] = {
                ("layer1.*=pool:2", "layer2.*=mean")),
     "attention": (["--attention"], True),
     "attention_layers": (["--attention-layers", "blocks.0.attn"], "blocks.0.attn"),
+    "attention_heads": (["--attention-heads"], True),
     "inputs": (["--inputs"], True),
     "dtype": (["--dtype", "float32"], "float32"),
     "compression": (["--compression", "zstd"], "zstd"),
@@ -206,8 +207,9 @@ def test_analyze_parsers_are_built_from_the_option_tables() -> None:
             assert (tuple(action.choices) if action.choices else None) == opt.choices
             assert action.help is not None and action.help.startswith(opt.help)
         assert set(actions) - table == {"-h", "--help", "--figures", "--no-figure"}, name
-        args = build_parser().parse_args(["analyze", name, "s.zarr", "r"])
-        assert analysis_config(args) == config(store="s.zarr", run="r"), name
+        run2 = {"run2": "r2"} if name == "heads" else {}  # heads compares two runs
+        args = build_parser().parse_args(["analyze", name, "s.zarr", "r", *run2.values()])
+        assert analysis_config(args) == config(store="s.zarr", run="r", **run2), name
 
 
 # (analysis, CLI arguments, the same value given to the Python config)

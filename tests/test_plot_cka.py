@@ -33,7 +33,8 @@ def _result(null: bool = True, depth: bool = True) -> xr.Dataset:
 def test_depth_axes_and_null_panel(tmp_path: Path) -> None:
     ds = _result()
     fig = plots.cka_figure(ds)
-    cka_ax, null_ax, bar = fig.axes[0], fig.axes[1], fig.axes[-1]
+    cka_ax, null_ax = fig.axes[0], fig.axes[1]
+    bar = next(ax for ax in fig.axes if ax.get_ylabel() == "CKA")  # the CKA colour bar
     assert cka_ax.get_title() == "CKA" and "null" in null_ax.get_title()
     assert "normalized depth" in cka_ax.get_xlabel() and "normalized depth" in cka_ax.get_ylabel()
     # Both axes span the residual stream 0..1 however many layers each model has.
@@ -58,3 +59,34 @@ def test_older_results_without_depth_or_null_still_draw(tmp_path: Path) -> None:
     assert len(fig.axes) == 2  # the heatmap and its colour bar
     assert fig.axes[0].get_xlabel() == "r50 layer"
     plots.plot_cka(_result(null=False, depth=False), tmp_path / "old.png")
+
+
+def _panel(fig, title: str):  # type: ignore[no-untyped-def]
+    return next(ax for ax in fig.axes if title in ax.get_title())
+
+
+def test_negative_values_sd_and_percentile_are_shown_not_clipped() -> None:
+    """Unbiased CKA below 0 keeps its colour (the scale reaches the minimum, diverging
+    at 0); sd over repeats and the null's percentile get panels and colour bars; the
+    "null max" label sits beside the bar, away from its tick labels."""
+    ds = _result()
+    ds["cka"][0, 0] = -0.3
+    ds["cka_std"] = (("layer_a", "layer_b"), np.full((13, 9), 0.02))
+    ds["cka_null"][1, 1] = -0.07
+    ds["cka_percentile"] = (("layer_a", "layer_b"), np.full((13, 9), 97.5))
+    ds = ds.assign_coords(permutation=np.arange(20))
+    fig = plots.cka_figure(ds)
+    mesh = fig.axes[0].collections[0]
+    assert mesh.norm.vmin <= -0.3 and mesh.norm.vmax >= 1.0
+    assert mesh.norm(0.0) == 0.5  # 0 is the centre of a diverging scale
+    null_mesh = _panel(fig, "null").collections[0]
+    assert null_mesh.norm.vmin <= -0.07 and null_mesh.norm.vmax >= ds["cka_null"].values.max()
+    assert "sd over" in _panel(fig, "sd over").get_title()
+    assert "20 permutations" in _panel(fig, "percentile").get_title()
+    labels = sorted(ax.get_ylabel() for ax in fig.axes if ax.get_ylabel() in
+                    ("CKA", "sd of CKA", "null CKA", "percentile"))  # fmt: skip
+    assert labels == ["CKA", "null CKA", "percentile", "sd of CKA"]  # one bar per panel
+    bar = next(ax for ax in fig.axes if ax.get_ylabel() == "CKA")
+    (label,) = [t for t in bar.texts if t.get_text() == "null max"]
+    assert label.get_position()[0] < 0 and label.get_ha() == "right"  # left of the bar
+    assert all(t.get_position()[0] >= 0 for t in bar.get_yticklabels())

@@ -82,7 +82,16 @@ def _datasets() -> dict[str, xr.Dataset]:
         },
         attrs={"analysis": "probe", "run": "vit", "n_classes": 2, "shots": 10},
     )
-    return {"cka": cka, "attention": att, "localization": loc, "skip": skip, "probe": probe}
+    heads = xr.Dataset(
+        {
+            "mean_distance": (("head_layer", "head"), rng.uniform(5, 100, size=(3, 4))),
+            "cka_lower": (("head_layer", "head"), rng.uniform(0, 0.6, size=(3, 4))),
+        },
+        coords={"head_layer": _names("blocks.attn.norm", 3), "layer_b": _names("layer1.", 2)},
+        attrs={"analysis": "heads", "run_a": "vit", "run_b": "r50", "n": 64},
+    )
+    return {"cka": cka, "attention": att, "localization": loc, "skip": skip, "probe": probe,
+            "heads": heads}  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", list(plots.PLOTTERS))
@@ -207,7 +216,77 @@ def test_attention_figure_says_what_it_does_with_the_cls_key() -> None:
     title = fig.subfigs[0]._suptitle.get_text()
     assert "CLS-key mass dropped, rows not renormalized" in title
     assert fig.axes[2].get_ylabel().startswith("attention on the CLS key")
-    np.testing.assert_allclose(fig.axes[2].collections[0].get_offsets()[:, 1], 0.088)
+    np.testing.assert_allclose(fig.axes[2].collections[0].get_offsets()[:, 1], 0.088, atol=1e-12)
     ds.attrs["renormalize"] = True
     title = plots.draw_attention(ds).subfigs[0]._suptitle.get_text()
     assert "rows renormalized over patch keys" in title
+
+
+# --- honest scales, colour bars, series and baselines (issue 21 point 6) --------------
+
+
+def test_attention_axes_start_at_zero_and_draw_intervals() -> None:
+    """Noise of ±0.5 px around a 65-px baseline must not fill the axis: it starts at 0."""
+    ds = _datasets()["attention"]
+    ds["mean_distance"][:] = 65.17 + np.random.default_rng(1).uniform(-0.5, 0.5, size=(4, 3))
+    ds["mean_distance_lo"] = ds["mean_distance"] - 1.0
+    ds["mean_distance_hi"] = ds["mean_distance"] + 1.0
+    ds.attrs["ci_level"] = 0.95
+    fig = plots.draw_attention(ds)
+    dist, ent = fig.axes[:2]
+    lo, hi = dist.get_ylim()
+    assert lo == 0.0 and hi >= float(ds["mean_distance_hi"].max())
+    assert ent.get_ylim()[0] == 0.0
+    assert any(len(c.get_segments()) == 3 for c in dist.collections if hasattr(c, "get_segments"))
+
+
+def test_cls_maps_share_one_scale_with_a_colour_bar() -> None:
+    fig = plots.draw_attention(_datasets()["attention"])
+    images = [im for ax in fig.axes for im in ax.get_images()]
+    assert len(images) == 4 and len({im.get_clim() for im in images}) == 1
+    assert images[0].get_clim()[0] == 0.0
+    assert any(ax.get_ylabel() == "attention" for ax in fig.axes)  # the colour bar
+
+
+def test_localization_maps_share_the_fixed_scale_with_baseline_and_colour_bar() -> None:
+    ds = _datasets()["localization"]
+    ds["localization"][0, 0, 0] = -0.2  # an unbiased estimate below 0 extends the scale
+    ds["localization_input"] = ds["localization"] * 0 + 0.5
+    fig = plots.draw_localization(ds)
+    images = [im for ax in fig.axes for im in ax.get_images()]
+    assert len(images) == 12  # 6 targets + their 6 input baselines
+    assert {im.get_clim() for im in images} == {(-0.2, plots.LOCALIZATION_SCALE[1])}
+    assert len([ax for ax in fig.axes if ax.get_ylabel() == "CKA with input patch"]) == 1
+    titles = [ax.get_title() for ax in fig.axes]
+    assert sum(t.startswith("input patch") for t in titles) == 6
+    other = _datasets()["localization"] * 0.1
+    other.attrs = ds.attrs
+    clims = {im.get_clim() for ax in plots.draw_localization(other).axes for im in ax.get_images()}
+    assert clims == {plots.LOCALIZATION_SCALE}  # the same scale for every model
+
+
+def test_skip_overlay_gives_every_series_its_own_colour_and_marker() -> None:
+    ds = _datasets()["skip"]
+    ds["ratio_spatial_lo"] = ds["ratio_spatial"] * 0.9
+    ds["ratio_spatial_hi"] = ds["ratio_spatial"] * 1.1
+    fig = plots.draw_overlay("skip", [("vit", ds), ("resnet", ds.drop_vars("ratio_cls"))])
+    series = [ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith(("vit", "resnet"))]
+    assert len(series) == 6  # vit: 2 branches × (spatial, CLS); resnet: 2 × spatial
+    styles = {(str(ln.get_color()), ln.get_marker()) for ln in series}
+    assert len({c for c, _ in styles}) == 6 and len({m for _, m in styles}) == 6
+    assert len(fig.axes[0].collections) == 4  # an interval band per spatial series
+
+
+def test_probe_figure_draws_the_raw_input_baseline_and_intervals() -> None:
+    ds = _datasets()["probe"]
+    ds["input_accuracy"] = ((), 0.93)
+    ds["accuracy_lo"] = ds["accuracy"] - 0.1
+    ds["accuracy_hi"] = ds["accuracy"] + 0.05
+    ax = plots.draw_probe(ds).axes[0]
+    lines = _hlines(ax)
+    assert lines["chance (0.30)"] == 0.3
+    assert lines["run vit: raw input pixels (0.93)"] == 0.93
+    bars = next(iter(ax.containers)).lines[2][0].get_segments()
+    low, high = bars[0][:, 1]
+    assert low == pytest.approx(float(ds["accuracy"][0]) - 0.1)
+    assert high == pytest.approx(float(ds["accuracy"][0]) + 0.05)

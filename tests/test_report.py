@@ -86,7 +86,7 @@ def test_report_in_headless_browser(demo: Path) -> None:
     assert all(ok and w > 0 and h > 0 for ok, w, h in sizes), sizes
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.std() > 10  # not blank
-    assert "zero_init_last" in caveats and "bitwise-identical" in caveats
+    assert "Caveats" in caveats
     assert protocols == sum(len(v) for v in ANALYSES.values())
 
 
@@ -104,17 +104,46 @@ def test_probes_use_real_classes_and_baselines(demo: Path) -> None:
     assert store["vit_faces"].analysis("probe")["feature"].values.tolist()[:2] == ["gap", "cls"]
     att = store["vit"].analysis("attention")
     assert float(att["uniform_distance"][0]) > 0  # the baseline at the run's grid
+    assert (att["mean_distance_lo"] <= att["mean_distance"]).all()
+    for run in ("vit_faces", "resnet_faces"):  # the raw-pixel baseline beside chance
+        ds = store[run].analysis("probe")
+        assert 0.5 < float(ds["input_accuracy"]) <= 1.0
+        assert ds["train_image"].dims == ("repeat", "train_member")
+    loc = store["vit"].analysis("localization")
+    assert loc.attrs["n_batches"] == 4 and np.isfinite(loc["localization_lo"].values).all()
+    assert "localization_input" in loc
 
 
 def test_report_names_baselines_caveats_and_protocols(demo: Path) -> None:
     page = (demo / FIGURES / "report.html").read_text(encoding="utf-8")
-    # Random-init timm ResNets: every branch's last BN is zero, blocks repeat their input.
-    assert '<section id="caveats">' in page and "zero_init_last" in page
-    assert "layer1.0 = layer1.1" in page
-    assert "output exactly 0 on every image" in page  # the ResNet's dead branches
+    # The demo's random-init ResNets keep live branches (zero_init_last=False), and say so.
+    assert '<section id="caveats">' in page and "zero_init_last=False" in page
+    assert "output exactly 0 on every image" not in page  # no dead branches
+    store = open_store(str(demo / "acts.zarr"))
+    skip = store["resnet_faces"].analysis("skip")
+    assert np.isfinite(skip["ratio_spatial"].values).all()
+    assert np.isfinite(skip["ratio_spatial_lo"].values).all()
+    # A finding's text appears once; figures link only the findings among their layers.
+    for line in page.split('<li id="finding-')[1:]:
+        text = line.split("</li>")[0].split(": ", 1)[1]
+        assert page.count(text) == 1, text
     # Each figure says how it was made and what the paper did.
     assert page.count("This figure:") == sum(len(v) for v in ANALYSES.values())
     assert page.count("<b>Paper:</b>") == page.count("This figure:")
     assert "builtin:faces at 64 px" in page and "n = 10,240" in page
     assert "uniform attention over all" in page and "chance 0.500" in page
     assert page.count("All runs on one normalized-depth axis") == len(OVERLAYS)
+
+
+def test_every_paper_statement_names_its_section_or_figure() -> None:
+    """The report's captions and 'Paper:' lines cite Raghu et al. 2021 by section or figure."""
+    import re
+
+    from vitcnn_store.report import PAPER_PROTOCOL, SECTIONS
+
+    cite = re.compile(r"\b(Sec\.|Fig\.|Figs\.|App\.) ?\d")
+    for kind, text in PAPER_PROTOCOL.items():
+        assert cite.search(text), kind
+    for kind, (_, caption) in SECTIONS.items():
+        if "paper" in caption:
+            assert cite.search(caption.split("paper", 1)[1]), kind

@@ -70,6 +70,12 @@ _HELP = {
     "attention": ("mean attention distance, entropy, CLS maps per head", None),
     "localization": ("CKA of chosen tokens with every input patch", None),
     "skip": ("skip-connection norm ratios ||z||/||f(z)|| per block", None),
+    "heads": (
+        "per-head CKA with a CNN's lower layers against mean attention distance",
+        "Each ViT head's output (extract --attention-heads, with --attention) compared by "
+        "minibatch CKA with RUN2's layers (default: its residual stream up to half depth), "
+        "plotted against the head's mean attention distance (paper Sec. 5, Fig. 5).",
+    ),
     "probe": (
         "linear probes per layer (closed-form ridge, penalty by cross-validation)",
         "Ridge probes onto {-1,1} one-hot targets per layer, plotted against normalized "

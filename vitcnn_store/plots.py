@@ -28,17 +28,21 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEPTH_LABEL",
+    "LOCALIZATION_SCALE",
     "OVERLAYS",
     "PLOTTERS",
     "attention_convention",
     "cka_figure",
     "draw_attention",
+    "draw_heads",
+    "draw_localization",
     "draw_overlay",
     "draw_probe",
     "draw_skip",
     "figure_dir",
     "plot_attention",
     "plot_cka",
+    "plot_heads",
     "plot_localization",
     "plot_overlay",
     "plot_probe",
@@ -124,31 +128,70 @@ def plot_cka(ds: xr.Dataset, path: str | Path) -> Path:
 
     With ``depth_a``/``depth_b`` (the fraction of the residual stream) the axes
     are normalized depth, so a ViT and a ResNet line up, and layer names label
-    the opposite axes. With ``cka_null`` (the same estimate over randomly
-    permuted images) a second panel shows the null on the same colour scale
-    and the colour bar marks its largest magnitude: values near it are what
-    unrelated images give.
+    the opposite axes. The colour scale is diverging around 0 and spans the
+    data (at least [-0.05, 1]): unbiased estimates below 0 show, nothing is
+    clipped. Further panels, each with its own colour bar: the standard
+    deviation over repeats (``cka_std``), the null (``cka_null``, the same
+    estimate over randomly permuted images, on a symmetric scale of its own;
+    its largest magnitude is also marked on the CKA colour bar), and each
+    value's percentile among the null's permutations (``cka_percentile``).
     """
     return _save(cka_figure(ds), path)
 
 
-def cka_figure(ds: xr.Dataset) -> Figure:
-    """The figure :func:`plot_cka` saves (panels: CKA, then the null; then the colour bar)."""
+def _cka_norm(values: list[np.ndarray]) -> Any:
+    """Diverging around 0, from the data's minimum (at most -0.05) to its maximum (at least 1)."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    finite = np.concatenate([v[np.isfinite(v)] for v in values] + [np.zeros(1)])
+    return TwoSlopeNorm(vcenter=0.0, vmin=min(float(finite.min()), -0.05),
+                        vmax=max(float(finite.max()), 1.0))  # fmt: skip
+
+
+def _cka_panels(ds: xr.Dataset) -> list[tuple[str, np.ndarray, Any, str, str]]:
+    """(title, values, norm, colour map, colour-bar label) of each panel, CKA first."""
+    from matplotlib.colors import Normalize, TwoSlopeNorm
+
+    def get(var: str) -> np.ndarray | None:
+        return np.asarray(ds[var].values, dtype=float) if var in ds else None
+
     cka = np.asarray(ds["cka"].values, dtype=float)
+    panels = [("CKA", cka, _cka_norm([cka]), "RdBu_r", "CKA")]
+    std = get("cka_std")
+    if std is not None and np.isfinite(std).any():
+        top = max(float(np.nanmax(std)), 1e-6)
+        panels.append((f"sd over {ds.attrs.get('repeats', '?')} repeats", std,
+                       Normalize(0.0, top), "viridis", "sd of CKA"))  # fmt: skip
+    null = get("cka_null")
+    if null is not None:
+        level = float(np.nanmax(np.abs(null))) if np.isfinite(null).any() else 1.0
+        level = max(level, 1e-6)
+        panels.append(("null: images permuted (own scale)", null,
+                       TwoSlopeNorm(vcenter=0.0, vmin=-level, vmax=level), "RdBu_r",
+                       "null CKA"))  # fmt: skip
+    pct = get("cka_percentile")
+    if pct is not None:
+        k = ds.sizes.get("permutation", "?")
+        panels.append((f"percentile among {k} permutations", pct, Normalize(0.0, 100.0),
+                       "cividis", "percentile"))  # fmt: skip
+    return panels
+
+
+def cka_figure(ds: xr.Dataset) -> Figure:
+    """The figure :func:`plot_cka` saves: panels (CKA, then sd, null, percentile where
+    stored), each with its colour bar."""
     la, lb = _names(ds["layer_a"].values), _names(ds["layer_b"].values)
     ya, ea, depth_a = _cka_axes(ds, "a")
     xb, eb, depth_b = _cka_axes(ds, "b")
     null = np.asarray(ds["cka_null"].values, dtype=float) if "cka_null" in ds else None
-    panels = 1 if null is None else 2
+    panels = _cka_panels(ds)
     side = float(np.clip(0.12 * max(len(la), len(lb)) + 3.0, 4.0, 10.0))
-    fig = _figure(side * panels + 1.4, side + 0.6)
-    axes = np.atleast_1d(fig.subplots(1, panels, squeeze=False)[0])
+    fig = _figure((side + 1.2) * len(panels) + 0.4, side + 0.6)
+    axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)[0])
     a, b = ds.attrs.get("run_a", "a"), ds.attrs.get("run_b", "b")
-    im = None
-    for ax, values, title in zip(
-        axes, [cka] if null is None else [cka, null], ["CKA", "null: images permuted"], strict=False
-    ):
-        im = ax.pcolormesh(eb, ea, values, vmin=0.0, vmax=1.0, cmap="magma", shading="flat")
+    bars = []
+    for ax, (title, values, norm, cmap, label) in zip(axes, panels, strict=True):
+        im = ax.pcolormesh(eb, ea, values, norm=norm, cmap=cmap, shading="flat")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(f"{b}: normalized depth" if depth_b else f"{b} layer", fontsize=8)
         ax.set_ylabel(f"{a}: normalized depth" if depth_a else f"{a} layer", fontsize=8)
@@ -163,14 +206,18 @@ def cka_figure(ds: xr.Dataset) -> Figure:
             _name_ticks(ax.secondary_yaxis("right").yaxis, ya, la)
         else:
             _ticks(ax, "y", la)
-    assert im is not None
-    bar = fig.colorbar(im, ax=list(axes), shrink=0.8, label="CKA")
+        bars.append(fig.colorbar(im, ax=ax, shrink=0.8, label=label))
+    cka = panels[0][1]
     lines = [f"CKA {a} × {b}: {_protocol(ds)}"]
+    if np.isfinite(cka).any():
+        lines.append(f"CKA range {np.nanmin(cka):.3f} … {np.nanmax(cka):.3f} (diverging scale "
+                     "centred on 0, nothing clipped)")  # fmt: skip
     if null is not None and np.isfinite(null).any():
         level = float(np.nanmax(np.abs(null)))
-        bar.ax.axhline(min(level, 1.0), color="cyan", linewidth=2.0)
-        bar.ax.text(1.6, min(level, 1.0), "null max", color="black", fontsize=7,
-                    va="center", transform=bar.ax.get_yaxis_transform())  # fmt: skip
+        bars[0].ax.axhline(level, color="black", linewidth=1.5)
+        # On the bar's left: the tick labels (0.0 among them) are on its right.
+        bars[0].ax.text(-0.15, level, "null max", color="black", fontsize=7, ha="right",
+                        va="center", transform=bars[0].ax.get_yaxis_transform())  # fmt: skip
         lines.append(
             f"null (same layers, images permuted): mean {np.nanmean(null):.3f}, "
             f"max |CKA| {level:.3f} over {ds.attrs.get('null_batches', '?')} batch(es)"
@@ -181,13 +228,32 @@ def cka_figure(ds: xr.Dataset) -> Figure:
     return fig
 
 
-def _column_dots(ax: Any, values: np.ndarray, cmap: Any) -> None:
-    """One column per layer at x = layer index, heads as dots sorted by value."""
+def _column_dots(
+    ax: Any, values: np.ndarray, cmap: Any, lo: np.ndarray | None = None,
+    hi: np.ndarray | None = None,
+) -> None:  # fmt: skip
+    """One column per layer at x = layer index, heads as dots sorted by value, with their
+    intervals (``lo``/``hi``, same shape) as vertical bars."""
     n_layers, n_heads = values.shape
     spread = np.linspace(-0.3, 0.3, n_heads) if n_heads > 1 else np.zeros(1)
     for i in range(n_layers):
-        v = np.sort(values[i][np.isfinite(values[i])])
-        ax.scatter(i + spread[: v.size], v, s=12, color=cmap(i / max(n_layers - 1, 1)))
+        keep = np.isfinite(values[i])
+        order = np.argsort(values[i][keep])
+        v = values[i][keep][order]
+        color = cmap(i / max(n_layers - 1, 1))
+        x = i + spread[: v.size]
+        if lo is not None and hi is not None:
+            ax.vlines(x, lo[i][keep][order], hi[i][keep][order], color=color, lw=0.8)
+        ax.scatter(x, v, s=12, color=color)
+
+
+def _from_zero(ax: Any, values: list[Any]) -> None:
+    """A y-axis from 0 to a little above the largest value: distances and entropies are
+    non-negative, and a span set by the data's own spread would blow noise up."""
+    finite = np.concatenate([np.ravel(np.asarray(v, dtype=float)) for v in values])
+    finite = finite[np.isfinite(finite)]
+    top = float(finite.max()) if finite.size else 1.0
+    ax.set_ylim(0.0, max(top, 1e-9) * 1.12)
 
 
 def _baseline(ax: Any, values: Any, label: str) -> None:
@@ -212,8 +278,8 @@ def draw_attention(ds: xr.Dataset) -> Figure:
     """Mean attention distance and entropy per head (one column of dots per layer,
     heads sorted) with the uniform-attention baseline, the attention of patch queries on
     the CLS key per head (what the distances drop or rescale away), and the mean CLS
-    attention map of each layer (paper Fig. 3). The title says which convention the
-    distances follow."""
+    attention map of each layer (paper Sec. 5, Fig. 3). The title says which convention
+    the distances follow."""
     from matplotlib import colormaps
 
     layers = _names(ds["layer"].values)
@@ -236,10 +302,20 @@ def draw_attention(ds: xr.Dataset) -> Figure:
     axes = top.subplots(1, len(panels))
     cmap = colormaps["viridis"]
     for ax, (var, label, base) in zip(axes, panels, strict=True):
-        _column_dots(ax, np.asarray(ds[var].values, dtype=float), cmap)
+        values = np.asarray(ds[var].values, dtype=float)
+        lo = np.asarray(ds[f"{var}_lo"].values, float) if f"{var}_lo" in ds else None
+        hi = np.asarray(ds[f"{var}_hi"].values, float) if f"{var}_hi" in ds else None
+        _column_dots(ax, values, cmap, lo, hi)
+        _from_zero(
+            ax,
+            [values, *([ds[base].values] if base in ds else []), *([hi] if hi is not None else [])],
+        )
         if base in ds:
             _baseline(ax, ds[base].values, "uniform attention")
             ax.legend(fontsize=7, loc="lower right")
+        if lo is not None:
+            ax.text(0.01, 0.01, f"bars: {ds.attrs.get('ci_level', '?')} bootstrap interval "
+                    "over images", transform=ax.transAxes, fontsize=6, va="bottom")  # fmt: skip
         ax.set_xticks(np.arange(n), layers, rotation=90, fontsize=6)
         ax.set_xlabel("layer (forward order); dots = heads, sorted", fontsize=8)
         ax.set_ylabel(label)
@@ -253,11 +329,18 @@ def draw_attention(ds: xr.Dataset) -> Figure:
     if has_cls and bottom is not None:
         maps = np.nanmean(np.asarray(ds["cls_attention"].values, dtype=float), axis=1)
         small = bottom.subplots(1, n, squeeze=False)[0]
+        # One scale for every layer (from 0: these are probabilities), one colour bar.
+        top_value = float(np.nanmax(maps)) if np.isfinite(maps).any() else 1.0
+        im = None
         for i, ax in enumerate(small):
-            ax.imshow(maps[i], cmap="viridis", interpolation="nearest")
+            im = ax.imshow(maps[i], cmap="viridis", interpolation="nearest", vmin=0.0,
+                           vmax=max(top_value, 1e-9))  # fmt: skip
             ax.set_title(layers[i], fontsize=6)
             ax.set_axis_off()
-        bottom.suptitle("mean CLS attention to patches (mean over heads)", fontsize=8)
+        if im is not None:
+            bottom.colorbar(im, ax=list(small), shrink=0.9, label="attention")
+        bottom.suptitle("mean CLS attention to patches (mean over heads; one scale for all "
+                        "layers)", fontsize=8)  # fmt: skip
     return fig
 
 
@@ -267,26 +350,47 @@ def plot_attention(ds: xr.Dataset, path: str | Path) -> Path:
 
 
 def plot_localization(ds: xr.Dataset, path: str | Path) -> Path:
-    """A heatmap per chosen token over the input-patch grid, the token marked (paper Fig. 9)."""
+    """Draw :func:`draw_localization` to ``path``."""
+    return _save(draw_localization(ds), path)
+
+
+#: Colour scale of every localization map (CKA): the same for every model and the baseline.
+LOCALIZATION_SCALE = (0.0, 1.0)
+
+
+def draw_localization(ds: xr.Dataset) -> Figure:
+    """A heatmap per chosen token over the input-patch grid, the token marked (paper
+    Sec. 7); below it, where stored, the input baseline (the token's own input patch
+    against every patch). Every map of every model uses :data:`LOCALIZATION_SCALE`
+    (extended below 0 when a value is), with one colour bar."""
     from matplotlib.patches import Rectangle
 
     maps = np.asarray(ds["localization"].values, dtype=float)
+    has_base = "localization_input" in ds
+    if has_base:
+        maps = np.concatenate([maps, np.asarray(ds["localization_input"].values, float)])
     rows = np.asarray(ds["target_row"].values)
     cols = np.asarray(ds["target_col"].values)
+    n_targets = rows.size
+    rows, cols = np.tile(rows, 1 + has_base), np.tile(cols, 1 + has_base)
     t = maps.shape[0]
-    ncols = min(t, 5)
-    nrows = int(np.ceil(t / ncols))
+    ncols = min(n_targets, 5)
+    nrows = int(np.ceil(n_targets / ncols)) * (1 + has_base)
     fig = _figure(2.4 * ncols + 0.8, 2.4 * nrows + 0.6)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    vmax = float(np.nanmax(maps)) if np.isfinite(maps).any() else 1.0
+    low = min(LOCALIZATION_SCALE[0], float(np.nanmin(maps)) if np.isfinite(maps).any() else 0.0)
+    per_block = int(np.ceil(n_targets / ncols)) * ncols
     im = None
-    for i, ax in enumerate(axes):
-        if i >= t:
+    used = []
+    for k, ax in enumerate(axes):
+        block, j = divmod(k, per_block)
+        i = block * n_targets + j
+        if j >= n_targets or i >= t:
             ax.set_axis_off()
             continue
-        im = ax.imshow(
-            maps[i], cmap="magma", vmin=0.0, vmax=max(vmax, 1e-6), interpolation="nearest"
-        )
+        used.append(ax)
+        im = ax.imshow(maps[i], cmap="magma", vmin=low, vmax=LOCALIZATION_SCALE[1],
+                       interpolation="nearest")  # fmt: skip
         # Outline the chosen token's own cell.
         ax.add_patch(
             Rectangle(
@@ -298,17 +402,22 @@ def plot_localization(ds: xr.Dataset, path: str | Path) -> Path:
                 linewidth=2.0,
             )
         )
-        ax.set_title(f"token ({int(rows[i])}, {int(cols[i])})", fontsize=8)
+        what = "input patch" if block else "token"
+        ax.set_title(f"{what} ({int(rows[i])}, {int(cols[i])})", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
     if im is not None:
-        fig.colorbar(im, ax=list(axes[:t]), shrink=0.8, label="CKA with input patch")
-    fig.suptitle(
+        fig.colorbar(im, ax=used, shrink=0.8, label="CKA with input patch",
+                     extend="min" if low < LOCALIZATION_SCALE[0] else "neither")  # fmt: skip
+    lines = [
         f"localization: {ds.attrs.get('run', '')} {ds.attrs.get('layer', '')} "
-        f"(patch {ds.attrs.get('patch_size', '?')} px, n={ds.attrs.get('n', '?')})",
-        fontsize=9,
-    )
-    return _save(fig, path)
+        f"(patch {ds.attrs.get('patch_size', '?')} px, n={ds.attrs.get('n', '?')})"
+    ]
+    if has_base:
+        lines.append("lower rows: baseline, the target's own input patch against every patch "
+                     "(neighbouring patches are correlated)")  # fmt: skip
+    fig.suptitle("\n".join(lines), fontsize=9)
+    return fig
 
 
 DEPTH_LABEL = "normalized depth (block k of K at k/K)"
@@ -324,29 +433,39 @@ def _depth(ds: xr.Dataset, dim: str) -> tuple[np.ndarray, bool]:
     return np.linspace(0.0, 1.0, n) if n > 1 else np.zeros(n), False
 
 
-def _skip_lines(ax: Any, ds: xr.Dataset, label: str = "", color: str | None = None) -> None:
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _skip_lines(ax: Any, ds: xr.Dataset, label: str = "", start: int = 0) -> int:
+    """Each branch's spatial and CLS series in its own colour and marker (series ``start``,
+    ``start + 1``, ...), with its bootstrap interval shaded; returns the next series index."""
     x, _ = _depth(ds, "block")
     branches = _names(ds["branch"].values)
+    k = start
     for j, branch in enumerate(branches):
-        c = color or f"C{j}"
-        ls = ("-", ":", "-.")[j % 3] if color else "-"
         name = f"{label}{branch}"
-        ax.plot(x, ds["ratio_spatial"].values[j], ls=ls, marker="o", color=c, ms=3,
-                label=f"{name}: spatial tokens")  # fmt: skip
-        if "ratio_cls" in ds and np.isfinite(ds["ratio_cls"].values[j]).any():
-            ax.plot(x, ds["ratio_cls"].values[j], ls="--", marker="s", color=c, ms=3,
-                    label=f"{name}: CLS")  # fmt: skip
+        for var, ls, what in (("ratio_spatial", "-", "spatial tokens"), ("ratio_cls", "--", "CLS")):
+            if var not in ds or not np.isfinite(ds[var].values[j]).any():
+                continue
+            c, marker = f"C{k % 10}", _MARKERS[k % len(_MARKERS)]
+            ax.plot(x, ds[var].values[j], ls=ls, marker=marker, color=c, ms=4,
+                    label=f"{name}: {what}")  # fmt: skip
+            if f"{var}_lo" in ds:
+                ax.fill_between(x, ds[f"{var}_lo"].values[j], ds[f"{var}_hi"].values[j],
+                                color=c, alpha=0.2, lw=0)  # fmt: skip
+            k += 1
         if "dead_fraction" in ds:
             dead = np.asarray(ds["dead_fraction"].values[j], dtype=float) == 1.0
             if dead.any():
-                ax.plot(x[dead], np.ones(int(dead.sum())), "x", color=c, ms=7, mew=2,
+                ax.plot(x[dead], np.ones(int(dead.sum())), "x", color="0.2", ms=7, mew=2,
                         transform=ax.get_xaxis_transform(), clip_on=False,
                         label=f"{name}: f(z) ≡ 0, no ratio")  # fmt: skip
+    return k
 
 
 def draw_skip(ds: xr.Dataset) -> Figure:
     """Skip-connection norm ratio ‖z‖/‖f(z)‖ per block against normalized depth, CLS
-    apart from spatial tokens, dead branches marked (paper Fig. 7)."""
+    apart from spatial tokens, dead branches marked (paper Sec. 6, Fig. 7)."""
     blocks = _names(ds["block"].values)
     fig = _figure(float(np.clip(0.35 * len(blocks) + 4.0, 5.5, 12.0)), 4.2)
     ax = fig.add_subplot()
@@ -385,16 +504,24 @@ def _chance(ds: xr.Dataset) -> float | None:
 
 
 def _probe_points(ax: Any, ds: xr.Dataset, label: str, color: str) -> None:
-    """Residual-stream layers as a line (marker by feature), other layers as hollow dots."""
+    """Residual-stream layers as a line (marker by feature) with their bootstrap interval
+    (else the sd over splits) as error bars, other layers as hollow dots, and the
+    raw-pixel probe as a dotted level in the run's colour."""
     x, _ = _depth(ds, "layer")
     y = np.asarray(ds["accuracy"].values, dtype=float)
-    err = np.asarray(ds["accuracy_std"].values, dtype=float) if "accuracy_std" in ds else None
+    err: Any = np.asarray(ds["accuracy_std"].values, dtype=float) if "accuracy_std" in ds else None
+    if "accuracy_lo" in ds:
+        lo, hi = np.asarray(ds["accuracy_lo"].values, float), np.asarray(ds["accuracy_hi"], float)
+        err = np.stack([y - lo, hi - y])
+    if "input_accuracy" in ds:
+        raw = float(ds["input_accuracy"])
+        ax.axhline(raw, color=color, ls=":", lw=1.4, label=f"{label}: raw input pixels ({raw:.2f})")
     roles = _names(ds["role"].values) if "role" in ds.coords else ["stream"] * y.size
     feats = _names(ds["feature"].values) if "feature" in ds.coords else [""] * y.size
     stream = np.array([r in ("stream", "") for r in roles])
     if not stream.any():
         stream[:] = True
-    ax.errorbar(x[stream], y[stream], yerr=None if err is None else err[stream], fmt="-",
+    ax.errorbar(x[stream], y[stream], yerr=None if err is None else err[..., stream], fmt="-",
                 color=color, capsize=2, lw=1.2, label=label)  # fmt: skip
     for feat, marker, what in (("cls", "o", "CLS token"), ("gap", "s", "token/spatial mean")):
         pick = stream & (np.array(feats) == feat)
@@ -408,7 +535,7 @@ def _probe_points(ax: Any, ds: xr.Dataset, label: str, color: str) -> None:
 
 def draw_probe(ds: xr.Dataset) -> Figure:
     """Linear-probe accuracy against normalized depth with the chance level and the
-    chosen ridge penalties (paper Figs. 11/13)."""
+    chosen ridge penalties (paper Sec. 8, Fig. 13)."""
     has_l2 = "l2" in ds
     fig = _figure(6.4, 5.2 if has_l2 else 4.2)
     if has_l2:
@@ -450,22 +577,57 @@ def plot_probe(ds: xr.Dataset, path: str | Path) -> Path:
     return _save(draw_probe(ds), path)
 
 
+def draw_heads(ds: xr.Dataset) -> Figure:
+    """Each ViT head's mean CKA with the CNN's chosen (lower) layers against its mean
+    attention distance, one colour and marker per layer (paper Sec. 5, Fig. 5)."""
+    from matplotlib import colormaps
+
+    layers = _names(ds["head_layer"].values)
+    fig = _figure(6.4, 4.6)
+    ax = fig.add_subplot()
+    cmap = colormaps["viridis"]
+    for j, layer in enumerate(layers):
+        x = np.asarray(ds["mean_distance"].values[j], dtype=float)
+        y = np.asarray(ds["cka_lower"].values[j], dtype=float)
+        keep = np.isfinite(x) & np.isfinite(y)
+        ax.scatter(x[keep], y[keep], s=22, color=cmap(j / max(len(layers) - 1, 1)),
+                   marker=_MARKERS[j % len(_MARKERS)], label=layer)  # fmt: skip
+    ax.set_xlabel("mean attention distance of the head (px)")
+    b = ds.attrs.get("run_b", "run2")
+    ax.set_ylabel(f"mean CKA with {b}'s layers")
+    ax.set_xlim(left=0.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, title="head layer", title_fontsize=7)
+    chosen = _names(ds["layer_b"].values)
+    shown = ", ".join(chosen[:6]) + (" …" if len(chosen) > 6 else "")
+    ax.set_title(f"per-head CKA, {ds.attrs.get('run_a', '')} heads × {b} ({shown})\n"
+                 f"n={ds.attrs.get('n', '?')}, batch {ds.attrs.get('batch_size', '?')} × "
+                 f"{ds.attrs.get('n_batches', '?')}", fontsize=8)  # fmt: skip
+    return fig
+
+
+def plot_heads(ds: xr.Dataset, path: str | Path) -> Path:
+    """Draw :func:`draw_heads` to ``path``."""
+    return _save(draw_heads(ds), path)
+
+
 #: Analyses whose results several runs can share one figure for (:func:`draw_overlay`).
 OVERLAYS = ("probe", "skip")
 
 
 def draw_overlay(kind: str, results: list[tuple[str, xr.Dataset]]) -> Figure:
     """Several runs' probe or skip curves on one normalized-depth axis (e.g. a ViT beside
-    a ResNet, as in the paper's Figs. 7 and 11)."""
+    a ResNet, as in the paper's Figs. 7 and 13)."""
     if kind not in OVERLAYS:
         raise ValueError(f"no overlay figure for analysis {kind!r}")
     fig = _figure(6.4, 4.4)
     ax = fig.add_subplot()
+    series = 0
     for i, (label, ds) in enumerate(results):
         if kind == "probe":
             _probe_points(ax, ds, label, f"C{i}")
         else:
-            _skip_lines(ax, ds, f"{label} ", f"C{i}")
+            series = _skip_lines(ax, ds, f"{label} ", series)
     if kind == "probe":
         chances = {round(c, 3) for _, ds in results if (c := _chance(ds)) is not None}
         for c in sorted(chances):
@@ -495,6 +657,7 @@ PLOTTERS: dict[str, Callable[[xr.Dataset, str | Path], Path]] = {
     "localization": plot_localization,
     "skip": plot_skip,
     "probe": plot_probe,
+    "heads": plot_heads,
 }
 
 

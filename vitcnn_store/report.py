@@ -37,13 +37,13 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "cka": (
         "Representation similarity (CKA)",
         "Linear CKA between every pair of layers, layers in forward order on both axes "
-        "(paper Figs. 1–2). Bright off-diagonal blocks mean layers that represent the "
+        "(paper Sec. 4, Figs. 1–2). Bright off-diagonal blocks mean layers that represent the "
         "images alike; across models, the diagonal band shows which depths correspond.",
     ),
     "attention": (
         "Attention distance",
         "Mean attention distance in input pixels per head (dots, sorted) for every "
-        "attention layer in forward order (paper Fig. 3); small distances are "
+        "attention layer in forward order (paper Sec. 5, Fig. 3); small distances are "
         "local, convolution-like heads. The dashed line is uniform attention over all "
         "tokens at this run's resolution and patch size: a head on it has learnt "
         "nothing about position.",
@@ -51,39 +51,51 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "localization": (
         "Localization",
         "For chosen tokens of a late layer, CKA between the token's representation "
-        "and the raw pixels of every input patch, on the patch grid (paper Fig. 9); "
-        "the chosen token is marked.",
+        "and the raw pixels of every input patch, on the patch grid (paper Sec. 7, Fig. 9); "
+        "the chosen token is marked. Below: the same map for the token's own input patch "
+        "(an identity map), the baseline for fall-off from correlated neighbours.",
     ),
     "skip": (
         "Skip connections",
         "Ratio of the norm of the representation on the skip path to the norm of the "
         "branch output, per block against normalized depth, CLS separate from spatial "
-        "tokens (paper Fig. 7); above the dashed line the skip path dominates. Runs of "
+        "tokens (paper Sec. 6, Fig. 7); above the dashed line the skip path dominates. Runs of "
         "different models share one axis in the overlay.",
     ),
     "probe": (
         "Linear probes",
         "Test accuracy of closed-form ridge probes on the residual stream (the stem and "
-        "every block output) against normalized depth, with the chance level dashed "
-        "(paper Figs. 11/13). The ridge penalty is chosen per layer by cross-validation "
-        "on the training split (lower panel); filled circles probe the CLS token, "
-        "squares the token or spatial mean.",
+        "every block output) against normalized depth, with the chance level dashed and the "
+        "same probe on the raw input pixels dotted (paper Sec. 8, Fig. 13). The ridge penalty "
+        "is chosen per layer by cross-validation on the training split (lower panel); filled "
+        "circles probe the CLS token, squares the token or spatial mean.",
+    ),
+    "heads": (
+        "Attention heads against the CNN",
+        "Each ViT head's output compared by CKA with the CNN's lower layers, against the "
+        "head's mean attention distance (paper Sec. 5, Fig. 5): heads that attend locally "
+        "resemble the CNN's lower layers more.",
     ),
 }
 
-# What the paper did, beside each figure (Raghu et al. 2021; docs/reproduce.md has more).
+# What the paper did, beside each figure, each with the section or figure that says so
+# (Raghu et al. 2021, arXiv:2108.08810; docs/reproduce.md has more).
 PAPER_PROTOCOL: dict[str, str] = {
     "cka": "trained ViTs and ResNets (ViT-B/16, ViT-L/16, ResNet-50 among them) on 224-px "
-    "ImageNet images; minibatch CKA with the unbiased HSIC, 10 batches of 1024 images "
-    "(n = 10,240), averaged over 20 samplings",
-    "attention": "trained ViTs on 5000 ImageNet images at 224 px (ViT-B/16: 14×14 patches "
-    "of 16 px, where uniform attention over all 197 tokens reads 115.9 px)",
+    "ImageNet images, Sec. 4, Figs. 1–2; minibatch CKA with the unbiased HSIC (Sec. 3), 10 "
+    "batches of 1024 images (n = 10,240), averaged over 20 samplings",
+    "attention": "trained ViTs at 224 px (Sec. 5, Fig. 3; Fig. 4: ViTs trained on ImageNet "
+    "only), mean attention distance over 5000 images (with 16-px patches, uniform attention "
+    "over all 197 tokens reads 115.9 px)",
     "localization": "trained ViTs and ResNets on 224-px ImageNet images, the token's "
-    "representation against the raw pixels of every input patch",
-    "skip": "trained ViT on 224-px ImageNet images, ‖z‖/‖f(z)‖ per block for the CLS and "
-    "the spatial tokens, compared with a ResNet",
-    "probe": "trained ViTs and ResNets, ridge probes on ImageNet's 1000 classes at 224 px, "
-    "CLS token or global average pool",
+    "representation against the raw pixels of every input patch (Sec. 7, Fig. 9; Fig. 10: "
+    "ViTs trained with global average pooling)",
+    "skip": "trained ViTs, ‖z‖/‖f(z)‖ per block for the CLS and the spatial tokens, "
+    "compared with a ResNet (Sec. 6, Fig. 7)",
+    "heads": "individual heads of the lower layers of a trained ViT against the lower "
+    "layers of a ResNet by CKA, sorted by mean attention distance (Sec. 5, Fig. 5)",
+    "probe": "closed-form linear probes on the CLS token or the token mean at the output of "
+    "every block, ViTs and ResNets trained on data of different scales (Sec. 8, Fig. 13)",
 }
 
 
@@ -216,12 +228,27 @@ def _protocol_html(entry: ResultEntry, runs: dict[str, Any]) -> str:
     )
 
 
-# Which findings concern which figures.
-_FINDINGS_FOR = {
-    "cka": ("identical-layers", "zero-layers", "cka-one"),
-    "probe": ("identical-layers",),
-    "skip": ("dead-branches",),
-}
+def _figure_layers(entry: ResultEntry) -> set[tuple[str, str]]:
+    """(run, layer) pairs a result's figure draws: a finding is shown only beside figures
+    that contain one of its layers."""
+    ds = entry.dataset
+    a = ds.attrs
+
+    def names(var: str) -> list[str]:
+        if var not in ds.variables:
+            return []
+        out = []
+        for v in ds[var].values.ravel().tolist():
+            out += [n.strip() for n in str(v).split(" + ") if n.strip()]
+        return out
+
+    pairs = {(str(a.get("run_a", entry.run)), n) for n in names("layer_a")}
+    pairs |= {(str(a.get("run_b", entry.run)), n) for n in names("layer_b")}
+    for var in ("layer", "block", "branch_tap", "skip_taps"):
+        pairs |= {(entry.run, n) for n in names(var)}
+    if "layer" in a:
+        pairs.add((entry.run, str(a["layer"])))
+    return pairs
 
 
 def _findings(runs: dict[str, Any], results: list[ResultEntry]) -> dict[str, list[Any]]:
@@ -234,14 +261,20 @@ def _findings(runs: dict[str, Any], results: list[ResultEntry]) -> dict[str, lis
     }
 
 
+def _numbered(findings: dict[str, list[Any]]) -> list[tuple[int, str, Any]]:
+    """Each finding once, numbered from 1: (number, run, finding)."""
+    flat = [(run, f) for run, found in findings.items() for f in found]
+    return [(i + 1, run, f) for i, (run, f) in enumerate(flat)]
+
+
 def _caveats_html(findings: dict[str, list[Any]]) -> str:
     esc = html.escape
     items, causes = [], []
-    for run, found in findings.items():
-        for f in found:
-            items.append(f"<li><b>{esc(run)}</b>: {esc(f.message)}</li>")
-            if f.cause and f.cause not in causes:
-                causes.append(f.cause)
+    for number, run, f in _numbered(findings):
+        items.append(f'<li id="finding-{number}" value="{number}"><b>{esc(run)}</b>: '
+                     f"{esc(f.message)}</li>")  # fmt: skip
+        if f.cause and f.cause not in causes:
+            causes.append(f.cause)
     if not items:
         return (
             '<section id="caveats"><h2>Caveats</h2><p>No identical or all-zero layers, '
@@ -251,20 +284,23 @@ def _caveats_html(findings: dict[str, list[Any]]) -> str:
     return (
         '<section id="caveats"><h2>Caveats: artifacts found</h2>'
         "<p>Structure in the figures below that comes from arithmetic, not from "
-        f"learned representations:</p><ul>{''.join(items)}</ul>{why}</section>"
+        "learned representations (each figure links the ones among its layers):</p>"
+        f"<ol>{''.join(items)}</ol>{why}</section>"
     )
 
 
 def _card_caveats(entry: ResultEntry, findings: dict[str, list[Any]]) -> str:
-    kinds = _FINDINGS_FOR.get(entry.analysis, ())
-    sources = [str(r) for r in entry.dataset.attrs.get("source_runs", [entry.run])]
-    notes = [
-        f"{run}: {f.message}" for run in sources for f in findings.get(run, []) if f.kind in kinds
+    """Links to the caveats whose layers this figure draws (the text stays in one place)."""
+    drawn = _figure_layers(entry)
+    numbers = [
+        number
+        for number, run, f in _numbered(findings)
+        if any((run, layer) in drawn for layer in f.layers)
     ]
-    if not notes:
+    if not numbers:
         return ""
-    body = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-    return f'<div class="caveat"><b>Caveats</b> (see above)<ul>{body}</ul></div>'
+    links = ", ".join(f'<a href="#finding-{n}">{n}</a>' for n in numbers)
+    return f'<div class="caveat"><b>Caveats</b> among this figure\'s layers: {links}</div>'
 
 
 def _overlay_html(analysis: str, entries: list[ResultEntry], runs: dict[str, Any],
@@ -369,12 +405,22 @@ def build_report(url: str, out_dir: str | Path | None = None) -> Path:
     ]
     random_runs = [n for n, r in runs.items() if r.attrs.get("weights_source") == "random-init"]
     if random_runs:
+        args = {n: runs[n].attrs.get("model_args") or {} for n in random_runs}
+        live = [n for n in random_runs if args[n].get("zero_init_last") is False]
+        branches = (
+            f" Run(s) {esc(', '.join(live))} were built with <code>zero_init_last=False</code>: "
+            "timm's default zero-initialises the last BatchNorm of every ResNet residual "
+            "branch, so at random init every branch would output exactly 0 and the blocks "
+            "of a stage would repeat their input."
+            if live
+            else ""
+        )
         body.append(
             '<div class="note"><b>Random-init weights</b> in run(s) '
             f"{esc(', '.join(random_runs))}: "
             "figures made from untrained networks show the pipeline at work but say nothing "
             "about how trained ViTs or CNNs represent images. Extract with "
-            "<code>--pretrained</code> or <code>--checkpoint</code> for science.</div>"
+            f"<code>--pretrained</code> or <code>--checkpoint</code> for science.{branches}</div>"
         )
     if not results:
         body.append(

@@ -32,6 +32,7 @@ from jobs.analyze.options import (
     AnalysisWarning,
     AttentionConfig,
     CKAConfig,
+    HeadsConfig,
     LocalizationConfig,
     ProbeConfig,
     SkipConfig,
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 
     from jobs.analyze.attention import run_attention
     from jobs.analyze.cka import run_cka
+    from jobs.analyze.heads import run_heads
     from jobs.analyze.localization import run_localization
     from jobs.analyze.pipeline import AnalysisResult
     from jobs.analyze.probe import run_probe
@@ -58,11 +60,13 @@ __all__ = [
     "AnalysisWarning",
     "AttentionConfig",
     "CKAConfig",
+    "HeadsConfig",
     "LocalizationConfig",
     "ProbeConfig",
     "SkipConfig",
     "run_attention",
     "run_cka",
+    "run_heads",
     "run_localization",
     "run_probe",
     "run_skip",
@@ -71,6 +75,7 @@ __all__ = [
 _LAZY = {
     "AnalysisResult": "jobs.analyze.pipeline",
     "run_attention": "jobs.analyze.attention",
+    "run_heads": "jobs.analyze.heads",
     "run_cka": "jobs.analyze.cka",
     "run_localization": "jobs.analyze.localization",
     "run_probe": "jobs.analyze.probe",

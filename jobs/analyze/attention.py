@@ -29,6 +29,7 @@ from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.runs import open_runs, usable_mask
 from jobs.analyze.tasks import chunk_tasks
 from vitcnn_store.analysis.attention import AttentionAccumulator, uniform_attention_baseline
+from vitcnn_store.analysis.bootstrap import bootstrap_mean_interval
 from vitcnn_store.errors import UsageError
 from vitcnn_store.store.schema import string_coord
 
@@ -40,10 +41,18 @@ __all__ = ["AttentionConfig", "run_attention"]
 
 def _accumulate(
     block: Any, token_yx: np.ndarray, renormalize: bool, cls_index: int | None
-) -> AttentionAccumulator:
+) -> tuple[AttentionAccumulator, np.ndarray]:
+    """The chunk's sums, and each image's mean distance per head (for the bootstrap):
+    one accumulator per image, merged, so nothing is computed twice."""
     acc = AttentionAccumulator(token_yx, renormalize=renormalize, cls_index=cls_index)
-    acc.update(np.asarray(block))
-    return acc
+    block = np.asarray(block)
+    per_image = []
+    for i in range(block.shape[0]):
+        one = AttentionAccumulator(token_yx, renormalize=renormalize, cls_index=cls_index)
+        one.update(block[i : i + 1])
+        per_image.append(one.mean_distance())
+        acc.merge(one)
+    return acc, np.stack(per_image)
 
 
 def run_attention(cfg: AttentionConfig) -> AnalysisResult:
@@ -53,7 +62,8 @@ def run_attention(cfg: AttentionConfig) -> AnalysisResult:
     ``entropy`` (layer, head), their uniform-attention baselines
     ``uniform_distance`` and ``uniform_entropy`` (layer), ``prefix_key_mass``
     (layer, head) and, when the layers have a CLS token, ``cls_key_mass``
-    (layer, head) and ``cls_attention`` (layer, head, grid_y, grid_x).
+    (layer, head) and ``cls_attention`` (layer, head, grid_y, grid_x); with
+    ``bootstrap`` resamples, ``mean_distance_lo``/``_hi`` (layer, head).
     """
     (run,) = open_runs(cfg.store, [cfg.run])
     mask = usable_mask(run, cfg.allow_incomplete)
@@ -69,11 +79,15 @@ def run_attention(cfg: AttentionConfig) -> AnalysisResult:
             tasks += new
             owner += [j] * len(new)
         accs: list[AttentionAccumulator | None] = [None] * len(layers)
-        for i, acc in executor.imap(tasks, desc=f"attention {cfg.run}"):
+        per_image: dict[int, np.ndarray] = {}
+        for i, (acc, distances) in executor.imap(tasks, desc=f"attention {cfg.run}"):
             j = owner[i]
             current = accs[j]
             accs[j] = acc if current is None else current.merge(acc)
-        return _dataset(cfg, run, layers, arrays, accs, setups, int(mask.sum()))
+            per_image[i] = distances
+        ds = _dataset(cfg, run, layers, arrays, accs, setups, int(mask.sum()))
+        _distance_interval(cfg, ds, owner, per_image)
+        return ds
 
     return run_analysis(
         cfg,
@@ -83,6 +97,28 @@ def run_attention(cfg: AttentionConfig) -> AnalysisResult:
         compute=compute,
         extra_parameters={"layers": layers},
     )
+
+
+def _distance_interval(
+    cfg: AttentionConfig, ds: xr.Dataset, owner: list[int], per_image: dict[int, np.ndarray]
+) -> None:
+    """``mean_distance_lo``/``_hi``: percentile bootstrap over images (the same resamples
+    for every layer and head), from each image's mean distance per head."""
+    if not cfg.bootstrap:
+        return
+    layers, heads = ds.sizes["layer"], ds.sizes["head"]
+    columns = []  # per layer: (image, head) in task order, i.e. image order
+    for j in range(layers):
+        rows = np.concatenate([per_image[i] for i in sorted(per_image) if owner[i] == j])
+        columns.append(np.pad(rows, ((0, 0), (0, heads - rows.shape[1])), constant_values=np.nan))
+    lo, hi = bootstrap_mean_interval(np.stack(columns, axis=1), n_boot=cfg.bootstrap,
+                                     level=cfg.ci_level, seed=0)  # fmt: skip
+    for name, values in (("mean_distance_lo", lo), ("mean_distance_hi", hi)):
+        ds[name] = (("layer", "head"), values)
+        ds[name].attrs.update(units="input pixels", long_name=(
+            f"{'lower' if name.endswith('lo') else 'upper'} end of the {cfg.ci_level:g} "
+            f"percentile bootstrap interval over images ({cfg.bootstrap} resamples)"))  # fmt: skip
+    ds.attrs.update(ci_level=cfg.ci_level, bootstrap_resamples=cfg.bootstrap, bootstrap_seed=0)
 
 
 def _dataset(

@@ -35,6 +35,7 @@ from jobs.analyze.layers import layer_info, reduce_layer
 from jobs.analyze.options import ESTIMATORS, KERNELS, AnalysisWarning, CKAConfig, cap_batch_size
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.runs import align_images, open_runs, usable_mask
+from vitcnn_store.analysis.bootstrap import null_percentile
 from vitcnn_store.analysis.cka import (
     ConstantRepresentationWarning,
     MinibatchCKAMatrix,
@@ -77,6 +78,9 @@ class _Plan:
     batches: list[list[np.ndarray]]  # positions, per repeat and batch
     null_a: list[np.ndarray] = field(default_factory=list)  # positions, per null batch
     null_b: list[np.ndarray] = field(default_factory=list)
+    # Per permutation k >= 1 and null batch: a reordering of that batch's side-b members
+    # (k = 0, the identity, is the null of one permutation).
+    null_perms: list[list[np.ndarray]] = field(default_factory=list)
     states_a: dict[str, dict[str, Any]] = field(default_factory=dict)  # per layer of run_a
     states_b: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -162,6 +166,13 @@ def _plan_null(cfg: CKAConfig, plan: _Plan) -> None:
         )
     plan.null_a = firsts[:count]
     plan.null_b = [perm[b] for b in plan.null_a]
+    # More permutations reorder each gathered side-b batch Gram's rows and columns: a
+    # fresh random pairing of the same images, with no further pass over the cache.
+    plan.null_perms = [
+        [np.random.default_rng((cfg.seed, _NULL_SEED, k, g)).permutation(b.size)
+         for g, b in enumerate(plan.null_a)]
+        for k in range(1, cfg.null_permutations)
+    ]  # fmt: skip
 
 
 # -- computing ----------------------------------------------------------------------------
@@ -183,21 +194,46 @@ def _transform(grams: np.ndarray, cfg: CKAConfig, layers: list[str]) -> list[np.
 
 
 def _from_gathered(
-    cfg: CKAConfig, plan: _Plan, ga: GatheredGrams, gb: GatheredGrams, groups: list[list[int]]
+    cfg: CKAConfig,
+    plan: _Plan,
+    ga: GatheredGrams,
+    gb: GatheredGrams,
+    groups: list[list[int]],
+    perms: list[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
-    """CKA of each group of gathered batches (one group per repeat)."""
+    """CKA of each group of gathered batches (one group per repeat); ``perms`` reorders
+    the side-b Grams of the i-th member of each group (an image permutation is a
+    permutation of a Gram's rows and columns, and commutes with the RBF transform)."""
+
+    def side_b(g: int, i: int) -> list[np.ndarray]:
+        grams = _transform(gb.grams(g), cfg, plan.layers_b)
+        if perms is None:
+            return grams
+        p = perms[i]
+        return [k[np.ix_(p, p)] for k in grams]
+
     out = []
     for group in groups:
         if cfg.estimator == "biased":
             (g,) = group
             grams_a = _transform(ga.grams(g), cfg, plan.layers_a)
-            out.append(cka_matrix_from_grams(grams_a, _transform(gb.grams(g), cfg, plan.layers_b)))
+            out.append(cka_matrix_from_grams(grams_a, side_b(g, 0)))
             continue
         acc = MinibatchCKAMatrix()
-        for g in group:
-            acc.update_grams(_transform(ga.grams(g), cfg, plan.layers_a),
-                             _transform(gb.grams(g), cfg, plan.layers_b))  # fmt: skip
+        for i, g in enumerate(group):
+            acc.update_grams(_transform(ga.grams(g), cfg, plan.layers_a), side_b(g, i))
         out.append(acc.result(warn=False))
+    return out
+
+
+def _null(
+    cfg: CKAConfig, plan: _Plan, ga: GatheredGrams, gb: GatheredGrams, first: int
+) -> list[np.ndarray]:
+    """The null of every permutation (the gathered null batches start at ``first``)."""
+    group = [first + i for i in range(len(plan.null_a))]
+    out = _from_gathered(cfg, plan, ga, gb, [group])
+    for perms in plan.null_perms:
+        out += _from_gathered(cfg, plan, ga, gb, [group], perms)
     return out
 
 
@@ -243,8 +279,7 @@ def _compute_once(cfg: CKAConfig, plan: _Plan, executor: Executor) -> tuple[Any,
     else:
         computed = [f"{plan.run_a.name}/{n}" for n in computed]
     side_a, side_b = _sides(plan, grams_a, grams_b)
-    null_groups = [list(range(len(plan.null_a)))] if plan.null_a else []
-    null = None
+    null: list[np.ndarray] | None = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConstantRepresentationWarning)
         if cfg.kernel == "linear":
@@ -255,7 +290,7 @@ def _compute_once(cfg: CKAConfig, plan: _Plan, executor: Executor) -> tuple[Any,
             assert acc is not None
             per_repeat = list(acc.result(warn=False))
             if ga is not None and gb is not None:
-                (null,) = _from_gathered(cfg, plan, ga, gb, null_groups)
+                null = _null(cfg, plan, ga, gb, 0)
         else:
             per_repeat, null = _compute_rbf(cfg, plan, executor, side_a, side_b, label)
     return (
@@ -270,7 +305,7 @@ def _compute_once(cfg: CKAConfig, plan: _Plan, executor: Executor) -> tuple[Any,
 def _compute_rbf(
     cfg: CKAConfig, plan: _Plan, executor: Executor, side_a: GramSide,
     side_b: GramSide | None, label: str,
-) -> tuple[list[np.ndarray], np.ndarray | None]:  # fmt: skip
+) -> tuple[list[np.ndarray], list[np.ndarray] | None]:  # fmt: skip
     """RBF needs each batch Gram whole (its bandwidth is a median): gather them, in as
     many passes over the tiles as ``gather_bytes`` requires."""
     flat = [(r, j) for r in range(len(plan.batches)) for j in range(len(plan.batches[r]))]
@@ -284,7 +319,7 @@ def _compute_rbf(
     per_round = max(1, cfg.gather_bytes // per)
     accs = [MinibatchCKAMatrix() for _ in plan.batches]
     biased: list[np.ndarray] = []
-    null = None
+    null: list[np.ndarray] | None = None
     for start in range(0, len(flat), per_round):
         chunk = flat[start : start + per_round]
         first = start == 0
@@ -303,9 +338,7 @@ def _compute_rbf(
                 acc.update_grams(_transform(ga.grams(k), cfg, plan.layers_a),
                                  _transform(gb.grams(k), cfg, plan.layers_b))  # fmt: skip
         if first and plan.null_a:
-            (null,) = _from_gathered(
-                cfg, plan, ga, gb, [[len(chunk) + i for i in range(len(plan.null_a))]]
-            )
+            null = _null(cfg, plan, ga, gb, len(chunk))
     if cfg.estimator == "biased":
         return biased, null
     return [acc.result(warn=False) for acc in accs], null
@@ -316,8 +349,10 @@ def run_cka(cfg: CKAConfig) -> AnalysisResult:
 
     The result (``<run>/_analyses/cka`` or ``cka__<run2>``) holds ``cka``
     (layer_a, layer_b), with repeats ``cka_std`` and ``cka_repeats``, the null
-    ``cka_null``, and the batches (``batch_image``, ``batch_image_id``, and for
-    two runs ``batch_image_b``; the null's ``null_image_a``/``null_image_b``).
+    ``cka_null`` (with ``--null-permutations K``, K >= 2: ``cka_null_permutations``
+    (permutation, layer_a, layer_b) and ``cka_percentile``), and the batches
+    (``batch_image``, ``batch_image_id``, and for two runs ``batch_image_b``; the
+    null's ``null_image_a``/``null_image_b``).
     """
     plan = _plan(cfg)
     states = {f"{plan.run_a.name}/{k}": v["digest"] for k, v in plan.states_a.items()}
@@ -362,9 +397,11 @@ def _warn_constant(ds: xr.Dataset) -> None:
 
 
 def _dataset(
-    cfg: CKAConfig, plan: _Plan, per_repeat: list[np.ndarray], null: np.ndarray | None
+    cfg: CKAConfig, plan: _Plan, per_repeat: list[np.ndarray], nulls: list[np.ndarray] | None
 ) -> xr.Dataset:
     import xarray as xr
+
+    null = None if nulls is None else nulls[0]
 
     def axis(run: Run, layers: list[str]) -> dict[str, Any]:
         infos = [layer_info(run[name]) for name in layers]
@@ -394,6 +431,17 @@ def _dataset(
         data["cka_null"] = (dims, null)
         data["null_image_a"] = (("null_batch", "null_member"), plan.idx_a[np.asarray(plan.null_a)])
         data["null_image_b"] = (("null_batch", "null_member"), plan.idx_b[np.asarray(plan.null_b)])
+        if nulls is not None and len(nulls) > 1:
+            null_dims = ("permutation", *dims)
+            data["cka_null_permutations"] = (null_dims, np.stack(nulls))
+            data["cka_percentile"] = (dims, null_percentile(data["cka"][1], np.stack(nulls)))
+            order = [np.asarray(plan.null_b)] + [
+                np.stack([b[p] for b, p in zip(plan.null_b, perms, strict=True)])
+                for perms in plan.null_perms
+            ]
+            data["null_permutation_image_b"] = (
+                ("permutation", "null_batch", "null_member"), plan.idx_b[np.stack(order)],
+            )  # fmt: skip
     coords: dict[str, Any] = {
         "layer_a": string_coord(plan.layers_a),
         "layer_b": string_coord(plan.layers_b),
@@ -423,6 +471,18 @@ def _label(ds: xr.Dataset, cfg: CKAConfig, plan: _Plan, null: np.ndarray | None)
             "null: the same estimate with the second side's images randomly permuted"
         )
         ds["null_image_b"].attrs["long_name"] = "image paired with null_image_a on the second side"
+    if "cka_percentile" in ds:
+        k = ds.sizes["permutation"]
+        ds["cka_null_permutations"].attrs["long_name"] = (
+            f"null distribution: the same estimate under {k} random pairings of the images "
+            "(permutation 0 is cka_null)"
+        )
+        ds["cka_percentile"].attrs["long_name"] = (
+            f"percentile of cka among the {k} permutations (ties count half; 100: above all)"
+        )
+        ds["null_permutation_image_b"].attrs["long_name"] = (
+            "image paired with null_image_a on the second side, per permutation"
+        )
     hsic = {
         "biased": "biased HSIC0 tr(KHLH)/(n-1)^2 over all images",
         "unbiased": "unbiased HSIC1 (Song et al. 2012) over all images",
@@ -456,6 +516,7 @@ def _label(ds: xr.Dataset, cfg: CKAConfig, plan: _Plan, null: np.ndarray | None)
         repeats=repeats,
         seed=None if cfg.full_sample else cfg.seed,
         null_batches=len(plan.null_a),
+        null_permutations=1 + len(plan.null_perms) if plan.null_a else 0,
         null_batch_size=int(plan.null_a[0].size) if plan.null_a else 0,
         null_seed=[cfg.seed, _NULL_SEED],
         gram_dtype=cfg.gram_dtype,

@@ -32,10 +32,15 @@ from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.runs import open_runs, usable_mask
 from jobs.analyze.tasks import row_pieces, take_rows
 from vitcnn_store.analysis.cka import sample_batches
-from vitcnn_store.analysis.localization import MinibatchLocalization, image_to_patches
+from vitcnn_store.analysis.localization import (
+    MinibatchLocalization,
+    batch_bootstrap_interval,
+    image_to_patches,
+)
 from vitcnn_store.errors import RunNotFoundError, UsageError
 from vitcnn_store.models.families import is_block_output
 from vitcnn_store.store import schema
+from vitcnn_store.store.schema import string_coord
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -100,9 +105,11 @@ def _default_layer(run: Any) -> str:
 
 
 def _accumulate(
-    tokens: Any, inputs: Any, mean: np.ndarray, std: np.ndarray, patch: int
-) -> MinibatchLocalization:
-    """One batch: ``tokens`` and ``inputs`` are ``(pieces, perm)`` from ``row_pieces``."""
+    tokens: Any, inputs: Any, mean: np.ndarray, std: np.ndarray, patch: int, own: list[int]
+) -> tuple[MinibatchLocalization, MinibatchLocalization]:
+    """One batch: ``tokens`` and ``inputs`` are ``(pieces, perm)`` from ``row_pieces``;
+    ``own`` is each target's own patch. Returns the maps and the input baseline: the
+    same maps with each target's own input patch in place of the token."""
     # Undo the stored normalization in float32 (half the memory of float64; the
     # kernel casts each patch to float64 before its Gram).
     pixels = take_rows(*inputs).astype(np.float32) * std + mean
@@ -110,14 +117,18 @@ def _accumulate(
     reps = take_rows(*tokens)
     acc = MinibatchLocalization()
     acc.update([reps[:, t] for t in range(reps.shape[1])], patches)
-    return acc
+    base = MinibatchLocalization()
+    base.update([patches[:, p] for p in own], patches)
+    return acc, base
 
 
 def run_localization(cfg: LocalizationConfig) -> AnalysisResult:
     """Compute (or reuse) localization maps of chosen tokens of one layer.
 
     The result (``<run>/_analyses/localization``) holds ``localization``
-    (target, grid_y, grid_x).
+    (target, grid_y, grid_x), its input baseline ``localization_input``, the
+    batches (``batch_image``, ``batch_image_id``) and, with ``bootstrap``
+    resamples and two batches or more, ``localization_lo``/``_hi`` (over batches).
     """
     (run,) = open_runs(cfg.store, [cfg.run])
     mask = usable_mask(run, cfg.allow_incomplete)
@@ -157,22 +168,56 @@ def run_localization(cfg: LocalizationConfig) -> AnalysisResult:
         data = x.data if token else x.data.reshape(x.shape[0], gy * gx, -1)
         chosen = data[:, index]  # the target tokens only travel between tasks
 
+        own = [r * gx + c for r, c in targets]
+
         def task(i: int) -> Any:
             rows = usable[batches[i]]
             return delayed(_accumulate, pure=True)(
-                row_pieces(chosen, rows), row_pieces(inputs.data, rows), mean, std, patch
+                row_pieces(chosen, rows), row_pieces(inputs.data, rows), mean, std, patch, own
             )
 
         tasks = LazyTasks(len(batches), task)
-        acc = MinibatchLocalization()
         # One graph for every batch: a chunk that several batches sample is read once.
         window = len(batches)
-        for _, part in executor.imap(tasks, desc=f"localization {cfg.run}", window=window):
+        parts: dict[int, tuple[MinibatchLocalization, MinibatchLocalization]] = dict(
+            executor.imap(tasks, desc=f"localization {cfg.run}", window=window)
+        )
+        ordered = [parts[i] for i in sorted(parts)]  # batch order: the bootstrap's rows
+        acc, base = MinibatchLocalization(), MinibatchLocalization()
+        for part, part_base in ordered:
             acc.merge(part)
-        maps = acc.result().reshape(len(targets), gy, gx)
-        return _dataset(
+            base.merge(part_base)
+        shape = (len(targets), gy, gx)
+        maps = acc.result().reshape(shape)
+        ds = _dataset(
             cfg, layer, targets, index, maps, ys, xs, patch, usable.size, batch, len(batches)
         )
+        ds["localization_input"] = (("target", "grid_y", "grid_x"), base.result().reshape(shape))
+        ds["localization_input"].attrs["long_name"] = (
+            "baseline: CKA between the target's own input patch and each input patch (what "
+            "an identity map gives: neighbouring patches are correlated)"
+        )
+        members = usable[np.asarray(batches)]
+        ds["batch_image"] = (("batch", "member"), members)
+        member_ids = string_coord(run.image_ids[members.ravel()]).reshape(members.shape)
+        ds["batch_image_id"] = (("batch", "member"), member_ids)
+        ds["batch_image"].attrs["long_name"] = f"image index in run {run.name!r} of each member"
+        if cfg.bootstrap and len(batches) < 2:
+            ds.attrs["bootstrap"] = "no interval: one batch, nothing to resample"
+        elif cfg.bootstrap:
+            lo, hi = batch_bootstrap_interval([p for p, _ in ordered], n_boot=cfg.bootstrap,
+                                              level=cfg.ci_level, seed=cfg.seed)  # fmt: skip
+            for end, v in (("lo", lo), ("hi", hi)):
+                ds[f"localization_{end}"] = (("target", "grid_y", "grid_x"), v.reshape(shape))
+                ds[f"localization_{end}"].attrs["long_name"] = (
+                    f"{'lower' if end == 'lo' else 'upper'} end of the {cfg.ci_level:g} "
+                    f"percentile bootstrap interval over the {len(batches)} batches "
+                    f"({cfg.bootstrap} resamples)"
+                )
+            ds.attrs.update(ci_level=cfg.ci_level, bootstrap_resamples=cfg.bootstrap,
+                            bootstrap_seed=cfg.seed,
+                            bootstrap_unit="batch (disjoint random image sets)")  # fmt: skip
+        return ds
 
     return run_analysis(
         cfg,

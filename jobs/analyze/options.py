@@ -28,6 +28,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from vitcnn_store.analysis.bootstrap import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL
 from vitcnn_store.analysis.probes import DEFAULT_L2_GRID
 from vitcnn_store.errors import UsageError
 from vitcnn_store.options import check_options, option
@@ -40,12 +41,15 @@ __all__ = [
     "ESTIMATORS",
     "EXECUTION_OPTIONS",
     "FEATURES",
+    "GROUPINGS",
     "KERNELS",
     "ROLE_SETS",
     "AnalysisOptions",
     "AnalysisWarning",
     "AttentionConfig",
+    "BootstrapOptions",
     "CKAConfig",
+    "HeadsConfig",
     "LocalizationConfig",
     "ProbeConfig",
     "SkipConfig",
@@ -67,6 +71,8 @@ EXECUTION_OPTIONS = frozenset(
 ESTIMATORS = ("unbiased-minibatch", "biased", "unbiased")
 KERNELS = ("linear", "rbf")
 FEATURES = ("auto", "cls", "gap")
+#: ``--groups`` of probes: which images a split keeps together.
+GROUPINGS = ("auto", "parent", "none")
 #: Layer selections of the analyses drawn along depth (:func:`jobs.analyze.depth.select_by_role`).
 ROLE_SETS = ("stream", "branches", "all")
 # A target token: a grid position (row, col) or a flat patch index (row-major).
@@ -246,7 +252,9 @@ class CKAConfig(AnalysisOptions):
     without patterns ``roles`` picks them: ``stream`` (default), ``branches``
     or ``all``. ``max_batches`` caps the batches per repeat. ``null_batches``
     sizes the permutation null (default: one repeat's batches, within
-    :data:`jobs.analyze.cka.NULL_BYTES`; 0: none). ``gram_dtype`` stores the
+    :data:`jobs.analyze.cka.NULL_BYTES`; 0: none); ``null_permutations`` draws
+    that many pairings of the null's images (K >= 2: a distribution and each
+    value's percentile against it). ``gram_dtype`` stores the
     Gram cache in float64 (default) or float32. ``gram_tile`` (images per Gram
     tile) and ``gather_bytes`` (memory for whole batch Grams, RBF only) change
     how the result is computed, never what it is.
@@ -279,6 +287,10 @@ class CKAConfig(AnalysisOptions):
         check="non-negative", metavar="K",
         help="batches of the permutation null (default: one repeat's, within 1 GiB of batch "
         "Grams; 0: no null)")
+    null_permutations: int = option(1, flag="--null-permutations", parse=int,
+        check="positive", metavar="K",
+        help="permutations of the null: K >= 2 stores the null distribution (a permutation "
+        "dimension) and each CKA value's percentile against it")
     gram_dtype: str = option("float64", flag="--gram-dtype", choices=GRAM_DTYPES,
         help="storage of the Gram cache (always accumulated in float64; float32 halves it "
         "and changes CKA by ~1e-10, benchmarks/cka_gram_precision.py)")
@@ -294,6 +306,11 @@ class CKAConfig(AnalysisOptions):
         super().validate()
         if self.run2 is not None:
             check_name(self.run2)
+        if self.null_batches == 0 and self.null_permutations > 1:
+            raise UsageError(
+                f"--null-permutations {self.null_permutations} with --null-batches 0: "
+                "there is no null to permute"
+            )
 
     @property
     def full_sample(self) -> bool:
@@ -301,7 +318,23 @@ class CKAConfig(AnalysisOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class AttentionConfig(AnalysisOptions):
+class BootstrapOptions(AnalysisOptions):
+    """Options of the analyses with bootstrap intervals over images (attention,
+    localization, skip, probe): ``bootstrap`` resamples (0: no interval) and the
+    interval's coverage ``ci_level``; the resamples are drawn from the analysis's
+    ``--seed`` where it has one, else from 0."""
+
+    # fmt: off
+    bootstrap: int = option(DEFAULT_BOOTSTRAP, flag="--bootstrap", parse=int,
+        check="non-negative", metavar="N",
+        help="bootstrap resamples of the images for the intervals (0: none)")
+    ci_level: float = option(DEFAULT_LEVEL, flag="--ci-level", parse=float, check="fraction",
+        help="coverage of the percentile bootstrap intervals")
+    # fmt: on
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionConfig(BootstrapOptions):
     """Options of ``vitcnn analyze attention``: ``renormalize`` rows over patch keys
     (default: the mass on CLS and registers is dropped, not rescaled; the result
     reports it per head as ``cls_key_mass`` either way, and records the choice);
@@ -317,7 +350,7 @@ class AttentionConfig(AnalysisOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class LocalizationConfig(AnalysisOptions):
+class LocalizationConfig(BootstrapOptions):
     """Options of ``vitcnn analyze localization``.
 
     ``layer`` defaults to the last stored block output; ``tokens`` lists grid
@@ -338,19 +371,20 @@ class LocalizationConfig(AnalysisOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SkipConfig(AnalysisOptions):
+class SkipConfig(BootstrapOptions):
     """Options of ``vitcnn analyze skip`` (the common ones only)."""
 
 
 @dataclass(frozen=True, kw_only=True)
-class ProbeConfig(AnalysisOptions):
+class ProbeConfig(BootstrapOptions):
     """Options of ``vitcnn analyze probe``.
 
     ``shots`` per class (0 = full split with ``test_fraction`` held out);
     ``features`` auto|cls|gap; ridge ``l2`` (None: chosen by ``cv_folds``-fold
     cross-validation over ``l2_grid``); ``repeats`` splits from ``seed``;
     ``layers`` patterns (default: the residual stream; ``roles`` as in
-    :func:`~jobs.analyze.depth.select_by_role`).
+    :func:`~jobs.analyze.depth.select_by_role`); ``groups`` keeps groups of
+    images (the crops of one photograph) on one side of every split and fold.
     """
 
     # fmt: off
@@ -378,6 +412,10 @@ class ProbeConfig(AnalysisOptions):
     layers: str | None = option(None, flag="--layers", parse=str, metavar="PATTERNS",
         help="layers by pattern (default: the residual stream, one point per block)")
     roles: str = option("stream", flag="--roles", choices=ROLE_SETS, help=_ROLES_HELP)
+    groups: str = option("auto", flag="--groups", choices=GROUPINGS,
+        help="images that must stay on one side of every split and fold: auto (the crops "
+        "of one photograph of builtin:photos, else none), parent (the image_id's folder), "
+        "none")
     # fmt: on
 
     def validate(self) -> None:
@@ -389,6 +427,37 @@ class ProbeConfig(AnalysisOptions):
             )
 
 
+@dataclass(frozen=True, kw_only=True)
+class HeadsConfig(AnalysisOptions):
+    """Options of ``vitcnn analyze heads`` (per-head CKA against mean attention distance).
+
+    ``run`` holds the per-head outputs (``--attention-heads``) and the attention
+    (``--attention``); ``run2`` the network compared with (images paired by
+    ``image_id``); ``layers`` picks head layers, ``layers2`` the second run's
+    layers (default: its residual stream up to half depth).
+    """
+
+    # fmt: off
+    run2: str = ""  # the positional RUN2 of the CLI (required)
+    layers: str | None = option(None, flag="--layers", parse=str, metavar="PATTERNS",
+        help="head layers by pattern (default: every <attention module>.norm stored by "
+        "--attention-heads)")
+    layers2: str | None = option(None, flag="--layers2", parse=str, metavar="PATTERNS",
+        help="layers of RUN2 (default: its residual stream up to half depth)")
+    batch_size: int = option(DEFAULT_BATCH_SIZE, flag="--batch-size", parse=int,
+        check="at least 4", help="images per batch, capped to the usable images")
+    max_batches: int | None = option(None, flag="--batches", parse=int, check="positive",
+        metavar="N", help="at most N batches (default: every full batch)")
+    seed: int = option(0, flag="--seed", parse=int, check="non-negative", help="sampling seed")
+    # fmt: on
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.run2:
+            raise UsageError("heads compares two runs: give RUN2 (the CNN)")
+        check_name(self.run2)
+
+
 # analysis name -> its config, as ``vitcnn analyze`` offers them.
 CONFIGS: dict[str, type[AnalysisOptions]] = {
     "cka": CKAConfig,
@@ -396,6 +465,7 @@ CONFIGS: dict[str, type[AnalysisOptions]] = {
     "localization": LocalizationConfig,
     "skip": SkipConfig,
     "probe": ProbeConfig,
+    "heads": HeadsConfig,
 }
 
 

@@ -26,6 +26,7 @@ class share of each test split.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,11 +56,40 @@ _CONSTANT_CLS = (
 )
 
 
-def _splits(cfg: ProbeConfig, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+_PHOTO_CROP = re.compile(r"^photos/([^/]+)/\d+$")  # builtin:photos (vitcnn_store/data/builtin.py)
+
+
+def image_groups(cfg: ProbeConfig, image_ids: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """Each image's group (or None: every image its own) and how it was chosen.
+
+    Examples
+    --------
+    >>> cfg = ProbeConfig(store="s", run="r")
+    >>> image_groups(cfg, np.array(["photos/coffee/00", "photos/coffee/01", "photos/cat/00"]))
+    (array(['coffee', 'coffee', 'cat'], dtype='<U6'), 'source photograph (builtin:photos crops)')
+    """
+    ids = [str(i) for i in image_ids]
+    if cfg.groups == "none":
+        return None, "none: every image on its own"
+    if cfg.groups == "parent":
+        return np.array([i.rsplit("/", 1)[0] if "/" in i else i for i in ids]), "image_id folder"
+    matches = [_PHOTO_CROP.match(i) for i in ids]
+    if ids and all(matches):
+        return (np.array([m.group(1) for m in matches if m]),
+                "source photograph (builtin:photos crops)")  # fmt: skip
+    return None, "none: every image on its own (auto: not builtin:photos crops)"
+
+
+def _splits(
+    cfg: ProbeConfig, labels: np.ndarray, groups: np.ndarray | None
+) -> list[tuple[np.ndarray, np.ndarray]]:
     try:
-        return probe_splits(labels, cfg.shots, cfg.seed, cfg.repeats, cfg.test_fraction)
-    except ValueError as e:  # too few images of some class
-        raise UsageError(f"--shots {cfg.shots}: {e}" if cfg.shots else str(e)) from None
+        return probe_splits(labels, cfg.shots, cfg.seed, cfg.repeats, cfg.test_fraction, groups)
+    except ValueError as e:  # too few images (or groups) of some class
+        hint = ("; the labels name the groups themselves (e.g. builtin:photos: label = "
+                "photograph), so a probe would measure instance identity; --groups none "
+                "allows it anyway" if groups is not None else "")  # fmt: skip
+        raise UsageError((f"--shots {cfg.shots}: {e}" if cfg.shots else str(e)) + hint) from None
 
 
 def _no_cls_reason(kind: str) -> str:
@@ -112,10 +142,11 @@ def _probe_layer(
     splits: list[tuple[np.ndarray, np.ndarray]],
     cfg: ProbeConfig,
     n_classes: int,
-) -> tuple[str, str, np.ndarray, np.ndarray, np.ndarray | None, int]:
+    groups: np.ndarray | None = None,
+) -> tuple[str, str, np.ndarray, np.ndarray, np.ndarray | None, int, list[Any]]:
     """One layer: the feature used and why, then per split the test accuracy, the
-    penalty and (with cross-validation) the validation accuracy per grid value, and
-    the number of folds."""
+    penalty and (with cross-validation) the validation accuracy per grid value, the
+    number of folds, and the fits (per test image correct, per training image fold)."""
     joined = np.asarray(joined, dtype=np.float64)
     cls = None if cls_width is None else joined[:, :cls_width]
     rest = joined if cls_width is None else joined[:, cls_width:]
@@ -128,7 +159,8 @@ def _probe_layer(
         feature, reason, x = "gap", _CONSTANT_CLS, np.asarray(gap, dtype=np.float64)
     fits = [
         ridge_probe(x[tr], labels[tr], x[te], labels[te], n_classes=n_classes, l2=cfg.l2,
-                    l2_grid=cfg.l2_grid, cv_folds=cfg.cv_folds, seed=cfg.seed + r)
+                    l2_grid=cfg.l2_grid, cv_folds=cfg.cv_folds, seed=cfg.seed + r,
+                    groups=None if groups is None else groups[tr])
         for r, (tr, te) in enumerate(splits)
     ]  # fmt: skip
     cv = [f.cv_accuracy for f in fits]
@@ -139,6 +171,7 @@ def _probe_layer(
         np.array([f.l2 for f in fits]),
         None if cv[0] is None else np.stack([c for c in cv if c is not None]),
         min(f.cv_folds for f in fits),
+        [(f.correct, f.folds) for f in fits],
     )
 
 
@@ -159,7 +192,9 @@ def run_probe(cfg: ProbeConfig) -> AnalysisResult:
     The result (``<run>/_analyses/probe``) holds ``accuracy`` (layer),
     ``l2`` (repeat, layer), ``chance_accuracy`` and, with cross-validation,
     ``cv_accuracy`` (layer, l2_grid); with repeats also ``accuracy_std`` and
-    ``accuracy_repeats`` (repeat, layer).
+    ``accuracy_repeats`` (repeat, layer); the splits (``train_image``,
+    ``test_image``, ``cv_fold``); with a stored input the raw-pixel baseline
+    ``input_accuracy``; with ``bootstrap`` the intervals ``*_lo``/``*_hi``.
     """
     (run,) = open_runs(cfg.store, [cfg.run])
     mask = usable_mask(run, cfg.allow_incomplete)
@@ -174,23 +209,34 @@ def run_probe(cfg: ProbeConfig) -> AnalysisResult:
     n_classes = int(labels.max()) + 1
     if np.unique(labels).size < 2:
         raise UsageError(f"run {run.name!r} has a single labelled class: nothing to probe")
-    splits = _splits(cfg, labels)
+    groups, grouping = image_groups(cfg, run.image_ids[rows])
+    splits = _splits(cfg, labels, groups)
     layers, selection = select_by_role(run, cfg.layers, cfg.roles)
     planned = _plan_features(cfg, run, layers)
+    has_input = "input" in run.group
 
     def compute(executor: Executor) -> xr.Dataset:
         from dask import delayed
 
         probe = delayed(_probe_layer, pure=True)
         tasks = [
-            probe(*_joined(cls, gap, rows), reason, labels, splits, cfg, n_classes)
+            probe(*_joined(cls, gap, rows), reason, labels, splits, cfg, n_classes, groups)
             for cls, gap, reason in planned
         ]
-        out: list[Any] = [None] * len(layers)
+        if has_input:  # the raw-pixel baseline: the same probe on the stored input
+            pixels = run.inputs.data
+            flat = pixels.reshape(pixels.shape[0], -1).astype(np.float64)[rows]
+            tasks.append(probe(flat, None, "stored input pixels", labels, splits, cfg,
+                               n_classes, groups))  # fmt: skip
+        out: list[Any] = [None] * len(tasks)
         for i, res in executor.imap(tasks, desc=f"probe {cfg.run}"):
             out[i] = res
         chance = [chance_accuracy(labels[test]) for _, test in splits]
-        return _dataset(cfg, run, layers, selection, out, splits, chance, n_classes)
+        raw = out.pop() if has_input else None
+        ds = _dataset(cfg, run, layers, selection, out, splits, chance, n_classes)
+        _record_splits(ds, rows, splits, out[0][6], groups, grouping)
+        _intervals(cfg, ds, out, raw)
+        return ds
 
     return run_analysis(
         cfg,
@@ -200,6 +246,70 @@ def run_probe(cfg: ProbeConfig) -> AnalysisResult:
         compute=compute,
         extra_parameters={"layers": layers},
     )
+
+
+def _padded(parts: list[np.ndarray], fill: int = -1) -> np.ndarray:
+    width = max(p.size for p in parts)
+    return np.stack([np.pad(p, (0, width - p.size), constant_values=fill) for p in parts])
+
+
+def _record_splits(
+    ds: xr.Dataset,
+    rows: np.ndarray,
+    splits: list[tuple[np.ndarray, np.ndarray]],
+    fits: list[Any],
+    groups: np.ndarray | None,
+    grouping: str,
+) -> None:
+    """Each repeat's training and test images (run image indices, -1 past the end) and
+    each training image's cross-validation fold, as CKA records its batches."""
+    ds["train_image"] = (("repeat", "train_member"), _padded([rows[tr] for tr, _ in splits]))
+    ds["test_image"] = (("repeat", "test_member"), _padded([rows[te] for _, te in splits]))
+    ds["train_image"].attrs["long_name"] = "image index in the run of each training image"
+    ds["test_image"].attrs["long_name"] = "image index in the run of each test image"
+    if fits[0][1] is not None:
+        ds["cv_fold"] = (("repeat", "train_member"), _padded([f for _, f in fits]))
+        ds["cv_fold"].attrs["long_name"] = "validation fold of each training image (-1: padding)"
+    ds.attrs.update(
+        groups=grouping,
+        n_groups=0 if groups is None else int(np.unique(groups).size),
+    )
+
+
+def _intervals(cfg: ProbeConfig, ds: xr.Dataset, out: list[Any], raw: Any) -> None:
+    """``accuracy_lo``/``_hi``: percentile bootstrap over test images (each repeat's test
+    set resampled, the replicates averaged over repeats as the accuracy is); and the
+    raw-pixel probe ``input_accuracy`` with its interval."""
+    from vitcnn_store.analysis.bootstrap import bootstrap_means, percentile_interval
+
+    def replicates(results: list[Any]) -> np.ndarray:
+        reps = [
+            bootstrap_means(np.stack([r[6][k][0] for r in results], axis=1),
+                            n_boot=cfg.bootstrap, seed=(cfg.seed, k))
+            for k in range(cfg.repeats)
+        ]  # fmt: skip
+        return np.mean(reps, axis=0)
+
+    if raw is not None:
+        ds["input_accuracy"] = ((), float(np.mean(raw[2])))
+        ds["input_accuracy"].attrs["long_name"] = (
+            "test accuracy of the same probe (same splits) on the flattened stored input "
+            "pixels: the raw-pixel baseline"
+        )
+    if not cfg.bootstrap:
+        return
+    lo, hi = percentile_interval(replicates(out), cfg.ci_level)
+    ds["accuracy_lo"], ds["accuracy_hi"] = ("layer", lo), ("layer", hi)
+    if raw is not None:
+        rlo, rhi = percentile_interval(replicates([raw]), cfg.ci_level)
+        ds["input_accuracy_lo"], ds["input_accuracy_hi"] = ((), float(rlo[0])), ((), float(rhi[0]))
+    for name in [v for v in ds.data_vars if str(v).endswith(("_lo", "_hi"))]:
+        ds[name].attrs["long_name"] = (
+            f"{'lower' if str(name).endswith('_lo') else 'upper'} end of the {cfg.ci_level:g} "
+            f"percentile bootstrap interval over test images ({cfg.bootstrap} resamples)"
+        )
+    ds.attrs.update(ci_level=cfg.ci_level, bootstrap_resamples=cfg.bootstrap,
+                    bootstrap_seed=f"({cfg.seed}, repeat)")  # fmt: skip
 
 
 def _protocol(cfg: ProbeConfig, splits: list[tuple[np.ndarray, np.ndarray]]) -> str:

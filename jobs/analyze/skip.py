@@ -16,7 +16,7 @@ Ratios are per image and token (L2 norm over channels), averaged over images;
 for token layers CLS is reported apart from the patch tokens, for spatial
 layers the ratio is averaged over positions. One dask task per stored image
 chunk and block reads the block's taps once and returns the sums of the
-kernel :func:`~vitcnn_store.analysis.skip.skip_norm_ratio_sum` for each of its
+kernel :func:`~vitcnn_store.analysis.skip.skip_norm_ratio_per_image` for each of its
 branches, and how many of its tokens have a branch output of exactly zero
 (:func:`~vitcnn_store.analysis.skip.zero_norm_count`). A branch that is zero
 on every image and token (a dead branch, e.g. timm's zero-initialised last
@@ -40,9 +40,10 @@ from jobs.analyze.options import SkipConfig
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.runs import open_runs, usable_mask
 from jobs.analyze.tasks import chunk_tasks
+from vitcnn_store.analysis.bootstrap import bootstrap_mean_interval
 from vitcnn_store.analysis.skip import (
     cls_and_spatial_ratio,
-    skip_norm_ratio_sum,
+    skip_norm_ratio_per_image,
     zero_norm_count,
 )
 from vitcnn_store.errors import UsageError
@@ -94,14 +95,16 @@ def skip_branches(run: Run) -> list[Branch]:
     return found
 
 
-def _block_chunk(*args: Any) -> list[tuple[np.ndarray, int, np.ndarray]]:
+def _block_chunk(*args: Any) -> list[tuple[np.ndarray, int, np.ndarray, np.ndarray]]:
     """Per branch of one block: sums over the chunk's images of ‖z‖/‖f(z)‖ per token,
-    the image count, and per token the images with a zero branch output.
+    the image count, per token the images with a zero branch output, and per image
+    the CLS ratio (NaN without one) and the mean over spatial tokens (for the bootstrap).
 
     ``args`` are the block's taps over one chunk, then the plan: per branch, the
-    indices of the taps summing to z and of its output.
+    indices of the taps summing to z and of its output; then the prefix tokens'
+    count and the CLS token's index (None without one).
     """
-    *arrays, plan = args
+    *arrays, plan, n_prefix, cls_index = args
     cast: dict[int, np.ndarray] = {}
 
     def f64(i: int) -> np.ndarray:
@@ -113,8 +116,10 @@ def _block_chunk(*args: Any) -> list[tuple[np.ndarray, int, np.ndarray]]:
     for skip, output in plan:
         # A later branch's z is the stream after the earlier ones (ViT: z' = z + attn).
         z = f64(skip[0]) if len(skip) == 1 else sum(f64(i) for i in skip)
-        total, n = skip_norm_ratio_sum(z, f64(output))
-        out.append((total, n, zero_norm_count(f64(output))))
+        ratio = skip_norm_ratio_per_image(z, f64(output))
+        cls = ratio[:, cls_index] if cls_index is not None else np.full(ratio.shape[0], np.nan)
+        per_image = np.stack([cls, ratio[:, n_prefix:].mean(axis=1)], axis=1)
+        out.append((ratio.sum(axis=0), ratio.shape[0], zero_norm_count(f64(output)), per_image))
     return out
 
 
@@ -123,12 +128,16 @@ def run_skip(cfg: SkipConfig) -> AnalysisResult:
 
     The result (``<run>/_analyses/skip``) holds ``ratio_spatial`` and
     ``dead_fraction`` (branch, block) and, for token layers (ViTs),
-    ``ratio_cls`` (branch, block) and ``ratio`` (branch, block, position).
+    ``ratio_cls`` (branch, block) and ``ratio`` (branch, block, position); with
+    ``bootstrap`` resamples their intervals ``*_lo``/``*_hi``.
     """
     (run,) = open_runs(cfg.store, [cfg.run])
     mask = usable_mask(run, cfg.allow_incomplete)
     found = skip_branches(run)
     blocks = list(dict.fromkeys(b.block for b in found))
+    info = layer_info(run[found[0].output])
+    tokens = info.kind == schema.KIND_TOKEN
+    prefix = (len(info.prefix), info.cls_index) if tokens else (0, None)
 
     def compute(executor: Executor) -> xr.Dataset:
         tasks: list[Any] = []
@@ -137,13 +146,16 @@ def run_skip(cfg: SkipConfig) -> AnalysisResult:
             mine = [b for b in found if b.block == block]
             layers = list(dict.fromkeys(n for b in mine for n in (*b.skip_input, b.output)))
             plan = [([layers.index(z) for z in b.skip_input], layers.index(b.output)) for b in mine]
-            new = chunk_tasks([run[n].data for n in layers], mask, _block_chunk, plan)
+            new = chunk_tasks([run[n].data for n in layers], mask, _block_chunk, plan, *prefix)
             tasks += new
             owner += [j] * len(new)
-        sums: list[list[Any]] = [[] for _ in blocks]
-        for i, out in executor.imap(tasks, desc=f"skip {cfg.run}"):
-            sums[owner[i]].append(out)
-        return _dataset(run, found, blocks, sums, int(mask.sum()))
+        done: dict[int, Any] = dict(executor.imap(tasks, desc=f"skip {cfg.run}"))
+        # In task order (image order within a block): the bootstrap's rows line up.
+        sums: list[list[Any]] = [[done[i] for i in sorted(done) if owner[i] == j]
+                                 for j in range(len(blocks))]  # fmt: skip
+        ds = _dataset(run, found, blocks, sums, int(mask.sum()))
+        _intervals(cfg, ds, found, blocks, sums)
+        return ds
 
     return run_analysis(
         cfg,
@@ -165,6 +177,33 @@ def _block_output(run: Run, family: str | None, blocks: list[str]) -> str:
         return "z + f(z): nothing is applied after the sum (ViT, pre-activation ResNetV2)"
     what = "ReLU(z + f(z)): the block applies a ReLU after the sum (timm ResNet V1 blocks)"
     return what if relu == {True} else what.replace("the block", "some blocks")
+
+
+def _intervals(
+    cfg: SkipConfig, ds: xr.Dataset, found: list[Branch], blocks: list[str], sums: list[list[Any]]
+) -> None:
+    """``ratio_spatial_lo``/``_hi`` (and ``ratio_cls_*``): percentile bootstrap over images,
+    the same resamples for every branch and block; NaN where the ratio is."""
+    if not cfg.bootstrap:
+        return
+    names = [str(v) for v in ds["branch"].values]
+    n = sum(p[0][1] for p in sums[0])
+    values = np.full((n, 2, len(names), len(blocks)), np.nan)  # (image, cls|spatial, ...)
+    for j, (block, parts) in enumerate(zip(blocks, sums, strict=True)):
+        for k, b in enumerate(b for b in found if b.block == block):
+            values[:, :, names.index(b.name), j] = np.concatenate([p[k][3] for p in parts])
+    lo, hi = bootstrap_mean_interval(values, n_boot=cfg.bootstrap, level=cfg.ci_level, seed=0)
+    for i, var in ((1, "ratio_spatial"), (0, "ratio_cls")):
+        if var not in ds:
+            continue
+        undefined = ~np.isfinite(ds[var].values)
+        for end, v in (("lo", lo[i]), ("hi", hi[i])):
+            ds[f"{var}_{end}"] = (("branch", "block"), np.where(undefined, np.nan, v))
+            ds[f"{var}_{end}"].attrs["long_name"] = (
+                f"{'lower' if end == 'lo' else 'upper'} end of the {cfg.ci_level:g} percentile "
+                f"bootstrap interval over images ({cfg.bootstrap} resamples)"
+            )
+    ds.attrs.update(ci_level=cfg.ci_level, bootstrap_resamples=cfg.bootstrap, bootstrap_seed=0)
 
 
 def _dataset(

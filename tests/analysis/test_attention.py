@@ -230,17 +230,17 @@ def test_cls_key_mass_against_loops(n_prefix):
     logits[:, 0, :, 0] += 4.0  # head 0 sends most of its attention to CLS
     attn = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
     cls, prefix, plain, renorm = _reference_key_masses(attn, yx, 0)
-    np.testing.assert_allclose(cls_key_mass(attn, yx), cls, rtol=1e-12)
+    np.testing.assert_allclose(cls_key_mass(attn, yx), cls, rtol=1e-12, atol=1e-12)
     acc = AttentionAccumulator(yx, cls_index=0)
     acc.update(attn[:2])
     other = AttentionAccumulator(yx, cls_index=0)
     other.update(attn[2:])
     acc.merge(other)
-    np.testing.assert_allclose(acc.cls_key_mass(), cls, rtol=1e-12)
-    np.testing.assert_allclose(acc.prefix_key_mass(), prefix, rtol=1e-12)
-    np.testing.assert_allclose(acc.mean_distance(), plain, rtol=1e-12)
+    np.testing.assert_allclose(acc.cls_key_mass(), cls, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(acc.prefix_key_mass(), prefix, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(acc.mean_distance(), plain, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(mean_attention_distance(attn, yx, renormalize=True), renorm,
-                               rtol=1e-12)  # fmt: skip
+                               rtol=1e-12, atol=1e-12)  # fmt: skip
     # The head on CLS reads as far more local than the others without renormalization,
     # and like them with it (its patch attention is as random as theirs).
     assert cls[0] > 0.5 and plain[0] < 0.5 * plain[1:].min()
@@ -248,4 +248,4 @@ def test_cls_key_mass_against_loops(n_prefix):
     # Renormalizing does not change what was on CLS: the mass is of the stored rows.
     renormed = AttentionAccumulator(yx, cls_index=0, renormalize=True)
     renormed.update(attn)
-    np.testing.assert_allclose(renormed.cls_key_mass(), cls, rtol=1e-12)
+    np.testing.assert_allclose(renormed.cls_key_mass(), cls, rtol=1e-12, atol=1e-12)

@@ -114,8 +114,12 @@ def test_cls_key_mass_end_to_end(tiny_vit_store: str, tmp_path: Path) -> None:
             kinds = np.asarray(a["key_kind"].values).astype(str)
             patch, cls = kinds == "patch", int(np.flatnonzero(kinds == "cls")[0])
             expected = attn[:, :, patch, cls].mean(axis=(0, 2))
-            np.testing.assert_allclose(ds["cls_key_mass"].values[j], expected, rtol=1e-10)
-            np.testing.assert_allclose(ds["prefix_key_mass"].values[j], expected, rtol=1e-10)
+            np.testing.assert_allclose(
+                ds["cls_key_mass"].values[j], expected, rtol=1e-10, atol=1e-10
+            )
+            np.testing.assert_allclose(
+                ds["prefix_key_mass"].values[j], expected, rtol=1e-10, atol=1e-10
+            )
             # Distances follow the convention: dropped mass, or rows rescaled to sum 1.
             rows = attn[:, :, patch][:, :, :, patch]
             if renormalize:
@@ -123,6 +127,37 @@ def test_cls_key_mass_end_to_end(tiny_vit_store: str, tmp_path: Path) -> None:
             yx = np.stack([a["key_y"].values, a["key_x"].values], axis=1)[patch].astype(float)
             dist = np.linalg.norm(yx[:, None] - yx[None], axis=-1)
             mad = np.einsum("nhqk,qk->h", rows, dist) / (rows.shape[0] * rows.shape[2])
-            np.testing.assert_allclose(ds["mean_distance"].values[j], mad, rtol=1e-10)
+            np.testing.assert_allclose(ds["mean_distance"].values[j], mad, rtol=1e-10, atol=1e-8)
         # A random-init ViT's heads spread over all 5 tokens: CLS gets about a fifth.
         assert 0.05 < float(ds["cls_key_mass"].mean()) < 0.5
+
+
+def test_distance_interval_is_the_bootstrap_of_per_image_distances(synth: str) -> None:  # noqa: F811
+    """Each image's mean distance from plain numpy, resampled by a loop drawing from the
+    same stream as the kernel (row b: ``integers(0, n, (B, n))[b]``), percentiles."""
+    ds = run_attention(AttentionConfig(store=synth, run="vit", bootstrap=200, ci_level=0.8,
+                                       progress=False, name="att-ci")).dataset  # fmt: skip
+    run = open_store(synth)["vit"]
+    per_layer = []
+    for layer in run.attention_layers:
+        a = run.attention(layer)
+        attn = a.values[run.valid].astype(np.float64)
+        yx = np.stack([a["query_y"].values, a["query_x"].values], axis=1).astype(np.float64)
+        patch = ~np.isnan(yx).any(axis=1)
+        p = attn[:, :, patch][:, :, :, patch]
+        d = np.linalg.norm(yx[patch][:, None] - yx[patch][None], axis=-1)
+        per_layer.append((p * d).sum(axis=-1).mean(axis=-1))  # (image, head)
+    values = np.stack(per_layer, axis=1)  # (image, layer, head)
+    n = values.shape[0]
+    draws = np.random.default_rng(0).integers(0, n, size=(200, n))
+    reps = np.stack([values[d].mean(axis=0) for d in draws])
+    np.testing.assert_allclose(ds["mean_distance_lo"].values, np.percentile(reps, 10, axis=0),
+                               rtol=0, atol=1e-8)  # fmt: skip
+    np.testing.assert_allclose(ds["mean_distance_hi"].values, np.percentile(reps, 90, axis=0),
+                               rtol=0, atol=1e-8)  # fmt: skip
+    assert (ds["mean_distance_lo"] <= ds["mean_distance"]).all()
+    assert (ds["mean_distance"] <= ds["mean_distance_hi"]).all()
+    assert ds.attrs["ci_level"] == 0.8 and ds.attrs["bootstrap_resamples"] == 200
+    none = run_attention(AttentionConfig(store=synth, run="vit", bootstrap=0, progress=False,
+                                         name="att-noci")).dataset  # fmt: skip
+    assert "mean_distance_lo" not in none

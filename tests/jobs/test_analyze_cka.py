@@ -140,6 +140,45 @@ def test_estimators_equal_reference_on_recorded_batches(
     assert ds.attrs["null_batches"] == len(null_a)
 
 
+@pytest.mark.parametrize(("estimator", "kernel"),
+                         [("unbiased-minibatch", "linear"), ("biased", "rbf")])  # fmt: skip
+def test_null_permutations_equal_reference(synth: str, estimator: str, kernel: str) -> None:  # noqa: F811
+    """Each stored permutation's pairing, through the independent reference; the percentile
+    against scipy's percentileofscore; a cross-run null permutes the second run's images."""
+    from scipy.stats import percentileofscore
+
+    cfg = CKAConfig(store=synth, run="vit", run2="resnet", estimator=estimator, kernel=kernel,
+                    batch_size=12, seed=3, null_permutations=5, progress=False,
+                    name=f"perm-{estimator}")  # fmt: skip
+    ds = run_cka(cfg).dataset
+    assert ds.sizes["permutation"] == 5 and ds.attrs["null_permutations"] == 5
+    la, lb = ds["layer_a"].values.tolist(), ds["layer_b"].values.tolist()
+    reps_a, reps_b = activations(synth, "vit", la), activations(synth, "resnet", lb)
+    hsic = ref_hsic0 if estimator == "biased" else ref_hsic1
+    null_a = ds["null_image_a"].values
+    pairings = ds["null_permutation_image_b"].values  # (permutation, null_batch, member)
+    assert (pairings[0] == ds["null_image_b"].values).all()
+    assert len({p.tobytes() for p in pairings}) == 5  # five different pairings
+    for k in range(5):
+        # Same images on side b in every permutation, paired differently.
+        assert (np.sort(pairings[k], axis=1) == np.sort(pairings[0], axis=1)).all()
+        ref = ref_cka(reps_a, reps_b, [null_a], [pairings[k]], hsic,
+                      kernel=rbf if kernel == "rbf" else None)[0]  # fmt: skip
+        np.testing.assert_allclose(ds["cka_null_permutations"].values[k], ref, rtol=0,
+                                   atol=1e-10)  # fmt: skip
+    np.testing.assert_array_equal(ds["cka_null"].values, ds["cka_null_permutations"].values[0])
+    dist, cka = ds["cka_null_permutations"].values, ds["cka"].values
+    want = [[percentileofscore(dist[:, i, j], cka[i, j], kind="mean")
+             for j in range(len(lb))] for i in range(len(la))]  # fmt: skip
+    np.testing.assert_allclose(ds["cka_percentile"].values, want, rtol=0, atol=1e-12)
+
+
+def test_null_permutations_refused_without_a_null(synth: str) -> None:  # noqa: F811
+    assert cli(["analyze", "cka", synth, "vit", "--null-batches", "0",
+                "--null-permutations", "3"]) == 2  # fmt: skip
+    assert cli(["analyze", "cka", synth, "vit", "--null-permutations", "0"]) == 2
+
+
 def test_rbf_and_reductions_equal_reference(synth: str) -> None:  # noqa: F811
     common = {"store": synth, "run": "vit", "progress": False, "gram_tile": 16}
     ds = run_cka(CKAConfig(**common, kernel="rbf", batch_size=16, seed=2, repeats=2,

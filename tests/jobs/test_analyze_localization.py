@@ -90,3 +90,60 @@ def test_missing_inputs_and_bad_layer_exit_2(tmp_path, capsys: pytest.CaptureFix
     make_run(url, "w", ids(16), attention=False)
     assert cli(["analyze", "localization", url, "w", "--layer", "nope", "--no-progress"]) == 2
     assert cli(["analyze", "localization", url, "w", "--tokens", "9:9", "--no-progress"]) == 2
+
+
+def _ref_cka1(K: np.ndarray, L: np.ndarray) -> tuple[float, float, float]:
+    """HSIC₁ terms (Song et al. 2012) of one batch, term by term: (KL, KK, LL)."""
+
+    def h(A: np.ndarray, B: np.ndarray) -> float:
+        n = A.shape[0]
+        A, B = A.copy(), B.copy()
+        np.fill_diagonal(A, 0.0)
+        np.fill_diagonal(B, 0.0)
+        ra, rb = A.sum(1), B.sum(1)
+        return float((np.sum(A * B) + ra.sum() * rb.sum() / ((n - 1) * (n - 2))
+                      - 2.0 / (n - 2) * ra @ rb) / (n * (n - 3)))  # fmt: skip
+
+    return h(K, L), h(K, K), h(L, L)
+
+
+def test_batches_baseline_and_batch_bootstrap_recorded(synth: str) -> None:  # noqa: F811
+    """Recorded batches; the input baseline and the bootstrap over batches recomputed with a
+    term-by-term HSIC₁ from the un-normalized pixels."""
+    cfg = LocalizationConfig(store=synth, run="vit", tokens=((1, 1),), batch_size=8, seed=2,
+                             bootstrap=100, ci_level=0.8, progress=False)  # fmt: skip
+    ds = run_localization(cfg).dataset
+    run = open_store(synth)["vit"]
+    usable = np.flatnonzero(run.valid)
+    (batches,) = sample_batches(usable.size, 8, 1, 2)
+    assert ds["batch_image"].values.tolist() == [usable[b].tolist() for b in batches]
+    assert (ds["batch_image_id"].values == run.image_ids[ds["batch_image"].values]).all()
+    pixels = run.inputs.values.astype(np.float64) * STD + MEAN
+    token = run["blocks.1"].values[:, 4].astype(np.float64)  # (1, 1) on the 2×2 grid
+    patches = image_to_patches(pixels, PATCH)  # (image, 4, P·P·3)
+    terms, base = [], []
+    for rows in ds["batch_image"].values:
+        K = token[rows].reshape(len(rows), -1) @ token[rows].reshape(len(rows), -1).T
+        P = [patches[rows, p] @ patches[rows, p].T for p in range(4)]
+        terms.append([_ref_cka1(K, L) for L in P])
+        base.append([_ref_cka1(P[3], L) for L in P])
+    terms_a, base_a = np.array(terms), np.array(base)  # (batch, patch, 3)
+
+    def cka(t: np.ndarray) -> np.ndarray:
+        return t[..., 0] / np.sqrt(t[..., 1] * t[..., 2])
+
+    np.testing.assert_allclose(ds["localization_input"].values.ravel(), cka(base_a.sum(0)),
+                               rtol=1e-6, atol=1e-6)  # fmt: skip
+    assert ds["localization_input"].values.ravel()[3] == pytest.approx(1.0, abs=1e-9)
+    counts = np.zeros((100, len(batches)))
+    draws = np.random.default_rng(2).integers(0, len(batches), size=(100, len(batches)))
+    for b, d in enumerate(draws):
+        np.add.at(counts[b], d, 1.0)
+    reps = np.stack([cka(np.tensordot(c, terms_a, 1)) for c in counts])
+    np.testing.assert_allclose(ds["localization_lo"].values.ravel(),
+                               np.percentile(reps, 10, axis=0), rtol=1e-5, atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(ds["localization_hi"].values.ravel(),
+                               np.percentile(reps, 90, axis=0), rtol=1e-5, atol=1e-5)  # fmt: skip
+    one = run_localization(LocalizationConfig(store=synth, run="vit", tokens=((1, 1),),
+                                              progress=False, name="one")).dataset  # fmt: skip
+    assert "localization_lo" not in one and "one batch" in one.attrs["bootstrap"]

@@ -134,3 +134,70 @@ def test_bad_probe_options_are_one_line_errors(
     # 1-shot with a fixed penalty is allowed.
     assert cli(["analyze", "probe", url, "w", "--shots", "1", "--l2", "1", "--no-progress",
                 "--no-figure"]) == 0  # fmt: skip
+
+
+def test_splits_folds_intervals_and_raw_input_are_recorded(synth: str) -> None:  # noqa: F811
+    """The recorded splits are the ones the reference draws; the interval is the bootstrap of
+    each repeat's per-image correctness (a loop on the kernel's streams), averaged over
+    repeats; the raw-pixel probe is a ridge probe on the flattened stored input."""
+    cfg = ProbeConfig(store=synth, run="vit", features="cls", repeats=2, seed=3, bootstrap=120,
+                      ci_level=0.9, progress=False, name="p-ci")  # fmt: skip
+    ds = run_probe(cfg).dataset
+    run = open_store(synth)["vit"]
+    rows = np.flatnonzero(run.valid & (run.labels >= 0))
+    y = run.labels[rows]
+    splits = probe_splits(y, 0, 3, 2, 0.25)
+    for r, (tr, te) in enumerate(splits):
+        assert ds["train_image"].values[r][: tr.size].tolist() == rows[tr].tolist()
+        assert ds["test_image"].values[r][: te.size].tolist() == rows[te].tolist()
+    assert ds["cv_fold"].dims == ("repeat", "train_member") and ds["cv_fold"].values.max() >= 1
+    reps = []
+    for r, (tr, te) in enumerate(splits):
+        correct = []
+        for layer in ds["layer"].values.tolist():
+            x = _features(run, layer, rows, "cls")
+            fit = ridge_probe(x[tr], y[tr], x[te], y[te], n_classes=3, seed=3 + r)
+            from vitcnn_store.analysis.probes import fit_ridge, predict
+
+            w = fit_ridge(x[tr], y[tr], 3, l2=fit.l2)
+            correct.append(predict(w, x[te]) == y[te])
+        c = np.stack(correct, axis=1).astype(float)  # (test image, layer)
+        draws = np.random.default_rng((3, r)).integers(0, c.shape[0], size=(120, c.shape[0]))
+        reps.append(np.stack([c[d].mean(axis=0) for d in draws]))
+    rep = np.mean(reps, axis=0)
+    np.testing.assert_allclose(ds["accuracy_lo"].values, np.percentile(rep, 5, axis=0), atol=1e-12)
+    np.testing.assert_allclose(ds["accuracy_hi"].values, np.percentile(rep, 95, axis=0), atol=1e-12)
+    pixels = run.inputs.values[rows].reshape(rows.size, -1).astype(np.float64)
+    raw = [ridge_probe(pixels[tr], y[tr], pixels[te], y[te], n_classes=3, seed=3 + r).accuracy
+           for r, (tr, te) in enumerate(splits)]  # fmt: skip
+    assert float(ds["input_accuracy"]) == pytest.approx(np.mean(raw), abs=1e-12)
+    assert float(ds["input_accuracy_lo"]) <= float(ds["input_accuracy"]) <= float(
+        ds["input_accuracy_hi"])  # fmt: skip
+    assert ds.attrs["ci_level"] == 0.9 and ds.attrs["groups"].startswith("none")
+
+
+def test_photo_crops_never_straddle_a_split(tmp_path: Path) -> None:
+    """builtin:photos ids: each photograph's crops land on one side of every split and fold;
+    when the label is the photograph itself the probe is refused, not leaked."""
+    url = str(tmp_path / "ph.zarr")
+    photos = ["cat", "dog", "owl", "fox", "bee", "ant"]
+    names = [f"photos/{p}/{k:02d}" for k in range(6) for p in photos]
+    labels = [photos.index(p) % 2 for k in range(6) for p in photos]  # two classes, 3 photos each
+    make_run(url, "v", names, labels=labels, depth=1, attention=False)
+    ds = run_probe(ProbeConfig(store=url, run="v", repeats=2, bootstrap=0, progress=False)).dataset
+    group = {i: n.split("/")[1] for i, n in enumerate(names)}
+    for r in range(2):
+        train = {group[i] for i in ds["train_image"].values[r] if i >= 0}
+        test = {group[i] for i in ds["test_image"].values[r] if i >= 0}
+        assert train and test and not train & test
+        folds = ds["cv_fold"].values[r]
+        members = [i for i in ds["train_image"].values[r] if i >= 0]
+        for g in train:  # one fold per photograph
+            assert len({folds[k] for k, i in enumerate(members) if group[i] == g}) == 1
+    assert ds.attrs["groups"].startswith("source photograph")
+    assert "accuracy_lo" not in ds
+    make_run(url, "w", names, labels=[photos.index(n.split("/")[1]) for n in names], depth=1,
+             attention=False)  # fmt: skip
+    assert cli(["analyze", "probe", url, "w", "--no-progress"]) == 2
+    assert cli(["analyze", "probe", url, "w", "--no-progress", "--groups", "none",
+                "--bootstrap", "0"]) == 0  # fmt: skip

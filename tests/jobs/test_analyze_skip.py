@@ -167,3 +167,34 @@ def test_dead_branches_are_named_not_divided(tmp_path: Path) -> None:
     assert np.isnan(ds["ratio_spatial"].values[0, 1])
     assert "1 of 2 branches output exactly 0" in ds.attrs["dead_branches"]
     assert "dead branch" in ds.attrs["summary"]
+
+
+def test_ratio_intervals_are_the_bootstrap_of_per_image_ratios(synth: str) -> None:  # noqa: F811
+    """Per image, ‖z‖/‖f(z)‖ from plain numpy norms, resampled by a loop drawing from the
+    kernel's stream; the percentiles are the stored interval."""
+    ds = run_skip(SkipConfig(store=synth, run="vit", bootstrap=150, ci_level=0.9,
+                             progress=False, name="skip-ci")).dataset  # fmt: skip
+    run = open_store(synth)["vit"]
+    valid = run.valid
+    spatial, cls = [], []
+    for i, z_name in enumerate(["norm_pre", "blocks.0"]):
+        z = run[z_name].values[valid].astype(np.float64)
+        attn = run[f"blocks.{i}.attn"].values[valid].astype(np.float64)
+        mlp = run[f"blocks.{i}.mlp"].values[valid].astype(np.float64)
+        for zz, f in ((z, attn), (z + attn, mlp)):
+            r = np.sqrt((zz**2).sum(-1)) / np.sqrt((f**2).sum(-1))  # (image, token)
+            spatial.append(r[:, 1:].mean(axis=1))
+            cls.append(r[:, 0])
+    # Order above: block-major, branch-minor → (image, branch, block).
+    sp = np.stack(spatial, axis=1).reshape(-1, 2, 2).transpose(0, 2, 1)
+    cl = np.stack(cls, axis=1).reshape(-1, 2, 2).transpose(0, 2, 1)
+    n = sp.shape[0]
+    draws = np.random.default_rng(0).integers(0, n, size=(150, n))
+    for var, v in (("ratio_spatial", sp), ("ratio_cls", cl)):
+        reps = np.stack([v[d].mean(axis=0) for d in draws])
+        np.testing.assert_allclose(ds[f"{var}_lo"].values, np.percentile(reps, 5, axis=0),
+                                   rtol=1e-10, atol=1e-10)  # fmt: skip
+        np.testing.assert_allclose(ds[f"{var}_hi"].values, np.percentile(reps, 95, axis=0),
+                                   rtol=1e-10, atol=1e-10)  # fmt: skip
+        assert (ds[f"{var}_lo"] <= ds[var]).all() and (ds[var] <= ds[f"{var}_hi"]).all()
+    assert ds.attrs["ci_level"] == 0.9

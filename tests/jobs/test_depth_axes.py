@@ -41,7 +41,9 @@ def test_positions_follow_the_forward_pass(all_store: str, run_name: str, count:
     assert by_block[0] == by_count[0] == 0.0 and by_block[-1] == by_count[-1] == 1.0
     # Block outputs sit at k/K on the block-normalised axis.
     outputs = [i for i, n in enumerate(layers) if run[n].attrs.get("role") == "stream"][1:]
-    np.testing.assert_allclose(by_block[outputs], np.arange(1, len(outputs) + 1) / len(outputs))
+    np.testing.assert_allclose(
+        by_block[outputs], np.arange(1, len(outputs) + 1) / len(outputs), atol=1e-12
+    )
 
 
 def test_forward_order_puts_units_before_their_block(all_store: str) -> None:

@@ -20,10 +20,11 @@ from typing import Any, overload
 import numpy as np
 
 from vitcnn_store.analysis._arrays import FloatArray, to_numpy
-from vitcnn_store.analysis.cka import MinibatchCKAMatrix
+from vitcnn_store.analysis.bootstrap import bootstrap_counts, percentile_interval
+from vitcnn_store.analysis.cka import MinibatchCKAMatrix, cka_from_sums
 from vitcnn_store.analysis.gram import gram_linear
 
-__all__ = ["MinibatchLocalization", "image_to_patches"]
+__all__ = ["MinibatchLocalization", "batch_bootstrap_interval", "image_to_patches"]
 
 
 def image_to_patches(images: Any, patch: int) -> np.ndarray:
@@ -132,3 +133,47 @@ class MinibatchLocalization:
             raise ValueError("MinibatchLocalization.result() called before any update()")
         out = self.pairs.result()
         return out[0] if self._single else out
+
+
+def batch_bootstrap_interval(
+    parts: Sequence[MinibatchLocalization], *, n_boot: int, level: float, seed: Any = 0
+) -> tuple[FloatArray, FloatArray]:
+    """Percentile bootstrap interval of the maps over batches (disjoint random image sets).
+
+    ``parts`` holds one accumulator per batch. A replicate draws as many batches
+    with replacement and forms the estimate as :meth:`MinibatchLocalization.result`
+    does: HSIC sums over the drawn batches, one ratio at the end. Resampling
+    whole batches keeps every HSIC₁ term a sum over distinct images (resampling
+    images would pair an image with its own copy). Fewer than two batches give
+    NaN: one batch has no spread to resample.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> parts = []
+    >>> for _ in range(4):
+    ...     p = rng.normal(size=(16, 3, 6)); acc = MinibatchLocalization()
+    ...     acc.update([p[:, 1] + 0.5 * rng.normal(size=(16, 6))], p); parts.append(acc)
+    >>> lo, hi = batch_bootstrap_interval(parts, n_boot=200, level=0.9)
+    >>> bool(lo[0, 1] <= hi[0, 1]), lo.shape
+    (True, (1, 3))
+    """
+    sums = [p.pairs for p in parts]
+    first = sums[0].hsic_ab if sums else None
+    if first is None or any(s.hsic_ab is None for s in sums):
+        raise ValueError("every batch's accumulator needs an update() first")
+    shape = first.shape
+    if len(sums) < 2:
+        nan = np.full(shape, np.nan)
+        return nan, nan.copy()
+    ab = np.stack([np.asarray(s.hsic_ab) for s in sums])  # (B, L_a, L_b)
+    aa = np.stack([np.asarray(s.hsic_aa) for s in sums])
+    bb = np.stack([np.asarray(s.hsic_bb) for s in sums])
+    sa = np.stack([s.scale_aa for s in sums])
+    sb = np.stack([s.scale_bb for s in sums])
+    counts = bootstrap_counts(len(sums), n_boot, seed)
+    reps = np.stack([
+        cka_from_sums(np.tensordot(c, ab, 1), c @ aa, c @ bb, c @ sa, c @ sb, warn=False)
+        for c in counts
+    ])  # fmt: skip
+    return percentile_interval(reps, level)

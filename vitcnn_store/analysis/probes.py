@@ -43,6 +43,7 @@ __all__ = [
     "cross_validate_l2",
     "few_shot_split",
     "fit_ridge",
+    "group_split",
     "linear_probe_accuracy",
     "predict",
     "probe_splits",
@@ -230,18 +231,27 @@ def stratified_split(labels: Any, test_fraction: float, seed: int) -> tuple[IntA
 
 
 def probe_splits(
-    labels: Any, shots: int, seed: int, repeats: int = 1, test_fraction: float = 0.25
+    labels: Any,
+    shots: int,
+    seed: int,
+    repeats: int = 1,
+    test_fraction: float = 0.25,
+    groups: Any = None,
 ) -> list[tuple[IntArray, IntArray]]:
     """(train, test) index pairs into ``labels``, one per repeat with seed ``seed + r``.
 
     ``shots > 0``: :func:`few_shot_split` (k per class train); ``shots == 0``:
-    :func:`stratified_split` holding out ``test_fraction``.
+    :func:`stratified_split` holding out ``test_fraction``; with ``groups``,
+    :func:`group_split` (no group on both sides).
 
     Examples
     --------
     >>> [len(tr) for tr, _ in probe_splits([0, 0, 0, 1, 1, 1], shots=1, seed=0, repeats=2)]
     [2, 2]
     """
+    if groups is not None:
+        return [group_split(labels, groups, shots, test_fraction, seed + r)
+                for r in range(repeats)]  # fmt: skip
     if shots:
         return [few_shot_split(labels, shots, seed + r) for r in range(repeats)]
     return [stratified_split(labels, test_fraction, seed + r) for r in range(repeats)]
@@ -263,7 +273,9 @@ def chance_accuracy(y_test: Any) -> float:
     return float(np.bincount(lab).max() / lab.size)
 
 
-def stratified_folds(labels: Any, k: int, seed: int) -> list[tuple[IntArray, IntArray]]:
+def stratified_folds(
+    labels: Any, k: int, seed: int, *, groups: Any = None
+) -> list[tuple[IntArray, IntArray]]:
     """Deterministic stratified k-fold split of ``labels``: (train, validation) index pairs.
 
     Each class's images are permuted and dealt round-robin over the folds (the
@@ -280,6 +292,8 @@ def stratified_folds(labels: Any, k: int, seed: int) -> list[tuple[IntArray, Int
     lab = _labels(labels, len(np.asarray(to_numpy(labels)).ravel()))
     if k < 2:
         raise ValueError(f"cross-validation needs k >= 2 folds, got {k}")
+    if groups is not None:
+        return _group_folds(lab, np.asarray(groups), k, seed)
     classes, counts = np.unique(lab, return_counts=True)
     if not classes.size or counts.min() < 2:
         c = classes[np.argmin(counts)] if classes.size else "-"
@@ -376,6 +390,87 @@ def cross_validate_l2(
     return float(g[best].max()), mean
 
 
+def _group_folds(
+    lab: IntArray, groups: np.ndarray, k: int, seed: int
+) -> list[tuple[IntArray, IntArray]]:
+    """Folds that keep each group whole: a class's groups are dealt round-robin."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(lab)
+    counts = [np.unique(groups[lab == c]).size for c in classes]
+    if min(counts) < 2:
+        c = classes[int(np.argmin(counts))]
+        raise ValueError(
+            f"cross-validation by group needs 2 groups of every class; class {c} has one"
+        )
+    k = int(min(k, min(counts)))
+    fold_of = np.empty(lab.size, dtype=np.int64)
+    dealt = 0
+    for c in classes:
+        members = groups[lab == c]
+        uniq = rng.permutation(np.unique(members))
+        for i, g in enumerate(uniq):
+            fold_of[(lab == c) & (groups == g)] = (i + dealt) % k
+        dealt += uniq.size
+    return [(np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in range(k)]
+
+
+def group_split(
+    labels: Any, groups: Any, shots: int, test_fraction: float, seed: int
+) -> tuple[IntArray, IntArray]:
+    """A split that keeps every group (e.g. the crops of one photograph) on one side.
+
+    Per class the groups are permuted; ``shots > 0`` takes training images from
+    the first groups until it has ``shots`` (the rest of those groups is left
+    out) and tests the other groups; ``shots == 0`` holds out whole groups until
+    ``test_fraction`` of the class's images is reached. Every class needs two
+    groups. Negative labels are left out.
+
+    Examples
+    --------
+    >>> tr, te = group_split([0, 0, 0, 0, 1, 1, 1, 1], list("aabbccdd"), 0, 0.5, seed=0)
+    >>> sorted(tr.tolist() + te.tolist()), len(tr), len(te)
+    ([0, 1, 2, 3, 4, 5, 6, 7], 4, 4)
+    """
+    lab = np.asarray(to_numpy(labels)).ravel().astype(np.int64)
+    grp = np.asarray(groups).ravel()
+    if grp.size != lab.size:
+        raise ValueError(f"{grp.size} groups for {lab.size} labels")
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(lab[lab >= 0]):
+        members = np.flatnonzero(lab == c)
+        order = rng.permutation(np.unique(grp[members]))
+        if order.size < 2:
+            raise ValueError(
+                f"class {c} has all its images in one group ({order[0]}): a split that keeps "
+                "groups apart cannot both train and test it"
+            )
+        by_group = [members[grp[members] == g] for g in order]
+        if shots:
+            taken: list[IntArray] = []
+            k = 0
+            while k < order.size - 1 and sum(t.size for t in taken) < shots:
+                taken.append(by_group[k])
+                k += 1
+            pool = np.concatenate(taken)
+            if pool.size < shots:
+                raise ValueError(f"class {c}: {shots}-shot by group leaves no group to test")
+            train.append(np.sort(pool)[:shots])
+            test.append(np.concatenate(by_group[k:]))
+        else:
+            want = max(1, round(test_fraction * members.size))
+            held: list[IntArray] = []
+            k = 0
+            while k < order.size - 1 and sum(h.size for h in held) < want:
+                held.append(by_group[k])
+                k += 1
+            test.append(np.concatenate(held))
+            train.append(np.concatenate(by_group[k:]))
+    if not train:
+        raise ValueError("no labelled examples")
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
 @dataclass(frozen=True)
 class ProbeFit:
     """One probe: test ``accuracy`` at penalty ``l2``; with cross-validation,
@@ -386,6 +481,8 @@ class ProbeFit:
     l2: float
     cv_accuracy: FloatArray | None
     cv_folds: int
+    correct: npt.NDArray[np.bool_] | None = None  # per test image (for the bootstrap)
+    folds: IntArray | None = None  # per training image, its validation fold (with CV)
 
 
 def ridge_probe(
@@ -399,13 +496,15 @@ def ridge_probe(
     l2_grid: Any = DEFAULT_L2_GRID,
     cv_folds: int = 5,
     seed: int = 0,
+    groups: Any = None,
 ) -> ProbeFit:
     """Fit a ridge probe on the training split and score it on the test split.
 
     With ``l2=None`` the penalty is chosen by :func:`cross_validate_l2` over
     ``l2_grid`` on :func:`stratified_folds` of the training split (``cv_folds``
-    capped at the smallest class count; ``seed`` draws the folds); a number
-    fixes it. The test split is never seen before the final score.
+    capped at the smallest class count; ``seed`` draws the folds; ``groups``
+    of the training images keep each group in one fold); a number fixes it. The
+    test split is never seen before the final score.
 
     Examples
     --------
@@ -421,10 +520,15 @@ def ridge_probe(
     if not yte.size:
         raise ValueError("empty test set")
     cv_scores: FloatArray | None = None
+    fold_of: IntArray | None = None
     k = 0
     if l2 is None:
-        folds = stratified_folds(ytr, cv_folds, seed)
+        folds = stratified_folds(ytr, cv_folds, seed, groups=groups)
         k = len(folds)
+        fold_of = np.empty(ytr.size, dtype=np.int64)
+        for f, (_, val) in enumerate(folds):
+            fold_of[val] = f
         l2, cv_scores = cross_validate_l2(Xtr, ytr, n_classes, folds, l2_grid)
     W = fit_ridge(Xtr, ytr, n_classes, l2=l2)
-    return ProbeFit(float(np.mean(predict(W, Xte) == yte)), float(l2), cv_scores, k)
+    correct = predict(W, Xte) == yte
+    return ProbeFit(float(np.mean(correct)), float(l2), cv_scores, k, correct, fold_of)

@@ -32,7 +32,13 @@ import numpy.typing as npt
 
 from vitcnn_store.analysis._arrays import to_numpy
 
-__all__ = ["cls_and_spatial_ratio", "skip_norm_ratio", "skip_norm_ratio_sum", "zero_norm_count"]
+__all__ = [
+    "cls_and_spatial_ratio",
+    "skip_norm_ratio",
+    "skip_norm_ratio_per_image",
+    "skip_norm_ratio_sum",
+    "zero_norm_count",
+]
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -45,6 +51,20 @@ def _tokens(a: Any, name: str) -> FloatArray:
     return np.asarray(x.reshape(x.shape[0], -1, x.shape[-1]), dtype=np.float64)
 
 
+def skip_norm_ratio_per_image(z: Any, fz: Any, *, eps: float = 1e-12) -> FloatArray:
+    """(n, token) ``‖z‖/max(‖f(z)‖, eps)`` per image and token (norms over channels).
+
+    Examples
+    --------
+    >>> skip_norm_ratio_per_image(np.ones((2, 1, 4)), np.full((2, 1, 4), 0.5)).tolist()
+    [[2.0], [2.0]]
+    """
+    zt, ft = _tokens(z, "z"), _tokens(fz, "fz")
+    if zt.shape != ft.shape:
+        raise ValueError(f"z and f(z) shapes differ: {zt.shape} vs {ft.shape}")
+    return np.linalg.norm(zt, axis=-1) / np.maximum(np.linalg.norm(ft, axis=-1), eps)
+
+
 def skip_norm_ratio_sum(z: Any, fz: Any, *, eps: float = 1e-12) -> tuple[FloatArray, int]:
     """Per-token sum over images of ``‖z‖/max(‖f(z)‖, eps)``, and the image count.
 
@@ -54,11 +74,8 @@ def skip_norm_ratio_sum(z: Any, fz: Any, *, eps: float = 1e-12) -> tuple[FloatAr
     >>> s.tolist(), n
     ([4.0, 4.0, 4.0], 2)
     """
-    zt, ft = _tokens(z, "z"), _tokens(fz, "fz")
-    if zt.shape != ft.shape:
-        raise ValueError(f"z and f(z) shapes differ: {zt.shape} vs {ft.shape}")
-    ratio = np.linalg.norm(zt, axis=-1) / np.maximum(np.linalg.norm(ft, axis=-1), eps)
-    return ratio.sum(axis=0), zt.shape[0]
+    ratio = skip_norm_ratio_per_image(z, fz, eps=eps)
+    return ratio.sum(axis=0), ratio.shape[0]
 
 
 def zero_norm_count(fz: Any, *, eps: float = 1e-12) -> npt.NDArray[np.int64]:
