@@ -14,8 +14,8 @@ most the layer's usable activations as stored. The Gram itself never travels:
 tiles go straight from the worker that computed them to the store, which is
 what lets a cluster whose workers are each smaller than one Gram compute it.
 
-A stored Gram is reused while its source state (the run's units, their chunk
-objects and the usable images; :func:`vitcnn_store.store.grams.source_state`)
+A stored Gram is reused while its source state (the run's creation id, its
+units' done flags and content fingerprints, and the usable images; :func:`vitcnn_store.store.grams.source_state`)
 is unchanged, and recomputed otherwise.
 """
 
@@ -179,5 +179,5 @@ def ensure_grams(
         finish_gram(info, row_mean, np.where(mask, offset, np.nan))
         infos[i] = info
     if todo:
-        consolidate(run.store.url)
+        consolidate(run.store.url, run.name)
     return [info for info in infos if info is not None], [layers[i] for i in todo]

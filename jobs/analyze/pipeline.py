@@ -159,7 +159,7 @@ def _reused(
         with contextlib.suppress(StoreUnavailableError):
             set_latest(opts.store, opts.run, name, key)
     if result.removed:
-        consolidate(opts.store)
+        consolidate(opts.store, opts.run)
     return result
 
 
