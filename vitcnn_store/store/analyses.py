@@ -273,9 +273,16 @@ def _open(url: str, group: str) -> xr.Dataset:
 
     from vitcnn_store.store.layout import zarr_store
 
-    with quiet_zarr():
-        ds = xr.open_zarr(zarr_store(url), group=group, consolidated=False,
-                          zarr_format=3).load()  # fmt: skip
+    import warnings
+
+    from vitcnn_store.store.index import can_list
+
+    # A result carries its own consolidated metadata (one read opens it, and a server that
+    # cannot list serves it); results written before that are listed where possible.
+    with quiet_zarr(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated")
+        ds = xr.open_zarr(zarr_store(url), group=group, zarr_format=3,
+                          consolidated=None if can_list(url) else True).load()  # fmt: skip
     if ds.attrs.get(COMPLETE_ATTR) is not True and ARRAYS_ATTR in ds.attrs:
         raise DamagedDataError(f"analysis result {group} lost its commit marker")
     # The marker describes the stored group, not the data: a rewrite computes its own.
@@ -403,8 +410,8 @@ def write_analysis(
         # mode="w" replaces this key's group only (a rewrite with --recompute); the
         # group has no marker until the last step, so a crash leaves it incomplete.
         clean.to_zarr(zarr_store(url), group=group, mode="w", zarr_format=3,
-                      consolidated=False, encoding=xarray_encoding(clean))  # fmt: skip
-        node = open_root(url, mode="r+")[group]
+                      consolidated=True, encoding=xarray_encoding(clean))  # fmt: skip
+        node = open_root(url, mode="r+")[group]  # keeps its consolidated metadata
         digest, shapes = result_digest(node)
         node.attrs.update({ARRAYS_ATTR: shapes, DIGEST_ATTR: digest})
         node.attrs[COMPLETE_ATTR] = True  # the commit: last write of the result

@@ -267,6 +267,11 @@ def environment_error(url: str, e: BaseException) -> VitcnnError | None:
             return StoreUnavailableError(
                 f"credentials rejected by {url}: the access key is unknown to that endpoint"
             )
+        if isinstance(cause, NotImplementedError) and str(url).startswith(("http://", "https://")):
+            return StoreUnavailableError(
+                f"store {url} is read-only (a plain HTTP server): read it here, and write "
+                "analyses or runs into a writable copy or the bucket behind it"
+            )
         if isinstance(cause, OSError):
             code = cause.errno
             if code in (errno.ENOSPC, errno.EDQUOT):

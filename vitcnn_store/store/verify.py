@@ -240,13 +240,13 @@ def _check_results(url: str, run: str, report: VerifyReport) -> None:
         return
     # Incomplete derived data is expected while a job writes it: ask who, once.
     holder = lock_holder(url, run) if grams or any(not r.complete for r in results) else None
-    root = open_root(url, mode="r")
+    group = run_group(url, run, consolidated=not can_list(url))
     for result in results:
         where = result.group.split("/", 1)[1]
         problem = result.problem
         if not problem:
             with quiet_zarr():
-                node = root[result.group]
+                node = group[where]
                 unchecked = [k for k, a in node.arrays() if not has_checksum(a)]
             if unchecked:
                 problem = f"damaged: array(s) {', '.join(sorted(unchecked))} without crc32c"
