@@ -15,8 +15,8 @@ tiles go straight from the worker that computed them to the store, which is
 what lets a cluster whose workers are each smaller than one Gram compute it.
 
 A stored Gram is reused while its source state (the run's creation id, its
-units' done flags and content fingerprints, and the usable images; :func:`vitcnn_store.store.grams.source_state`)
-is unchanged, and recomputed otherwise.
+units' done flags and content fingerprints, and the usable images;
+:func:`vitcnn_store.store.grams.source_state`) is unchanged, and recomputed otherwise.
 """
 
 from __future__ import annotations

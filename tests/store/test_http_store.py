@@ -41,9 +41,14 @@ def _cli(argv: list[str]) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize(
     "command",
-    [["ls"], ["show", "vit"], ["show", "resnet"], ["query", "vit", "blocks.1", "--images", "2:9"],
-     ["query", "vit", "blocks.0.attn", "--attention", "--images", "3,1"],
-     ["verify", "--no-progress"]],  # fmt: skip
+    [
+        ["ls"],
+        ["show", "vit"],
+        ["show", "resnet"],
+        ["query", "vit", "blocks.1", "--images", "2:9"],
+        ["query", "vit", "blocks.0.attn", "--attention", "--images", "3,1"],
+        ["verify", "--no-progress"],
+    ],
 )
 def test_commands_answer_as_on_the_local_disk(
     served: tuple[str, str, list[int]], command: list[str]
@@ -73,6 +78,6 @@ def test_python_api_reads_runs_layers_and_results(served: tuple[str, str, list[i
 def test_writing_is_refused_in_one_line(served: tuple[str, str, list[int]]) -> None:
     local, url, _ = served
     before = snapshot(Path(local))
-    code, out, err = _cli(["analyze", "cka", url, "vit", "--batch-size", "4"])
+    code, _, err = _cli(["analyze", "cka", url, "vit", "--batch-size", "4"])
     assert code == 1 and err.count("\n") == 1 and "read-only" in err, err
     assert snapshot(Path(local)) == before

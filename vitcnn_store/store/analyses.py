@@ -269,13 +269,12 @@ def analysis_names(run: Run) -> list[str]:
 
 
 def _open(url: str, group: str) -> xr.Dataset:
-    import xarray as xr
-
-    from vitcnn_store.store.layout import zarr_store
-
     import warnings
 
+    import xarray as xr
+
     from vitcnn_store.store.index import can_list
+    from vitcnn_store.store.layout import zarr_store
 
     # A result carries its own consolidated metadata (one read opens it, and a server that
     # cannot list serves it); results written before that are listed where possible.
@@ -404,9 +403,9 @@ def write_analysis(
         clean.attrs.pop(attr, None)
     root = open_root(url, mode="r+")
     with quiet_zarr():
-        run_group(url, run, mode="r+", consolidated=False).require_group(
-            ANALYSES
-        ).require_group(name)
+        run_group(url, run, mode="r+", consolidated=False).require_group(ANALYSES).require_group(
+            name
+        )
         # mode="w" replaces this key's group only (a rewrite with --recompute); the
         # group has no marker until the last step, so a crash leaves it incomplete.
         clean.to_zarr(zarr_store(url), group=group, mode="w", zarr_format=3,

@@ -316,7 +316,7 @@ def find_gram(
     # not pass for the complete one it replaces.
     try:
         with quiet_zarr(), store_io(run.store.url):
-            arr = zarr.open_array(zarr_store(run.store.url), mode="r", zarr_format=3,
+            arr: Any = zarr.open_array(zarr_store(run.store.url), mode="r", zarr_format=3,
                                   path=gram_path(run.name, layer, reduce))  # fmt: skip
     except (KeyError, FileNotFoundError):
         return None

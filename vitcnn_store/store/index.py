@@ -56,13 +56,13 @@ __all__ = [
     "RECORD_FIELDS",
     "RUNS_ATTR",
     "CountingStore",
+    "can_list",
     "consolidate_run",
     "create_if_absent",
-    "can_list",
     "listed_runs",
     "register_run",
-    "run_group",
     "registered_runs",
+    "run_group",
     "unit_fingerprint",
 ]
 
@@ -238,7 +238,7 @@ def unit_fingerprint(chunks: dict[str, tuple[int, bytes]]) -> tuple[int, int]:
 def _counting_store_class() -> Any:
     from zarr.storage import WrapperStore
 
-    class _Counting(WrapperStore):  # type: ignore[type-arg]
+    class _Counting(WrapperStore):
         """A zarr store that remembers the length and last 4 bytes (the crc32c) of every
         object it writes, keyed by the object's key."""
 
@@ -257,7 +257,7 @@ def _counting_store_class() -> Any:
     return _Counting
 
 
-def CountingStore(url: str) -> Any:  # noqa: N802 (a class made on first use: zarr is heavy)
+def CountingStore(url: str) -> Any:
     """A zarr store for ``url`` that records what it writes (see :func:`unit_fingerprint`)."""
     import zarr
     from zarr.storage import LocalStore

@@ -47,6 +47,7 @@ __all__ = [
     "open_root",
     "quiet_zarr",
     "storage_options",
+    "storage_options_scope",
     "store_io",
     "unit_bounds",
     "use_storage_options",
@@ -180,6 +181,22 @@ def use_storage_options(url: str, options: dict[str, Any] | None) -> None:
         _OPTIONS[str(url).rstrip("/")] = dict(options)
 
 
+@contextmanager
+def storage_options_scope() -> Iterator[None]:
+    """Storage options set inside the block (and ``VITCNN_STORAGE_OPTIONS``) are forgotten
+    after it: one command's credentials never leak into the next call in this process."""
+    saved, env = dict(_OPTIONS), os.environ.get(OPTIONS_ENV)
+    try:
+        yield
+    finally:
+        _OPTIONS.clear()
+        _OPTIONS.update(saved)
+        if env is None:
+            os.environ.pop(OPTIONS_ENV, None)
+        else:
+            os.environ[OPTIONS_ENV] = env
+
+
 def storage_options(url: str) -> dict[str, Any]:
     """The fsspec options for ``url``: the config file's, then ``VITCNN_STORAGE_OPTIONS``,
     then those given to :func:`use_storage_options` (later ones win); ``{}`` for local paths."""
@@ -210,7 +227,7 @@ def filesystem(url: str) -> tuple[Any, str]:
     """``(fsspec filesystem, path)`` of ``url``, with its storage options."""
     import fsspec
 
-    return fsspec.core.url_to_fs(str(url), **storage_options(url))  # type: ignore[no-any-return]
+    return fsspec.core.url_to_fs(str(url), **storage_options(url))
 
 
 def is_local(url: str) -> bool:

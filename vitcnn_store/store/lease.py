@@ -40,7 +40,14 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from vitcnn_store.errors import RunLockedError, StoreError, VitcnnError
-from vitcnn_store.store.layout import LEASES, check_name, filesystem, open_root, quiet_zarr, store_io
+from vitcnn_store.store.layout import (
+    LEASES,
+    check_name,
+    filesystem,
+    open_root,
+    quiet_zarr,
+    store_io,
+)
 
 __all__ = [
     "DEFAULT_TTL",

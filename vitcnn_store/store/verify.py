@@ -30,6 +30,7 @@ from vitcnn_store.store.checked import failure_reason
 from vitcnn_store.store.chunks import chunk_key, grid, list_objects, unit_arrays, walk_arrays
 from vitcnn_store.store.codecs import has_checksum
 from vitcnn_store.store.grams import delete_grams, gram_layer
+from vitcnn_store.store.index import can_list, run_group
 from vitcnn_store.store.layout import (
     IMAGE_COORDS,
     check_name,
@@ -40,7 +41,6 @@ from vitcnn_store.store.layout import (
     unit_bounds,
 )
 from vitcnn_store.store.manifest import manifest_problems, missing_names
-from vitcnn_store.store.index import can_list, run_group
 from vitcnn_store.store.runs import list_runs, run_format
 
 __all__ = ["Problem", "VerifyReport", "verify_store"]
@@ -113,7 +113,7 @@ def _whole_chunks(array: Any) -> Iterable[tuple[tuple[int, ...], tuple[slice, ..
         )
 
 
-class _Present(dict):  # type: ignore[type-arg]
+class _Present(dict):
     """Where nothing lists: every chunk counts as present, and reading it decides."""
 
     def __contains__(self, key: object) -> bool:

@@ -28,6 +28,13 @@ from vitcnn_store.errors import (
     StoreError,
 )
 from vitcnn_store.store.codecs import COMPRESSIONS, checksummed
+from vitcnn_store.store.index import (
+    RECORD,
+    RECORD_FIELDS,
+    consolidate_run,
+    register_run,
+    unit_fingerprint,
+)
 from vitcnn_store.store.layout import (
     ANALYSES,
     CREATED_ATTR,
@@ -42,13 +49,6 @@ from vitcnn_store.store.layout import (
     store_io,
     unit_bounds,
     zarr_store,
-)
-from vitcnn_store.store.index import (
-    RECORD,
-    RECORD_FIELDS,
-    consolidate_run,
-    register_run,
-    unit_fingerprint,
 )
 from vitcnn_store.store.manifest import MANIFEST_ATTR, build_manifest
 
@@ -339,7 +339,7 @@ def restore_run(
 
     layout = _layout(image_ids, labels, chunk, dtype, arrays, compression, image_sha256)
     with quiet_zarr(), store_io(url), zarr.config.set({"array.write_empty_chunks": True}):
-        run = zarr.open_group(
+        run: Any = zarr.open_group(
             zarr_store(url), path=name, mode="r+", zarr_format=3, use_consolidated=False
         )
         if layout.populate(run, restore=True):
@@ -409,7 +409,7 @@ class RunWriter:
         open_root(url, mode="r+")  # refuses what is not a store, with one line
         # Every chunk written is counted (length and crc32c): the unit's record.
         self._store = CountingStore(url)
-        root = zarr.open_group(self._store, mode="r+", zarr_format=3, use_consolidated=False)
+        root: Any = zarr.open_group(self._store, mode="r+", zarr_format=3, use_consolidated=False)
         # Skip zarr's scan of every chunk for "all fill value" before writing it: our
         # chunks are never empty, and the scan costs as much as the compression. It
         # also means every written unit has every chunk object, which verify checks.
@@ -420,7 +420,7 @@ class RunWriter:
             self._arrays: dict[str, Any] = {}
             self._visit(self.group, "")
             self.done = self.group["done"]
-            self.record = self.group[RECORD] if RECORD in self.group else None
+            self.record = self.group.get(RECORD, None)
 
     def _visit(self, group: Any, prefix: str) -> None:
         for key, node in group.members():
