@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.http_store import serve_without_listing  # noqa: E402
+from tests.http_store import serve_without_listing
 
 
 def _cli(argv: list[str]) -> str:
@@ -49,9 +49,20 @@ class _Count(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
         self.n = 0
+        self.paths: dict[str, int] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         self.n += 1
+        if os.environ.get("BENCH_TRACE"):
+            import re
+
+            msg = record.getMessage()
+            m = re.search(r'"(\w+) ([^ ?]*)(\?[^ ]*)? HTTP', msg)
+            if m:
+                key = m.group(1) + " " + re.sub(r"/c/[0-9/]+$", "/c/*", m.group(2))
+                key = re.sub(r"blocks\.\d+[^/]*", "L", key)
+                key += " (list)" if m.group(3) and "list-type" in m.group(3) else ""
+                self.paths[key] = self.paths.get(key, 0) + 1
 
 
 def _timed(fn: Callable[[], object], counter: Callable[[], int]) -> tuple[float, int, object]:
@@ -131,6 +142,7 @@ def main() -> None:
             if len(outputs) > 1:
                 raise SystemExit(f"{name}: outputs differ between locations")
         before = grams()
+        moto_requests.paths.clear()
         seconds_local, _, _ = _timed(
             lambda: _cli(["analyze", "cka", local, "v", *cka, "--seed", "1"]), lambda: 0
         )
@@ -138,6 +150,8 @@ def main() -> None:
             lambda: _cli(["analyze", "cka", s3, "v", *cka, "--seed", "1", *flags]),
             lambda: moto_requests.n,
         )
+        if os.environ.get("BENCH_TRACE"):
+            print(sorted(moto_requests.paths.items(), key=lambda kv: -kv[1])[:25])
         rewritten = sum(1 for k, v in grams().items() if before.get(k) != v)
         rows.append(["analyze cka (new seed)", "local", f"{seconds_local:.2f}", "1.00×", "-"])
         rows.append(["analyze cka (new seed)", "S3 copy", f"{seconds_s3:.2f}",

@@ -42,8 +42,8 @@ import numpy as np
 
 from vitcnn_store.errors import DamagedDataError, RunNotFoundError
 from vitcnn_store.store.codecs import xarray_encoding
+from vitcnn_store.store.index import refresh_derived
 from vitcnn_store.store.layout import ANALYSES, check_name, open_root, quiet_zarr
-from vitcnn_store.store.writer import consolidate
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -355,7 +355,7 @@ def set_latest(url: str, run: str, name: str, key: str | None) -> None:
             node.attrs[LATEST_ATTR] = key
         elif LATEST_ATTR in node.attrs:
             del node.attrs[LATEST_ATTR]
-    consolidate(url, run)  # readers see the pointer through the run's metadata
+    refresh_derived(url, run, f"{ANALYSES}/{name}")  # readers see it through the run's metadata
 
 
 def delete_result(url: str, result: ResultInfo) -> None:
@@ -424,5 +424,5 @@ def write_analysis(
             outcome.removed.append(other.group)
         elif other.complete:
             outcome.kept.append(other.group)
-    consolidate(url, run)
+    refresh_derived(url, run, f"{ANALYSES}/{name}")
     return outcome

@@ -60,6 +60,7 @@ __all__ = [
     "consolidate_run",
     "create_if_absent",
     "listed_runs",
+    "refresh_derived",
     "register_run",
     "registered_runs",
     "run_group",
@@ -274,3 +275,86 @@ def CountingStore(url: str) -> Any:
         base = target
     del zarr
     return _counting_store_class()(base)
+
+
+def _empty_children(node: dict[str, Any]) -> dict[str, Any]:
+    if node.get("node_type") == "group":
+        node = dict(node)
+        node["consolidated_metadata"] = {"kind": "inline", "must_understand": False,
+                                         "metadata": {}}  # fmt: skip
+    return node
+
+
+def refresh_derived(url: str, run: str, subtree: str) -> None:
+    """Bring the consolidated metadata of ``run`` (and of the root) up to date for one
+    subtree of derived data (``_analyses/<name>``, ``_grams``) without re-reading the
+    rest of the run: one listing of the subtree, its ``zarr.json`` objects, and a
+    rewrite of the run's and the root's ``zarr.json``.
+
+    Called by the job holding the run's analysis lock (the only writer of derived
+    data). A run without consolidated metadata is consolidated whole.
+    """
+    fs, root = filesystem(url)
+    base = f"{str(root).rstrip('/')}/{run}"
+    with store_io(url):
+        try:
+            run_doc = json.loads(fs.cat_file(f"{base}/zarr.json"))
+        except FileNotFoundError:
+            return
+        if not isinstance(run_doc.get("consolidated_metadata"), dict):
+            consolidate_run(url, run)
+            return
+        try:
+            found = fs.find(f"{base}/{subtree}", withdirs=False)
+        except FileNotFoundError:
+            found = []
+        paths = [str(p) for p in found if str(p).endswith("/zarr.json")]
+        raw = fs.cat(paths, on_error="omit") if paths else {}
+    strip = fs._strip_protocol(base).rstrip("/") + "/"
+    nodes: dict[str, dict[str, Any]] = {}
+    for path, data in (raw or {}).items():
+        rel = fs._strip_protocol(str(path))
+        rel = rel[len(strip) :] if rel.startswith(strip) else rel
+        try:
+            nodes[rel.removesuffix("/zarr.json")] = _empty_children(json.loads(data))
+        except ValueError:
+            continue  # an unreadable node: verify reports it
+    # The groups above the subtree (e.g. ``_analyses``) exist when the subtree does.
+    parts = subtree.split("/")
+    for i in range(1, len(parts)):
+        above = "/".join(parts[:i])
+        if nodes and above not in nodes:
+            nodes[above] = _empty_children({"zarr_format": 3, "node_type": "group",
+                                            "attributes": {}})  # fmt: skip
+    _splice(url, f"{base}/zarr.json", run_doc, subtree, nodes)
+    with store_io(url):
+        try:
+            root_doc = json.loads(fs.cat_file(f"{str(root).rstrip('/')}/zarr.json"))
+        except FileNotFoundError:
+            return
+    if isinstance(root_doc.get("consolidated_metadata"), dict):
+        prefixed = {f"{run}/{k}": v for k, v in nodes.items()}
+        _splice(url, f"{str(root).rstrip('/')}/zarr.json", root_doc, f"{run}/{subtree}",
+                prefixed)  # fmt: skip
+
+
+def _splice(url: str, target: str, doc: dict[str, Any], subtree: str,
+            nodes: dict[str, dict[str, Any]]) -> None:  # fmt: skip
+    """Replace ``subtree``'s entries of ``doc``'s consolidated metadata by ``nodes`` and
+    write ``doc`` back to ``target`` (whole, atomically on a local disk)."""
+    meta = dict(doc["consolidated_metadata"].get("metadata") or {})
+    for key in [k for k in meta if k == subtree or k.startswith(subtree + "/")]:
+        del meta[key]
+    meta.update(nodes)
+    doc = {**doc, "consolidated_metadata": {**doc["consolidated_metadata"],
+                                            "metadata": dict(sorted(meta.items()))}}  # fmt: skip
+    data = json.dumps(doc, indent=2).encode()
+    fs, _ = filesystem(url)
+    with store_io(url):
+        if is_local(url):
+            tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        else:
+            fs.pipe_file(target, data)

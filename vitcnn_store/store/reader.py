@@ -275,6 +275,14 @@ class Run:
         }
 
     def _coord(self, group: Any, cname: str, layer: str) -> tuple[list[str], np.ndarray]:
+        # Coordinates are written once, at creation: read each once per Run.
+        cache = self.__dict__.setdefault("_coords", {})
+        if (layer, cname) not in cache:
+            cache[(layer, cname)] = self._read_coord(group, cname, layer)
+        dims, values = cache[(layer, cname)]
+        return list(dims), values
+
+    def _read_coord(self, group: Any, cname: str, layer: str) -> tuple[list[str], np.ndarray]:
         with quiet_zarr():
             c = group[cname]
             dims = list(c.metadata.dimension_names)

@@ -214,8 +214,11 @@ def prepare_run(
         )
     if overwrite or not entry.created:
         return True
+    from vitcnn_store.store.index import run_group
+
+    # The run as stored (not its metadata snapshot): a lost array must read as lost.
+    group = run_group(url, name, consolidated=False)
     with quiet_zarr():
-        group = root[name]
         stored = dict(group.attrs)
     if run_format(stored) < 2:
         raise RunMismatchError(
