@@ -110,11 +110,20 @@ class SpecStore:
         return dict(self.metadata(path).get("attributes", {}))
 
     def runs(self) -> list[str]:
-        """§3: run names from the root's consolidated metadata when present (one read);
-        otherwise the root's child folders holding a group ``zarr.json``. Names starting
-        with ``_`` or ``.`` are not runs."""
+        """§3: run names from the run registry ``_runs/<seq>`` (no listing); for a store
+        without one, from the root's consolidated metadata when present, otherwise the
+        root's child folders holding a group ``zarr.json``. Names starting with ``_`` or
+        ``.`` are not runs."""
         consolidated = self.meta.get("consolidated_metadata")
-        if consolidated:
+        registry = self.root / "_runs"
+        if (registry / "0000000000" / "zarr.json").is_file():
+            names, seq = [], 0
+            while (registry / f"{seq:010d}" / "zarr.json").is_file():
+                entry = self.metadata(f"_runs/{seq:010d}")["attributes"]["vitcnn_store.runs"]
+                names += [n for n in entry if (self.root / n / "zarr.json").is_file()]
+                seq += 1
+            names = sorted(set(names))
+        elif consolidated:
             names = [k for k, m in consolidated["metadata"].items()
                      if "/" not in k and m.get("node_type") == "group"]  # fmt: skip
         else:
@@ -202,19 +211,14 @@ class SpecStore:
         return k, row_mean + offset + offset[usable].mean()
 
     def gram_digest(self, run: str, layer: str, usable: np.ndarray) -> str:
-        """§9.1: ``source.digest`` recomputed from the run as it is now (local file system)."""
+        """§9.1: ``source.digest`` recomputed from what the run records (its manifest's
+        creation id, ``done`` and the fingerprint column of ``unit_record``)."""
         done = self.read(f"{run}/done")
-        base = self.root / run / layer / "activation" / "c"
-        stamps: dict[int, list[Any]] = {}
-        for dirpath, _, files in os.walk(base):
-            for name in files:
-                file = Path(dirpath) / name
-                unit = int(file.relative_to(base).parts[0])
-                st = file.stat()
-                stamps[unit] = [st.st_size, str(st.st_mtime), ""]
-        units = [[bool(d), *stamps.get(u, [0, "", ""])] for u, d in enumerate(done)]
+        records = self.read(f"{run}/unit_record")
+        creation = self.attrs(run)["vitcnn_store.manifest"]["creation_id"]
+        units = [[bool(d), int(records[u, 1])] for u, d in enumerate(done)]
         payload = {
-            "created_at": self.attrs(run).get("created_at"),
+            "creation_id": creation,
             "units": units,
             "usable": hashlib.sha256(np.packbits(usable).tobytes()).hexdigest(),
         }

@@ -122,7 +122,71 @@ def build_parser() -> argparse.ArgumentParser:
     from vitcnn_store.serve.command import add_serve_parser  # argparse only: cheap
 
     add_serve_parser(sub)
+    _add_storage_options(parser)
     return parser
+
+
+STORAGE_OPTION_HELP = (
+    "fsspec option for a remote store, KEY=VALUE (repeatable; VALUE a JSON literal or text, "
+    "dotted KEY for nested options): e.g. endpoint_url=http://minio:9000, anon=true, "
+    "client_kwargs.region_name=auto"
+)
+
+
+def _add_storage_options(parser: argparse.ArgumentParser) -> None:
+    """``--storage-option`` on every (sub)command that takes a store."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                _add_storage_options(sub)
+    if any(a.dest == "store" for a in parser._actions):
+        parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                            dest="storage_option", help=STORAGE_OPTION_HELP)  # fmt: skip
+
+
+def parse_storage_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["a=1", "client_kwargs.region_name=auto"]`` → ``{"a": 1, "client_kwargs": {...}}``.
+
+    Examples
+    --------
+    >>> parse_storage_options(["anon=true", "client_kwargs.region_name=auto", "key=AK"])
+    {'anon': True, 'client_kwargs': {'region_name': 'auto'}, 'key': 'AK'}
+    """
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--storage-option wants KEY=VALUE, got {item!r}")
+        try:
+            value: Any = json.loads(text)
+        except ValueError:
+            value = text
+        *parents, leaf = key.strip().split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"--storage-option {item!r}: {part} is not a nested option")
+        node[leaf] = value
+    return out
+
+
+def _use_storage_options(args: argparse.Namespace) -> None:
+    """Register ``--storage-option`` for the command's store (and for processes it starts:
+    Ray actors of a local cluster inherit ``VITCNN_STORAGE_OPTIONS``)."""
+    import json
+
+    from vitcnn_store.store.layout import OPTIONS_ENV, use_storage_options
+
+    options = parse_storage_options(getattr(args, "storage_option", None) or [])
+    store = getattr(args, "store", None)
+    if not options or not store:
+        return
+    use_storage_options(str(store), options)
+    merged = {**json.loads(os.environ.get(OPTIONS_ENV) or "{}"), **options}
+    os.environ[OPTIONS_ENV] = json.dumps(merged)
 
 
 @dataclass(frozen=True)
@@ -323,8 +387,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = args.debug or bool(os.environ.get("VITCNN_DEBUG"))
     if debug:
         os.environ["VITCNN_DEBUG"] = "1"  # Ray workers' logs reach the terminal too
+    from vitcnn_store.store.layout import storage_options_scope
+
     try:
-        return COMMANDS[args.command](args)
+        with storage_options_scope():
+            _use_storage_options(args)
+            return COMMANDS[args.command](args)
     except Exception as e:
         error = _as_user_error(e, getattr(args, "store", None) or "the store")
         if debug or error is None:

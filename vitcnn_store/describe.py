@@ -95,20 +95,35 @@ def _damage(run: Any, objects: dict[str, int] | None) -> str:
 
 
 def _objects(run: Any) -> dict[str, int] | None:
-    """One listing of the run's objects (sizes and chunk keys), or None if unavailable."""
+    """One listing of a local run's objects (chunk keys and sizes); None for remote
+    stores, where a listing costs a request per thousand objects (verify checks them)."""
     from vitcnn_store.store.chunks import list_objects
+    from vitcnn_store.store.layout import is_local
 
+    if not is_local(run.store.url):
+        return None
     try:
         return list_objects(run.store.url, run.name)
     except (StoreUnavailableError, OSError, NotImplementedError):
         return None
 
 
+def _size(run: Any, objects: dict[str, int] | None) -> str:
+    """The run's stored bytes: as its writers recorded them, else counted from a listing."""
+    try:
+        recorded = run.recorded_bytes()
+    except DamagedDataError:
+        recorded = None
+    if recorded is not None:
+        return format_bytes(recorded)
+    return format_bytes(sum(objects.values())) if objects is not None else "?"
+
+
 def _run_row(store: Any, name: str) -> list[str]:
     run = store[name]
     a = run.attrs
     objects = _objects(run)
-    size = format_bytes(sum(objects.values())) if objects is not None else "?"
+    size = _size(run, objects)
     try:
         done = run.done
         units = f"{int(done.sum())}/{done.size}" + ("" if done.all() else " INCOMPLETE")
@@ -246,12 +261,11 @@ def describe_run(url: str, run_name: str) -> str:
 
     check_name(run_name)
     store = open_store(url)
-    broken = store.broken
-    if run_name in broken:
-        return _describe_broken(url, run_name, broken[run_name])
-    damaged = store.damaged
-    if run_name in damaged:
-        return _describe_broken(url, run_name, damaged[run_name], "DAMAGED", _RESTORE)
+    entry = store.entry(run_name)
+    if entry is not None and not entry.created:
+        return _describe_broken(url, run_name, entry.problem)
+    if entry is not None and entry.damaged:
+        return _describe_broken(url, run_name, entry.problem, "DAMAGED", _RESTORE)
     run = store[run_name]
     lines = [f"run {run_name!r} in {url}", "", "provenance:"]
     for key, value in sorted(run.attrs.items()):

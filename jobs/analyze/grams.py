@@ -14,9 +14,9 @@ most the layer's usable activations as stored. The Gram itself never travels:
 tiles go straight from the worker that computed them to the store, which is
 what lets a cluster whose workers are each smaller than one Gram compute it.
 
-A stored Gram is reused while its source state (the run's units, their chunk
-objects and the usable images; :func:`vitcnn_store.store.grams.source_state`)
-is unchanged, and recomputed otherwise.
+A stored Gram is reused while its source state (the run's creation id, its
+units' done flags and content fingerprints, and the usable images;
+:func:`vitcnn_store.store.grams.source_state`) is unchanged, and recomputed otherwise.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from jobs.analyze.layers import reduce_layer
 from vitcnn_store.analysis.gram import gram_linear, row_dots
 from vitcnn_store.errors import UsageError
 from vitcnn_store.store.grams import GramInfo, create_gram, find_gram, finish_gram, write_tile
+from vitcnn_store.store.index import refresh_derived
+from vitcnn_store.store.layout import GRAMS
 from vitcnn_store.store.reader import Run
-from vitcnn_store.store.writer import consolidate
 
 __all__ = ["DEFAULT_TILE", "ensure_grams", "tile_size"]
 
@@ -179,5 +180,5 @@ def ensure_grams(
         finish_gram(info, row_mean, np.where(mask, offset, np.nan))
         infos[i] = info
     if todo:
-        consolidate(run.store.url)
+        refresh_derived(run.store.url, run.name, GRAMS)
     return [info for info in infos if info is not None], [layers[i] for i in todo]

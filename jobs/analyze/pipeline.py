@@ -44,10 +44,10 @@ from vitcnn_store.store.analyses import (
     set_latest,
     write_analysis,
 )
-from vitcnn_store.store.layout import check_name
+from vitcnn_store.store.index import refresh_derived
+from vitcnn_store.store.layout import ANALYSES, check_name
 from vitcnn_store.store.locks import analysis_lock
 from vitcnn_store.store.reader import Run
-from vitcnn_store.store.writer import consolidate
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -159,7 +159,7 @@ def _reused(
         with contextlib.suppress(StoreUnavailableError):
             set_latest(opts.store, opts.run, name, key)
     if result.removed:
-        consolidate(opts.store)
+        refresh_derived(opts.store, opts.run, f"{ANALYSES}/{name}")
     return result
 
 

@@ -77,7 +77,7 @@ def test_layout_checksums_and_reads(store: str) -> None:
     assert find_gram(run, "blocks.0", "flatten", state) is None
 
 
-def test_source_state_follows_the_units(store: str) -> None:
+def test_source_state_follows_the_content_of_the_units(store: str) -> None:
     run = open_store(store)["r"]
     before = source_state(run, "blocks.0", run.valid)
     assert before == source_state(run, "blocks.0", run.valid)  # nothing changed
@@ -87,8 +87,36 @@ def test_source_state_follows_the_units(store: str) -> None:
     values = {k: np.asarray(group[k][4:8]) for k in writer._arrays
               if k not in ("image", "image_id", "label", "failed", "failure")}  # fmt: skip
     writer.write_unit(1, values, np.zeros(4, bool), [""] * 4)  # same bytes, rewritten
+    same = source_state(open_store(store)["r"], "blocks.0", run.valid)
+    assert same["digest"] == before["digest"]  # the content decides, not the file's mtime
+    changed = {k: v + 1 for k, v in values.items()}
+    writer.write_unit(1, changed, np.zeros(4, bool), [""] * 4)  # other values: invalid
     after = source_state(open_store(store)["r"], "blocks.0", run.valid)
     assert after["digest"] != before["digest"] and after["units_done"] == before["units_done"]
+    zarr.open_array(store, path="r/done", mode="r+")[1] = False  # what verify --repair does
+    repaired = open_store(store)["r"]
+    assert source_state(repaired, "blocks.0", run.valid)["digest"] != after["digest"]
+
+
+def test_gram_survives_a_copy_and_not_an_overwrite(store: str, tmp_path: Path) -> None:
+    import os
+    import shutil
+    import time
+
+    _, info = _full_gram(store, "r", "blocks.0", tile=8)
+    time.sleep(1.1)  # a copy made later: every file gets a new modification time
+    copy = str(tmp_path / "copy.zarr")
+    shutil.copytree(store, copy, copy_function=shutil.copyfile)
+    gram = Path(copy) / "r" / "_grams" / "blocks.0" / "gram" / "c" / "0" / "0"
+    assert os.stat(gram).st_mtime > os.stat(Path(store, gram.relative_to(copy))).st_mtime
+    run = open_store(copy)["r"]
+    found = find_gram(run, "blocks.0", "flatten", source_state(run, "blocks.0", run.valid))
+    assert found is not None and found.n == info.n  # type: ignore[attr-defined]
+    # The same images and values extracted again (--overwrite): a new run, a new Gram.
+    make_run(copy, "r", ids(20), depth=1, chunk=4, attention=False, inputs=False, failed=[2])
+    again = open_store(copy)["r"]
+    state = source_state(again, "blocks.0", again.valid)
+    assert find_gram(again, "blocks.0", "flatten", state) is None
 
 
 def test_damaged_gram_is_refused_verified_dropped_and_recomputed(store: str) -> None:

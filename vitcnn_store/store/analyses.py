@@ -42,8 +42,8 @@ import numpy as np
 
 from vitcnn_store.errors import DamagedDataError, RunNotFoundError
 from vitcnn_store.store.codecs import xarray_encoding
+from vitcnn_store.store.index import refresh_derived
 from vitcnn_store.store.layout import ANALYSES, check_name, open_root, quiet_zarr
-from vitcnn_store.store.writer import consolidate
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -189,9 +189,19 @@ def _problem(node: Any, attrs: dict[str, Any], legacy: bool) -> str:
     return ""
 
 
-def _results_of(run: str, name: str, node: Any) -> list[ResultInfo]:
+def _fresh_attrs(url: str | None, node: Any) -> dict[str, Any]:
+    """A group's attributes as stored now (``url``: read its zarr.json, one request),
+    not as a consolidated snapshot recorded them."""
+    if url is None:
+        return dict(node.attrs)
+    from vitcnn_store.store.index import run_group
+
+    return dict(run_group(url, node.path, consolidated=False).attrs)
+
+
+def _results_of(run: str, name: str, node: Any, url: str | None = None) -> list[ResultInfo]:
     with quiet_zarr():
-        latest = node.attrs.get(LATEST_ATTR)
+        latest = _fresh_attrs(url, node).get(LATEST_ATTR)
         children = sorted(node.groups(), key=lambda kv: kv[0])
         has_arrays = any(True for _ in node.arrays())
     out = []
@@ -201,7 +211,7 @@ def _results_of(run: str, name: str, node: Any) -> list[ResultInfo]:
     for key, child in children:
         try:
             with quiet_zarr():
-                attrs = dict(child.attrs)
+                attrs = _fresh_attrs(url, child)
             problem = _problem(child, attrs, legacy=False)
         except Exception as e:  # unreadable metadata: report it, never crash a listing
             attrs, problem = {}, f"damaged: metadata unreadable ({type(e).__name__})"
@@ -209,14 +219,28 @@ def _results_of(run: str, name: str, node: Any) -> list[ResultInfo]:
     return out
 
 
-def list_results(url: str, run: str, name: str | None = None) -> list[ResultInfo]:
+def list_results(
+    url: str, run: str, name: str | None = None, *, listing: bool | None = None
+) -> list[ResultInfo]:
     """Every stored result of ``run`` (of one ``name``), complete or not, by name then
-    computation time."""
-    root = open_root(url, mode="r")
+    computation time.
+
+    Where the storage lists folders (``listing`` None: local disks, object
+    stores), the results are found as stored. Where it cannot (plain HTTP), they
+    are found from the run's consolidated metadata, and each result's commit
+    marker is then read from its own ``zarr.json`` (a snapshot may predate an
+    interrupted rewrite).
+    """
+    from vitcnn_store.store.index import can_list, run_group
+
+    listing = can_list(url) if listing is None else listing
+    open_root(url, mode="r")
     with quiet_zarr():
         try:
-            base = root[f"{run}/{ANALYSES}"]
-        except KeyError:
+            base = run_group(url, run, consolidated=not listing)[ANALYSES]
+        except (KeyError, FileNotFoundError):
+            return []
+        if not hasattr(base, "groups"):
             return []
         names = sorted(k for k, _ in base.groups())
     out: list[ResultInfo] = []
@@ -226,7 +250,8 @@ def list_results(url: str, run: str, name: str | None = None) -> list[ResultInfo
                 node = base[n]
             except KeyError:
                 continue
-        out += sorted(_results_of(run, n, node), key=lambda r: (r.computed_at, r.key))
+        fresh = None if listing else url
+        out += sorted(_results_of(run, n, node, fresh), key=lambda r: (r.computed_at, r.key))
     return out
 
 
@@ -244,10 +269,21 @@ def analysis_names(run: Run) -> list[str]:
 
 
 def _open(url: str, group: str) -> xr.Dataset:
+    import warnings
+
     import xarray as xr
 
-    with quiet_zarr():
-        ds = xr.open_zarr(url, group=group, consolidated=False, zarr_format=3).load()
+    from vitcnn_store.store.index import can_list
+    from vitcnn_store.store.layout import zarr_store
+
+    # A result carries its own consolidated metadata (one read opens it, and a server that
+    # cannot list serves it); results written before that are listed where possible.
+    with quiet_zarr(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated")
+        ds = xr.open_zarr(zarr_store(url), group=group, zarr_format=3,
+                          consolidated=None if can_list(url) else True).load()  # fmt: skip
+    if ds.attrs.get(COMPLETE_ATTR) is not True and ARRAYS_ATTR in ds.attrs:
+        raise DamagedDataError(f"analysis result {group} lost its commit marker")
     # The marker describes the stored group, not the data: a rewrite computes its own.
     for attr in _MARKER:
         ds.attrs.pop(attr, None)
@@ -307,7 +343,7 @@ def set_latest(url: str, run: str, name: str, key: str | None) -> None:
     """Point ``<run>/_analyses/<name>``'s ``latest`` at ``key`` (None: at the newest
     complete result left, or nowhere)."""
     if key is None:
-        newest = latest_result(list_results(url, run, name))
+        newest = latest_result(list_results(url, run, name, listing=True))
         key = newest.key if newest is not None and newest.key else None
     root = open_root(url, mode="r+")
     with quiet_zarr():
@@ -319,6 +355,7 @@ def set_latest(url: str, run: str, name: str, key: str | None) -> None:
             node.attrs[LATEST_ATTR] = key
         elif LATEST_ATTR in node.attrs:
             del node.attrs[LATEST_ATTR]
+    refresh_derived(url, run, f"{ANALYSES}/{name}")  # readers see it through the run's metadata
 
 
 def delete_result(url: str, result: ResultInfo) -> None:
@@ -356,19 +393,24 @@ def write_analysis(
     parameters = ds.attrs.get("parameters")
     key = parameters_key(parameters)
     group = analysis_group(run, name, key)
-    before = list_results(url, run, name)
+    from vitcnn_store.store.index import run_group
+    from vitcnn_store.store.layout import zarr_store
+
+    before = list_results(url, run, name, listing=True)
     same = [r for r in before if r.key == key]
     clean = ds.copy(deep=False)
     for attr in _MARKER:
         clean.attrs.pop(attr, None)
     root = open_root(url, mode="r+")
     with quiet_zarr():
-        root[run].require_group(ANALYSES).require_group(name)
+        run_group(url, run, mode="r+", consolidated=False).require_group(ANALYSES).require_group(
+            name
+        )
         # mode="w" replaces this key's group only (a rewrite with --recompute); the
         # group has no marker until the last step, so a crash leaves it incomplete.
-        clean.to_zarr(url, group=group, mode="w", zarr_format=3, consolidated=False,
-                      encoding=xarray_encoding(clean))  # fmt: skip
-        node = open_root(url, mode="r+")[group]
+        clean.to_zarr(zarr_store(url), group=group, mode="w", zarr_format=3,
+                      consolidated=True, encoding=xarray_encoding(clean))  # fmt: skip
+        node = open_root(url, mode="r+")[group]  # keeps its consolidated metadata
         digest, shapes = result_digest(node)
         node.attrs.update({ARRAYS_ATTR: shapes, DIGEST_ATTR: digest})
         node.attrs[COMPLETE_ATTR] = True  # the commit: last write of the result
@@ -382,5 +424,5 @@ def write_analysis(
             outcome.removed.append(other.group)
         elif other.complete:
             outcome.kept.append(other.group)
-    consolidate(url)
+    refresh_derived(url, run, f"{ANALYSES}/{name}")
     return outcome

@@ -58,10 +58,10 @@ def chunk_key(array: Any, coords: tuple[int, ...]) -> str:
 
 def list_objects(url: str, run: str) -> dict[str, int]:
     """Every stored object of ``run`` as ``{key relative to the run: size in bytes}``."""
-    import fsspec
+    from vitcnn_store.store.layout import filesystem
 
     with store_io(url):
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = filesystem(url)
         base = f"{path.rstrip('/')}/{run}"
         found = fs.find(base, detail=True)
     prefix = fs._strip_protocol(base).rstrip("/") + "/"

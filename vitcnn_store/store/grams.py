@@ -17,12 +17,18 @@ it is computed once and kept in the run (docs/format.md, "Gram cache"):
     units) are NaN. ``row_mean`` (``row_mean_gap``, ...) ``(image_a)``: each row's
     mean of ``gram`` over the usable images, used to centre tiles before summing them.
 
-The attributes of a Gram say what it was computed from: the run's creation
-time, each work unit's state (its ``done`` flag and the size, modification time
-and checksum of the layer's chunk object) and the usable images, digested into
-``source.digest``. A resumed, repaired, re-extracted or otherwise rewritten
-run changes that state, and :func:`find_gram` then no longer returns the Gram:
-it is recomputed. ``complete`` is set last, after every tile is written.
+The attributes of a Gram say what it was computed from, as the run records
+it: the run's creation id (its manifest's ``creation_id``, new at every
+``--overwrite``), each work unit's ``done`` flag and content fingerprint (its
+``unit_record``: the lengths and crc32c checksums of the unit's chunks, written
+by the unit's writer) and the usable images, digested into ``source.digest``.
+Nothing depends on where the store lives or when its files were touched: a
+copied store (``cp -r``, an upload to a bucket) keeps its Grams, while a
+repaired (``done`` cleared), resumed with other bytes, or re-extracted run
+changes that state, and :func:`find_gram` then no longer returns the Gram: it
+is recomputed. Runs written before unit records fall back to each chunk
+object's size, modification time and etag. ``complete`` is set last, after
+every tile is written.
 
 Examples
 --------
@@ -42,7 +48,7 @@ import numpy as np
 from vitcnn_store.errors import DamagedDataError
 from vitcnn_store.store.checked import damage_error
 from vitcnn_store.store.codecs import checksummed
-from vitcnn_store.store.layout import GRAMS, open_root, quiet_zarr, store_io
+from vitcnn_store.store.layout import GRAMS, open_root, quiet_zarr, store_io, zarr_store
 
 if TYPE_CHECKING:
     from vitcnn_store.store.reader import Run
@@ -123,11 +129,12 @@ class GramInfo:
 
 
 def _chunk_stamps(url: str, run: str, layer: str) -> dict[int, list[Any]]:
-    """Per unit: size, modification time and etag of the layer's chunk object."""
-    import fsspec
+    """Per unit: size, modification time and etag of the layer's chunk object (runs
+    written before unit records only)."""
+    from vitcnn_store.store.layout import filesystem
 
     with store_io(url):
-        fs, root = fsspec.core.url_to_fs(url)
+        fs, root = filesystem(url)
         base = f"{str(root).rstrip('/')}/{run}/{layer}/activation/c"
         try:
             found = fs.find(base, detail=True)
@@ -152,24 +159,40 @@ def _chunk_stamps(url: str, run: str, layer: str) -> dict[int, list[Any]]:
 def source_state(run: Run, layer: str, mask: np.ndarray) -> dict[str, Any]:
     """What a Gram of ``layer`` over the usable images ``mask`` is computed from.
 
-    The run's ``created_at``, and per work unit its ``done`` flag and the size,
-    modification time and etag of the layer's chunk object (a rewrite changes
-    them), and the usable images, digested into ``digest``; a few readable
-    counts beside it.
+    The run's creation id, and per work unit its ``done`` flag and content
+    fingerprint (``unit_record``), and the usable images, digested into
+    ``digest``; a few readable counts beside it. Only what the run records
+    enters, so the digest survives copying the store anywhere. For a run with
+    units written before records existed, each unit's chunk object's size,
+    modification time and etag stand in for the fingerprint.
     """
+    from vitcnn_store.store.manifest import MANIFEST_ATTR
+
     done = np.asarray(run.done, dtype=bool)
-    stamps = _chunk_stamps(run.store.url, run.name, layer)
-    units = [[bool(done[u]), *stamps.get(u, [0, "", ""])] for u in range(done.size)]
+    records = run.unit_records
     usable = hashlib.sha256(np.packbits(np.asarray(mask, dtype=bool)).tobytes()).hexdigest()
-    payload = {"created_at": run.attrs.get("created_at"), "units": units, "usable": usable}
+    manifest = run.attrs.get(MANIFEST_ATTR)
+    creation = manifest.get("creation_id") if isinstance(manifest, dict) else None
+    recorded = records is not None and creation and bool((records[done, 1] != 0).all())
+    if recorded:
+        assert records is not None
+        units: list[Any] = [[bool(done[u]), int(records[u, 1])] for u in range(done.size)]
+        payload = {"creation_id": creation, "units": units, "usable": usable}
+        how = "creation id, done flag and content fingerprint (unit_record) per unit"
+    else:
+        stamps = _chunk_stamps(run.store.url, run.name, layer)
+        units = [[bool(done[u]), *stamps.get(u, [0, "", ""])] for u in range(done.size)]
+        payload = {"created_at": run.attrs.get("created_at"), "units": units, "usable": usable}
+        how = "done flag, size, modification time, etag per unit"
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return {
         "digest": digest,
         "created_at": run.attrs.get("created_at"),
+        "creation_id": creation,
         "units_done": int(done.sum()),
         "units_total": int(done.size),
         "n_usable": int(np.asarray(mask, dtype=bool).sum()),
-        "chunks": "done flag, size, modification time, etag per unit",
+        "chunks": how,
     }
 
 
@@ -201,10 +224,13 @@ def create_gram(
         raise ValueError(f"Gram dtype must be one of {', '.join(GRAM_DTYPES)}, got {dtype!r}")
     if tile < 1 or n < 1:
         raise ValueError(f"a Gram needs n >= 1 and tile >= 1, got n={n}, tile={tile}")
+    from vitcnn_store.store.index import run_group
+
     info = GramInfo(url, run, layer, reduce, n, min(tile, n))
-    root = open_root(url, mode="r+")
-    with quiet_zarr():
-        group = root[run].require_group(GRAMS).require_group(layer)
+    open_root(url, mode="r+")  # refuses a read-only or foreign location with one line
+    with quiet_zarr(), store_io(url):
+        group = run_group(url, run, mode="r+", consolidated=False)
+        group = group.require_group(GRAMS).require_group(layer)
         name = info.path.rsplit("/", 1)[1]
         for key in (name, *(p.rsplit("/", 1)[1] for p in (info.row_mean_path, info.offset_path))):
             if key in group:
@@ -243,7 +269,7 @@ def write_tile(info: GramInfo, p: int, q: int, block: np.ndarray) -> None:
     if block.shape != (r1 - r0, c1 - c0):
         raise ValueError(f"tile ({p}, {q}) has shape {block.shape}, expected {(r1 - r0, c1 - c0)}")
     with quiet_zarr(), store_io(info.url):
-        arr = zarr.open_array(info.url, path=info.path, mode="r+", zarr_format=3)
+        arr = zarr.open_array(zarr_store(info.url), path=info.path, mode="r+", zarr_format=3)
         arr[r0:r1, c0:c1] = block
 
 
@@ -284,11 +310,17 @@ def find_gram(
 ) -> GramInfo | None:
     """The stored Gram of ``layer`` if it is complete, was computed from ``state`` and (when
     given) is stored in ``dtype``."""
+    import zarr
+
+    # The Gram's own metadata (one read), never a snapshot: a Gram being rewritten must
+    # not pass for the complete one it replaces.
+    try:
+        with quiet_zarr(), store_io(run.store.url):
+            arr: Any = zarr.open_array(zarr_store(run.store.url), mode="r", zarr_format=3,
+                                  path=gram_path(run.name, layer, reduce))  # fmt: skip
+    except (KeyError, FileNotFoundError):
+        return None
     with quiet_zarr():
-        try:
-            arr = run.group[gram_path(run.name, layer, reduce).split("/", 1)[1]]
-        except KeyError:
-            return None
         attrs = dict(arr.attrs)
         n = int(arr.shape[0])
         stored = str(arr.dtype)
@@ -315,14 +347,18 @@ def gram_layer(where: str) -> str | None:
 
 
 def delete_grams(url: str, run: str, layer: str | None = None) -> None:
-    """Drop the cached Grams of one layer (or of the whole run)."""
-    root = open_root(url, mode="r+")
-    with quiet_zarr():
-        if GRAMS not in root[run]:
+    """Drop the cached Grams of one layer (or of the whole run); the caller consolidates
+    the run's metadata afterwards."""
+    from vitcnn_store.store.index import run_group
+
+    open_root(url, mode="r+")
+    with quiet_zarr(), store_io(url):
+        group = run_group(url, run, mode="r+", consolidated=False)
+        if GRAMS not in group:
             return
-        grams = root[f"{run}/{GRAMS}"]
+        grams = group[GRAMS]
         if layer is None:
-            del root[run][GRAMS]
+            del group[GRAMS]
         elif layer in grams:
             del grams[layer]
 
@@ -339,7 +375,8 @@ class GramReader:
 
         self.info = info
         with quiet_zarr():
-            self.array = zarr.open_array(info.url, path=info.path, mode="r", zarr_format=3)
+            self.array = zarr.open_array(zarr_store(info.url), path=info.path, mode="r",
+                                         zarr_format=3)  # fmt: skip
         self._tiles: dict[tuple[int, int], np.ndarray] = {}
 
     @property
@@ -352,7 +389,8 @@ class GramReader:
 
         try:
             with quiet_zarr():
-                arr = zarr.open_array(self.info.url, path=path, mode="r", zarr_format=3)
+                arr = zarr.open_array(zarr_store(self.info.url), path=path, mode="r",
+                                      zarr_format=3)  # fmt: skip
                 return np.asarray(arr[...], dtype=np.float64)
         except Exception as e:
             raise damage_error(self.info.url, self.info.run, self.where, e, what=what) from e
@@ -367,8 +405,8 @@ class GramReader:
 
         try:
             with quiet_zarr():
-                zarr.open_array(self.info.url, path=self.info.offset_path, mode="r",
-                                zarr_format=3)  # fmt: skip
+                zarr.open_array(zarr_store(self.info.url), path=self.info.offset_path,
+                                mode="r", zarr_format=3)  # fmt: skip
         except (FileNotFoundError, KeyError):
             return np.zeros(self.info.n)
         except Exception:  # damaged metadata: _vector names it

@@ -41,12 +41,17 @@ __all__ = [
     "check_name",
     "check_writable",
     "environment_error",
+    "filesystem",
     "is_empty_location",
-    "lists_folders",
+    "is_local",
     "open_root",
     "quiet_zarr",
+    "storage_options",
+    "storage_options_scope",
     "store_io",
     "unit_bounds",
+    "use_storage_options",
+    "zarr_store",
 ]
 
 FORMAT_ATTR = "vitcnn_store.format"
@@ -58,10 +63,13 @@ IMAGE_COORDS = ("image", "image_id", "label", "image_sha256")
 #: Root folder of the run leases (store/lease.py): outside every run, so a lease can
 #: guard a run's creation and replacement. Not a zarr node; readers skip it.
 LEASES = "_leases"
+#: Root folder of the run registry (store/index.py): which runs the store holds, readable
+#: without a folder listing. Not a run; readers skip it.
+RUNS_INDEX = "_runs"
 GRAMS = "_grams"  # the Gram cache (store/grams.py); like _analyses, derived from the run
 # Arrays directly under a run; layer groups may not take these names.
 RUN_ARRAYS = (
-    *IMAGE_COORDS, "done", "failed", "failure", "input", "input_y", "input_x",
+    *IMAGE_COORDS, "done", "failed", "failure", "input", "input_y", "input_x", "unit_record",
 )  # fmt: skip
 #: Fill value of ``label``: never a real label (labels are >= -1, -1 = unknown).
 LABEL_FILL = -(2**63)
@@ -159,6 +167,87 @@ def quiet_zarr() -> Iterator[None]:
         yield
 
 
+# -- where a store lives: fsspec options --------------------------------------------------
+
+#: Environment variable holding storage options (a JSON object) for every remote store.
+OPTIONS_ENV = "VITCNN_STORAGE_OPTIONS"
+_OPTIONS: dict[str, dict[str, Any]] = {}  # URL prefix -> fsspec options, set by use_storage_options
+
+
+def use_storage_options(url: str, options: dict[str, Any] | None) -> None:
+    """Use ``options`` (fsspec keyword arguments) for ``url`` and every URL below it,
+    in this process (the store handle and the CLI's ``--storage-option`` set them)."""
+    if options:
+        _OPTIONS[str(url).rstrip("/")] = dict(options)
+
+
+@contextmanager
+def storage_options_scope() -> Iterator[None]:
+    """Storage options set inside the block (and ``VITCNN_STORAGE_OPTIONS``) are forgotten
+    after it: one command's credentials never leak into the next call in this process."""
+    saved, env = dict(_OPTIONS), os.environ.get(OPTIONS_ENV)
+    try:
+        yield
+    finally:
+        _OPTIONS.clear()
+        _OPTIONS.update(saved)
+        if env is None:
+            os.environ.pop(OPTIONS_ENV, None)
+        else:
+            os.environ[OPTIONS_ENV] = env
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """The fsspec options for ``url``: the config file's, then ``VITCNN_STORAGE_OPTIONS``,
+    then those given to :func:`use_storage_options` (later ones win); ``{}`` for local paths."""
+    import json
+
+    url = str(url)
+    if "://" not in url or url.startswith("file://"):
+        return {}
+    from vitcnn_store.store.options_file import file_options
+
+    out: dict[str, Any] = dict(file_options(url))
+    raw = os.environ.get(OPTIONS_ENV)
+    if raw:
+        try:
+            env = json.loads(raw)
+        except ValueError as e:
+            raise UsageError(f"{OPTIONS_ENV} must be a JSON object, got {raw[:40]!r}") from e
+        if not isinstance(env, dict):
+            raise UsageError(f"{OPTIONS_ENV} must be a JSON object, got {raw[:40]!r}")
+        out.update(env)
+    for prefix in sorted(_OPTIONS, key=len):  # longest (most specific) prefix last
+        if url == prefix or url.startswith(prefix + "/"):
+            out.update(_OPTIONS[prefix])
+    return out
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """``(fsspec filesystem, path)`` of ``url``, with its storage options."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(str(url), **storage_options(url))
+
+
+def is_local(url: str) -> bool:
+    """``url`` is a path on this machine's file system."""
+    url = str(url)
+    return "://" not in url or url.startswith("file://")
+
+
+def zarr_store(url: str) -> Any:
+    """What zarr opens for ``url``: the path itself (local), or an fsspec store carrying
+    the URL's storage options."""
+    url = str(url)
+    options = storage_options(url)
+    if is_local(url) or not options:
+        return url
+    from zarr.storage import FsspecStore
+
+    return FsspecStore.from_url(url, storage_options=options)
+
+
 # -- failures of the storage underneath -----------------------------------------------
 
 
@@ -184,7 +273,21 @@ def environment_error(url: str, e: BaseException) -> VitcnnError | None:
         if name in ("NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError"):
             return StoreUnavailableError(
                 f"no credentials for {url}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-                "(or your provider's variables) and retry"
+                "(or --storage-option key=... secret=...) and retry"
+            )
+        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError"):
+            return StoreUnavailableError(
+                f"cannot reach store {url}: no server answers at its endpoint; check "
+                "--storage-option endpoint_url=... (or AWS_ENDPOINT_URL)"
+            )
+        if name == "InvalidAccessKeyId" or "InvalidAccessKeyId" in str(cause)[:200]:
+            return StoreUnavailableError(
+                f"credentials rejected by {url}: the access key is unknown to that endpoint"
+            )
+        if isinstance(cause, NotImplementedError) and str(url).startswith(("http://", "https://")):
+            return StoreUnavailableError(
+                f"store {url} is read-only (a plain HTTP server): read it here, and write "
+                "analyses or runs into a writable copy or the bucket behind it"
             )
         if isinstance(cause, OSError):
             code = cause.errno
@@ -218,9 +321,9 @@ def store_io(url: str) -> Iterator[None]:
 def is_empty_location(url: str) -> bool:
     """No store here yet: nothing, an empty folder, or only the leases of runs about to
     be created (a job takes its run's lease before it creates the store)."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = filesystem(url)
+    if fs.exists(f"{str(path).rstrip('/')}/zarr.json"):
+        return False  # a store (asked first: a server that cannot list folders still answers)
     if not fs.exists(path):
         return True
     if not fs.isdir(path):
@@ -236,10 +339,8 @@ def check_writable(url: str) -> None:
     writable folder on a writable file system. Remote URLs: the location must be
     reachable with the credentials at hand (writability shows at the first write).
     """
-    import fsspec
-
     with store_io(url):
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = filesystem(url)
         if "file" not in fs.protocol and "local" not in fs.protocol:
             fs.exists(path)  # raises for missing credentials or an unreachable endpoint
             return
@@ -263,18 +364,6 @@ def check_writable(url: str) -> None:
             )
 
 
-def lists_folders(url: str) -> bool:
-    """Whether the storage at ``url`` can list a folder (HTTP cannot: a store served by
-    ``vitcnn serve`` is read through its consolidated metadata instead).
-
-    Examples
-    --------
-    >>> lists_folders("acts.zarr"), lists_folders("http://h:8000/zarr")
-    (True, False)
-    """
-    return not str(url).lower().startswith(("http://", "https://"))
-
-
 def open_root(url: str, mode: Literal["r", "r+", "a"] = "r", *, create: bool = False) -> Any:
     """Open the root group of a vitcnn store (creating an empty store if asked).
 
@@ -291,15 +380,14 @@ def open_root(url: str, mode: Literal["r", "r+", "a"] = "r", *, create: bool = F
             if create and is_empty_location(url):
                 # Mode "a", never "w": "w" would delete the leases of jobs about to
                 # create their runs here (and a concurrent job's new store).
-                root = zarr.open_group(url, mode="a", zarr_format=3)
+                root = zarr.open_group(zarr_store(url), mode="a", zarr_format=3)
                 root.attrs[FORMAT_ATTR] = FORMAT_VERSION
                 return root
             # Never mode "a" here: it would turn any folder into a zarr group.
             existing: Literal["r", "r+"] = "r" if mode == "r" else "r+"
-            # Live metadata where folders can be listed; over HTTP, the consolidated
-            # snapshot (refreshed by every job that changes the store) stands in for listings.
-            consolidated = None if not lists_folders(url) else False
-            root = zarr.open_group(url, mode=existing, zarr_format=3, use_consolidated=consolidated)
+            root = zarr.open_group(
+                zarr_store(url), mode=existing, zarr_format=3, use_consolidated=False
+            )
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
             if not create and is_empty_location(url):
                 raise StoreError(f"no store at {url}") from e

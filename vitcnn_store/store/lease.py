@@ -40,7 +40,14 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from vitcnn_store.errors import RunLockedError, StoreError, VitcnnError
-from vitcnn_store.store.layout import LEASES, check_name, open_root, quiet_zarr, store_io
+from vitcnn_store.store.layout import (
+    LEASES,
+    check_name,
+    filesystem,
+    open_root,
+    quiet_zarr,
+    store_io,
+)
 
 __all__ = [
     "DEFAULT_TTL",
@@ -124,12 +131,11 @@ class _Folder:
     """
 
     def __init__(self, url: str, run: str) -> None:
-        import fsspec
 
         check_name(run)
         self.url = url
         with store_io(url):
-            self.fs, root = fsspec.core.url_to_fs(url)
+            self.fs, root = filesystem(url)
         self.local = "file" in self.fs.protocol or "local" in self.fs.protocol
         self.leases = f"{root.rstrip('/')}/{LEASES}"
         self.path = f"{self.leases}/{run}"

@@ -43,9 +43,9 @@ LOCKS = "_leases/_analysis"  # "_": never a run name, so never a run's lease fol
 
 def lock_location(url: str, run: str) -> tuple[Any, str]:
     """``(filesystem, path)`` of ``run``'s analysis lock."""
-    import fsspec
+    from vitcnn_store.store.layout import filesystem
 
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = filesystem(url)
     return fs, f"{str(root).rstrip('/')}/{LOCKS}/{check_name(run)}.json"
 
 

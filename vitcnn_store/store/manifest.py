@@ -71,16 +71,17 @@ def missing_names(url: str | None, group: Any, name: str, attrs: Mapping[str, An
     """
     wanted = _top_names(attrs)
     if url is not None:
-        import fsspec
+        from vitcnn_store.store.layout import filesystem
 
-        with store_io(url):
-            fs, path = fsspec.core.url_to_fs(url)
-            try:
+        try:
+            with store_io(url):
+                fs, path = filesystem(url)
                 listed = fs.ls(f"{path.rstrip('/')}/{name}", detail=False)
-            except FileNotFoundError:
-                listed = []
-        present = {str(n).rstrip("/").rsplit("/", 1)[-1] for n in listed}
-        return sorted(wanted - present)
+        except (FileNotFoundError, NotImplementedError):
+            listed = None  # a server that cannot list folders: ask the run's metadata
+        if listed is not None:
+            present = {str(n).rstrip("/").rsplit("/", 1)[-1] for n in listed}
+            return sorted(wanted - present)
     with quiet_zarr():
         return sorted(n for n in wanted if n not in group)
 

@@ -20,7 +20,12 @@ import numpy as np
 
 from vitcnn_store.errors import BrokenRunError, DamagedDataError, RunNotFoundError
 from vitcnn_store.store.checked import CheckedArray, checked_dask, damage_error, read_checked
-from vitcnn_store.store.layout import open_root, quiet_zarr, unit_bounds
+from vitcnn_store.store.layout import (
+    open_root,
+    quiet_zarr,
+    unit_bounds,
+    use_storage_options,
+)
 from vitcnn_store.store.runs import RunEntry, list_runs, run_entry, run_format
 
 if TYPE_CHECKING:
@@ -29,8 +34,15 @@ if TYPE_CHECKING:
 __all__ = ["Run", "Store", "open_store"]
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Store:
     """Open the store at ``url`` (a local path or any fsspec URL) for reading.
+
+    ``storage_options`` are fsspec's keyword arguments for the URL's file system
+    (e.g. ``{"endpoint_url": "http://minio:9000", "key": ..., "secret": ...}`` for
+    S3-compatible storage); they are used for every later access to this store in
+    this process. Nothing is listed: runs, layers and results come from metadata
+    the writers record, so a plain HTTP server that cannot list folders serves
+    a store (``open_store("http://host/acts.zarr")``).
 
     Examples
     --------
@@ -39,15 +51,31 @@ def open_store(url: str) -> Store:
     ['r50', 'vitb16']
     >>> x = store["vitb16"]["blocks.3"]  # doctest: +SKIP
     """
-    return Store(str(url))
+    return Store(str(url), storage_options)
 
 
 class Store:
-    """A vitcnn store: a zarr v3 group of runs."""
+    """A vitcnn store: a zarr v3 group of runs, opened once.
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._root = open_root(url, mode="r")
+    The handle owns the store's location, its storage options and its open root
+    group; pass it (or its runs) down instead of re-opening the URL.
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = str(url).rstrip("/") if "://" in str(url) else str(url)
+        use_storage_options(self.url, storage_options)
+        self.storage_options = dict(storage_options or {})
+        self._root = open_root(self.url, mode="r")
+
+    @property
+    def root(self) -> Any:
+        """The store's root zarr group (opened read-only)."""
+        return self._root
+
+    def entry(self, run: str) -> RunEntry | None:
+        """The run ``run`` as listed by :attr:`entries` (None: no such run)."""
+        hidden = not run or run.startswith(("_", ".")) or "/" in run
+        return None if hidden else run_entry(self._root, run, self.url)
 
     @property
     def entries(self) -> list[RunEntry]:
@@ -77,8 +105,7 @@ class Store:
         return iter(self.runs)
 
     def __getitem__(self, run: str) -> Run:
-        hidden = not run or run.startswith(("_", ".")) or "/" in run
-        entry = None if hidden else run_entry(self._root, run, self.url)
+        entry = self.entry(run)
         if entry is None:
             known = ", ".join(self.runs) or "none"
             raise RunNotFoundError(f"no run {run!r} in {self.url} (runs: {known})")
@@ -132,11 +159,33 @@ class Run:
         """Layer groups holding ``array``, in forward order."""
         try:
             with quiet_zarr():
-                groups = {k: g for k, g in self.group.groups() if not k.startswith(("_", "."))}
+                groups = self._layer_groups()
                 names = [k for k, g in groups.items() if array in g]
                 return sorted(names, key=lambda k: groups[k].attrs.get("depth_index", 0))
         except Exception as e:  # a corrupt layer zarr.json: name the run, not a traceback
             raise damage_error(self.store.url, self.name, "-", e, what="metadata") from e
+
+    def _layer_groups(self) -> dict[str, Any]:
+        """Layer groups of the run: from its consolidated metadata (free), else a listing,
+        else (a server that cannot list, a run written before per-run consolidation)
+        the layers its manifest names."""
+        if "_groups" not in self.__dict__:
+            try:
+                found = dict(self.group.groups())
+            except (FileNotFoundError, NotImplementedError):
+                from vitcnn_store.store.manifest import manifest_arrays
+
+                paths = manifest_arrays(self.attrs) or {}
+                found = {}
+                for top in sorted({p.split("/", 1)[0] for p in paths if "/" in p}):
+                    try:
+                        found[top] = self.group[top]
+                    except KeyError:
+                        continue
+            self.__dict__["_groups"] = {
+                k: g for k, g in found.items() if not k.startswith(("_", "."))
+            }
+        return dict(self.__dict__["_groups"])
 
     @cached_property
     def layers(self) -> list[str]:
@@ -226,6 +275,14 @@ class Run:
         }
 
     def _coord(self, group: Any, cname: str, layer: str) -> tuple[list[str], np.ndarray]:
+        # Coordinates are written once, at creation: read each once per Run.
+        cache = self.__dict__.setdefault("_coords", {})
+        if (layer, cname) not in cache:
+            cache[(layer, cname)] = self._read_coord(group, cname, layer)
+        dims, values = cache[(layer, cname)]
+        return list(dims), values
+
+    def _read_coord(self, group: Any, cname: str, layer: str) -> tuple[list[str], np.ndarray]:
         with quiet_zarr():
             c = group[cname]
             dims = list(c.metadata.dimension_names)
@@ -302,11 +359,37 @@ class Run:
         """The run as an :class:`xarray.DataTree` read by xarray's own zarr backend."""
         import xarray as xr
 
+        from vitcnn_store.store.layout import storage_options
+
+        options = storage_options(self.store.url)
         with quiet_zarr():
-            return xr.open_datatree(self.store.url, engine="zarr", group=self.name)
+            return xr.open_datatree(self.store.url, engine="zarr", group=self.name,
+                                    storage_options=options or None)  # fmt: skip
+
+    @property
+    def unit_records(self) -> np.ndarray | None:
+        """Per unit ``[stored bytes, fingerprint]`` as its writer recorded them
+        (``unit_record``; None for runs written before it, 0 where not recorded)."""
+        from vitcnn_store.store.index import RECORD
+
+        with quiet_zarr():
+            present = RECORD in self.group
+        return self._read(RECORD).astype(np.int64) if present else None
+
+    def recorded_bytes(self) -> int | None:
+        """Bytes of the run's written units as recorded by their writers (no object is
+        listed or stat-ed); None when some done unit has no record (older runs)."""
+        records, done = self.unit_records, np.asarray(self.done, dtype=bool)
+        if records is None or (records[done, 0] <= 0).any():
+            return None
+        return int(records[done, 0].sum())
 
     def nbytes_stored(self) -> int:
-        """Bytes the run takes in the store (compressed)."""
+        """Bytes the run's units take in the store (compressed): recorded by the writers,
+        or, for runs written before records, counted from a listing."""
+        recorded = self.recorded_bytes()
+        if recorded is not None:
+            return recorded
         from vitcnn_store.store.chunks import list_objects
 
         return sum(list_objects(self.store.url, self.name).values())

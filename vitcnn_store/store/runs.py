@@ -11,7 +11,6 @@ group whose creation was interrupted, or whose metadata cannot be read — is
 from __future__ import annotations
 
 import json
-import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +24,8 @@ from vitcnn_store.errors import (
 from vitcnn_store.store.layout import (
     CREATED_ATTR,
     check_name,
+    filesystem,
     is_empty_location,
-    lists_folders,
     open_root,
     quiet_zarr,
     store_io,
@@ -34,7 +33,8 @@ from vitcnn_store.store.layout import (
 from vitcnn_store.store.manifest import MANIFEST_ATTR, missing_names
 
 __all__ = [
-    "RESUME_KEYS", "RunEntry", "list_runs", "prepare_run", "run_entry", "run_format", "run_state",
+    "RESUME_KEYS", "RunEntry", "list_runs", "prepare_run", "run_entry", "run_format", "run_names",
+    "run_state",
 ]  # fmt: skip
 
 # Provenance keys that must match for --resume to continue a run.
@@ -102,30 +102,49 @@ def run_entry(root: Any, name: str, url: str | None = None) -> RunEntry | None:
     return RunEntry(name, True)
 
 
-def list_runs(url: str, root: Any | None = None) -> list[RunEntry]:
-    """Every run group of the store, sorted by name (names starting ``_``/``.`` skipped).
+def run_names(url: str) -> list[str]:
+    """Names of the store's runs, sorted, from what writers recorded (no listing needed).
 
-    Children are listed from the storage itself, so one run with corrupt
-    metadata is reported as broken instead of breaking the listing.
+    The run registry (store/index.py) first; a store made before it is listed
+    where the storage can list, else read from the root's consolidated metadata.
     """
-    import fsspec
+    from vitcnn_store.store.index import listed_runs, registered_runs
 
+    names = registered_runs(url)
+    if names is None:
+        try:
+            names = listed_runs(url)
+        except (FileNotFoundError, NotImplementedError):
+            names = _consolidated_runs(url)
+    return sorted(n for n in set(names) if n and not n.startswith(("_", ".")))
+
+
+def _consolidated_runs(url: str) -> list[str]:
+    """Top-level groups named in the root's consolidated metadata ([] when there is none)."""
+    fs, path = filesystem(url)
+    try:
+        with store_io(url):
+            doc = json.loads(fs.cat_file(f"{str(path).rstrip('/')}/zarr.json"))
+    except (FileNotFoundError, ValueError):
+        return []
+    children = ((doc.get("consolidated_metadata") or {}).get("metadata") or {}).items()
+    return [k for k, v in children if "/" not in k and v.get("node_type") == "group"]
+
+
+def list_runs(url: str, root: Any | None = None) -> list[RunEntry]:
+    """Every run of the store, sorted by name (names starting ``_``/``.`` skipped).
+
+    Names come from :func:`run_names`; one run with corrupt metadata is reported
+    as broken instead of breaking the listing, and a registered run whose group is
+    gone (deleted by hand) is left out.
+    """
     root = root if root is not None else open_root(url, mode="r")
-    with store_io(url):
-        if not lists_folders(url):  # HTTP: the groups the consolidated metadata names
-            with quiet_zarr():
-                names = sorted(name for name, _ in root.groups())
-        else:
-            fs, path = fsspec.core.url_to_fs(url)
-            names = sorted(
-                posixpath.basename(str(e["name"]).rstrip("/"))
-                for e in fs.ls(path, detail=True)
-                if e.get("type") == "directory"
-            )
-    names = [n for n in names if n and not n.startswith(("_", "."))]
-    entries = [run_entry(root, n, url) for n in names]
-    return [e if e is not None else RunEntry(n, False, "no zarr.json")
-            for n, e in zip(names, entries, strict=True)]  # fmt: skip
+    out = []
+    for name in run_names(url):
+        entry = run_entry(root, name, url)
+        if entry is not None:
+            out.append(entry)
+    return out
 
 
 def _json_equal(a: Any, b: Any) -> bool:
@@ -198,8 +217,11 @@ def prepare_run(
         )
     if overwrite or not entry.created:
         return True
+    from vitcnn_store.store.index import run_group
+
+    # The run as stored (not its metadata snapshot): a lost array must read as lost.
+    group = run_group(url, name, consolidated=False)
     with quiet_zarr():
-        group = root[name]
         stored = dict(group.attrs)
     if run_format(stored) < 2:
         raise RunMismatchError(

@@ -30,6 +30,7 @@ from vitcnn_store.store.checked import failure_reason
 from vitcnn_store.store.chunks import chunk_key, grid, list_objects, unit_arrays, walk_arrays
 from vitcnn_store.store.codecs import has_checksum
 from vitcnn_store.store.grams import delete_grams, gram_layer
+from vitcnn_store.store.index import can_list, run_group
 from vitcnn_store.store.layout import (
     IMAGE_COORDS,
     check_name,
@@ -112,11 +113,18 @@ def _whole_chunks(array: Any) -> Iterable[tuple[tuple[int, ...], tuple[slice, ..
         )
 
 
+class _Present(dict):
+    """Where nothing lists: every chunk counts as present, and reading it decides."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+
 def _plan_run(url: str, name: str, group: Any, report: VerifyReport) -> list[_Task]:
     """Missing-chunk problems now; decode tasks for every chunk that should exist."""
     from vitcnn_store.store.checked import read_checked
 
-    objects = list_objects(url, name)
+    objects = _Present() if not can_list(url) else list_objects(url, name)
     chunk = int(group.attrs["chunk_size"])
     tasks: list[_Task] = []
     try:
@@ -184,7 +192,7 @@ def _copy_from_intact(url: str, run: str, path: str, report: VerifyReport) -> bo
 
     name = path.rsplit("/", 1)[-1]
     with quiet_zarr(), store_io(url):
-        group = open_root(url, mode="r+")[run]
+        group = run_group(url, run, mode="r+", consolidated=False)
         copies = [p for p, _ in walk_arrays(group) if p.rsplit("/", 1)[-1] == name]
         for source in (p for p in copies if p != path and not p.startswith("_")):
             try:
@@ -209,7 +217,7 @@ def _restore_done(url: str, run: str, report: VerifyReport) -> None:
     from vitcnn_store.store.manifest import manifest_arrays
 
     with quiet_zarr(), store_io(url):
-        group = open_root(url, mode="r+")[run]
+        group = run_group(url, run, mode="r+", consolidated=False)
         want = (manifest_arrays(dict(group.attrs)) or {}).get("done")
         if want is None:
             return
@@ -226,19 +234,19 @@ def _check_results(url: str, run: str, report: VerifyReport) -> None:
     array without checksums, a digest that does not match."""
     from vitcnn_store.store.locks import lock_holder
 
-    results = list_results(url, run)
+    results = list_results(url, run, listing=can_list(url))
     grams = _incomplete_grams(url, run)
     if not results and not grams:
         return
     # Incomplete derived data is expected while a job writes it: ask who, once.
     holder = lock_holder(url, run) if grams or any(not r.complete for r in results) else None
-    root = open_root(url, mode="r")
+    group = run_group(url, run, consolidated=not can_list(url))
     for result in results:
         where = result.group.split("/", 1)[1]
         problem = result.problem
         if not problem:
             with quiet_zarr():
-                node = root[result.group]
+                node = group[where]
                 unchecked = [k for k, a in node.arrays() if not has_checksum(a)]
             if unchecked:
                 problem = f"damaged: array(s) {', '.join(sorted(unchecked))} without crc32c"
@@ -289,10 +297,9 @@ def _incomplete_grams(url: str, run: str) -> list[str]:
     """Paths (in the run) of cached Grams not marked complete."""
     from vitcnn_store.store.layout import GRAMS
 
-    root = open_root(url, mode="r")
     out = []
     with quiet_zarr():
-        group = root[run]
+        group = run_group(url, run, consolidated=not can_list(url))
         if GRAMS not in group:
             return []
         for path, arr in walk_arrays(group[GRAMS], f"{GRAMS}/"):
@@ -368,18 +375,20 @@ def _repair_held(url: str, report: VerifyReport) -> None:
         if p.repairable and p.unit is not None:
             units.setdefault(p.run, set()).add(p.unit)
     derived = _repair_derived(url, report)
+    runs = sorted({p.run for p in report.problems if p.run != "-"}
+                  | {r.run for r in report.bad_results})  # fmt: skip
     if not units:
         if derived or changed:
-            consolidate(url)
+            consolidate(url, *runs)
         return
-    root = open_root(url, mode="r+")
+    open_root(url, mode="r+")
     for run, todo in units.items():
         with quiet_zarr(), store_io(url):
-            done = root[run]["done"]
+            done = run_group(url, run, mode="r+", consolidated=False)["done"]
             for u in sorted(todo):
                 done[u] = False
         report.repaired[run] = sorted(todo)
-    consolidate(url)
+    consolidate(url, *runs)
 
 
 def verify_store(
@@ -408,8 +417,8 @@ def verify_store(
         if not entry.created:
             report.problems.append(Problem(entry.name, "-", None, f"{entry.problem}: {RECOVER}"))
             continue
-        with quiet_zarr():
-            group = root[entry.name]
+        # Scrub what is stored, not the run's metadata snapshot (unless nothing lists).
+        group = run_group(url, entry.name, consolidated=not can_list(url))
         lost = _check_manifest(entry.name, group, report)
         if lost & {"done", "image"}:
             continue  # the unit grid is unknown: nothing more to check until restored

@@ -28,6 +28,13 @@ from vitcnn_store.errors import (
     StoreError,
 )
 from vitcnn_store.store.codecs import COMPRESSIONS, checksummed
+from vitcnn_store.store.index import (
+    RECORD,
+    RECORD_FIELDS,
+    consolidate_run,
+    register_run,
+    unit_fingerprint,
+)
 from vitcnn_store.store.layout import (
     ANALYSES,
     CREATED_ATTR,
@@ -41,6 +48,7 @@ from vitcnn_store.store.layout import (
     quiet_zarr,
     store_io,
     unit_bounds,
+    zarr_store,
 )
 from vitcnn_store.store.manifest import MANIFEST_ATTR, build_manifest
 
@@ -194,6 +202,17 @@ class _Layout:
                 attributes={"long_name": "unit fully written (all arrays)"},
             )  # fmt: skip
             unit_made = True
+        if RECORD not in run:
+            # Per unit: stored bytes and a fingerprint of its chunks (store/index.py). Not a
+            # "unit array": a resumed older run gains it without rewriting its units.
+            run.create_array(
+                RECORD, shape=(len(unit_bounds(n, chunk)), len(RECORD_FIELDS)),
+                chunks=(1, len(RECORD_FIELDS)), dtype="int64", fill_value=0,
+                dimension_names=["unit", "unit_field"], compressors=checksummed("none"),
+                attributes={"long_name": "per unit: stored bytes of its chunks, and a "
+                            "fingerprint of their lengths and crc32c (0: not recorded)",
+                            "fields": list(RECORD_FIELDS)},
+            )  # fmt: skip
         for key, kind, fill in (("failed", bool, False), ("failure", str, "")):
             if key not in run:
                 run.create_array(
@@ -282,6 +301,7 @@ def create_run(
         if root.attrs.get(FORMAT_ATTR) != FORMAT_VERSION:
             # A format-1 store holding a format-2 run: older readers must refuse it.
             root.attrs[FORMAT_ATTR] = FORMAT_VERSION
+        register_run(url, name)  # before the group: an interrupted creation is listed, broken
         if name in root:
             del root[name]
         run = root.create_group(name)
@@ -289,7 +309,7 @@ def create_run(
         layout.populate(run)
         # Last: every array exists, so readers may now trust the run.
         run.attrs.update({MANIFEST_ATTR: build_manifest(run), CREATED_ATTR: True})
-    consolidate(url)
+    consolidate(url, name)
 
 
 def restore_run(
@@ -319,7 +339,9 @@ def restore_run(
 
     layout = _layout(image_ids, labels, chunk, dtype, arrays, compression, image_sha256)
     with quiet_zarr(), store_io(url), zarr.config.set({"array.write_empty_chunks": True}):
-        run = open_root(url, mode="r+")[name]
+        run: Any = zarr.open_group(
+            zarr_store(url), path=name, mode="r+", zarr_format=3, use_consolidated=False
+        )
         if layout.populate(run, restore=True):
             run["done"][...] = False
         problems = manifest_problems(run, dict(run.attrs))
@@ -330,7 +352,7 @@ def restore_run(
             "use --overwrite to re-extract the run"
         )
     if layout.created:
-        consolidate(url)
+        consolidate(url, name)
     return [p.removeprefix(f"{name}/") for p in layout.created]
 
 
@@ -338,12 +360,16 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def consolidate(url: str) -> None:
-    """Consolidate the store's metadata (a snapshot: call once arrays exist)."""
+def consolidate(url: str, *runs: str) -> None:
+    """Consolidate the metadata of ``runs`` (each run's zarr.json: what readers open), then
+    the store's root (what plain xarray opens). A snapshot: call once arrays exist, and
+    only for runs this job may write (store/index.py)."""
     import zarr
 
+    for run in dict.fromkeys(runs):
+        consolidate_run(url, run)
     with quiet_zarr(), store_io(url):
-        zarr.consolidate_metadata(url)
+        zarr.consolidate_metadata(zarr_store(url), zarr_format=3)
 
 
 def check_peaks(peaks: Iterable[tuple[str, float]], dtype: str) -> None:
@@ -376,8 +402,14 @@ class RunWriter:
     def __init__(self, url: str, run: str) -> None:
         import zarr
 
+        from vitcnn_store.store.index import CountingStore
+
         self.url = url
-        root = open_root(url, mode="r+")
+        self.run = run
+        open_root(url, mode="r+")  # refuses what is not a store, with one line
+        # Every chunk written is counted (length and crc32c): the unit's record.
+        self._store = CountingStore(url)
+        root: Any = zarr.open_group(self._store, mode="r+", zarr_format=3, use_consolidated=False)
         # Skip zarr's scan of every chunk for "all fill value" before writing it: our
         # chunks are never empty, and the scan costs as much as the compression. It
         # also means every written unit has every chunk object, which verify checks.
@@ -388,11 +420,12 @@ class RunWriter:
             self._arrays: dict[str, Any] = {}
             self._visit(self.group, "")
             self.done = self.group["done"]
+            self.record = self.group.get(RECORD, None)
 
     def _visit(self, group: Any, prefix: str) -> None:
         for key, node in group.members():
             path = f"{prefix}/{key}" if prefix else key
-            if key == ANALYSES or key.startswith("_") or key in IMAGE_COORDS:
+            if key == ANALYSES or key.startswith("_") or key in (*IMAGE_COORDS, RECORD):
                 continue  # coordinates are written once, at creation
             if hasattr(node, "members"):
                 self._visit(node, path)
@@ -440,5 +473,21 @@ class RunWriter:
                 self._arrays[key][start:stop] = v
             self._arrays["failed"][start:stop] = np.asarray(failed, dtype=bool)
             self._arrays["failure"][start:stop] = np.asarray(list(failure), dtype=object)
+            if self.record is not None:
+                self.record[unit] = self._record(unit)
             # Last: the flag says every array of the unit is on disk.
             self.done[unit] = True
+
+    def _record(self, unit: int) -> np.ndarray:
+        """``[bytes, fingerprint]`` of the chunks unit ``unit`` just wrote."""
+        from vitcnn_store.store.chunks import chunk_key
+
+        written = self._store.written
+        chunks = {}
+        for key, arr in self._arrays.items():
+            rest = (0,) * (len(arr.shape) - 1)
+            full = f"{self.run}/{key}/{chunk_key(arr, (unit, *rest))}"
+            seen = written.pop(full, None)
+            if seen is not None:
+                chunks[key] = seen
+        return np.asarray(unit_fingerprint(chunks), dtype=np.int64)

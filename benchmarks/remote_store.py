@@ -1,0 +1,177 @@
+"""Reading a store locally, on S3 (moto on loopback) and over HTTP without listing.
+
+One store is extracted locally (a tiny ViT, ``preset:paper``, so many layers),
+its CKA computed once (the Gram cache filled), then copied as is to an S3
+bucket served by moto and served by Python's http.server answering 404 for
+every folder (as CDNs and gateways do). Each operation runs in this process
+through the real CLI on each location; the script prints seconds, the ratio
+to local and the requests each made (counted by the servers), and checks that
+``query``'s output is byte-identical everywhere and that ``analyze cka`` on
+the S3 copy rewrites no Gram object (it computes a new result, with a new
+seed, from the copied Grams).
+
+    python benchmarks/remote_store.py                 # 96 images, depth 6
+    python benchmarks/remote_store.py --images 384 --depth 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.http_store import serve_without_listing
+
+
+def _cli(argv: list[str]) -> str:
+    from vitcnn_store.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    if code != 0:
+        raise SystemExit(f"{' '.join(argv)} failed: {err.getvalue()[-500:]}")
+    return out.getvalue()
+
+
+class _Count(logging.Handler):
+    """Counts the requests moto's server logs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+        self.paths: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.n += 1
+        if os.environ.get("BENCH_TRACE"):
+            import re
+
+            msg = record.getMessage()
+            m = re.search(r'"(\w+) ([^ ?]*)(\?[^ ]*)? HTTP', msg)
+            if m:
+                key = m.group(1) + " " + re.sub(r"/c/[0-9/]+$", "/c/*", m.group(2))
+                key = re.sub(r"blocks\.\d+[^/]*", "L", key)
+                key += " (list)" if m.group(3) and "list-type" in m.group(3) else ""
+                self.paths[key] = self.paths.get(key, 0) + 1
+
+
+def _timed(fn: Callable[[], object], counter: Callable[[], int]) -> tuple[float, int, object]:
+    before, t = counter(), time.perf_counter()
+    value = fn()
+    return time.perf_counter() - t, counter() - before, value
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=96)
+    p.add_argument("--depth", type=int, default=6)
+    args = p.parse_args()
+
+    from moto.server import ThreadedMotoServer
+
+    from jobs.extract import ExtractConfig, extract
+    from vitcnn_store.models import ModelSpec
+
+    work = Path(tempfile.mkdtemp(prefix="remote_store_"))
+    local = str(work / "acts.zarr")
+    model = ModelSpec("vit_tiny_patch16_224", img_size=32, model_args={"depth": args.depth})
+    extract(ExtractConfig(model=model, store=local, run="v", images="builtin:faces",
+                          limit=args.images, chunk_size=32, layers="preset:paper",
+                          progress=False))  # fmt: skip
+    figures = str(work / "figures")
+    cka = ["--batch-size", "32", "--figures", figures]
+    _cli(["analyze", "cka", local, "v", *cka])  # fills the Gram cache
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    moto_requests = _Count()
+    logging.getLogger("werkzeug").addHandler(moto_requests)
+    logging.getLogger("werkzeug").setLevel(logging.INFO)
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+    opts = {"endpoint_url": endpoint, "key": "k", "secret": "s"}
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**opts)
+    fs.mkdir("bench")
+    fs.put(local, "bench/acts.zarr", recursive=True)  # a copy: new modification times
+    s3 = "s3://bench/acts.zarr"
+    flags = [f"--storage-option={k}={v}" for k, v in opts.items()]
+
+    def grams() -> dict[str, str]:
+        return {k: str(v.get("ETag")) for k, v in fs.find("bench/acts.zarr/v/_grams",
+                                                          detail=True).items()}  # fmt: skip
+
+    rows: list[list[str]] = []
+    with serve_without_listing(str(work)) as (base, http_requests):
+        http = f"{base}/acts.zarr"
+        where = {
+            "local": (local, [], lambda: 0),
+            "S3 (moto)": (s3, flags, lambda: moto_requests.n),
+            "HTTP, no listing": (http, [], lambda: http_requests[0]),
+        }
+        ops: dict[str, Callable[[str, list[str]], object]] = {
+            "ls": lambda u, f: _cli(["ls", u, *f]).replace(u, "STORE"),
+            "show": lambda u, f: _cli(["show", u, "v", *f]).replace(u, "STORE"),
+            "query (4 images)": lambda u, f: _cli(
+                ["query", u, "v", "blocks.1", "--images", "0:4", *f]
+            ).replace(u, "STORE"),
+            "xr.open_datatree": lambda u, f: _datatree(u, opts if f else None),
+        }
+        for name, op in ops.items():
+            base_s = None
+            outputs = set()
+            for label, (url, f, counter) in where.items():
+                seconds, requests, out = _timed(lambda op=op, url=url, f=f: op(url, f), counter)
+                if isinstance(out, str):
+                    outputs.add(out)
+                base_s = base_s or seconds
+                rows.append([name, label, f"{seconds:.2f}", f"{seconds / base_s:.2f}×",
+                             str(requests) if label != "local" else "-"])  # fmt: skip
+            if len(outputs) > 1:
+                raise SystemExit(f"{name}: outputs differ between locations")
+        before = grams()
+        moto_requests.paths.clear()
+        seconds_local, _, _ = _timed(
+            lambda: _cli(["analyze", "cka", local, "v", *cka, "--seed", "1"]), lambda: 0
+        )
+        seconds_s3, requests, _ = _timed(
+            lambda: _cli(["analyze", "cka", s3, "v", *cka, "--seed", "1", *flags]),
+            lambda: moto_requests.n,
+        )
+        if os.environ.get("BENCH_TRACE"):
+            print(sorted(moto_requests.paths.items(), key=lambda kv: -kv[1])[:25])
+        rewritten = sum(1 for k, v in grams().items() if before.get(k) != v)
+        rows.append(["analyze cka (new seed)", "local", f"{seconds_local:.2f}", "1.00×", "-"])
+        rows.append(["analyze cka (new seed)", "S3 copy", f"{seconds_s3:.2f}",
+                     f"{seconds_s3 / seconds_local:.2f}×", str(requests)])  # fmt: skip
+    server.stop()
+    print(f"store: {args.images} images, depth {args.depth}, preset:paper; "
+          f"Gram objects rewritten on the S3 copy: {rewritten}")  # fmt: skip
+    print("| operation | where | seconds | vs local | requests |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def _datatree(url: str, options: dict[str, str] | None) -> object:
+    import xarray as xr
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        tree = xr.open_datatree(url, engine="zarr", storage_options=options)
+    return len(tree["v"].children)
+
+
+if __name__ == "__main__":
+    main()
