@@ -45,7 +45,8 @@ STORAGE = ["zarr", "xarray", "pandas", "dask", "numcodecs", "numpy"]
 def run_cli(tmp_path: Path, *argv: str) -> tuple[int, set[str], str]:
     """Exit code, modules imported and stderr of ``vitcnn ARGV`` in a fresh interpreter."""
     out = tmp_path / "probe.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
     proc = subprocess.run(
         [sys.executable, "-c", PROBE, str(out), *argv],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
