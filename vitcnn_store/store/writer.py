@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,8 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 INT64 = np.iinfo(np.int64)
 # Coordinate arrays are written once, at creation: big chunks (whole units each).
 _COORD_CHUNK_IMAGES = 65536
+# Groups of a run created at once (each zarr call mostly waits for its write).
+_CREATE_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -161,80 +164,120 @@ class _Layout:
     arrays: list[ArraySpec]
     image_values: dict[str, np.ndarray]
     created: list[str] = field(default_factory=list)  # paths made by populate()
+    made: list[tuple[str, Any]] = field(default_factory=list)  # (path, array) made
+
+    def _made(self, group: Any, name: str, array: Any) -> None:
+        path = f"{group.path}/{name}"
+        self.created.append(path)  # list.append: safe from populate()'s threads
+        self.made.append((path, array))
 
     def coord(self, group: Any, cname: str, values: np.ndarray, dims: Sequence[str],
-              cshape: Any, restore: bool) -> None:  # fmt: skip
-        if cname in group:
+              cshape: Any, restore: bool, fresh: bool) -> None:  # fmt: skip
+        if not fresh and cname in group:
             if restore and not _readable(group[cname]):
                 group[cname][...] = values  # a damaged coordinate: its values are known
                 self.created.append(f"{group.path}/{cname}")
             return
-        write_coordinate(group, cname, values, dims, cshape)
-        self.created.append(f"{group.path}/{cname}")
+        self._made(group, cname, write_coordinate(group, cname, values, dims, cshape))
 
-    def image_coords(self, group: Any, restore: bool) -> None:
+    def image_coords(self, group: Any, restore: bool, fresh: bool) -> None:
         cchunk = coord_chunk(self.n, self.chunk)
         for cname, values in self.image_values.items():
-            self.coord(group, cname, values, ("image",), (cchunk,), restore)
+            self.coord(group, cname, values, ("image",), (cchunk,), restore, fresh)
 
-    def populate(self, run: Any, restore: bool = False) -> bool:
+    def populate(self, run: Any, restore: bool = False, fresh: bool = False) -> bool:
         """Create every array of ``run`` that is absent; True if a unit array was made.
 
         With ``restore``, coordinate arrays that exist but cannot be read are
-        rewritten (their values are known here).
+        rewritten (their values are known here). ``fresh``: ``run`` was just
+        created empty, so nothing is looked up before it is made. Groups are
+        made concurrently: every zarr call waits for its own small write, and a
+        run of a few dozen layers makes hundreds of arrays.
         """
+        by_group: dict[str, list[ArraySpec]] = {}
+        for spec in self.arrays:
+            by_group.setdefault(spec.group, []).append(spec)
+        run_specs = by_group.pop("", [])
+        with ThreadPoolExecutor(_CREATE_THREADS, thread_name_prefix="vitcnn-create") as pool:
+            futures = [pool.submit(self._run_arrays, run, run_specs, restore, fresh)]
+            futures += [pool.submit(self._layer, run, name, specs, restore, fresh)
+                        for name, specs in by_group.items()]  # fmt: skip
+            made = [f.result() for f in futures]  # every one, so that the first error raises
+        return any(made)
+
+    def _run_arrays(self, run: Any, specs: list[ArraySpec], restore: bool, fresh: bool) -> bool:
+        """The run's own arrays: image coordinates, unit flags, failures, the input."""
         n, chunk = self.n, self.chunk
         image_attrs = {"coordinates": "image_id label image_sha256"}
         unit_made = False
-        self.image_coords(run, restore)
-        if "done" not in run:
-            run.create_array(
+        self.image_coords(run, restore, fresh)
+        if fresh or "done" not in run:
+            done = run.create_array(
                 "done", shape=(len(unit_bounds(n, chunk)),), chunks=(1,), dtype=bool,
                 fill_value=False, dimension_names=["unit"], compressors=checksummed("none"),
                 attributes={"long_name": "unit fully written (all arrays)"},
             )  # fmt: skip
+            self.made.append((f"{run.path}/done", done))
             unit_made = True
         for key, kind, fill in (("failed", bool, False), ("failure", str, "")):
-            if key not in run:
-                run.create_array(
+            if fresh or key not in run:
+                arr = run.create_array(
                     key, shape=(n,), chunks=(chunk,), dtype=kind, fill_value=fill,
                     dimension_names=["image"], attributes=image_attrs,
                     compressors=checksummed("zstd"),
                 )  # fmt: skip
+                self.made.append((f"{run.path}/{key}", arr))
                 unit_made = True
-        for spec in self.arrays:
-            group = run.require_group(spec.group) if spec.group else run
-            if spec.group:
-                group.attrs.update(_json_safe(spec.attrs))
-                self.image_coords(group, restore)
-            own = []
-            for cname, (cdims, values) in spec.coords.items():
-                if cname not in cdims:
-                    own.append(cname)  # dimension coordinates need no `coordinates` entry
-                self.coord(group, cname, values, cdims, values.shape, restore)
-            if spec.name in group:
-                continue
-            group.create_array(
-                spec.name,
-                shape=(n, *spec.shape),
-                chunks=(chunk, *spec.shape),
-                dtype=self.dtype,
-                fill_value=np.nan,
-                compressors=checksummed(self.compression),
-                dimension_names=["image", *spec.dims],
-                attributes={"coordinates": " ".join([*own, *IMAGE_COORDS[1:]])},
-            )
-            self.created.append(spec.key)
-            unit_made = True
+        for spec in specs:
+            unit_made |= self._array(run, spec, restore, fresh)
         return unit_made
+
+    def _layer(self, run: Any, name: str, specs: list[ArraySpec], restore: bool,
+               fresh: bool) -> bool:  # fmt: skip
+        """One layer's group: its attributes (one write), coordinates and arrays."""
+        attrs: dict[str, Any] = {}
+        for spec in specs:
+            attrs.update(_json_safe(spec.attrs))
+        if fresh:
+            group = run.create_group(name, attributes=attrs)
+        else:
+            group = run.require_group(name)
+            group.update_attributes(attrs)
+        self.image_coords(group, restore, fresh)
+        unit_made = False
+        for spec in specs:
+            unit_made |= self._array(group, spec, restore, fresh)
+        return unit_made
+
+    def _array(self, group: Any, spec: ArraySpec, restore: bool, fresh: bool) -> bool:
+        own = []
+        for cname, (cdims, values) in spec.coords.items():
+            if cname not in cdims:
+                own.append(cname)  # dimension coordinates need no `coordinates` entry
+            self.coord(group, cname, values, cdims, values.shape, restore, fresh)
+        if not fresh and spec.name in group:
+            return False
+        arr = group.create_array(
+            spec.name,
+            shape=(self.n, *spec.shape),
+            chunks=(self.chunk, *spec.shape),
+            dtype=self.dtype,
+            fill_value=np.nan,
+            compressors=checksummed(self.compression),
+            dimension_names=["image", *spec.dims],
+            attributes={"coordinates": " ".join([*own, *IMAGE_COORDS[1:]])},
+        )
+        self.created.append(spec.key)
+        self.made.append((f"{group.path}/{spec.name}", arr))
+        return True
 
 
 _FILLS: dict[str, Any] = {"image": -1, "label": LABEL_FILL, "image_id": "", "image_sha256": ""}
 
 
 def write_coordinate(group: Any, cname: str, values: np.ndarray, dims: Sequence[str],
-                     chunks: Sequence[int]) -> None:  # fmt: skip
-    """Create coordinate array ``cname`` of ``group`` holding ``values``."""
+                     chunks: Sequence[int]) -> Any:  # fmt: skip
+    """Create coordinate array ``cname`` of ``group`` holding ``values``; returns it."""
     is_str = values.dtype.kind in "OUT"
     default: Any = "" if is_str else np.nan if values.dtype.kind == "f" else -1
     arr = group.create_array(
@@ -243,6 +286,7 @@ def write_coordinate(group: Any, cname: str, values: np.ndarray, dims: Sequence[
         fill_value=_FILLS.get(cname, default),
     )  # fmt: skip
     arr[...] = values
+    return arr
 
 
 def _readable(array: Any) -> bool:
@@ -284,11 +328,12 @@ def create_run(
             root.attrs[FORMAT_ATTR] = FORMAT_VERSION
         if name in root:
             del root[name]
-        run = root.create_group(name)
-        run.attrs.update(_json_safe({**attrs, "format": FORMAT_VERSION, "created_at": _now()}))
-        layout.populate(run)
+        provenance = _json_safe({**attrs, "format": FORMAT_VERSION, "created_at": _now()})
+        run = root.create_group(name, attributes=provenance)  # one metadata write
+        layout.populate(run, fresh=True)
+        made = [(path.removeprefix(f"{run.path}/"), arr) for path, arr in layout.made]
         # Last: every array exists, so readers may now trust the run.
-        run.attrs.update({MANIFEST_ATTR: build_manifest(run), CREATED_ATTR: True})
+        run.update_attributes({MANIFEST_ATTR: build_manifest(run, made), CREATED_ATTR: True})
     consolidate(url)
 
 
