@@ -315,7 +315,9 @@ def create_run(
     ``image_sha256`` is each image's content hash (``""`` when unknown). The
     manifest of the run's arrays and the creation marker are written last, in
     one metadata write; callers decide beforehand (holding the run's lease)
-    whether an old run may be replaced.
+    whether an old run may be replaced. The store's consolidated metadata is
+    retaken only when an old run was replaced (its snapshot would describe arrays
+    that are gone); a new run joins it when its job consolidates at the end.
     """
     import zarr
 
@@ -326,7 +328,8 @@ def create_run(
         if root.attrs.get(FORMAT_ATTR) != FORMAT_VERSION:
             # A format-1 store holding a format-2 run: older readers must refuse it.
             root.attrs[FORMAT_ATTR] = FORMAT_VERSION
-        if name in root:
+        replaced = name in root
+        if replaced:
             del root[name]
         provenance = _json_safe({**attrs, "format": FORMAT_VERSION, "created_at": _now()})
         run = root.create_group(name, attributes=provenance)  # one metadata write
@@ -334,7 +337,8 @@ def create_run(
         made = [(path.removeprefix(f"{run.path}/"), arr) for path, arr in layout.made]
         # Last: every array exists, so readers may now trust the run.
         run.update_attributes({MANIFEST_ATTR: build_manifest(run, made), CREATED_ATTR: True})
-    consolidate(url)
+    if replaced:
+        consolidate(url)
 
 
 def restore_run(
