@@ -143,7 +143,7 @@ def print_table(med: dict[str, tuple[float, float]], against: dict[str, str]) ->
     print("-" * len(header))
     for name, (wall, cpu) in med.items():
         line = f"{name:32} {wall:7.2f} {cpu:7.2f}"
-        if name in against:
+        if name in against and against[name] in med:
             bw, bc = med[against[name]]
             line += f"   {against[name]:24} {wall / bw:7.2f} {cpu / bc:7.2f}"
         print(line)
@@ -156,6 +156,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median kept)")
     p.add_argument("--kernel-images", type=int, default=256)
     p.add_argument("--profile-reuse", action="store_true")
+    p.add_argument("--only", help="comma-separated words: only the cases (and what they are "
+                   "judged against) whose names hold one")  # fmt: skip
     p.add_argument("--bare-forward", nargs=2, metavar=("MODEL", "FOLDER"), help=argparse.SUPPRESS)
     p.add_argument("--kernels", nargs=2, metavar=("SIDE", "STORE"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -199,13 +201,6 @@ def main() -> int:
             "kernels in memory": lambda i: kernel_timed("memory", kstore),
             "kernels, store path": lambda i: kernel_timed("store", kstore),
         }
-        runs: dict[str, list[tuple[float, float]]] = {k: [] for k in cases}
-        for i in range(args.repeats):
-            for name, case in cases.items():
-                runs[name].append(case(i))
-            print(f"round {i + 1}/{args.repeats} done", file=sys.stderr)
-        med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
-               for k, v in runs.items()}  # fmt: skip
         against = {
             "vitcnn --help": "python -c pass",
             "vitcnn ls": "python -c pass",
@@ -214,6 +209,18 @@ def main() -> int:
             f"extract {args.images} images": "bare timm forward",
             "kernels in memory": "kernels, store path",
         }
+        if args.only:
+            words = args.only.split(",")
+            keep = {k for k in cases if any(w in k for w in words)}
+            keep |= {against[k] for k in keep if k in against}
+            cases = {k: v for k, v in cases.items() if k in keep}
+        runs: dict[str, list[tuple[float, float]]] = {k: [] for k in cases}
+        for i in range(args.repeats):
+            for name, case in cases.items():
+                runs[name].append(case(i))
+            print(f"round {i + 1}/{args.repeats} done", file=sys.stderr)
+        med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+               for k, v in runs.items()}  # fmt: skip
         print(f"{args.model}, {args.images} JPEGs, {args.repeats} interleaved rounds, "
               f"medians; {os.cpu_count()} CPUs")  # fmt: skip
         print_table(med, against)
