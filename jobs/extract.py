@@ -1,18 +1,24 @@
 """The extraction job: check everything, start the workers, then create the run and fill it.
 
-The order is the job's promise that refusal changes nothing:
+The order is the job's promise that refusal changes nothing, and that a refusal
+costs no more than it must:
 
-1. validate the options (:mod:`jobs.config`) and decide where the job runs
-   (:mod:`jobs.sizing`): in this process, or on Ray actors;
-2. open the image set and hash its images; get the model once (build a timm
-   name, or take the module handed in) and run the template (:mod:`jobs.plan`);
-3. check the store — writable, run name, lease, resume compatibility, changed
+1. validate the options (:mod:`jobs.config`) and make every check that needs only
+   the store and the options — store writable, run name, lease, an existing or
+   broken run without ``--resume``/``--overwrite``, a format-1 run with
+   ``--resume`` (:func:`jobs.run_setup.check_store`) — before torch is imported,
+   any model built or any image hashed; open the image set (a missing folder is
+   refused here); decide where the job runs (:mod:`jobs.sizing`): in this
+   process, or on Ray actors;
+2. hash the images; get the model once (build a timm name, or take the module
+   handed in) and run the template (:mod:`jobs.plan`);
+3. check the store again with the template — resume compatibility, changed
    images, ``--strict`` decoding (:mod:`jobs.run_setup`);
 4. start the workers: in process, move the model to its device; on Ray (reached
-   within a bounded wait while step 2 runs on another thread), start every
+   within a bounded wait while steps 2–3 run on another thread), start every
    actor and wait until each holds the model (:mod:`jobs.ray_pool`);
 5. only then take the run's lease (atomically: a second job on the run is
-   refused here), check the run is as step 3 saw it, create (or, with
+   refused here), check the run is as step 1 saw it, create (or, with
    ``--overwrite``, replace) the run, print the plan in one line, and write the units not yet done
    (:mod:`jobs.inprocess` or :mod:`jobs.ray_pool`).
 
@@ -28,15 +34,19 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs.config import ExtractConfig
-from jobs.plan import RunTemplate, plan_extraction
-from jobs.run_setup import RunSession, check_run, prepare_store
+from jobs.run_setup import RunSession, check_run, check_store, prepare_store
 from jobs.sizing import ExecutionPlan, local_resources, size_job
 from vitcnn_store.models.factory import ModelSpec
 from vitcnn_store.store import consolidate, unit_bounds
 from vitcnn_store.store.runs import run_state
+
+if TYPE_CHECKING:
+    # jobs.plan imports torch and timm: loaded once the store's checks passed (see step 1).
+    from jobs.plan import RunTemplate, plan_extraction
+    from vitcnn_store.data import ImageSet
 
 __all__ = [
     "ExtractConfig",
@@ -45,6 +55,15 @@ __all__ = [
     "plan_extraction",
     "prepare_store",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: `from jobs.extract import plan_extraction` without importing torch up front.
+    if name == "plan_extraction":
+        from jobs.plan import plan_extraction
+
+        return plan_extraction
+    raise AttributeError(f"module 'jobs.extract' has no attribute {name!r}")
 
 
 @dataclass
@@ -138,13 +157,16 @@ class _Prepared:
     restore: bool = False  # resume a run that lost arrays: recreate them first
 
 
-def _prepare(cfg: ExtractConfig, sizing: ExecutionPlan, state: Any) -> _Prepared:
+def _prepare(cfg: ExtractConfig, sizing: ExecutionPlan, state: Any,
+             images: ImageSet) -> _Prepared:  # fmt: skip
     """Steps 2 and 3: the template and every store-side check (writes nothing).
 
     ``state`` is the run as the job found it when it began: the job writes only if
     the run is still so once it holds the lease.
     """
-    template = plan_extraction(cfg, threads=sizing.threads)
+    from jobs.plan import plan_extraction
+
+    template = plan_extraction(cfg, threads=sizing.threads, images=images)
     plan = replace(template.plan, device=sizing.device, decode_threads=sizing.decode_threads)
     template = replace(template, plan=plan)
     t = time.perf_counter()
@@ -250,7 +272,8 @@ def _as_found(model: Any) -> Iterator[None]:
 
 
 def _on_ray(cfg: ExtractConfig, sizing: ExecutionPlan, address: str | None,
-            summary: ExtractSummary, t0: float, state: Any) -> _Prepared:  # fmt: skip
+            summary: ExtractSummary, t0: float, state: Any,
+            images: ImageSet) -> _Prepared:  # fmt: skip
     import ray
 
     from jobs.ray_cluster import check_resources, connect, disconnect
@@ -261,7 +284,7 @@ def _on_ray(cfg: ExtractConfig, sizing: ExecutionPlan, address: str | None,
 
     def prepare() -> None:  # step 2-3 while Ray starts or connects
         try:
-            box["prep"] = _prepare(cfg, sizing, state)
+            box["prep"] = _prepare(cfg, sizing, state, images)
         except BaseException as e:
             box["error"] = e
 
@@ -314,18 +337,22 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     """
     t0 = time.perf_counter()
     cfg.validate()
+    # The run as this job finds it: compared again once the job holds the run's lease,
+    # so a job started before another replaced or created the run never writes.
+    state = run_state(cfg.store, cfg.run)
+    check_store(cfg)  # no torch, no model, no image yet: a refusal here costs `vitcnn ls`
+    from vitcnn_store.data import open_image_set
+
+    images = open_image_set(cfg.images, limit=cfg.limit)  # lists; decodes nothing
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
     sizing = size_job(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker, cfg.device,
                       local_resources(), address)  # fmt: skip
     summary = ExtractSummary(cfg.run, cfg.store, 0, 0, 0, 0, {}, 0.0, plan=sizing.describe())
-    # The run as this job finds it: compared again once the job holds the run's lease,
-    # so a job started before another replaced or created the run never writes.
-    state = run_state(cfg.store, cfg.run)
     with _as_found(cfg.model):
         if sizing.on_ray:
-            prep = _on_ray(cfg, sizing, address, summary, t0, state)
+            prep = _on_ray(cfg, sizing, address, summary, t0, state, images)
         else:
-            prep = _prepare(cfg, sizing, state)
+            prep = _prepare(cfg, sizing, state, images)
             if prep.units:
                 _in_process(cfg, sizing, prep, summary, t0)
     summary.n_images = len(prep.template.plan.images)

@@ -353,13 +353,20 @@ def _reductions(
     return resolved, out, attrs
 
 
-def plan_extraction(cfg: ExtractConfig, threads: int | None = None) -> RunTemplate:
-    """Get the model once and derive the run's template and the workers' plan."""
+def plan_extraction(
+    cfg: ExtractConfig, threads: int | None = None, images: ImageSet | None = None
+) -> RunTemplate:
+    """Get the model once and derive the run's template and the workers' plan.
+
+    ``images``: the image set, when the caller opened it already (the job opens it
+    before importing torch, to refuse a missing folder early).
+    """
     import torch
 
     cfg.validate()
     clock = _Clock()
-    images = open_image_set(cfg.images, limit=cfg.limit)
+    if images is None:
+        images = open_image_set(cfg.images, limit=cfg.limit)
     # A chunk longer than the set would be allocated, and stored, at its full length.
     cfg = replace(cfg, chunk_size=min(cfg.chunk_size, len(images)))
     clock.lap("image set")

@@ -1,6 +1,9 @@
 """Before the first byte: every check that can refuse a job, then the run's creation.
 
-:func:`check_run` decides what the job will do with the store — create the
+:func:`check_store` makes the checks that need only the store and the options
+(store writable, run name, lease, an existing or broken run without
+``--resume``/``--overwrite``, a format-1 run with ``--resume``) before any model
+is built or image hashed. :func:`check_run` decides what the job will do with the store — create the
 run, replace it, or resume it — refusing bad names, unwritable stores, live
 leases, mismatching or changed images and undecodable images (``--strict``)
 without writing anything. :func:`create_run_from` writes the run once the job
@@ -31,7 +34,7 @@ if TYPE_CHECKING:
     from jobs.plan import RunTemplate
 
 __all__ = [
-    "LeaseKeeper", "RunSession", "check_run", "create_run_from", "prepare_store",
+    "LeaseKeeper", "RunSession", "check_run", "check_store", "create_run_from", "prepare_store",
     "restore_run_from",
 ]  # fmt: skip
 
@@ -40,6 +43,18 @@ def _refuse_if_leased(cfg: ExtractConfig) -> None:
     # Early, for a clear refusal before the model and workers start; the lease itself is
     # taken (atomically) by RunSession.open, before anything is created or deleted.
     check_not_leased(cfg.store, cfg.run)
+
+
+def check_store(cfg: ExtractConfig) -> None:
+    """The store-side checks that need no model and no image (writes nothing).
+
+    A job runs these first, so refusing an existing run costs what ``vitcnn ls``
+    does; :func:`check_run` repeats them with the template (and compares a
+    ``--resume``'s provenance and images).
+    """
+    check_writable(cfg.store)
+    _refuse_if_leased(cfg)
+    prepare_run(cfg.store, cfg.run, None, resume=cfg.resume, overwrite=cfg.overwrite)
 
 
 def check_run(cfg: ExtractConfig, template: RunTemplate) -> bool:

@@ -11,7 +11,6 @@ ray, zarr, xarray, dask). Ray 2.60 clusters use token auth: remote clients set
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shlex
 import sys
@@ -128,6 +127,8 @@ def submit(request: SubmitRequest) -> int:
         print(f"  {verb}: ray job {verb} --address {request.address} {job_id}")
     if not request.options.wait:
         return 0
+    import asyncio  # here: the CLI imports this module to build its parser
+
     asyncio.run(_follow(client, job_id))
     status = client.get_job_status(job_id)
     print(f"job {job_id} {status.value}")

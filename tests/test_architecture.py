@@ -37,6 +37,7 @@ PACKAGE_LAYERS = {
 MODULE_LAYERS = {
     "vitcnn_store._version": "base",
     "vitcnn_store.errors": "base",
+    "vitcnn_store.defaults": "base",
     # The package root is the Python API: the store reader and the errors, and
     # ``extract`` from the jobs (imported on first use, so ``import vitcnn_store``
     # stays as light as the store).

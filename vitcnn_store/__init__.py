@@ -5,8 +5,9 @@ this process, or on a Ray cluster) into a zarr v3 store labelled for xarray,
 then compare representations offline (CKA, attention distance, localization,
 skip ratios, linear probes).
 
-``import vitcnn_store`` stays as light as the store reader: :func:`extract`
-(from :mod:`jobs.api`) is imported on first use.
+``import vitcnn_store`` imports only the errors: the store reader (numpy,
+zarr) and :func:`extract` (from :mod:`jobs.api`: torch, timm, Ray) are imported
+on first use, so that ``vitcnn --help`` and every light command start fast.
 
 Examples
 --------
@@ -18,7 +19,7 @@ Examples
 <xarray.DataArray 'activation' (image: 512, token: 197, channel: 768) ...>
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vitcnn_store._version import FORMAT_VERSION, __version__
 from vitcnn_store.errors import (
@@ -45,8 +46,11 @@ from vitcnn_store.errors import (
     UsageError,
     VitcnnError,
 )
-from vitcnn_store.store.reader import Run, Store, open_store
-from vitcnn_store.store.verify import verify_store
+
+if TYPE_CHECKING:
+    from jobs.api import extract
+    from vitcnn_store.store.reader import Run, Store, open_store
+    from vitcnn_store.store.verify import verify_store
 
 __all__ = [
     "FORMAT_VERSION",
@@ -81,10 +85,22 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # PEP 562: the extraction API (torch, timm, Ray behind it) loads on first use.
-    if name == "extract":
-        from jobs.api import extract
+#: Where each name imported on first use lives (PEP 562).
+_LAZY = {
+    "Run": "vitcnn_store.store.reader",
+    "Store": "vitcnn_store.store.reader",
+    "open_store": "vitcnn_store.store.reader",
+    "verify_store": "vitcnn_store.store.verify",
+    "extract": "jobs.api",
+}
 
-        return extract
-    raise AttributeError(f"module 'vitcnn_store' has no attribute {name!r}")
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the reader and the extraction API load on first use.
+    if name not in _LAZY:
+        raise AttributeError(f"module 'vitcnn_store' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value

@@ -28,12 +28,10 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vitcnn_store.analysis.bootstrap import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL
-from vitcnn_store.analysis.probes import DEFAULT_L2_GRID
+from vitcnn_store.defaults import DEFAULT_BOOTSTRAP, DEFAULT_L2_GRID, DEFAULT_LEVEL
 from vitcnn_store.errors import UsageError
 from vitcnn_store.options import check_options, option
-from vitcnn_store.store.grams import GRAM_DTYPES, REDUCTIONS
-from vitcnn_store.store.layout import check_name
+from vitcnn_store.store.layout import GRAM_DTYPES, REDUCTIONS, check_name
 
 __all__ = [
     "CONFIGS",

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from vitcnn_store.analysis._arrays import FloatArray
+from vitcnn_store.defaults import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL
 
 __all__ = [
     "DEFAULT_BOOTSTRAP",
@@ -38,10 +39,6 @@ __all__ = [
     "percentile_interval",
 ]
 
-#: Resamples per interval when not given.
-DEFAULT_BOOTSTRAP = 1000
-#: Coverage of an interval when not given.
-DEFAULT_LEVEL = 0.95
 _COUNT_BYTES = 32 * 2**20  # counts held at once (n_boot rows × n images, float64)
 
 

@@ -29,6 +29,7 @@ products CKA takes. Gram matrices are symmetric; the centrings rely on it.
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
@@ -103,24 +104,22 @@ class GramAccumulator:
         if p == 0 and self._gram is None:
             self._gram = np.zeros(shape)
         step = max(1, min(p, self.block_bytes // (8 * max(*shape, 1))))
-        # One float64 buffer per side reused for every full block: a cache-sized
-        # cast-then-multiply keeps the cast's memory traffic off the critical path.
-        buf_x = np.empty((shape[0], step))
-        buf_y = None if ym is None else np.empty((shape[1], step))
-        for s in range(0, p, step):
-            width = min(step, p - s)
-            bx = buf_x if width == step else np.empty((shape[0], width))
-            np.copyto(bx, xm[:, s : s + width], casting="unsafe")
-            if off is not None:
-                bx -= off[s : s + width]
-            if ym is None:
-                product = bx @ bx.T  # numpy uses a symmetric rank-k update for A @ A.T
-            else:
-                by = buf_y if width == step and buf_y is not None else np.empty((shape[1], width))
-                np.copyto(by, ym[:, s : s + width], casting="unsafe")
-                if off is not None:
-                    by -= off[s : s + width]
-                product = bx @ by.T
+        starts = list(range(0, p, step))
+        threads = min(_blas_threads(), len(starts))
+        if threads <= 1:
+            products = [_block_products(xm, ym, off, starts, step, p)]
+        else:
+            # BLAS's own threads would sit spinning while this thread casts the next
+            # block (about as long as the product): instead each of our threads casts
+            # and multiplies its share of the blocks on one BLAS thread.
+            shares = [starts[i::threads] for i in range(threads)]
+            with _single_blas(), ThreadPoolExecutor(threads) as pool:
+                products = list(pool.map(
+                    lambda share: _block_products(xm, ym, off, share, step, p), shares
+                ))  # fmt: skip
+        for product in products:
+            if product is None:
+                continue
             if self._gram is None:
                 self._gram = product
             else:
@@ -132,6 +131,57 @@ class GramAccumulator:
         if self._gram is None:
             raise ValueError("GramAccumulator.result() called before any update()")
         return self._gram
+
+
+def _block_products(
+    xm: np.ndarray, ym: np.ndarray | None, off: np.ndarray | None, starts: list[int],
+    step: int, p: int,
+) -> FloatArray | None:  # fmt: skip
+    """Sum of the float64 products of the feature blocks starting at ``starts``."""
+    n_x = xm.shape[0]
+    n_y = n_x if ym is None else ym.shape[0]
+    # One float64 buffer per side reused for every full block: a cache-sized
+    # cast-then-multiply keeps the cast's memory traffic off the critical path.
+    buf_x = np.empty((n_x, step))
+    buf_y = None if ym is None else np.empty((n_y, step))
+    total: FloatArray | None = None
+    for s in starts:
+        width = min(step, p - s)
+        bx = buf_x if width == step else np.empty((n_x, width))
+        np.copyto(bx, xm[:, s : s + width], casting="unsafe")
+        if off is not None:
+            bx -= off[s : s + width]
+        if ym is None:
+            product = bx @ bx.T  # numpy uses a symmetric rank-k update for A @ A.T
+        else:
+            by = buf_y if width == step and buf_y is not None else np.empty((n_y, width))
+            np.copyto(by, ym[:, s : s + width], casting="unsafe")
+            if off is not None:
+                by -= off[s : s + width]
+            product = bx @ by.T
+        if total is None:
+            total = product
+        else:
+            total += product
+    return total
+
+
+@functools.cache
+def _blas() -> Any:
+    """numpy's BLAS, as threadpoolctl sees it (found once: scanning libraries costs)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController().select(user_api="blas")
+
+
+def _blas_threads() -> int:
+    """Threads numpy's BLAS would use now (1 inside a caller's ``threadpool_limits(1)``,
+    as the analysis jobs' dask threads are)."""
+    return max([int(lib.num_threads) for lib in _blas().lib_controllers] or [1])
+
+
+def _single_blas() -> Any:
+    return _blas().limit(limits=1)
 
 
 def gram_linear(

@@ -35,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vitcnn_store.analysis._arrays import as_matrix, to_numpy
+from vitcnn_store.defaults import DEFAULT_L2_GRID
 
 __all__ = [
     "DEFAULT_L2_GRID",
@@ -54,7 +55,6 @@ __all__ = [
 
 #: Ridge penalties tried by cross-validation: 1e-3 … 1e5 in half decades (features
 #: are standardized, so the penalty compares with n times a feature's variance).
-DEFAULT_L2_GRID: tuple[float, ...] = tuple(float(10.0 ** (e / 2)) for e in range(-6, 11))
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]

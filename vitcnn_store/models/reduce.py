@@ -37,12 +37,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from vitcnn_store.errors import LayerPatternError, UsageError
 from vitcnn_store.store import schema
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # numpy loads where used: the CLI's parser (--reduce) needs none
+    import numpy as np
     import torch
 
 __all__ = [
@@ -164,6 +163,8 @@ def _cat_prefix(prefix: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
 
 
 def _window_centres(centres: np.ndarray, k: int) -> np.ndarray:
+    import numpy as np
+
     """Mean pixel centre of each window of ``k`` consecutive positions (last one partial)."""
     return np.array(
         [centres[i : i + k].mean() for i in range(0, len(centres), k)], dtype=np.float32
@@ -181,6 +182,8 @@ def resolve_reduction(
     CLS token, any reduction of a pooled layer, ``pool`` of a token layer with
     no patch grid).
     """
+    import numpy as np
+
     how = reduction.how
     where = f"--reduce {name}={reduction}"
     if kind not in (schema.KIND_TOKEN, schema.KIND_SPATIAL):

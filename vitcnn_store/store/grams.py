@@ -48,7 +48,15 @@ import numpy as np
 from vitcnn_store.errors import DamagedDataError
 from vitcnn_store.store.checked import damage_error
 from vitcnn_store.store.codecs import checksummed
-from vitcnn_store.store.layout import GRAMS, open_root, quiet_zarr, store_io, zarr_store
+from vitcnn_store.store.layout import (
+    GRAM_DTYPES,
+    GRAMS,
+    REDUCTIONS,
+    open_root,
+    quiet_zarr,
+    store_io,
+    zarr_store,
+)
 
 if TYPE_CHECKING:
     from vitcnn_store.store.reader import Run
@@ -68,8 +76,6 @@ __all__ = [
     "write_tile",
 ]
 
-REDUCTIONS = ("flatten", "gap", "cls")
-GRAM_DTYPES = ("float64", "float32")
 STORAGE = "tiles on and above the diagonal; lower tiles are the transpose, not stored (NaN)"
 SHIFT = (
     "gram[i, j] = (x_i - mu) . (x_j - mu), mu the mean features of the first tile's usable "

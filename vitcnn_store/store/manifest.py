@@ -13,7 +13,7 @@ them only the arrays every run has (``done``, ``image_id``) are required.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from vitcnn_store.store.layout import quiet_zarr, store_io
@@ -32,20 +32,29 @@ MANIFEST_ATTR = "vitcnn_store.manifest"
 REQUIRED = ("done", "image_id")
 
 
-def build_manifest(group: Any) -> dict[str, Any]:
-    """The manifest of a freshly created run group (every array below it)."""
-    from vitcnn_store.store.chunks import walk_arrays
+def build_manifest(group: Any, arrays: Iterable[tuple[str, Any]] | None = None) -> dict[str, Any]:
+    """The manifest of a freshly created run group (every array below it).
 
-    arrays = {
-        path: {
-            "shape": list(arr.shape),
-            "data_type": str(arr.metadata.to_dict()["data_type"]),
-            "chunks": list(arr.chunks),
-        }
-        for path, arr in walk_arrays(group)
-        if not path.startswith("_")
+    ``arrays``: the run's ``(path, array)`` pairs as the caller just made them
+    (saves listing the run again); by default every array found below ``group``.
+    """
+    if arrays is None:
+        from vitcnn_store.store.chunks import walk_arrays
+
+        arrays = walk_arrays(group)
+    made = sorted(arrays, key=lambda kv: kv[0].split("/"))  # walk_arrays' order
+    return {
+        "creation_id": uuid.uuid4().hex,
+        "arrays": {
+            path: {
+                "shape": list(arr.shape),
+                "data_type": str(arr.metadata.to_dict()["data_type"]),
+                "chunks": list(arr.chunks),
+            }
+            for path, arr in made
+            if not path.startswith("_")
+        },
     }
-    return {"creation_id": uuid.uuid4().hex, "arrays": arrays}
 
 
 def manifest_arrays(attrs: Mapping[str, Any]) -> dict[str, dict[str, Any]] | None:

@@ -179,7 +179,7 @@ def _changed_images(group: Any, image_ids: Sequence[str], hashes: Sequence[str])
 def prepare_run(
     url: str,
     name: str,
-    provenance: Mapping[str, Any],
+    provenance: Mapping[str, Any] | None,
     *,
     resume: bool,
     overwrite: bool,
@@ -193,6 +193,10 @@ def prepare_run(
     other images (content compared when ``image_sha256`` is given) or an older
     format. A broken run (interrupted creation) is recreated by either flag.
     Nothing is written here, so a refused job leaves the store unchanged.
+
+    ``provenance=None`` makes only the checks that need no model and no image (a
+    job's first look at the store, so that refusing an existing run costs what
+    ``vitcnn ls`` does); a ``--resume`` is then compared by a second call.
     """
     check_name(name)
     with store_io(url):
@@ -228,6 +232,8 @@ def prepare_run(
             f"cannot resume run {name!r}: it was written in store format {run_format(stored)}; "
             "use --overwrite to re-extract it in the current format"
         )
+    if provenance is None:
+        return False
     if image_ids is not None and image_sha256 is not None:
         _changed_images(group, image_ids, image_sha256)
     diffs = [

@@ -16,9 +16,10 @@ Examples
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # numpy loads in the functions that use it: the CLI's parser needs none
+    import numpy as np
 
 __all__ = [
     "CHANNEL",
@@ -100,9 +101,12 @@ def as_str_array(values: Any) -> np.ndarray:
 
     Examples
     --------
+    >>> import numpy as np
     >>> as_str_array(np.array(["cls", "patch"], dtype=object)).dtype.kind
     'U'
     """
+    import numpy as np
+
     return np.array([str(v) for v in np.asarray(values).tolist()], dtype=str)
 
 
@@ -114,4 +118,6 @@ def string_coord(values: Iterable[Any]) -> np.ndarray:
     >>> string_coord(["blocks.0", "blocks.1"]).dtype
     dtype('O')
     """
+    import numpy as np
+
     return np.array([str(v) for v in values], dtype=object)

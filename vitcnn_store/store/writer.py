@@ -12,9 +12,13 @@ unit overwrites the same chunk objects with the same bytes.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
+import hashlib
 import json
+import threading
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +72,8 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 INT64 = np.iinfo(np.int64)
 # Coordinate arrays are written once, at creation: big chunks (whole units each).
 _COORD_CHUNK_IMAGES = 65536
+# Groups of a run created at once (each zarr call mostly waits for its write).
+_CREATE_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -169,43 +175,69 @@ class _Layout:
     arrays: list[ArraySpec]
     image_values: dict[str, np.ndarray]
     created: list[str] = field(default_factory=list)  # paths made by populate()
+    made: list[tuple[str, Any]] = field(default_factory=list)  # (path, array) made
+    copies: _Copies = field(default_factory=lambda: _Copies())
+
+    def _made(self, group: Any, name: str, array: Any) -> None:
+        path = f"{group.path}/{name}"
+        self.created.append(path)  # list.append: safe from populate()'s threads
+        self.made.append((path, array))
 
     def coord(self, group: Any, cname: str, values: np.ndarray, dims: Sequence[str],
-              cshape: Any, restore: bool) -> None:  # fmt: skip
-        if cname in group:
+              cshape: Any, restore: bool, fresh: bool) -> None:  # fmt: skip
+        if not fresh and cname in group:
             if restore and not _readable(group[cname]):
                 group[cname][...] = values  # a damaged coordinate: its values are known
                 self.created.append(f"{group.path}/{cname}")
             return
-        write_coordinate(group, cname, values, dims, cshape)
-        self.created.append(f"{group.path}/{cname}")
+        if not fresh:
+            self._made(group, cname, write_coordinate(group, cname, values, dims, cshape))
+            return
+        self._made(group, cname, self.copies.write(group, cname, values, dims, cshape))
 
-    def image_coords(self, group: Any, restore: bool) -> None:
+    def image_coords(self, group: Any, restore: bool, fresh: bool) -> None:
         cchunk = coord_chunk(self.n, self.chunk)
         for cname, values in self.image_values.items():
-            self.coord(group, cname, values, ("image",), (cchunk,), restore)
+            self.coord(group, cname, values, ("image",), (cchunk,), restore, fresh)
 
-    def populate(self, run: Any, restore: bool = False) -> bool:
+    def populate(self, run: Any, restore: bool = False, fresh: bool = False) -> bool:
         """Create every array of ``run`` that is absent; True if a unit array was made.
 
         With ``restore``, coordinate arrays that exist but cannot be read are
-        rewritten (their values are known here).
+        rewritten (their values are known here). ``fresh``: ``run`` was just
+        created empty, so nothing is looked up before it is made. Groups are
+        made concurrently: every zarr call waits for its own small write, and a
+        run of a few dozen layers makes hundreds of arrays.
         """
+        by_group: dict[str, list[ArraySpec]] = {}
+        for spec in self.arrays:
+            by_group.setdefault(spec.group, []).append(spec)
+        run_specs = by_group.pop("", [])
+        with ThreadPoolExecutor(_CREATE_THREADS, thread_name_prefix="vitcnn-create") as pool:
+            futures = [pool.submit(self._run_arrays, run, run_specs, restore, fresh)]
+            futures += [pool.submit(self._layer, run, name, specs, restore, fresh)
+                        for name, specs in by_group.items()]  # fmt: skip
+            made = [f.result() for f in futures]  # every one, so that the first error raises
+        return any(made)
+
+    def _run_arrays(self, run: Any, specs: list[ArraySpec], restore: bool, fresh: bool) -> bool:
+        """The run's own arrays: image coordinates, unit flags, failures, the input."""
         n, chunk = self.n, self.chunk
         image_attrs = {"coordinates": "image_id label image_sha256"}
         unit_made = False
-        self.image_coords(run, restore)
-        if "done" not in run:
-            run.create_array(
+        self.image_coords(run, restore, fresh)
+        if fresh or "done" not in run:
+            done = run.create_array(
                 "done", shape=(len(unit_bounds(n, chunk)),), chunks=(1,), dtype=bool,
                 fill_value=False, dimension_names=["unit"], compressors=checksummed("none"),
                 attributes={"long_name": "unit fully written (all arrays)"},
             )  # fmt: skip
+            self.made.append((f"{run.path}/done", done))
             unit_made = True
-        if RECORD not in run:
+        if fresh or RECORD not in run:
             # Per unit: stored bytes and a fingerprint of its chunks (store/index.py). Not a
             # "unit array": a resumed older run gains it without rewriting its units.
-            run.create_array(
+            record = run.create_array(
                 RECORD, shape=(len(unit_bounds(n, chunk)), len(RECORD_FIELDS)),
                 chunks=(1, len(RECORD_FIELDS)), dtype="int64", fill_value=0,
                 dimension_names=["unit", "unit_field"], compressors=checksummed("none"),
@@ -213,47 +245,137 @@ class _Layout:
                             "fingerprint of their lengths and crc32c (0: not recorded)",
                             "fields": list(RECORD_FIELDS)},
             )  # fmt: skip
+            self.made.append((f"{run.path}/{RECORD}", record))
         for key, kind, fill in (("failed", bool, False), ("failure", str, "")):
-            if key not in run:
-                run.create_array(
+            if fresh or key not in run:
+                arr = run.create_array(
                     key, shape=(n,), chunks=(chunk,), dtype=kind, fill_value=fill,
                     dimension_names=["image"], attributes=image_attrs,
                     compressors=checksummed("zstd"),
                 )  # fmt: skip
+                self.made.append((f"{run.path}/{key}", arr))
                 unit_made = True
-        for spec in self.arrays:
-            group = run.require_group(spec.group) if spec.group else run
-            if spec.group:
-                group.attrs.update(_json_safe(spec.attrs))
-                self.image_coords(group, restore)
-            own = []
-            for cname, (cdims, values) in spec.coords.items():
-                if cname not in cdims:
-                    own.append(cname)  # dimension coordinates need no `coordinates` entry
-                self.coord(group, cname, values, cdims, values.shape, restore)
-            if spec.name in group:
-                continue
-            group.create_array(
-                spec.name,
-                shape=(n, *spec.shape),
-                chunks=(chunk, *spec.shape),
-                dtype=self.dtype,
-                fill_value=np.nan,
-                compressors=checksummed(self.compression),
-                dimension_names=["image", *spec.dims],
-                attributes={"coordinates": " ".join([*own, *IMAGE_COORDS[1:]])},
-            )
-            self.created.append(spec.key)
-            unit_made = True
+        for spec in specs:
+            unit_made |= self._array(run, spec, restore, fresh)
         return unit_made
+
+    def _layer(self, run: Any, name: str, specs: list[ArraySpec], restore: bool,
+               fresh: bool) -> bool:  # fmt: skip
+        """One layer's group: its attributes (one write), coordinates and arrays."""
+        attrs: dict[str, Any] = {}
+        for spec in specs:
+            attrs.update(_json_safe(spec.attrs))
+        if fresh:
+            group = run.create_group(name, attributes=attrs)
+        else:
+            group = run.require_group(name)
+            group.update_attributes(attrs)
+        self.image_coords(group, restore, fresh)
+        unit_made = False
+        for spec in specs:
+            unit_made |= self._array(group, spec, restore, fresh)
+        return unit_made
+
+    def _array(self, group: Any, spec: ArraySpec, restore: bool, fresh: bool) -> bool:
+        own = []
+        for cname, (cdims, values) in spec.coords.items():
+            if cname not in cdims:
+                own.append(cname)  # dimension coordinates need no `coordinates` entry
+            self.coord(group, cname, values, cdims, values.shape, restore, fresh)
+        if not fresh and spec.name in group:
+            return False
+        arr = group.create_array(
+            spec.name,
+            shape=(self.n, *spec.shape),
+            chunks=(self.chunk, *spec.shape),
+            dtype=self.dtype,
+            fill_value=np.nan,
+            compressors=checksummed(self.compression),
+            dimension_names=["image", *spec.dims],
+            attributes={"coordinates": " ".join([*own, *IMAGE_COORDS[1:]])},
+        )
+        self.created.append(spec.key)
+        self.made.append((f"{group.path}/{spec.name}", arr))
+        return True
+
+
+class _Copies:
+    """Coordinate arrays of a new run, written once per content and copied after that.
+
+    Every layer group holds the same image coordinates, and layers of one shape
+    the same token or pixel coordinates: the first such array is made by zarr,
+    its objects (metadata document and chunks, a few small files) are kept, and
+    every identical one is those bytes written under its own path, all at once —
+    the same objects zarr would have written, at a fraction of the calls.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sources: dict[tuple[Any, ...], Future[tuple[Any, dict[str, Any]]]] = {}
+
+    def write(self, group: Any, cname: str, values: np.ndarray, dims: Sequence[str],
+              chunks: Sequence[int]) -> Any:  # fmt: skip
+        """Create ``group/cname`` holding ``values``; returns an array with its metadata."""
+        content = np.asarray(values, dtype=str) if values.dtype.kind in "OUT" else values
+        key = (cname, tuple(dims), tuple(chunks), values.dtype.str, values.shape,
+               hashlib.sha256(np.ascontiguousarray(content).tobytes()).hexdigest())  # fmt: skip
+        with self._lock:
+            source = self._sources.get(key)
+            first = source is None
+            if first:
+                source = self._sources[key] = Future()
+        assert source is not None
+        if first:
+            try:
+                arr = write_coordinate(group, cname, values, dims, chunks)
+                source.set_result((arr, _objects(arr)))
+            except BaseException as e:
+                source.set_exception(e)
+                raise
+            return arr
+        arr, objects = source.result()
+        _put_objects(group.store_path.store, f"{_path_of(group)}{cname}", objects)
+        return arr
+
+
+def _path_of(group: Any) -> str:
+    path = str(group.store_path.path)
+    return f"{path}/" if path else ""
+
+
+def _objects(array: Any) -> dict[str, Any]:
+    """Every stored object of ``array``: ``{key relative to it: bytes buffer}``."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    store, prefix = array.store_path.store, f"{array.store_path.path}/"
+
+    async def read() -> dict[str, Any]:
+        keys = [k async for k in store.list_prefix(prefix)]
+        values = await asyncio.gather(
+            *(store.get(k, prototype=default_buffer_prototype()) for k in keys)
+        )
+        return {k[len(prefix) :]: v for k, v in zip(keys, values, strict=True)}
+
+    return sync(read())
+
+
+def _put_objects(store: Any, path: str, objects: Mapping[str, Any]) -> None:
+    """Write ``objects`` (from :func:`_objects`) under ``path``, all at once."""
+    from zarr.core.sync import sync
+
+    async def write() -> None:
+        await asyncio.gather(*(store.set(f"{path}/{k}", v) for k, v in objects.items()))
+
+    sync(write())
 
 
 _FILLS: dict[str, Any] = {"image": -1, "label": LABEL_FILL, "image_id": "", "image_sha256": ""}
 
 
 def write_coordinate(group: Any, cname: str, values: np.ndarray, dims: Sequence[str],
-                     chunks: Sequence[int]) -> None:  # fmt: skip
-    """Create coordinate array ``cname`` of ``group`` holding ``values``."""
+                     chunks: Sequence[int]) -> Any:  # fmt: skip
+    """Create coordinate array ``cname`` of ``group`` holding ``values``; returns it."""
     is_str = values.dtype.kind in "OUT"
     default: Any = "" if is_str else np.nan if values.dtype.kind == "f" else -1
     arr = group.create_array(
@@ -262,6 +384,7 @@ def write_coordinate(group: Any, cname: str, values: np.ndarray, dims: Sequence[
         fill_value=_FILLS.get(cname, default),
     )  # fmt: skip
     arr[...] = values
+    return arr
 
 
 def _readable(array: Any) -> bool:
@@ -290,7 +413,9 @@ def create_run(
     ``image_sha256`` is each image's content hash (``""`` when unknown). The
     manifest of the run's arrays and the creation marker are written last, in
     one metadata write; callers decide beforehand (holding the run's lease)
-    whether an old run may be replaced.
+    whether an old run may be replaced. The store's consolidated metadata is
+    retaken only when an old run was replaced (its snapshot would describe arrays
+    that are gone); a new run joins it when its job consolidates at the end.
     """
     import zarr
 
@@ -304,12 +429,13 @@ def create_run(
         register_run(url, name)  # before the group: an interrupted creation is listed, broken
         if name in root:
             del root[name]
-        run = root.create_group(name)
-        run.attrs.update(_json_safe({**attrs, "format": FORMAT_VERSION, "created_at": _now()}))
-        layout.populate(run)
+        provenance = _json_safe({**attrs, "format": FORMAT_VERSION, "created_at": _now()})
+        run = root.create_group(name, attributes=provenance)  # one metadata write
+        layout.populate(run, fresh=True)
+        made = [(path.removeprefix(f"{run.path}/"), arr) for path, arr in layout.made]
         # Last: every array exists, so readers may now trust the run.
-        run.attrs.update({MANIFEST_ATTR: build_manifest(run), CREATED_ATTR: True})
-    consolidate(url, name)
+        run.update_attributes({MANIFEST_ATTR: build_manifest(run, made), CREATED_ATTR: True})
+    consolidate(url, name)  # the run's own zarr.json names what it holds (no listing)
 
 
 def restore_run(

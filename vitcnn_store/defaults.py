@@ -1,0 +1,17 @@
+"""Defaults shared by the analysis kernels and the options that expose them.
+
+Plain Python values in a module that imports nothing, so that building the
+CLI's parser (``vitcnn --help``) imports no array library.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DEFAULT_BOOTSTRAP", "DEFAULT_L2_GRID", "DEFAULT_LEVEL"]
+
+#: Bootstrap resamples per interval when not given (``--bootstrap``).
+DEFAULT_BOOTSTRAP = 1000
+#: Coverage of a bootstrap interval when not given (``--ci-level``).
+DEFAULT_LEVEL = 0.95
+
+#: Ridge penalties tried by cross-validation (``--l2-grid``): 1e-3 to 1e5 in half decades.
+DEFAULT_L2_GRID: tuple[float, ...] = tuple(float(10.0 ** (e / 2)) for e in range(-6, 11))
