@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -36,7 +38,7 @@ def test_kernel_merge_equals_one_sort_whatever_the_chunking() -> None:
     for bounds in ([0, 37], [0, 8, 16, 24, 32, 37], [0, 3, 30, 37]):
         parts = [
             chunk_top_k(x[a:b], np.arange(a, b), positions, 7)
-            for a, b in zip(bounds, bounds[1:], strict=False)
+            for a, b in itertools.pairwise(bounds)
         ]
         top = parts[0]
         for p in parts[1:]:
@@ -63,7 +65,7 @@ def test_job_equals_numpy_reference_on_every_layer(synth: str) -> None:  # noqa:
     assert ds["layer"].values.tolist() == run.layers and ds.attrs["k"] == 5
     for j, layer in enumerate(run.layers):
         x = run[layer]
-        positions, ys, xs = scored_positions(x)
+        positions, ys, _ = scored_positions(x)
         values = x.values[usable].reshape(usable.size, -1, x.shape[-1])
         value, image, where = reference(values, usable, positions, 5)
         c = x.shape[-1]
@@ -88,11 +90,12 @@ def test_spatial_layers_and_reuse(synth: str) -> None:  # noqa: F811
     run = open_store(synth)["resnet"]
     layer = run.layers[-1]
     x = run[layer]
-    positions, ys, xs = scored_positions(x)
+    positions, _, xs = scored_positions(x)
     assert positions.size == x.shape[1] * x.shape[2]
     j = first.dataset["layer"].values.tolist().index(layer)
     values = x.values.reshape(x.shape[0], -1, x.shape[-1])
     value, image, where = reference(values, np.arange(x.shape[0]), positions, 3)
+    np.testing.assert_array_equal(first.dataset["value"].values[j, : x.shape[-1]].T, value)
     np.testing.assert_array_equal(first.dataset["image"].values[j, : x.shape[-1]].T, image)
     np.testing.assert_array_equal(first.dataset["position_x"].values[j, : x.shape[-1]].T, xs[where])
     assert run_top_images(cfg).reused

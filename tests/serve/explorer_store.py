@@ -39,11 +39,18 @@ def build_explorer_store(store: str | Path, images: int = 24) -> str:
     for run, model in models.items():
         extract(
             ExtractConfig(
-                model=model, store=store, run=run, images="builtin:faces", limit=images,
-                chunk_size=8, layers="preset:paper", attention=run == "vit", inputs=True,
+                model=model,
+                store=store,
+                run=run,
+                images="builtin:faces",
+                limit=images,
+                chunk_size=8,
+                layers="preset:paper",
+                attention=run == "vit",
+                inputs=True,
                 progress=False,
             )
-        )  # fmt: skip
+        )
     common = {"store": store, "progress": False, "threads": 2}
     for run in models:
         run_top_images(TopImagesConfig(run=run, k=6, **common))

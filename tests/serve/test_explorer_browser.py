@@ -40,15 +40,26 @@ _PICTURES = """() => Array.from(document.images).map(img => {
 def kind(path: str) -> str:
     """A page's type: its path with names and numbers replaced (``/runs/*/layers/*``)."""
     parts = path.strip("/").split("/")
-    return "/" + "/".join(p if i % 2 == 0 else "*" for i, p in enumerate(parts)) if path != "/" else "/"
+    return (
+        "/" + "/".join(p if i % 2 == 0 else "*" for i, p in enumerate(parts))
+        if path != "/"
+        else "/"
+    )
 
 
 def _browser(p: Any) -> Any:
     return p.chromium.launch(
         executable_path=CHROMIUM,
-        args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-    )  # fmt: skip
+        args=[
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ],
+    )
 
 
 def test_crawl_every_page_kind(explorer_server: ThreadServer, tmp_path: Path) -> None:
@@ -66,9 +77,14 @@ def test_crawl_every_page_kind(explorer_server: ThreadServer, tmp_path: Path) ->
     with sync_playwright() as p:
         browser = _browser(p)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
+        page.on(
+            "console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None
+        )
         page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
-        page.on("response", lambda r: errors.append(f"HTTP {r.status} {r.url}") if r.status >= 400 else None)  # fmt: skip
+        page.on(
+            "response",
+            lambda r: errors.append(f"HTTP {r.status} {r.url}") if r.status >= 400 else None,
+        )
         while frontier and len(visited) < MAX_PAGES:
             # The least-visited kind of page first: every kind is reached within the bound.
             frontier.sort(key=lambda u: seen_kinds[kind(urlsplit(u).path)])
@@ -85,7 +101,9 @@ def test_crawl_every_page_kind(explorer_server: ThreadServer, tmp_path: Path) ->
             for src, loaded, spread in page.evaluate(_PICTURES):
                 assert loaded, f"{path}: picture {src} did not load"
                 assert spread > 30, f"{path}: picture {src} is blank (spread {spread})"
-            for href in page.eval_on_selector_all("a[href]", "els => els.map(e => e.getAttribute('href'))"):
+            for href in page.eval_on_selector_all(
+                "a[href]", "els => els.map(e => e.getAttribute('href'))"
+            ):
                 if href.startswith(("/api/", "/docs", "/zarr", "/png/", "/static/", "http")):
                     continue
                 if href not in queued:
@@ -93,8 +111,14 @@ def test_crawl_every_page_kind(explorer_server: ThreadServer, tmp_path: Path) ->
                     frontier.append(href)
         browser.close()
     assert errors == []
-    expected = {"/", "/runs/*", "/runs/*/layers/*", "/runs/*/layers/*/channels/*",
-                "/runs/*/images/*", "/runs/*/analyses/*"}  # fmt: skip
+    expected = {
+        "/",
+        "/runs/*",
+        "/runs/*/layers/*",
+        "/runs/*/layers/*/channels/*",
+        "/runs/*/images/*",
+        "/runs/*/analyses/*",
+    }
     assert expected <= set(seen_kinds), seen_kinds
     assert len(visited) == MAX_PAGES or not frontier
 

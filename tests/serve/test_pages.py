@@ -23,18 +23,20 @@ PAGES = [
     ("/runs/vit/layers/blocks.1/channels/5", ["mean", "c=5", "faces/"]),
     ("/runs/resnet/layers/layer2.0/channels/0", ["layer=layer2.0"]),
     ("/runs/vit/images/3", ["Attention", "head 2", "CLS map", "same image in", "Localization"]),
-    ("/runs/vit/images/3?layer=blocks.0.attn&q=cls", ["query: <b id=\"query-name\">CLS"]),
+    ("/runs/vit/images/3?layer=blocks.0.attn&q=cls", ['query: <b id="query-name">CLS']),
     ("/runs/resnet/images/0", ["No stored attention", "Localization"]),
     ("/runs/vit/analyses/cka", ["Hover a cell", "Random-init"]),
     ("/runs/resnet/analyses/cka", ["Caveats", "bitwise-identical"]),
-    ("/runs/vit/analyses/cka__resnet?a=blocks.0&b=layer2.1", ["CKA(vit/blocks.0, resnet/layer2.1)",
-                                                            "/runs/resnet/layers/layer2.1"]),
+    (
+        "/runs/vit/analyses/cka__resnet?a=blocks.0&b=layer2.1",
+        ["CKA(vit/blocks.0, resnet/layer2.1)", "/runs/resnet/layers/layer2.1"],
+    ),
     ("/runs/vit/analyses/attention", ["uniform attention", "CLS key", "cls_attention"]),
     ("/runs/vit/analyses/probe", ["chance", "accuracy", "Paper:"]),
     ("/runs/resnet/analyses/skip", ["equal norms", "dead", "zero_init_last"]),
     ("/runs/vit/analyses/localization", ["target token", "var=localization"]),
     ("/runs/vit/analyses/top_images", ["maximum over positions"]),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("path", "expected"), PAGES)
@@ -163,9 +165,11 @@ def test_browser_token_sets_a_strict_httponly_cookie(token_explorer: ThreadServe
     # The header keeps working; the redirect never points to another host.
     assert _raw(token_explorer, "/", {"Authorization": f"Bearer {TOKEN}"})[0] == 200
     status, headers, _ = _raw(token_explorer, "//evil.example/x?token=" + TOKEN)
-    assert status == 303 and headers["location"].startswith("/") and not headers[
-        "location"
-    ].startswith("//")
+    assert (
+        status == 303
+        and headers["location"].startswith("/")
+        and not headers["location"].startswith("//")
+    )
     # A POST cannot trade ?token= for a cookie.
     conn = http.client.HTTPConnection("127.0.0.1", token_explorer.config.port, timeout=30)
     conn.request("POST", "/api/jobs?token=" + TOKEN, body=b"{}")

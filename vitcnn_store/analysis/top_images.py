@@ -115,4 +115,3 @@ def merge_top_k(a: TopK, b: TopK, k: int) -> TopK:
         total_sq=a.total_sq + b.total_sq,
         count=a.count + b.count,
     )
-

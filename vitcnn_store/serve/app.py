@@ -95,10 +95,10 @@ class TokenMiddleware:
             await self.app(scope, receive, send)
             return
         query = _query_token(scope)
-        if query is not None and scope.get("method") in ("GET", "HEAD"):
-            if hmac.compare_digest(query[0], self.token):
-                await _set_cookie_and_redirect(send, scope, query[1], self.token)
-                return
+        get = scope.get("method") in ("GET", "HEAD")
+        if query is not None and get and hmac.compare_digest(query[0], self.token):
+            await _set_cookie_and_redirect(send, scope, query[1], self.token)
+            return
         why = "missing" if not (given or cookie or query) else "wrong"
         await _send_json(
             send,

@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse
 
 from vitcnn_store.serve.errors import ApiError
 from vitcnn_store.serve.pages import data
-from vitcnn_store.serve.pages.html import esc, link, page, table, url
+from vitcnn_store.serve.pages.html import esc, link, page, qs, table, url
 from vitcnn_store.serve.pages.svg import PALETTE, Series, chart
 from vitcnn_store.serve.pages.views import html_response
 
@@ -33,8 +33,14 @@ _FINDINGS_FOR = {
 
 
 # The variable a result's CSV link tabulates.
-_MAIN_VARIABLE = {"cka": "cka", "attention": "mean_distance", "probe": "accuracy",
-                  "skip": "ratio_spatial", "localization": "localization", "top-images": "value"}  # fmt: skip
+_MAIN_VARIABLE = {
+    "cka": "cka",
+    "attention": "mean_distance",
+    "probe": "accuracy",
+    "skip": "ratio_spatial",
+    "localization": "localization",
+    "top-images": "value",
+}
 
 
 def _names(values: Any) -> list[str]:
@@ -62,8 +68,12 @@ def _caveats(request: Request, ds: Any, kind: str) -> str:
             random.append(name)
         if kinds:
             key = (run.store.url, name, data.run_version(run))
-            results = [data.analysis(run, n) for n in run.analyses if n.startswith(("cka", "skip"))]
-            found = _findings.get(key, lambda run=run, results=results: run_findings(run, results))
+
+            def find(run: Any = run) -> Any:
+                names = [n for n in data.analyses(run) if n.startswith(("cka", "skip"))]
+                return run_findings(run, [data.analysis(run, n) for n in names])
+
+            found = _findings.get(key, find)
             for f in found:
                 if f.kind in kinds:
                     cause = f" <i>{esc(f.cause)}</i>" if f.cause else ""
@@ -107,8 +117,10 @@ def _cka(request: Request, run: str, name: str, ds: Any, a: str | None, b: str |
         if a not in rows or b not in cols:
             raise ApiError(404, f"no cell a={a!r}, b={b!r} in {name!r}")
         i, j = rows.index(a), cols.index(b)
-        mark = (f'<span class="cellmark" style="top:{i * cell}px;left:{j * cell}px;'
-                f'width:{cell}px;height:{cell}px"></span>')  # fmt: skip
+        mark = (
+            f'<span class="cellmark" style="top:{i * cell}px;left:{j * cell}px;'
+            f'width:{cell}px;height:{cell}px"></span>'
+        )
         nv = f"; permutation null {null[i, j]:.3f}" if null is not None else ""
         panel = (
             f'<div class="pair"><b>CKA({esc(run_a)}/{esc(a)}, {esc(run_b)}/{esc(b)}) = '
@@ -117,10 +129,15 @@ def _cka(request: Request, run: str, name: str, ds: Any, a: str | None, b: str |
             f"{link(url('runs', run_b, 'layers', b), f'{run_b} / {b}')}</div>"
         )
     payload = {
-        "rows": rows, "cols": cols, "values": _plain(values), "cell": cell,
+        "rows": rows,
+        "cols": cols,
+        "values": _plain(values),
+        "cell": cell,
         "null": _plain(null) if null is not None else None,
-        "href": url("runs", run, "analyses", name), "runA": run_a, "runB": run_b,
-    }  # fmt: skip
+        "href": url("runs", run, "analyses", name),
+        "runA": run_a,
+        "runB": run_b,
+    }
     request.state.page_data = payload
     return (
         f'<p class="meta">rows: {esc(run_a)} ({len(rows)} layers) · columns: {esc(run_b)} '
@@ -145,22 +162,29 @@ def _attention(run: str, name: str, ds: Any) -> str:
     dist = np.asarray(ds["mean_distance"].values, dtype=float)
     heads = dist.shape[1]
     series = [
-        Series(f"head {h}" if heads <= 6 else ("heads" if h == 0 else ""), x, dist[:, h],
-               "dots", PALETTE[h % len(PALETTE)] if heads <= 6 else PALETTE[0],
-               [f"{layers[j]} head {h}: {dist[j, h]:.1f} px" for j in range(len(layers))])
+        Series(
+            f"head {h}" if heads <= 6 else ("heads" if h == 0 else ""),
+            x,
+            dist[:, h],
+            "dots",
+            PALETTE[h % len(PALETTE)] if heads <= 6 else PALETTE[0],
+            [f"{layers[j]} head {h}: {dist[j, h]:.1f} px" for j in range(len(layers))],
+        )
         for h in range(heads)
-    ]  # fmt: skip
+    ]
     series.append(Series("mean over heads", x, np.nanmean(dist, axis=1), "line", "#222222"))
-    series.append(
-        Series("uniform attention", x, ds["uniform_distance"].values, "dash", "#888888")
-    )
+    series.append(Series("uniform attention", x, ds["uniform_distance"].values, "dash", "#888888"))
     body = chart(series, xlabel=xlabel, ylabel="mean attention distance (px)")
     ent = np.asarray(ds["entropy"].values, dtype=float)
     body += chart(
-        [Series("mean over heads", x, np.nanmean(ent, axis=1), "line", "#222222"),
-         Series("uniform attention", x, ds["uniform_entropy"].values, "dash", "#888888")],
-        xlabel=xlabel, ylabel="attention entropy (nats)", height=240,
-    )  # fmt: skip
+        [
+            Series("mean over heads", x, np.nanmean(ent, axis=1), "line", "#222222"),
+            Series("uniform attention", x, ds["uniform_entropy"].values, "dash", "#888888"),
+        ],
+        xlabel=xlabel,
+        ylabel="attention entropy (nats)",
+        height=240,
+    )
     notes = [ds.attrs.get(k) for k in ("baseline", "cls_key", "grid") if ds.attrs.get(k)]
     body = "".join(f'<p class="meta">{esc(n)}</p>' for n in notes) + body
     if "cls_key_mass" in ds:
@@ -172,9 +196,11 @@ def _attention(run: str, name: str, ds: Any) -> str:
     if "cls_attention" in ds:
         rows = []
         for j in range(len(layers)):
+            base = url("png", "runs", run, "analyses", name, "grid")
             maps = "".join(
-                f'<img class="photo" src="{esc(url("png", "runs", run, "analyses", name, "grid", var="cls_attention", at=f"{j},{h}", size=72))}" '
-                f'width="72" height="72" alt="CLS map {layers[j]} head {h}" title="head {h}">'
+                f'<img class="photo" src="{esc(base + qs(var="cls_attention", at=f"{j},{h}"))}'
+                f'&amp;size=72" width="72" height="72" alt="CLS map {layers[j]} head {h}" '
+                f'title="head {h}">'
                 for h in range(heads)
             )
             rows.append([esc(layers[j]), f'<div class="strip">{maps}</div>'])
@@ -198,8 +224,10 @@ def _probe(run: str, ds: Any) -> str:
         for k in ("protocol", "l2_selection", "features_used", "chance")
         if k in ds.attrs
     )
-    rows = [[link(url("runs", run, "layers", n), n), esc(f), f"{v:.3f}"]
-            for n, f, v in zip(layers, feats, acc, strict=True)]  # fmt: skip
+    rows = [
+        [link(url("runs", run, "layers", n), n), esc(f), f"{v:.3f}"]
+        for n, f, v in zip(layers, feats, acc, strict=True)
+    ]
     return body + table(["layer", "feature", "accuracy"], rows)
 
 
@@ -247,17 +275,20 @@ def _localization(run: str, name: str, ds: Any) -> str:
 def _top_images(run: str, ds: Any) -> str:
     rows = [
         [link(url("runs", run, "layers", n), n), esc(k), str(int(c))]
-        for n, k, c in zip(_names(ds["layer"].values), _names(ds["kind"].values),
-                           ds["n_channels"].values, strict=True)
-    ]  # fmt: skip
+        for n, k, c in zip(
+            _names(ds["layer"].values),
+            _names(ds["kind"].values),
+            ds["n_channels"].values,
+            strict=True,
+        )
+    ]
     return f'<p class="meta">{esc(ds.attrs.get("statistic", ""))}</p>' + table(
         ["layer", "kind", "channels"], rows
     )
 
 
 def _generic(run: str, name: str, ds: Any) -> str:
-    rows = [[esc(v), esc(" × ".join(map(str, ds[v].dims))), esc(ds[v].shape)]
-            for v in ds.data_vars]  # fmt: skip
+    rows = [[esc(v), esc(" × ".join(map(str, ds[v].dims))), esc(ds[v].shape)] for v in ds.data_vars]
     return table(["variable", "dims", "shape"], rows)
 
 
@@ -291,12 +322,11 @@ def analysis_page(
     main = _MAIN_VARIABLE.get(kind)
     csv = link(raw + f"?format=csv&var={main}", f"{main}.csv") + " · " if main in ds else ""
     body = (
-        _protocol(ds, kind) + _caveats(request, ds, kind) + body
+        _protocol(ds, kind)
+        + _caveats(request, ds, kind)
+        + body
         + f'<p class="meta">data: {link(raw, "JSON")} · {csv}'
-        f'{link(raw + "?format=netcdf", "netCDF")}</p>'
-    )  # fmt: skip
-    crumbs = [("/", "runs"), (url("runs", run), run),
-              (url("runs", run, "analyses", name), name)]  # fmt: skip
-    return html_response(
-        page(f"{run} / {name} ({kind})", crumbs, body, request.state.page_data)
+        f"{link(raw + '?format=netcdf', 'netCDF')}</p>"
     )
+    crumbs = [("/", "runs"), (url("runs", run), run), (url("runs", run, "analyses", name), name)]
+    return html_response(page(f"{run} / {name} ({kind})", crumbs, body, request.state.page_data))

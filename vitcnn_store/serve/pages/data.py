@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vitcnn_store.errors import VitcnnError
-from vitcnn_store.serve.api_routes import _cached, _run
+from vitcnn_store.serve.api_routes import _run
 from vitcnn_store.serve.errors import ApiError
 from vitcnn_store.store import schema
 
@@ -33,13 +34,17 @@ if TYPE_CHECKING:
 __all__ = [
     "LRU",
     "Grid",
+    "analyses",
     "analysis",
+    "attention",
     "attention_map",
     "channel_map",
     "find_top_images",
     "image_pixels",
+    "layer",
     "layer_grid",
     "open_run",
+    "recent",
     "run_version",
 ]
 
@@ -66,30 +71,66 @@ class LRU:
 
 
 _pixels = LRU(256)
+#: Seconds the explorer reuses an opened run, its layers and results: pages that follow
+#: each other read nothing twice, and a new unit or result shows within this time.
+TTL = 10.0
+_recent: dict[Any, tuple[float, Any]] = {}
+_recent_lock = threading.Lock()
+
+
+def recent(key: Any, make: Callable[[], Any]) -> Any:
+    """``make()``, reused for :data:`TTL` seconds under ``key``."""
+    now = time.monotonic()
+    with _recent_lock:
+        hit = _recent.get(key)
+    if hit is not None and now - hit[0] < TTL:
+        return hit[1]
+    value = make()
+    with _recent_lock:
+        if len(_recent) > 1024:  # many runs and layers: start afresh
+            _recent.clear()
+        _recent[key] = (now, value)
+    return value
 
 
 def open_run(request: Request, name: str) -> Run:
-    """Run ``name`` (404 when absent)."""
-    return _run(request, name)
+    """Run ``name`` (404 when absent), reused for :data:`TTL` seconds."""
+    store = request.app.state.config.store
+    return recent((store, name), lambda: _run(request, name))
+
+
+def analyses(run: Run) -> list[str]:
+    """Names of the run's complete results (listing them reads every result's marker)."""
+    return recent((run.store.url, run.name, "analyses"), lambda: run.analyses)
+
+
+def layer(run: Run, name: str) -> xr.DataArray:
+    """The lazy activation of layer ``name`` (its coordinates read once per :data:`TTL`)."""
+    return recent((run.store.url, run.name, name, "activation"), lambda: run[name])
+
+
+def attention(run: Run, name: str) -> xr.DataArray:
+    """The lazy attention of layer ``name``."""
+    return recent((run.store.url, run.name, name, "attention"), lambda: run.attention(name))
 
 
 def run_version(run: Run) -> str:
     """Changes when the run is re-extracted, resumed or gets a new result."""
     done = int(run.done.sum())
-    return f"{run.attrs.get('created_at')}|{done}|{','.join(run.analyses)}"
+    return f"{run.attrs.get('created_at')}|{done}|{','.join(analyses(run))}"
 
 
 def analysis(run: Run, name: str) -> xr.Dataset:
-    """Result ``name`` of ``run`` (404 when absent), reused for a few seconds."""
-    if name not in run.analyses:
+    """Result ``name`` of ``run`` (404 when absent), reused for :data:`TTL` seconds."""
+    if name not in analyses(run):
         raise ApiError(404, f"no analysis {name!r} in run {run.name!r}")
-    return _cached((run.store.url, run.name, "analysis", name), lambda: run.analysis(name))
+    return recent((run.store.url, run.name, "analysis", name), lambda: run.analysis(name))
 
 
 def find_top_images(run: Run) -> tuple[str, xr.Dataset] | None:
     """The run's top-images result (name ``top_images``, or any whose name starts with top)."""
-    names = [n for n in run.analyses if n == "top_images"]
-    names += [n for n in run.analyses if n.startswith("top") and n != "top_images"]
+    names = [n for n in analyses(run) if n == "top_images"]
+    names += [n for n in analyses(run) if n.startswith("top") and n != "top_images"]
     for name in names:
         ds = analysis(run, name)
         if ds.attrs.get("analysis") == "top-images":
@@ -107,7 +148,7 @@ def image_pixels(run: Run, i: int) -> tuple[np.ndarray, str]:
     """Image ``i`` as uint8 (y, x, rgb) in the model's input geometry, and where it came from."""
     check_image(run, i)
     key = (run.store.url, run.name, run_version(run), i)
-    return _pixels.get(key, lambda: _load_pixels(run, i))  # type: ignore[no-any-return]
+    return _pixels.get(key, lambda: _load_pixels(run, i))
 
 
 def _load_pixels(run: Run, i: int) -> tuple[np.ndarray, str]:
@@ -186,31 +227,31 @@ def layer_grid(x: xr.DataArray, prefix: str = "token") -> Grid | None:
     return None
 
 
-def channel_map(run: Run, layer: str, i: int, channel: int) -> np.ndarray:
-    """Channel ``channel`` of ``layer`` on image ``i`` over the layer's grid (rows, cols)."""
-    x = run[layer]
+def channel_map(run: Run, name: str, i: int, channel: int) -> np.ndarray:
+    """Channel ``channel`` of layer ``name`` on image ``i`` over its grid (rows, cols)."""
+    x = layer(run, name)
     grid = layer_grid(x)
     if grid is None:
-        raise ApiError(400, f"layer {layer!r} is pooled: it has no positions to map")
+        raise ApiError(400, f"layer {name!r} is pooled: it has no positions to map")
     if not 0 <= channel < x.shape[-1]:
-        raise ApiError(404, f"no channel {channel} in {layer!r} (0..{x.shape[-1] - 1})")
+        raise ApiError(404, f"no channel {channel} in {name!r} (0..{x.shape[-1] - 1})")
     check_image(run, i)
     values = np.asarray(x.data[i, ..., channel].compute(scheduler="synchronous"), dtype=float)
     return values.reshape(-1)[grid.index]
 
 
-def attention_map(run: Run, layer: str, i: int, head: int | None, query: int) -> np.ndarray:
-    """Attention of ``query`` to every patch key of ``layer`` on image ``i`` (rows, cols);
-    ``head`` None averages the heads."""
-    a = run.attention(layer)
+def attention_map(run: Run, name: str, i: int, head: int | None, query: int) -> np.ndarray:
+    """Attention of ``query`` to every patch key of layer ``name`` on image ``i`` (rows,
+    cols); ``head`` None averages the heads."""
+    a = attention(run, name)
     grid = layer_grid(a, "key")
     if grid is None:
-        raise ApiError(400, f"attention of {layer!r} has no key positions")
+        raise ApiError(400, f"attention of {name!r} has no key positions")
     check_image(run, i)
     if not 0 <= query < a.sizes["query"]:
         raise ApiError(400, f"query={query}: want 0..{a.sizes['query'] - 1}")
     if head is not None and not 0 <= head < a.sizes["head"]:
-        raise ApiError(404, f"no head {head} in {layer!r} (0..{a.sizes['head'] - 1})")
+        raise ApiError(404, f"no head {head} in {name!r} (0..{a.sizes['head'] - 1})")
     row = np.asarray(a.data[i, :, query, :].compute(scheduler="synchronous"), dtype=float)
     values = row.mean(axis=0) if head is None else row[head]
     return values[grid.index]

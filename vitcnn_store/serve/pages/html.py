@@ -67,7 +67,7 @@ def page(title: str, crumbs: Sequence[tuple[str, str]], body: str, data: Any = N
         '<link rel="stylesheet" href="/static/explorer.css">'
         '<link rel="icon" href="data:,">'
         f'</head><body><header><a class="home" href="/">vitcnn explorer</a> '
-        f'<nav>{nav}{" / " if nav else ""}<b>{here}</b></nav></header>'
+        f"<nav>{nav}{' / ' if nav else ''}<b>{here}</b></nav></header>"
         f"<main><h1>{esc(title)}</h1>{body}</main>{payload}"
         '<script src="/static/explorer.js"></script></body></html>'
     )

@@ -49,14 +49,19 @@ def _query(a: Any, q: str | None) -> tuple[int, int | None]:
     return token, cls
 
 
-def _attention_section(r: Any, run: str, i: int, layer: str | None, q: str | None) -> tuple[str, Any]:
+def _attention_section(
+    r: Any, run: str, i: int, layer: str | None, q: str | None
+) -> tuple[str, Any]:
     if not r.attention_layers:
-        return '<p class="muted">No stored attention in this run (ResNets have none; ViTs: ' \
-               "extract with --attention).</p>", None  # fmt: skip
+        return (
+            '<p class="muted">No stored attention in this run (ResNets have none; ViTs: '
+            "extract with --attention).</p>",
+            None,
+        )
     layer = layer or r.attention_layers[-1]
     if layer not in r.attention_layers:
         raise ApiError(404, f"no attention layer {layer!r} in run {run!r}")
-    a = r.attention(layer)
+    a = data.attention(r, layer)
     token, cls = _query(a, q)
     grid = data.layer_grid(a, "query")
     tabs = " ".join(
@@ -65,14 +70,16 @@ def _attention_section(r: Any, run: str, i: int, layer: str | None, q: str | Non
     )
     kind = "CLS" if token == cls else f"patch token {token}"
     cls_link = (
-        link(url("runs", run, "images", i, layer=layer, q="cls"), "CLS map") if cls is not None
+        link(url("runs", run, "images", i, layer=layer, q="cls"), "CLS map")
+        if cls is not None
         else ""
-    )  # fmt: skip
+    )
     heads = ["mean", *range(int(a.sizes["head"]))]
     cards = []
     for h in heads:
-        template = url("png", "runs", run, "images", i, "attention", layer=layer, head=h,
-                       q="QUERY", size=HEAD)  # fmt: skip
+        template = url(
+            "png", "runs", run, "images", i, "attention", layer=layer, head=h, q="QUERY", size=HEAD
+        )
         src = template.replace("QUERY", str(token))
         title = "mean over heads" if h == "mean" else f"head {h}"
         cards.append(
@@ -82,8 +89,12 @@ def _attention_section(r: Any, run: str, i: int, layer: str | None, q: str | Non
         )
     payload = None
     if grid is not None:
-        payload = {"rows": grid.shape[0], "cols": grid.shape[1],
-                   "tokens": grid.index.tolist(), "query": token}  # fmt: skip
+        payload = {
+            "rows": grid.shape[0],
+            "cols": grid.shape[1],
+            "tokens": grid.index.tolist(),
+            "query": token,
+        }
     html = (
         f'<h2>Attention</h2><p class="meta">layer {tabs}</p>'
         f'<p class="meta">query: <b id="query-name">{esc(kind)}</b> · {cls_link} · click a patch '
@@ -95,14 +106,15 @@ def _attention_section(r: Any, run: str, i: int, layer: str | None, q: str | Non
 
 def _localization_section(r: Any, run: str, i: int) -> str:
     out = []
-    for name in r.analyses:
+    for name in data.analyses(r):
         ds = data.analysis(r, name)
         if ds.attrs.get("analysis") != "localization":
             continue
         cards = []
         for t in range(ds.sizes["target"]):
-            src = url("png", "runs", run, "images", i, "localization", name=name, target=t,
-                      size=HEAD)  # fmt: skip
+            src = url(
+                "png", "runs", run, "images", i, "localization", name=name, target=t, size=HEAD
+            )
             row, col = int(ds["target_row"].values[t]), int(ds["target_col"].values[t])
             cards.append(
                 f'<figure class="card"><img class="photo" src="{esc(src)}" width="{HEAD}" '
@@ -111,7 +123,7 @@ def _localization_section(r: Any, run: str, i: int) -> str:
             )
         out.append(
             f"<h3>{link(url('runs', run, 'analyses', name), name)}: layer "
-            f"{esc(ds.attrs.get('layer'))}</h3><p class=\"meta\">CKA over {ds.attrs.get('n')} "
+            f'{esc(ds.attrs.get("layer"))}</h3><p class="meta">CKA over {ds.attrs.get("n")} '
             "images between one token's representation and the raw pixels of each input "
             "patch (a property of the layer, drawn over this image)</p>"
             f'<div class="cards">{"".join(cards)}</div>'
@@ -124,7 +136,8 @@ def _other_runs(request: Request, r: Any, i: int) -> str:
 
     image_id = str(r.image_ids[i])
     links = []
-    for name in open_store(request.app.state.config.store).runs:
+    store = request.app.state.config.store
+    for name in data.recent((store, "runs"), lambda: open_store(store).runs):
         if name == r.name:
             continue
         try:
@@ -150,13 +163,15 @@ def image_page(
     _, source = data.image_pixels(r, i)
     attention, payload = _attention_section(r, run, i, layer, q)
     near = " · ".join(
-        link(url("runs", run, "images", k), f"image {k}") for k in (i - 1, i + 1)
+        link(url("runs", run, "images", k), f"image {k}")
+        for k in (i - 1, i + 1)
         if 0 <= k < r.n_images
-    )  # fmt: skip
+    )
     picker = ' id="picker"' if payload else ""
+    main = url("png", "runs", run, "images", i, size=MAIN)
     body = (
         f'<p class="meta">{near}</p><div class="cols"><div class="picker"{picker}>'
-        f'<img class="photo" id="main-image" src="{esc(url("png", "runs", run, "images", i, size=MAIN))}" '
+        f'<img class="photo" id="main-image" src="{esc(main)}" '
         f'width="{MAIN}" height="{MAIN}" alt="image {i}"><span class="qbox" id="qbox"></span></div>'
         f"<div><p><b>{esc(r.image_ids[i])}</b><br>label {esc(_label(r, i))}<br>"
         f'<span class="meta">{esc(source)}</span></p>{_other_runs(request, r, i)}</div></div>'

@@ -34,7 +34,7 @@ def _colormap(name: str) -> np.ndarray:
 
         return (colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
 
-    return _cmaps.get(name, make)  # type: ignore[no-any-return]
+    return _cmaps.get(name, make)
 
 
 _cmaps = data.LRU(8)
@@ -205,7 +205,7 @@ def grid_png(
     ds = data.analysis(r, name)
     if var not in ds or tuple(ds[var].dims[-2:]) != ("grid_y", "grid_x"):
         raise ApiError(404, f"no grid variable {var!r} in {name!r}")
-    lead = ds[var].dims[:-2]
+    lead = [str(d) for d in ds[var].dims[:-2]]
     picks = [_int(p, "at") for p in at.split(",") if p.strip()]
     if len(picks) != len(lead) or any(
         not 0 <= p < ds.sizes[d] for p, d in zip(picks, lead, strict=True)

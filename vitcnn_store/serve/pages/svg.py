@@ -24,8 +24,8 @@ class Series:
     """One curve: ``style`` is ``line`` (with dots), ``dots`` or ``dash`` (a baseline)."""
 
     label: str
-    x: Sequence[float]
-    y: Sequence[float]
+    x: Sequence[float] | np.ndarray
+    y: Sequence[float] | np.ndarray
     style: str = "line"
     color: str = PALETTE[0]
     tips: Sequence[str] = field(default_factory=list)  # hover text per point
@@ -79,17 +79,25 @@ def chart(
         f'<rect x="{left}" y="{top}" width="{w}" height="{h}" class="plot"/>',
     ]
     for t in _ticks(x0, x1):
-        out.append(f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{top}" y2="{top + h}" '
-                   f'class="grid"/><text x="{px(t):.1f}" y="{top + h + 16}" '
-                   f'class="tick" text-anchor="middle">{t:g}</text>')  # fmt: skip
+        out.append(
+            f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{top}" y2="{top + h}" '
+            f'class="grid"/><text x="{px(t):.1f}" y="{top + h + 16}" '
+            f'class="tick" text-anchor="middle">{t:g}</text>'
+        )
     for t in _ticks(y0, y1):
-        out.append(f'<line x1="{left}" x2="{left + w}" y1="{py(t):.1f}" y2="{py(t):.1f}" '
-                   f'class="grid"/><text x="{left - 6}" y="{py(t) + 4:.1f}" class="tick" '
-                   f'text-anchor="end">{t:g}</text>')  # fmt: skip
-    out.append(f'<text x="{left + w / 2}" y="{height - 6}" class="label" '
-               f'text-anchor="middle">{esc(xlabel)}</text>')  # fmt: skip
-    out.append(f'<text transform="translate(14 {top + h / 2}) rotate(-90)" class="label" '
-               f'text-anchor="middle">{esc(ylabel)}</text>')  # fmt: skip
+        out.append(
+            f'<line x1="{left}" x2="{left + w}" y1="{py(t):.1f}" y2="{py(t):.1f}" '
+            f'class="grid"/><text x="{left - 6}" y="{py(t) + 4:.1f}" class="tick" '
+            f'text-anchor="end">{t:g}</text>'
+        )
+    out.append(
+        f'<text x="{left + w / 2}" y="{height - 6}" class="label" '
+        f'text-anchor="middle">{esc(xlabel)}</text>'
+    )
+    out.append(
+        f'<text transform="translate(14 {top + h / 2}) rotate(-90)" class="label" '
+        f'text-anchor="middle">{esc(ylabel)}</text>'
+    )
     for k, s in enumerate(series):
         pts = [(float(a), float(b)) for a, b in zip(s.x, s.y, strict=True)]
         if s.style in ("line", "dash"):
@@ -103,19 +111,25 @@ def chart(
             for r in runs:
                 if len(r) > 1:
                     d = " ".join(f"{px(a):.1f},{py(b):.1f}" for a, b in r)
-                    out.append(f'<polyline points="{d}" fill="none" stroke="{s.color}" '
-                               f'stroke-width="2"{dash}/>')  # fmt: skip
+                    out.append(
+                        f'<polyline points="{d}" fill="none" stroke="{s.color}" '
+                        f'stroke-width="2"{dash}/>'
+                    )
         if s.style in ("line", "dots"):
             for i, (a, b) in enumerate(pts):
                 if not (math.isfinite(a) and math.isfinite(b)):
                     continue
                 tip = s.tips[i] if i < len(s.tips) else f"{s.label}: {b:.4g}"
-                out.append(f'<circle cx="{px(a):.1f}" cy="{py(b):.1f}" r="4" fill="{s.color}" '
-                           f'class="pt"><title>{esc(tip)}</title></circle>')  # fmt: skip
+                out.append(
+                    f'<circle cx="{px(a):.1f}" cy="{py(b):.1f}" r="4" fill="{s.color}" '
+                    f'class="pt"><title>{esc(tip)}</title></circle>'
+                )
         ly = top + 14 + 18 * k
         mark = "6 4" if s.style == "dash" else "none"
-        out.append(f'<line x1="{left + w + 10}" x2="{left + w + 30}" y1="{ly}" y2="{ly}" '
-                   f'stroke="{s.color}" stroke-width="2" stroke-dasharray="{mark}"/>'
-                   f'<text x="{left + w + 36}" y="{ly + 4}" class="legend">{esc(s.label)}</text>')  # fmt: skip
+        out.append(
+            f'<line x1="{left + w + 10}" x2="{left + w + 30}" y1="{ly}" y2="{ly}" '
+            f'stroke="{s.color}" stroke-width="2" stroke-dasharray="{mark}"/>'
+            f'<text x="{left + w + 36}" y="{ly + 4}" class="legend">{esc(s.label)}</text>'
+        )
     out.append("</svg>")
     return "".join(out)

@@ -25,11 +25,31 @@ CHANNELS_PER_PAGE = 24
 IMAGES_PER_PAGE = 60
 THUMBS = 8  # top images shown per channel on a layer's page
 
-_PROVENANCE = ("model", "model_args", "weights_source", "checkpoint", "weights_hub_id",
-               "weights_sha256", "input_size", "mean", "std", "interpolation", "crop_pct",
-               "crop_mode", "image_set", "image_set_sha256", "n_images", "label_names",
-               "dtype", "chunk_size", "compression", "timm_version", "torch_version",
-               "code_version", "created_at")  # fmt: skip
+_PROVENANCE = (
+    "model",
+    "model_args",
+    "weights_source",
+    "checkpoint",
+    "weights_hub_id",
+    "weights_sha256",
+    "input_size",
+    "mean",
+    "std",
+    "interpolation",
+    "crop_pct",
+    "crop_mode",
+    "image_set",
+    "image_set_sha256",
+    "n_images",
+    "label_names",
+    "dtype",
+    "chunk_size",
+    "compression",
+    "timm_version",
+    "torch_version",
+    "code_version",
+    "created_at",
+)
 
 
 def html_response(text: str) -> HTMLResponse:
@@ -42,8 +62,14 @@ def _label(run: Any, i: int) -> str:
     return f"{label} ({names[label]})" if 0 <= label < len(names) else str(label)
 
 
-def _thumb(run: str, i: int, size: int = 96, marker: tuple[float, float] | None = None,
-           shape: tuple[int, int] | None = None, title: str = "") -> str:  # fmt: skip
+def _thumb(
+    run: str,
+    i: int,
+    size: int = 96,
+    marker: tuple[float, float] | None = None,
+    shape: tuple[int, int] | None = None,
+    title: str = "",
+) -> str:
     """An image thumbnail linking to the image's page, with a dot where a channel peaks."""
     dot = ""
     if marker is not None and shape is not None and all(np.isfinite(marker)):
@@ -92,25 +118,39 @@ def index(request: Request) -> HTMLResponse:
         a = run.attrs
         done = run.done
         analyses = " ".join(
-            link(url("runs", run.name, "analyses", n), n) for n in run.analyses
-        )  # fmt: skip
-        rows.append([
-            link(url("runs", run.name), run.name),
-            esc(a.get("model")),
-            esc(a.get("weights_source")),
-            esc(a.get("image_set")),
-            str(run.n_images),
-            str(len(run.layers)),
-            str(len(run.attention_layers)),
-            f"{int(done.sum())}/{done.size}",
-            analyses or '<span class="muted">none</span>',
-        ])  # fmt: skip
+            link(url("runs", run.name, "analyses", n), n) for n in data.analyses(run)
+        )
+        rows.append(
+            [
+                link(url("runs", run.name), run.name),
+                esc(a.get("model")),
+                esc(a.get("weights_source")),
+                esc(a.get("image_set")),
+                str(run.n_images),
+                str(len(run.layers)),
+                str(len(run.attention_layers)),
+                f"{int(done.sum())}/{done.size}",
+                analyses or '<span class="muted">none</span>',
+            ]
+        )
     body = (
         f'<p class="meta">store <code>{esc(request.app.state.config.store)}</code> · '
         f"{len(rows)} run(s)</p>"
-        + table(["run", "model", "weights", "image set", "images", "layers", "attention",
-                 "units", "analyses"], rows)  # fmt: skip
-        + (f'<h2>Broken runs</h2><ul>{"".join(broken)}</ul>' if broken else "")
+        + table(
+            [
+                "run",
+                "model",
+                "weights",
+                "image set",
+                "images",
+                "layers",
+                "attention",
+                "units",
+                "analyses",
+            ],
+            rows,
+        )
+        + (f"<h2>Broken runs</h2><ul>{''.join(broken)}</ul>" if broken else "")
         + '<p class="meta">Raw data: <a href="/docs">API</a> · <code>/zarr/</code> for '
         "xarray and zarr readers.</p>"
     )
@@ -140,25 +180,28 @@ def run_page(run: str, request: Request, page_no: int = Query(0, alias="page")) 
     r = data.open_run(request, run)
     a = r.attrs
     prov = table(["", ""], [[esc(k), esc(a[k])] for k in _PROVENANCE if k in a], "kv")
-    analyses = "".join(
-        f"<li>{link(url('runs', run, 'analyses', n), n)}</li>" for n in r.analyses
-    ) or "<li class='muted'>none yet: <code>vitcnn analyze ...</code></li>"
+    analyses = (
+        "".join(f"<li>{link(url('runs', run, 'analyses', n), n)}</li>" for n in data.analyses(r))
+        or "<li class='muted'>none yet: <code>vitcnn analyze ...</code></li>"
+    )
     stats = _layer_stats(r)
     rows = []
     for name in r.layers:
-        x = r[name]
+        x = data.layer(r, name)
         s = stats.get(name)
         cells = [f"{v:.3g}" for v in s] if s else ["", "", ""]
-        rows.append([
-            link(url("runs", run, "layers", name), name),
-            esc(x.attrs.get("kind", "")),
-            esc(" × ".join(f"{d} {n}" for d, n in zip(x.dims, x.shape, strict=True))),
-            esc(x.attrs.get("depth_index", "")),
-            f"{float(x.attrs.get('depth_fraction', np.nan)):.3f}",
-            esc(x.attrs.get("role", "")),
-            esc(x.attrs.get("module_type", "")),
-            *cells,
-        ])  # fmt: skip
+        rows.append(
+            [
+                link(url("runs", run, "layers", name), name),
+                esc(x.attrs.get("kind", "")),
+                esc(" × ".join(f"{d} {n}" for d, n in zip(x.dims, x.shape, strict=True))),
+                esc(x.attrs.get("depth_index", "")),
+                f"{float(x.attrs.get('depth_fraction', np.nan)):.3f}",
+                esc(x.attrs.get("role", "")),
+                esc(x.attrs.get("module_type", "")),
+                *cells,
+            ]
+        )
     note = (
         ""
         if stats
@@ -180,8 +223,21 @@ def run_page(run: str, request: Request, page_no: int = Query(0, alias="page")) 
         f"<section><h2>Analyses</h2><ul>{analyses}</ul>"
         f"<h2>Attention</h2><p>{attention}</p></section></div>"
         f"<h2>Layers</h2>{note}"
-        + table(["layer", "kind", "shape", "depth index", "depth fraction", "role", "module",
-                 "mean", "std", "top value"], rows)  # fmt: skip
+        + table(
+            [
+                "layer",
+                "kind",
+                "shape",
+                "depth index",
+                "depth fraction",
+                "role",
+                "module",
+                "mean",
+                "std",
+                "top value",
+            ],
+            rows,
+        )
         + f"<h2>Images</h2>{_pager(url('runs', run), page_no, pages)}"
         f'<div class="thumbs">{thumbs}</div>'
     )
@@ -191,7 +247,7 @@ def run_page(run: str, request: Request, page_no: int = Query(0, alias="page")) 
 def _layer_or_404(r: Any, layer: str) -> Any:
     if layer not in r.layers:
         raise ApiError(404, f"no layer {layer!r} in run {r.name!r}")
-    return r[layer]
+    return data.layer(r, layer)
 
 
 @router.get("/runs/{run}/layers/{layer}", response_class=HTMLResponse)
@@ -212,49 +268,66 @@ def layer_page(
         ("dims", " × ".join(f"{d} {n}" for d, n in zip(x.dims, x.shape, strict=True))),
         ("kind", x.attrs.get("kind", "")),
         ("grid", f"{grid.shape[0]} × {grid.shape[1]} positions" if grid else "pooled"),
-        ("depth", f"index {x.attrs.get('depth_index')}, fraction "
-                  f"{float(x.attrs.get('depth_fraction', np.nan)):.3f}"),
+        (
+            "depth",
+            f"index {x.attrs.get('depth_index')}, fraction "
+            f"{float(x.attrs.get('depth_fraction', np.nan)):.3f}",
+        ),
         ("role", x.attrs.get("role", "")),
         ("module", x.attrs.get("module_type", "")),
-    ]  # fmt: skip
+    ]
     body = table(["", ""], [[esc(k), esc(v)] for k, v in facts], "kv")
     crumbs = [("/", "runs"), (url("runs", run), run), (url("runs", run, "layers", layer), layer)]
     found = data.find_top_images(r)
-    ds = found[1] if found else None
-    if ds is None or layer not in ds["layer"].values.tolist():
+    if found is None or layer not in found[1]["layer"].values.tolist():
         body += (
             '<p class="note">No top images for this layer yet: run '
             f"<code>vitcnn analyze top-images {esc(r.store.url)} {esc(run)}</code>.</p>"
         )
         return html_response(page(f"{run} / {layer}", crumbs, body))
+    ds = found[1]
     j = ds["layer"].values.tolist().index(layer)
     c = int(ds["n_channels"].values[j])
     value, image = ds["value"].values[j, :c], ds["image"].values[j, :c]
     pos_y, pos_x = ds["position_y"].values[j, :c], ds["position_x"].values[j, :c]
     mean, std = ds["mean"].values[j, :c], ds["std"].values[j, :c]
-    order = {"index": np.arange(c), "max": np.argsort(-value[:, 0], kind="stable"),
-             "std": np.argsort(-std, kind="stable")}[sort]  # fmt: skip
+    order = {
+        "index": np.arange(c),
+        "max": np.argsort(-value[:, 0], kind="stable"),
+        "std": np.argsort(-std, kind="stable"),
+    }[sort]
     pages = max(1, -(-c // CHANNELS_PER_PAGE))
     page_no = min(max(page_no, 0), pages - 1)
     shape = _input_shape(r)
     rows = []
     for ch in order[page_no * CHANNELS_PER_PAGE : (page_no + 1) * CHANNELS_PER_PAGE]:
         strip = "".join(
-            _thumb(run, int(image[ch, k]), 56, (float(pos_y[ch, k]), float(pos_x[ch, k])),
-                   shape, f"{value[ch, k]:.3g} on {r.image_ids[int(image[ch, k])]}")
-            for k in range(min(THUMBS, image.shape[1])) if image[ch, k] >= 0
-        )  # fmt: skip
-        rows.append([
-            link(url("runs", run, "layers", layer, "channels", int(ch)), f"#{ch}"),
-            f"{mean[ch]:.3g}", f"{std[ch]:.3g}", f"{value[ch, 0]:.3g}",
-            f'<div class="strip">{strip}</div>',
-        ])  # fmt: skip
+            _thumb(
+                run,
+                int(image[ch, k]),
+                56,
+                (float(pos_y[ch, k]), float(pos_x[ch, k])),
+                shape,
+                f"{value[ch, k]:.3g} on {r.image_ids[int(image[ch, k])]}",
+            )
+            for k in range(min(THUMBS, image.shape[1]))
+            if image[ch, k] >= 0
+        )
+        rows.append(
+            [
+                link(url("runs", run, "layers", layer, "channels", int(ch)), f"#{ch}"),
+                f"{mean[ch]:.3g}",
+                f"{std[ch]:.3g}",
+                f"{value[ch, 0]:.3g}",
+                f'<div class="strip">{strip}</div>',
+            ]
+        )
     sorts = " ".join(
         f"<b>{s}</b>" if s == sort else link(url("runs", run, "layers", layer, sort=s), s)
         for s in ("index", "max", "std")
     )
     body += (
-        f"<h2>Channels ({c})</h2><p class=\"meta\">sorted by {sorts} · top images ranked by "
+        f'<h2>Channels ({c})</h2><p class="meta">sorted by {sorts} · top images ranked by '
         f"the channel's maximum over positions; the dot marks where ({esc(found[0])}, "
         f"n = {ds.attrs.get('n')})</p>"
         + _pager(url("runs", run, "layers", layer), page_no, pages, sort=sort)
@@ -271,12 +344,17 @@ def channel_page(run: str, layer: str, channel: int, request: Request) -> HTMLRe
     c = int(x.shape[-1])
     if not 0 <= channel < c:
         raise ApiError(404, f"no channel {channel} in {layer!r} (0..{c - 1})")
-    crumbs = [("/", "runs"), (url("runs", run), run), (url("runs", run, "layers", layer), layer),
-              (url("runs", run, "layers", layer, "channels", channel), f"channel {channel}")]  # fmt: skip
+    crumbs = [
+        ("/", "runs"),
+        (url("runs", run), run),
+        (url("runs", run, "layers", layer), layer),
+        (url("runs", run, "layers", layer, "channels", channel), f"channel {channel}"),
+    ]
     near = " · ".join(
         link(url("runs", run, "layers", layer, "channels", k), f"channel {k}")
-        for k in (channel - 1, channel + 1) if 0 <= k < c
-    )  # fmt: skip
+        for k in (channel - 1, channel + 1)
+        if 0 <= k < c
+    )
     body = f'<p class="meta">{near}</p>'
     found = data.find_top_images(r)
     ds = found[1] if found else None
@@ -291,8 +369,11 @@ def channel_page(run: str, layer: str, channel: int, request: Request) -> HTMLRe
         if i < 0:
             continue
         v = float(ds["value"].values[j, channel, k])
-        src = (url("png", "runs", run, "images", i, size=224) if pooled else
-               url("png", "runs", run, "images", i, "channel", layer=layer, c=channel, size=224))  # fmt: skip
+        src = (
+            url("png", "runs", run, "images", i, size=224)
+            if pooled
+            else url("png", "runs", run, "images", i, "channel", layer=layer, c=channel, size=224)
+        )
         where = int(ds["position"].values[j, channel, k])
         py, px = ds["position_y"].values[j, channel, k], ds["position_x"].values[j, channel, k]
         at = f"position {where} (y {py:.0f}, x {px:.0f} px)" if where >= 0 else "pooled"
@@ -304,7 +385,7 @@ def channel_page(run: str, layer: str, channel: int, request: Request) -> HTMLRe
         )
     body += (
         f'<p class="meta">mean {float(ds["mean"].values[j, channel]):.4g}, std '
-        f'{float(ds["std"].values[j, channel]):.4g} over {ds.attrs.get("n")} images and every '
+        f"{float(ds['std'].values[j, channel]):.4g} over {ds.attrs.get('n')} images and every "
         "position. Heat map: this channel on each image (bright: high), drawn on the layer's "
         f'grid.</p><div class="cards">{"".join(cards)}</div>'
     )
