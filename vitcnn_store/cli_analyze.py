@@ -48,7 +48,7 @@ _EXAMPLES = """examples:
   vitcnn analyze skip acts.zarr vitb16
   vitcnn analyze probe acts.zarr vitb16 --shots 10 --features cls
   vitcnn analyze probe acts.zarr r50 --l2 1.0 --roles branches  # fixed penalty, branch outputs too
-  vitcnn analyze top-images acts.zarr vitb16 --k 16     # browse them with `vitcnn serve acts.zarr`
+  vitcnn analyze top-images acts.zarr vitb16 --k 16     # browse them: vitcnn serve acts.zarr
 """
 
 
@@ -82,7 +82,7 @@ _HELP = {
         "For every channel of every selected layer, the k images with the highest maximum "
         "over positions (patch tokens, or y*x), with the position of that maximum, and "
         "each channel's mean and std. One pass over the stored chunks. No figure: "
-        "`vitcnn serve STORE` shows them.",
+        "vitcnn serve STORE shows them.",
     ),
 }
 #: Analyses without a static figure (the explorer of ``vitcnn serve`` shows them).
