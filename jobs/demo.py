@@ -32,11 +32,13 @@ from jobs.analyze import (
     LocalizationConfig,
     ProbeConfig,
     SkipConfig,
+    TopImagesConfig,
     run_attention,
     run_cka,
     run_localization,
     run_probe,
     run_skip,
+    run_top_images,
 )
 from jobs.extract import ExtractConfig
 from vitcnn_store.models import ModelSpec
@@ -172,6 +174,10 @@ def _analyses(store: str, quick: bool) -> tuple[DemoAnalysis, ...]:
                      ProbeConfig(run="vit_faces", repeats=repeats, **common)),
         DemoAnalysis("ResNet linear probes: faces vs non-faces", run_probe,
                      ProbeConfig(run="resnet_faces", repeats=repeats, **common)),
+        DemoAnalysis("ViT top images per channel (for the explorer)", run_top_images,
+                     TopImagesConfig(run="vit", **common)),
+        DemoAnalysis("ResNet top images per channel (for the explorer)", run_top_images,
+                     TopImagesConfig(run="resnet", **common)),
     )  # fmt: skip
 
 
@@ -182,7 +188,7 @@ def demo_plan(cfg: DemoConfig) -> DemoPlan:
     --------
     >>> plan = demo_plan(DemoConfig(out="/tmp/demo", quick=True))
     >>> [e.run for e in plan.extractions], len(plan.analyses)
-    (['vit', 'resnet', 'vit_faces', 'resnet_faces'], 10)
+    (['vit', 'resnet', 'vit_faces', 'resnet_faces'], 12)
     >>> plan.extractions[2].images, plan.extractions[0].model.name
     ('builtin:faces', 'vit_tiny_patch16_224')
     """

@@ -1,4 +1,4 @@
-"""``vitcnn analyze {cka,attention,localization,skip,probe} STORE RUN ...``.
+"""``vitcnn analyze {cka,attention,localization,skip,probe,top-images} STORE RUN ...``.
 
 Each subcommand's options are built from the option table of the job's config
 dataclass (:mod:`jobs.analyze.options`: flags, help, parsers such as
@@ -48,6 +48,7 @@ _EXAMPLES = """examples:
   vitcnn analyze skip acts.zarr vitb16
   vitcnn analyze probe acts.zarr vitb16 --shots 10 --features cls
   vitcnn analyze probe acts.zarr r50 --l2 1.0 --roles branches  # fixed penalty, branch outputs too
+  vitcnn analyze top-images acts.zarr vitb16 --k 16     # browse them: vitcnn serve acts.zarr
 """
 
 
@@ -82,18 +83,28 @@ _HELP = {
         "depth with the chance level. The penalty is chosen per layer by stratified k-fold "
         "cross-validation on the training split unless --l2 fixes it.",
     ),
+    "top-images": (
+        "the k images that drive each channel most, and where (max over positions)",
+        "For every channel of every selected layer, the k images with the highest maximum "
+        "over positions (patch tokens, or y*x), with the position of that maximum, and "
+        "each channel's mean and std. One pass over the stored chunks. No figure: "
+        "vitcnn serve STORE shows them.",
+    ),
 }
+#: Analyses without a static figure (the explorer of ``vitcnn serve`` shows them).
+NO_FIGURE = frozenset({"top-images"})
 
 
 def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``analyze`` and its five subcommands to the ``vitcnn`` subparsers.
+    """Add ``analyze`` and its subcommands to the ``vitcnn`` subparsers.
 
     Each subcommand's options come from its config's option table
     (:mod:`jobs.analyze.options`, light: no dask, xarray or zarr).
     """
     p = subparsers.add_parser(
         "analyze",
-        help="analyses of stored activations (CKA, attention, localization, skip, probes)",
+        help="analyses of stored activations (CKA, attention, localization, skip, probes, "
+        "top images)",
         description="Dask jobs over a store; results go to <run>/_analyses/<name>/<key> (key: "
         f"a hash of the parameters; earlier results are kept), figures to {FIGURES}. No model "
         "is loaded.",
@@ -150,7 +161,7 @@ def analyze(
 
     result = JOBS[analysis][1](config)
     path = None
-    if figure:
+    if figure and analysis not in NO_FIGURE:
         from vitcnn_store.plots import save_result_figure
 
         path = save_result_figure(result.dataset, result.store, result.run, result.name, figures)

@@ -74,4 +74,6 @@ def run_demo(args: argparse.Namespace) -> int:
     last = open_store(store)["vit"].layers[-1]
     snippet = f"import vitcnn_store as v; print(v.open_store('{store}')['vit']['{last}'])"
     print(f'  python -c "{snippet}"')
+    print("browse runs, layers, channels, images and analyses in a browser:")
+    print(f"  vitcnn serve {store}    # then open http://127.0.0.1:8000/")
     return 0

@@ -36,6 +36,7 @@ from jobs.analyze.options import (
     LocalizationConfig,
     ProbeConfig,
     SkipConfig,
+    TopImagesConfig,
 )
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from jobs.analyze.pipeline import AnalysisResult
     from jobs.analyze.probe import run_probe
     from jobs.analyze.skip import run_skip
+    from jobs.analyze.top_images import run_top_images
 
     # analysis name -> (config class, job function), as the CLI dispatches them.
     JOBS: dict[str, tuple[type[AnalysisOptions], Callable[[Any], AnalysisResult]]]
@@ -64,12 +66,14 @@ __all__ = [
     "LocalizationConfig",
     "ProbeConfig",
     "SkipConfig",
+    "TopImagesConfig",
     "run_attention",
     "run_cka",
     "run_heads",
     "run_localization",
     "run_probe",
     "run_skip",
+    "run_top_images",
 ]
 
 _LAZY = {
@@ -80,13 +84,14 @@ _LAZY = {
     "run_localization": "jobs.analyze.localization",
     "run_probe": "jobs.analyze.probe",
     "run_skip": "jobs.analyze.skip",
+    "run_top_images": "jobs.analyze.top_images",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name == "JOBS":
         return {
-            analysis: (config, __getattr__(f"run_{analysis}"))
+            analysis: (config, __getattr__(f"run_{analysis.replace('-', '_')}"))
             for analysis, config in CONFIGS.items()
         }
     if name in _LAZY:

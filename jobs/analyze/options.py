@@ -52,6 +52,7 @@ __all__ = [
     "ProbeConfig",
     "SkipConfig",
     "TokenSpec",
+    "TopImagesConfig",
     "cap_batch_size",
     "parse_l2",
     "parse_mebibytes",
@@ -456,6 +457,20 @@ class HeadsConfig(AnalysisOptions):
         check_name(self.run2)
 
 
+@dataclass(frozen=True, kw_only=True)
+class TopImagesConfig(AnalysisOptions):
+    """Options of ``vitcnn analyze top-images``: ``k`` images per channel of every layer
+    matching ``layers`` (default: every stored layer), ranked by the channel's maximum
+    over positions (:mod:`vitcnn_store.analysis.top_images`)."""
+
+    # fmt: off
+    layers: str | None = option(None, flag="--layers", parse=str, metavar="PATTERNS",
+        help="layers by pattern (default: every stored layer)")
+    k: int = option(16, flag="--k", parse=int, check="positive",
+        help="images kept per channel (capped to the usable images)")
+    # fmt: on
+
+
 # analysis name -> its config, as ``vitcnn analyze`` offers them.
 CONFIGS: dict[str, type[AnalysisOptions]] = {
     "cka": CKAConfig,
@@ -464,6 +479,7 @@ CONFIGS: dict[str, type[AnalysisOptions]] = {
     "skip": SkipConfig,
     "probe": ProbeConfig,
     "heads": HeadsConfig,
+    "top-images": TopImagesConfig,
 }
 
 

@@ -149,3 +149,20 @@ def token_server(
     )
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def explorer_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A ViT (attention, inputs) and a ResNet over 24 faces with every analysis
+    (:mod:`tests.serve.explorer_store`)."""
+    from tests.serve.explorer_store import build_explorer_store
+
+    return build_explorer_store(tmp_path_factory.mktemp("explorer") / "explorer.zarr")
+
+
+@pytest.fixture(scope="session")
+def explorer_server(explorer_store: str) -> Iterator[ThreadServer]:
+    """The explorer's store served as ``vitcnn serve STORE`` serves it."""
+    server = ThreadServer(ServeConfig(store=explorer_store))
+    yield server
+    server.stop()

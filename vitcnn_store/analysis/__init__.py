@@ -25,6 +25,9 @@ skip
 probes
     Closed-form ridge linear probes, the penalty chosen by cross-validation,
     train/test splits and chance accuracy (paper App. A).
+top_images
+    The k images that drive each channel most (max over positions), merged
+    exactly across chunks.
 """
 
 from vitcnn_store.analysis.attention import (
@@ -68,6 +71,7 @@ from vitcnn_store.analysis.probes import (
     stratified_split,
 )
 from vitcnn_store.analysis.skip import cls_and_spatial_ratio, skip_norm_ratio, skip_norm_ratio_sum
+from vitcnn_store.analysis.top_images import TopK, chunk_top_k, merge_top_k
 
 __all__ = [
     "AttentionAccumulator",
@@ -75,9 +79,11 @@ __all__ = [
     "MinibatchCKA",
     "MinibatchCKAMatrix",
     "MinibatchLocalization",
+    "TopK",
     "attention_entropy",
     "center_gram",
     "chance_accuracy",
+    "chunk_top_k",
     "cka",
     "cka_matrix_from_grams",
     "cls_and_spatial_ratio",
@@ -94,6 +100,7 @@ __all__ = [
     "linear_cka",
     "linear_probe_accuracy",
     "mean_attention_distance",
+    "merge_top_k",
     "patch_distance_matrix",
     "predict",
     "probe_splits",

@@ -4,8 +4,10 @@ Requests pass, outermost first: CORS (only with ``--cors``), the bearer token
 (every route, ``/docs`` and ``/zarr`` included, checked in constant time),
 the limits (request body size, time), then the routes: ``/zarr/`` (store
 keys), ``/api/`` (runs, slices, results, jobs) and FastAPI's ``/docs`` and
-``/openapi.json``. ``/`` is left free for the explorer pages; a later router
-mounts there with :func:`create_app`'s ``extra_routers``.
+``/openapi.json``, and the explorer pages from ``/`` (:mod:`vitcnn_store.serve.pages`).
+Other routers mount with :func:`create_app`'s ``extra_routers``. Browsers,
+which cannot send the bearer header, open a URL once with ``?token=`` and get
+an HttpOnly, SameSite=Strict cookie the token check accepts too.
 """
 
 from __future__ import annotations
@@ -43,32 +45,105 @@ async def _send_json(
     await send({"type": "http.response.body", "body": data})
 
 
+#: Cookie a browser keeps the token in (``?token=`` sets it once; browsers cannot send a header).
+TOKEN_COOKIE = "vitcnn_token"
+
+
+def _cookie(headers: Sequence[tuple[bytes, bytes]], name: str) -> bytes:
+    """The value of cookie ``name`` in a request's ``Cookie`` headers (``b""`` if absent)."""
+    from urllib.parse import unquote_to_bytes
+
+    for key, value in headers:
+        if key != b"cookie":
+            continue
+        for part in value.split(b";"):
+            k, _, v = part.strip().partition(b"=")
+            if k == name.encode():
+                return unquote_to_bytes(v)
+    return b""
+
+
 class TokenMiddleware:
-    """401 unless ``Authorization: Bearer TOKEN`` (compared with :func:`hmac.compare_digest`)."""
+    """401 unless the request carries the token, compared with :func:`hmac.compare_digest`.
+
+    The token comes as ``Authorization: Bearer TOKEN`` (clients), or from a
+    browser as the HttpOnly, SameSite=Strict cookie :data:`TOKEN_COOKIE`. A GET
+    with the right ``?token=`` sets that cookie and redirects to the same URL
+    without it, so the token leaves the address bar and the history at once.
+    """
 
     def __init__(self, app: Any, token: str) -> None:
         self.app = app
+        self.token = token.encode()
         self.expected = f"Bearer {token}".encode()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        headers = scope.get("headers", ())
         given = b""
-        for name, value in scope.get("headers", ()):
+        for name, value in headers:
             if name == b"authorization":
                 given = value
                 break
-        if not hmac.compare_digest(given, self.expected):
-            why = "missing" if not given else "wrong"
-            await _send_json(
-                send,
-                401,
-                {"error": f"{why} bearer token: send Authorization: Bearer TOKEN"},
-                [(b"www-authenticate", b'Bearer realm="vitcnn"')],
-            )
+        cookie = _cookie(headers, TOKEN_COOKIE)
+        # Both compared every time, in constant time: which one matched leaks nothing.
+        by_header = hmac.compare_digest(given, self.expected)
+        by_cookie = hmac.compare_digest(cookie, self.token)
+        if by_header or by_cookie:
+            await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        query = _query_token(scope)
+        get = scope.get("method") in ("GET", "HEAD")
+        if query is not None and get and hmac.compare_digest(query[0], self.token):
+            await _set_cookie_and_redirect(send, scope, query[1], self.token)
+            return
+        why = "missing" if not (given or cookie or query) else "wrong"
+        await _send_json(
+            send,
+            401,
+            {"error": f"{why} bearer token: send Authorization: Bearer TOKEN"
+                      " (a browser: open the URL once with ?token=TOKEN)"},
+            [(b"www-authenticate", b'Bearer realm="vitcnn"')],
+        )  # fmt: skip
+
+
+def _query_token(scope: Scope) -> tuple[bytes, bytes] | None:
+    """``(token, the query string without it)`` when the query has ``token=``."""
+    from urllib.parse import parse_qsl, urlencode
+
+    pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    tokens = [v for k, v in pairs if k == "token"]
+    if not tokens:
+        return None
+    rest = urlencode([(k, v) for k, v in pairs if k != "token"])
+    return tokens[0].encode(), rest.encode()
+
+
+async def _set_cookie_and_redirect(send: Any, scope: Scope, rest: bytes, token: bytes) -> None:
+    from urllib.parse import quote, quote_from_bytes
+
+    path = scope.get("root_path", "") + scope.get("path", "/")
+    # One leading slash: "//host/..." would redirect to another site.
+    path = "/" + quote(path.lstrip("/"), safe="/-._~")
+    location = path.encode() + (b"?" + rest if rest else b"")
+    cookie = (
+        f"{TOKEN_COOKIE}={quote_from_bytes(token, safe='')}; HttpOnly; SameSite=Strict; Path=/"
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 303,
+            "headers": [
+                (b"location", location),
+                (b"set-cookie", cookie),
+                (b"cache-control", b"no-store"),
+                (b"content-length", b"0"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": b""})
 
 
 class _BodyTooLarge(Exception):
@@ -129,7 +204,7 @@ def create_app(config: ServeConfig, extra_routers: Sequence[Any] = ()) -> Any:
     from starlette.exceptions import HTTPException
 
     from vitcnn_store.errors import VitcnnError
-    from vitcnn_store.serve import api_routes, jobs, zarr_routes
+    from vitcnn_store.serve import api_routes, jobs, pages, zarr_routes
     from vitcnn_store.serve.keys import BadKeyError, StoreFiles
     from vitcnn_store.store import open_store
 
@@ -183,6 +258,7 @@ def create_app(config: ServeConfig, extra_routers: Sequence[Any] = ()) -> Any:
     app.include_router(zarr_routes.router)
     app.include_router(api_routes.router)
     app.include_router(jobs.router)
+    app.include_router(pages.router)  # the explorer, from /
     for router in extra_routers:
         app.include_router(router)
 
