@@ -190,7 +190,8 @@ def _analyze_subparsers() -> dict[str, Any]:
 
 def test_analyze_parsers_are_built_from_the_option_tables() -> None:
     """Every flagged field of each analysis config is an argument with the field's name,
-    default and choices; the only other options are the interface's (figures, storage options, help)."""
+    default and choices; the only other options are the interface's (figures, storage
+    options, help)."""
     from jobs.analyze.options import CONFIGS
     from vitcnn_store.cli_analyze import analysis_config
 
@@ -206,7 +207,8 @@ def test_analyze_parsers_are_built_from_the_option_tables() -> None:
             assert action.default == f.default, (name, opt.flag)
             assert (tuple(action.choices) if action.choices else None) == opt.choices
             assert action.help is not None and action.help.startswith(opt.help)
-        assert set(actions) - table == {"-h", "--help", "--figures", "--no-figure", "--storage-option"}, name
+        interface = {"-h", "--help", "--figures", "--no-figure", "--storage-option"}
+        assert set(actions) - table == interface, name
         run2 = {"run2": "r2"} if name == "heads" else {}  # heads compares two runs
         args = build_parser().parse_args(["analyze", name, "s.zarr", "r", *run2.values()])
         assert analysis_config(args) == config(store="s.zarr", run="r", **run2), name
