@@ -280,7 +280,6 @@ class TiledHSIC:
         self.rowsum_b = self.rowsum_a if self.same else np.zeros((R, nb, n))
         self.diag_a = np.full((n_a, n), np.nan)
         self.diag_b = self.diag_a if self.same else np.full((nb, n), np.nan)
-        self.tiles = 0
 
     def add(self, part: TilePart) -> None:
         """Add one tile's share."""
@@ -304,7 +303,6 @@ class TiledHSIC:
                 self.rowsum_b[:, :, part.cols] += part.colsum_b
             if part.diag_b is not None:
                 self.diag_b[:, part.rows] = part.diag_b
-        self.tiles += 1
 
     def unshift(self, offset_a: Any, offset_b: Any = None) -> None:
         """The tiles were of ``K − a1ᵀ − 1aᵀ`` (a stored, shifted Gram): put ``2a`` back on the
@@ -415,10 +413,6 @@ class GatheredGrams:
     def __init__(self, requests: Sequence[np.ndarray], n_layers: int) -> None:
         self.requests = [np.asarray(r, dtype=np.int64) for r in requests]
         self._grams = [np.full((n_layers, r.size, r.size), np.nan) for r in self.requests]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(g.nbytes for g in self._grams)
 
     def add(self, pieces: Sequence[tuple[int, np.ndarray, np.ndarray, FloatArray]], *,
             diagonal: bool) -> None:  # fmt: skip

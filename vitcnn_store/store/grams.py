@@ -454,7 +454,3 @@ class GramReader:
                 run=self.info.run, layer=self.where,
             )  # fmt: skip
         return out
-
-    def forget(self) -> None:
-        """Drop the tiles read so far."""
-        self._tiles.clear()
