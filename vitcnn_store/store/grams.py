@@ -137,18 +137,12 @@ class GramInfo:
 def _chunk_stamps(url: str, run: str, layer: str) -> dict[int, list[Any]]:
     """Per unit: size, modification time and etag of the layer's chunk object (runs
     written before unit records only)."""
-    from vitcnn_store.store.layout import filesystem
+    from vitcnn_store.store.chunks import list_object_info
 
-    with store_io(url):
-        fs, root = filesystem(url)
-        base = f"{str(root).rstrip('/')}/{run}/{layer}/activation/c"
-        try:
-            found = fs.find(base, detail=True)
-        except FileNotFoundError:
-            found = {}
+    base = f"{layer}/activation/c"
     out: dict[int, list[Any]] = {}
-    for path, info in dict(found).items():
-        rel = str(path)[len(base) :].lstrip("/")
+    for path, info in list_object_info(url, run, base).items():
+        rel = path[len(base) :].lstrip("/")
         try:
             unit = int(rel.split("/")[0])
         except ValueError:
