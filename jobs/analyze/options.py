@@ -36,7 +36,7 @@ from vitcnn_store.defaults import (
 )
 from vitcnn_store.errors import UsageError
 from vitcnn_store.options import check_options, option
-from vitcnn_store.store.layout import GRAM_DTYPES, REDUCTIONS, check_name
+from vitcnn_store.store.layout import FEATURE_REDUCTIONS, GRAM_DTYPES, check_name
 
 __all__ = [
     "CONFIGS",
@@ -278,7 +278,7 @@ class CKAConfig(AnalysisOptions):
     max_batches: int | None = option(None, flag="--batches", parse=int, check="positive",
         metavar="N", help="at most N batches per repeat (default: every full batch)")
     seed: int = option(0, flag="--seed", parse=int, check="non-negative", help="sampling seed")
-    reduce: str = option("flatten", flag="--reduce", choices=REDUCTIONS,
+    reduce: str = option("flatten", flag="--reduce", choices=FEATURE_REDUCTIONS,
         help="flatten tokens x channels, token/spatial mean, or CLS")
     kernel: str = option("linear", flag="--kernel", choices=KERNELS, help="the CKA kernel")
     rbf_threshold: float = option(1.0, flag="--rbf-threshold", parse=float, check="positive",

@@ -49,9 +49,9 @@ from vitcnn_store.errors import DamagedDataError
 from vitcnn_store.store.checked import damage_error
 from vitcnn_store.store.codecs import checksummed
 from vitcnn_store.store.layout import (
+    FEATURE_REDUCTIONS,
     GRAM_DTYPES,
     GRAMS,
-    REDUCTIONS,
     open_root,
     quiet_zarr,
     store_io,
@@ -62,8 +62,8 @@ if TYPE_CHECKING:
     from vitcnn_store.store.reader import Run
 
 __all__ = [
+    "FEATURE_REDUCTIONS",
     "GRAM_DTYPES",
-    "REDUCTIONS",
     "GramInfo",
     "GramReader",
     "create_gram",
@@ -84,8 +84,8 @@ SHIFT = (
 
 
 def _suffix(reduce: str) -> str:
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduce!r}: use {', '.join(REDUCTIONS)}")
+    if reduce not in FEATURE_REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduce!r}: use {', '.join(FEATURE_REDUCTIONS)}")
     return "" if reduce == "flatten" else f"_{reduce}"
 
 
