@@ -60,8 +60,8 @@ class ExtractConfig:
     )  # fmt: skip
     reduce: tuple[str, ...] = option(
         (), flag="--reduce", parse=parse_reduce_item, action="append", metavar="PATTERN=HOW",
-        help="store a reduction of the matching layers: cls (the CLS token), mean (over patch "
-        "tokens or positions) or pool:K (K×K average pool); repeatable",
+        help="store a reduction of the matching layers: cls (the CLS token), mean (or gap: "
+        "over patch tokens or positions) or pool:K (K×K average pool); repeatable",
     )  # fmt: skip
     attention: bool = option(False, flag="--attention", action="true",
                              help="store attention probabilities")  # fmt: skip

@@ -152,14 +152,30 @@ def test_model_arg_cannot_carry_weights(capsys: pytest.CaptureFixture[str]) -> N
         assert "--checkpoint" in err and "--pretrained" in err, err
 
 
-def test_roles_choices_are_the_jobs_role_sets() -> None:
-    """``--roles`` of cka and probe offers exactly the selections the jobs know."""
-    from jobs.analyze.depth import ROLE_SETS
+def test_roles_choices_are_the_jobs_role_sets(tmp_path: Path) -> None:
+    """``--roles`` of cka and probe offers exactly the selections the jobs act on: each
+    choice selects layers of a run, and a value outside them is refused by the job."""
+    from jobs.analyze.depth import select_by_role
+    from vitcnn_store import open_store
     from vitcnn_store.cli import build_parser
+    from vitcnn_store.errors import UsageError
+    from vitcnn_store.store import ArraySpec, create_run
 
+    attrs = {"kind": "channel", "depth_index": 0, "depth_fraction": 0.0}
+    create_run(
+        str(tmp_path / "s.zarr"), "r", image_ids=["a"], labels=[0], chunk=1, dtype="float32",
+        arrays=[ArraySpec("fc", "activation", ("channel",), (2,), {}, attrs)],
+        attrs={"model": "m", "dtype": "float32", "chunk_size": 1, "n_images": 1},
+        image_sha256=["0" * 64],
+    )  # fmt: skip
+    run = open_store(str(tmp_path / "s.zarr"))["r"]
     analyze = next(a for a in build_parser()._actions if a.choices and "analyze" in a.choices)
     for name in ("cka", "probe"):
         sub = analyze.choices["analyze"]._actions  # type: ignore[index]
         cmd = next(a for a in sub if a.choices and name in a.choices).choices[name]
         roles = next(a for a in cmd._actions if "--roles" in a.option_strings)
-        assert tuple(roles.choices) == ROLE_SETS, name
+        assert roles.choices and roles.default in roles.choices, name
+        for choice in roles.choices:
+            assert select_by_role(run, None, choice)[0] == ["fc"], (name, choice)
+    with pytest.raises(UsageError, match="--roles"):
+        select_by_role(run, None, "blocks")

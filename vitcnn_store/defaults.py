@@ -6,7 +6,7 @@ CLI's parser (``vitcnn --help``) imports no array library.
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_BOOTSTRAP", "DEFAULT_L2_GRID", "DEFAULT_LEVEL"]
+__all__ = ["DEFAULT_BOOTSTRAP", "DEFAULT_L2_GRID", "DEFAULT_LEVEL", "MIN_HSIC_SAMPLES"]
 
 #: Bootstrap resamples per interval when not given (``--bootstrap``).
 DEFAULT_BOOTSTRAP = 1000
@@ -15,3 +15,8 @@ DEFAULT_LEVEL = 0.95
 
 #: Ridge penalties tried by cross-validation (``--l2-grid``): 1e-3 to 1e5 in half decades.
 DEFAULT_L2_GRID: tuple[float, ...] = tuple(float(10.0 ** (e / 2)) for e in range(-6, 11))
+
+#: Fewest images per (batch) Gram each HSIC estimator is defined for, by ``unbiased``: the
+#: normalisation 1/(n(n-3)) or 1/(n-1)² divides by zero below (enforced by
+#: :func:`vitcnn_store.analysis.cka.check_hsic_n`; ``--batch-size`` states it).
+MIN_HSIC_SAMPLES = {True: 4, False: 2}

@@ -16,14 +16,14 @@ from vitcnn_store.errors import StoreError, UsageError
 from vitcnn_store.models.families import stored_roles
 from vitcnn_store.models.layers import match_patterns
 from vitcnn_store.store import schema
-from vitcnn_store.store.grams import REDUCTIONS  # the reductions a Gram cache is keyed by
+from vitcnn_store.store.grams import FEATURE_REDUCTIONS  # the keys of a Gram cache
 from vitcnn_store.store.reader import Run
 
 if TYPE_CHECKING:
     import xarray as xr
 
 __all__ = [
-    "REDUCTIONS",
+    "FEATURE_REDUCTIONS",
     "LayerInfo",
     "layer_info",
     "layer_roles",
@@ -136,7 +136,7 @@ def reduce_layer(x: xr.DataArray, how: str, *, cls_fallback: bool = False) -> tu
         if data.ndim > 2:
             return data.astype(np.float64).mean(axis=tuple(range(1, data.ndim - 1))), how
         return data, how
-    raise UsageError(f"unknown reduction {how!r}: use {', '.join(REDUCTIONS)}")
+    raise UsageError(f"unknown reduction {how!r}: use {', '.join(FEATURE_REDUCTIONS)}")
 
 
 def token_positions(run: Run, attention: xr.DataArray) -> tuple[np.ndarray, int | None]:

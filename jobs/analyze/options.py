@@ -28,10 +28,15 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vitcnn_store.defaults import DEFAULT_BOOTSTRAP, DEFAULT_L2_GRID, DEFAULT_LEVEL
+from vitcnn_store.defaults import (
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_L2_GRID,
+    DEFAULT_LEVEL,
+    MIN_HSIC_SAMPLES,
+)
 from vitcnn_store.errors import UsageError
 from vitcnn_store.options import check_options, option
-from vitcnn_store.store.layout import GRAM_DTYPES, REDUCTIONS, check_name
+from vitcnn_store.store.layout import FEATURE_REDUCTIONS, GRAM_DTYPES, check_name
 
 __all__ = [
     "CONFIGS",
@@ -73,6 +78,8 @@ FEATURES = ("auto", "cls", "gap")
 #: ``--groups`` of probes: which images a split keeps together.
 GROUPINGS = ("auto", "parent", "none")
 #: Layer selections of the analyses drawn along depth (:func:`jobs.analyze.depth.select_by_role`).
+#: A batch's size check: the unbiased HSIC₁ (every batched estimate here) needs 4 images.
+_AT_LEAST_BATCH = f"at least {MIN_HSIC_SAMPLES[True]}"
 ROLE_SETS = ("stream", "branches", "all")
 # A target token: a grid position (row, col) or a flat patch index (row-major).
 TokenSpec = tuple[int, int] | int
@@ -265,13 +272,13 @@ class CKAConfig(AnalysisOptions):
         help="unbiased HSIC1 summed over minibatches (the paper's), biased HSIC over all "
         "images, or unbiased HSIC1 over all images")
     batch_size: int = option(DEFAULT_BATCH_SIZE, flag="--batch-size", parse=int,
-        check="at least 4", help="images per batch, capped to the usable images")
+        check=_AT_LEAST_BATCH, help="images per batch, capped to the usable images")
     repeats: int = option(1, flag="--repeats", parse=int, check="positive",
         help="fresh samplings, averaged (std reported)")
     max_batches: int | None = option(None, flag="--batches", parse=int, check="positive",
         metavar="N", help="at most N batches per repeat (default: every full batch)")
     seed: int = option(0, flag="--seed", parse=int, check="non-negative", help="sampling seed")
-    reduce: str = option("flatten", flag="--reduce", choices=REDUCTIONS,
+    reduce: str = option("flatten", flag="--reduce", choices=FEATURE_REDUCTIONS,
         help="flatten tokens x channels, token/spatial mean, or CLS")
     kernel: str = option("linear", flag="--kernel", choices=KERNELS, help="the CKA kernel")
     rbf_threshold: float = option(1.0, flag="--rbf-threshold", parse=float, check="positive",
@@ -364,7 +371,7 @@ class LocalizationConfig(BootstrapOptions):
         metavar="LIST", help="grid positions row:col or flat patch indices, comma-separated "
         "(default: 4-5 spread over the grid)")
     batch_size: int = option(DEFAULT_BATCH_SIZE, flag="--batch-size", parse=int,
-        check="at least 4", help="images per batch, capped to the usable images")
+        check=_AT_LEAST_BATCH, help="images per batch, capped to the usable images")
     seed: int = option(0, flag="--seed", parse=int, check="non-negative", help="sampling seed")
     # fmt: on
 
@@ -444,7 +451,7 @@ class HeadsConfig(AnalysisOptions):
     layers2: str | None = option(None, flag="--layers2", parse=str, metavar="PATTERNS",
         help="layers of RUN2 (default: its residual stream up to half depth)")
     batch_size: int = option(DEFAULT_BATCH_SIZE, flag="--batch-size", parse=int,
-        check="at least 4", help="images per batch, capped to the usable images")
+        check=_AT_LEAST_BATCH, help="images per batch, capped to the usable images")
     max_batches: int | None = option(None, flag="--batches", parse=int, check="positive",
         metavar="N", help="at most N batches (default: every full batch)")
     seed: int = option(0, flag="--seed", parse=int, check="non-negative", help="sampling seed")
@@ -495,10 +502,11 @@ def cap_batch_size(requested: int, n: int, what: str = "--batch-size") -> int:
     >>> cap_batch_size(16, 40)
     16
     """
-    if requested < 4:
-        raise UsageError(f"{what} must be >= 4 for the unbiased estimator, got {requested}")
-    if n < 4:
-        raise UsageError(f"the unbiased estimator needs at least 4 usable images, got {n}")
+    least = MIN_HSIC_SAMPLES[True]
+    if requested < least:
+        raise UsageError(f"{what} must be >= {least} for the unbiased estimator, got {requested}")
+    if n < least:
+        raise UsageError(f"the unbiased estimator needs at least {least} usable images, got {n}")
     if requested > n:
         given = (f"the default batch size {requested}" if requested == DEFAULT_BATCH_SIZE
                  else f"{what} {requested}")  # fmt: skip

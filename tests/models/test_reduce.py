@@ -49,6 +49,16 @@ def test_parse_and_refuse() -> None:
             parse_reduce_item(bad)
 
 
+def test_gap_is_accepted_as_mean_and_recorded_as_mean() -> None:
+    """The analyses' name of the same operation: accepted at extraction, stored as ``mean``."""
+    from vitcnn_store.models.reduce import EXTRACT_ALIASES, EXTRACT_REDUCTIONS
+    from vitcnn_store.store.layout import FEATURE_REDUCTIONS
+
+    assert parse_reduce_item("blocks.*=gap") == "blocks.*=mean"
+    assert set(EXTRACT_ALIASES) <= set(FEATURE_REDUCTIONS)
+    assert set(EXTRACT_ALIASES.values()) <= set(EXTRACT_REDUCTIONS)
+
+
 def test_assign_matches_chosen_layers_and_refuses_conflicts() -> None:
     layers = ["blocks.0", "blocks.1", "norm"]
     assert set(assign_reductions(layers, ["blocks.*=mean", "norm=cls"])) == set(layers)

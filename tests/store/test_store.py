@@ -119,6 +119,20 @@ def test_round_trip(tmp_path: Path) -> None:
     assert run["layer1.0"].x.values.tolist() == [8.0, 24.0]
 
 
+def test_run_to_datatree_is_the_run_as_xarray_reads_it(tmp_path: Path) -> None:
+    """``run.to_datatree()`` (a fixed name, DESIGN.md §3) holds this run's written values
+    and provenance, not the store's root or another run."""
+    url = filled_store(tmp_path)
+    run = open_store(url)["r"]
+    tree = run.to_datatree()
+    assert tree.attrs["model"] == PROVENANCE["model"] and "other" not in tree.children
+    assert set(tree.children) >= {"blocks.0", "layer1.0"}
+    for layer in run.layers:
+        np.testing.assert_array_equal(tree[layer]["activation"].values, run[layer].values)
+    np.testing.assert_array_equal(tree["blocks.0"]["attention"].values,
+                                  run.attention("blocks.0").values)  # fmt: skip
+
+
 def test_opens_with_plain_xarray_and_zarr(tmp_path: Path) -> None:
     url = str(tmp_path / "s.zarr")
     make_run(url, attention=True)

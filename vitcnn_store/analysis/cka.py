@@ -49,13 +49,16 @@ from vitcnn_store.analysis.gram import (
     kernel_gram,
     u_center_gram,
 )
+from vitcnn_store.defaults import MIN_HSIC_SAMPLES
 
 __all__ = [
     "CONSTANT_RTOL",
+    "MIN_SAMPLES",
     "ConstantRepresentationWarning",
     "MinibatchCKA",
     "MinibatchCKAMatrix",
     "center_gram",
+    "check_hsic_n",
     "cka",
     "cka_from_sums",
     "cka_matrix_from_grams",
@@ -63,6 +66,7 @@ __all__ = [
     "gram_linear",
     "gram_rbf",
     "hsic",
+    "hsic_scale",
     "linear_cka",
     "sample_batches",
     "u_center_gram",
@@ -76,13 +80,28 @@ _STACK_BYTES = 8 * 2**20  # centred-Gram vectors of the second side stacked at o
 CONSTANT_RTOL = 1e-10
 
 
-def _check_unbiased_n(n: int) -> None:
-    if n < 4:
-        raise ValueError(f"the unbiased HSIC estimator needs n >= 4 samples, got {n}")
+#: Fewest images per (batch) Gram of each HSIC estimator, by ``unbiased``.
+MIN_SAMPLES = MIN_HSIC_SAMPLES
 
 
-def _hsic_scale(n: int, unbiased: bool) -> float:
-    """The normalisation of ``<centred K, centred L>_F``: 1/(n(n-3)) or 1/(n-1)²."""
+def check_hsic_n(n: int, *, unbiased: bool) -> None:
+    """Refuse a Gram of ``n`` images too small for the estimator (:data:`MIN_SAMPLES`)."""
+    if n < MIN_SAMPLES[unbiased]:
+        what = "unbiased" if unbiased else "biased"
+        raise ValueError(
+            f"the {what} HSIC estimator needs n >= {MIN_SAMPLES[unbiased]} samples, got {n}"
+        )
+
+
+def hsic_scale(n: int, *, unbiased: bool) -> float:
+    """The normalisation of ``<centred K, centred L>_F``: 1/(n(n-3)) or 1/(n-1)².
+
+    Examples
+    --------
+    >>> hsic_scale(5, unbiased=True), hsic_scale(5, unbiased=False)
+    (0.1, 0.0625)
+    """
+    check_hsic_n(n, unbiased=unbiased)
     return 1.0 / (n * (n - 3)) if unbiased else 1.0 / (n - 1) ** 2
 
 
@@ -185,8 +204,8 @@ def _inner_products(
     if not len(grams_a) or (grams_b is not None and not len(grams_b)):
         raise ValueError("need at least one representation per side")
     n = as_square(grams_a[0]).shape[0]
-    if unbiased:
-        _check_unbiased_n(n)
+    if unbiased:  # a biased Gram of one image is constant: NaN, as it always was
+        check_hsic_n(n, unbiased=True)
     va, ta = _centred_vectors(grams_a, n, unbiased=unbiased)
     aa = 2.0 * np.einsum("ij,ij->i", va, va)
     if grams_b is None:
@@ -214,7 +233,7 @@ def hsic(K: Any, L: Any, *, unbiased: bool = False) -> float:
     """
     p = _inner_products([K], [L], unbiased=unbiased)
     # tr(KHLH) = <HKH, HLH>_F because H is symmetric and idempotent.
-    return float(p.ab[0, 0]) * _hsic_scale(p.n, unbiased)
+    return float(p.ab[0, 0]) * hsic_scale(p.n, unbiased=unbiased)
 
 
 def cka_matrix_from_grams(
@@ -297,7 +316,7 @@ def unbiased_linear_cka(X: Any, Y: Any) -> float:
 
 
 def _check_batch(expected: int | None, n: int) -> int:
-    _check_unbiased_n(n)
+    check_hsic_n(n, unbiased=True)
     if expected is not None and n != expected:
         raise ValueError(
             f"minibatch CKA needs equal batch sizes (drop the remainder): got {n}, expected "
@@ -354,7 +373,7 @@ class MinibatchCKAMatrix:
         """
         p = _inner_products(grams_a, grams_b, unbiased=True)
         self.batch_size = _check_batch(self.batch_size, p.n)
-        s = _hsic_scale(p.n, unbiased=True)
+        s = hsic_scale(p.n, unbiased=True)
         self._add(p.ab * s, p.aa * s, p.bb * s, p.scale_a * s, p.scale_b * s, 1)
 
     def _add(

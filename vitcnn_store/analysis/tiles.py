@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from vitcnn_store.analysis._arrays import FloatArray
-from vitcnn_store.analysis.cka import cka_from_sums
+from vitcnn_store.analysis.cka import cka_from_sums, hsic_scale
 
 __all__ = [
     "BatchLayout",
@@ -280,7 +280,6 @@ class TiledHSIC:
         self.rowsum_b = self.rowsum_a if self.same else np.zeros((R, nb, n))
         self.diag_a = np.full((n_a, n), np.nan)
         self.diag_b = self.diag_a if self.same else np.full((nb, n), np.nan)
-        self.tiles = 0
 
     def add(self, part: TilePart) -> None:
         """Add one tile's share."""
@@ -304,7 +303,6 @@ class TiledHSIC:
                 self.rowsum_b[:, :, part.cols] += part.colsum_b
             if part.diag_b is not None:
                 self.diag_b[:, part.rows] = part.diag_b
-        self.tiles += 1
 
     def unshift(self, offset_a: Any, offset_b: Any = None) -> None:
         """The tiles were of ``K − a1ᵀ − 1aᵀ`` (a stored, shifted Gram): put ``2a`` back on the
@@ -318,10 +316,7 @@ class TiledHSIC:
         squared traces of the raw batch Grams, all with the estimator's normalisation."""
         lay = self.layout
         m = lay.size
-        if self.unbiased and m < 4:
-            raise ValueError(f"the unbiased HSIC estimator needs n >= 4 samples, got {m}")
-        if not self.unbiased and m < 2:
-            raise ValueError(f"the biased HSIC estimator needs n >= 2 samples, got {m}")
+        norm = hsic_scale(m, unbiased=self.unbiased)  # refuses too small batches
         members = lay.batches.reshape(-1)
         if np.isnan(self.diag_a[:, members]).any() or np.isnan(self.diag_b[:, members]).any():
             raise ValueError("a diagonal tile is missing: add every tile on and above the diagonal")
@@ -330,10 +325,11 @@ class TiledHSIC:
         aa = np.zeros((R, self.self_a.shape[2]))
         bb = np.zeros((R, self.self_b.shape[2]))
         sa, sb = np.zeros_like(aa), np.zeros_like(bb)
+        # The centring terms of the sum forms in the module docstring.
         if self.unbiased:
-            norm, c_tot, c_row = 1.0 / (m * (m - 3)), 1.0 / ((m - 1) * (m - 2)), 2.0 / (m - 2)
+            c_tot, c_row = 1.0 / ((m - 1) * (m - 2)), 2.0 / (m - 2)
         else:
-            norm, c_tot, c_row = 1.0 / (m - 1) ** 2, 1.0 / m**2, 2.0 / m
+            c_tot, c_row = 1.0 / m**2, 2.0 / m
         for r in range(R):
             for j in range(B):
                 idx = lay.batches[r, j]
@@ -415,10 +411,6 @@ class GatheredGrams:
     def __init__(self, requests: Sequence[np.ndarray], n_layers: int) -> None:
         self.requests = [np.asarray(r, dtype=np.int64) for r in requests]
         self._grams = [np.full((n_layers, r.size, r.size), np.nan) for r in self.requests]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(g.nbytes for g in self._grams)
 
     def add(self, pieces: Sequence[tuple[int, np.ndarray, np.ndarray, FloatArray]], *,
             diagonal: bool) -> None:  # fmt: skip

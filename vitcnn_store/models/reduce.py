@@ -25,8 +25,8 @@ never made. A reduced layer records ``reduction`` (``cls``, ``mean`` or
 
 Examples
 --------
->>> parse_reduce_item("blocks.*=pool:2")
-'blocks.*=pool:2'
+>>> parse_reduce_item("blocks.*=pool:2"), parse_reduce_item("blocks.*=gap")
+('blocks.*=pool:2', 'blocks.*=mean')
 >>> Reduction.parse("mean"), Reduction.parse("pool:3").k
 (Reduction(how='mean', k=0), 3)
 """
@@ -45,7 +45,8 @@ if TYPE_CHECKING:  # numpy loads where used: the CLI's parser (--reduce) needs n
     import torch
 
 __all__ = [
-    "REDUCTIONS",
+    "EXTRACT_ALIASES",
+    "EXTRACT_REDUCTIONS",
     "Reduction",
     "ResolvedReduction",
     "assign_reductions",
@@ -54,7 +55,11 @@ __all__ = [
     "resolve_reduction",
 ]
 
-REDUCTIONS = ("cls", "mean", "pool:K")
+#: What ``--reduce`` keeps of a layer at extraction (recorded as such in the layer's attrs).
+EXTRACT_REDUCTIONS = ("cls", "mean", "pool:K")
+#: Other spellings accepted where users type them: the analyses call the mean over patch
+#: tokens or positions "gap" (store/layout.py FEATURE_REDUCTIONS).
+EXTRACT_ALIASES = {"gap": "mean"}
 _HELP = "--reduce wants PATTERN=cls, PATTERN=mean or PATTERN=pool:K (K a positive integer)"
 
 
@@ -68,6 +73,7 @@ class Reduction:
     @classmethod
     def parse(cls, text: str) -> Reduction:
         how, _, k = text.strip().partition(":")
+        how = EXTRACT_ALIASES.get(how, how)
         if how in ("cls", "mean") and not k:
             return cls(how)
         if how == "pool" and k.isdigit() and int(k) > 0:

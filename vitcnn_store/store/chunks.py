@@ -16,7 +16,14 @@ import numpy as np
 from vitcnn_store.errors import DamagedDataError
 from vitcnn_store.store.layout import IMAGE_COORDS, environment_error, quiet_zarr, store_io
 
-__all__ = ["chunk_key", "list_objects", "missing_unit_chunks", "unit_arrays", "walk_arrays"]
+__all__ = [
+    "chunk_key",
+    "list_object_info",
+    "list_objects",
+    "missing_unit_chunks",
+    "unit_arrays",
+    "walk_arrays",
+]
 
 
 def walk_arrays(group: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -56,20 +63,30 @@ def chunk_key(array: Any, coords: tuple[int, ...]) -> str:
     return str(array.metadata.encode_chunk_key(coords))
 
 
-def list_objects(url: str, run: str) -> dict[str, int]:
-    """Every stored object of ``run`` as ``{key relative to the run: size in bytes}``."""
+def list_object_info(url: str, run: str, under: str = "") -> dict[str, dict[str, Any]]:
+    """Every stored object of ``run`` (below its folder ``under``) as ``{key relative to
+    the run: the store's details (size, and where it has them mtime, etag)}``: the one
+    listing of a run's objects. A folder that does not exist lists nothing."""
     from vitcnn_store.store.layout import filesystem
 
     with store_io(url):
         fs, path = filesystem(url)
         base = f"{path.rstrip('/')}/{run}"
-        found = fs.find(base, detail=True)
+        try:
+            found = fs.find(f"{base}/{under}".rstrip("/"), detail=True)
+        except FileNotFoundError:
+            found = {}
     prefix = fs._strip_protocol(base).rstrip("/") + "/"
     out = {}
-    for name, info in found.items():
+    for name, info in dict(found).items():
         rel = fs._strip_protocol(name)
-        out[rel[len(prefix) :] if rel.startswith(prefix) else rel] = int(info.get("size") or 0)
+        out[rel[len(prefix) :] if rel.startswith(prefix) else rel] = dict(info)
     return out
+
+
+def list_objects(url: str, run: str) -> dict[str, int]:
+    """Every stored object of ``run`` as ``{key relative to the run: size in bytes}``."""
+    return {key: int(info.get("size") or 0) for key, info in list_object_info(url, run).items()}
 
 
 def missing_unit_chunks(

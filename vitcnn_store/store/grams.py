@@ -49,9 +49,9 @@ from vitcnn_store.errors import DamagedDataError
 from vitcnn_store.store.checked import damage_error
 from vitcnn_store.store.codecs import checksummed
 from vitcnn_store.store.layout import (
+    FEATURE_REDUCTIONS,
     GRAM_DTYPES,
     GRAMS,
-    REDUCTIONS,
     open_root,
     quiet_zarr,
     store_io,
@@ -62,8 +62,8 @@ if TYPE_CHECKING:
     from vitcnn_store.store.reader import Run
 
 __all__ = [
+    "FEATURE_REDUCTIONS",
     "GRAM_DTYPES",
-    "REDUCTIONS",
     "GramInfo",
     "GramReader",
     "create_gram",
@@ -84,8 +84,8 @@ SHIFT = (
 
 
 def _suffix(reduce: str) -> str:
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduce!r}: use {', '.join(REDUCTIONS)}")
+    if reduce not in FEATURE_REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduce!r}: use {', '.join(FEATURE_REDUCTIONS)}")
     return "" if reduce == "flatten" else f"_{reduce}"
 
 
@@ -137,18 +137,12 @@ class GramInfo:
 def _chunk_stamps(url: str, run: str, layer: str) -> dict[int, list[Any]]:
     """Per unit: size, modification time and etag of the layer's chunk object (runs
     written before unit records only)."""
-    from vitcnn_store.store.layout import filesystem
+    from vitcnn_store.store.chunks import list_object_info
 
-    with store_io(url):
-        fs, root = filesystem(url)
-        base = f"{str(root).rstrip('/')}/{run}/{layer}/activation/c"
-        try:
-            found = fs.find(base, detail=True)
-        except FileNotFoundError:
-            found = {}
+    base = f"{layer}/activation/c"
     out: dict[int, list[Any]] = {}
-    for path, info in dict(found).items():
-        rel = str(path)[len(base) :].lstrip("/")
+    for path, info in list_object_info(url, run, base).items():
+        rel = path[len(base) :].lstrip("/")
         try:
             unit = int(rel.split("/")[0])
         except ValueError:
@@ -454,7 +448,3 @@ class GramReader:
                 run=self.info.run, layer=self.where,
             )  # fmt: skip
         return out
-
-    def forget(self) -> None:
-        """Drop the tiles read so far."""
-        self._tiles.clear()

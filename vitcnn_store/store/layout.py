@@ -67,9 +67,11 @@ LEASES = "_leases"
 #: without a folder listing. Not a run; readers skip it.
 RUNS_INDEX = "_runs"
 GRAMS = "_grams"  # the Gram cache (store/grams.py); like _analyses, derived from the run
-# The Gram cache's feature reductions and dtypes (here, not in grams.py: the analysis
-# options name them, and building the CLI's parser must not import numpy).
-REDUCTIONS = ("flatten", "gap", "cls")
+# How an analysis turns a stored layer into one feature vector per image, the keys of the
+# Gram cache (here, not in grams.py: the analysis options name them, and building the
+# CLI's parser must not import numpy). "gap" is the same operation as extraction's
+# "mean" (models/reduce.py EXTRACT_REDUCTIONS): the mean over patch tokens or positions.
+FEATURE_REDUCTIONS = ("flatten", "gap", "cls")
 GRAM_DTYPES = ("float64", "float32")
 # Arrays directly under a run; layer groups may not take these names.
 RUN_ARRAYS = (

@@ -142,11 +142,6 @@ class Run:
         return dict(self.group.attrs)
 
     @property
-    def provenance(self) -> dict[str, Any]:
-        """Alias of :attr:`attrs`."""
-        return self.attrs
-
-    @property
     def format(self) -> int:
         """Store format the run was written in (1 or 2)."""
         return run_format(self.attrs)

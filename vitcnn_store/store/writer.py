@@ -31,6 +31,7 @@ from vitcnn_store.errors import (
     NonFiniteActivationError,
     StoreError,
 )
+from vitcnn_store.store.chunks import unit_arrays
 from vitcnn_store.store.codecs import COMPRESSIONS, checksummed
 from vitcnn_store.store.index import (
     RECORD,
@@ -543,20 +544,10 @@ class RunWriter:
             self.group = root[run]
             self.chunk = int(self.group.attrs["chunk_size"])
             self.n_images = int(self.group["image"].shape[0])
-            self._arrays: dict[str, Any] = {}
-            self._visit(self.group, "")
+            # The arrays a unit writes: the one rule `vitcnn verify` and `ls` check against.
+            self._arrays: dict[str, Any] = dict(unit_arrays(self.group))
             self.done = self.group["done"]
             self.record = self.group.get(RECORD, None)
-
-    def _visit(self, group: Any, prefix: str) -> None:
-        for key, node in group.members():
-            path = f"{prefix}/{key}" if prefix else key
-            if key == ANALYSES or key.startswith("_") or key in (*IMAGE_COORDS, RECORD):
-                continue  # coordinates are written once, at creation
-            if hasattr(node, "members"):
-                self._visit(node, path)
-            elif node.shape and node.metadata.dimension_names[0] == "image":
-                self._arrays[path] = node
 
     @property
     def units(self) -> list[tuple[int, int]]:
