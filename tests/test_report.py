@@ -139,7 +139,7 @@ def test_every_paper_statement_names_its_section_or_figure() -> None:
     """The report's captions and 'Paper:' lines cite Raghu et al. 2021 by section or figure."""
     import re
 
-    from vitcnn_store.report import PAPER_PROTOCOL, SECTIONS
+    from vitcnn_store.interface.report import PAPER_PROTOCOL, SECTIONS
 
     cite = re.compile(r"\b(Sec\.|Fig\.|Figs\.|App\.) ?\d")
     for kind, text in PAPER_PROTOCOL.items():

@@ -15,7 +15,7 @@ import pytest
 
 from tests.test_bad_input import TINY
 from vitcnn_store import open_store
-from vitcnn_store.cli import main, parse_storage_options
+from vitcnn_store.interface.cli import main, parse_storage_options
 from vitcnn_store.errors import StoreUnavailableError
 
 _AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",

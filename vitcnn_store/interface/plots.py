@@ -16,7 +16,6 @@ global state is touched.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +29,6 @@ __all__ = [
     "DEPTH_LABEL",
     "LOCALIZATION_SCALE",
     "OVERLAYS",
-    "PLOTTERS",
     "attention_convention",
     "cka_figure",
     "draw_attention",
@@ -651,22 +649,15 @@ def plot_overlay(kind: str, results: list[tuple[str, xr.Dataset]], path: str | P
     return _save(draw_overlay(kind, results), path)
 
 
-PLOTTERS: dict[str, Callable[[xr.Dataset, str | Path], Path]] = {
-    "cka": plot_cka,
-    "attention": plot_attention,
-    "localization": plot_localization,
-    "skip": plot_skip,
-    "probe": plot_probe,
-    "heads": plot_heads,
-}
-
-
 def plot_result(ds: xr.Dataset, path: str | Path) -> Path:
-    """Draw any result dataset by its ``analysis`` attribute."""
+    """Draw any result dataset by its ``analysis`` attribute, with the plotter its
+    registry entry names (:mod:`vitcnn_store.interface.registry`)."""
+    from vitcnn_store.interface.registry import ANALYSES
+
     kind = str(ds.attrs.get("analysis", ""))
-    if kind not in PLOTTERS:
+    if kind not in ANALYSES:
         raise ValueError(f"no figure for analysis {kind!r}")
-    return PLOTTERS[kind](ds, path)
+    return ANALYSES[kind].plot(ds, path)
 
 
 def figure_dir(store: str, figures: str | None = None) -> Path:
