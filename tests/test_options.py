@@ -10,8 +10,8 @@ import pytest
 
 from jobs.config import ExtractConfig
 from jobs.submit import SubmitOptions
-from vitcnn_store.interface.cli import LayersOptions, _extract_config, build_parser, main
 from vitcnn_store.errors import UsageError, VitcnnError
+from vitcnn_store.interface.cli import LayersOptions, _extract_config, build_parser, main
 from vitcnn_store.models import ModelSpec
 from vitcnn_store.options import AUTO, config_kwargs, options_of, to_argv
 

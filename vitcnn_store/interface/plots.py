@@ -108,19 +108,6 @@ def _name_ticks(
     axis.set_ticks(positions[::step], names[::step], fontsize=6, rotation=rotation)
 
 
-def _protocol(ds: xr.Dataset) -> str:
-    a = ds.attrs
-    if a.get("estimator") == "unbiased-minibatch":
-        images = (f"batch {a.get('batch_size', '?')} × {a.get('n_batches', '?')}, "
-                  f"{a.get('repeats', 1)} repeat(s)")  # fmt: skip
-    else:
-        images = "all images"
-    return (
-        f"{a.get('estimator', '')}, {a.get('kernel', 'linear')} kernel, {a.get('reduce', '')}, "
-        f"n={a.get('n', '?')} ({images})"
-    )
-
-
 def plot_cka(ds: xr.Dataset, path: str | Path) -> Path:
     """CKA matrix heatmap, rows ``layer_a`` and columns ``layer_b`` from the first layer up.
 
@@ -178,6 +165,8 @@ def _cka_panels(ds: xr.Dataset) -> list[tuple[str, np.ndarray, Any, str, str]]:
 def cka_figure(ds: xr.Dataset) -> Figure:
     """The figure :func:`plot_cka` saves: panels (CKA, then sd, null, percentile where
     stored), each with its colour bar."""
+    from jobs.analyze.protocol import cka_protocol
+
     la, lb = _names(ds["layer_a"].values), _names(ds["layer_b"].values)
     ya, ea, depth_a = _cka_axes(ds, "a")
     xb, eb, depth_b = _cka_axes(ds, "b")
@@ -206,7 +195,7 @@ def cka_figure(ds: xr.Dataset) -> Figure:
             _ticks(ax, "y", la)
         bars.append(fig.colorbar(im, ax=ax, shrink=0.8, label=label))
     cka = panels[0][1]
-    lines = [f"CKA {a} × {b}: {_protocol(ds)}"]
+    lines = [f"CKA {a} × {b}: {cka_protocol(ds.attrs)}"]
     if np.isfinite(cka).any():
         lines.append(f"CKA range {np.nanmin(cka):.3f} … {np.nanmax(cka):.3f} (diverging scale "
                      "centred on 0, nothing clipped)")  # fmt: skip

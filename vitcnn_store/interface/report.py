@@ -31,17 +31,12 @@ from vitcnn_store.store.analyses import (
     read_analysis,
 )
 
-__all__ = ["PAPER_PROTOCOL", "SECTIONS", "ResultEntry", "build_report", "collect_results"]
+__all__ = ["ResultEntry", "build_report", "collect_results", "sections"]
 
-# analysis -> (title, what the figure shows, after which paper figure), in the
-# registry's order: the report's sections.
-SECTIONS: dict[str, tuple[str, str]] = {
-    e.name: e.section for e in ANALYSES.values() if e.section is not None
-}
 
-# What the paper did, beside each figure, each with the section or figure that says so
-# (Raghu et al. 2021, arXiv:2108.08810; docs/reproduce.md has more).
-PAPER_PROTOCOL: dict[str, str] = {e.name: e.paper for e in ANALYSES.values() if e.paper}
+def sections() -> list[tuple[str, tuple[str, str]]]:
+    """(analysis, (title, caption)) of the report's sections, in the registry's order."""
+    return [(e.name, e.section) for e in ANALYSES.values() if e.section is not None]
 
 
 @dataclass
@@ -144,12 +139,14 @@ def _run_protocol(run: Any) -> str:
 
 def _estimate_protocol(kind: str, ds: Any) -> str:
     """How the numbers were estimated: n, batches, repeats, penalty, baseline."""
+    from jobs.analyze.protocol import cka_protocol, sampling
+
     a = ds.attrs
     n = f"n = {a.get('n', '?')} images"
-    if kind in ("cka", "localization"):
-        batches = a.get("n_batches", "?")
-        text = f"{n}, batches of {a.get('batch_size', '?')} × {batches}"
-        return text + (f", {a['repeats']} repeat(s)" if "repeats" in a else "")
+    if kind == "cka":
+        return cka_protocol(a)
+    if kind == "localization":
+        return f"{n} ({sampling(a)})"
     if kind == "attention":
         return f"{n}, {a.get('grid', '')}; baseline: {a.get('baseline', 'none stored')}"
     if kind == "probe":
@@ -164,7 +161,9 @@ def _protocol_html(entry: ResultEntry, runs: dict[str, Any]) -> str:
     sources = [str(r) for r in entry.dataset.attrs.get("source_runs", [entry.run])]
     here = "; ".join(_run_protocol(runs[r]) for r in sources if r in runs)
     estimate = _estimate_protocol(entry.analysis, entry.dataset)
-    paper = PAPER_PROTOCOL.get(entry.analysis, "")
+    # What the paper did, with the section or figure that says so (the registry's entry;
+    # Raghu et al. 2021, arXiv:2108.08810; docs/reproduce.md has more).
+    paper = ANALYSES[entry.analysis].paper if entry.analysis in ANALYSES else ""
     esc = html.escape
     return (
         f'<div class="protocol"><b>This figure:</b> {esc(here)}; {esc(estimate)}.'
@@ -380,7 +379,7 @@ def build_report(url: str, out_dir: str | Path | None = None) -> Path:
         )
     findings = _findings(runs, results)
     body.append(_caveats_html(findings))
-    for analysis, (title, caption) in SECTIONS.items():
+    for analysis, (title, caption) in sections():
         entries = [r for r in results if r.analysis == analysis]
         if not entries:
             continue
