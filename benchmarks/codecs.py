@@ -35,7 +35,7 @@ from jobs.config import ExtractConfig
 from jobs.plan import plan_extraction
 from jobs.run_setup import prepare_store
 from jobs.worker import UnitExtractor
-from vitcnn_store.describe import table
+from vitcnn_store.interface.describe import table
 from vitcnn_store.models import ModelSpec
 from vitcnn_store.store.codecs import COMPRESSIONS, DEFAULT_COMPRESSION
 

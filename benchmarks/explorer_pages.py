@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitcnn_store.describe import table
+from vitcnn_store.interface.describe import table
 
 
 def free_port() -> int:

@@ -32,7 +32,7 @@ import vitcnn_store.store.writer as writer_module
 from jobs.extract import ExtractConfig, plan_extraction, prepare_store
 from jobs.plan import with_threads
 from jobs.worker import UnitExtractor
-from vitcnn_store.describe import format_bytes, table
+from vitcnn_store.interface.describe import format_bytes, table
 from vitcnn_store.models import ModelSpec, build_model, make_transform
 from vitcnn_store.store.chunks import walk_arrays
 from vitcnn_store.store.codecs import COMPRESSIONS, DEFAULT_COMPRESSION

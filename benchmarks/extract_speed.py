@@ -53,7 +53,7 @@ from timm.data import create_transform, resolve_data_config
 import vitcnn_store
 from jobs.config import ExtractConfig
 from jobs.extract import extract
-from vitcnn_store.describe import table
+from vitcnn_store.interface.describe import table
 from vitcnn_store.models import ModelSpec
 
 BATCH = 32

@@ -35,7 +35,7 @@ import torch
 from _photos import photo_folder
 from jobs.config import ExtractConfig
 from jobs.extract import extract
-from vitcnn_store.describe import table
+from vitcnn_store.interface.describe import table
 from vitcnn_store.models import ModelSpec
 
 store_dir, n = sys.argv[1], int(sys.argv[2])

@@ -31,7 +31,7 @@ from PIL import Image
 
 from vitcnn_store.data import hash_images, open_image_set
 from vitcnn_store.data.builtin import PHOTO_NAMES, _photo
-from vitcnn_store.describe import format_bytes, table
+from vitcnn_store.interface.describe import format_bytes, table
 
 
 def jpegs(size: tuple[int, int] = (500, 375)) -> list[bytes]:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitcnn_store.describe import table
+from vitcnn_store.interface.describe import table
 
 CONCURRENCY = (1, 16, 64)
 

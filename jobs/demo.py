@@ -12,7 +12,7 @@ analyses use the residual stream by default and draw their baselines; the
 report states how each figure differs from the paper's protocol and names
 the artifacts of random initialisation it finds.
 
-:func:`demo_plan` says what runs; the interface (:mod:`vitcnn_store.demo`)
+:func:`demo_plan` says what runs; the interface (:mod:`vitcnn_store.interface.demo`)
 runs it, prints as it goes and writes the report.
 """
 

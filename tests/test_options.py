@@ -10,8 +10,8 @@ import pytest
 
 from jobs.config import ExtractConfig
 from jobs.submit import SubmitOptions
-from vitcnn_store.cli import LayersOptions, _extract_config, build_parser, main
 from vitcnn_store.errors import UsageError, VitcnnError
+from vitcnn_store.interface.cli import LayersOptions, _extract_config, build_parser, main
 from vitcnn_store.models import ModelSpec
 from vitcnn_store.options import AUTO, config_kwargs, options_of, to_argv
 
@@ -192,12 +192,12 @@ def test_analyze_parsers_are_built_from_the_option_tables() -> None:
     """Every flagged field of each analysis config is an argument with the field's name,
     default and choices; the only other options are the interface's (figures, storage
     options, help)."""
-    from jobs.analyze.options import CONFIGS
-    from vitcnn_store.cli_analyze import analysis_config
+    from vitcnn_store.interface.cli_analyze import analysis_config
+    from vitcnn_store.interface.registry import ANALYSES
 
     parsers = _analyze_subparsers()
-    assert set(parsers) == set(CONFIGS)
-    for name, config in CONFIGS.items():
+    assert list(parsers) == list(ANALYSES)
+    for name, config in ((e.name, e.config) for e in ANALYSES.values()):
         actions = {s: a for a in parsers[name]._actions for s in a.option_strings}
         table = set()
         for f, opt in options_of(config):
@@ -241,11 +241,11 @@ def test_analyze_refuses_a_bad_value_alike_from_cli_and_python(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from jobs.analyze.options import CONFIGS
+    from vitcnn_store.interface.registry import ANALYSES
 
     store = str(tmp_path / "never.zarr")
     with pytest.raises(UsageError) as refused:
-        CONFIGS[analysis](store=store, run="r", **kwargs)
+        ANALYSES[analysis].config(store=store, run="r", **kwargs)
     message = str(refused.value)
     assert message.startswith(argv[0]), message  # names the flag
     assert main(["analyze", analysis, store, "r", *argv]) == 2

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from vitcnn_store import plots
+from vitcnn_store.interface import plots
 
 
 def _result(null: bool = True, depth: bool = True) -> xr.Dataset:

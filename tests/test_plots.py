@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from vitcnn_store import plots
+from vitcnn_store.interface import plots
+from vitcnn_store.interface.registry import ANALYSES
 
 
 def _png_ok(path: Path) -> None:
@@ -94,7 +95,7 @@ def _datasets() -> dict[str, xr.Dataset]:
             "heads": heads}  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", list(plots.PLOTTERS))
+@pytest.mark.parametrize("kind", [e.name for e in ANALYSES.values() if e.draws_figure])
 def test_each_figure_is_a_png(kind: str, tmp_path: Path) -> None:
     path = plots.plot_result(_datasets()[kind], tmp_path / "sub" / f"{kind}.png")
     assert path == tmp_path / "sub" / f"{kind}.png"
@@ -110,7 +111,7 @@ def test_attention_without_cls_and_skip_without_cls(tmp_path: Path) -> None:
 def test_no_pyplot_and_unknown_analysis(tmp_path: Path) -> None:
     # A fresh interpreter: drawing must not import pyplot (no GUI backend, no global state).
     code = (
-        "import sys, numpy as np, xarray as xr; from vitcnn_store import plots; "
+        "import sys, numpy as np, xarray as xr; from vitcnn_store.interface import plots; "
         "ds = xr.Dataset({'accuracy': ('layer', np.r_[0.2, 0.9])}, "
         "coords={'depth_fraction': ('layer', np.r_[0.0, 1.0])}); "
         f"plots.plot_probe(ds, {str(tmp_path / 'p.png')!r}); "

@@ -139,11 +139,12 @@ def test_every_paper_statement_names_its_section_or_figure() -> None:
     """The report's captions and 'Paper:' lines cite Raghu et al. 2021 by section or figure."""
     import re
 
-    from vitcnn_store.report import PAPER_PROTOCOL, SECTIONS
+    from vitcnn_store.interface.registry import ANALYSES
+    from vitcnn_store.interface.report import sections
 
     cite = re.compile(r"\b(Sec\.|Fig\.|Figs\.|App\.) ?\d")
-    for kind, text in PAPER_PROTOCOL.items():
+    for kind, text in ((e.name, e.paper) for e in ANALYSES.values() if e.paper):
         assert cite.search(text), kind
-    for kind, (_, caption) in SECTIONS.items():
+    for kind, (_, caption) in sections():
         if "paper" in caption:
             assert cite.search(caption.split("paper", 1)[1]), kind

@@ -6,7 +6,8 @@ then compare representations offline (CKA, attention distance, localization,
 skip ratios, linear probes).
 
 ``import vitcnn_store`` imports only the errors: the store reader (numpy,
-zarr) and :func:`extract` (from :mod:`jobs.api`: torch, timm, Ray) are imported
+zarr) and :func:`extract` (from :mod:`jobs.api` through
+:mod:`vitcnn_store.interface.api`: torch, timm, Ray) are imported
 on first use, so that ``vitcnn --help`` and every light command start fast.
 
 Examples
@@ -48,7 +49,7 @@ from vitcnn_store.errors import (
 )
 
 if TYPE_CHECKING:
-    from jobs.api import extract
+    from vitcnn_store.interface.api import extract
     from vitcnn_store.store.reader import Run, Store, open_store
     from vitcnn_store.store.verify import verify_store
 
@@ -91,7 +92,7 @@ _LAZY = {
     "Store": "vitcnn_store.store.reader",
     "open_store": "vitcnn_store.store.reader",
     "verify_store": "vitcnn_store.store.verify",
-    "extract": "jobs.api",
+    "extract": "vitcnn_store.interface.api",
 }
 
 

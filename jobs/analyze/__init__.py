@@ -5,7 +5,9 @@ local threads or a ``distributed`` cluster, and writes a labelled
 :class:`xarray.Dataset` to ``<run>/_analyses/<name>/<key>`` through
 :mod:`vitcnn_store.store.analyses`. Re-running with the same parameters reuses
 the stored result unless ``recompute`` is set. Jobs draw and print nothing:
-the CLI (:mod:`vitcnn_store.cli_analyze`) does.
+the CLI (:mod:`vitcnn_store.interface.cli_analyze`) does. Which analyses exist,
+and how the interface finds their jobs, is the interface's registry
+(:mod:`vitcnn_store.interface.registry`); this package knows nothing of it.
 
 Modules: ``options`` (what every job takes), ``pipeline`` (reuse, compute,
 write), ``runs`` (runs, usable images, cross-run pairing), ``layers`` (layer
@@ -27,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 # The configs are light (the CLI builds its parser from them); the jobs load on
 # first use, so importing a config does not import the analyses.
 from jobs.analyze.options import (
-    CONFIGS,
     AnalysisOptions,
     AnalysisWarning,
     AttentionConfig,
@@ -40,8 +41,6 @@ from jobs.analyze.options import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from jobs.analyze.attention import run_attention
     from jobs.analyze.cka import run_cka
     from jobs.analyze.heads import run_heads
@@ -51,12 +50,7 @@ if TYPE_CHECKING:
     from jobs.analyze.skip import run_skip
     from jobs.analyze.top_images import run_top_images
 
-    # analysis name -> (config class, job function), as the CLI dispatches them.
-    JOBS: dict[str, tuple[type[AnalysisOptions], Callable[[Any], AnalysisResult]]]
-
 __all__ = [
-    "CONFIGS",
-    "JOBS",
     "AnalysisOptions",
     "AnalysisResult",
     "AnalysisWarning",
@@ -76,24 +70,19 @@ __all__ = [
     "run_top_images",
 ]
 
-_LAZY = {
-    "AnalysisResult": "jobs.analyze.pipeline",
-    "run_attention": "jobs.analyze.attention",
-    "run_heads": "jobs.analyze.heads",
-    "run_cka": "jobs.analyze.cka",
-    "run_localization": "jobs.analyze.localization",
-    "run_probe": "jobs.analyze.probe",
-    "run_skip": "jobs.analyze.skip",
-    "run_top_images": "jobs.analyze.top_images",
-}
-
 
 def __getattr__(name: str) -> Any:
-    if name == "JOBS":
-        return {
-            analysis: (config, __getattr__(f"run_{analysis.replace('-', '_')}"))
-            for analysis, config in CONFIGS.items()
-        }
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+    # ``run_<job>`` is the job of module ``jobs.analyze.<job>``, loaded on first use.
+    if name == "AnalysisResult":
+        return importlib.import_module("jobs.analyze.pipeline").AnalysisResult
+    if name.startswith("run_"):
+        path = f"{__name__}.{name.removeprefix('run_')}"
+        try:
+            module = importlib.import_module(path)
+        except ModuleNotFoundError as e:
+            if e.name != path:  # a job whose own imports fail says so
+                raise
+        else:
+            if hasattr(module, name):
+                return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,6 +34,7 @@ from jobs.analyze.grams import ensure_grams
 from jobs.analyze.layers import layer_info, reduce_layer
 from jobs.analyze.options import ESTIMATORS, KERNELS, AnalysisWarning, CKAConfig, cap_batch_size
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
+from jobs.analyze.protocol import cka_protocol
 from jobs.analyze.runs import align_images, open_runs, usable_mask
 from vitcnn_store.analysis.bootstrap import null_percentile
 from vitcnn_store.analysis.cka import (
@@ -488,11 +489,6 @@ def _label(ds: xr.Dataset, cfg: CKAConfig, plan: _Plan, null: np.ndarray | None)
         "unbiased": "unbiased HSIC1 (Song et al. 2012) over all images",
         "unbiased-minibatch": "unbiased HSIC1 (Song et al. 2012) summed over batches",
     }[cfg.estimator]
-    images = (
-        f"all {plan.n} usable images, one batch"
-        if cfg.full_sample
-        else f"batch {batch} × {n_batches} per repeat, {repeats} repeat(s)"
-    )
     null_note = "no null"
     if null is not None:
         null_note = (
@@ -501,7 +497,7 @@ def _label(ds: xr.Dataset, cfg: CKAConfig, plan: _Plan, null: np.ndarray | None)
             if np.isfinite(null).any()
             else "null NaN"
         )
-    ds.attrs.update(
+    attrs: dict[str, Any] = dict(
         estimator=cfg.estimator,
         hsic=hsic,
         kernel=cfg.kernel,
@@ -523,9 +519,9 @@ def _label(ds: xr.Dataset, cfg: CKAConfig, plan: _Plan, null: np.ndarray | None)
         gram_accumulation="float64",
         run_a=plan.run_a.name,
         run_b=plan.run_b.name,
-        summary=(
-            f"{plan.run_a.name} × {plan.run_b.name}: {len(plan.layers_a)}×{len(plan.layers_b)} "
-            f"layers, {cfg.estimator}, {cfg.kernel} kernel, {cfg.reduce}, n={plan.n} "
-            f"({images}); {null_note}"
-        ),
     )
+    attrs["summary"] = (
+        f"{plan.run_a.name} × {plan.run_b.name}: {len(plan.layers_a)}×{len(plan.layers_b)} "
+        f"layers, {cka_protocol(attrs)}; {null_note}"
+    )
+    ds.attrs.update(attrs)

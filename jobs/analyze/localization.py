@@ -29,6 +29,7 @@ from jobs.analyze.executor import Executor, LazyTasks
 from jobs.analyze.layers import layer_info, layer_roles, patch_grid
 from jobs.analyze.options import LocalizationConfig, TokenSpec, cap_batch_size
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
+from jobs.analyze.protocol import sampling
 from jobs.analyze.runs import open_runs, usable_mask
 from jobs.analyze.tasks import row_pieces, take_rows
 from vitcnn_store.analysis.cka import sample_batches
@@ -273,9 +274,9 @@ def _dataset(
         n_batches=n_batches,
         seed=cfg.seed,
         pixels="stored input un-normalized: x * std + mean",
-        summary=(
-            f"layer {layer}: {len(targets)} target token(s) on a {ys.size}×{xs.size} grid of "
-            f"{patch}-px patches, n={n} (batch {batch} × {n_batches})"
-        ),
+    )
+    ds.attrs["summary"] = (
+        f"layer {layer}: {len(targets)} target token(s) on a {ys.size}×{xs.size} grid of "
+        f"{patch}-px patches, n={n} ({sampling(ds.attrs)})"
     )
     return ds

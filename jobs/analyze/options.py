@@ -39,7 +39,6 @@ from vitcnn_store.options import check_options, option
 from vitcnn_store.store.layout import FEATURE_REDUCTIONS, GRAM_DTYPES, check_name
 
 __all__ = [
-    "CONFIGS",
     "DEFAULT_BATCH_SIZE",
     "ESTIMATORS",
     "EXECUTION_OPTIONS",
@@ -476,18 +475,6 @@ class TopImagesConfig(AnalysisOptions):
     k: int = option(16, flag="--k", parse=int, check="positive",
         help="images kept per channel (capped to the usable images)")
     # fmt: on
-
-
-# analysis name -> its config, as ``vitcnn analyze`` offers them.
-CONFIGS: dict[str, type[AnalysisOptions]] = {
-    "cka": CKAConfig,
-    "attention": AttentionConfig,
-    "localization": LocalizationConfig,
-    "skip": SkipConfig,
-    "probe": ProbeConfig,
-    "heads": HeadsConfig,
-    "top-images": TopImagesConfig,
-}
 
 
 def cap_batch_size(requested: int, n: int, what: str = "--batch-size") -> int:

@@ -16,8 +16,8 @@ A job (``jobs/analyze/<analysis>.py``) opens its runs, checks what it needs
    writes it through :mod:`vitcnn_store.store.analyses` — beside the name's
    earlier results, which are kept unless ``replace``.
 
-Drawing and printing are the interface's (:mod:`vitcnn_store.cli_analyze`,
-:mod:`vitcnn_store.plots`); a job returns an :class:`AnalysisResult`.
+Drawing and printing are the interface's (:mod:`vitcnn_store.interface.cli_analyze`,
+:mod:`vitcnn_store.interface.plots`); a job returns an :class:`AnalysisResult`.
 """
 
 from __future__ import annotations

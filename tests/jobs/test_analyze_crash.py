@@ -21,7 +21,7 @@ import pytest
 
 from tests.jobs.test_analyze_common import cli, ids, make_run
 from vitcnn_store import open_store
-from vitcnn_store.report import build_report
+from vitcnn_store.interface.report import build_report
 from vitcnn_store.store.analyses import list_results
 from vitcnn_store.store.locks import analysis_lock, lock_holder
 from vitcnn_store.store.verify import verify_store

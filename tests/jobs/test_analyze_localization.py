@@ -15,8 +15,8 @@ from tests.jobs.test_analyze_common import MEAN, PATCH, STD, cli, synth  # noqa:
 from vitcnn_store import open_store
 from vitcnn_store.analysis.cka import sample_batches
 from vitcnn_store.analysis.localization import MinibatchLocalization, image_to_patches
-from vitcnn_store.cli_analyze import parse_tokens
 from vitcnn_store.errors import UsageError
+from vitcnn_store.interface.cli_analyze import parse_tokens
 
 
 def _reference(reps: np.ndarray, pixels: np.ndarray, batches: list[np.ndarray], patch: int):  # type: ignore[no-untyped-def]

@@ -85,7 +85,7 @@ def test_per_head_cka_and_distance_equal_numpy(tmp_path: Path) -> None:
     """Per head, minibatch CKA with the ResNet's lower layers over the recorded batches, and
     the mean attention distance, both recomputed with plain numpy; the figure draws them."""
     from jobs.analyze.heads import HeadsConfig, run_heads
-    from vitcnn_store import plots
+    from vitcnn_store.interface import plots
 
     url = str(tmp_path / "p.zarr")
     extract_tiny(url, "vit", layers="preset:blocks", attention=True, attention_heads=True,

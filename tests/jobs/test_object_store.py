@@ -68,7 +68,7 @@ def test_extract_resume_and_read_on_s3(s3_bucket: str, tiny_store: str) -> None:
 
 def test_analyses_on_s3(s3_bucket: str, tmp_path: object) -> None:
     from jobs.analyze import AttentionConfig, CKAConfig, run_attention, run_cka
-    from vitcnn_store.cli_analyze import analyze
+    from vitcnn_store.interface.cli_analyze import analyze
 
     url = f"{s3_bucket}/analyses.zarr"
     extract_tiny(url, "vit", "vit", layers="preset:blocks", attention=True, limit=24, chunk_size=8)

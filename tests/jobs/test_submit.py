@@ -84,7 +84,7 @@ def ray_head() -> Iterator[str]:
 def test_entrypoint_is_the_parsed_config() -> None:
     """The job's command line is made from the parsed config: it parses back to the same
     config, without the client's options (--address, --wait, --pip, --job-id)."""
-    from vitcnn_store.cli import _extract_config, build_parser
+    from vitcnn_store.interface.cli import _extract_config, build_parser
 
     argv = ["submit", "extract", "resnet50", "--address=http://h:8265", "--pip", "x", "--wait",
             "--images", "builtin:faces", "--store", "s3://b/a.zarr", "--run", "r",

@@ -15,8 +15,8 @@ import pytest
 
 from tests.test_bad_input import TINY
 from vitcnn_store import open_store
-from vitcnn_store.cli import main, parse_storage_options
 from vitcnn_store.errors import StoreUnavailableError
+from vitcnn_store.interface.cli import main, parse_storage_options
 
 _AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
         "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")  # fmt: skip

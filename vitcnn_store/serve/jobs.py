@@ -2,7 +2,7 @@
 
 ``POST /api/jobs`` with ``{"kind": "analysis", "analysis": "cka", "run": "vit",
 "options": {"estimator": "biased"}}`` queues a job; one worker thread runs
-jobs in order through :func:`vitcnn_store.cli_analyze.analyze` — what
+jobs in order through :func:`vitcnn_store.interface.cli_analyze.analyze` — what
 ``vitcnn analyze`` runs — on the server's threads or ``--dask-address``, so the
 result lands in the store as if made from the CLI. ``GET /api/jobs/{id}``
 reports status (``queued``, ``running``, ``succeeded``, ``failed``), progress
@@ -104,16 +104,16 @@ def analysis_config(config: ServeConfig, body: JobRequest) -> Any:
     """The validated config of the analysis ``body`` asks for, on the server's store."""
     from dataclasses import fields
 
-    from jobs.analyze.options import CONFIGS
+    from vitcnn_store.interface.registry import ANALYSES
     from vitcnn_store.options import options_of
     from vitcnn_store.store.layout import check_name
 
     analysis = body.analysis or ""
-    if analysis not in CONFIGS:
-        raise ApiError(400, f"analysis {analysis!r}: want one of {', '.join(CONFIGS)}")
+    if analysis not in ANALYSES:
+        raise ApiError(400, f"analysis {analysis!r}: want one of {', '.join(ANALYSES)}")
     if not body.run:
         raise ApiError(400, "run: the run to analyse is required")
-    cls = CONFIGS[analysis]
+    cls = ANALYSES[analysis].config
     table = {f.name: opt for f, opt in options_of(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in body.options.items():
@@ -287,8 +287,8 @@ class JobManager:
             self._run(*item)
 
     def _run(self, record: JobRecord, config: Any) -> None:
-        from jobs.analyze import AnalysisWarning
-        from vitcnn_store.cli_analyze import analyze
+        from vitcnn_store.interface.cli_analyze import analyze
+        from vitcnn_store.interface.registry import AnalysisWarning
 
         record.status, record.started_at = "running", _now()
         self.save(record)

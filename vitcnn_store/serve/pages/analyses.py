@@ -14,6 +14,7 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 
+from vitcnn_store.interface.registry import ANALYSES, run_findings
 from vitcnn_store.serve.errors import ApiError
 from vitcnn_store.serve.pages import data
 from vitcnn_store.serve.pages.html import esc, link, page, qs, table, url
@@ -24,23 +25,6 @@ __all__ = ["router"]
 
 router = APIRouter(tags=["explorer"], include_in_schema=False)
 _findings = data.LRU(64)
-# Which artifacts concern which figures (as the report groups them).
-_FINDINGS_FOR = {
-    "cka": ("identical-layers", "zero-layers", "cka-one"),
-    "probe": ("identical-layers",),
-    "skip": ("dead-branches", "zero-layers"),
-}
-
-
-# The variable a result's CSV link tabulates.
-_MAIN_VARIABLE = {
-    "cka": "cka",
-    "attention": "mean_distance",
-    "probe": "accuracy",
-    "skip": "ratio_spatial",
-    "localization": "localization",
-    "top-images": "value",
-}
 
 
 def _names(values: Any) -> list[str]:
@@ -55,9 +39,7 @@ def _plain(values: Any) -> Any:
 def _caveats(request: Request, ds: Any, kind: str) -> str:
     """The artifacts found in the result's source runs that concern this figure, and a
     note on random weights."""
-    from jobs.analyze.checks import run_findings
-
-    kinds = _FINDINGS_FOR.get(kind, ())
+    kinds = ANALYSES[kind].findings if kind in ANALYSES else ()
     items, random = [], []
     for name in _names(ds.attrs.get("source_runs", [ds.attrs.get("run")])):
         try:
@@ -90,9 +72,7 @@ def _caveats(request: Request, ds: Any, kind: str) -> str:
 
 
 def _protocol(ds: Any, kind: str) -> str:
-    from vitcnn_store.report import PAPER_PROTOCOL
-
-    paper = PAPER_PROTOCOL.get(kind, "")
+    paper = ANALYSES[kind].paper if kind in ANALYSES else ""
     summary = ds.attrs.get("summary", "")
     return (
         f'<div class="protocol"><b>This result:</b> {esc(summary)}'
@@ -319,7 +299,7 @@ def analysis_page(
     else:
         body = _generic(run, name, ds)
     raw = url("api", "runs", run, "analyses", name)
-    main = _MAIN_VARIABLE.get(kind)
+    main = ANALYSES[kind].main_variable if kind in ANALYSES else None
     csv = link(raw + f"?format=csv&var={main}", f"{main}.csv") + " · " if main in ds else ""
     body = (
         _protocol(ds, kind)

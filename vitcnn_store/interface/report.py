@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vitcnn_store.interface.registry import ANALYSES
 from vitcnn_store.store import open_store
 from vitcnn_store.store.analyses import (
     analysis_group,
@@ -30,73 +31,12 @@ from vitcnn_store.store.analyses import (
     read_analysis,
 )
 
-__all__ = ["PAPER_PROTOCOL", "SECTIONS", "ResultEntry", "build_report", "collect_results"]
+__all__ = ["ResultEntry", "build_report", "collect_results", "sections"]
 
-# analysis -> (title, what the figure shows, after which paper figure)
-SECTIONS: dict[str, tuple[str, str]] = {
-    "cka": (
-        "Representation similarity (CKA)",
-        "Linear CKA between every pair of layers, layers in forward order on both axes "
-        "(paper Sec. 4, Figs. 1–2). Bright off-diagonal blocks mean layers that represent the "
-        "images alike; across models, the diagonal band shows which depths correspond.",
-    ),
-    "attention": (
-        "Attention distance",
-        "Mean attention distance in input pixels per head (dots, sorted) for every "
-        "attention layer in forward order (paper Sec. 5, Fig. 3); small distances are "
-        "local, convolution-like heads. The dashed line is uniform attention over all "
-        "tokens at this run's resolution and patch size: a head on it has learnt "
-        "nothing about position.",
-    ),
-    "localization": (
-        "Localization",
-        "For chosen tokens of a late layer, CKA between the token's representation "
-        "and the raw pixels of every input patch, on the patch grid (paper Sec. 7, Fig. 9); "
-        "the chosen token is marked. Below: the same map for the token's own input patch "
-        "(an identity map), the baseline for fall-off from correlated neighbours.",
-    ),
-    "skip": (
-        "Skip connections",
-        "Ratio of the norm of the representation on the skip path to the norm of the "
-        "branch output, per block against normalized depth, CLS separate from spatial "
-        "tokens (paper Sec. 6, Fig. 7); above the dashed line the skip path dominates. Runs of "
-        "different models share one axis in the overlay.",
-    ),
-    "probe": (
-        "Linear probes",
-        "Test accuracy of closed-form ridge probes on the residual stream (the stem and "
-        "every block output) against normalized depth, with the chance level dashed and the "
-        "same probe on the raw input pixels dotted (paper Sec. 8, Fig. 13). The ridge penalty "
-        "is chosen per layer by cross-validation on the training split (lower panel); filled "
-        "circles probe the CLS token, squares the token or spatial mean.",
-    ),
-    "heads": (
-        "Attention heads against the CNN",
-        "Each ViT head's output compared by CKA with the CNN's lower layers, against the "
-        "head's mean attention distance (paper Sec. 5, Fig. 5): heads that attend locally "
-        "resemble the CNN's lower layers more.",
-    ),
-}
 
-# What the paper did, beside each figure, each with the section or figure that says so
-# (Raghu et al. 2021, arXiv:2108.08810; docs/reproduce.md has more).
-PAPER_PROTOCOL: dict[str, str] = {
-    "cka": "trained ViTs and ResNets (ViT-B/16, ViT-L/16, ResNet-50 among them) on 224-px "
-    "ImageNet images, Sec. 4, Figs. 1–2; minibatch CKA with the unbiased HSIC (Sec. 3), 10 "
-    "batches of 1024 images (n = 10,240), averaged over 20 samplings",
-    "attention": "trained ViTs at 224 px (Sec. 5, Fig. 3; Fig. 4: ViTs trained on ImageNet "
-    "only), mean attention distance over 5000 images (with 16-px patches, uniform attention "
-    "over all 197 tokens reads 115.9 px)",
-    "localization": "trained ViTs and ResNets on 224-px ImageNet images, the token's "
-    "representation against the raw pixels of every input patch (Sec. 7, Fig. 9; Fig. 10: "
-    "ViTs trained with global average pooling)",
-    "skip": "trained ViTs, ‖z‖/‖f(z)‖ per block for the CLS and the spatial tokens, "
-    "compared with a ResNet (Sec. 6, Fig. 7)",
-    "heads": "individual heads of the lower layers of a trained ViT against the lower "
-    "layers of a ResNet by CKA, sorted by mean attention distance (Sec. 5, Fig. 5)",
-    "probe": "closed-form linear probes on the CLS token or the token mean at the output of "
-    "every block, ViTs and ResNets trained on data of different scales (Sec. 8, Fig. 13)",
-}
+def sections() -> list[tuple[str, tuple[str, str]]]:
+    """(analysis, (title, caption)) of the report's sections, in the registry's order."""
+    return [(e.name, e.section) for e in ANALYSES.values() if e.section is not None]
 
 
 @dataclass
@@ -199,12 +139,14 @@ def _run_protocol(run: Any) -> str:
 
 def _estimate_protocol(kind: str, ds: Any) -> str:
     """How the numbers were estimated: n, batches, repeats, penalty, baseline."""
+    from jobs.analyze.protocol import cka_protocol, sampling
+
     a = ds.attrs
     n = f"n = {a.get('n', '?')} images"
-    if kind in ("cka", "localization"):
-        batches = a.get("n_batches", "?")
-        text = f"{n}, batches of {a.get('batch_size', '?')} × {batches}"
-        return text + (f", {a['repeats']} repeat(s)" if "repeats" in a else "")
+    if kind == "cka":
+        return cka_protocol(a)
+    if kind == "localization":
+        return f"{n} ({sampling(a)})"
     if kind == "attention":
         return f"{n}, {a.get('grid', '')}; baseline: {a.get('baseline', 'none stored')}"
     if kind == "probe":
@@ -219,7 +161,9 @@ def _protocol_html(entry: ResultEntry, runs: dict[str, Any]) -> str:
     sources = [str(r) for r in entry.dataset.attrs.get("source_runs", [entry.run])]
     here = "; ".join(_run_protocol(runs[r]) for r in sources if r in runs)
     estimate = _estimate_protocol(entry.analysis, entry.dataset)
-    paper = PAPER_PROTOCOL.get(entry.analysis, "")
+    # What the paper did, with the section or figure that says so (the registry's entry;
+    # Raghu et al. 2021, arXiv:2108.08810; docs/reproduce.md has more).
+    paper = ANALYSES[entry.analysis].paper if entry.analysis in ANALYSES else ""
     esc = html.escape
     return (
         f'<div class="protocol"><b>This figure:</b> {esc(here)}; {esc(estimate)}.'
@@ -306,7 +250,7 @@ def _card_caveats(entry: ResultEntry, findings: dict[str, list[Any]]) -> str:
 def _overlay_html(analysis: str, entries: list[ResultEntry], runs: dict[str, Any],
                   out: Path) -> str:  # fmt: skip
     """One figure with every run's curve on the normalized-depth axis (probe, skip)."""
-    from vitcnn_store.plots import OVERLAYS, plot_overlay
+    from vitcnn_store.interface.plots import OVERLAYS, plot_overlay
 
     if analysis not in OVERLAYS or len({e.run for e in entries}) < 2:
         return ""
@@ -385,10 +329,10 @@ def build_report(url: str, out_dir: str | Path | None = None) -> Path:
     """Write ``report.html`` with its PNG figures and its ``data/*.csv`` for the store at ``url``.
 
     They go to ``out_dir``, by default the store's figure folder
-    (:func:`vitcnn_store.plots.figure_dir`), where ``vitcnn analyze`` draws its
+    (:func:`vitcnn_store.interface.plots.figure_dir`), where ``vitcnn analyze`` draws its
     figures under the same names (``<run>__<name>.png``).
     """
-    from vitcnn_store.plots import figure_dir, plot_result
+    from vitcnn_store.interface.plots import figure_dir, plot_result
 
     out = figure_dir(url, None if out_dir is None else str(out_dir))
     (out / "data").mkdir(parents=True, exist_ok=True)
@@ -435,7 +379,7 @@ def build_report(url: str, out_dir: str | Path | None = None) -> Path:
         )
     findings = _findings(runs, results)
     body.append(_caveats_html(findings))
-    for analysis, (title, caption) in SECTIONS.items():
+    for analysis, (title, caption) in sections():
         entries = [r for r in results if r.analysis == analysis]
         if not entries:
             continue

@@ -42,9 +42,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from jobs.demo import demo_plan, local_ray
     from jobs.extract import extract
-    from vitcnn_store.cli_analyze import describe_result
-    from vitcnn_store.describe import describe_store
-    from vitcnn_store.report import build_report
+    from vitcnn_store.interface.cli_analyze import describe_result
+    from vitcnn_store.interface.describe import describe_store
+    from vitcnn_store.interface.report import build_report
     from vitcnn_store.store import open_store
 
     cfg = demo_config(args)

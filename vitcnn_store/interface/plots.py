@@ -16,7 +16,6 @@ global state is touched.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +29,6 @@ __all__ = [
     "DEPTH_LABEL",
     "LOCALIZATION_SCALE",
     "OVERLAYS",
-    "PLOTTERS",
     "attention_convention",
     "cka_figure",
     "draw_attention",
@@ -110,19 +108,6 @@ def _name_ticks(
     axis.set_ticks(positions[::step], names[::step], fontsize=6, rotation=rotation)
 
 
-def _protocol(ds: xr.Dataset) -> str:
-    a = ds.attrs
-    if a.get("estimator") == "unbiased-minibatch":
-        images = (f"batch {a.get('batch_size', '?')} × {a.get('n_batches', '?')}, "
-                  f"{a.get('repeats', 1)} repeat(s)")  # fmt: skip
-    else:
-        images = "all images"
-    return (
-        f"{a.get('estimator', '')}, {a.get('kernel', 'linear')} kernel, {a.get('reduce', '')}, "
-        f"n={a.get('n', '?')} ({images})"
-    )
-
-
 def plot_cka(ds: xr.Dataset, path: str | Path) -> Path:
     """CKA matrix heatmap, rows ``layer_a`` and columns ``layer_b`` from the first layer up.
 
@@ -180,6 +165,8 @@ def _cka_panels(ds: xr.Dataset) -> list[tuple[str, np.ndarray, Any, str, str]]:
 def cka_figure(ds: xr.Dataset) -> Figure:
     """The figure :func:`plot_cka` saves: panels (CKA, then sd, null, percentile where
     stored), each with its colour bar."""
+    from jobs.analyze.protocol import cka_protocol
+
     la, lb = _names(ds["layer_a"].values), _names(ds["layer_b"].values)
     ya, ea, depth_a = _cka_axes(ds, "a")
     xb, eb, depth_b = _cka_axes(ds, "b")
@@ -208,7 +195,7 @@ def cka_figure(ds: xr.Dataset) -> Figure:
             _ticks(ax, "y", la)
         bars.append(fig.colorbar(im, ax=ax, shrink=0.8, label=label))
     cka = panels[0][1]
-    lines = [f"CKA {a} × {b}: {_protocol(ds)}"]
+    lines = [f"CKA {a} × {b}: {cka_protocol(ds.attrs)}"]
     if np.isfinite(cka).any():
         lines.append(f"CKA range {np.nanmin(cka):.3f} … {np.nanmax(cka):.3f} (diverging scale "
                      "centred on 0, nothing clipped)")  # fmt: skip
@@ -651,22 +638,15 @@ def plot_overlay(kind: str, results: list[tuple[str, xr.Dataset]], path: str | P
     return _save(draw_overlay(kind, results), path)
 
 
-PLOTTERS: dict[str, Callable[[xr.Dataset, str | Path], Path]] = {
-    "cka": plot_cka,
-    "attention": plot_attention,
-    "localization": plot_localization,
-    "skip": plot_skip,
-    "probe": plot_probe,
-    "heads": plot_heads,
-}
-
-
 def plot_result(ds: xr.Dataset, path: str | Path) -> Path:
-    """Draw any result dataset by its ``analysis`` attribute."""
+    """Draw any result dataset by its ``analysis`` attribute, with the plotter its
+    registry entry names (:mod:`vitcnn_store.interface.registry`)."""
+    from vitcnn_store.interface.registry import ANALYSES
+
     kind = str(ds.attrs.get("analysis", ""))
-    if kind not in PLOTTERS:
+    if kind not in ANALYSES:
         raise ValueError(f"no figure for analysis {kind!r}")
-    return PLOTTERS[kind](ds, path)
+    return ANALYSES[kind].plot(ds, path)
 
 
 def figure_dir(store: str, figures: str | None = None) -> Path:

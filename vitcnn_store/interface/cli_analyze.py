@@ -1,10 +1,11 @@
-"""``vitcnn analyze {cka,attention,localization,skip,probe,top-images} STORE RUN ...``.
+"""``vitcnn analyze ANALYSIS STORE RUN ...``, one subcommand per registry entry.
 
-Each subcommand's options are built from the option table of the job's config
-dataclass (:mod:`jobs.analyze.options`: flags, help, parsers such as
-``--tokens`` and ``--shots full``, choices, bounds), and the parsed arguments
-become that config (:func:`analysis_config`), which refuses bad values itself.
-The command runs the job, draws its figure (:mod:`vitcnn_store.plots`) and
+The subcommands are the entries of :data:`vitcnn_store.interface.registry.ANALYSES`
+(help, config, job, plotter). Each subcommand's options are built from the option
+table of the job's config dataclass (:mod:`jobs.analyze.options`: flags, help,
+parsers such as ``--tokens`` and ``--shots full``, choices, bounds), and the parsed
+arguments become that config (:func:`analysis_config`), which refuses bad values
+itself. The command runs the job, draws its figure (:mod:`vitcnn_store.interface.plots`) and
 prints where the result and the figure went. Only the option tables load with
 the parser; the jobs (dask, xarray, matplotlib) load when a command runs.
 """
@@ -18,7 +19,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jobs.analyze.options import CONFIGS, AnalysisOptions, parse_tokens
+from jobs.analyze.options import AnalysisOptions, parse_tokens
+from vitcnn_store.interface.registry import ANALYSES
 from vitcnn_store.options import add_arguments, config_kwargs
 
 if TYPE_CHECKING:
@@ -34,8 +36,9 @@ __all__ = [
     "parse_tokens",
 ]
 
-#: Where the figures of a store go, as the help says it (:func:`vitcnn_store.plots.figure_dir`):
-#: analyze, report and demo all use this one folder.
+#: Where the figures of a store go, as the help says it
+#: (:func:`vitcnn_store.interface.plots.figure_dir`): analyze, report and demo all use this
+#: one folder.
 FIGURES = "<store>.figures/ beside a local store, ./vitcnn_figures/ for a remote URL"
 
 _EXAMPLES = """examples:
@@ -66,35 +69,6 @@ def _common(p: argparse.ArgumentParser, config: type[AnalysisOptions]) -> None:
     g.add_argument("--no-figure", dest="figure", action="store_false", help="draw no figure")
 
 
-_HELP = {
-    "cka": ("all-pairs CKA between layers of one or two runs", None),
-    "attention": ("mean attention distance, entropy, CLS maps per head", None),
-    "localization": ("CKA of chosen tokens with every input patch", None),
-    "skip": ("skip-connection norm ratios ||z||/||f(z)|| per block", None),
-    "heads": (
-        "per-head CKA with a CNN's lower layers against mean attention distance",
-        "Each ViT head's output (extract --attention-heads, with --attention) compared by "
-        "minibatch CKA with RUN2's layers (default: its residual stream up to half depth), "
-        "plotted against the head's mean attention distance (paper Sec. 5, Fig. 5).",
-    ),
-    "probe": (
-        "linear probes per layer (closed-form ridge, penalty by cross-validation)",
-        "Ridge probes onto {-1,1} one-hot targets per layer, plotted against normalized "
-        "depth with the chance level. The penalty is chosen per layer by stratified k-fold "
-        "cross-validation on the training split unless --l2 fixes it.",
-    ),
-    "top-images": (
-        "the k images that drive each channel most, and where (max over positions)",
-        "For every channel of every selected layer, the k images with the highest maximum "
-        "over positions (patch tokens, or y*x), with the position of that maximum, and "
-        "each channel's mean and std. One pass over the stored chunks. No figure: "
-        "vitcnn serve STORE shows them.",
-    ),
-}
-#: Analyses without a static figure (the explorer of ``vitcnn serve`` shows them).
-NO_FIGURE = frozenset({"top-images"})
-
-
 def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``analyze`` and its subcommands to the ``vitcnn`` subparsers.
 
@@ -112,15 +86,15 @@ def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="analysis", required=True, parser_class=type(p))
-    for analysis, config in CONFIGS.items():
-        help, description = _HELP[analysis]
-        _common(sub.add_parser(analysis, help=help, description=description), config)
+    for entry in ANALYSES.values():
+        parser = sub.add_parser(entry.name, help=entry.help, description=entry.description)
+        _common(parser, entry.config)
     return p
 
 
 def analysis_config(args: argparse.Namespace) -> AnalysisOptions:
     """The config of ``vitcnn analyze <analysis>`` from its parsed arguments (validated)."""
-    config = CONFIGS[args.analysis]
+    config = ANALYSES[args.analysis].config
     positional = {k: getattr(args, k) for k in ("store", "run", "run2") if hasattr(args, k)}
     return config(**positional, **config_kwargs(config, args))
 
@@ -155,14 +129,13 @@ def analyze(
     """Run analysis job ``analysis`` on ``config`` and draw its figure (unless not ``figure``).
 
     Figures go to ``figures``, by default beside a local store
-    (:func:`vitcnn_store.plots.figure_dir`).
+    (:func:`vitcnn_store.interface.plots.figure_dir`).
     """
-    from jobs.analyze import JOBS
-
-    result = JOBS[analysis][1](config)
+    entry = ANALYSES[analysis]
+    result = entry.run(config)
     path = None
-    if figure and analysis not in NO_FIGURE:
-        from vitcnn_store.plots import save_result_figure
+    if figure and entry.draws_figure:
+        from vitcnn_store.interface.plots import save_result_figure
 
         path = save_result_figure(result.dataset, result.store, result.run, result.name, figures)
     return result, path
