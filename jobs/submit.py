@@ -141,9 +141,7 @@ def submit_extract(
 def submit(request: SubmitRequest) -> int:
     """Submit the job; with ``wait``, follow its logs and return 0 only if it succeeded."""
     client = job_client(request.address)
-    job_id = submit_extract(
-        client, request.extract, request.options.pip, request.options.job_id
-    )
+    job_id = submit_extract(client, request.extract, request.options.pip, request.options.job_id)
     print(f"submitted Ray job {job_id} to {request.address}")
     for verb in ("status", "logs", "stop"):
         print(f"  {verb}: ray job {verb} --address {request.address} {job_id}")
