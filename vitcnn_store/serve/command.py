@@ -64,7 +64,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--ray-address",
         metavar="http://HEAD:8265",
-        help="Ray job server for extraction jobs (default: none; as `vitcnn submit`)",
+        help="Ray job server that extraction jobs are submitted to, as by vitcnn submit "
+        "(default: none)",
     )
     p.add_argument("--jobs-dir", metavar="DIR", help="job records (default: STORE.jobs beside it)")
     p.add_argument(
