@@ -59,3 +59,28 @@ def test_an_extraction_job_runs_on_ray_and_survives_a_restart(
     assert sub.layers == vit.layers and sub.attention_layers == vit.attention_layers
     for layer in vit.layers:
         np.testing.assert_array_equal(sub[layer].values, vit[layer].values)
+
+
+def test_a_record_whose_ray_job_is_unknown_is_reported_failed(
+    ray_head: str,  # noqa: F811
+    serve_store: str,
+    tmp_path: Path,
+) -> None:
+    """What a server finds after the Ray cluster itself was replaced: a running record
+    whose submission id Ray does not know."""
+    from vitcnn_store.serve.jobs import JobManager, JobRecord
+
+    config = ServeConfig(
+        store=serve_store, token=TOKEN, allow_jobs=True, jobs_dir=str(tmp_path),
+        ray_address=ray_head,
+    )  # fmt: skip
+    JobManager(config).save(
+        JobRecord(id="00000000000000ff", kind="extract", request={"run": "gone"},
+                  status="running", ray_job_id="vitcnn-00000000000000ff")
+    )  # fmt: skip
+    server = ThreadServer(config)
+    try:
+        job = server.json("/api/jobs/00000000000000ff")
+        assert job["status"] == "failed" and "knows no job" in job["error"], job
+    finally:
+        server.stop()
