@@ -215,7 +215,7 @@ def main() -> None:
             http_arrays = zarr_chunks(f"{base}/zarr", run.layers, run.n_images)
             asyncio.run(over_http(slices, base, 1, 0.5))  # warm up: the first slice imports
             rss_before = rss_mib(server.pid)
-            rows, ratios = [], []
+            rows, ratios, rss = [], [], []
             for clients in CONCURRENCY:
                 phases = {
                     "in-process file read": in_process(store, keys, clients, args.seconds),
@@ -247,6 +247,7 @@ def main() -> None:
                         p[1]["errors"] + p[4]["errors"],
                     )
                 )
+                rss.append(rss_mib(server.pid))
             rss_after = rss_mib(server.pid)
         finally:
             server.terminate()
@@ -263,7 +264,11 @@ def main() -> None:
                 f"file reads (raw bytes), {dec:.0%} of in-process zarr reads (decoded); "
                 f"{errors} HTTP errors"
             )
-        print(f"server RSS: {rss_before:.0f} MiB before, {rss_after:.0f} MiB after the load")
+        steps = ", ".join(f"{r:.0f}" for r in rss)
+        print(
+            f"server RSS: {rss_before:.0f} MiB before, {steps} MiB after each concurrency, "
+            f"{rss_after:.0f} MiB at the end"
+        )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,14 @@ from jobs.config import ExtractConfig
 from vitcnn_store.errors import ClusterError
 from vitcnn_store.options import option, to_argv
 
-__all__ = ["SubmitOptions", "SubmitRequest", "entrypoint_args", "submit"]
+__all__ = [
+    "SubmitOptions",
+    "SubmitRequest",
+    "entrypoint_args",
+    "job_client",
+    "submit",
+    "submit_extract",
+]
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,8 @@ def _runtime_env(pip: Sequence[str]) -> dict[str, Any]:
     return env
 
 
-def _client(address: str) -> Any:
+def job_client(address: str) -> Any:
+    """A Ray ``JobSubmissionClient`` for the job server at ``address`` (probed first)."""
     from jobs.ray_cluster import probe_address
 
     probe_address(address)  # bounded: the SDK would retry an unreachable address for long
@@ -111,17 +119,29 @@ async def _follow(client: Any, job_id: str) -> None:
         sys.stdout.flush()
 
 
+def submit_extract(
+    client: Any, cfg: ExtractConfig, pip: Sequence[str] = (), job_id: str | None = None
+) -> str:
+    """Submit ``cfg`` as a Ray job running ``vitcnn extract``; returns its submission id.
+
+    ``vitcnn submit extract`` and ``vitcnn serve``'s extraction jobs both submit here,
+    so a job from either writes what ``vitcnn extract`` writes.
+    """
+    entrypoint = shlex.join(["python", "-m", "vitcnn_store.cli", "extract", *entrypoint_args(cfg)])
+    return str(
+        client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env=_runtime_env(pip),
+            submission_id=job_id,
+            metadata={"tool": "vitcnn", "command": "extract"},
+        )
+    )
+
+
 def submit(request: SubmitRequest) -> int:
     """Submit the job; with ``wait``, follow its logs and return 0 only if it succeeded."""
-    client = _client(request.address)
-    args = entrypoint_args(request.extract)
-    entrypoint = shlex.join(["python", "-m", "vitcnn_store.cli", "extract", *args])
-    job_id = client.submit_job(
-        entrypoint=entrypoint,
-        runtime_env=_runtime_env(request.options.pip),
-        submission_id=request.options.job_id,
-        metadata={"tool": "vitcnn", "command": "extract"},
-    )
+    client = job_client(request.address)
+    job_id = submit_extract(client, request.extract, request.options.pip, request.options.job_id)
     print(f"submitted Ray job {job_id} to {request.address}")
     for verb in ("status", "logs", "stop"):
         print(f"  {verb}: ray job {verb} --address {request.address} {job_id}")

@@ -165,6 +165,33 @@ def schema_errors(schema: dict[str, Any], document: dict[str, Any]) -> list[str]
     return [f"{_dotted(e.absolute_path)}: {e.message}" for e in errors]
 
 
+@functools.cache
+def _core_validator(kind: str) -> Any:
+    """A validator of the official JSON schema of core ``kind`` (Deployment, Service, Secret),
+    its ``$ref``s resolved in the stored ``_definitions.json``, never over the network."""
+    import jsonschema
+    from referencing import Registry, Resource
+
+    def stored(of: str) -> dict[str, Any]:
+        (name,) = [n for n, src in schema_sources().items() if src["kind"] == of]
+        loaded: dict[str, Any] = json.loads(read_schema_file(name))
+        return loaded
+
+    definitions = stored("definitions")
+    registry: Any = Registry().with_resource(
+        definitions["$id"], Resource.from_contents(definitions)
+    )
+    return jsonschema.Draft202012Validator(stored(kind), registry=registry)
+
+
+def core_schema_errors(kind: str, document: dict[str, Any]) -> list[str]:
+    """Every violation of the official schema of core ``kind`` by ``document``, by path."""
+    errors = sorted(
+        _core_validator(kind).iter_errors(document), key=lambda e: list(map(str, e.path))
+    )
+    return [f"{_dotted(e.absolute_path)}: {e.message}" for e in errors]
+
+
 def _dotted(path: Any) -> str:
     out = ""
     for part in path:

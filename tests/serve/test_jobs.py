@@ -61,7 +61,11 @@ def test_a_job_writes_the_same_result_as_the_cli(
         ({"analysis": "skip", "run": "vit", "run2": "resnet"}, 400),
         ({"analysis": "telepathy", "run": "vit"}, 400),
         ({"analysis": "attention", "run": "nope"}, 404),
-        ({"kind": "extract"}, 501),
+        ({"kind": "extract", "run": "x", "args": ["resnet18", "--images", "builtin:faces"]}, 501),
+        ({"kind": "extract", "run": "x", "args": ["resnet18", "--images", "x", "--store=/t"]}, 400),
+        ({"kind": "extract", "run": "a/b", "args": ["resnet18", "--images", "builtin:faces"]}, 400),
+        ({"kind": "extract", "run": "x", "args": ["resnet18", "--limit", "3"]}, 400),
+        ({"kind": "extract", "args": ["resnet18", "--images", "builtin:faces"]}, 400),
         ({"kind": "weird"}, 400),
     ],
 )

@@ -141,3 +141,21 @@ def test_plain_xarray_sends_the_token_through_storage_options(serve_store: str) 
         )
     finally:
         server.stop()
+
+
+def test_zarr_is_read_only_and_checked_on_the_fast_path(
+    token_server: ThreadServer, serve_store: str
+) -> None:
+    """/zarr/ skips FastAPI's routing, not the token, the key rules or read-only-ness."""
+    from tests.serve.conftest import snapshot
+
+    before = snapshot(serve_store)
+    for method in ("POST", "PUT", "DELETE"):
+        status, _, body = token_server.request("/zarr/zarr.json", method=method, body=b"{}")
+        assert status == 405 and "read-only" in body.decode()
+    assert snapshot(serve_store) == before
+    assert token_server.request("/zarr/zarr.json", token="wrong-token-0123456789")[0] == 401
+    status, _, body = token_server.request("/zarr/vit/../../etc/passwd")
+    assert status in (400, 404) and b"error" in body
+    status, headers, _ = token_server.request("/zarr/zarr.json", headers={"Range": "bytes=999999-"})
+    assert status == 416 and headers["content-range"].startswith("bytes */")

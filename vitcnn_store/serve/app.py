@@ -265,6 +265,8 @@ def create_app(config: ServeConfig, extra_routers: Sequence[Any] = ()) -> Any:
     app.add_middleware(
         LimitsMiddleware, max_body=config.max_request_bytes, timeout=config.request_timeout
     )
+    # /zarr/ is answered here, inside the token check and outside FastAPI and the limits.
+    app.add_middleware(zarr_routes.ZarrFastPath, files=app.state.files, config=config)
     if config.token is not None:
         app.add_middleware(TokenMiddleware, token=config.token)
     if config.cors_origins:  # added last: outermost, so preflights need no token
@@ -281,6 +283,12 @@ def create_app(config: ServeConfig, extra_routers: Sequence[Any] = ()) -> Any:
     return app
 
 
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def run_server(app: Any, config: ServeConfig) -> None:
     """Serve ``app`` with uvicorn until interrupted, then stop the job worker."""
     import uvicorn
@@ -293,6 +301,9 @@ def run_server(app: Any, config: ServeConfig) -> None:
             log_level="warning",
             timeout_graceful_shutdown=5,
             server_header=False,
+            access_log=False,  # a log line per chunk read costs more than the read
+            http="httptools" if _has("httptools") else "auto",
+            loop="uvloop" if _has("uvloop") else "auto",
         )
     finally:
         app.state.jobs.stop()

@@ -61,6 +61,12 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="tcp://HOST:PORT",
         help="dask scheduler for analysis jobs (default: the server's threads)",
     )
+    p.add_argument(
+        "--ray-address",
+        metavar="http://HEAD:8265",
+        help="Ray job server that extraction jobs are submitted to, as by vitcnn submit "
+        "(default: none)",
+    )
     p.add_argument("--jobs-dir", metavar="DIR", help="job records (default: STORE.jobs beside it)")
     p.add_argument(
         "--max-response-mib",
@@ -95,6 +101,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             cors_origins=tuple(args.cors),
             jobs_dir=args.jobs_dir,
             dask_address=args.dask_address,
+            ray_address=args.ray_address,
             max_response_bytes=args.max_response_mib * MIB,
             request_timeout=args.timeout,
         )

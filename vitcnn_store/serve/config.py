@@ -44,6 +44,9 @@ class ServeConfig:
         Where job records are kept (default: ``<store>.jobs`` beside the store).
     dask_address : str or None
         Scheduler that analysis jobs run on (default: the server's own threads).
+    ray_address : str or None
+        Ray job server (``http://HEAD:8265``) extraction jobs are submitted to
+        (default: none; extraction jobs answer 501).
     max_request_bytes, max_response_bytes : int
         Largest request body and largest slice or result the server sends (413 beyond).
     request_timeout : float
@@ -58,6 +61,7 @@ class ServeConfig:
     cors_origins: tuple[str, ...] = ()
     jobs_dir: str | None = None
     dask_address: str | None = None
+    ray_address: str | None = None
     max_request_bytes: int = 64 * 1024
     max_response_bytes: int = 256 * MIB
     request_timeout: float = 60.0

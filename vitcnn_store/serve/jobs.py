@@ -17,8 +17,9 @@ Every record is a JSON file in the jobs folder (``<store>.jobs`` beside the
 store, never inside it). A server started with ``--allow-jobs`` marks the
 records it finds ``queued`` or ``running`` as failed: the server that ran them
 stopped before they finished. One server runs the jobs of one jobs folder.
-Extraction jobs are not offered here yet: ``kind: "extract"`` answers 501
-(use ``vitcnn submit extract``).
+Extraction jobs (``kind: "extract"``, with ``--ray-address``) run on a Ray
+cluster instead (:mod:`vitcnn_store.serve.extract_jobs`); a restarted server
+re-attaches to them by their Ray submission id.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ class JobRequest(BaseModel):
     options: dict[str, Any] = Field(
         default_factory=dict, description="the analysis's options by field name"
     )
+    args: list[str] = Field(
+        default_factory=list,
+        description="extract: the `vitcnn extract` arguments (model, --images, ...) "
+        "without --store, --run and --address, which are the server's",
+    )
 
 
 @dataclass
@@ -81,6 +87,9 @@ class JobRecord:
     result: dict[str, Any] | None = None
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
+    ray_job_id: str | None = None  # extraction: the Ray job's submission id
+    logs_tail: str | None = None  # extraction: the last lines of the Ray job's log
+    note: str | None = None  # extraction: why the status could not be refreshed just now
 
 
 def _option_value(analysis: str, opt: Any, key: str, value: Any) -> Any:
@@ -194,6 +203,9 @@ class JobManager:
         self.queue: queue.Queue[tuple[JobRecord, Any] | None] = queue.Queue()
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
+        from vitcnn_store.serve.extract_jobs import ExtractJobs
+
+        self.extract = ExtractJobs(config.ray_address)
 
     # -- records --------------------------------------------------------------------
 
@@ -220,7 +232,10 @@ class JobManager:
             raw = self.fs.cat_file(self._path(job_id))
         except FileNotFoundError:
             raise ApiError(404, f"no job {job_id!r}") from None
-        return JobRecord(**json.loads(raw))
+        record = JobRecord(**json.loads(raw))
+        if record.kind == "extract" and self.extract.refresh(record):
+            self.save(record)  # Ray's answer, kept for when the cluster is gone
+        return record
 
     def records(self) -> list[JobRecord]:
         try:
@@ -243,8 +258,8 @@ class JobManager:
         """Fail the records a stopped server left unfinished; start the worker (jobs on)."""
         if not self.config.allow_jobs:
             return  # nothing writes without --allow-jobs
-        for record in self.records():
-            if record.status in ("queued", "running"):
+        for record in self.records():  # extractions: re-attached to their Ray jobs
+            if record.kind != "extract" and record.status in ("queued", "running"):
                 record.status = "failed"
                 record.finished_at = _now()
                 record.error = "the server stopped before the job finished; submit it again"
@@ -262,11 +277,7 @@ class JobManager:
         if not self.config.allow_jobs:
             raise ApiError(403, "jobs are off: start the server with --allow-jobs --token-file F")
         if body.kind == "extract":
-            raise ApiError(
-                501,
-                "extraction jobs are not offered over HTTP yet; use "
-                "`vitcnn submit extract` against the Ray cluster",
-            )
+            return self._submit_extract(body)
         config = analysis_config(self.config, body)  # bad options: 400 now, not later
         from vitcnn_store.store import open_store
 
@@ -277,6 +288,26 @@ class JobManager:
         record = JobRecord(id=secrets.token_hex(8), kind=body.kind, request=body.model_dump())
         self.save(record)
         self.queue.put((record, config))
+        return record
+
+    def _submit_extract(self, body: JobRequest) -> JobRecord:
+        from vitcnn_store.serve.extract_jobs import extract_config
+
+        cfg = extract_config(self.config.store, body.run, body.args)  # bad args: 400 now
+        self.extract.client()  # no cluster: 501 or 503 before any record
+        job_id = secrets.token_hex(8)
+        record = JobRecord(
+            id=job_id, kind="extract", request=body.model_dump(), ray_job_id=f"vitcnn-{job_id}"
+        )
+        self.save(record)  # first: a server that dies now re-attaches by the id
+        try:
+            self.extract.submit(cfg, str(record.ray_job_id))
+        except ApiError as e:
+            record.status, record.error, record.finished_at = "failed", e.message, _now()
+            self.save(record)
+            raise
+        record.status, record.started_at = "running", _now()
+        self.save(record)
         return record
 
     def _work(self) -> None:
@@ -328,14 +359,16 @@ def _manager(request: Request) -> JobManager:
 @router.post(
     "/jobs",
     status_code=202,
-    summary="Submit an analysis job (--allow-jobs)",
+    summary="Submit an analysis or extraction job (--allow-jobs)",
     responses={
         403: {"description": "jobs are off"},
-        501: {"description": "extraction jobs: not offered yet"},
+        501: {"description": "extraction jobs: the server has no --ray-address"},
+        503: {"description": "extraction jobs: the Ray job server is unreachable or refused"},
     },
 )
 def submit_job(body: JobRequest, request: Request) -> dict[str, Any]:
-    """Queue an analysis; poll ``GET /api/jobs/{id}`` for its status and result."""
+    """Queue an analysis, or submit an extraction to Ray; poll ``GET /api/jobs/{id}``
+    for its status, progress (extraction: the Ray job's log tail) and result."""
     return asdict(_manager(request).submit(body))
 
 

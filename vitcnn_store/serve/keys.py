@@ -13,8 +13,10 @@ Reads go through fsspec, so a store in a bucket is served the same way.
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +59,13 @@ def check_key(key: str) -> str:
     return key
 
 
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    """``os.path.realpath(folder)``, remembered: a chunk read resolves its folder once, not
+    one ``lstat`` per path component each time (bounded: chunk folders of a few runs)."""
+    return os.path.realpath(folder)
+
+
 @dataclass(frozen=True)
 class KeyInfo:
     """Size and version of a stored object (the version makes the ETag)."""
@@ -82,7 +91,10 @@ class StoreFiles:
         """The storage path of ``key`` (checked: it stays inside the store)."""
         path = posixpath.join(self.root, check_key(key))
         if self.local:
-            real = os.path.realpath(path)
+            folder, name = os.path.split(path)
+            real = os.path.join(_real_folder(folder), name)
+            if os.path.islink(real):  # rare: resolve the last link too
+                real = os.path.realpath(real)
             if not real.startswith(self._real_root + os.sep):
                 raise BadKeyError(f"key {key[:200]!r}: leads outside the store")
         return path
@@ -97,7 +109,7 @@ class StoreFiles:
                 st = os.stat(path)
             except (FileNotFoundError, NotADirectoryError):
                 return None
-            if not os.path.isfile(path):
+            if not stat.S_ISREG(st.st_mode):
                 return None
             return KeyInfo(st.st_size, f'"{st.st_size:x}-{st.st_mtime_ns:x}"', st.st_mtime)
         try:

@@ -15,17 +15,20 @@ it is always revalidated (``no-cache``); chunks are kept for a short while
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
+from collections.abc import Mapping
 from email.utils import formatdate
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from vitcnn_store.serve.errors import ApiError
-from vitcnn_store.serve.keys import KeyInfo, StoreFiles
+from vitcnn_store.serve.errors import ApiError, error_body
+from vitcnn_store.serve.keys import BadKeyError, KeyInfo, StoreFiles
 
-__all__ = ["parse_range", "router"]
+__all__ = ["ZarrFastPath", "answer", "parse_range", "router"]
 
 router = APIRouter(tags=["zarr"])
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -78,21 +81,103 @@ def _media_type(key: str) -> str:
     return "application/json" if key.endswith(".json") else "application/octet-stream"
 
 
-async def _info(files: StoreFiles, key: str) -> KeyInfo:
+async def answer(
+    files: StoreFiles, config: Any, method: str, key: str, request_headers: Mapping[str, str]
+) -> tuple[int, dict[str, str], bytes]:
+    """``(status, headers, body)`` of a GET or HEAD of ``key``; errors raise :class:`ApiError`
+    (or :class:`~vitcnn_store.serve.keys.BadKeyError`)."""
     info = files.info(key) if files.local else await run_in_threadpool(files.info, key)
     if info is None:
         raise ApiError(404, f"no key {key[:200]!r} in the store")
-    return info
+    headers = _headers(key, info, config.token is not None)
+    headers["Content-Type"] = _media_type(key)
+    if method == "HEAD":
+        headers["Content-Length"] = str(info.size)
+        return 200, headers, b""
+    if request_headers.get("if-none-match") == info.etag:
+        return 304, headers, b""
+    span = parse_range(request_headers.get("range"), info.size)
+    start, end = span if span is not None else (0, info.size)
+    if end - start > config.max_response_bytes:
+        raise ApiError(
+            413,
+            f"{end - start} bytes is over the response limit "
+            f"({config.max_response_bytes}); ask for a Range",
+        )
+    if files.local and end - start <= _INLINE_BYTES:
+        data = files.read(key, start, end)
+    else:
+        data = await run_in_threadpool(files.read, key, start, end)
+    headers["Content-Length"] = str(len(data))
+    if span is None:
+        return 200, headers, data
+    headers["Content-Range"] = f"bytes {start}-{end - 1}/{info.size}"
+    return 206, headers, data
+
+
+class ZarrFastPath:
+    """Answers ``/zarr/`` itself, as plain ASGI; every other path goes on to ``app``.
+
+    Chunk reads are most of a server's requests: FastAPI's routing, dependency
+    resolution and the per-request task of the time limit cost more than the
+    read itself, so they are skipped here (the token check stays outside; a local
+    read cannot hang, a remote one runs under the request time limit).
+    """
+
+    def __init__(self, app: Any, files: StoreFiles, config: Any) -> None:
+        self.app = app
+        self.files = files
+        self.config = config
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/zarr/"):
+            await self.app(scope, receive, send)
+            return
+        method = scope.get("method", "GET")
+        wanted = {}
+        for name, value in scope.get("headers", ()):
+            if name in (b"range", b"if-none-match"):
+                wanted[name.decode()] = value.decode("latin-1")
+        try:
+            if method not in ("GET", "HEAD"):
+                raise ApiError(405, f"{method} is not allowed on /zarr/ (read-only)")
+            work = answer(self.files, self.config, method, path[len("/zarr/") :], wanted)
+            if self.files.local:
+                status, headers, body = await work
+            else:
+                status, headers, body = await asyncio.wait_for(work, self.config.request_timeout)
+        except (ApiError, BadKeyError, asyncio.TimeoutError, OSError) as e:
+            status, headers, body = _error(e)
+        raw = [(k.lower().encode(), v.encode("latin-1")) for k, v in headers.items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body if method != "HEAD" else b""})
+
+
+def _error(e: Exception) -> tuple[int, dict[str, str], bytes]:
+    if isinstance(e, ApiError):
+        status, message, extra = e.status, e.message, dict(e.headers or {})
+    elif isinstance(e, BadKeyError):
+        status, message, extra = 400, str(e), {}
+    elif isinstance(e, asyncio.TimeoutError):
+        status, message, extra = 504, "the store did not answer in time", {}
+    else:
+        status, message, extra = 503, f"cannot read the store ({type(e).__name__})", {}
+    body = json.dumps(error_body(message)).encode()
+    headers = {**extra, "Content-Type": "application/json", "Content-Length": str(len(body))}
+    return status, headers, body
+
+
+# The routes below document /zarr in OpenAPI; requests are answered by ZarrFastPath.
 
 
 @router.head("/zarr/{key:path}", summary="Size and version of a store key")
 async def head_key(key: str, request: Request) -> Response:
     """Headers of ``GET`` without the body."""
-    files: StoreFiles = request.app.state.files
-    info = await _info(files, key)
-    headers = _headers(key, info, request.app.state.config.token is not None)
-    headers["Content-Length"] = str(info.size)
-    return Response(status_code=200, headers=headers, media_type=_media_type(key))
+    status, headers, _ = await answer(
+        request.app.state.files, request.app.state.config, "HEAD", key, request.headers
+    )
+    return Response(status_code=status, headers=headers)
 
 
 @router.get(
@@ -106,27 +191,7 @@ async def head_key(key: str, request: Request) -> Response:
 )
 async def get_key(key: str, request: Request) -> Response:
     """The bytes stored under ``key`` (e.g. ``zarr.json``, ``vit/blocks.0/activation/c/0/0/0``)."""
-    files: StoreFiles = request.app.state.files
-    config = request.app.state.config
-    info = await _info(files, key)
-    headers = _headers(key, info, config.token is not None)
-    if request.headers.get("if-none-match") == info.etag:
-        return Response(status_code=304, headers=headers)
-    span = parse_range(request.headers.get("range"), info.size)
-    start, end = span if span is not None else (0, info.size)
-    if end - start > config.max_response_bytes:
-        raise ApiError(
-            413,
-            f"{end - start} bytes is over the response limit "
-            f"({config.max_response_bytes}); ask for a Range",
-        )
-    data: Any
-    if files.local and end - start <= _INLINE_BYTES:
-        data = files.read(key, start, end)
-    else:
-        data = await run_in_threadpool(files.read, key, start, end)
-    status = 200
-    if span is not None:
-        status = 206
-        headers["Content-Range"] = f"bytes {start}-{end - 1}/{info.size}"
-    return Response(content=data, status_code=status, headers=headers, media_type=_media_type(key))
+    status, headers, body = await answer(
+        request.app.state.files, request.app.state.config, "GET", key, request.headers
+    )
+    return Response(content=body, status_code=status, headers=headers)
