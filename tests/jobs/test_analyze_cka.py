@@ -477,6 +477,9 @@ def test_chunk_jobs_on_cluster_equal_threads(synth: str, dask_cluster: str) -> N
         local = job(config(**common, name="local")).dataset
         remote = job(config(**common, name="remote", dask_address=dask_cluster)).dataset
         for var in local.data_vars:
+            if local[var].dtype.kind not in "fiub":  # recorded image ids: equal, not close
+                np.testing.assert_array_equal(remote[var].values, local[var].values)
+                continue
             # Results of every scale (pixels, penalties up to 1e5, CKA near 0): the
             # tolerance is relative to each array's largest value.
             scale = 1e-12 * np.nanmax(np.abs(local[var].values), initial=1.0)
