@@ -47,6 +47,7 @@ MODULE_LAYERS = {
     "vitcnn_store.cli_analyze": "interface",
     "vitcnn_store.demo": "interface",
     "vitcnn_store.describe": "interface",
+    "vitcnn_store.figure_stamp": "interface",
     "vitcnn_store.plots": "interface",
     "vitcnn_store.report": "interface",
 }

@@ -17,6 +17,7 @@ from vitcnn_store.models.families import stored_roles
 from vitcnn_store.models.layers import match_patterns
 from vitcnn_store.store import schema
 from vitcnn_store.store.grams import REDUCTIONS  # the reductions a Gram cache is keyed by
+from vitcnn_store.store.layout import quiet_zarr
 from vitcnn_store.store.reader import Run
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "REDUCTIONS",
     "LayerInfo",
+    "layer_attrs",
     "layer_info",
     "layer_roles",
     "patch_grid",
@@ -58,11 +60,19 @@ def select_attention_layers(run: Run, patterns: str | None) -> list[str]:
     return match_patterns(layers, patterns, f"stored attention layer of run {run.name!r}")
 
 
+def layer_attrs(run: Run, layer: str) -> dict[str, Any]:
+    """The attributes of stored ``layer`` (as ``run[layer].attrs``), from the run's
+    metadata alone: no array is opened and xarray is not imported."""
+    with quiet_zarr():
+        attrs = dict(run.group[layer].attrs)
+    return {**attrs, "run": run.name, "layer": layer}
+
+
 def layer_roles(run: Run) -> dict[str, dict[str, Any]]:
     """Each stored layer's attributes with its role (stream, branch, ...), recorded at
     extraction or, for older stores, derived from the layer names
     (:func:`vitcnn_store.models.families.stored_roles`)."""
-    attrs = {name: dict(run[name].attrs) for name in run.layers}
+    attrs = {name: layer_attrs(run, name) for name in run.layers}
     return stored_roles(run.attrs.get("model_family"), attrs)
 
 

@@ -135,11 +135,11 @@ def run_skip(cfg: SkipConfig) -> AnalysisResult:
     mask = usable_mask(run, cfg.allow_incomplete)
     found = skip_branches(run)
     blocks = list(dict.fromkeys(b.block for b in found))
-    info = layer_info(run[found[0].output])
-    tokens = info.kind == schema.KIND_TOKEN
-    prefix = (len(info.prefix), info.cls_index) if tokens else (0, None)
 
     def compute(executor: Executor) -> xr.Dataset:
+        info = layer_info(run[found[0].output])  # opened only to compute
+        tokens = info.kind == schema.KIND_TOKEN
+        prefix = (len(info.prefix), info.cls_index) if tokens else (0, None)
         tasks: list[Any] = []
         owner: list[int] = []
         for j, block in enumerate(blocks):
