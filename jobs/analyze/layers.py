@@ -33,6 +33,9 @@ __all__ = [
     "reduce_layer",
     "select_attention_layers",
     "select_layers",
+    "stored_grid",
+    "stored_kind",
+    "stored_shape",
     "token_positions",
 ]
 
@@ -66,6 +69,44 @@ def layer_attrs(run: Run, layer: str) -> dict[str, Any]:
     with quiet_zarr():
         attrs = dict(run.group[layer].attrs)
     return {**attrs, "run": run.name, "layer": layer}
+
+
+def stored_shape(run: Run, layer: str) -> tuple[int, ...]:
+    """The shape of stored ``layer``'s activation (as ``run[layer].shape``), from the
+    run's metadata alone."""
+    with quiet_zarr():
+        return tuple(int(s) for s in run.group[layer]["activation"].shape)
+
+
+def stored_sizes(run: Run, layer: str, array: str = "activation") -> dict[str, int]:
+    """Dimension name → size of a stored array (``input`` of the run with ``layer``
+    ``"input"``), from the run's metadata alone; an unknown layer raises the reader's
+    error."""
+    if array == "activation" and layer not in run.layers:
+        run[layer]  # raises RunNotFoundError naming the stored layers
+    with quiet_zarr():
+        arr = run.group[array] if layer == array else run.group[layer][array]
+        dims = [str(d) for d in arr.metadata.dimension_names]
+        return dict(zip(dims, (int(s) for s in arr.shape), strict=True))
+
+
+def stored_kind(run: Run, layer: str) -> str:
+    """The kind of stored ``layer`` (as :func:`layer_info`), from the run's metadata."""
+    return schema.kind_of_dims(list(stored_sizes(run, layer)))
+
+
+def stored_grid(run: Run, layer: str) -> tuple[int, int]:
+    """Rows and columns of the patch (or y, x) grid of a token or spatial layer, as
+    :func:`patch_grid` finds them, from the run's metadata and coordinates."""
+    sizes = stored_sizes(run, layer)
+    if schema.kind_of_dims(list(sizes)) != schema.KIND_TOKEN:
+        return sizes[schema.Y], sizes[schema.X]
+    group = run.group[layer]
+    kinds = schema.as_str_array(run._coord(group, "token_kind", layer)[1])
+    patches = kinds == schema.PATCH
+    ty = np.asarray(run._coord(group, "token_y", layer)[1], float)[patches]
+    tx = np.asarray(run._coord(group, "token_x", layer)[1], float)[patches]
+    return int(np.unique(ty).size), int(np.unique(tx).size)
 
 
 def layer_roles(run: Run) -> dict[str, dict[str, Any]]:
