@@ -5,10 +5,14 @@ A job (``jobs/analyze/<analysis>.py``) opens its runs, checks what it needs
 :class:`~vitcnn_store.errors.VitcnnError`), and hands :func:`run_analysis` a
 ``compute`` function. :func:`run_analysis` then
 
-1. builds the reuse key: the job's options (``AnalysisOptions.parameters``)
-   plus the source runs' provenance fingerprints;
-2. returns the stored complete result when its key matches, unless ``recompute``;
-3. otherwise takes the analysis lock of every run it may write
+1. builds the reuse key: the job's options (``AnalysisOptions.parameters``),
+   what the job chose from the runs' metadata, and the source runs' provenance
+   fingerprints — no stored layer is opened for it;
+2. returns the stored complete result when its key matches, unless ``recompute``,
+   found through the store as opened and not loaded (it loads, without dask,
+   when its ``dataset`` is first used);
+3. otherwise runs the job's ``prepare`` (checks that open stored arrays), takes
+   the analysis lock of every run it may write
    (:mod:`vitcnn_store.store.locks`: the Gram caches of the source runs and
    the result's run; a second job is refused with one line), runs ``compute``
    on an :class:`~jobs.analyze.executor.Executor` (local threads or a
