@@ -68,9 +68,9 @@ def run_attention(cfg: AttentionConfig) -> AnalysisResult:
     (run,) = open_runs(cfg.store, [cfg.run])
     mask = usable_mask(run, cfg.allow_incomplete)
     layers = select_attention_layers(run, cfg.layers)
-    arrays = [run.attention(name) for name in layers]
 
     def compute(executor: Executor) -> xr.Dataset:
+        arrays = [run.attention(name) for name in layers]  # opened only to compute
         tasks: list[Any] = []
         owner: list[int] = []
         setups = [token_positions(run, a) for a in arrays]

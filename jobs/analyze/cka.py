@@ -118,10 +118,6 @@ def _plan(cfg: CKAConfig) -> _Plan:
         mask_b = usable_mask(run_b, cfg.allow_incomplete)
         idx_a, idx_b = align_images(run_a, mask_a, run_b, mask_b)
         layers_b, _ = select_by_role(run_b, cfg.layers2, cfg.roles, "--layers2")
-    # Reductions now: a bad --reduce for some layer fails before any work.
-    for run, layers in ((run_a, layers_a), (run_b, layers_b)):
-        for layer in layers:
-            reduce_layer(run[layer], cfg.reduce)
     n = int(idx_a.size)
     if cfg.full_sample:
         need = 4 if cfg.estimator == "unbiased" else 2
@@ -140,6 +136,14 @@ def _plan(cfg: CKAConfig) -> _Plan:
         layer: source_state(run_b, layer, mask_b) for layer in layers_b
     }  # fmt: skip
     return plan
+
+
+def _check_reductions(cfg: CKAConfig, plan: _Plan) -> None:
+    """A bad ``--reduce`` for some layer fails before any work (not needed to reuse:
+    the layers are opened only here and in the computation)."""
+    for run, layers in ((plan.run_a, plan.layers_a), (plan.run_b, plan.layers_b)):
+        for layer in layers:
+            reduce_layer(run[layer], cfg.reduce)
 
 
 def _plan_null(cfg: CKAConfig, plan: _Plan) -> None:
@@ -372,6 +376,7 @@ def run_cka(cfg: CKAConfig) -> AnalysisResult:
         default_name="cka" if cfg.run2 is None else f"cka__{cfg.run2}",
         sources=[(plan.run_a, plan.mask_a)] + ([(plan.run_b, plan.mask_b)] if plan.cross else []),
         compute=compute,
+        prepare=lambda: _check_reductions(cfg, plan),
         # The layers' source states: a rewritten unit changes the result, not only the Gram.
         extra_parameters={
             "layers_a": plan.layers_a,

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jobs.analyze.layers import layer_roles, select_layers
+from jobs.analyze.layers import layer_attrs, layer_roles, select_layers
 from jobs.analyze.options import ROLE_SETS
 from vitcnn_store.errors import UsageError
 from vitcnn_store.models.families import BRANCH, is_residual_stream
@@ -80,14 +80,15 @@ def block_depth(run: Run, layers: Sequence[str]) -> tuple[np.ndarray, str]:
     blocks keep their stored ``depth_fraction`` (forward order of stored layers).
     """
     roles = layer_roles(run)
-    order = {n: int(run[n].attrs.get("depth_index", i)) for i, n in enumerate(run.layers)}
+    attrs = {n: layer_attrs(run, n) for n in run.layers}
+    order = {n: int(attrs[n].get("depth_index", i)) for i, n in enumerate(run.layers)}
     members: dict[str, list[str]] = {}
     for name in sorted(run.layers, key=order.__getitem__):
         block = roles.get(name, {}).get("block")
         if block:
             members.setdefault(str(block), []).append(name)
     if not members:
-        stored = [float(run[n].attrs.get("depth_fraction", np.nan)) for n in layers]
+        stored = [float(attrs[n].get("depth_fraction", np.nan)) for n in layers]
         return np.array(stored), "stored depth_fraction (forward order of the stored layers)"
     blocks = sorted(members, key=lambda b: order[members[b][-1]])
     first = min(order[members[b][0]] for b in blocks)

@@ -22,14 +22,14 @@ import numpy as np
 
 from jobs.analyze.depth import block_depth, select_by_role
 from jobs.analyze.executor import Executor, LazyTasks
-from jobs.analyze.layers import token_positions
+from jobs.analyze.layers import layer_attrs, token_positions
 from jobs.analyze.options import HeadsConfig, cap_batch_size
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.runs import align_images, open_runs, usable_mask
 from jobs.analyze.tasks import chunk_tasks, row_pieces, take_rows
 from vitcnn_store.analysis.attention import AttentionAccumulator
 from vitcnn_store.analysis.cka import MinibatchCKAMatrix, sample_batches
-from vitcnn_store.errors import RunNotFoundError, UsageError
+from vitcnn_store.errors import UsageError
 from vitcnn_store.models import match_patterns
 from vitcnn_store.store.schema import string_coord
 
@@ -43,7 +43,8 @@ __all__ = ["HeadsConfig", "head_layers", "run_heads"]
 
 def head_layers(run: Run, patterns: str | None) -> list[str]:
     """The run's per-head output layers (``--attention-heads``), optionally by pattern."""
-    found = [n for n in run.layers if "heads" in run[n].attrs and "head_dim" in run[n].attrs]
+    attrs = {n: layer_attrs(run, n) for n in run.layers}
+    found = [n for n in run.layers if "heads" in attrs[n] and "head_dim" in attrs[n]]
     if not found:
         raise UsageError(
             f"run {run.name!r} has no per-head attention outputs: extract with --attention-heads"
@@ -81,14 +82,13 @@ def run_heads(cfg: HeadsConfig) -> AnalysisResult:
     run, other = open_runs(cfg.store, [cfg.run, cfg.run2])
     mask, mask_b = usable_mask(run, cfg.allow_incomplete), usable_mask(other, cfg.allow_incomplete)
     layers = head_layers(run, cfg.layers)
-    modules = [str(run[n].attrs["head_output_of"]) for n in layers]
-    try:
-        attention = [run.attention(m) for m in modules]
-    except RunNotFoundError:
+    attrs = {n: layer_attrs(run, n) for n in layers}
+    modules = [str(attrs[n]["head_output_of"]) for n in layers]
+    if not set(modules) <= set(run.attention_layers):
         raise UsageError(
             f"run {run.name!r} has per-head outputs but not the attention of "
             f"{', '.join(modules)}: mean attention distance needs --attention"
-        ) from None
+        )
     if cfg.layers2:
         others, _ = select_by_role(other, cfg.layers2, "stream", "--layers2")
     else:
@@ -98,11 +98,12 @@ def run_heads(cfg: HeadsConfig) -> AnalysisResult:
     idx_a, idx_b = align_images(run, mask, other, mask_b)
     batch = cap_batch_size(cfg.batch_size, int(idx_a.size))
     (batches,) = sample_batches(idx_a.size, batch, 1, cfg.seed, cfg.max_batches)
-    splits = [(int(run[n].attrs["heads"]), int(run[n].attrs["head_dim"])) for n in layers]
+    splits = [(int(attrs[n]["heads"]), int(attrs[n]["head_dim"])) for n in layers]
 
     def compute(executor: Executor) -> xr.Dataset:
         from dask import delayed
 
+        attention = [run.attention(m) for m in modules]  # opened only to compute
         data_a = [run[n].data for n in layers]
         data_b = [other[n].data for n in others]
 

@@ -17,6 +17,7 @@ from vitcnn_store.models.families import stored_roles
 from vitcnn_store.models.layers import match_patterns
 from vitcnn_store.store import schema
 from vitcnn_store.store.grams import FEATURE_REDUCTIONS  # the keys of a Gram cache
+from vitcnn_store.store.layout import quiet_zarr
 from vitcnn_store.store.reader import Run
 
 if TYPE_CHECKING:
@@ -25,12 +26,16 @@ if TYPE_CHECKING:
 __all__ = [
     "FEATURE_REDUCTIONS",
     "LayerInfo",
+    "layer_attrs",
     "layer_info",
     "layer_roles",
     "patch_grid",
     "reduce_layer",
     "select_attention_layers",
     "select_layers",
+    "stored_grid",
+    "stored_kind",
+    "stored_shape",
     "token_positions",
 ]
 
@@ -58,11 +63,57 @@ def select_attention_layers(run: Run, patterns: str | None) -> list[str]:
     return match_patterns(layers, patterns, f"stored attention layer of run {run.name!r}")
 
 
+def layer_attrs(run: Run, layer: str) -> dict[str, Any]:
+    """The attributes of stored ``layer`` (as ``run[layer].attrs``), from the run's
+    metadata alone: no array is opened and xarray is not imported."""
+    with quiet_zarr():
+        attrs = dict(run.group[layer].attrs)
+    return {**attrs, "run": run.name, "layer": layer}
+
+
+def stored_shape(run: Run, layer: str) -> tuple[int, ...]:
+    """The shape of stored ``layer``'s activation (as ``run[layer].shape``), from the
+    run's metadata alone."""
+    with quiet_zarr():
+        return tuple(int(s) for s in run.group[layer]["activation"].shape)
+
+
+def stored_sizes(run: Run, layer: str, array: str = "activation") -> dict[str, int]:
+    """Dimension name → size of a stored array (``input`` of the run with ``layer``
+    ``"input"``), from the run's metadata alone; an unknown layer raises the reader's
+    error."""
+    if array == "activation" and layer not in run.layers:
+        run[layer]  # raises RunNotFoundError naming the stored layers
+    with quiet_zarr():
+        arr = run.group[array] if layer == array else run.group[layer][array]
+        dims = [str(d) for d in arr.metadata.dimension_names]
+        return dict(zip(dims, (int(s) for s in arr.shape), strict=True))
+
+
+def stored_kind(run: Run, layer: str) -> str:
+    """The kind of stored ``layer`` (as :func:`layer_info`), from the run's metadata."""
+    return schema.kind_of_dims(list(stored_sizes(run, layer)))
+
+
+def stored_grid(run: Run, layer: str) -> tuple[int, int]:
+    """Rows and columns of the patch (or y, x) grid of a token or spatial layer, as
+    :func:`patch_grid` finds them, from the run's metadata and coordinates."""
+    sizes = stored_sizes(run, layer)
+    if schema.kind_of_dims(list(sizes)) != schema.KIND_TOKEN:
+        return sizes[schema.Y], sizes[schema.X]
+    group = run.group[layer]
+    kinds = schema.as_str_array(run._coord(group, "token_kind", layer)[1])
+    patches = kinds == schema.PATCH
+    ty = np.asarray(run._coord(group, "token_y", layer)[1], float)[patches]
+    tx = np.asarray(run._coord(group, "token_x", layer)[1], float)[patches]
+    return int(np.unique(ty).size), int(np.unique(tx).size)
+
+
 def layer_roles(run: Run) -> dict[str, dict[str, Any]]:
     """Each stored layer's attributes with its role (stream, branch, ...), recorded at
     extraction or, for older stores, derived from the layer names
     (:func:`vitcnn_store.models.families.stored_roles`)."""
-    attrs = {name: dict(run[name].attrs) for name in run.layers}
+    attrs = {name: layer_attrs(run, name) for name in run.layers}
     return stored_roles(run.attrs.get("model_family"), attrs)
 
 

@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jobs.analyze.executor import Executor, LazyTasks
-from jobs.analyze.layers import layer_info, layer_roles, patch_grid
+from jobs.analyze.layers import (
+    layer_info,
+    layer_roles,
+    patch_grid,
+    stored_grid,
+    stored_kind,
+    stored_sizes,
+)
 from jobs.analyze.options import LocalizationConfig, TokenSpec, cap_batch_size
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.protocol import sampling
@@ -38,7 +45,7 @@ from vitcnn_store.analysis.localization import (
     batch_bootstrap_interval,
     image_to_patches,
 )
-from vitcnn_store.errors import RunNotFoundError, UsageError
+from vitcnn_store.errors import UsageError
 from vitcnn_store.models.families import is_block_output
 from vitcnn_store.store import schema
 from vitcnn_store.store.schema import string_coord
@@ -97,7 +104,7 @@ def resolve_targets(tokens: Sequence[TokenSpec], gy: int, gx: int) -> list[tuple
 
 def _default_layer(run: Any) -> str:
     kinds = (schema.KIND_TOKEN, schema.KIND_SPATIAL)
-    candidates = [n for n in run.layers if layer_info(run[n]).kind in kinds]
+    candidates = [n for n in run.layers if stored_kind(run, n) in kinds]
     if not candidates:
         raise UsageError(f"run {run.name!r} has no token or spatial layer to localize")
     roles = layer_roles(run)
@@ -133,21 +140,19 @@ def run_localization(cfg: LocalizationConfig) -> AnalysisResult:
     """
     (run,) = open_runs(cfg.store, [cfg.run])
     mask = usable_mask(run, cfg.allow_incomplete)
-    try:
-        inputs = run.inputs
-    except RunNotFoundError:
+    # What the parameters need comes from the run's metadata; the layer and the
+    # pixels are opened only when the result is not reused (prepare).
+    if "input" not in run.group:
         raise UsageError(
             f"run {run.name!r} has no stored input: localization needs the pixels; "
             "extract with --inputs"
-        ) from None
+        )
     layer = cfg.layer or _default_layer(run)
-    x = run[layer]
-    info = layer_info(x)
-    if info.kind not in (schema.KIND_TOKEN, schema.KIND_SPATIAL):
+    if stored_kind(run, layer) not in (schema.KIND_TOKEN, schema.KIND_SPATIAL):
         raise UsageError(f"layer {layer!r} is pooled: localization needs a token or spatial layer")
-    ys, xs, where = patch_grid(x, info)
-    gy, gx = ys.size, xs.size
-    h, w = inputs.sizes["input_y"], inputs.sizes["input_x"]
+    gy, gx = stored_grid(run, layer)
+    input_sizes = stored_sizes(run, "input", "input")
+    h, w = input_sizes["input_y"], input_sizes["input_x"]
     if h % gy or w % gx or h // gy != w // gx:
         raise UsageError(
             f"layer {layer!r} has a {gy}×{gx} grid that does not tile the {h}×{w} input "
@@ -155,16 +160,26 @@ def run_localization(cfg: LocalizationConfig) -> AnalysisResult:
         )
     patch = h // gy
     targets = resolve_targets(cfg.tokens, gy, gx) if cfg.tokens else default_targets(gy, gx)
-    index = [where[t] for t in targets]
     usable = np.flatnonzero(mask)
     batch = cap_batch_size(cfg.batch_size, int(usable.size))
     (batches,) = sample_batches(usable.size, batch, 1, cfg.seed)
     mean = np.asarray(run.attrs["mean"], dtype=np.float32)
     std = np.asarray(run.attrs["std"], dtype=np.float32)
 
+    opened: dict[str, Any] = {}
+
+    def prepare() -> None:
+        x = run[layer]
+        info = layer_info(x)
+        ys, xs, where = patch_grid(x, info)  # refuses a layer stored reduced
+        opened.update(x=x, info=info, ys=ys, xs=xs, inputs=run.inputs,
+                      index=[where[t] for t in targets])  # fmt: skip
+
     def compute(executor: Executor) -> xr.Dataset:
         from dask import delayed
 
+        x, info, inputs, index = opened["x"], opened["info"], opened["inputs"], opened["index"]
+        ys, xs = opened["ys"], opened["xs"]
         token = info.kind == schema.KIND_TOKEN
         data = x.data if token else x.data.reshape(x.shape[0], gy * gx, -1)
         chosen = data[:, index]  # the target tokens only travel between tasks
@@ -226,6 +241,7 @@ def run_localization(cfg: LocalizationConfig) -> AnalysisResult:
         default_name="localization",
         sources=[(run, mask)],
         compute=compute,
+        prepare=prepare,
         extra_parameters={"layer": layer, "targets": [list(t) for t in targets]},
     )
 

@@ -5,10 +5,14 @@ A job (``jobs/analyze/<analysis>.py``) opens its runs, checks what it needs
 :class:`~vitcnn_store.errors.VitcnnError`), and hands :func:`run_analysis` a
 ``compute`` function. :func:`run_analysis` then
 
-1. builds the reuse key: the job's options (``AnalysisOptions.parameters``)
-   plus the source runs' provenance fingerprints;
-2. returns the stored complete result when its key matches, unless ``recompute``;
-3. otherwise takes the analysis lock of every run it may write
+1. builds the reuse key: the job's options (``AnalysisOptions.parameters``),
+   what the job chose from the runs' metadata, and the source runs' provenance
+   fingerprints — no stored layer is opened for it;
+2. returns the stored complete result when its key matches, unless ``recompute``,
+   found through the store as opened and not loaded (it loads, without dask,
+   when its ``dataset`` is first used);
+3. otherwise runs the job's ``prepare`` (checks that open stored arrays), takes
+   the analysis lock of every run it may write
    (:mod:`vitcnn_store.store.locks`: the Gram caches of the source runs and
    the result's run; a second job is refused with one line), runs ``compute``
    on an :class:`~jobs.analyze.executor.Executor` (local threads or a
@@ -33,15 +37,20 @@ import numpy as np
 from jobs.analyze.executor import Executor
 from jobs.analyze.options import AnalysisOptions
 from vitcnn_store._version import __version__
-from vitcnn_store.errors import StoreUnavailableError
+from vitcnn_store.errors import DamagedDataError, StoreUnavailableError
 from vitcnn_store.store.analyses import (
+    ARRAYS_ATTR,
+    COMPLETE_ATTR,
+    DIGEST_ATTR,
+    ResultInfo,
     analysis_group,
     delete_result,
-    find_reusable,
     list_results,
+    load_result,
     parameters_key,
     plain_json,
     set_latest,
+    stored_result,
     write_analysis,
 )
 from vitcnn_store.store.index import refresh_derived
@@ -58,23 +67,49 @@ __all__ = ["AnalysisResult", "run_analysis", "source_fingerprint"]
 @dataclass
 class AnalysisResult:
     """What a job produced: the labelled dataset, where it lives in the store, and what
-    happened to the name's other results (``kept`` beside it, or ``removed``)."""
+    happened to the name's other results (``kept`` beside it, or ``removed``).
+
+    A reused result is loaded from the store on first use of :attr:`dataset`: a
+    caller that needs only its attributes (:attr:`attrs`), its ``digest`` or where
+    it is never loads it (nor imports xarray).
+    """
 
     analysis: str
     store: str
     run: str
     name: str
-    dataset: xr.Dataset
+    loaded: xr.Dataset | None  # None until a reused result is loaded
     reused: bool
     key: str = ""
     replaced: bool = False  # a result with the same parameters was rewritten (--recompute)
     kept: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    digest: str = ""  # the stored arrays' digest (the commit marker's)
+    stored_attrs: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def group(self) -> str:
         """Group path of the result inside the store."""
         return analysis_group(self.run, self.name, self.key or None)
+
+    @property
+    def dataset(self) -> xr.Dataset:
+        """The result, loaded into memory (read from the store on first use if reused)."""
+        if self.loaded is None:
+            try:
+                self.loaded = load_result(self.store, self.group)
+            except Exception as e:  # a chunk that fails its checksum
+                raise DamagedDataError(
+                    f"analysis result {self.group} is damaged ({type(e).__name__}): run "
+                    f"`vitcnn verify {self.store} --repair` and analyse again",
+                    run=self.run, layer=self.group.split("/", 1)[1],
+                ) from e  # fmt: skip
+        return self.loaded
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The result's attributes (for a reused result: as stored, without loading it)."""
+        return dict(self.loaded.attrs) if self.loaded is not None else dict(self.stored_attrs)
 
 
 def source_fingerprint(run: Run, mask: np.ndarray) -> dict[str, Any]:
@@ -106,12 +141,17 @@ def run_analysis(
     sources: Sequence[tuple[Run, np.ndarray]],
     compute: Callable[[Executor], xr.Dataset],
     extra_parameters: dict[str, Any] | None = None,
+    prepare: Callable[[], None] | None = None,
 ) -> AnalysisResult:
     """Reuse or compute, label and write one analysis result.
 
-    ``compute`` builds the dataset (its own attrs describe the estimate); this
-    function adds ``analysis``, ``parameters`` (the reuse key), the source
-    runs' provenance, ``computed_at`` and ``code_version``.
+    The reuse check comes first and needs only the parameters: the options,
+    ``extra_parameters`` (what the job chose from the runs' metadata) and the
+    source runs' fingerprints. A reused result is not loaded. Otherwise
+    ``prepare`` runs the job's checks that open stored arrays (before any lock
+    or write), and ``compute`` builds the dataset (its own attrs describe the
+    estimate); this function adds ``analysis``, ``parameters`` (the reuse key),
+    the source runs' provenance, ``computed_at`` and ``code_version``.
     """
     name = check_name(opts.name or default_name, "analysis")
     prints = [source_fingerprint(run, mask) for run, mask in sources]
@@ -119,16 +159,19 @@ def run_analysis(
         {"analysis": analysis, **opts.parameters(), **(extra_parameters or {}), "sources": prints}
     )
     key = parameters_key(parameters)
+    root = sources[0][0].store.root  # the store as opened once: no second opening
     # Reading a complete result needs no lock: incomplete ones are invisible.
-    ds = None if opts.recompute else find_reusable(opts.store, opts.run, name, parameters)
-    if ds is not None and not opts.replace:
-        return _reused(analysis, opts, name, key, ds)
+    stored = None if opts.recompute else stored_result(root, opts.run, name, parameters)
+    if stored is not None and not opts.replace:
+        return _reused(analysis, opts, name, stored, root)
+    if prepare is not None:
+        prepare()
     runs = {opts.run, *(run.name for run, _ in sources)}
     with analysis_lock(opts.store, runs, f"vitcnn analyze {analysis} {opts.run}"):
         if not opts.recompute:  # another job may have written it while we were not locked
-            ds = find_reusable(opts.store, opts.run, name, parameters)
-        if ds is not None:
-            return _reused(analysis, opts, name, key, ds)
+            stored = stored_result(root, opts.run, name, parameters)
+        if stored is not None:
+            return _reused(analysis, opts, name, stored, root)
         with Executor(opts.dask_address, opts.threads, opts.progress) as executor:
             ds = compute(executor)
         _label(ds, analysis, opts, prints, parameters)
@@ -136,16 +179,23 @@ def run_analysis(
     return AnalysisResult(
         analysis, opts.store, opts.run, name, ds, reused=False, key=key,
         replaced=written.replaced, kept=written.kept, removed=written.removed,
+        digest=written.digest,
     )  # fmt: skip
 
 
 def _reused(
-    analysis: str, opts: AnalysisOptions, name: str, key: str, ds: xr.Dataset
+    analysis: str, opts: AnalysisOptions, name: str, stored: ResultInfo, root: Any
 ) -> AnalysisResult:
-    """The stored result reused; the name's other results kept, or deleted with
-    ``replace`` (the caller then holds the lock)."""
-    result = AnalysisResult(analysis, opts.store, opts.run, name, ds, reused=True, key=key)
-    results = list_results(opts.store, opts.run, name)
+    """The stored result reused (not loaded); the name's other results kept, or deleted
+    with ``replace`` (the caller then holds the lock)."""
+    key = stored.key
+    attrs = {k: v for k, v in stored.attrs.items()
+             if k not in (COMPLETE_ATTR, ARRAYS_ATTR, DIGEST_ATTR)}  # fmt: skip
+    result = AnalysisResult(
+        analysis, opts.store, opts.run, name, None, reused=True, key=key,
+        digest=str(stored.attrs.get(DIGEST_ATTR, "")), stored_attrs=attrs,
+    )  # fmt: skip
+    results = list_results(opts.store, opts.run, name, root=root)
     for other in results:
         if other.key == key:
             continue

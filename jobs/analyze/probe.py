@@ -212,7 +212,11 @@ def run_probe(cfg: ProbeConfig) -> AnalysisResult:
     groups, grouping = image_groups(cfg, run.image_ids[rows])
     splits = _splits(cfg, labels, groups)
     layers, selection = select_by_role(run, cfg.layers, cfg.roles)
-    planned = _plan_features(cfg, run, layers)
+    planned: list[Any] = []  # each layer's features, planned only to compute
+
+    def prepare() -> None:
+        planned.extend(_plan_features(cfg, run, layers))
+
     has_input = "input" in run.group
 
     def compute(executor: Executor) -> xr.Dataset:
@@ -244,6 +248,7 @@ def run_probe(cfg: ProbeConfig) -> AnalysisResult:
         default_name="probe",
         sources=[(run, mask)],
         compute=compute,
+        prepare=prepare,
         extra_parameters={"layers": layers},
     )
 

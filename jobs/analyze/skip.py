@@ -35,7 +35,7 @@ import numpy as np
 
 from jobs.analyze.depth import block_depth
 from jobs.analyze.executor import Executor
-from jobs.analyze.layers import layer_info, layer_roles
+from jobs.analyze.layers import layer_info, layer_roles, stored_shape
 from jobs.analyze.options import SkipConfig
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.runs import open_runs, usable_mask
@@ -83,12 +83,12 @@ def skip_branches(run: Run) -> list[Branch]:
             "has neither: extract with --layers preset:paper"
         )
     _refuse_missing(run, missing + [z for b in found for z in b.skip_input if z not in roles])
-    for b in found:
-        shape = run[b.output].shape[1:]
+    for b in found:  # shapes from the metadata: no layer opened before reuse is checked
+        shape = stored_shape(run, b.output)[1:]
         for z in b.skip_input:
-            if run[z].shape[1:] != shape:
+            if stored_shape(run, z)[1:] != shape:
                 raise UsageError(
-                    f"block {b.block!r}: skip input {z!r} {run[z].shape[1:]} and branch "
+                    f"block {b.block!r}: skip input {z!r} {stored_shape(run, z)[1:]} and branch "
                     f"{b.output!r} {shape} differ; extract with --layers preset:paper "
                     "(which stores each block's downsample)"
                 )
@@ -135,11 +135,11 @@ def run_skip(cfg: SkipConfig) -> AnalysisResult:
     mask = usable_mask(run, cfg.allow_incomplete)
     found = skip_branches(run)
     blocks = list(dict.fromkeys(b.block for b in found))
-    info = layer_info(run[found[0].output])
-    tokens = info.kind == schema.KIND_TOKEN
-    prefix = (len(info.prefix), info.cls_index) if tokens else (0, None)
 
     def compute(executor: Executor) -> xr.Dataset:
+        info = layer_info(run[found[0].output])  # opened only to compute
+        tokens = info.kind == schema.KIND_TOKEN
+        prefix = (len(info.prefix), info.cls_index) if tokens else (0, None)
         tasks: list[Any] = []
         owner: list[int] = []
         for j, block in enumerate(blocks):

@@ -76,16 +76,16 @@ def run_top_images(cfg: TopImagesConfig) -> AnalysisResult:
     (layer, channel) ``mean`` and ``std`` over images and positions; per layer
     ``n_channels``, ``kind`` and depth.
     """
-    import dask.array as da
-
     (run,) = open_runs(cfg.store, [cfg.run])
     mask = usable_mask(run, cfg.allow_incomplete)
     layers = select_layers(run, cfg.layers)
-    arrays = [run[name] for name in layers]
     k = min(cfg.k, int(mask.sum()))
-    index = da.from_array(np.arange(run.n_images), chunks=(arrays[0].data.chunks[0],))
 
     def compute(executor: Executor) -> xr.Dataset:
+        import dask.array as da
+
+        arrays = [run[name] for name in layers]  # opened only to compute
+        index = da.from_array(np.arange(run.n_images), chunks=(arrays[0].data.chunks[0],))
         tasks: list[Any] = []
         owner: list[int] = []
         setups = [scored_positions(a) for a in arrays]

@@ -115,7 +115,7 @@ def describe_result(result: AnalysisResult, figure: Path | None = None) -> str:
                      "(other parameters; --replace deletes them):")  # fmt: skip
         lines += [f"    {base}/{group}" for group in result.kept]
     lines += [f"  removed {base}/{group} (--replace)" for group in result.removed]
-    summary = result.dataset.attrs.get("summary")
+    summary = result.attrs.get("summary")
     if summary:
         lines.append(f"  {summary}")
     if figure is not None:
@@ -129,15 +129,27 @@ def analyze(
     """Run analysis job ``analysis`` on ``config`` and draw its figure (unless not ``figure``).
 
     Figures go to ``figures``, by default beside a local store
-    (:func:`vitcnn_store.interface.plots.figure_dir`).
+    (:func:`vitcnn_store.interface.plots.figure_dir`). Each figure is stamped with
+    the result it shows (:mod:`vitcnn_store.interface.figure_stamp`): a reused result
+    whose figure carries its stamp is not redrawn (nor loaded, nor matplotlib imported).
     """
     entry = ANALYSES[analysis]
     result = entry.run(config)
     path = None
     if figure and entry.draws_figure:
-        from vitcnn_store.interface.plots import save_result_figure
+        from vitcnn_store.interface.figure_stamp import read_stamp, stamp_figure
+        from vitcnn_store.interface.plots import figure_dir
 
-        path = save_result_figure(result.dataset, result.store, result.run, result.name, figures)
+        path = figure_dir(result.store, figures) / f"{result.run}__{result.name}.png"
+        stamp = {"group": result.group, "digest": result.digest}
+        if not (result.reused and result.digest and read_stamp(path) == stamp):
+            from vitcnn_store.interface.plots import save_result_figure
+
+            path = save_result_figure(
+                result.dataset, result.store, result.run, result.name, figures
+            )
+            if result.digest:
+                stamp_figure(path, stamp)
     return result, path
 
 

@@ -339,7 +339,7 @@ class JobManager:
                 "name": result.name,
                 "group": result.group,
                 "reused": result.reused,
-                "summary": result.dataset.attrs.get("summary"),
+                "summary": result.attrs.get("summary"),
                 "url": f"/api/runs/{result.run}/analyses/{result.name}",
             }
             record.status = "succeeded"

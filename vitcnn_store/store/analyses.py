@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from vitcnn_store.store.reader import Run
 
 __all__ = [
+    "ARRAYS_ATTR",
     "COMPLETE_ATTR",
     "DIGEST_ATTR",
     "LATEST_ATTR",
@@ -62,11 +63,13 @@ __all__ = [
     "find_reusable",
     "latest_result",
     "list_results",
+    "load_result",
     "parameters_key",
     "plain_json",
     "read_analysis",
     "result_digest",
     "set_latest",
+    "stored_result",
     "write_analysis",
 ]
 
@@ -220,8 +223,9 @@ def _results_of(run: str, name: str, node: Any, url: str | None = None) -> list[
 
 
 def list_results(
-    url: str, run: str, name: str | None = None, *, listing: bool | None = None
-) -> list[ResultInfo]:
+    url: str, run: str, name: str | None = None, *, listing: bool | None = None,
+    root: Any = None,
+) -> list[ResultInfo]:  # fmt: skip
     """Every stored result of ``run`` (of one ``name``), complete or not, by name then
     computation time.
 
@@ -229,15 +233,21 @@ def list_results(
     stores), the results are found as stored. Where it cannot (plain HTTP), they
     are found from the run's consolidated metadata, and each result's commit
     marker is then read from its own ``zarr.json`` (a snapshot may predate an
-    interrupted rewrite).
+    interrupted rewrite). ``root``, the store's open root group (opened without
+    consolidated metadata), saves opening the store again where it lists.
     """
     from vitcnn_store.store.index import can_list, run_group
 
     listing = can_list(url) if listing is None else listing
-    open_root(url, mode="r")
+    reuse_root = root is not None and listing
+    if not reuse_root:
+        open_root(url, mode="r")
     with quiet_zarr():
         try:
-            base = run_group(url, run, consolidated=not listing)[ANALYSES]
+            if reuse_root:  # a path below the root: read as stored, not from a snapshot
+                base = root[f"{run}/{ANALYSES}"]
+            else:
+                base = run_group(url, run, consolidated=not listing)[ANALYSES]
         except (KeyError, FileNotFoundError):
             return []
         if not hasattr(base, "groups"):
@@ -280,7 +290,8 @@ def _open(url: str, group: str) -> xr.Dataset:
     # cannot list serves it); results written before that are listed where possible.
     with quiet_zarr(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated")
-        ds = xr.open_zarr(zarr_store(url), group=group, zarr_format=3,
+        # chunks=None: numpy, not dask (a dask compute would import ``distributed``).
+        ds = xr.open_zarr(zarr_store(url), group=group, zarr_format=3, chunks=None,
                           consolidated=None if can_list(url) else True).load()  # fmt: skip
     if ds.attrs.get(COMPLETE_ATTR) is not True and ARRAYS_ATTR in ds.attrs:
         raise DamagedDataError(f"analysis result {group} lost its commit marker")
@@ -313,6 +324,34 @@ def read_analysis(run: Run, name: str, key: str | None = None) -> xr.Dataset:
         ) from e  # fmt: skip
 
 
+def load_result(url: str, group: str) -> xr.Dataset:
+    """The stored result at ``group``, loaded into memory (numpy, no dask)."""
+    return _open(url, group)
+
+
+def stored_result(root: Any, run: str, name: str, parameters: Any) -> ResultInfo | None:
+    """The complete stored result ``name`` of ``run`` with ``parameters``, else None.
+
+    Read through ``root``, the store's open root group: the result's group is
+    found by the key of ``parameters`` (no listing) and its own ``zarr.json`` read
+    as stored now (one read: attributes, commit marker and, consolidated in it,
+    its arrays), then the stored ``parameters`` are compared as plain JSON.
+    Nothing is loaded (:func:`load_result` loads it).
+    """
+    key = parameters_key(parameters)
+    group = analysis_group(run, name, key)
+    try:
+        with quiet_zarr():
+            node = root[group]
+            attrs = dict(node.attrs)
+            problem = _problem(node, attrs, legacy=False)
+    except Exception:  # absent, or unreadable metadata: nothing to reuse (verify reports it)
+        return None
+    if problem or plain_json(attrs.get("parameters")) != plain_json(parameters):
+        return None  # incomplete, damaged, or a hash collision (48 bits): compute again
+    return ResultInfo(run, name, key, attrs)
+
+
 def find_reusable(url: str, run: str, name: str, parameters: Any) -> xr.Dataset | None:
     """The complete stored result ``name`` of ``run`` whose ``parameters`` attribute equals
     ``parameters`` (compared as plain JSON), else None."""
@@ -334,6 +373,7 @@ class WriteOutcome:
 
     group: str
     key: str
+    digest: str = ""  # the commit marker's digest of the written arrays
     replaced: bool = False  # a stored result with the same parameters was rewritten
     kept: list[str] = field(default_factory=list)  # other results of the name, left alone
     removed: list[str] = field(default_factory=list)  # other results deleted (replace_all)
@@ -415,7 +455,7 @@ def write_analysis(
         node.attrs.update({ARRAYS_ATTR: shapes, DIGEST_ATTR: digest})
         node.attrs[COMPLETE_ATTR] = True  # the commit: last write of the result
         root[analysis_group(run, name)].attrs[LATEST_ATTR] = key
-    outcome = WriteOutcome(group, key, replaced=any(r.complete for r in same))
+    outcome = WriteOutcome(group, key, digest, replaced=any(r.complete for r in same))
     for other in before:
         if other.key == key:
             continue
