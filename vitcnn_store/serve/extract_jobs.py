@@ -5,7 +5,8 @@
 ``vitcnn extract`` would (``--store``, ``--run`` and ``--address`` are the
 server's: the store it serves, the body's ``run``, its ``--ray-address``) and
 submits them through Ray's job submission exactly as ``vitcnn submit extract``
-does (:func:`jobs.submit.submit_extract`), so the run lands in the store as if
+does (:func:`jobs.submit.submit_extract`, through
+:mod:`vitcnn_store.interface.submission`), so the run lands in the store as if
 extracted from the CLI. ``GET /api/jobs/{id}`` asks Ray for the job's status
 and the tail of its logs.
 
@@ -45,9 +46,11 @@ class _ArgsParser(argparse.ArgumentParser):
 
 def extract_config(store: str, run: str | None, args: list[str]) -> Any:
     """The checked :class:`~jobs.config.ExtractConfig` of ``vitcnn extract ARGS`` on ``store``."""
-    from jobs.config import ExtractConfig
     from vitcnn_store.errors import VitcnnError
+    from vitcnn_store.interface.submission import extract_config_class
     from vitcnn_store.options import add_arguments, config_kwargs
+
+    ExtractConfig = extract_config_class()
 
     if not run:
         raise ApiError(400, "run: the run to extract into is required")
@@ -85,8 +88,8 @@ class ExtractJobs:
             )
         with self._lock:
             if self._client is None:
-                from jobs.submit import job_client
                 from vitcnn_store.errors import VitcnnError
+                from vitcnn_store.interface.submission import job_client
 
                 try:
                     self._client = job_client(self.address)
@@ -96,7 +99,7 @@ class ExtractJobs:
 
     def submit(self, cfg: Any, submission_id: str) -> None:
         """Submit ``cfg`` as the Ray job ``submission_id`` (503 when Ray refuses)."""
-        from jobs.submit import submit_extract
+        from vitcnn_store.interface.submission import submit_extract
 
         try:
             submit_extract(self.client(), cfg, job_id=submission_id)
