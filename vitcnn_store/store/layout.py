@@ -49,6 +49,7 @@ __all__ = [
     "storage_options",
     "storage_options_scope",
     "store_io",
+    "store_object",
     "unit_bounds",
     "use_storage_options",
     "zarr_store",
@@ -286,6 +287,27 @@ def zarr_store(url: str) -> Any:
 
         _ZARR_CACHE[key] = FsspecStore.from_url(url, storage_options=options)
     return _ZARR_CACHE[key]
+
+
+_STORE_CACHE: dict[tuple[str, str], Any] = {}
+
+
+def store_object(url: str) -> Any:
+    """A zarr ``Store`` object for ``url`` (a ``LocalStore`` for local paths), one per URL
+    and options in this process: for arrays opened from metadata already read."""
+    url = str(url)
+    target = zarr_store(url)
+    if not isinstance(target, str):
+        return target
+    key = (url, _options_key({}))
+    if key not in _STORE_CACHE:
+        from zarr.storage import FsspecStore, LocalStore
+
+        _STORE_CACHE[key] = (
+            LocalStore(target.removeprefix("file://")) if is_local(target)
+            else FsspecStore.from_url(target)
+        )  # fmt: skip
+    return _STORE_CACHE[key]
 
 
 # -- failures of the storage underneath -----------------------------------------------

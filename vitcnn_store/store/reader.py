@@ -19,8 +19,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vitcnn_store.errors import BrokenRunError, DamagedDataError, RunNotFoundError
-from vitcnn_store.store.checked import CheckedArray, checked_dask, damage_error, read_checked
+from vitcnn_store.store.checked import (
+    CheckedArray,
+    checked_dask,
+    damage_error,
+    read_checked,
+    read_many,
+)
 from vitcnn_store.store.layout import (
+    IMAGE_COORDS,
+    is_local,
     open_root,
     quiet_zarr,
     unit_bounds,
@@ -278,9 +286,41 @@ class Run:
         # Coordinates are written once, at creation: read each once per Run.
         cache = self.__dict__.setdefault("_coords", {})
         if (layer, cname) not in cache:
+            self._prefetch_coords(cache)
+        if (layer, cname) not in cache:
             cache[(layer, cname)] = self._read_coord(group, cname, layer)
         dims, values = cache[(layer, cname)]
         return list(dims), values
+
+    def _prefetch_coords(self, cache: dict[tuple[str, str], Any]) -> None:
+        """On a remote store, read the coordinates of every layer at once, concurrently:
+        one round of requests instead of one request per coordinate per layer (an
+        analysis opens every layer). Only once per Run, only from the consolidated
+        metadata; what fails here is read again, one by one, by :meth:`_read_coord`
+        (which names the damage)."""
+        if self.__dict__.get("_prefetched") or is_local(self.store.url):
+            return
+        self.__dict__["_prefetched"] = True
+        skip = {*IMAGE_COORDS, "activation", "attention"}
+        wanted: list[tuple[str, str, Any]] = []
+        try:
+            with quiet_zarr():
+                for layer, group in self._layer_groups().items():
+                    if group.metadata.consolidated_metadata is None:
+                        return  # no snapshot: listing the groups would cost more than it saves
+                    for name, arr in group.arrays():
+                        if name not in skip and (layer, name) not in cache:
+                            wanted.append((layer, name, arr))
+        except Exception:
+            return
+        got = read_many([(arr, slice(None)) for _, _, arr in wanted])
+        for (layer, name, arr), values in zip(wanted, got, strict=True):
+            if isinstance(values, BaseException):
+                continue
+            values = np.asarray(values)
+            if values.dtype.kind not in "biuf":
+                values = np.array(values.tolist(), dtype=str)
+            cache[(layer, name)] = (list(arr.metadata.dimension_names), values)
 
     def _read_coord(self, group: Any, cname: str, layer: str) -> tuple[list[str], np.ndarray]:
         with quiet_zarr():
