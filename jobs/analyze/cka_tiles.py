@@ -5,7 +5,8 @@ or the images two runs share (paired by ``image_id``, in run a's order), and
 ``index[side][k]`` is position k's image in that side's run. Positions are cut
 into panels along run a's Gram tiles, and one dask task per panel pair
 ``(P, Q)``, ``P <= Q``, reads that block of every layer's Gram (each stored tile
-of run a once, all layers' tiles concurrently; :func:`~vitcnn_store.store.grams.read_blocks`) and returns
+of run a once, every layer's at once: :func:`~vitcnn_store.store.grams.read_blocks`) and
+returns
 
 * :func:`~vitcnn_store.analysis.tiles.tile_part`: the block's share of every
   batch's HSIC sums, for the linear estimators, and

@@ -393,9 +393,9 @@ def write_analysis(
     parameters = ds.attrs.get("parameters")
     key = parameters_key(parameters)
     group = analysis_group(run, name, key)
-    from vitcnn_store.store.index import run_group
     import zarr
 
+    from vitcnn_store.store.index import run_group
     from vitcnn_store.store.layout import zarr_store
 
     before = list_results(url, run, name, listing=True)

@@ -388,16 +388,16 @@ def find_grams(
             continue
         attrs = meta.get("attributes") or {}
         source = attrs.get("source") or {}
-        shape = meta.get("shape") or [0]
-        if dtype is not None and meta.get("data_type") != dtype:
-            out.append(None)
-        elif not attrs.get("complete") or source.get("digest") != states[layer].get("digest"):
-            out.append(None)
-        elif int(shape[0]) != run.n_images:
-            out.append(None)
-        else:
-            out.append(GramInfo(url, run.name, layer, reduce, int(shape[0]),
-                                int(attrs.get("tile", shape[0])), (gram, row_mean, offset)))  # fmt: skip
+        n = int((meta.get("shape") or [0])[0])
+        usable = (
+            (dtype is None or meta.get("data_type") == dtype)
+            and attrs.get("complete") is True
+            and source.get("digest") == states[layer].get("digest")
+            and n == run.n_images
+        )
+        tile = int(attrs.get("tile", n))
+        out.append(GramInfo(url, run.name, layer, reduce, n, tile, (gram, row_mean, offset))
+                   if usable else None)  # fmt: skip
     return out
 
 

@@ -285,8 +285,8 @@ class Run:
     def _coord(self, group: Any, cname: str, layer: str) -> tuple[list[str], np.ndarray]:
         # Coordinates are written once, at creation: read each once per Run.
         cache = self.__dict__.setdefault("_coords", {})
-        if (layer, cname) not in cache:
-            self._prefetch_coords(cache)
+        if (layer, cname) not in cache and any(k[0] != layer for k in cache):
+            self._prefetch_coords(cache)  # a second layer: this reader opens many
         if (layer, cname) not in cache:
             cache[(layer, cname)] = self._read_coord(group, cname, layer)
         dims, values = cache[(layer, cname)]
@@ -294,8 +294,9 @@ class Run:
 
     def _prefetch_coords(self, cache: dict[tuple[str, str], Any]) -> None:
         """On a remote store, read the coordinates of every layer at once, concurrently:
-        one round of requests instead of one request per coordinate per layer (an
-        analysis opens every layer). Only once per Run, only from the consolidated
+        one round of requests instead of one request per coordinate per layer. Done
+        when a second layer is opened (``show`` and analyses open them all; a query of
+        one layer reads only its own). Only once per Run, only from the consolidated
         metadata; what fails here is read again, one by one, by :meth:`_read_coord`
         (which names the damage)."""
         if self.__dict__.get("_prefetched") or is_local(self.store.url):
