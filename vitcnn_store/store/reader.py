@@ -28,11 +28,13 @@ from vitcnn_store.store.checked import (
 )
 from vitcnn_store.store.layout import (
     IMAGE_COORDS,
+    filesystem,
     is_local,
     open_root,
     quiet_zarr,
     unit_bounds,
     use_storage_options,
+    zarr_store,
 )
 from vitcnn_store.store.runs import RunEntry, list_runs, run_entry, run_format
 
@@ -79,6 +81,22 @@ class Store:
     def root(self) -> Any:
         """The store's root zarr group (opened read-only)."""
         return self._root
+
+    @property
+    def fs(self) -> Any:
+        """The store's fsspec file system, with its storage options (one instance per
+        URL and options in this process: no new connection pool per call)."""
+        return filesystem(self.url)[0]
+
+    @property
+    def path(self) -> str:
+        """The store's location as :attr:`fs` names it."""
+        return str(filesystem(self.url)[1]).rstrip("/")
+
+    @property
+    def zarr_store(self) -> Any:
+        """What zarr opens for this store: its path (local) or a shared ``FsspecStore``."""
+        return zarr_store(self.url)
 
     def entry(self, run: str) -> RunEntry | None:
         """The run ``run`` as listed by :attr:`entries` (None: no such run)."""
