@@ -155,8 +155,8 @@ def test_batched_reads_match_single_reads_and_see_fresh_metadata(store: str) -> 
     k, info = _full_gram(store, "r", "blocks.0", tile=8)
     r = open_store(store)["r"]
     state = source_state(r, "blocks.0", r.valid)
-    found = find_grams(r, ["blocks.0", "no.such.layer"], "flatten", {"blocks.0": state,
-                                                                     "no.such.layer": state})  # fmt: skip
+    states = {"blocks.0": state, "no.such.layer": state}
+    found = find_grams(r, ["blocks.0", "no.such.layer"], "flatten", states)
     assert found[1] is None and found[0] is not None and found[0].meta is not None
     plain = GramInfo(info.url, info.run, info.layer, info.reduce, info.n, info.tile)
     rows, cols = np.array([0, 5, 9, 17]), np.array([19, 3, 8])
