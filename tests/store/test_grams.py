@@ -152,13 +152,14 @@ def test_batched_reads_match_single_reads_and_see_fresh_metadata(store: str) -> 
     from vitcnn_store.store.grams import GramInfo, find_grams, read_blocks, read_vectors
     from vitcnn_store.store.index import consolidate_run
 
-    k, info = _full_gram(store, "r", "blocks.0", tile=8)
+    k, _ = _full_gram(store, "r", "blocks.0", tile=8)
     r = open_store(store)["r"]
     state = source_state(r, "blocks.0", r.valid)
     states = {"blocks.0": state, "no.such.layer": state}
     found = find_grams(r, ["blocks.0", "no.such.layer"], "flatten", states)
     assert found[1] is None and found[0] is not None and found[0].meta is not None
-    plain = GramInfo(info.url, info.run, info.layer, info.reduce, info.n, info.tile)
+    g = found[0]
+    plain = GramInfo(g.url, g.run, g.layer, g.reduce, g.n, g.tile)
     rows, cols = np.array([0, 5, 9, 17]), np.array([19, 3, 8])
     single = GramReader(plain).block(rows, cols)
     np.testing.assert_array_equal(read_blocks([found[0], plain], rows, cols), [single, single])

@@ -380,7 +380,12 @@ class Run:
         """Activations of ``layer`` as a lazy DataArray."""
         if layer not in self.layers:
             raise RunNotFoundError(self._unknown(layer, self.layers, "layer"))
-        return self._data_array(self.group[layer], "activation", layer)
+        # Built once per Run (analyses open every layer several times; each build makes a
+        # dask graph and tokenizes the run's masks); each caller gets its own shallow copy.
+        built = self.__dict__.setdefault("_arrays", {})
+        if layer not in built:
+            built[layer] = self._data_array(self.group[layer], "activation", layer)
+        return built[layer].copy(deep=False)
 
     def attention(self, layer: str) -> xr.DataArray:
         """Attention probabilities ``(image, head, query, key)`` of an attention module."""
