@@ -31,6 +31,7 @@ from vitcnn_store.data import ImageSet
 from vitcnn_store.errors import ImageDecodeError
 from vitcnn_store.models.capture import Capture
 from vitcnn_store.store import RunWriter
+from vitcnn_store.store.layout import storage_options, use_storage_options
 from vitcnn_store.store.writer import check_peaks
 
 if TYPE_CHECKING:
@@ -72,6 +73,15 @@ class ExtractionPlan:
     transform: Callable[[Any], Any] | None = None
     reductions: Mapping[str, ResolvedReduction] = field(default_factory=dict)
     decode_threads: int = 1
+    #: fsspec options of ``url`` (endpoint, credentials, ...): resolved on the driver when
+    #: the plan is made (``--storage-option``, the config file, ``VITCNN_STORAGE_OPTIONS``)
+    #: and carried to every actor with the plan, since a worker on another node sees
+    #: neither the driver's flags nor its environment. Never shown, never stored.
+    storage_options: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.storage_options is None:
+            object.__setattr__(self, "storage_options", storage_options(self.url))
 
 
 #: Why an image whose bytes changed between planning and decoding is not stored.
@@ -183,6 +193,10 @@ class UnitExtractor:
         """The run's writer, opened at first use (the run may not exist at start-up)."""
         with self._writer_lock:
             if self._writer is None:
+                # The driver's storage options for this store, in this worker's process.
+                wanted = dict(self.plan.storage_options or {})
+                if storage_options(self.plan.url) != wanted:  # an actor, not the driver
+                    use_storage_options(self.plan.url, wanted)
                 self._writer = RunWriter(self.plan.url, self.plan.run)
             return self._writer
 

@@ -50,7 +50,7 @@ from vitcnn_store.store.grams import (
     GramInfo,
     delete_grams,
     gram_layer,
-    source_state,
+    source_states,
 )
 from vitcnn_store.store.reader import Run
 from vitcnn_store.store.schema import string_coord
@@ -131,10 +131,8 @@ def _plan(cfg: CKAConfig) -> _Plan:
     plan = _Plan(run_a, run_b, mask_a, mask_b, layers_a, layers_b, idx_a, idx_b, batches)
     _plan_null(cfg, plan)
     wanted_a = layers_a + ([] if plan.cross else layers_b)
-    plan.states_a = {layer: source_state(run_a, layer, mask_a) for layer in wanted_a}
-    plan.states_b = plan.states_a if not plan.cross else {
-        layer: source_state(run_b, layer, mask_b) for layer in layers_b
-    }  # fmt: skip
+    plan.states_a = source_states(run_a, wanted_a, mask_a)
+    plan.states_b = plan.states_a if not plan.cross else source_states(run_b, layers_b, mask_b)
     return plan
 
 

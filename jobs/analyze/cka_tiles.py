@@ -5,7 +5,8 @@ or the images two runs share (paired by ``image_id``, in run a's order), and
 ``index[side][k]`` is position k's image in that side's run. Positions are cut
 into panels along run a's Gram tiles, and one dask task per panel pair
 ``(P, Q)``, ``P <= Q``, reads that block of every layer's Gram (each stored tile
-of run a once; :class:`~vitcnn_store.store.grams.GramReader`) and returns
+of run a once, every layer's at once: :func:`~vitcnn_store.store.grams.read_blocks`) and
+returns
 
 * :func:`~vitcnn_store.analysis.tiles.tile_part`: the block's share of every
   batch's HSIC sums, for the linear estimators, and
@@ -35,7 +36,7 @@ from vitcnn_store.analysis.tiles import (
     gather_part,
     tile_part,
 )
-from vitcnn_store.store.grams import GramInfo, GramReader
+from vitcnn_store.store.grams import GramInfo, read_blocks, read_vectors
 
 __all__ = ["GramSide", "TilePass", "offsets_of", "panels_of", "run_tile_pass", "shifts_of"]
 
@@ -62,13 +63,13 @@ class TilePass:
 
 def shifts_of(side: GramSide) -> np.ndarray:
     """(L, N) centring shifts of a side's Grams at its positions, from the stored row means."""
-    means = np.stack([GramReader(info).row_mean()[side.index] for info in side.grams])
+    means = np.stack([v[side.index] for v in read_vectors(side.grams, "row_mean")])
     return centring_shift(means)
 
 
 def offsets_of(side: GramSide) -> np.ndarray:
     """(L, N) offsets ``a`` of a side's stored Grams (``X Xᵀ = gram + a_i + a_j``)."""
-    return np.stack([GramReader(info).offset()[side.index] for info in side.grams])
+    return np.stack([v[side.index] for v in read_vectors(side.grams, "offset")])
 
 
 def panels_of(side: GramSide) -> list[tuple[int, int]]:
@@ -94,10 +95,7 @@ def panels_of(side: GramSide) -> list[tuple[int, int]]:
 
 def _read(side: GramSide, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """(L, len(rows), len(cols)) blocks of a side's Grams at positions ``rows`` × ``cols``."""
-    out = np.empty((len(side.grams), rows.size, cols.size))
-    for i, info in enumerate(side.grams):
-        out[i] = GramReader(info).block(side.index[rows], side.index[cols])
-    return out
+    return read_blocks(side.grams, side.index[rows], side.index[cols])
 
 
 def _task(

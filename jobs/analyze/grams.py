@@ -30,7 +30,7 @@ from jobs.analyze.executor import Executor
 from jobs.analyze.layers import reduce_layer
 from vitcnn_store.analysis.gram import gram_linear, row_dots
 from vitcnn_store.errors import UsageError
-from vitcnn_store.store.grams import GramInfo, create_gram, find_gram, finish_gram, write_tile
+from vitcnn_store.store.grams import GramInfo, create_gram, find_grams, finish_gram, write_tile
 from vitcnn_store.store.index import refresh_derived
 from vitcnn_store.store.layout import GRAMS
 from vitcnn_store.store.reader import Run
@@ -153,9 +153,7 @@ def ensure_grams(
     state is ``states[layer]``, computed otherwise. Returns the Grams and the layers
     computed now."""
     size = tile_size(int(run.attrs["chunk_size"]), run.n_images, tile)
-    infos: list[GramInfo | None] = [
-        find_gram(run, layer, reduce, states[layer], dtype) for layer in layers
-    ]
+    infos: list[GramInfo | None] = find_grams(run, list(layers), reduce, states, dtype)
     todo = [i for i, info in enumerate(infos) if info is None]
     for k, i in enumerate(todo):
         layer = layers[i]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 
 import numpy as np
@@ -107,3 +108,107 @@ def test_unreachable_object_store() -> None:
             os.environ.pop("AWS_ENDPOINT_URL", None)
         else:
             os.environ["AWS_ENDPOINT_URL"] = saved
+
+
+# -- storage options through the job, and two writers of one registry ---------------------
+
+_AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
+        "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")  # fmt: skip
+
+
+@pytest.fixture()
+def private_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """A second moto server whose endpoint and keys are known only through storage
+    options: no AWS variable names it, so no worker can find it from its environment.
+    Yields the options and, under ``bucket``, an empty bucket's name."""
+    from moto.server import ThreadedMotoServer
+
+    for k in _AWS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    opts = {"endpoint_url": f"http://{host}:{port}", "key": "k", "secret": "s"}
+    # moto's servers in one process share their buckets: a fresh name per test.
+    bucket = f"private-{uuid.uuid4().hex[:12]}"
+    try:
+        import s3fs
+
+        s3fs.S3FileSystem(**opts).mkdir(bucket)
+        yield {**opts, "bucket": bucket}
+    finally:
+        server.stop()
+
+
+def test_ray_actors_write_with_the_jobs_storage_options(private_endpoint: dict[str, str]) -> None:
+    """Extraction on Ray actors into a bucket whose endpoint and credentials reach the
+    actors only in the job (the plan), not through any environment variable."""
+    from vitcnn_store.store.layout import storage_options_scope, use_storage_options
+
+    opts = dict(private_endpoint)
+    url = f"s3://{opts.pop('bucket')}/acts.zarr"
+    with storage_options_scope():
+        use_storage_options(url, opts)
+        summary = extract_tiny(url, "vit", "vit", limit=16, chunk_size=8, workers=1)
+        assert summary.plan.startswith("Ray: 1 actor")  # type: ignore[attr-defined]
+        run = open_store(url, storage_options=opts)["vit"]
+        assert run.complete and run.n_images == 16
+        assert np.isfinite(run[run.layers[-1]].values).all()
+
+
+def test_plan_carries_resolved_options_but_never_shows_them() -> None:
+    from jobs.worker import ExtractionPlan
+    from vitcnn_store.data import open_image_set
+    from vitcnn_store.store.layout import storage_options_scope, use_storage_options
+
+    with storage_options_scope():
+        use_storage_options("s3://b/a.zarr", {"key": "AK", "secret": "SECRET"})
+        images = open_image_set("builtin:faces", limit=2)
+        plan = ExtractionPlan("0" * 64, None, images, "s3://b/a.zarr", "r", (), (), False,
+                              "float32", 2, (3, 32, 32))  # fmt: skip
+    assert plan.storage_options == {"key": "AK", "secret": "SECRET"}
+    assert "SECRET" not in repr(plan)
+
+
+_REGISTER = """
+import sys, time
+from vitcnn_store.store.index import register_run
+from vitcnn_store.store.layout import use_storage_options
+url, endpoint, prefix, go = sys.argv[1:5]
+use_storage_options(url, {"endpoint_url": endpoint, "key": "k", "secret": "s"})
+while time.time() < float(go):
+    time.sleep(0.001)
+for i in range(4):
+    register_run(url, f"{prefix}{i}")
+"""
+
+
+def test_two_processes_registering_runs_at_once_are_both_listed(
+    private_endpoint: dict[str, str], tmp_path: object
+) -> None:
+    """Two jobs creating different runs of one bucket at the same moment: the registry
+    (entries created only if absent) keeps every run of both."""
+    import subprocess
+    import sys
+    import time
+
+    from vitcnn_store.store.index import registered_runs
+    from vitcnn_store.store.layout import storage_options_scope, use_storage_options
+
+    opts = dict(private_endpoint)
+    url = f"s3://{opts.pop('bucket')}/race.zarr"
+    go = str(time.time() + 8)  # both processes start registering at this instant
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    argv = [sys.executable, "-c", _REGISTER, url, private_endpoint["endpoint_url"]]
+    procs = [
+        subprocess.Popen([*argv, prefix, go], env=env, stderr=subprocess.PIPE, text=True)
+        for prefix in ("a", "b")
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    with storage_options_scope():
+        use_storage_options(url, opts)
+        runs = registered_runs(url)
+    assert sorted(runs or []) == [f"{p}{i}" for p in "ab" for i in range(4)]

@@ -143,3 +143,31 @@ def test_damaged_gram_is_refused_verified_dropped_and_recomputed(store: str) -> 
     report = verify_store(store, repair=True)
     assert any("dropped the damaged Gram cache of r/blocks.0" in n for n in report.notes)
     assert verify_store(store).ok and "blocks.0" not in zarr.open_group(store, path="r/_grams")
+
+
+def test_batched_reads_match_single_reads_and_see_fresh_metadata(store: str) -> None:
+    """find_grams reads every Gram's own metadata at once; blocks and vectors read from
+    those documents equal the ones read array by array; a Gram made incomplete after
+    the run's metadata was consolidated is not found."""
+    from vitcnn_store.store.grams import GramInfo, find_grams, read_blocks, read_vectors
+    from vitcnn_store.store.index import consolidate_run
+
+    k, _ = _full_gram(store, "r", "blocks.0", tile=8)
+    r = open_store(store)["r"]
+    state = source_state(r, "blocks.0", r.valid)
+    states = {"blocks.0": state, "no.such.layer": state}
+    found = find_grams(r, ["blocks.0", "no.such.layer"], "flatten", states)
+    assert found[1] is None and found[0] is not None and found[0].meta is not None
+    g = found[0]
+    plain = GramInfo(g.url, g.run, g.layer, g.reduce, g.n, g.tile)
+    rows, cols = np.array([0, 5, 9, 17]), np.array([19, 3, 8])
+    single = GramReader(plain).block(rows, cols)
+    np.testing.assert_array_equal(read_blocks([found[0], plain], rows, cols), [single, single])
+    np.testing.assert_allclose(single, k[np.ix_(rows, cols)], rtol=1e-12)
+    means = read_vectors([found[0], plain], "row_mean")
+    np.testing.assert_array_equal(means[0], means[1])
+    np.testing.assert_array_equal(read_vectors([found[0]], "offset")[0], np.zeros(20))
+    consolidate_run(store, "r")  # the snapshot says complete ...
+    zarr.open_array(store, path=gram_path("r", "blocks.0"), mode="r+").attrs["complete"] = False
+    r = open_store(store)["r"]  # ... the Gram's own metadata, read fresh, does not
+    assert find_grams(r, ["blocks.0"], "flatten", {"blocks.0": state}) == [None]

@@ -433,6 +433,8 @@ def write_analysis(
     parameters = ds.attrs.get("parameters")
     key = parameters_key(parameters)
     group = analysis_group(run, name, key)
+    import zarr
+
     from vitcnn_store.store.index import run_group
     from vitcnn_store.store.layout import zarr_store
 
@@ -448,8 +450,12 @@ def write_analysis(
         )
         # mode="w" replaces this key's group only (a rewrite with --recompute); the
         # group has no marker until the last step, so a crash leaves it incomplete.
+        # Not consolidated=True: xarray would consolidate the whole store (every node's
+        # zarr.json read, every folder listed: ~600 requests on S3). Only the result's
+        # group here; refresh_derived splices it into the run's and the root's metadata.
         clean.to_zarr(zarr_store(url), group=group, mode="w", zarr_format=3,
-                      consolidated=True, encoding=xarray_encoding(clean))  # fmt: skip
+                      consolidated=False, encoding=xarray_encoding(clean))  # fmt: skip
+        zarr.consolidate_metadata(zarr_store(url), path=group, zarr_format=3)
         node = open_root(url, mode="r+")[group]  # keeps its consolidated metadata
         digest, shapes = result_digest(node)
         node.attrs.update({ARRAYS_ATTR: shapes, DIGEST_ATTR: digest})

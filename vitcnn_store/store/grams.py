@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vitcnn_store.errors import DamagedDataError
-from vitcnn_store.store.checked import damage_error
+from vitcnn_store.store.checked import damage_error, read_many
 from vitcnn_store.store.codecs import checksummed
 from vitcnn_store.store.layout import (
     FEATURE_REDUCTIONS,
@@ -69,10 +70,14 @@ __all__ = [
     "create_gram",
     "delete_grams",
     "find_gram",
+    "find_grams",
     "finish_gram",
     "gram_layer",
     "gram_path",
+    "read_blocks",
+    "read_vectors",
     "source_state",
+    "source_states",
     "write_tile",
 ]
 
@@ -112,6 +117,9 @@ class GramInfo:
     reduce: str
     n: int
     tile: int
+    #: The ``zarr.json`` documents of ``gram``, ``row_mean`` and ``offset`` as read by
+    #: :func:`find_grams` ("" where absent): readers open the arrays from them, no request.
+    meta: tuple[str, str, str] | None = field(default=None, compare=False, repr=False)
 
     @property
     def path(self) -> str:
@@ -156,7 +164,16 @@ def _chunk_stamps(url: str, run: str, layer: str) -> dict[int, list[Any]]:
     return out
 
 
-def source_state(run: Run, layer: str, mask: np.ndarray) -> dict[str, Any]:
+def source_states(run: Run, layers: list[str], mask: np.ndarray) -> dict[str, dict[str, Any]]:
+    """:func:`source_state` of each of ``layers``, reading the run's flags and records once."""
+    done = np.asarray(run.done, dtype=bool)
+    records = run.unit_records
+    return {layer: source_state(run, layer, mask, _read=(done, records)) for layer in layers}
+
+
+def source_state(
+    run: Run, layer: str, mask: np.ndarray, *, _read: tuple[Any, Any] | None = None
+) -> dict[str, Any]:
     """What a Gram of ``layer`` over the usable images ``mask`` is computed from.
 
     The run's creation id, and per work unit its ``done`` flag and content
@@ -168,8 +185,10 @@ def source_state(run: Run, layer: str, mask: np.ndarray) -> dict[str, Any]:
     """
     from vitcnn_store.store.manifest import MANIFEST_ATTR
 
-    done = np.asarray(run.done, dtype=bool)
-    records = run.unit_records
+    if _read is None:
+        done, records = np.asarray(run.done, dtype=bool), run.unit_records
+    else:
+        done, records = _read
     usable = hashlib.sha256(np.packbits(np.asarray(mask, dtype=bool)).tobytes()).hexdigest()
     manifest = run.attrs.get(MANIFEST_ATTR)
     creation = manifest.get("creation_id") if isinstance(manifest, dict) else None
@@ -310,28 +329,70 @@ def find_gram(
 ) -> GramInfo | None:
     """The stored Gram of ``layer`` if it is complete, was computed from ``state`` and (when
     given) is stored in ``dtype``."""
-    import zarr
+    return find_grams(run, [layer], reduce, {layer: state}, dtype)[0]
 
-    # The Gram's own metadata (one read), never a snapshot: a Gram being rewritten must
-    # not pass for the complete one it replaces.
-    try:
-        with quiet_zarr(), store_io(run.store.url):
-            arr: Any = zarr.open_array(zarr_store(run.store.url), mode="r", zarr_format=3,
-                                  path=gram_path(run.name, layer, reduce))  # fmt: skip
-    except (KeyError, FileNotFoundError):
-        return None
-    with quiet_zarr():
-        attrs = dict(arr.attrs)
-        n = int(arr.shape[0])
-        stored = str(arr.dtype)
-    if dtype is not None and stored != dtype:
-        return None
-    source = attrs.get("source") or {}
-    if not attrs.get("complete") or source.get("digest") != state.get("digest"):
-        return None
-    if n != run.n_images:
-        return None
-    return GramInfo(run.store.url, run.name, layer, reduce, n, int(attrs.get("tile", n)))
+
+def find_grams(
+    run: Run,
+    layers: list[str],
+    reduce: str,
+    states: dict[str, dict[str, Any]],
+    dtype: str | None = None,
+) -> list[GramInfo | None]:
+    """:func:`find_gram` of each of ``layers``: their metadata read at once, concurrently.
+
+    Each Gram's own ``zarr.json`` (and its row means' and offsets'), never the run's
+    consolidated snapshot: a Gram being rewritten must not pass for the complete one
+    it replaces. The documents travel in the :class:`GramInfo`, so readers open the
+    arrays without asking again.
+    """
+    from vitcnn_store.store.layout import filesystem
+
+    url = run.store.url
+    fs, root = filesystem(url)
+    base = str(root).rstrip("/")
+    paths = [
+        f"{base}/{p}/zarr.json"
+        for layer in layers
+        for p in (gram_path(run.name, layer, reduce), _row_mean_path(run.name, layer, reduce),
+                  _offset_path(run.name, layer, reduce))
+    ]  # fmt: skip
+    got: Any = {}
+    if paths:
+        with store_io(url):
+            got = fs.cat(paths, on_error="return")
+    docs: list[str] = []
+    for path in paths:
+        raw = got.get(path, got.get(fs._strip_protocol(path))) if isinstance(got, dict) else None
+        if isinstance(raw, BaseException):
+            if not isinstance(raw, (FileNotFoundError, KeyError)):
+                with store_io(url):
+                    raise raw
+            raw = None
+        docs.append("" if raw is None else bytes(raw).decode("utf-8", "replace"))
+    out: list[GramInfo | None] = []
+    for k, layer in enumerate(layers):
+        gram, row_mean, offset = docs[3 * k : 3 * k + 3]
+        try:
+            meta = json.loads(gram) if gram else None
+        except ValueError:
+            meta = None  # unreadable metadata: not a usable Gram, computed again
+        if not isinstance(meta, dict):
+            out.append(None)
+            continue
+        attrs = meta.get("attributes") or {}
+        source = attrs.get("source") or {}
+        n = int((meta.get("shape") or [0])[0])
+        usable = (
+            (dtype is None or meta.get("data_type") == dtype)
+            and attrs.get("complete") is True
+            and source.get("digest") == states[layer].get("digest")
+            and n == run.n_images
+        )
+        tile = int(attrs.get("tile", n))
+        out.append(GramInfo(url, run.name, layer, reduce, n, tile, (gram, row_mean, offset))
+                   if usable else None)  # fmt: skip
+    return out
 
 
 def gram_layer(where: str) -> str | None:
@@ -363,6 +424,21 @@ def delete_grams(url: str, run: str, layer: str | None = None) -> None:
             del grams[layer]
 
 
+def _open(info: GramInfo, path: str, doc: str | None) -> Any:
+    """The zarr array at ``path``: from its metadata document ``doc`` when given (no
+    request), else opened (one read of its ``zarr.json``)."""
+    import zarr
+
+    with quiet_zarr():
+        if doc:
+            from zarr.storage import StorePath
+
+            from vitcnn_store.store.layout import store_object
+
+            return zarr.Array.from_dict(StorePath(store_object(info.url), path), json.loads(doc))
+        return zarr.open_array(zarr_store(info.url), path=path, mode="r", zarr_format=3)
+
+
 class GramReader:
     """Reads blocks ``K[rows, cols]`` of a stored Gram, each stored tile at most once.
 
@@ -371,12 +447,8 @@ class GramReader:
     """
 
     def __init__(self, info: GramInfo) -> None:
-        import zarr
-
         self.info = info
-        with quiet_zarr():
-            self.array = zarr.open_array(zarr_store(info.url), path=info.path, mode="r",
-                                         zarr_format=3)  # fmt: skip
+        self.array = _open(info, info.path, info.meta[0] if info.meta else None)
         self._tiles: dict[tuple[int, int], np.ndarray] = {}
 
     @property
@@ -384,46 +456,57 @@ class GramReader:
         """The Gram's path inside its run (named by damage errors)."""
         return self.info.path.split("/", 1)[1]
 
-    def _vector(self, path: str, what: str) -> np.ndarray:
-        import zarr
-
+    def _vector_array(self, kind: str) -> Any:
+        """The ``row_mean`` or ``offset`` array (None: an offset never stored)."""
+        path = self.info.row_mean_path if kind == "row_mean" else self.info.offset_path
+        what = "Gram row means" if kind == "row_mean" else "Gram offsets"
+        if self.info.meta is not None:
+            doc = self.info.meta[1] if kind == "row_mean" else self.info.meta[2]
+            if not doc and kind == "offset":
+                return None  # a Gram stored unshifted
+            try:
+                return _open(self.info, path, doc or None)
+            except Exception as e:
+                raise damage_error(self.info.url, self.info.run, self.where, e, what=what) from e
         try:
-            with quiet_zarr():
-                arr = zarr.open_array(zarr_store(self.info.url), path=path, mode="r",
-                                      zarr_format=3)  # fmt: skip
-                return np.asarray(arr[...], dtype=np.float64)
+            return _open(self.info, path, None)
+        except (FileNotFoundError, KeyError) as e:
+            if kind == "offset":
+                return None
+            raise damage_error(self.info.url, self.info.run, self.where, e, what=what) from e
         except Exception as e:
             raise damage_error(self.info.url, self.info.run, self.where, e, what=what) from e
 
     def row_mean(self) -> np.ndarray:
         """Mean of each stored row over the usable images."""
-        return self._vector(self.info.row_mean_path, "Gram row means")
+        return read_vectors([self.info], "row_mean")[0]
 
     def offset(self) -> np.ndarray:
         """``a`` with ``X Xᵀ = gram + a_i + a_j`` (zeros for a Gram stored unshifted)."""
-        import zarr
+        return read_vectors([self.info], "offset")[0]
 
-        try:
-            with quiet_zarr():
-                zarr.open_array(zarr_store(self.info.url), path=self.info.offset_path,
-                                mode="r", zarr_format=3)  # fmt: skip
-        except (FileNotFoundError, KeyError):
-            return np.zeros(self.info.n)
-        except Exception:  # damaged metadata: _vector names it
-            pass
-        return self._vector(self.info.offset_path, "Gram offsets")
+    def _needed(self, rows: np.ndarray, cols: np.ndarray) -> list[tuple[int, int]]:
+        """Stored tiles (p <= q) that ``K[rows][:, cols]`` needs and that are not read yet."""
+        T = self.info.tile
+        keys = {(min(i, j), max(i, j)) for i in np.unique(rows // T).tolist()
+                for j in np.unique(cols // T).tolist()}  # fmt: skip
+        return sorted(keys - set(self._tiles))
+
+    def _tile_read(self, key: tuple[int, int]) -> tuple[Any, Any]:
+        """``(array, selection)`` of stored tile ``key``, for :func:`read_many`."""
+        (r0, r1), (c0, c1) = self.info.panels[key[0]], self.info.panels[key[1]]
+        return self.array, (slice(r0, r1), slice(c0, c1))
+
+    def _keep(self, key: tuple[int, int], got: Any) -> None:
+        if isinstance(got, BaseException):  # a checksum mismatch: the cache is damaged
+            raise damage_error(self.info.url, self.info.run, self.where, got,
+                               what=f"Gram tile {key}") from got  # fmt: skip
+        self._tiles[key] = np.asarray(got, dtype=np.float64)
 
     def _tile(self, i: int, j: int) -> np.ndarray:
         key = (min(i, j), max(i, j))
         if key not in self._tiles:
-            (r0, r1), (c0, c1) = self.info.panels[key[0]], self.info.panels[key[1]]
-            try:
-                with quiet_zarr():
-                    tile = np.asarray(self.array[r0:r1, c0:c1], dtype=np.float64)
-            except Exception as e:  # a checksum mismatch: the cache is damaged, not the run
-                raise damage_error(self.info.url, self.info.run, self.where, e,
-                                   what=f"Gram tile {key}") from e  # fmt: skip
-            self._tiles[key] = tile
+            self._keep(key, read_many([self._tile_read(key)])[0])
         t = self._tiles[key]
         return t if i <= j else t.T
 
@@ -448,3 +531,40 @@ class GramReader:
                 run=self.info.run, layer=self.where,
             )  # fmt: skip
         return out
+
+
+def read_vectors(infos: Sequence[GramInfo], kind: str) -> list[np.ndarray]:
+    """Each Gram's ``row_mean`` or ``offset`` (``kind``; zeros for a Gram stored
+    unshifted), read concurrently."""
+    readers = [GramReader(info) for info in infos]
+    arrays = [r._vector_array(kind) for r in readers]
+    what = "Gram row means" if kind == "row_mean" else "Gram offsets"
+
+    got = read_many([(a, slice(None)) for a in arrays if a is not None])
+    out: list[np.ndarray] = []
+    for reader, arr in zip(readers, arrays, strict=True):
+        if arr is None:
+            out.append(np.zeros(reader.info.n))
+            continue
+        value = got.pop(0)
+        if isinstance(value, BaseException):
+            raise damage_error(reader.info.url, reader.info.run, reader.where, value,
+                               what=what) from value  # fmt: skip
+        out.append(np.asarray(value, dtype=np.float64))
+    return out
+
+
+def read_blocks(infos: Sequence[GramInfo], rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``(len(infos), len(rows), len(cols))``: :meth:`GramReader.block` of each Gram, every
+    tile they need read concurrently (one round of requests, not one per tile)."""
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    readers = [GramReader(info) for info in infos]
+    wanted = [(r, key) for r in readers for key in r._needed(rows, cols)]
+    for (reader, key), got in zip(
+        wanted, read_many([r._tile_read(key) for r, key in wanted]), strict=True
+    ):
+        reader._keep(key, got)
+    out = np.empty((len(readers), rows.size, cols.size))
+    for i, reader in enumerate(readers):
+        out[i] = reader.block(rows, cols)
+    return out

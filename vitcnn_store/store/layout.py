@@ -49,6 +49,7 @@ __all__ = [
     "storage_options",
     "storage_options_scope",
     "store_io",
+    "store_object",
     "unit_bounds",
     "use_storage_options",
     "zarr_store",
@@ -229,11 +230,42 @@ def storage_options(url: str) -> dict[str, Any]:
     return out
 
 
+def _fsspec_options(url: str) -> dict[str, Any]:
+    """The options fsspec gets for ``url``: ours, then the user's (which win).
+
+    On S3 each object is read in one GET: s3fs's default (``max_concurrency`` 10)
+    first asks an object's size (a HEAD) to split large ones into ranged reads, a
+    second request for every chunk and ``zarr.json`` of a store whose objects are
+    all far below its 50 MiB part size.
+    """
+    options = storage_options(url)
+    if str(url).startswith(("s3://", "s3a://")):
+        return {"max_concurrency": 1, **options}
+    return options
+
+
+def _options_key(options: dict[str, Any]) -> str:
+    import json
+
+    # The process id too: a forked worker must not reuse its parent's event loop.
+    return f"{os.getpid()}:{json.dumps(options, sort_keys=True, default=repr)}"
+
+
+_FS_CACHE: dict[tuple[str, str], tuple[Any, str]] = {}
+_ZARR_CACHE: dict[tuple[str, str], Any] = {}
+
+
 def filesystem(url: str) -> tuple[Any, str]:
-    """``(fsspec filesystem, path)`` of ``url``, with its storage options."""
+    """``(fsspec filesystem, path)`` of ``url``, with its storage options (one instance
+    per URL and options in this process)."""
     import fsspec
 
-    return fsspec.core.url_to_fs(str(url), **storage_options(url))
+    url = str(url)
+    options = _fsspec_options(url)
+    key = (url, _options_key(options))
+    if key not in _FS_CACHE:
+        _FS_CACHE[key] = fsspec.core.url_to_fs(url, **options)
+    return _FS_CACHE[key]
 
 
 def is_local(url: str) -> bool:
@@ -246,12 +278,38 @@ def zarr_store(url: str) -> Any:
     """What zarr opens for ``url``: the path itself (local), or an fsspec store carrying
     the URL's storage options."""
     url = str(url)
-    options = storage_options(url)
-    if is_local(url) or not options:
+    if is_local(url):
         return url
-    from zarr.storage import FsspecStore
+    options = _fsspec_options(url)
+    if not options:
+        return url
+    key = (url, _options_key(options))
+    if key not in _ZARR_CACHE:  # one store (and its file system) per URL and options
+        from zarr.storage import FsspecStore
 
-    return FsspecStore.from_url(url, storage_options=options)
+        _ZARR_CACHE[key] = FsspecStore.from_url(url, storage_options=options)
+    return _ZARR_CACHE[key]
+
+
+_STORE_CACHE: dict[tuple[str, str], Any] = {}
+
+
+def store_object(url: str) -> Any:
+    """A zarr ``Store`` object for ``url`` (a ``LocalStore`` for local paths), one per URL
+    and options in this process: for arrays opened from metadata already read."""
+    url = str(url)
+    target = zarr_store(url)
+    if not isinstance(target, str):
+        return target
+    key = (url, _options_key({}))
+    if key not in _STORE_CACHE:
+        from zarr.storage import FsspecStore, LocalStore
+
+        _STORE_CACHE[key] = (
+            LocalStore(target.removeprefix("file://")) if is_local(target)
+            else FsspecStore.from_url(target)
+        )  # fmt: skip
+    return _STORE_CACHE[key]
 
 
 # -- failures of the storage underneath -----------------------------------------------

@@ -19,12 +19,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vitcnn_store.errors import BrokenRunError, DamagedDataError, RunNotFoundError
-from vitcnn_store.store.checked import CheckedArray, checked_dask, damage_error, read_checked
+from vitcnn_store.store.checked import (
+    CheckedArray,
+    checked_dask,
+    damage_error,
+    read_checked,
+    read_many,
+)
 from vitcnn_store.store.layout import (
+    IMAGE_COORDS,
+    filesystem,
+    is_local,
     open_root,
     quiet_zarr,
     unit_bounds,
     use_storage_options,
+    zarr_store,
 )
 from vitcnn_store.store.runs import RunEntry, list_runs, run_entry, run_format
 
@@ -71,6 +81,22 @@ class Store:
     def root(self) -> Any:
         """The store's root zarr group (opened read-only)."""
         return self._root
+
+    @property
+    def fs(self) -> Any:
+        """The store's fsspec file system, with its storage options (one instance per
+        URL and options in this process: no new connection pool per call)."""
+        return filesystem(self.url)[0]
+
+    @property
+    def path(self) -> str:
+        """The store's location as :attr:`fs` names it."""
+        return str(filesystem(self.url)[1]).rstrip("/")
+
+    @property
+    def zarr_store(self) -> Any:
+        """What zarr opens for this store: its path (local) or a shared ``FsspecStore``."""
+        return zarr_store(self.url)
 
     def entry(self, run: str) -> RunEntry | None:
         """The run ``run`` as listed by :attr:`entries` (None: no such run)."""
@@ -272,10 +298,43 @@ class Run:
     def _coord(self, group: Any, cname: str, layer: str) -> tuple[list[str], np.ndarray]:
         # Coordinates are written once, at creation: read each once per Run.
         cache = self.__dict__.setdefault("_coords", {})
+        if (layer, cname) not in cache and any(k[0] != layer for k in cache):
+            self._prefetch_coords(cache)  # a second layer: this reader opens many
         if (layer, cname) not in cache:
             cache[(layer, cname)] = self._read_coord(group, cname, layer)
         dims, values = cache[(layer, cname)]
         return list(dims), values
+
+    def _prefetch_coords(self, cache: dict[tuple[str, str], Any]) -> None:
+        """On a remote store, read the coordinates of every layer at once, concurrently:
+        one round of requests instead of one request per coordinate per layer. Done
+        when a second layer is opened (``show`` and analyses open them all; a query of
+        one layer reads only its own). Only once per Run, only from the consolidated
+        metadata; what fails here is read again, one by one, by :meth:`_read_coord`
+        (which names the damage)."""
+        if self.__dict__.get("_prefetched") or is_local(self.store.url):
+            return
+        self.__dict__["_prefetched"] = True
+        skip = {*IMAGE_COORDS, "activation", "attention"}
+        wanted: list[tuple[str, str, Any]] = []
+        try:
+            with quiet_zarr():
+                for layer, group in self._layer_groups().items():
+                    if group.metadata.consolidated_metadata is None:
+                        return  # no snapshot: listing the groups would cost more than it saves
+                    for name, arr in group.arrays():
+                        if name not in skip and (layer, name) not in cache:
+                            wanted.append((layer, name, arr))
+        except Exception:
+            return
+        got = read_many([(arr, slice(None)) for _, _, arr in wanted])
+        for (layer, name, arr), values in zip(wanted, got, strict=True):
+            if isinstance(values, BaseException):
+                continue
+            values = np.asarray(values)
+            if values.dtype.kind not in "biuf":
+                values = np.array(values.tolist(), dtype=str)
+            cache[(layer, name)] = (list(arr.metadata.dimension_names), values)
 
     def _read_coord(self, group: Any, cname: str, layer: str) -> tuple[list[str], np.ndarray]:
         with quiet_zarr():
@@ -316,7 +375,12 @@ class Run:
         """Activations of ``layer`` as a lazy DataArray."""
         if layer not in self.layers:
             raise RunNotFoundError(self._unknown(layer, self.layers, "layer"))
-        return self._data_array(self.group[layer], "activation", layer)
+        # Built once per Run (analyses open every layer several times; each build makes a
+        # dask graph and tokenizes the run's masks); each caller gets its own shallow copy.
+        built = self.__dict__.setdefault("_arrays", {})
+        if layer not in built:
+            built[layer] = self._data_array(self.group[layer], "activation", layer)
+        return built[layer].copy(deep=False)
 
     def attention(self, layer: str) -> xr.DataArray:
         """Attention probabilities ``(image, head, query, key)`` of an attention module."""
