@@ -112,7 +112,7 @@ def test_vit_block_output_is_skip_input_plus_branches(tiny_store: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def bottleneck_store(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> str:
+def bottleneck_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A real ResNet-50-style bottleneck network (one block per stage), its last BNs
     initialised like the others so the branches are alive, preset:paper taps."""
     from jobs.extract import ExtractConfig, extract
