@@ -53,9 +53,9 @@ def pytest_collection_modifyitems(items: Sequence[pytest.Item]) -> None:
         if used & RAY_FIXTURES:
             item.add_marker(pytest.mark.ray)
             item.add_marker(pytest.mark.slow)
-        elif used & SLOW_FIXTURES or _names_in(
-            getattr(item, "function", None), getattr(item, "module", None)
-        ) & SPAWNS:
+            continue
+        names = _names_in(getattr(item, "function", None), getattr(item, "module", None))
+        if used & SLOW_FIXTURES or names & SPAWNS:
             item.add_marker(pytest.mark.slow)
 
 
