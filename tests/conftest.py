@@ -22,9 +22,9 @@ RAY_FIXTURES = frozenset({"ray_cluster", "ray_head"})
 #: Fixtures that cost seconds each (a real multi-model extraction, a dask LocalCluster,
 #: a moto server, the whole demo): their tests are ``slow``.
 SLOW_FIXTURES = frozenset({"demo", "dask_cluster", "s3_bucket", "f32_store", "bottleneck_store"})
-#: Names whose use starts a new Python interpreter (seconds for its imports): a spawn of
-#: ``sys.executable``, or a process watched with ``Popen``.
-SPAWNS = frozenset({"executable", "Popen"})
+#: Names whose use starts new Python processes (seconds for their imports): a spawn of
+#: ``sys.executable``, a process watched with ``Popen``, a dask ``LocalCluster``.
+SPAWNS = frozenset({"executable", "Popen", "LocalCluster"})
 
 
 def _names_in(function: object, module: object) -> set[str]:
