@@ -9,6 +9,7 @@ Ray or spawns an interpreter is left out of the quick loop without anyone rememb
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -25,6 +26,10 @@ SLOW_FIXTURES = frozenset({"demo", "dask_cluster", "s3_bucket", "f32_store", "bo
 #: Names whose use starts new Python processes (seconds for their imports): a spawn of
 #: ``sys.executable``, a process watched with ``Popen``, a dask ``LocalCluster``.
 SPAWNS = frozenset({"executable", "Popen", "LocalCluster"})
+#: Names whose use in a fixture runs a real extraction (a model forward over images).
+EXTRACTS = frozenset({"extract", "extract_tiny"})
+#: The one extracting fixture the quick loop keeps: built once per session, read by many.
+QUICK_FIXTURES = frozenset({"tiny_store"})
 
 
 def _names_in(function: object, module: object) -> set[str]:
@@ -55,8 +60,21 @@ def pytest_collection_modifyitems(items: Sequence[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
             continue
         names = _names_in(getattr(item, "function", None), getattr(item, "module", None))
-        if used & SLOW_FIXTURES or names & SPAWNS:
+        if used & SLOW_FIXTURES or names & SPAWNS or _extracting_fixtures(item):
             item.add_marker(pytest.mark.slow)
+
+
+def _extracting_fixtures(item: pytest.Item) -> bool:
+    """Whether one of the item's fixtures (but the shared ``tiny_store``) extracts."""
+    info = getattr(item, "_fixtureinfo", None)
+    for name, defs in getattr(info, "name2fixturedefs", {}).items():
+        if name in QUICK_FIXTURES:
+            continue
+        for fixturedef in defs:
+            func = fixturedef.func
+            if _names_in(func, sys.modules.get(func.__module__)) & EXTRACTS:
+                return True
+    return False
 
 
 @pytest.fixture(scope="session")

@@ -98,9 +98,13 @@ def activations(url: str, run: str, layers) -> list[np.ndarray]:  # type: ignore
 # ---------------------------------------------------------------- estimators
 @pytest.mark.parametrize(
     ("estimator", "where"),
-    [("unbiased-minibatch", "threads"), ("unbiased-minibatch", "cluster"),
-     ("unbiased", "threads"), ("biased", "threads")],
-)  # fmt: skip
+    [
+        ("unbiased-minibatch", "threads"),
+        pytest.param("unbiased-minibatch", "cluster", marks=pytest.mark.slow),  # a LocalCluster
+        ("unbiased", "threads"),
+        ("biased", "threads"),
+    ],
+)
 def test_estimators_equal_reference_on_recorded_batches(
     synth: str,
     estimator: str,
