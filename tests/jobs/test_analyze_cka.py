@@ -21,6 +21,10 @@ from tests.jobs.test_analyze_common import cli, copy_store, ids, make_run
 from vitcnn_store import open_store
 from vitcnn_store.store import RunWriter, create_run
 
+# The CKA job end to end is half a minute of CPU: the quick loop keeps the kernels' tests
+# (tests/analysis/test_cka.py, test_tiles.py) and leaves the job's to the full suite.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def dask_cluster() -> Iterator[str]:
