@@ -20,16 +20,16 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 #: Fixtures that start or reach a Ray cluster: their tests are ``ray`` and ``slow``.
 RAY_FIXTURES = frozenset({"ray_cluster", "ray_head"})
-#: Fixtures that cost seconds each (a real multi-model extraction, a dask LocalCluster,
-#: a moto server, the whole demo): their tests are ``slow``.
-SLOW_FIXTURES = frozenset({"demo", "dask_cluster", "s3_bucket", "f32_store", "bottleneck_store"})
+#: Fixtures that cost seconds each (a dask LocalCluster, a moto server, the whole demo,
+#: every analysis on a real extraction): their tests are ``slow``.
+SLOW_FIXTURES = frozenset({"demo", "dask_cluster", "s3_bucket", "explorer_store"})
 #: Names whose use starts new Python processes (seconds for their imports): a spawn of
 #: ``sys.executable``, a process watched with ``Popen``, a dask ``LocalCluster``.
 SPAWNS = frozenset({"executable", "Popen", "LocalCluster"})
 #: Names whose use in a fixture runs a real extraction (a model forward over images).
 EXTRACTS = frozenset({"extract", "extract_tiny"})
-#: The one extracting fixture the quick loop keeps: built once per session, read by many.
-QUICK_FIXTURES = frozenset({"tiny_store"})
+#: The extracting fixtures the quick loop keeps: small, built once per session, read by many.
+QUICK_FIXTURES = frozenset({"tiny_store", "serve_store"})
 
 
 def _names_in(function: object, module: object) -> set[str]:
@@ -65,7 +65,7 @@ def pytest_collection_modifyitems(items: Sequence[pytest.Item]) -> None:
 
 
 def _extracting_fixtures(item: pytest.Item) -> bool:
-    """Whether one of the item's fixtures (but the shared ``tiny_store``) extracts."""
+    """Whether one of the item's fixtures (but those of :data:`QUICK_FIXTURES`) extracts."""
     info = getattr(item, "_fixtureinfo", None)
     for name, defs in getattr(info, "name2fixturedefs", {}).items():
         if name in QUICK_FIXTURES:
