@@ -26,7 +26,8 @@ SLOW_FIXTURES = frozenset({"demo", "dask_cluster", "s3_bucket", "explorer_store"
 #: Names whose use starts new Python processes (seconds for their imports): a spawn of
 #: ``sys.executable``, a process watched with ``Popen``, a dask ``LocalCluster``.
 SPAWNS = frozenset({"executable", "Popen", "LocalCluster"})
-#: Names whose use in a fixture runs a real extraction (a model forward over images).
+#: Names whose use in a test or its fixture runs the extraction job (a model forward over
+#: images, seconds each).
 EXTRACTS = frozenset({"extract", "extract_tiny"})
 #: The extracting fixtures the quick loop keeps: small, built once per session, read by many.
 QUICK_FIXTURES = frozenset({"tiny_store", "serve_store"})
@@ -60,7 +61,7 @@ def pytest_collection_modifyitems(items: Sequence[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
             continue
         names = _names_in(getattr(item, "function", None), getattr(item, "module", None))
-        if used & SLOW_FIXTURES or names & SPAWNS or _extracting_fixtures(item):
+        if used & SLOW_FIXTURES or names & (SPAWNS | EXTRACTS) or _extracting_fixtures(item):
             item.add_marker(pytest.mark.slow)
 
 
