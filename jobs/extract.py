@@ -66,18 +66,18 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'jobs.extract' has no attribute {name!r}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExtractSummary:
-    """What a job did, printed at its end."""
+    """What a job did, printed at its end; the counts start at zero and grow as it goes."""
 
     run: str
     store: str
-    n_images: int
-    units_total: int
-    units_written: int
-    images_written: int
-    failed: dict[str, str]
-    seconds: float
+    n_images: int = 0
+    units_total: int = 0
+    units_written: int = 0
+    images_written: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
     nodes: list[str] = field(default_factory=list)
     plan: str = ""
     #: Seconds from the call to the first unit's start (validation, model, template,
@@ -347,7 +347,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
     sizing = size_job(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker, cfg.device,
                       local_resources(), address)  # fmt: skip
-    summary = ExtractSummary(cfg.run, cfg.store, 0, 0, 0, 0, {}, 0.0, plan=sizing.describe())
+    summary = ExtractSummary(run=cfg.run, store=cfg.store, plan=sizing.describe())
     with _as_found(cfg.model):
         if sizing.on_ray:
             prep = _on_ray(cfg, sizing, address, summary, t0, state, images)

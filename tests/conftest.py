@@ -1,16 +1,81 @@
 """Shared fixtures: one local Ray cluster per test session, and small stores made
-by the real extraction job with tiny timm models."""
+by the real extraction job with tiny timm models; and the ``slow``/``ray`` marks.
+
+``scripts/test.sh -m "not slow"`` is the quick loop a developer runs often; CI runs
+everything. Most marks are given here by what a test uses, so a new test that starts
+Ray or spawns an interpreter is left out of the quick loop without anyone remembering.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 # Ray prints a token-auth notice and usage-stats prompts; neither helps in tests.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+#: Fixtures that start or reach a Ray cluster: their tests are ``ray`` and ``slow``.
+RAY_FIXTURES = frozenset({"ray_cluster", "ray_head"})
+#: Fixtures that cost seconds each (a dask LocalCluster, a moto server, the whole demo,
+#: every analysis on a real extraction): their tests are ``slow``.
+SLOW_FIXTURES = frozenset({"demo", "dask_cluster", "s3_bucket", "explorer_store"})
+#: Names whose use starts new Python processes (seconds for their imports): a spawn of
+#: ``sys.executable``, a process watched with ``Popen``, a dask ``LocalCluster``.
+SPAWNS = frozenset({"executable", "Popen", "LocalCluster"})
+#: Names whose use in a test or its fixture runs the extraction job (a model forward over
+#: images, seconds each).
+EXTRACTS = frozenset({"extract", "extract_tiny"})
+#: The extracting fixtures the quick loop keeps: small, built once per session, read by many.
+QUICK_FIXTURES = frozenset({"tiny_store", "serve_store"})
+
+
+def _names_in(function: object, module: object) -> set[str]:
+    """Global and attribute names a test function's code refers to: its nested code, and
+    the module-level functions of its own module it calls (so a spawning helper counts)."""
+    names: set[str] = set()
+    seen: set[object] = set()
+    stack = [getattr(function, "__code__", None)]
+    while stack:
+        code = stack.pop()
+        if code is None or code in seen:
+            continue
+        seen.add(code)
+        names.update(code.co_names)
+        stack.extend(k for k in code.co_consts if hasattr(k, "co_names"))
+        for name in code.co_names:
+            helper = getattr(module, name, None)
+            if getattr(helper, "__module__", None) == getattr(module, "__name__", ""):
+                stack.append(getattr(helper, "__code__", None))
+    return names
+
+
+def pytest_collection_modifyitems(items: Sequence[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & RAY_FIXTURES:
+            item.add_marker(pytest.mark.ray)
+            item.add_marker(pytest.mark.slow)
+            continue
+        names = _names_in(getattr(item, "function", None), getattr(item, "module", None))
+        if used & SLOW_FIXTURES or names & (SPAWNS | EXTRACTS) or _extracting_fixtures(item):
+            item.add_marker(pytest.mark.slow)
+
+
+def _extracting_fixtures(item: pytest.Item) -> bool:
+    """Whether one of the item's fixtures (but those of :data:`QUICK_FIXTURES`) extracts."""
+    info = getattr(item, "_fixtureinfo", None)
+    for name, defs in getattr(info, "name2fixturedefs", {}).items():
+        if name in QUICK_FIXTURES:
+            continue
+        for fixturedef in defs:
+            func = fixturedef.func
+            if _names_in(func, sys.modules.get(func.__module__)) & EXTRACTS:
+                return True
+    return False
 
 
 @pytest.fixture(scope="session")
@@ -52,9 +117,10 @@ def extract_tiny(store: str | Path, run: str, family: str = "vit", **options: ob
 
 
 @pytest.fixture(scope="session")
-def tiny_store(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> str:
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A store with runs ``vit`` (preset:paper, attention, inputs) and ``resnet``
-    (preset:paper, inputs) over 40 labelled built-in face images. Treat as read-only."""
+    (preset:paper, inputs) over 40 labelled built-in face images, extracted in this
+    process (no Ray). Treat as read-only."""
     store = tmp_path_factory.mktemp("stores") / "tiny.zarr"
     extract_tiny(store, "vit", "vit", layers="preset:paper", attention=True, inputs=True)
     extract_tiny(store, "resnet", "resnet", layers="preset:paper", inputs=True)

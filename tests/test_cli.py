@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +11,13 @@ from tests.helpers import snapshot
 from vitcnn_store.cli import main
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vitcnn_store.cli", *args], capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
+def exit_code(*args: str) -> int:
+    """``vitcnn ARGS`` in this process (tests/test_help.py runs one real process):
+    the exit status, whether argparse or a job gave it."""
+    try:
+        return main(list(args))
+    except SystemExit as e:
+        return int(e.code or 0)
 
 
 def test_ls_and_show(tiny_store: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -83,13 +83,15 @@ def test_layers_lists_shapes(capsys: pytest.CaptureFixture[str]) -> None:
         (["ls", "{tmp}"], "not a vitcnn store"),
     ],
 )  # fmt: skip
-def test_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+def test_bad_input_is_one_line_exit_2(
+    tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "junk.txt").write_text("not a store")
-    result = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    assert exit_code(*[a.replace("{tmp}", str(tmp_path)) for a in args]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
     assert not (tmp_path / "s.zarr").exists()  # nothing written
 
 
@@ -98,9 +100,9 @@ def test_query_unknown_layer_exit_2(tiny_store: str, capsys: pytest.CaptureFixtu
     assert "near" in capsys.readouterr().err
 
 
-def test_argparse_errors_exit_2() -> None:
-    result = run_cli("extract", "resnet18")
-    assert result.returncode == 2 and "required" in result.stderr
+def test_argparse_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_code("extract", "resnet18") == 2
+    assert "required" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -60,7 +60,6 @@ def extract_args(store: Path, *extra: str) -> list[str]:
             "--store", str(store), "--run", "r", "--no-progress", *extra]  # fmt: skip
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_disk_full_during_creation_then_recovered(
     small_disk: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -76,7 +75,6 @@ def test_disk_full_during_creation_then_recovered(
     assert main(["verify", str(store), "--no-progress"]) == 0
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_disk_full_while_writing_units_then_resumed(
     small_disk: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

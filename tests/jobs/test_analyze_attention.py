@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jobs.analyze.attention import AttentionConfig, run_attention
-from tests.jobs.test_analyze_common import cli, ids, make_run, synth  # noqa: F401
+from tests.jobs.test_analyze_common import cli, ids, make_run
 from vitcnn_store import open_store
 from vitcnn_store.analysis.attention import (
     attention_entropy,
@@ -18,7 +18,7 @@ from vitcnn_store.analysis.attention import (
 
 
 @pytest.mark.parametrize("renormalize", [False, True])
-def test_attention_matches_kernels(synth: str, renormalize: bool) -> None:  # noqa: F811
+def test_attention_matches_kernels(synth: str, renormalize: bool) -> None:
     cfg = AttentionConfig(
         store=synth,
         run="vit",
@@ -74,7 +74,7 @@ def test_attention_only_groups_borrow_token_positions(tmp_path: Path) -> None:
     assert np.isfinite(ds["mean_distance"].values).all()
 
 
-def test_no_attention_is_one_line_error(synth: str, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+def test_no_attention_is_one_line_error(synth: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli(["analyze", "attention", synth, "resnet", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--attention" in err and len(err.splitlines()) == 1
@@ -132,7 +132,7 @@ def test_cls_key_mass_end_to_end(tiny_vit_store: str, tmp_path: Path) -> None:
         assert 0.05 < float(ds["cls_key_mass"].mean()) < 0.5
 
 
-def test_distance_interval_is_the_bootstrap_of_per_image_distances(synth: str) -> None:  # noqa: F811
+def test_distance_interval_is_the_bootstrap_of_per_image_distances(synth: str) -> None:
     """Each image's mean distance from plain numpy, resampled by a loop drawing from the
     same stream as the kernel (row b: ``integers(0, n, (B, n))[b]``), percentiles."""
     ds = run_attention(AttentionConfig(store=synth, run="vit", bootstrap=200, ci_level=0.8,

@@ -17,9 +17,13 @@ import zarr
 from jobs.analyze.cka import CKAConfig, run_cka
 from jobs.analyze.options import AnalysisWarning
 from tests.jobs.reads import chunk_reads, counted_reads, stored_bytes
-from tests.jobs.test_analyze_common import cli, copy_store, ids, make_run, synth  # noqa: F401
+from tests.jobs.test_analyze_common import cli, copy_store, ids, make_run
 from vitcnn_store import open_store
 from vitcnn_store.store import RunWriter, create_run
+
+# The CKA job end to end is half a minute of CPU: the quick loop keeps the kernels' tests
+# (tests/analysis/test_cka.py, test_tiles.py) and leaves the job's to the full suite.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +102,15 @@ def activations(url: str, run: str, layers) -> list[np.ndarray]:  # type: ignore
 # ---------------------------------------------------------------- estimators
 @pytest.mark.parametrize(
     ("estimator", "where"),
-    [("unbiased-minibatch", "threads"), ("unbiased-minibatch", "cluster"),
-     ("unbiased", "threads"), ("biased", "threads")],
-)  # fmt: skip
+    [
+        ("unbiased-minibatch", "threads"),
+        pytest.param("unbiased-minibatch", "cluster", marks=pytest.mark.slow),  # a LocalCluster
+        ("unbiased", "threads"),
+        ("biased", "threads"),
+    ],
+)
 def test_estimators_equal_reference_on_recorded_batches(
-    synth: str,  # noqa: F811
+    synth: str,
     estimator: str,
     where: str,
     request: pytest.FixtureRequest,
@@ -142,7 +150,7 @@ def test_estimators_equal_reference_on_recorded_batches(
 
 @pytest.mark.parametrize(("estimator", "kernel"),
                          [("unbiased-minibatch", "linear"), ("biased", "rbf")])  # fmt: skip
-def test_null_permutations_equal_reference(synth: str, estimator: str, kernel: str) -> None:  # noqa: F811
+def test_null_permutations_equal_reference(synth: str, estimator: str, kernel: str) -> None:
     """Each stored permutation's pairing, through the independent reference; the percentile
     against scipy's percentileofscore; a cross-run null permutes the second run's images."""
     from scipy.stats import percentileofscore
@@ -173,13 +181,13 @@ def test_null_permutations_equal_reference(synth: str, estimator: str, kernel: s
     np.testing.assert_allclose(ds["cka_percentile"].values, want, rtol=0, atol=1e-12)
 
 
-def test_null_permutations_refused_without_a_null(synth: str) -> None:  # noqa: F811
+def test_null_permutations_refused_without_a_null(synth: str) -> None:
     assert cli(["analyze", "cka", synth, "vit", "--null-batches", "0",
                 "--null-permutations", "3"]) == 2  # fmt: skip
     assert cli(["analyze", "cka", synth, "vit", "--null-permutations", "0"]) == 2
 
 
-def test_rbf_and_reductions_equal_reference(synth: str) -> None:  # noqa: F811
+def test_rbf_and_reductions_equal_reference(synth: str) -> None:
     common = {"store": synth, "run": "vit", "progress": False, "gram_tile": 16}
     ds = run_cka(CKAConfig(**common, kernel="rbf", batch_size=16, seed=2, repeats=2,
                            gather_bytes=3 * 6 * 16 * 16 * 8, name="r")).dataset  # fmt: skip
@@ -204,7 +212,7 @@ def test_rbf_and_reductions_equal_reference(synth: str) -> None:  # noqa: F811
                                    rtol=0, atol=1e-10)  # fmt: skip
 
 
-def test_roles_and_layer_patterns(synth: str) -> None:  # noqa: F811
+def test_roles_and_layer_patterns(synth: str) -> None:
     common = {"store": synth, "run": "vit", "progress": False, "batch_size": 16}
     ds = run_cka(CKAConfig(**common, roles="branches", name="br")).dataset
     assert ds["layer_a"].values.tolist() == [
@@ -311,7 +319,7 @@ def test_gram_cache_reused_then_recomputed_when_units_change(tmp_path: Path) -> 
     assert "_grams" not in zarr.open_group(url, path="p", mode="r")
 
 
-def test_gram_cache_format_read_by_plain_xarray(synth: str, tmp_path: Path) -> None:  # noqa: F811
+def test_gram_cache_format_read_by_plain_xarray(synth: str, tmp_path: Path) -> None:
     url = copy_store(synth, tmp_path / "s.zarr")
     run_cka(CKAConfig(store=url, run="vit", layers="blocks.0", batch_size=16, gram_tile=16,
                       progress=False))  # fmt: skip
@@ -415,7 +423,7 @@ def _peak_rss() -> int:
 
 
 # ---------------------------------------------------------------- options and refusals
-def test_capped_batch_warns_and_bad_options_exit_2(synth: str) -> None:  # noqa: F811
+def test_capped_batch_warns_and_bad_options_exit_2(synth: str) -> None:
     with pytest.warns(AnalysisWarning, match="using 48"):
         ds = run_cka(
             CKAConfig(store=synth, run="resnet", progress=False, name="cap", reduce="gap")
@@ -434,7 +442,7 @@ def test_capped_batch_warns_and_bad_options_exit_2(synth: str) -> None:  # noqa:
     assert "cka_null" not in open_store(synth)["vit"].analysis("u")
 
 
-def test_incomplete_run_refused_then_masked(synth: str, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+def test_incomplete_run_refused_then_masked(synth: str, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["analyze", "cka", synth, "partial", "--no-progress", "--no-figure", "--batch-size", "8"]
     assert cli(args) == 2
     err = capsys.readouterr().err
@@ -454,7 +462,7 @@ def test_incomplete_run_refused_then_masked(synth: str, capsys: pytest.CaptureFi
     np.testing.assert_allclose(ds["cka"].values, ref_cka(reps, reps, b, b)[0], atol=1e-10)
 
 
-def test_chunk_jobs_on_cluster_equal_threads(synth: str, dask_cluster: str) -> None:  # noqa: F811
+def test_chunk_jobs_on_cluster_equal_threads(synth: str, dask_cluster: str) -> None:
     from jobs.analyze import (
         AttentionConfig,
         LocalizationConfig,

@@ -1,5 +1,5 @@
 """Shared machinery of the analysis jobs (runs, layers, options), and the synthetic stores
-other analysis tests use.
+other analysis tests use (the fixture ``synth`` of tests/jobs/conftest.py is made with them).
 
 :func:`make_run` writes a small run with the project's own writer (no model, no
 Ray): ViT-like token layers with CLS + a patch grid, attention probabilities
@@ -224,16 +224,6 @@ def png_ok(path: str | Path) -> None:
     img = imread(str(path))
     flat = img.reshape(-1, img.shape[-1])
     assert len(np.unique(flat, axis=0)) > 8, f"{path} is (nearly) a single colour"
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Runs: vit (48 images, image 5 failed), resnet, partial (units 0 and 2 of 6)."""
-    url = str(tmp_path_factory.mktemp("synth") / "s.zarr")
-    make_run(url, "vit", ids(48), failed=[5])
-    make_run(url, "resnet", ids(48), family="resnet", seed=1)
-    make_run(url, "partial", ids(48), units=[0, 2], seed=2)
-    return url
 
 
 # -- tests of the common machinery ----------------------------------------------------

@@ -15,6 +15,9 @@ from vitcnn_store import open_store
 from vitcnn_store.store.analyses import LATEST_ATTR
 from vitcnn_store.store.layout import quiet_zarr
 
+# Nine analyses with their figures on a real extraction: a minute of CPU, not for the quick loop.
+pytestmark = pytest.mark.slow
+
 # (analysis, arguments after STORE, the result's name group)
 COMMANDS = [
     ("cka", ["vit"], "vit/_analyses/cka"),

@@ -11,7 +11,7 @@ from jobs.analyze.localization import (
     resolve_targets,
     run_localization,
 )
-from tests.jobs.test_analyze_common import MEAN, PATCH, STD, cli, synth  # noqa: F401
+from tests.jobs.test_analyze_common import MEAN, PATCH, STD, cli
 from vitcnn_store import open_store
 from vitcnn_store.analysis.cka import sample_batches
 from vitcnn_store.analysis.localization import MinibatchLocalization, image_to_patches
@@ -28,7 +28,7 @@ def _reference(reps: np.ndarray, pixels: np.ndarray, batches: list[np.ndarray], 
     return acc.result()
 
 
-def test_vit_tokens_match_kernel(synth: str) -> None:  # noqa: F811
+def test_vit_tokens_match_kernel(synth: str) -> None:
     cfg = LocalizationConfig(
         store=synth, run="vit", tokens=((0, 1), 2), batch_size=10, seed=4, progress=False
     )
@@ -47,7 +47,7 @@ def test_vit_tokens_match_kernel(synth: str) -> None:  # noqa: F811
     assert ds["localization"].dims == ("target", "grid_y", "grid_x")
 
 
-def test_cnn_positions_map_to_stride_patches(synth: str) -> None:  # noqa: F811
+def test_cnn_positions_map_to_stride_patches(synth: str) -> None:
     cfg = LocalizationConfig(
         store=synth, run="resnet", layer="layer1.0", batch_size=12, progress=False
     )
@@ -107,7 +107,7 @@ def _ref_cka1(K: np.ndarray, L: np.ndarray) -> tuple[float, float, float]:
     return h(K, L), h(K, K), h(L, L)
 
 
-def test_batches_baseline_and_batch_bootstrap_recorded(synth: str) -> None:  # noqa: F811
+def test_batches_baseline_and_batch_bootstrap_recorded(synth: str) -> None:
     """Recorded batches; the input baseline and the bootstrap over batches recomputed with a
     term-by-term HSIC₁ from the un-normalized pixels."""
     cfg = LocalizationConfig(store=synth, run="vit", tokens=((1, 1),), batch_size=8, seed=2,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jobs.analyze.probe import ProbeConfig, run_probe
-from tests.jobs.test_analyze_common import cli, copy_store, ids, make_run, synth  # noqa: F401
+from tests.jobs.test_analyze_common import cli, copy_store, ids, make_run
 from vitcnn_store import open_store
 from vitcnn_store.analysis.probes import DEFAULT_L2_GRID, probe_splits, ridge_probe
 
@@ -22,7 +22,7 @@ def _features(run, layer: str, rows: np.ndarray, how: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize(("shots", "features", "l2"), [(0, "cls", None), (4, "gap", 0.3)])
-def test_probe_matches_kernel(synth: str, shots: int, features: str, l2: float | None) -> None:  # noqa: F811
+def test_probe_matches_kernel(synth: str, shots: int, features: str, l2: float | None) -> None:
     cfg = ProbeConfig(
         store=synth, run="vit", shots=shots, features=features, l2=l2, repeats=2, seed=5,
         progress=False, name=f"p{shots}",
@@ -61,7 +61,7 @@ def test_probe_matches_kernel(synth: str, shots: int, features: str, l2: float |
         assert ds.attrs["n_train"] == 12 and "4-shot" in ds.attrs["protocol"]
 
 
-def test_branches_on_request_and_patterns(synth: str) -> None:  # noqa: F811
+def test_branches_on_request_and_patterns(synth: str) -> None:
     ds = run_probe(
         ProbeConfig(store=synth, run="vit", roles="branches", l2=1.0, progress=False, name="br")
     ).dataset
@@ -82,7 +82,7 @@ def test_branches_on_request_and_patterns(synth: str) -> None:  # noqa: F811
 
 
 def test_auto_features_say_why_and_cls_refuses_cnn_layers(
-    synth: str,  # noqa: F811
+    synth: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -136,7 +136,7 @@ def test_bad_probe_options_are_one_line_errors(
                 "--no-figure"]) == 0  # fmt: skip
 
 
-def test_splits_folds_intervals_and_raw_input_are_recorded(synth: str) -> None:  # noqa: F811
+def test_splits_folds_intervals_and_raw_input_are_recorded(synth: str) -> None:
     """The recorded splits are the ones the reference draws; the interval is the bootstrap of
     each repeat's per-image correctness (a loop on the kernel's streams), averaged over
     repeats; the raw-pixel probe is a ridge probe on the flattened stored input."""

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from jobs.analyze.skip import SkipConfig, run_skip
-from tests.jobs.test_analyze_common import cli, ids, make_run, synth  # noqa: F401
+from tests.jobs.test_analyze_common import cli, ids, make_run
 from vitcnn_store import open_store
 from vitcnn_store.analysis.skip import skip_norm_ratio
 
 
-def test_vit_ratios_match_kernel(synth: str) -> None:  # noqa: F811
+def test_vit_ratios_match_kernel(synth: str) -> None:
     ds = run_skip(SkipConfig(store=synth, run="vit", progress=False)).dataset
     run = open_store(synth)["vit"]
     valid = run.valid
@@ -33,7 +33,7 @@ def test_vit_ratios_match_kernel(synth: str) -> None:  # noqa: F811
     assert "identity" in ds.attrs["layer_scale"]
 
 
-def test_resnet_ratios_use_downsample(synth: str) -> None:  # noqa: F811
+def test_resnet_ratios_use_downsample(synth: str) -> None:
     ds = run_skip(SkipConfig(store=synth, run="resnet", progress=False)).dataset
     run = open_store(synth)["resnet"]
     assert ds["skip_tap"].values.tolist() == ["maxpool", "layer2.0.downsample"]
@@ -112,7 +112,7 @@ def test_vit_block_output_is_skip_input_plus_branches(tiny_store: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def bottleneck_store(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> str:
+def bottleneck_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A real ResNet-50-style bottleneck network (one block per stage), its last BNs
     initialised like the others so the branches are alive, preset:paper taps."""
     from jobs.extract import ExtractConfig, extract
@@ -169,7 +169,7 @@ def test_dead_branches_are_named_not_divided(tmp_path: Path) -> None:
     assert "dead branch" in ds.attrs["summary"]
 
 
-def test_ratio_intervals_are_the_bootstrap_of_per_image_ratios(synth: str) -> None:  # noqa: F811
+def test_ratio_intervals_are_the_bootstrap_of_per_image_ratios(synth: str) -> None:
     """Per image, ‖z‖/‖f(z)‖ from plain numpy norms, resampled by a loop drawing from the
     kernel's stream; the percentiles are the stored interval."""
     ds = run_skip(SkipConfig(store=synth, run="vit", bootstrap=150, ci_level=0.9,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jobs.analyze.top_images import TopImagesConfig, run_top_images, scored_positions
-from tests.jobs.test_analyze_common import cli, ids, make_run, synth  # noqa: F401
+from tests.jobs.test_analyze_common import cli, ids, make_run  # noqa: F401
 from tests.serve.conftest import snapshot
 from vitcnn_store import open_store
 from vitcnn_store.analysis.top_images import chunk_top_k, merge_top_k
@@ -57,7 +57,7 @@ def test_kernel_pooled_layer_has_no_position() -> None:
     assert top.image.tolist() == [[1, 2], [2, 0]] and (top.position == -1).all()
 
 
-def test_job_equals_numpy_reference_on_every_layer(synth: str) -> None:  # noqa: F811
+def test_job_equals_numpy_reference_on_every_layer(synth: str) -> None:
     result = run_top_images(TopImagesConfig(store=synth, run="vit", k=5, progress=False))
     ds = result.dataset
     run = open_store(synth)["vit"]
@@ -84,7 +84,7 @@ def test_job_equals_numpy_reference_on_every_layer(synth: str) -> None:  # noqa:
     assert (ds["position"].values[ds["image"].values >= 0] > 0).all()
 
 
-def test_spatial_layers_and_reuse(synth: str) -> None:  # noqa: F811
+def test_spatial_layers_and_reuse(synth: str) -> None:
     cfg = TopImagesConfig(store=synth, run="resnet", k=3, progress=False)
     first = run_top_images(cfg)
     run = open_store(synth)["resnet"]
@@ -101,7 +101,7 @@ def test_spatial_layers_and_reuse(synth: str) -> None:  # noqa: F811
     assert run_top_images(cfg).reused
 
 
-def test_cli_writes_a_labelled_result_and_refuses_bad_k(synth: str) -> None:  # noqa: F811
+def test_cli_writes_a_labelled_result_and_refuses_bad_k(synth: str) -> None:
     before = snapshot(synth)
     assert cli(["analyze", "top-images", synth, "vit", "--k", "0", "--no-progress"]) == 2
     assert cli(["analyze", "top-images", synth, "vit", "--layers", "nope.*"]) == 2
@@ -113,7 +113,7 @@ def test_cli_writes_a_labelled_result_and_refuses_bad_k(synth: str) -> None:  # 
     assert "maximum over positions" in ds.attrs["statistic"]
 
 
-def test_incomplete_run_needs_allow_incomplete(synth: str) -> None:  # noqa: F811
+def test_incomplete_run_needs_allow_incomplete(synth: str) -> None:
     with pytest.raises(Exception, match="allow-incomplete"):
         run_top_images(TopImagesConfig(store=synth, run="partial", progress=False))
     ds = run_top_images(

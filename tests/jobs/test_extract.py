@@ -22,13 +22,11 @@ from vitcnn_store.data import open_image_set
 from vitcnn_store.errors import ImageSetError, RunExistsError, RunMismatchError
 from vitcnn_store.models import ModelSpec
 
-pytestmark = pytest.mark.usefixtures("ray_cluster")
-
 OPTIONS = {"layers": "preset:paper", "attention": True, "inputs": True, "dtype": "float32"}
 
 
 @pytest.fixture(scope="module")
-def f32_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+def f32_store(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> str:
     """Runs ``w1`` (one Ray actor), ``w2`` (two Ray actors) and ``here`` (in this process,
     the default without a cluster address) of the same float32 extraction."""
     url = str(tmp_path_factory.mktemp("f32") / "acts.zarr")

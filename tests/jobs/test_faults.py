@@ -23,7 +23,8 @@ from vitcnn_store import open_store
 from vitcnn_store.errors import RunLockedError
 from vitcnn_store.store.lease import acquire_lease, current_lease, release_lease
 
-pytestmark = pytest.mark.usefixtures("ray_cluster")
+# Every test here needs a 192-image extraction; the killed jobs need Ray as well.
+pytestmark = pytest.mark.slow
 
 # Enough small units that a job is still running when the test strikes.
 JOB = {"images": "builtin:photos", "limit": 192, "chunk_size": 4, "layers": "preset:blocks"}
@@ -67,6 +68,7 @@ def actor_pids() -> list[int]:
     ]
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_killed_actor_job_completes_identically(clean: str, tmp_path: Path) -> None:
     url = str(tmp_path / "acts.zarr")
     result: dict[str, object] = {}
@@ -86,6 +88,7 @@ def test_killed_actor_job_completes_identically(clean: str, tmp_path: Path) -> N
     assert_runs_identical(url, "r", clean, "r")
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_killed_driver_resume_completes_identically(clean: str, tmp_path: Path) -> None:
     url = str(tmp_path / "acts.zarr")
     address = ray.get_runtime_context().gcs_address

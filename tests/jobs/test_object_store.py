@@ -13,8 +13,6 @@ from tests.conftest import extract_tiny
 from vitcnn_store import open_store
 from vitcnn_store.errors import StoreError
 
-pytestmark = pytest.mark.usefixtures("ray_cluster")
-
 
 @pytest.fixture(scope="module")
 def s3_bucket() -> Iterator[str]:

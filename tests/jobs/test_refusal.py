@@ -19,8 +19,6 @@ from vitcnn_store import open_store
 from vitcnn_store.cli import main
 from vitcnn_store.errors import ClusterError
 
-pytestmark = pytest.mark.usefixtures("ray_cluster")
-
 TINY = ["vit_tiny_patch16_224", "--img-size", "32", "--model-arg", "depth=2"]
 
 
@@ -58,11 +56,23 @@ def refused(args: list[str], store: Path, code: int, capsys: pytest.CaptureFixtu
     return err
 
 
+@pytest.mark.usefixtures("ray_cluster")  # the pool is checked against the connected cluster
 @pytest.mark.parametrize(
     ("extra", "code", "message"),
     [
         (["--workers", "100"], 2, "need 100 CPUs"),
         (["--workers", "1", "--gpus-per-worker", "1"], 2, "need 1 GPUs"),
+    ],
+)
+def test_refused_pool_keeps_the_finished_run(
+    finished: Path, capsys: pytest.CaptureFixture[str], extra: list[str], code: int, message: str
+) -> None:
+    assert message in refused(overwrite_args(finished, *extra), finished, code, capsys)
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "message"),
+    [
         (["--gpus-per-worker", "1"], 2, "no node with 1 GPU(s)"),
         (["--lease-ttl", "nan"], 2, "--lease-ttl must be positive"),
         (["--device", "cuda"], 2, "--device cuda: this machine has no CUDA device"),
@@ -99,6 +109,7 @@ class OnlyHere(torch.nn.Module):
         super().__setstate__(state)
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_workers_that_fail_to_start_leave_the_run(finished: Path) -> None:
     import vitcnn_store
 

@@ -139,11 +139,13 @@ def test_submit_and_wait(ray_head: str, tmp_path: Path) -> None:
     assert run.complete and run.n_images == 16
 
 
-def test_submit_refuses_bad_input_locally(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "vitcnn_store.cli", "submit", "extract", "resnet18", "--images",
-         "builtin:faces", "--store", str(tmp_path / "s.zarr"), "--run", "a/b", "--address",
-         "http://127.0.0.1:9"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 2 and "invalid run name" in result.stderr
+def test_submit_refuses_bad_input_locally(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vitcnn_store.cli import main
+
+    store = str(tmp_path / "s.zarr")
+    args = ["--images", "builtin:faces", "--store", store, "--run", "a/b"]
+    assert main(["submit", "extract", "resnet18", *args, "--address", "http://127.0.0.1:9"]) == 2
+    assert "invalid run name" in capsys.readouterr().err
+    assert not (tmp_path / "s.zarr").exists()

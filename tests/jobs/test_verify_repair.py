@@ -13,8 +13,6 @@ from tests.store.test_integrity import chunk, flip
 from vitcnn_store import open_store
 from vitcnn_store.cli import main
 
-pytestmark = pytest.mark.usefixtures("ray_cluster")
-
 OPTIONS = {"layers": "preset:blocks", "attention": True, "inputs": True, "limit": 24,
            "chunk_size": 8}  # fmt: skip
 

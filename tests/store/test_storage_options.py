@@ -64,6 +64,7 @@ def test_parse_storage_options() -> None:
         "anon": True, "client_kwargs": {"region_name": "auto"}}  # fmt: skip
 
 
+@pytest.mark.slow  # an extraction and an analysis through a moto server
 def test_cli_end_to_end_with_storage_options(
     endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

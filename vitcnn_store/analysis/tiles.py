@@ -133,7 +133,7 @@ def centring_shift(row_means: Any) -> FloatArray:
     return m - m.mean(axis=1, keepdims=True) / 2.0
 
 
-@dataclass
+@dataclass(kw_only=True)  # eleven fields, several of one type: named at every call
 class TilePart:
     """What one tile adds to :class:`TiledHSIC`: per repeat and batch the inner products of
     every layer pair and the self products; per repeat the row sums of the tile's rows
@@ -244,9 +244,18 @@ def tile_part(
         return np.asarray(np.diagonal(np.asarray(raw), axis1=1, axis2=2), dtype=np.float64)
 
     return TilePart(
-        rows, cols if cols is None else cols_, products, self_a, self_b,
-        rowsum_a, colsum_a, rowsum_b, colsum_b, diag(raw_a), None if same else diag(raw_b),
-    )  # fmt: skip
+        rows=rows,
+        cols=cols if cols is None else cols_,
+        products=products,
+        self_a=self_a,
+        self_b=self_b,
+        rowsum_a=rowsum_a,
+        colsum_a=colsum_a,
+        rowsum_b=rowsum_b,
+        colsum_b=colsum_b,
+        diag_a=diag(raw_a),
+        diag_b=None if same else diag(raw_b),
+    )
 
 
 class TiledHSIC:
