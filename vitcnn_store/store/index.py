@@ -44,7 +44,9 @@ from vitcnn_store.errors import StoreError
 from vitcnn_store.store.layout import (
     LEASES,
     RUNS_INDEX,
+    create_if_absent,
     filesystem,
+    group_doc,
     is_local,
     quiet_zarr,
     store_io,
@@ -58,7 +60,6 @@ __all__ = [
     "CountingStore",
     "can_list",
     "consolidate_run",
-    "create_if_absent",
     "listed_runs",
     "refresh_derived",
     "register_run",
@@ -79,38 +80,7 @@ def _entry(url: str, seq: int) -> str:
     return f"{str(root).rstrip('/')}/{RUNS_INDEX}/{seq:010d}/zarr.json"
 
 
-def _group_doc(attributes: dict[str, Any]) -> bytes:
-    doc = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
-    return json.dumps(doc, indent=2, sort_keys=True).encode()
-
-
-def create_if_absent(url: str, target: str, data: bytes) -> bool:
-    """Write object ``target`` of ``url``'s file system only if absent: True when created."""
-    fs, _ = filesystem(url)
-    with store_io(url):
-        if is_local(url):
-            folder = target.rsplit("/", 1)[0]
-            os.makedirs(folder, exist_ok=True)
-            tmp = f"{folder}/.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "xb") as f:  # whole file first: link(2) is atomic
-                f.write(data)
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                return False
-            finally:
-                os.unlink(tmp)
-            return True
-        try:
-            fs.pipe_file(target, data, mode="create")  # S3: If-None-Match: *
-        except FileExistsError:
-            return False
-        except (TypeError, NotImplementedError) as e:
-            raise StoreError(
-                f"{url}: this storage cannot create an object only if absent "
-                f"({type(e).__name__}), so runs cannot be registered safely"
-            ) from e
-        return True
+_WHY = "so runs cannot be registered safely"
 
 
 def registered_runs(url: str) -> list[str] | None:
@@ -168,11 +138,11 @@ def register_run(url: str, name: str) -> None:
     fs, _ = filesystem(url)
     with store_io(url):
         if not fs.exists(folder):
-            create_if_absent(url, folder, _group_doc({}))
+            create_if_absent(url, folder, group_doc({}), _WHY)
     runs = sorted({*seed, name})
     seq = 0 if known is None else _next_free(url)
     for _ in range(10_000):
-        if create_if_absent(url, _entry(url, seq), _group_doc({RUNS_ATTR: runs})):
+        if create_if_absent(url, _entry(url, seq), group_doc({RUNS_ATTR: runs}), _WHY):
             return
         seq += 1  # another job registered a run meanwhile: take the next entry
         runs = [name]

@@ -40,8 +40,10 @@ __all__ = [
     "check_layer_name",
     "check_name",
     "check_writable",
+    "create_if_absent",
     "environment_error",
     "filesystem",
+    "group_doc",
     "is_empty_location",
     "is_local",
     "open_root",
@@ -272,6 +274,49 @@ def is_local(url: str) -> bool:
     """``url`` is a path on this machine's file system."""
     url = str(url)
     return "://" not in url or url.startswith("file://")
+
+
+def group_doc(attributes: dict[str, Any]) -> bytes:
+    """The ``zarr.json`` of a zarr v3 group holding ``attributes`` (leases, the run log)."""
+    import json
+
+    doc = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
+    return json.dumps(doc, indent=2, sort_keys=True).encode()
+
+
+def create_if_absent(url: str, target: str, data: bytes, why: str) -> bool:
+    """Write object ``target`` of ``url``'s file system only if it is absent; True when this
+    call created it. Atomic: of racing writers exactly one creates it — a hard link of a
+    complete file on a local disk (``link(2)`` fails if the name exists, so no reader sees a
+    half-written object), a conditional PUT elsewhere (``If-None-Match: *`` on S3).
+    ``why`` finishes the refusal on storage that cannot do this ("so ... safely")."""
+    import uuid
+
+    fs, _ = filesystem(url)
+    with store_io(url):
+        if is_local(url):
+            folder = target.rsplit("/", 1)[0]
+            os.makedirs(folder, exist_ok=True)
+            tmp = f"{folder}/.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "xb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+            return True
+        try:
+            fs.pipe_file(target, data, mode="create")
+        except FileExistsError:
+            return False
+        except (TypeError, NotImplementedError) as e:
+            raise StoreError(
+                f"{url}: this storage cannot create an object only if absent "
+                f"({type(e).__name__}), {why}"
+            ) from e
+        return True
 
 
 def zarr_store(url: str) -> Any:

@@ -37,13 +37,14 @@ import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
-from typing import Any
 
 from vitcnn_store.errors import RunLockedError, StoreError, VitcnnError
 from vitcnn_store.store.layout import (
     LEASES,
     check_name,
+    create_if_absent,
     filesystem,
+    group_doc,
     open_root,
     quiet_zarr,
     store_io,
@@ -172,39 +173,13 @@ class _Folder:
 
     def _put_new(self, target: str, data: bytes) -> bool:
         """Write ``target`` only if absent: True when this call created it."""
-        with store_io(self.url):
-            if self.local:
-                folder = target.rsplit("/", 1)[0]
-                os.makedirs(folder, exist_ok=True)
-                # Whole file first, then link: link(2) is atomic and fails if the name
-                # exists, so a reader never sees a half-written lease.
-                tmp = f"{folder}/.{uuid.uuid4().hex}.tmp"
-                with open(tmp, "xb") as f:
-                    f.write(data)
-                try:
-                    os.link(tmp, target)
-                except FileExistsError:
-                    return False
-                finally:
-                    os.unlink(tmp)
-                return True
-            try:
-                # fsspec's exclusive write: S3 sends If-None-Match: * (a conditional PUT).
-                self.fs.pipe_file(target, data, mode="create")
-            except FileExistsError:
-                return False
-            except (TypeError, NotImplementedError) as e:
-                raise StoreError(
-                    f"{self.url}: this storage cannot create a file only if absent "
-                    f"({type(e).__name__}), so a run's lease cannot be taken safely"
-                ) from e
-            return True
+        return create_if_absent(self.url, target, data, "so a run's lease cannot be taken safely")
 
     def create(self, generation: int, lease: Lease) -> bool:
         """Create ``generation``'s lease only if absent: True when this call created it."""
         for folder in (self.leases, self.path):  # the zarr groups above the leases
             if not self.fs.exists(f"{folder}/zarr.json"):
-                self._put_new(f"{folder}/zarr.json", _group_doc({}))
+                self._put_new(f"{folder}/zarr.json", group_doc({}))
         return self._put_new(self.file(generation), _encode(lease))
 
     def rewrite(self, lease: Lease) -> None:
@@ -231,15 +206,10 @@ class _Folder:
                     pass
 
 
-def _group_doc(attributes: dict[str, Any]) -> bytes:
-    doc = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
-    return json.dumps(doc, indent=2, sort_keys=True).encode()
-
-
 def _encode(lease: Lease) -> bytes:
     raw = asdict(lease)
     raw.pop("generation")  # the group's name says it
-    return _group_doc({LEASE_ATTR: raw})
+    return group_doc({LEASE_ATTR: raw})
 
 
 def _head(folder: _Folder) -> Lease | None:
