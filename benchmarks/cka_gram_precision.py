@@ -35,12 +35,26 @@ from vitcnn_store.store import ArraySpec, RunWriter, create_run
 def write(url: str, n: int, p: int, layers: int, ratio: float, seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     specs = [
-        ArraySpec(f"blocks.{i}", "activation", ("channel",), (p,), {},
-                  {"kind": "pooled", "depth_index": i, "depth_fraction": i / max(layers - 1, 1)})
+        ArraySpec(
+            f"blocks.{i}",
+            "activation",
+            ("channel",),
+            (p,),
+            {},
+            {"kind": "pooled", "depth_index": i, "depth_fraction": i / max(layers - 1, 1)},
+        )
         for i in range(layers)
-    ]  # fmt: skip
-    create_run(url, "r", image_ids=[f"i{k}" for k in range(n)], labels=[-1] * n, chunk=64,
-               dtype="float32", arrays=specs, attrs={"chunk_size": 64})  # fmt: skip
+    ]
+    create_run(
+        url,
+        "r",
+        image_ids=[f"i{k}" for k in range(n)],
+        labels=[-1] * n,
+        chunk=64,
+        dtype="float32",
+        arrays=specs,
+        attrs={"chunk_size": 64},
+    )
     base = rng.normal(size=(n, 50))
     feats = []
     for _ in range(layers):
@@ -75,14 +89,23 @@ def main() -> int:
     p.add_argument("--ratios", default="1,10,100,1000", help="mean / spread of the features")
     args = p.parse_args()
 
-    print(f"n={args.n}, {args.layers} layers × {args.features} features, batch {args.batch}, "
-          f"{args.repeats} repeats: max |CKA − CKA(float64 cache)|")  # fmt: skip
+    print(
+        f"n={args.n}, {args.layers} layers × {args.features} features, batch {args.batch}, "
+        f"{args.repeats} repeats: max |CKA − CKA(float64 cache)|"
+    )
     print(f"{'mean/spread':>11}  {'float32 cache':>13}  {'float32 of X Xᵀ':>15}")
     for ratio in (float(r) for r in args.ratios.split(",")):
         shutil.rmtree(args.store, ignore_errors=True)
         feats = write(args.store, args.n, args.features, args.layers, ratio, seed=0)
-        common = {"store": args.store, "run": "r", "batch_size": args.batch, "roles": "all",
-                  "repeats": args.repeats, "null_batches": 0, "progress": False}  # fmt: skip
+        common = {
+            "store": args.store,
+            "run": "r",
+            "batch_size": args.batch,
+            "roles": "all",
+            "repeats": args.repeats,
+            "null_batches": 0,
+            "progress": False,
+        }
         ds64 = run_cka(CKAConfig(**common)).dataset
         ds32 = run_cka(CKAConfig(**common, gram_dtype="float32", name="f32")).dataset
         ref = ds64["cka_repeats"].values

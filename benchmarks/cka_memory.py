@@ -49,19 +49,47 @@ def parse_size(text: str) -> int:
 def write_store(url: str, n: int, layers: int, tokens: int, channels: int, chunk: int) -> None:
     """A run of random float16 token layers, written unit by unit like the extraction job."""
     specs = [
-        ArraySpec(f"blocks.{i}", "activation", ("token", "channel"), (tokens, channels), {
-            "token_kind": (("token",), np.array(["cls"] + ["patch"] * (tokens - 1), dtype=object)),
-            "token_y": (("token",), np.r_[np.nan, np.arange(tokens - 1)].astype(np.float32)),
-            "token_x": (("token",), np.r_[np.nan, np.arange(tokens - 1)].astype(np.float32)),
-        }, {"kind": "token", "depth_index": i, "depth_fraction": i / max(layers - 1, 1),
-            "module_type": "Block"})
+        ArraySpec(
+            f"blocks.{i}",
+            "activation",
+            ("token", "channel"),
+            (tokens, channels),
+            {
+                "token_kind": (
+                    ("token",),
+                    np.array(["cls"] + ["patch"] * (tokens - 1), dtype=object),
+                ),
+                "token_y": (("token",), np.r_[np.nan, np.arange(tokens - 1)].astype(np.float32)),
+                "token_x": (("token",), np.r_[np.nan, np.arange(tokens - 1)].astype(np.float32)),
+            },
+            {
+                "kind": "token",
+                "depth_index": i,
+                "depth_fraction": i / max(layers - 1, 1),
+                "module_type": "Block",
+            },
+        )
         for i in range(layers)
-    ]  # fmt: skip
-    attrs = {"model": "synthetic", "weights_sha256": "synthetic", "image_set_sha256": f"n{n}",
-             "chunk_size": chunk, "mean": [0.5] * 3, "std": [0.5] * 3}  # fmt: skip
+    ]
+    attrs = {
+        "model": "synthetic",
+        "weights_sha256": "synthetic",
+        "image_set_sha256": f"n{n}",
+        "chunk_size": chunk,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+    }
     ids = [f"img{i:07d}" for i in range(n)]
-    create_run(url, "big", image_ids=ids, labels=[-1] * n, chunk=chunk, dtype="float16",
-               arrays=specs, attrs=attrs)  # fmt: skip
+    create_run(
+        url,
+        "big",
+        image_ids=ids,
+        labels=[-1] * n,
+        chunk=chunk,
+        dtype="float16",
+        arrays=specs,
+        attrs=attrs,
+    )
     writer = RunWriter(url, "big")
     rng = np.random.default_rng(0)
     for u, (start, stop) in enumerate(writer.units):
@@ -161,20 +189,32 @@ def main() -> int:
 
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                      memory_limit=limit, dashboard_address=":0",
-                      silence_logs=logging.ERROR) as cluster, \
-            Client(cluster, set_as_default=False) as client:  # fmt: skip
+    with (
+        LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=1,
+            processes=True,
+            memory_limit=limit,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
         base = client.run(_rss)
         # Libraries the job imports lazily, loaded first so the driver's RSS growth
         # below is the job's data, not module code.
         import dask.array  # noqa: F401
         import xarray  # noqa: F401
 
-        cfg = CKAConfig(store=args.store, run="big", batch_size=args.batch_size,
-                        max_batches=args.batches, dask_address=cluster.scheduler_address,
-                        gram_tile=args.gram_tile,
-                        recompute=True)  # fmt: skip
+        cfg = CKAConfig(
+            store=args.store,
+            run="big",
+            batch_size=args.batch_size,
+            max_batches=args.batches,
+            dask_address=cluster.scheduler_address,
+            gram_tile=args.gram_tile,
+            recompute=True,
+        )
         t0 = time.perf_counter()
         with RssSampler() as driver:
             result = run_cka(cfg)

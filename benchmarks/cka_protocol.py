@@ -64,15 +64,41 @@ def write_store(url: str, n: int, layers: int, tokens: int, channels: int, chunk
         "token_x": (("token",), np.r_[np.nan, np.arange(tokens - 1)].astype(np.float32)),
     }
     specs = [
-        ArraySpec(f"blocks.{i}", "activation", ("token", "channel"), (tokens, channels), coords,
-                  {"kind": "token", "depth_index": i, "depth_fraction": i / max(layers - 1, 1),
-                   "module_type": "Block", "role": "stream", "block": f"blocks.{i}"})
+        ArraySpec(
+            f"blocks.{i}",
+            "activation",
+            ("token", "channel"),
+            (tokens, channels),
+            coords,
+            {
+                "kind": "token",
+                "depth_index": i,
+                "depth_fraction": i / max(layers - 1, 1),
+                "module_type": "Block",
+                "role": "stream",
+                "block": f"blocks.{i}",
+            },
+        )
         for i in range(layers)
-    ]  # fmt: skip
-    attrs = {"model": "synthetic", "weights_sha256": "synthetic", "image_set_sha256": f"n{n}",
-             "chunk_size": chunk, "mean": [0.5] * 3, "std": [0.5] * 3}  # fmt: skip
-    create_run(url, "vit", image_ids=[f"img{i:07d}" for i in range(n)], labels=[-1] * n,
-               chunk=chunk, dtype="float16", arrays=specs, attrs=attrs)  # fmt: skip
+    ]
+    attrs = {
+        "model": "synthetic",
+        "weights_sha256": "synthetic",
+        "image_set_sha256": f"n{n}",
+        "chunk_size": chunk,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+    }
+    create_run(
+        url,
+        "vit",
+        image_ids=[f"img{i:07d}" for i in range(n)],
+        labels=[-1] * n,
+        chunk=chunk,
+        dtype="float16",
+        arrays=specs,
+        attrs=attrs,
+    )
     writer = RunWriter(url, "vit")
     rng = np.random.default_rng(0)
     mix = rng.standard_normal(channels, dtype=np.float32)  # a shared mean direction
@@ -232,52 +258,75 @@ def main() -> int:
             ref = today(url, batches[:k], args.threads)
             seconds = time.perf_counter() - t0
             rows[today_name] = {
-                "s": seconds * scale, "rchar": (rchar() - r0) * scale,
+                "s": seconds * scale,
+                "rchar": (rchar() - r0) * scale,
                 "zarr": reads.total("vit/blocks.") * scale,
-            }  # fmt: skip
-    cfg = CKAConfig(store=url, run="vit", batch_size=args.batch, max_batches=args.batches,
-                    repeats=args.repeats, seed=args.seed, threads=args.threads,
-                    recompute=True)  # fmt: skip
+            }
+    cfg = CKAConfig(
+        store=url,
+        run="vit",
+        batch_size=args.batch,
+        max_batches=args.batches,
+        repeats=args.repeats,
+        seed=args.seed,
+        threads=args.threads,
+        recompute=True,
+    )
     with ZarrReads() as reads:
         r0, t0 = rchar(), time.perf_counter()
         ds = run_cka(cfg).dataset
         seconds = time.perf_counter() - t0
         rows["Gram-first (this branch)"] = {
-            "s": seconds, "rchar": rchar() - r0, "zarr": reads.total("vit/blocks."),
+            "s": seconds,
+            "rchar": rchar() - r0,
+            "zarr": reads.total("vit/blocks."),
             "grams": reads.total("vit/_grams/"),
-        }  # fmt: skip
+        }
     assert (ds["batch_image"].values == np.asarray(batches)).all(), "batches differ"
     gram_bytes = du(Path(url) / "vit" / "_grams")
     new = ds["cka_repeats"].values if "cka_repeats" in ds else ds["cka"].values[None]
 
-    print(f"CKA protocol: n={args.n}, batch {args.batch} × {args.batches} per repeat, "
-          f"{args.repeats} repeats, {args.layers} layers of {args.tokens}×{args.channels} "
-          f"float16 ({layer_bytes / 2**30:.2f} GiB stored; Gram cache {gram_bytes / 2**20:.0f} "
-          "MiB)")  # fmt: skip
+    print(
+        f"CKA protocol: n={args.n}, batch {args.batch} × {args.batches} per repeat, "
+        f"{args.repeats} repeats, {args.layers} layers of {args.tokens}×{args.channels} "
+        f"float16 ({layer_bytes / 2**30:.2f} GiB stored; Gram cache {gram_bytes / 2**20:.0f} "
+        "MiB)"
+    )
     print(f"{'path':<34} {'wall s':>8} {'rchar/stored':>13} {'zarr/stored':>12}")
     for name, r in rows.items():
         zarr_all = r["zarr"] + r.get("grams", 0)
-        print(f"{name:<34} {r['s']:8.1f} {r['rchar'] / layer_bytes:13.3f} "
-              f"{zarr_all / layer_bytes:12.3f}")  # fmt: skip
+        print(
+            f"{name:<34} {r['s']:8.1f} {r['rchar'] / layer_bytes:13.3f} "
+            f"{zarr_all / layer_bytes:12.3f}"
+        )
     gram = rows["Gram-first (this branch)"]
-    print(f"Gram-first reads: activations {gram['zarr'] / layer_bytes:.3f}× + Gram tiles "
-          f"{gram['grams'] / layer_bytes:.3f}× of the stored layers (target ≤ 1.2×)")  # fmt: skip
+    print(
+        f"Gram-first reads: activations {gram['zarr'] / layer_bytes:.3f}× + Gram tiles "
+        f"{gram['grams'] / layer_bytes:.3f}× of the stored layers (target ≤ 1.2×)"
+    )
     if ref is not None:
         old = rows[today_name]
         diff = float(np.max(np.abs(np.stack(ref) - new[: len(ref)])))
-        print(f"speed-up: {old['s'] / gram['s']:.1f}× (target ≥ 5×); reads today "
-              f"{old['zarr'] / layer_bytes:.1f}× the store")  # fmt: skip
-        print(f"max |today − Gram-first| over {len(ref)} repeat matrices: {diff:.2e} "
-              "(target ≤ 1e-10)")  # fmt: skip
+        print(
+            f"speed-up: {old['s'] / gram['s']:.1f}× (target ≥ 5×); reads today "
+            f"{old['zarr'] / layer_bytes:.1f}× the store"
+        )
+        print(
+            f"max |today − Gram-first| over {len(ref)} repeat matrices: {diff:.2e} (target ≤ 1e-10)"
+        )
     if args.float32:
         t0 = time.perf_counter()
         f32 = run_cka(replace(cfg, gram_dtype="float32", name="cka_f32")).dataset
         low = f32["cka_repeats"].values if "cka_repeats" in f32 else f32["cka"].values[None]
-        print(f"Gram cache stored in float32 ({time.perf_counter() - t0:.0f} s): max |Δ| vs "
-              f"float64 {np.max(np.abs(low - new)):.2e} over the repeat matrices")  # fmt: skip
+        print(
+            f"Gram cache stored in float32 ({time.perf_counter() - t0:.0f} s): max |Δ| vs "
+            f"float64 {np.max(np.abs(low - new)):.2e} over the repeat matrices"
+        )
     null, cka = ds["cka_null"].values, ds["cka"].values
-    print(f"null (images permuted): mean {np.nanmean(null):.4f}, max |·| "
-          f"{np.nanmax(np.abs(null)):.4f}; CKA mean {np.nanmean(cka):.3f}")  # fmt: skip
+    print(
+        f"null (images permuted): mean {np.nanmean(null):.4f}, max |·| "
+        f"{np.nanmax(np.abs(null)):.4f}; CKA mean {np.nanmean(cka):.3f}"
+    )
     if not args.keep:
         shutil.rmtree(url, ignore_errors=True)
     return 0

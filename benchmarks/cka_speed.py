@@ -66,7 +66,7 @@ def main() -> int:
         help="time ours and the floor this many times per layer, keep the best",
     )
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()  # fmt: skip
+    args = p.parse_args()
 
     L = args.layers
     n_batches = args.n // args.batch
@@ -112,20 +112,27 @@ def main() -> int:
     matrix = ours.result()
     err = max(abs(matrix[i, j] - acc.result()) for (i, j), acc in per_pair.items())
 
-    print(f"all-pairs CKA: L={L} layers × {args.features} features, n={args.n} "
-          f"({n_batches} batches of {args.batch}), float16 in, float64 math")  # fmt: skip
+    print(
+        f"all-pairs CKA: L={L} layers × {args.features} features, n={args.n} "
+        f"({n_batches} batches of {args.batch}), float16 in, float64 math"
+    )
     rows = [
         ("ours (Gram once per layer)", t_ours),
         ("floor (X Xᵀ only, float64)", t_floor),
-        (f"per-pair ({len(all_pairs)} pairs)"
-         + ("" if scale == 1 else f", extrapolated from {len(pairs)}"), t_pair_all),
-    ]  # fmt: skip
+        (
+            f"per-pair ({len(all_pairs)} pairs)"
+            + ("" if scale == 1 else f", extrapolated from {len(pairs)}"),
+            t_pair_all,
+        ),
+    ]
     width = max(len(r[0]) for r in rows)
     print(f"{'method':<{width}}  {'seconds':>9}  {'× floor':>8}  {'× ours':>7}")
     for name, t in rows:
         print(f"{name:<{width}}  {t:9.2f}  {t / t_floor:8.2f}  {t / t_ours:7.2f}")
-    print(f"per-pair / ours = {t_pair_all / t_ours:.1f}× (target ≥ 20×); "
-          f"ours / floor = {t_ours / t_floor:.2f}× (target ≤ 1.3×)")  # fmt: skip
+    print(
+        f"per-pair / ours = {t_pair_all / t_ours:.1f}× (target ≥ 20×); "
+        f"ours / floor = {t_ours / t_floor:.2f}× (target ≤ 1.3×)"
+    )
     print(f"max |ours − per-pair| over the timed pairs: {err:.2e}")
     return 0
 

@@ -45,8 +45,11 @@ numcodecs.blosc.use_threads = False  # as zarr sets it: one thread per chunk
 def candidates() -> dict[str, object | None]:
     """Name → numcodecs codec (None: no compression). Every chain ends with crc32c."""
     out: dict[str, object | None] = {"none": None}
-    shuffles = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
-                "bitshuffle": numcodecs.Blosc.BITSHUFFLE}  # fmt: skip
+    shuffles = {
+        "noshuffle": numcodecs.Blosc.NOSHUFFLE,
+        "shuffle": numcodecs.Blosc.SHUFFLE,
+        "bitshuffle": numcodecs.Blosc.BITSHUFFLE,
+    }
     for cname, levels in (("lz4", (1, 5)), ("zstd", (1, 3))):
         for level in levels:
             for sname, shuffle in shuffles.items():
@@ -66,8 +69,15 @@ def unit_values(name: str, images: int, folder: str) -> tuple[dict[str, np.ndarr
     """One unit's float16 arrays of ``name`` over real images, and forward CPU s/image."""
     tmp = Path(tempfile.mkdtemp(prefix="vitcnn-codecs-"))
     try:
-        cfg = ExtractConfig(ModelSpec(name), folder, str(tmp / "s.zarr"), "r",
-                            limit=images, chunk_size=images, progress=False)  # fmt: skip
+        cfg = ExtractConfig(
+            ModelSpec(name),
+            folder,
+            str(tmp / "s.zarr"),
+            "r",
+            limit=images,
+            chunk_size=images,
+            progress=False,
+        )
         template = plan_extraction(cfg, threads=torch.get_num_threads())
         prepare_store(cfg, template)
         ex = UnitExtractor(template.plan, template.model)
@@ -75,8 +85,11 @@ def unit_values(name: str, images: int, folder: str) -> tuple[dict[str, np.ndarr
         ex.forward(batch)  # warm-up
         with torch.inference_mode():
             r0 = resource.getrusage(resource.RUSAGE_SELF)
-            ex.model(batch.contiguous(memory_format=torch.channels_last)
-                     if template.plan.channels_last else batch)  # fmt: skip
+            ex.model(
+                batch.contiguous(memory_format=torch.channels_last)
+                if template.plan.channels_last
+                else batch
+            )
             r1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / images
         values = ex.forward(batch)
@@ -108,13 +121,27 @@ def measure(values: dict[str, np.ndarray], codec: object | None, repeats: int) -
     return stored, best_enc, best_dec
 
 
-def store_write(values: dict[str, np.ndarray], compression: str, folder: str, name: str,
-                images: int, repeats: int) -> tuple[float, float, int]:  # fmt: skip
+def store_write(
+    values: dict[str, np.ndarray],
+    compression: str,
+    folder: str,
+    name: str,
+    images: int,
+    repeats: int,
+) -> tuple[float, float, int]:
     """Write CPU s (this thread plus zarr's workers) and wall s of one unit through the store."""
     tmp = Path(tempfile.mkdtemp(prefix="vitcnn-codecs-"))
     try:
-        cfg = ExtractConfig(ModelSpec(name), folder, str(tmp / "s.zarr"), "r", limit=images,
-                            chunk_size=images, progress=False, compression=compression)  # fmt: skip
+        cfg = ExtractConfig(
+            ModelSpec(name),
+            folder,
+            str(tmp / "s.zarr"),
+            "r",
+            limit=images,
+            chunk_size=images,
+            progress=False,
+            compression=compression,
+        )
         writer = prepare_store(cfg, plan_extraction(cfg))
         failed, reasons = np.zeros(images, dtype=bool), [""] * images
         best_cpu = best_wall = float("inf")
@@ -123,8 +150,11 @@ def store_write(values: dict[str, np.ndarray], compression: str, folder: str, na
             writer.write_unit(0, values, failed, reasons)
             best_cpu = min(best_cpu, time.process_time() - c0)
             best_wall = min(best_wall, time.perf_counter() - t0)
-        size = sum(f.stat().st_size for f in (tmp / "s.zarr" / "r").rglob("*")
-                   if f.is_file() and "/c/" in str(f))  # fmt: skip
+        size = sum(
+            f.stat().st_size
+            for f in (tmp / "s.zarr" / "r").rglob("*")
+            if f.is_file() and "/c/" in str(f)
+        )
         return best_cpu, best_wall, size
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -144,30 +174,62 @@ def main() -> None:
         for cname, codec in candidates().items():
             stored, enc, dec = measure(values, codec, args.repeats)
             n = args.images
-            rows.append([
-                cname, f"{stored / n / 2**20:.2f}", f"{stored / raw:.3f}",
-                f"{enc / n * 1e3:.1f}", f"{raw / enc / 2**20:.0f}", f"{dec / n * 1e3:.1f}",
-                f"{enc / n / fwd_cpu * 100:.1f} %",
-            ])  # fmt: skip
-        print(f"\n{name}: one unit of {args.images} images, {raw / args.images / 2**20:.2f} MiB "
-              f"float16 per image, forward {fwd_cpu * 1e3:.0f} ms CPU per image "
-              f"({torch.get_num_threads()} threads)")  # fmt: skip
-        header = ["chain (+ crc32c)", "MiB/img", "ratio", "encode ms CPU/img", "encode MiB/s",
-                  "decode ms CPU/img", "encode / forward CPU"]  # fmt: skip
+            rows.append(
+                [
+                    cname,
+                    f"{stored / n / 2**20:.2f}",
+                    f"{stored / raw:.3f}",
+                    f"{enc / n * 1e3:.1f}",
+                    f"{raw / enc / 2**20:.0f}",
+                    f"{dec / n * 1e3:.1f}",
+                    f"{enc / n / fwd_cpu * 100:.1f} %",
+                ]
+            )
+        print(
+            f"\n{name}: one unit of {args.images} images, {raw / args.images / 2**20:.2f} MiB "
+            f"float16 per image, forward {fwd_cpu * 1e3:.0f} ms CPU per image "
+            f"({torch.get_num_threads()} threads)"
+        )
+        header = [
+            "chain (+ crc32c)",
+            "MiB/img",
+            "ratio",
+            "encode ms CPU/img",
+            "encode MiB/s",
+            "decode ms CPU/img",
+            "encode / forward CPU",
+        ]
         print(table(rows, header))
         rows = []
         for compression in COMPRESSIONS:
-            cpu, wall, size = store_write(values, compression, folder, name, args.images,
-                                          args.repeats)  # fmt: skip
+            cpu, wall, size = store_write(
+                values, compression, folder, name, args.images, args.repeats
+            )
             n = args.images
-            rows.append([
-                compression + (" (default)" if compression == DEFAULT_COMPRESSION else ""),
-                STORE_CHAINS[compression], f"{size / n / 2**20:.2f}", f"{cpu / n * 1e3:.1f}",
-                f"{wall / n * 1e3:.1f}", f"{cpu / n / fwd_cpu * 100:.1f} %",
-            ])  # fmt: skip
+            rows.append(
+                [
+                    compression + (" (default)" if compression == DEFAULT_COMPRESSION else ""),
+                    STORE_CHAINS[compression],
+                    f"{size / n / 2**20:.2f}",
+                    f"{cpu / n * 1e3:.1f}",
+                    f"{wall / n * 1e3:.1f}",
+                    f"{cpu / n / fwd_cpu * 100:.1f} %",
+                ]
+            )
         print(f"\n{name}: the store's write path (RunWriter.write_unit: zarr, crc32c, files)")
-        print(table(rows, ["--compression", "chain", "MiB/img on disk", "write ms CPU/img",
-                           "write ms wall/img", "write / forward CPU"]))  # fmt: skip
+        print(
+            table(
+                rows,
+                [
+                    "--compression",
+                    "chain",
+                    "MiB/img on disk",
+                    "write ms CPU/img",
+                    "write ms wall/img",
+                    "write / forward CPU",
+                ],
+            )
+        )
 
 
 if __name__ == "__main__":

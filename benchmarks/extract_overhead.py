@@ -116,8 +116,17 @@ def measure(
     bare_pass(models["cl"], batches[:1], device, fmt_cl)
     for extractor in extractors.values():
         extractor.run_unit(0)
-    keys = ["decode", "forward", "forward_cl", "crc", "nocrc", "read_crc", "read_nocrc",
-            "write_crc", "write_nocrc"]  # fmt: skip
+    keys = [
+        "decode",
+        "forward",
+        "forward_cl",
+        "crc",
+        "nocrc",
+        "read_crc",
+        "read_nocrc",
+        "write_crc",
+        "write_nocrc",
+    ]
     best = dict.fromkeys(keys, float("inf"))
     # One unit's real arrays, for timing the store's write path alone.
     start, stop = extractors["crc"].writer.units[0]
@@ -126,10 +135,12 @@ def measure(
     for _ in range(rounds):
         if not checksum_only:
             best["decode"] = min(best["decode"], decode_all(plan, n, batch)[1])
-            best["forward"] = min(best["forward"], bare_pass(models["nchw"], batches, device,
-                                                            torch.contiguous_format))  # fmt: skip
-            best["forward_cl"] = min(best["forward_cl"], bare_pass(models["cl"], batches, device,
-                                                                  fmt_cl))  # fmt: skip
+            best["forward"] = min(
+                best["forward"], bare_pass(models["nchw"], batches, device, torch.contiguous_format)
+            )
+            best["forward_cl"] = min(
+                best["forward_cl"], bare_pass(models["cl"], batches, device, fmt_cl)
+            )
         for key, extractor in extractors.items():
             best[key] = min(best[key], vitcnn_pass(extractor, n_units))
             best[f"read_{key}"] = min(best[f"read_{key}"], read_pass(urls[key], "bench"))
@@ -150,10 +161,22 @@ def values_of(plan, specs, batch: int) -> list:  # type: ignore[no-untyped-def]
 
 
 def print_overhead(rows, notes) -> None:  # type: ignore[no-untyped-def]
-    print(table(rows, [
-        "model", "forward img/s", "bare img/s", "vitcnn img/s", "vitcnn/bare", "vitcnn/forward",
-        "stored/img", "raw f32/img", "ratio",
-    ]))  # fmt: skip
+    print(
+        table(
+            rows,
+            [
+                "model",
+                "forward img/s",
+                "bare img/s",
+                "vitcnn img/s",
+                "vitcnn/bare",
+                "vitcnn/forward",
+                "stored/img",
+                "raw f32/img",
+                "ratio",
+            ],
+        )
+    )
     print("\n".join(notes))
     print("target: vitcnn/bare >= 0.90")
 
@@ -180,19 +203,35 @@ def main() -> None:
             plans = {}
             for key, url in urls.items():
                 cfg = ExtractConfig(
-                    model=ModelSpec(name), images="builtin:photos", store=url,
-                    run="bench", layers=args.layers, dtype=args.dtype, chunk_size=args.batch,
-                    compression=args.compression, limit=args.images, progress=False,
+                    model=ModelSpec(name),
+                    images="builtin:photos",
+                    store=url,
+                    run="bench",
+                    layers=args.layers,
+                    dtype=args.dtype,
+                    chunk_size=args.batch,
+                    compression=args.compression,
+                    limit=args.images,
+                    progress=False,
                     device=args.device,
-                )  # fmt: skip
+                )
                 template = with_threads(plan_extraction(cfg), args.threads)
                 with without_checksums() if key == "nocrc" else contextlib.nullcontext():
                     writer = prepare_store(cfg, template)
                 plans[key] = replace(template.plan, url=url)
                 specs = template.specs
             n = writer.n_images
-            t = measure(ModelSpec(name), plans, urls, n, len(writer.units), args.batch,
-                        args.device, args.rounds, args.checksum_only)  # fmt: skip
+            t = measure(
+                ModelSpec(name),
+                plans,
+                urls,
+                n,
+                len(writer.units),
+                args.batch,
+                args.device,
+                args.rounds,
+                args.checksum_only,
+            )
             t_fwd, t_bare, t_ours = t["forward"], t["decode"] + t["forward"], t["crc"]
             if plans["crc"].channels_last:  # what we run for CNNs, shown for transparency
                 t_cl = t["decode"] + t["forward_cl"]
@@ -204,21 +243,34 @@ def main() -> None:
                 f.stat().st_size for f in (tmp / "crc.zarr" / "bench").rglob("*") if f.is_file()
             )
             raw32 = sum(4 * int(torch.tensor(s.shape).prod()) for s in specs)  # per image, float32
-            rows.append([
-                name, f"{n / t_fwd:.2f}", f"{n / t_bare:.2f}", f"{n / t_ours:.2f}",
-                f"{t_bare / t_ours:.2f}", f"{t_fwd / t_ours:.2f}",
-                format_bytes(stored / n), format_bytes(raw32), f"{stored / n / raw32:.2f}",
-            ])  # fmt: skip
+            rows.append(
+                [
+                    name,
+                    f"{n / t_fwd:.2f}",
+                    f"{n / t_bare:.2f}",
+                    f"{n / t_ours:.2f}",
+                    f"{t_bare / t_ours:.2f}",
+                    f"{t_fwd / t_ours:.2f}",
+                    format_bytes(stored / n),
+                    format_bytes(raw32),
+                    f"{stored / n / raw32:.2f}",
+                ]
+            )
             unit_bytes = sum(v.nbytes for v in values_of(plans["crc"], specs, args.batch))
-            checks.append([
-                name, f"{n / t['nocrc']:.2f}", f"{n / t['crc']:.2f}",
-                f"{(t['crc'] / t['nocrc'] - 1) * 100:+.1f} %",
-                f"{3 * unit_bytes / t['write_nocrc'] / 2**20:.0f}",
-                f"{3 * unit_bytes / t['write_crc'] / 2**20:.0f}",
-                f"{(t['write_crc'] / t['write_nocrc'] - 1) * 100:+.1f} %",
-                f"{stored / t['read_nocrc'] / 2**20:.0f}", f"{stored / t['read_crc'] / 2**20:.0f}",
-                f"{(t['read_crc'] / t['read_nocrc'] - 1) * 100:+.1f} %",
-            ])  # fmt: skip
+            checks.append(
+                [
+                    name,
+                    f"{n / t['nocrc']:.2f}",
+                    f"{n / t['crc']:.2f}",
+                    f"{(t['crc'] / t['nocrc'] - 1) * 100:+.1f} %",
+                    f"{3 * unit_bytes / t['write_nocrc'] / 2**20:.0f}",
+                    f"{3 * unit_bytes / t['write_crc'] / 2**20:.0f}",
+                    f"{(t['write_crc'] / t['write_nocrc'] - 1) * 100:+.1f} %",
+                    f"{stored / t['read_nocrc'] / 2**20:.0f}",
+                    f"{stored / t['read_crc'] / 2**20:.0f}",
+                    f"{(t['read_crc'] / t['read_nocrc'] - 1) * 100:+.1f} %",
+                ]
+            )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     print(
@@ -228,12 +280,27 @@ def main() -> None:
     if not args.checksum_only:
         print_overhead(rows, notes)
     print("\nchecksum (crc32c on every chunk) cost, same pipeline with and without it:")
-    print(table(checks, [
-        "model", "no crc img/s", "crc img/s", "extract cost", "write no crc MiB/s",
-        "write crc MiB/s", "write cost", "read no crc MiB/s", "read crc MiB/s", "read cost",
-    ]))  # fmt: skip
-    print("(write: one unit's arrays written alone, MiB of float data per second; read: stored "
-          "MiB per second)")  # fmt: skip
+    print(
+        table(
+            checks,
+            [
+                "model",
+                "no crc img/s",
+                "crc img/s",
+                "extract cost",
+                "write no crc MiB/s",
+                "write crc MiB/s",
+                "write cost",
+                "read no crc MiB/s",
+                "read crc MiB/s",
+                "read cost",
+            ],
+        )
+    )
+    print(
+        "(write: one unit's arrays written alone, MiB of float data per second; read: stored "
+        "MiB per second)"
+    )
     print("target: a few percent at most")
 
 

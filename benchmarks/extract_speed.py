@@ -92,18 +92,35 @@ def bare(name: str, folder: str, n: int) -> dict[str, float]:
 def job(name: str, folder: str, n: int, url: str, **options: Any) -> dict[str, Any]:
     """A whole ``vitcnn extract`` job with the defaults."""
     start = clock()
-    summary = extract(ExtractConfig(ModelSpec(name), folder, url, "r", layers=LAYERS, limit=n,
-                                    overwrite=True, progress=False, **options))  # fmt: skip
+    summary = extract(
+        ExtractConfig(
+            ModelSpec(name),
+            folder,
+            url,
+            "r",
+            layers=LAYERS,
+            limit=n,
+            overwrite=True,
+            progress=False,
+            **options,
+        )
+    )
     wall, cpu = since(start)
-    return {"wall": wall, "cpu": cpu, "steady": summary.timings["units"],
-            "timings": summary.timings, "plan": summary.plan}  # fmt: skip
+    return {
+        "wall": wall,
+        "cpu": cpu,
+        "steady": summary.timings["units"],
+        "timings": summary.timings,
+        "plan": summary.plan,
+    }
 
 
 def api(name: str, folder: str, n: int, url: str) -> dict[str, Any]:
     """Build the module, then ``vitcnn_store.extract(module, ...)`` in this process."""
     start = clock()
-    vitcnn_store.extract(build(name), folder, url, "api", layers=LAYERS, limit=n,
-                         overwrite=True, progress=False)  # fmt: skip
+    vitcnn_store.extract(
+        build(name), folder, url, "api", layers=LAYERS, limit=n, overwrite=True, progress=False
+    )
     wall, cpu = since(start)
     return {"wall": wall, "cpu": cpu}
 
@@ -119,8 +136,11 @@ def ratios(r: dict[str, list[Any]], what: str) -> dict[str, list[float]]:
     def per(a: str, b: str) -> list[float]:
         return [x[what] / y[what] for x, y in zip(r[a], r[b], strict=True)]
 
-    out = {"job": per("bare", "job"), "small": per("job_small", "bare_small"),
-           "api": per("bare_api", "api")}  # fmt: skip
+    out = {
+        "job": per("bare", "job"),
+        "small": per("job_small", "bare_small"),
+        "api": per("bare_api", "api"),
+    }
     if what == "wall":
         pairs = zip(r["bare"], r["job"], strict=True)
         out["steady"] = [b["steady"] / v["steady"] for b, v in pairs]
@@ -152,15 +172,43 @@ def measure(name: str, folder: str, url: str, args: argparse.Namespace) -> dict[
 def report(name: str, r: dict[str, list[Any]], args: argparse.Namespace) -> None:
     wall, cpu = ratios(r, "wall"), ratios(r, "cpu")
     targets = [  # label, ratio key, bare key, vitcnn key, target, test, images (None: seconds)
-        (f"whole job, {args.images} images", "job", "bare", "job", ">= 0.85",
-         lambda x: x >= 0.85, args.images),
-        (f"small job, {args.small} images (time)", "small", "bare_small", "job_small", "<= 2.0",
-         lambda x: x <= 2.0, None),
-        (f"steady state, {args.images} images", "steady", "bare", "job", ">= 0.95",
-         lambda x: x >= 0.95, args.images),
-        (f"Python API, {args.api_images} images", "api", "bare_api", "api", ">= 0.95",
-         lambda x: x >= 0.95, args.api_images),
-    ]  # fmt: skip
+        (
+            f"whole job, {args.images} images",
+            "job",
+            "bare",
+            "job",
+            ">= 0.85",
+            lambda x: x >= 0.85,
+            args.images,
+        ),
+        (
+            f"small job, {args.small} images (time)",
+            "small",
+            "bare_small",
+            "job_small",
+            "<= 2.0",
+            lambda x: x <= 2.0,
+            None,
+        ),
+        (
+            f"steady state, {args.images} images",
+            "steady",
+            "bare",
+            "job",
+            ">= 0.95",
+            lambda x: x >= 0.95,
+            args.images,
+        ),
+        (
+            f"Python API, {args.api_images} images",
+            "api",
+            "bare_api",
+            "api",
+            ">= 0.95",
+            lambda x: x >= 0.95,
+            args.api_images,
+        ),
+    ]
     rows = []
     for label, key, bare_key, ours, target, ok, n in targets:
         what = "steady" if key == "steady" else "wall"
@@ -171,14 +219,21 @@ def report(name: str, r: dict[str, list[Any]], args: argparse.Namespace) -> None
 
         met = [ok(x) for x in wall[key]]
         verdict = "met" if all(met) else "met in some rounds" if any(met) else "NOT met"
-        rows.append([
-            label, f"{show(max(b))}–{show(min(b))}" if n else f"{show(min(b))}–{show(max(b))}",
-            f"{show(max(v))}–{show(min(v))}" if n else f"{show(min(v))}–{show(max(v))}",
-            span(wall[key]), span(cpu[key]) if key in cpu else "-", target, verdict,
-        ])  # fmt: skip
+        rows.append(
+            [
+                label,
+                f"{show(max(b))}–{show(min(b))}" if n else f"{show(min(b))}–{show(max(b))}",
+                f"{show(max(v))}–{show(min(v))}" if n else f"{show(min(v))}–{show(max(v))}",
+                span(wall[key]),
+                span(cpu[key]) if key in cpu else "-",
+                target,
+                verdict,
+            ]
+        )
     print(f"\n{name}: {r['job'][0]['plan']}")
-    print(table(rows, ["", "bare", "vitcnn", "ratio (rounds)", "CPU-time ratio", "target",
-                       "verdict"]))  # fmt: skip
+    print(
+        table(rows, ["", "bare", "vitcnn", "ratio (rounds)", "CPU-time ratio", "target", "verdict"])
+    )
     best = min(r["job_small"], key=lambda x: x["wall"])
     steps = ", ".join(f"{k} {v:.2f}" for k, v in best["timings"].items())
     print(f"where the best {args.small}-image job's {best['wall']:.1f} s go: {steps}")

@@ -89,8 +89,14 @@ def main() -> None:
         sample = range(0, n, max(1, n // args.decode_sample))
         t_sample, _ = timed(lambda: [transform(images.load(i)) for i in sample])
         t_decode = t_sample / len(sample) * n
-        rows = [["list (walk + stat)", f"{t_list:.2f}", f"{t_list / n * 1e3:.3f}",
-                 f"{t_list / t_decode:.3f}"]]  # fmt: skip
+        rows = [
+            [
+                "list (walk + stat)",
+                f"{t_list:.2f}",
+                f"{t_list / n * 1e3:.3f}",
+                f"{t_list / t_decode:.3f}",
+            ]
+        ]
         modes = ["warm"] + (["cold"] if args.drop_caches else [])
         digests = None
         for mode in modes:
@@ -101,12 +107,26 @@ def main() -> None:
                 t_hash, got = timed(lambda t=threads: hash_images(images, threads=t))
                 assert digests is None or got == digests
                 digests = got
-                rows.append([f"hash x{threads} ({mode})", f"{t_hash:.2f}",
-                             f"{t_hash / n * 1e3:.3f}", f"{t_hash / t_decode:.3f}"])  # fmt: skip
-        rows.append(["decode + preprocess (1 thread)", f"{t_decode:.2f}",
-                     f"{t_decode / n * 1e3:.3f}", "1.000"])  # fmt: skip
-        print(f"\n{n} files, {format_bytes(total)} ({format_bytes(total / n)} each), "
-              f"{os.cpu_count()} cores")  # fmt: skip
+                rows.append(
+                    [
+                        f"hash x{threads} ({mode})",
+                        f"{t_hash:.2f}",
+                        f"{t_hash / n * 1e3:.3f}",
+                        f"{t_hash / t_decode:.3f}",
+                    ]
+                )
+        rows.append(
+            [
+                "decode + preprocess (1 thread)",
+                f"{t_decode:.2f}",
+                f"{t_decode / n * 1e3:.3f}",
+                "1.000",
+            ]
+        )
+        print(
+            f"\n{n} files, {format_bytes(total)} ({format_bytes(total / n)} each), "
+            f"{os.cpu_count()} cores"
+        )
         print(table(rows, ["step", "seconds", "ms/image", "vs decode"]))
         print("target: hashing is a small fraction of decoding, which extraction does anyway")
     finally:

@@ -58,8 +58,20 @@ def timed(cmd: list[str], ok: tuple[int, ...] = (0,)) -> tuple[float, float]:
 
 
 def extract_cmd(model: str, images: str, store: str, run: str) -> list[str]:
-    return [*CLI, "extract", model, "--images", images, "--store", store, "--run", run,
-            "--workers", "0", "--no-progress"]  # fmt: skip
+    return [
+        *CLI,
+        "extract",
+        model,
+        "--images",
+        images,
+        "--store",
+        store,
+        "--run",
+        run,
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
 
 
 # -- what runs inside the measured processes ---------------------------------------------
@@ -99,16 +111,18 @@ def kernels(side: str, store: str) -> None:
         from vitcnn_store.store.grams import delete_grams
 
         delete_grams(store, "vit")
-        cfg = CKAConfig(store=store, run="vit", estimator="unbiased", recompute=True,
-                        progress=False)  # fmt: skip
+        cfg = CKAConfig(
+            store=store, run="vit", estimator="unbiased", recompute=True, progress=False
+        )
         t, c = time.perf_counter(), time.process_time()
         run_cka(cfg)
     print(f"{time.perf_counter() - t:.4f} {time.process_time() - c:.4f}")
 
 
 def kernel_timed(side: str, store: str) -> tuple[float, float]:
-    out = subprocess.run([PY, __file__, "--kernels", side, store], capture_output=True,
-                         text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [PY, __file__, "--kernels", side, store], capture_output=True, text=True, check=True
+    )
     wall, cpu = out.stdout.split()[-2:]
     return float(wall), float(cpu)
 
@@ -118,8 +132,7 @@ def kernel_timed(side: str, store: str) -> tuple[float, float]:
 
 def profile_reuse(store: str) -> None:
     cmd = ["analyze", "cka", store, "v", "--no-progress"]
-    out = subprocess.run([PY, "-X", "importtime", *CLI[1:], *cmd], capture_output=True,
-                         text=True)  # fmt: skip
+    out = subprocess.run([PY, "-X", "importtime", *CLI[1:], *cmd], capture_output=True, text=True)
     rows = []
     for line in out.stderr.splitlines():
         parts = line.split("|")
@@ -128,8 +141,9 @@ def profile_reuse(store: str) -> None:
     top = sorted((r for r in rows if not r[1].startswith(" ")), reverse=True)[:12]
     print("\nreuse: top-level imports (cumulative ms)")
     print("  " + ", ".join(f"{name} {us / 1000:.0f}" for us, name in top))
-    prof = subprocess.run([PY, "-m", "cProfile", "-s", "cumtime", *CLI[1:], *cmd],
-                          capture_output=True, text=True)  # fmt: skip
+    prof = subprocess.run(
+        [PY, "-m", "cProfile", "-s", "cumtime", *CLI[1:], *cmd], capture_output=True, text=True
+    )
     lines = prof.stdout.splitlines()
     start = next((i for i, s in enumerate(lines) if "ncalls" in s), 0)
     print("reuse: cProfile, top by cumulative time")
@@ -156,8 +170,11 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median kept)")
     p.add_argument("--kernel-images", type=int, default=256)
     p.add_argument("--profile-reuse", action="store_true")
-    p.add_argument("--only", help="comma-separated words: only the cases (and what they are "
-                   "judged against) whose names hold one")  # fmt: skip
+    p.add_argument(
+        "--only",
+        help="comma-separated words: only the cases (and what they are "
+        "judged against) whose names hold one",
+    )
     p.add_argument("--bare-forward", nargs=2, metavar=("MODEL", "FOLDER"), help=argparse.SUPPRESS)
     p.add_argument("--kernels", nargs=2, metavar=("SIDE", "STORE"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -219,10 +236,14 @@ def main() -> int:
             for name, case in cases.items():
                 runs[name].append(case(i))
             print(f"round {i + 1}/{args.repeats} done", file=sys.stderr)
-        med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
-               for k, v in runs.items()}  # fmt: skip
-        print(f"{args.model}, {args.images} JPEGs, {args.repeats} interleaved rounds, "
-              f"medians; {os.cpu_count()} CPUs")  # fmt: skip
+        med = {
+            k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+            for k, v in runs.items()
+        }
+        print(
+            f"{args.model}, {args.images} JPEGs, {args.repeats} interleaved rounds, "
+            f"medians; {os.cpu_count()} CPUs"
+        )
         print_table(med, against)
         if args.profile_reuse:
             profile_reuse(store)

@@ -85,9 +85,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="remote_store_"))
     local = str(work / "acts.zarr")
     model = ModelSpec("vit_tiny_patch16_224", img_size=32, model_args={"depth": args.depth})
-    extract(ExtractConfig(model=model, store=local, run="v", images="builtin:faces",
-                          limit=args.images, chunk_size=32, layers="preset:paper",
-                          progress=False))  # fmt: skip
+    extract(
+        ExtractConfig(
+            model=model,
+            store=local,
+            run="v",
+            images="builtin:faces",
+            limit=args.images,
+            chunk_size=32,
+            layers="preset:paper",
+            progress=False,
+        )
+    )
     figures = str(work / "figures")
     cka = ["--batch-size", "32", "--figures", figures]
     _cli(["analyze", "cka", local, "v", *cka])  # fills the Gram cache
@@ -110,8 +119,10 @@ def main() -> None:
     flags = [f"--storage-option={k}={v}" for k, v in opts.items()]
 
     def grams() -> dict[str, str]:
-        return {k: str(v.get("ETag")) for k, v in fs.find("bench/acts.zarr/v/_grams",
-                                                          detail=True).items()}  # fmt: skip
+        return {
+            k: str(v.get("ETag"))
+            for k, v in fs.find("bench/acts.zarr/v/_grams", detail=True).items()
+        }
 
     rows: list[list[str]] = []
     with serve_without_listing(str(work)) as (base, http_requests):
@@ -137,8 +148,15 @@ def main() -> None:
                 if isinstance(out, str):
                     outputs.add(out)
                 base_s = base_s or seconds
-                rows.append([name, label, f"{seconds:.2f}", f"{seconds / base_s:.2f}×",
-                             str(requests) if label != "local" else "-"])  # fmt: skip
+                rows.append(
+                    [
+                        name,
+                        label,
+                        f"{seconds:.2f}",
+                        f"{seconds / base_s:.2f}×",
+                        str(requests) if label != "local" else "-",
+                    ]
+                )
             if len(outputs) > 1:
                 raise SystemExit(f"{name}: outputs differ between locations")
         before = grams()
@@ -154,11 +172,20 @@ def main() -> None:
             print(sorted(moto_requests.paths.items(), key=lambda kv: -kv[1])[:25])
         rewritten = sum(1 for k, v in grams().items() if before.get(k) != v)
         rows.append(["analyze cka (new seed)", "local", f"{seconds_local:.2f}", "1.00×", "-"])
-        rows.append(["analyze cka (new seed)", "S3 copy", f"{seconds_s3:.2f}",
-                     f"{seconds_s3 / seconds_local:.2f}×", str(requests)])  # fmt: skip
+        rows.append(
+            [
+                "analyze cka (new seed)",
+                "S3 copy",
+                f"{seconds_s3:.2f}",
+                f"{seconds_s3 / seconds_local:.2f}×",
+                str(requests),
+            ]
+        )
     server.stop()
-    print(f"store: {args.images} images, depth {args.depth}, preset:paper; "
-          f"Gram objects rewritten on the S3 copy: {rewritten}")  # fmt: skip
+    print(
+        f"store: {args.images} images, depth {args.depth}, preset:paper; "
+        f"Gram objects rewritten on the S3 copy: {rewritten}"
+    )
     print("| operation | where | seconds | vs local | requests |")
     print("|---|---|---|---|---|")
     for row in rows:

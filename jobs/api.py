@@ -129,9 +129,13 @@ def extract(
     """
     if isinstance(model, str):
         spec: Any = ModelSpec(
-            model, pretrained=pretrained, checkpoint=checkpoint, img_size=img_size,
-            model_args=dict(model_args or {}), seed=seed,
-        )  # fmt: skip
+            model,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+            img_size=img_size,
+            model_args=dict(model_args or {}),
+            seed=seed,
+        )
     else:
         if pretrained or checkpoint or img_size or model_args:
             from vitcnn_store.errors import UsageError
@@ -142,16 +146,35 @@ def extract(
             )
         spec = model
     cfg = ExtractConfig(
-        model=spec, images=str(images), store=str(store), run=run,
+        model=spec,
+        images=str(images),
+        store=str(store),
+        run=run,
         layers=layers if isinstance(layers, str) else ",".join(layers),
-        reduce=_reduce_items(reduce), attention=bool(attention), attention_heads=attention_heads,
-        attention_layers=attention if isinstance(attention, str) else None, inputs=inputs,
-        dtype=dtype, compression=compression, chunk_size=chunk_size, batch_size=batch_size,
-        limit=limit, strict=strict, resume=resume, overwrite=overwrite, workers=workers,
-        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, device=device,
-        autocast=autocast, address=address, progress=progress,
-        extra_attrs=dict(extra_attrs or {}), transform=transform, data_config=data_config,
-    )  # fmt: skip
+        reduce=_reduce_items(reduce),
+        attention=bool(attention),
+        attention_heads=attention_heads,
+        attention_layers=attention if isinstance(attention, str) else None,
+        inputs=inputs,
+        dtype=dtype,
+        compression=compression,
+        chunk_size=chunk_size,
+        batch_size=batch_size,
+        limit=limit,
+        strict=strict,
+        resume=resume,
+        overwrite=overwrite,
+        workers=workers,
+        cpus_per_worker=cpus_per_worker,
+        gpus_per_worker=gpus_per_worker,
+        device=device,
+        autocast=autocast,
+        address=address,
+        progress=progress,
+        extra_attrs=dict(extra_attrs or {}),
+        transform=transform,
+        data_config=data_config,
+    )
     from jobs.extract import extract as run_job
     from vitcnn_store.store import open_store
 

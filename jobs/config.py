@@ -50,81 +50,140 @@ class ExtractConfig:
     """
 
     model: Any = option(flag="model", nested=ModelSpec)  # noqa: RUF009 (a field specifier)
-    images: str = option(flag="--images", parse=str,
-                         help="folder, CSV manifest, or builtin:NAME")  # fmt: skip
+    images: str = option(flag="--images", parse=str, help="folder, CSV manifest, or builtin:NAME")
     store: str = option(flag="--store", parse=str, help="store path or fsspec URL")
     run: str = option(flag="--run", parse=str, help="run name inside the store")
     layers: str = option(
-        "preset:blocks", flag="--layers", parse=str, metavar="PATTERNS",
+        "preset:blocks",
+        flag="--layers",
+        parse=str,
+        metavar="PATTERNS",
         help="comma-separated module path patterns and presets",
-    )  # fmt: skip
+    )
     reduce: tuple[str, ...] = option(
-        (), flag="--reduce", parse=parse_reduce_item, action="append", metavar="PATTERN=HOW",
+        (),
+        flag="--reduce",
+        parse=parse_reduce_item,
+        action="append",
+        metavar="PATTERN=HOW",
         help="store a reduction of the matching layers: cls (the CLS token), mean (or gap: "
         "over patch tokens or positions) or pool:K (K×K average pool); repeatable",
-    )  # fmt: skip
-    attention: bool = option(False, flag="--attention", action="true",
-                             help="store attention probabilities")  # fmt: skip
+    )
+    attention: bool = option(
+        False, flag="--attention", action="true", help="store attention probabilities"
+    )
     attention_layers: str | None = option(
-        None, flag="--attention-layers", parse=str, metavar="PATTERNS",
+        None,
+        flag="--attention-layers",
+        parse=str,
+        metavar="PATTERNS",
         help="restrict --attention to these attention modules",
-    )  # fmt: skip
+    )
     attention_heads: bool = option(
-        False, flag="--attention-heads", action="true",
+        False,
+        flag="--attention-heads",
+        action="true",
         help="store each attention module's per-head outputs (the heads' context vectors "
         "before the output projection) as layer <module>.norm, channel = head × head_dim + d",
-    )  # fmt: skip
-    inputs: bool = option(False, flag="--inputs", action="true",
-                          help="store the preprocessed input")  # fmt: skip
-    dtype: str = option("float16", flag="--dtype", parse=str, choices=DTYPES,
-                        help="dtype of stored arrays")  # fmt: skip
+    )
+    inputs: bool = option(
+        False, flag="--inputs", action="true", help="store the preprocessed input"
+    )
+    dtype: str = option(
+        "float16", flag="--dtype", parse=str, choices=DTYPES, help="dtype of stored arrays"
+    )
     compression: str = option(
-        DEFAULT_COMPRESSION, flag="--compression", parse=str, choices=COMPRESSIONS,
+        DEFAULT_COMPRESSION,
+        flag="--compression",
+        parse=str,
+        choices=COMPRESSIONS,
         help="chunk compression (every chunk is checksummed either way): none, blosc-lz4 or "
         "zstd level 1; see the README's codec table",
-    )  # fmt: skip
-    chunk_size: int = option(32, flag="--chunk-size", parse=int, check="positive",
-                             help="images per chunk (= work unit)")  # fmt: skip
+    )
+    chunk_size: int = option(
+        32, flag="--chunk-size", parse=int, check="positive", help="images per chunk (= work unit)"
+    )
     batch_size: int | None = option(
-        None, flag="--batch-size", parse=int, check="positive",
+        None,
+        flag="--batch-size",
+        parse=int,
+        check="positive",
         help="forward batch size (default: the chunk size)",
-    )  # fmt: skip
-    limit: int | None = option(None, flag="--limit", parse=int, check="positive", metavar="N",
-                               help="use only the first N images")  # fmt: skip
-    strict: bool = option(False, flag="--strict", action="true",
-                          help="stop before writing if any image fails to decode")  # fmt: skip
-    resume: bool = option(False, flag="--resume", action="true", exclusive="mode",
-                          help="continue an existing run")  # fmt: skip
-    overwrite: bool = option(False, flag="--overwrite", action="true", exclusive="mode",
-                             help="replace an existing run")  # fmt: skip
+    )
+    limit: int | None = option(
+        None,
+        flag="--limit",
+        parse=int,
+        check="positive",
+        metavar="N",
+        help="use only the first N images",
+    )
+    strict: bool = option(
+        False,
+        flag="--strict",
+        action="true",
+        help="stop before writing if any image fails to decode",
+    )
+    resume: bool = option(
+        False, flag="--resume", action="true", exclusive="mode", help="continue an existing run"
+    )
+    overwrite: bool = option(
+        False, flag="--overwrite", action="true", exclusive="mode", help="replace an existing run"
+    )
     workers: int | str = option(
-        AUTO, flag="--workers", parse=int, auto=True, check="non-negative", metavar="N",
+        AUTO,
+        flag="--workers",
+        parse=int,
+        auto=True,
+        check="non-negative",
+        metavar="N",
         note=" (0 runs in this process, N >= 1 on N Ray actors)",
         help="Ray actors; auto: in this process on a machine without a cluster address, one "
         "actor per GPU with several GPUs, sized from the cluster's resources with --address; "
         "0: in this process",
-    )  # fmt: skip
+    )
     cpus_per_worker: float | str = option(
-        AUTO, flag="--cpus-per-worker", parse=float, auto=True, check="positive", metavar="C",
+        AUTO,
+        flag="--cpus-per-worker",
+        parse=float,
+        auto=True,
+        check="positive",
+        metavar="C",
         help="CPUs (torch threads) per worker; auto: workers × threads cover every CPU",
-    )  # fmt: skip
+    )
     gpus_per_worker: float | str = option(
-        AUTO, flag="--gpus-per-worker", parse=float, auto=True, check="non-negative",
-        metavar="G", help="GPUs per Ray actor; auto: 1 where the cluster has GPUs, else 0",
-    )  # fmt: skip
-    device: str = option("auto", flag="--device", parse=str, choices=DEVICES,
-                         help="auto: cuda where a GPU is available")  # fmt: skip
+        AUTO,
+        flag="--gpus-per-worker",
+        parse=float,
+        auto=True,
+        check="non-negative",
+        metavar="G",
+        help="GPUs per Ray actor; auto: 1 where the cluster has GPUs, else 0",
+    )
+    device: str = option(
+        "auto",
+        flag="--device",
+        parse=str,
+        choices=DEVICES,
+        help="auto: cuda where a GPU is available",
+    )
     autocast: bool = option(False, flag="--autocast", action="true", help="bf16 autocast on CUDA")
     address: str | None = option(
-        None, flag="--address", parse=str,
+        None,
+        flag="--address",
+        parse=str,
         help="Ray address (default: RAY_ADDRESS; none: run here); for submit, the job server "
         "http://HEAD:8265",
-    )  # fmt: skip
+    )
     progress: bool = option(True, flag="--no-progress", action="false", help="no progress bar")
     lease_ttl: float = option(
-        DEFAULT_LEASE_TTL, flag="--lease-ttl", parse=float, check="positive", metavar="SECONDS",
+        DEFAULT_LEASE_TTL,
+        flag="--lease-ttl",
+        parse=float,
+        check="positive",
+        metavar="SECONDS",
         help="how long after a crash its run stays locked before --resume may take over",
-    )  # fmt: skip
+    )
     # Python only (no flag): extra provenance, and the preprocessing of a custom module.
     extra_attrs: Mapping[str, Any] = field(default_factory=dict)
     transform: Callable[[Any], Any] | None = None

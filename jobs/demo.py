@@ -126,23 +126,34 @@ def _extractions(cfg: DemoConfig) -> tuple[ExtractConfig, ...]:
     common: dict[str, Any] = {"store": cfg.store, "overwrite": True}
     vit, resnet = _models(cfg, 64 if cfg.quick else 128)
     photos: dict[str, Any] = {
-        **common, "images": "builtin:photos", "limit": 64 if cfg.quick else 256,
+        **common,
+        "images": "builtin:photos",
+        "limit": 64 if cfg.quick else 256,
         "workers": cfg.workers,
-        "chunk_size": 16 if cfg.quick else 32, "inputs": True,
-    }  # fmt: skip
+        "chunk_size": 16 if cfg.quick else 32,
+        "inputs": True,
+    }
     vit_faces, resnet_faces = _models(cfg, 64)
     # A few hundred small images: one worker is quicker than starting two.
     faces: dict[str, Any] = {
-        **common, "images": "builtin:faces", "limit": 100 if cfg.quick else 200,
-        "chunk_size": 50, "workers": 1, "inputs": True,  # inputs: the raw-pixel probe
-    }  # fmt: skip
+        **common,
+        "images": "builtin:faces",
+        "limit": 100 if cfg.quick else 200,
+        "chunk_size": 50,
+        "workers": 1,
+        "inputs": True,  # inputs: the raw-pixel probe
+    }
     return (
         ExtractConfig(model=vit, run="vit", layers="preset:blocks", attention=True, **photos),
         ExtractConfig(model=resnet, run="resnet", layers="preset:blocks", **photos),
-        ExtractConfig(model=vit_faces, run="vit_faces",
-                      layers="preset:blocks,blocks.*.attn,blocks.*.mlp", **faces),
+        ExtractConfig(
+            model=vit_faces,
+            run="vit_faces",
+            layers="preset:blocks,blocks.*.attn,blocks.*.mlp",
+            **faces,
+        ),
         ExtractConfig(model=resnet_faces, run="resnet_faces", layers="preset:paper", **faces),
-    )  # fmt: skip
+    )
 
 
 def _analyses(store: str, quick: bool) -> tuple[DemoAnalysis, ...]:
@@ -154,31 +165,65 @@ def _analyses(store: str, quick: bool) -> tuple[DemoAnalysis, ...]:
     n = 16 if quick else 64
     repeats = 2 if quick else 3  # probe splits: error bars
     return (
-        DemoAnalysis("CKA within the ViT", run_cka,
-                     CKAConfig(run="vit", batch_size=batch, repeats=2, **common)),
-        DemoAnalysis("CKA within the ResNet", run_cka,
-                     CKAConfig(run="resnet", batch_size=batch, repeats=2, **common)),
-        DemoAnalysis("CKA ViT × ResNet", run_cka,
-                     CKAConfig(run="vit", run2="resnet", batch_size=batch, repeats=2, **common)),
-        DemoAnalysis("attention distance and entropy", run_attention,
-                     AttentionConfig(run="vit", **common)),
-        DemoAnalysis("ViT localization", run_localization,
-                     LocalizationConfig(run="vit", batch_size=n, **common)),
-        DemoAnalysis("ResNet localization", run_localization,
-                     LocalizationConfig(run="resnet", batch_size=n, **common)),
-        DemoAnalysis("ViT skip-connection norm ratios (faces)", run_skip,
-                     SkipConfig(run="vit_faces", **common)),
-        DemoAnalysis("ResNet skip-connection norm ratios (faces)", run_skip,
-                     SkipConfig(run="resnet_faces", **common)),
-        DemoAnalysis("ViT linear probes: faces vs non-faces", run_probe,
-                     ProbeConfig(run="vit_faces", repeats=repeats, **common)),
-        DemoAnalysis("ResNet linear probes: faces vs non-faces", run_probe,
-                     ProbeConfig(run="resnet_faces", repeats=repeats, **common)),
-        DemoAnalysis("ViT top images per channel (for the explorer)", run_top_images,
-                     TopImagesConfig(run="vit", **common)),
-        DemoAnalysis("ResNet top images per channel (for the explorer)", run_top_images,
-                     TopImagesConfig(run="resnet", **common)),
-    )  # fmt: skip
+        DemoAnalysis(
+            "CKA within the ViT",
+            run_cka,
+            CKAConfig(run="vit", batch_size=batch, repeats=2, **common),
+        ),
+        DemoAnalysis(
+            "CKA within the ResNet",
+            run_cka,
+            CKAConfig(run="resnet", batch_size=batch, repeats=2, **common),
+        ),
+        DemoAnalysis(
+            "CKA ViT × ResNet",
+            run_cka,
+            CKAConfig(run="vit", run2="resnet", batch_size=batch, repeats=2, **common),
+        ),
+        DemoAnalysis(
+            "attention distance and entropy", run_attention, AttentionConfig(run="vit", **common)
+        ),
+        DemoAnalysis(
+            "ViT localization",
+            run_localization,
+            LocalizationConfig(run="vit", batch_size=n, **common),
+        ),
+        DemoAnalysis(
+            "ResNet localization",
+            run_localization,
+            LocalizationConfig(run="resnet", batch_size=n, **common),
+        ),
+        DemoAnalysis(
+            "ViT skip-connection norm ratios (faces)",
+            run_skip,
+            SkipConfig(run="vit_faces", **common),
+        ),
+        DemoAnalysis(
+            "ResNet skip-connection norm ratios (faces)",
+            run_skip,
+            SkipConfig(run="resnet_faces", **common),
+        ),
+        DemoAnalysis(
+            "ViT linear probes: faces vs non-faces",
+            run_probe,
+            ProbeConfig(run="vit_faces", repeats=repeats, **common),
+        ),
+        DemoAnalysis(
+            "ResNet linear probes: faces vs non-faces",
+            run_probe,
+            ProbeConfig(run="resnet_faces", repeats=repeats, **common),
+        ),
+        DemoAnalysis(
+            "ViT top images per channel (for the explorer)",
+            run_top_images,
+            TopImagesConfig(run="vit", **common),
+        ),
+        DemoAnalysis(
+            "ResNet top images per channel (for the explorer)",
+            run_top_images,
+            TopImagesConfig(run="resnet", **common),
+        ),
+    )
 
 
 def demo_plan(cfg: DemoConfig) -> DemoPlan:

@@ -143,8 +143,11 @@ def _lost_arrays(cfg: ExtractConfig) -> bool:
     entry = run_entry(open_root(cfg.store), cfg.run, cfg.store)
     if entry is None or not entry.damaged:
         return False
-    print(f"vitcnn extract: run {cfg.run!r} is {entry.problem}: restoring it and rewriting "
-          "every unit", file=sys.stderr)  # fmt: skip
+    print(
+        f"vitcnn extract: run {cfg.run!r} is {entry.problem}: restoring it and rewriting "
+        "every unit",
+        file=sys.stderr,
+    )
     return True
 
 
@@ -157,8 +160,7 @@ class _Prepared:
     restore: bool = False  # resume a run that lost arrays: recreate them first
 
 
-def _prepare(cfg: ExtractConfig, sizing: ExecutionPlan, state: Any,
-             images: ImageSet) -> _Prepared:  # fmt: skip
+def _prepare(cfg: ExtractConfig, sizing: ExecutionPlan, state: Any, images: ImageSet) -> _Prepared:
     """Steps 2 and 3: the template and every store-side check (writes nothing).
 
     ``state`` is the run as the job found it when it began: the job writes only if
@@ -187,8 +189,9 @@ def _announce(cfg: ExtractConfig, summary: ExtractSummary, t0: float) -> None:
 
 
 @contextmanager
-def _writing(cfg: ExtractConfig, prep: _Prepared, summary: ExtractSummary,
-             t0: float) -> Iterator[tuple[RunSession, Callable[[int, int], None]]]:  # fmt: skip
+def _writing(
+    cfg: ExtractConfig, prep: _Prepared, summary: ExtractSummary, t0: float
+) -> Iterator[tuple[RunSession, Callable[[int, int], None]]]:
     """The run's session (creation, lease) and a progress bar while units are written.
 
     Yields ``(session, on_written)`` for the runner, which opens the session
@@ -200,9 +203,14 @@ def _writing(cfg: ExtractConfig, prep: _Prepared, summary: ExtractSummary,
     _announce(cfg, summary, t0)
     lock = threading.Lock()
     bounds = unit_bounds(len(prep.template.plan.images), prep.template.chunk_size)
-    bar = tqdm(total=sum(bounds[u][1] - bounds[u][0] for u in prep.units), unit="img",
-               desc=f"extract {cfg.run}", disable=not cfg.progress, file=sys.stderr,
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=sum(bounds[u][1] - bounds[u][0] for u in prep.units),
+        unit="img",
+        desc=f"extract {cfg.run}",
+        disable=not cfg.progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
     def on_written(unit: int, n: int) -> None:
         with lock:  # the in-process runner calls this from its write thread
@@ -228,8 +236,9 @@ def _writing(cfg: ExtractConfig, prep: _Prepared, summary: ExtractSummary,
             raise reported from error
 
 
-def _in_process(cfg: ExtractConfig, sizing: ExecutionPlan, prep: _Prepared,
-                summary: ExtractSummary, t0: float) -> None:  # fmt: skip
+def _in_process(
+    cfg: ExtractConfig, sizing: ExecutionPlan, prep: _Prepared, summary: ExtractSummary, t0: float
+) -> None:
     from jobs.inprocess import run_units
     from jobs.worker import UnitExtractor
 
@@ -240,8 +249,14 @@ def _in_process(cfg: ExtractConfig, sizing: ExecutionPlan, prep: _Prepared,
     try:
         with _writing(cfg, prep, summary, t0) as (session, on_written):
             bounds = unit_bounds(len(plan.images), prep.template.chunk_size)
-            runner = run_units(extractor, prep.units, bounds, on_written, session.open,
-                               write_threads=sizing.write_threads)  # fmt: skip
+            runner = run_units(
+                extractor,
+                prep.units,
+                bounds,
+                on_written,
+                session.open,
+                write_threads=sizing.write_threads,
+            )
             for _ in runner:
                 session.check()
     finally:
@@ -261,8 +276,11 @@ def _as_found(model: Any) -> Iterator[None]:
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     conv = next((p for p in model.parameters() if p.dim() == 4), None)
-    channels_last = (conv is not None and not conv.is_contiguous()
-                     and conv.is_contiguous(memory_format=torch.channels_last))  # fmt: skip
+    channels_last = (
+        conv is not None
+        and not conv.is_contiguous()
+        and conv.is_contiguous(memory_format=torch.channels_last)
+    )
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     training = model.training
     try:
@@ -271,9 +289,15 @@ def _as_found(model: Any) -> Iterator[None]:
         model.to(device=device, memory_format=fmt).train(training)
 
 
-def _on_ray(cfg: ExtractConfig, sizing: ExecutionPlan, address: str | None,
-            summary: ExtractSummary, t0: float, state: Any,
-            images: ImageSet) -> _Prepared:  # fmt: skip
+def _on_ray(
+    cfg: ExtractConfig,
+    sizing: ExecutionPlan,
+    address: str | None,
+    summary: ExtractSummary,
+    t0: float,
+    state: Any,
+    images: ImageSet,
+) -> _Prepared:
     import ray
 
     from jobs.ray_cluster import check_resources, connect, disconnect
@@ -304,10 +328,20 @@ def _on_ray(cfg: ExtractConfig, sizing: ExecutionPlan, address: str | None,
         if not prep.units:
             return prep
         if address and "auto" in (cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker):
-            sizing = size_job(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker, cfg.device,
-                              cluster_resources(ray.nodes()), address)  # fmt: skip
-            plan = replace(prep.template.plan, threads=sizing.threads, device=sizing.device,
-                           decode_threads=sizing.decode_threads)  # fmt: skip
+            sizing = size_job(
+                cfg.workers,
+                cfg.cpus_per_worker,
+                cfg.gpus_per_worker,
+                cfg.device,
+                cluster_resources(ray.nodes()),
+                address,
+            )
+            plan = replace(
+                prep.template.plan,
+                threads=sizing.threads,
+                device=sizing.device,
+                decode_threads=sizing.decode_threads,
+            )
             prep.template = replace(prep.template, plan=plan)
         check_resources(sizing.workers, sizing.cpus_per_worker, sizing.gpus_per_worker)
         summary.plan = sizing.describe()
@@ -345,8 +379,14 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
 
     images = open_image_set(cfg.images, limit=cfg.limit)  # lists; decodes nothing
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
-    sizing = size_job(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker, cfg.device,
-                      local_resources(), address)  # fmt: skip
+    sizing = size_job(
+        cfg.workers,
+        cfg.cpus_per_worker,
+        cfg.gpus_per_worker,
+        cfg.device,
+        local_resources(),
+        address,
+    )
     summary = ExtractSummary(run=cfg.run, store=cfg.store, plan=sizing.describe())
     with _as_found(cfg.model):
         if sizing.on_ray:

@@ -63,10 +63,13 @@ def _get(q: queue.Queue[Any], stop: threading.Event) -> Any:
 
 
 def run_units(
-    extractor: UnitExtractor, units: Sequence[int], bounds: Sequence[tuple[int, int]],
-    on_written: Callable[[int, int], None], before_first_write: Callable[[], None] = lambda: None,
+    extractor: UnitExtractor,
+    units: Sequence[int],
+    bounds: Sequence[tuple[int, int]],
+    on_written: Callable[[int, int], None],
+    before_first_write: Callable[[], None] = lambda: None,
     write_threads: int = 1,
-) -> Iterator[None]:  # fmt: skip
+) -> Iterator[None]:
     """Extract and write ``units``; call ``on_written(unit, n_images)`` from the writer.
 
     ``before_first_write`` runs on the write thread before anything is written

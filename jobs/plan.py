@@ -104,8 +104,9 @@ def _head_layers(model: Any, cfg: ExtractConfig) -> dict[str, dict[str, Any]]:
         return {}
     available = attention_modules(model)
     if cfg.attention_layers:
-        available = match_patterns(available, cfg.attention_layers,
-                                   "attention module (--attention-layers)")  # fmt: skip
+        available = match_patterns(
+            available, cfg.attention_layers, "attention module (--attention-layers)"
+        )
     modules = dict(model.named_modules())
     out: dict[str, dict[str, Any]] = {}
     for name in available:
@@ -119,9 +120,11 @@ def _head_layers(model: Any, cfg: ExtractConfig) -> dict[str, dict[str, Any]]:
                 "say its num_heads/head_dim; leave --attention-heads out"
             )
         out[f"{name}.norm"] = {
-            "head_output_of": name, "heads": int(heads), "head_dim": int(head_dim),
+            "head_output_of": name,
+            "heads": int(heads),
+            "head_dim": int(head_dim),
             "channel_layout": "head * head_dim + d (per-head context vectors before proj)",
-        }  # fmt: skip
+        }
     if not out:
         raise LayerPatternError(
             f"--attention-heads: {type(model).__name__} has no timm attention module"
@@ -139,10 +142,12 @@ def _attention_coords(lay: LayerLayout) -> dict[str, tuple[tuple[str, ...], np.n
 
 
 def array_specs(
-    layouts: dict[str, LayerLayout], input_size: tuple[int, int, int], inputs: bool,
+    layouts: dict[str, LayerLayout],
+    input_size: tuple[int, int, int],
+    inputs: bool,
     roles: Mapping[str, Mapping[str, Any]] | None = None,
     extra_attrs: Mapping[str, Mapping[str, Any]] | None = None,
-) -> list[ArraySpec]:  # fmt: skip
+) -> list[ArraySpec]:
     """Every array of the run, in forward order, with its group's attributes."""
     # Group order = forward order; depth_fraction is the paper's normalised layer number.
     groups: dict[str, int] = {}
@@ -176,11 +181,17 @@ def array_specs(
     if inputs:
         _, h, w = input_size
         specs.append(
-            ArraySpec("", "input", ("input_y", "input_x", "rgb"), (h, w, 3), {
-                "input_y": (("input_y",), (np.arange(h) + 0.5).astype(np.float32)),
-                "input_x": (("input_x",), (np.arange(w) + 0.5).astype(np.float32)),
-            })
-        )  # fmt: skip
+            ArraySpec(
+                "",
+                "input",
+                ("input_y", "input_x", "rgb"),
+                (h, w, 3),
+                {
+                    "input_y": (("input_y",), (np.arange(h) + 0.5).astype(np.float32)),
+                    "input_x": (("input_x",), (np.arange(w) + 0.5).astype(np.float32)),
+                },
+            )
+        )
     return specs
 
 
@@ -214,9 +225,15 @@ def _model_provenance(cfg: ExtractConfig, model: Any) -> dict[str, Any]:
 
 
 def _provenance(
-    cfg: ExtractConfig, model: Any, sha: str, dcfg: dict[str, Any], images: ImageSet,
-    hashes: list[str], layers: list[str], attention: list[str],
-) -> dict[str, Any]:  # fmt: skip
+    cfg: ExtractConfig,
+    model: Any,
+    sha: str,
+    dcfg: dict[str, Any],
+    images: ImageSet,
+    hashes: list[str],
+    layers: list[str],
+    attention: list[str],
+) -> dict[str, Any]:
     import timm
     import torch
 

@@ -80,9 +80,11 @@ def _restore_env() -> None:
 
 
 def start_local_ray(
-    num_cpus: int | None = None, num_gpus: int | None = None,
-    object_store_memory: int | None = None, **options: Any,
-) -> None:  # fmt: skip
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    object_store_memory: int | None = None,
+    **options: Any,
+) -> None:
     """Start a Ray cluster on this machine that listens on loopback only.
 
     Examples
@@ -100,8 +102,11 @@ def start_local_ray(
         "log_to_driver": _debug(),
         **options,
     }
-    for key, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus),
-                       ("object_store_memory", object_store_memory)):  # fmt: skip
+    for key, value in (
+        ("num_cpus", num_cpus),
+        ("num_gpus", num_gpus),
+        ("object_store_memory", object_store_memory),
+    ):
         if value is not None:
             kwargs[key] = value
     # Ray announces that it turned token auth on (we keep it on); errors stay one line.

@@ -134,9 +134,12 @@ def _settle(refs: list[Any], timeout: float = 10.0) -> None:
 
 
 def drive(
-    pool: Pool, units: Sequence[int], url: str,
-    on_written: Callable[[int, int], None], between: Callable[[], None],
-) -> list[str]:  # fmt: skip
+    pool: Pool,
+    units: Sequence[int],
+    url: str,
+    on_written: Callable[[int, int], None],
+    between: Callable[[], None],
+) -> list[str]:
     """Hand ``units`` to the pool's actors until all are written; returns their nodes.
 
     ``on_written(unit, n_images)`` is called per finished unit and ``between()``

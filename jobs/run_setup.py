@@ -34,9 +34,14 @@ if TYPE_CHECKING:
     from jobs.plan import RunTemplate
 
 __all__ = [
-    "LeaseKeeper", "RunSession", "check_run", "check_store", "create_run_from", "prepare_store",
+    "LeaseKeeper",
+    "RunSession",
+    "check_run",
+    "check_store",
+    "create_run_from",
+    "prepare_store",
     "restore_run_from",
-]  # fmt: skip
+]
 
 
 def _refuse_if_leased(cfg: ExtractConfig) -> None:
@@ -63,9 +68,14 @@ def check_run(cfg: ExtractConfig, template: RunTemplate) -> bool:
     _refuse_if_leased(cfg)
     images = template.plan.images
     create = prepare_run(
-        cfg.store, cfg.run, template.provenance, resume=cfg.resume, overwrite=cfg.overwrite,
-        image_ids=[r.image_id for r in images.records], image_sha256=template.image_sha256,
-    )  # fmt: skip
+        cfg.store,
+        cfg.run,
+        template.provenance,
+        resume=cfg.resume,
+        overwrite=cfg.overwrite,
+        image_ids=[r.image_id for r in images.records],
+        image_sha256=template.image_sha256,
+    )
     if cfg.strict:
         bad = images.check_all(progress=cfg.progress)
         if bad:
@@ -80,22 +90,33 @@ def create_run_from(cfg: ExtractConfig, template: RunTemplate) -> None:
     """Create (or replace) the run from its template; the creation marker comes last."""
     records = template.plan.images.records
     create_run(
-        cfg.store, cfg.run,
-        image_ids=[r.image_id for r in records], labels=[r.label for r in records],
-        image_sha256=template.image_sha256, chunk=template.chunk_size, dtype=cfg.dtype,
-        arrays=template.specs, attrs=template.provenance, compression=cfg.compression,
-    )  # fmt: skip
+        cfg.store,
+        cfg.run,
+        image_ids=[r.image_id for r in records],
+        labels=[r.label for r in records],
+        image_sha256=template.image_sha256,
+        chunk=template.chunk_size,
+        dtype=cfg.dtype,
+        arrays=template.specs,
+        attrs=template.provenance,
+        compression=cfg.compression,
+    )
 
 
 def restore_run_from(cfg: ExtractConfig, template: RunTemplate) -> list[str]:
     """Recreate what a resumed run lost (missing arrays, unreadable coordinates)."""
     records = template.plan.images.records
     return restore_run(
-        cfg.store, cfg.run,
-        image_ids=[r.image_id for r in records], labels=[r.label for r in records],
-        image_sha256=template.image_sha256, chunk=template.chunk_size, dtype=cfg.dtype,
-        arrays=template.specs, compression=cfg.compression,
-    )  # fmt: skip
+        cfg.store,
+        cfg.run,
+        image_ids=[r.image_id for r in records],
+        labels=[r.label for r in records],
+        image_sha256=template.image_sha256,
+        chunk=template.chunk_size,
+        dtype=cfg.dtype,
+        arrays=template.specs,
+        compression=cfg.compression,
+    )
 
 
 def prepare_store(cfg: ExtractConfig, template: RunTemplate) -> RunWriter:
@@ -154,8 +175,14 @@ class RunSession:
     :meth:`check` raises if the lease was lost; :meth:`close` drops it.
     """
 
-    def __init__(self, cfg: ExtractConfig, template: RunTemplate, create: bool,
-                 state: object = None, restore: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: ExtractConfig,
+        template: RunTemplate,
+        create: bool,
+        state: object = None,
+        restore: bool = False,
+    ) -> None:
         self.cfg, self.template, self.create, self.state = cfg, template, create, state
         self.restore = restore  # a resumed run lost arrays: recreate them from the template
         self.keeper: LeaseKeeper | None = None

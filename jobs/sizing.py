@@ -167,12 +167,17 @@ def _cluster_pool(res: Resources, cpus: float | str, gpus: float | str) -> tuple
 
 
 def size_job(
-    workers: int | str, cpus_per_worker: float | str, gpus_per_worker: float | str,
-    device: str, res: Resources, address: str | None,
-) -> ExecutionPlan:  # fmt: skip
+    workers: int | str,
+    cpus_per_worker: float | str,
+    gpus_per_worker: float | str,
+    device: str,
+    res: Resources,
+    address: str | None,
+) -> ExecutionPlan:
     """Decide in-process or Ray, the number of actors and their threads (see the module doc)."""
-    if workers == 0 or (workers == AUTO and not address and res.gpus <= 1
-                        and gpus_per_worker in (AUTO, 0)):  # fmt: skip
+    if workers == 0 or (
+        workers == AUTO and not address and res.gpus <= 1 and gpus_per_worker in (AUTO, 0)
+    ):
         cpus = res.cpus if cpus_per_worker == AUTO else float(cpus_per_worker)
         dev = _device(device, res.gpus)
         if dev == "cuda" and res.gpus < 1:
@@ -181,8 +186,9 @@ def size_job(
         if dev == "cuda":
             threads = min(GPU_TORCH_THREADS, _threads(cpus))
             decode = max(1, int(res.cpus) - threads)
-            return ExecutionPlan("in-process", 0, threads, cpus, 0.0, dev, reason, decode,
-                                 GPU_WRITE_THREADS)  # fmt: skip
+            return ExecutionPlan(
+                "in-process", 0, threads, cpus, 0.0, dev, reason, decode, GPU_WRITE_THREADS
+            )
         return ExecutionPlan("in-process", 0, _threads(cpus), cpus, 0.0, dev, reason)
     if workers == AUTO:
         n, cpu, gpu = _cluster_pool(res, cpus_per_worker, gpus_per_worker)
@@ -192,8 +198,11 @@ def size_job(
     else:
         n = int(workers)
         gpu = float(gpus_per_worker) if gpus_per_worker != AUTO else (1.0 if res.gpus >= n else 0.0)
-        cpu = (float(cpus_per_worker) if cpus_per_worker != AUTO
-               else max(1.0, float(int(res.cpus // n))))  # fmt: skip
+        cpu = (
+            float(cpus_per_worker)
+            if cpus_per_worker != AUTO
+            else max(1.0, float(int(res.cpus // n)))
+        )
         reason = f"--workers {n}"
     dev = _device(device, gpu)
     if dev == "cuda" and gpu <= 0:

@@ -37,12 +37,19 @@ __all__ = [
 class SubmitOptions:
     """Options of ``vitcnn submit extract`` beyond those of ``vitcnn extract``."""
 
-    wait: bool = option(False, flag="--wait", action="true",
-                        help="follow the job's logs to its end")  # fmt: skip
-    pip: tuple[str, ...] = option((), flag="--pip", parse=str, action="append",
-                                  help="extra pip package for the job (repeatable)")  # fmt: skip
-    job_id: str | None = option(None, flag="--job-id", parse=str,
-                                help="submission id (default: generated)")  # fmt: skip
+    wait: bool = option(
+        False, flag="--wait", action="true", help="follow the job's logs to its end"
+    )
+    pip: tuple[str, ...] = option(
+        (),
+        flag="--pip",
+        parse=str,
+        action="append",
+        help="extra pip package for the job (repeatable)",
+    )
+    job_id: str | None = option(
+        None, flag="--job-id", parse=str, help="submission id (default: generated)"
+    )
 
 
 @dataclass(frozen=True)

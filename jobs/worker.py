@@ -168,9 +168,12 @@ class UnitExtractor:
         # Captured outputs are cast to the store dtype in the hooks: the copy that
         # protects them from in-place ops is also the float16 conversion.
         self.capture = Capture(
-            self.model, plan.layers, plan.attention_layers, dtype=self.torch_dtype,
+            self.model,
+            plan.layers,
+            plan.attention_layers,
+            dtype=self.torch_dtype,
             reductions=plan.reductions,
-        ).__enter__()  # fmt: skip
+        ).__enter__()
         self._forward_lock = threading.Lock()
         self._decoders: Any = None
 
@@ -183,9 +186,11 @@ class UnitExtractor:
 
         if self._decoders is None:
             self._decoders = ThreadPoolExecutor(
-                self.plan.decode_threads, thread_name_prefix="vitcnn-decode",
-                initializer=torch.set_num_threads, initargs=(1,),
-            )  # fmt: skip
+                self.plan.decode_threads,
+                thread_name_prefix="vitcnn-decode",
+                initializer=torch.set_num_threads,
+                initargs=(1,),
+            )
         return self._decoders
 
     @property
@@ -293,8 +298,9 @@ class UnitExtractor:
         """Check ``unit``'s images and values, then write every array of it and flag it done."""
         self._refuse_changed(unit)
         ok = ~unit.failed
-        check_finite({k: v[ok] if not ok.all() else v for k, v in unit.values.items()},
-                     self.plan.dtype)  # fmt: skip
+        check_finite(
+            {k: v[ok] if not ok.all() else v for k, v in unit.values.items()}, self.plan.dtype
+        )
         if unit.failed.any():
             for v in unit.values.values():
                 v[unit.failed] = np.nan  # failed images stay NaN, flagged in `failed`

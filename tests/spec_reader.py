@@ -25,10 +25,19 @@ from numcodecs import blosc, zstd
 __all__ = ["ChecksumError", "SpecStore", "find_result_group"]
 
 _NUMERIC = {
-    "bool": "|b1", "int8": "|i1", "int16": "<i2", "int32": "<i4", "int64": "<i8",
-    "uint8": "|u1", "uint16": "<u2", "uint32": "<u4", "uint64": "<u8",
-    "float16": "<f2", "float32": "<f4", "float64": "<f8",
-}  # fmt: skip
+    "bool": "|b1",
+    "int8": "|i1",
+    "int16": "<i2",
+    "int32": "<i4",
+    "int64": "<i8",
+    "uint8": "|u1",
+    "uint16": "<u2",
+    "uint32": "<u4",
+    "uint64": "<u8",
+    "float16": "<f2",
+    "float32": "<f4",
+    "float64": "<f8",
+}
 _SPECIAL_FLOATS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
@@ -124,8 +133,11 @@ class SpecStore:
                 seq += 1
             names = sorted(set(names))
         elif consolidated:
-            names = [k for k, m in consolidated["metadata"].items()
-                     if "/" not in k and m.get("node_type") == "group"]  # fmt: skip
+            names = [
+                k
+                for k, m in consolidated["metadata"].items()
+                if "/" not in k and m.get("node_type") == "group"
+            ]
         else:
             names = [
                 p.name

@@ -23,8 +23,16 @@ TOP_PACKAGES = ("vitcnn_store", "jobs", "cluster")
 
 # Lowest first: a module may import its own layer and any layer before it.
 LAYERS = (
-    "base", "kernels", "store", "models", "data", "jobs", "interface", "service", "deployment",
-)  # fmt: skip
+    "base",
+    "kernels",
+    "store",
+    "models",
+    "data",
+    "jobs",
+    "interface",
+    "service",
+    "deployment",
+)
 
 # Packages: every module inside takes the package's layer.
 PACKAGE_LAYERS = {

@@ -42,8 +42,20 @@ def run_bad(args: list[str], capsys: pytest.CaptureFixture[str], store: Path | N
 
 
 def extract_args(tmp: Path, *extra: str, images: str = "builtin:faces") -> list[str]:
-    return ["extract", *TINY, "--images", images, "--store", str(tmp / "s.zarr"), "--run", "r",
-            "--limit", "8", "--no-progress", *extra]  # fmt: skip
+    return [
+        "extract",
+        *TINY,
+        "--images",
+        images,
+        "--store",
+        str(tmp / "s.zarr"),
+        "--run",
+        "r",
+        "--limit",
+        "8",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def bad_files(folder: Path) -> None:
@@ -58,8 +70,11 @@ def bad_files(folder: Path) -> None:
 
 def test_strict_refuses_each_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad_files(tmp_path / "imgs")
-    err = run_bad(extract_args(tmp_path, "--strict", images=str(tmp_path / "imgs")), capsys,
-                  tmp_path / "s.zarr")  # fmt: skip
+    err = run_bad(
+        extract_args(tmp_path, "--strict", images=str(tmp_path / "imgs")),
+        capsys,
+        tmp_path / "s.zarr",
+    )
     assert "4 image(s) cannot be decoded" in err and "nothing was written" in err
     assert not (tmp_path / "s.zarr").exists()
 
@@ -103,28 +118,41 @@ def scaled_checkpoint(path: Path, scale: float, nan: bool = False) -> str:
 
 def test_float16_overflow(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = scaled_checkpoint(tmp_path / "big.safetensors", 1e6)
-    err = run_bad(extract_args(tmp_path, "--checkpoint", ckpt, "--layers", "patch_embed"), capsys,
-                  tmp_path / "s.zarr")  # fmt: skip
+    err = run_bad(
+        extract_args(tmp_path, "--checkpoint", ckpt, "--layers", "patch_embed"),
+        capsys,
+        tmp_path / "s.zarr",
+    )
     assert "float16" in err and "--dtype float32" in err
     assert not (tmp_path / "s.zarr").exists()
 
 
 def test_nan_activations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = scaled_checkpoint(tmp_path / "nan.safetensors", 1.0, nan=True)
-    err = run_bad(extract_args(tmp_path, "--checkpoint", ckpt, "--layers", "blocks.0"), capsys,
-                  tmp_path / "s.zarr")  # fmt: skip
+    err = run_bad(
+        extract_args(tmp_path, "--checkpoint", ckpt, "--layers", "blocks.0"),
+        capsys,
+        tmp_path / "s.zarr",
+    )
     assert "NaN" in err and "blocks.0" in err
 
 
 @pytest.mark.parametrize(
     ("option", "value", "words"),
-    [(o, v, "must be positive") for o in ("--batch-size", "--chunk-size", "--cpus-per-worker")
-     for v in ("0", "-3")]
-    + [("--workers", "-3", "must be >= 0, got -3 (0 runs in this process"),
-       ("--gpus-per-worker", "-1", "must be >= 0"), ("--lease-ttl", "nan", "must be positive")],
-)  # fmt: skip
-def test_out_of_range_sizes(tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str,
-                            value: str, words: str) -> None:  # fmt: skip
+    [
+        (o, v, "must be positive")
+        for o in ("--batch-size", "--chunk-size", "--cpus-per-worker")
+        for v in ("0", "-3")
+    ]
+    + [
+        ("--workers", "-3", "must be >= 0, got -3 (0 runs in this process"),
+        ("--gpus-per-worker", "-1", "must be >= 0"),
+        ("--lease-ttl", "nan", "must be positive"),
+    ],
+)
+def test_out_of_range_sizes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str, words: str
+) -> None:
     err = run_bad(extract_args(tmp_path, option, value), capsys, None)
     assert f"{option} {words}" in err, err
     assert not (tmp_path / "s.zarr").exists()
@@ -146,8 +174,9 @@ def filled(tmp_path: Path) -> Path:
     return tmp_path / "s.zarr"
 
 
-def test_file_name_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                            filled: Path) -> None:  # fmt: skip
+def test_file_name_not_utf8(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], filled: Path
+) -> None:
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "good.png")

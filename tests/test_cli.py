@@ -47,22 +47,62 @@ def test_query_writes_values_with_their_image_ids(
         assert got["image"].tolist() == list(range(16))
         assert got["image_id"].tolist() == ids[:16].tolist()
     out = tmp_path / "y.npz"
-    assert main(["query", tiny_store, "vit", "blocks.1", "--ids", "faces/0100,faces/0000",
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "query",
+                tiny_store,
+                "vit",
+                "blocks.1",
+                "--ids",
+                "faces/0100,faces/0000",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     with np.load(out) as got:
         assert got["values"].shape == (2, 5, 192)
         assert sorted(got["image_id"].tolist()) == ["faces/0000", "faces/0100"]
         first = open_store(tiny_store)["vit"]["blocks.1"].values[got["image"][0]]
         np.testing.assert_array_equal(got["values"][0], first)
-    assert main(["query", tiny_store, "vit", "blocks.0.attn", "--attention", "--images", "1,2",
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "query",
+                tiny_store,
+                "vit",
+                "blocks.0.attn",
+                "--attention",
+                "--images",
+                "1,2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     with np.load(out) as got:
         assert got["values"].shape == (2, 3, 5, 5) and got["image_id"].tolist() == ids[1:3].tolist()
 
 
 def test_layers_lists_shapes(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["layers", "vit_tiny_patch16_224", "--img-size", "32", "--model-arg", "depth=1",
-                 "--layers", "blocks.*.attn"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "layers",
+                "vit_tiny_patch16_224",
+                "--img-size",
+                "32",
+                "--model-arg",
+                "depth=1",
+                "--layers",
+                "blocks.*.attn",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "blocks.0.attn" in out and "(5, 192)" in out and "attention" in out
 
@@ -70,19 +110,78 @@ def test_layers_lists_shapes(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["extract", "vit_bse_patch16_224", "--images", "builtin:faces", "--store", "{tmp}/s.zarr",
-          "--run", "r"], "closest timm names"),
-        (["extract", "resnet18", "--images", "builtin:faces", "--store", "{tmp}/s.zarr", "--run",
-          "r", "--layers", "layer9.*"], "matches no module"),
-        (["extract", "resnet18", "--images", "{tmp}/nowhere", "--store", "{tmp}/s.zarr", "--run",
-          "r"], "nowhere"),
-        (["extract", "resnet18", "--images", "builtin:faces", "--store", "{tmp}/s.zarr", "--run",
-          "../r"], "invalid run name"),
-        (["extract", "resnet18", "--images", "builtin:faces", "--store", "{tmp}/s.zarr", "--run",
-          "r", "--workers", "-1"], "--workers must be >= 0"),
+        (
+            [
+                "extract",
+                "vit_bse_patch16_224",
+                "--images",
+                "builtin:faces",
+                "--store",
+                "{tmp}/s.zarr",
+                "--run",
+                "r",
+            ],
+            "closest timm names",
+        ),
+        (
+            [
+                "extract",
+                "resnet18",
+                "--images",
+                "builtin:faces",
+                "--store",
+                "{tmp}/s.zarr",
+                "--run",
+                "r",
+                "--layers",
+                "layer9.*",
+            ],
+            "matches no module",
+        ),
+        (
+            [
+                "extract",
+                "resnet18",
+                "--images",
+                "{tmp}/nowhere",
+                "--store",
+                "{tmp}/s.zarr",
+                "--run",
+                "r",
+            ],
+            "nowhere",
+        ),
+        (
+            [
+                "extract",
+                "resnet18",
+                "--images",
+                "builtin:faces",
+                "--store",
+                "{tmp}/s.zarr",
+                "--run",
+                "../r",
+            ],
+            "invalid run name",
+        ),
+        (
+            [
+                "extract",
+                "resnet18",
+                "--images",
+                "builtin:faces",
+                "--store",
+                "{tmp}/s.zarr",
+                "--run",
+                "r",
+                "--workers",
+                "-1",
+            ],
+            "--workers must be >= 0",
+        ),
         (["ls", "{tmp}"], "not a vitcnn store"),
     ],
-)  # fmt: skip
+)
 def test_bad_input_is_one_line_exit_2(
     tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -118,9 +217,12 @@ def test_argparse_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     ],
 )
 def test_query_bad_input_is_one_line_exit_2(
-    tiny_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+    tiny_store: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
     message: str,
-) -> None:  # fmt: skip
+) -> None:
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     before = snapshot(tiny_store)
     assert main(["query", tiny_store, "vit", "blocks.1", *args]) == 2
@@ -165,11 +267,16 @@ def test_roles_choices_are_the_jobs_role_sets(tmp_path: Path) -> None:
 
     attrs = {"kind": "channel", "depth_index": 0, "depth_fraction": 0.0}
     create_run(
-        str(tmp_path / "s.zarr"), "r", image_ids=["a"], labels=[0], chunk=1, dtype="float32",
+        str(tmp_path / "s.zarr"),
+        "r",
+        image_ids=["a"],
+        labels=[0],
+        chunk=1,
+        dtype="float32",
         arrays=[ArraySpec("fc", "activation", ("channel",), (2,), {}, attrs)],
         attrs={"model": "m", "dtype": "float32", "chunk_size": 1, "n_images": 1},
         image_sha256=["0" * 64],
-    )  # fmt: skip
+    )
     run = open_store(str(tmp_path / "s.zarr"))["r"]
     analyze = next(a for a in build_parser()._actions if a.choices and "analyze" in a.choices)
     for name in ("cka", "probe"):

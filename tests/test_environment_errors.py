@@ -56,8 +56,22 @@ def one_line(capsys: pytest.CaptureFixture[str]) -> str:
 
 
 def extract_args(store: Path, *extra: str) -> list[str]:
-    return ["extract", *TINY, "--images", "builtin:faces", "--limit", "64", "--chunk-size", "8",
-            "--store", str(store), "--run", "r", "--no-progress", *extra]  # fmt: skip
+    return [
+        "extract",
+        *TINY,
+        "--images",
+        "builtin:faces",
+        "--limit",
+        "64",
+        "--chunk-size",
+        "8",
+        "--store",
+        str(store),
+        "--run",
+        "r",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_disk_full_during_creation_then_recovered(
@@ -110,14 +124,25 @@ def test_read_only_store(small_disk: Path, capsys: pytest.CaptureFixture[str]) -
 
 def test_s3_without_credentials(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(tmp_path / "none"),
-               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), HOME=str(tmp_path))  # fmt: skip
-    for args in (["ls", "s3://vitcnn-nobody/acts.zarr"],
-                 ["verify", "s3://vitcnn-nobody/acts.zarr"],
-                 extract_args(Path("s3://vitcnn-nobody/acts.zarr"))):  # fmt: skip
+    env.update(
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        HOME=str(tmp_path),
+    )
+    for args in (
+        ["ls", "s3://vitcnn-nobody/acts.zarr"],
+        ["verify", "s3://vitcnn-nobody/acts.zarr"],
+        extract_args(Path("s3://vitcnn-nobody/acts.zarr")),
+    ):
         args = [a.replace("s3:/v", "s3://v") for a in args]
-        result = subprocess.run([sys.executable, "-m", "vitcnn_store.cli", *args], env=env,
-                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "vitcnn_store.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 1, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "no credentials for s3://vitcnn-nobody" in lines[0], lines

@@ -34,9 +34,20 @@ MARKUP = re.compile(r"``|`[^`]+`|:(func|class|mod|meth|data|attr):")
 
 def test_the_walk_finds_every_command() -> None:
     paths = {" ".join(path) for path, _ in COMMANDS}
-    expected = {"extract", "submit", "submit extract", "layers", "ls", "show", "verify", "query",
-                "report", "demo", "analyze", *(f"analyze {a}" for a in
-                ("cka", "attention", "localization", "skip", "probe"))}  # fmt: skip
+    expected = {
+        "extract",
+        "submit",
+        "submit extract",
+        "layers",
+        "ls",
+        "show",
+        "verify",
+        "query",
+        "report",
+        "demo",
+        "analyze",
+        *(f"analyze {a}" for a in ("cka", "attention", "localization", "skip", "probe")),
+    }
     assert expected | {""} <= paths, sorted(paths)
 
 
@@ -67,8 +78,10 @@ def test_help_as_a_new_user_types_it() -> None:
     """One real process, as from a shell: the crash of issue 16 was in --help of extract."""
     result = subprocess.run(
         [sys.executable, "-m", "vitcnn_store.cli", "extract", "--help"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert (
         "--resume | --overwrite" in result.stdout and "--pretrained | --checkpoint" in result.stdout

@@ -49,8 +49,12 @@ def run_cli(tmp_path: Path, *argv: str) -> tuple[int, set[str], str]:
     env = {**os.environ, "PYTHONPATH": path}
     proc = subprocess.run(
         [sys.executable, "-c", PROBE, str(out), *argv],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert out.exists(), proc.stderr
     result = json.loads(out.read_text())
     return result["code"], set(result["modules"]), proc.stderr
@@ -91,9 +95,21 @@ def test_ls_imports_no_compute_or_plotting_library(tmp_path: Path, store: Path) 
 
 def extract_args(store: Path | str, run: str, *extra: str) -> list[str]:
     return [
-        "extract", "not_a_timm_model", "--images", "builtin:faces", "--limit", "8",
-        "--store", str(store), "--run", run, "--workers", "0", "--no-progress", *extra,
-    ]  # fmt: skip
+        "extract",
+        "not_a_timm_model",
+        "--images",
+        "builtin:faces",
+        "--limit",
+        "8",
+        "--store",
+        str(store),
+        "--run",
+        run,
+        "--workers",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def refused_early(tmp_path: Path, store: Path, argv: list[str], code: int, message: str) -> None:

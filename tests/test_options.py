@@ -22,12 +22,16 @@ SAMPLES: dict[str, tuple[list[str], Any]] = {
     "model.pretrained": (["--pretrained"], True),
     "model.checkpoint": (["--checkpoint", "w.pth"], "w.pth"),
     "model.img_size": (["--img-size", "64"], 64),
-    "model.model_args": (["--model-arg", "depth=2", "--model-arg", "act=gelu"],
-                         {"depth": 2, "act": "gelu"}),
+    "model.model_args": (
+        ["--model-arg", "depth=2", "--model-arg", "act=gelu"],
+        {"depth": 2, "act": "gelu"},
+    ),
     "model.seed": (["--seed", "7"], 7),
     "layers": (["--layers", "layer1.*"], "layer1.*"),
-    "reduce": (["--reduce", "layer1.*=pool:2", "--reduce", "layer2.*=mean"],
-               ("layer1.*=pool:2", "layer2.*=mean")),
+    "reduce": (
+        ["--reduce", "layer1.*=pool:2", "--reduce", "layer2.*=mean"],
+        ("layer1.*=pool:2", "layer2.*=mean"),
+    ),
     "attention": (["--attention"], True),
     "attention_layers": (["--attention-layers", "blocks.0.attn"], "blocks.0.attn"),
     "attention_heads": (["--attention-heads"], True),
@@ -48,7 +52,7 @@ SAMPLES: dict[str, tuple[list[str], Any]] = {
     "address": (["--address", "127.0.0.1:6379"], "127.0.0.1:6379"),
     "progress": (["--no-progress"], False),
     "lease_ttl": (["--lease-ttl", "30"], 30.0),
-}  # fmt: skip
+}
 
 
 def table_fields(cls: Any, prefix: str = "") -> list[str]:
@@ -99,15 +103,18 @@ def test_required_and_positional_options() -> None:
 
 
 def test_config_round_trips_through_its_command_line() -> None:
-    argv = [a for path in SAMPLES if path not in ("resume", "model.checkpoint")
-            for a in SAMPLES[path][0]]  # fmt: skip
+    argv = [
+        a
+        for path in SAMPLES
+        if path not in ("resume", "model.checkpoint")
+        for a in SAMPLES[path][0]
+    ]
     cfg = parse(*argv)
     assert _extract_config(build_parser().parse_args(["extract", *to_argv(cfg)])) == cfg
 
 
 def choice_cases() -> list[tuple[str, str, tuple[str, ...]]]:
-    return [(f.name, opt.flag, opt.choices) for f, opt in options_of(ExtractConfig)
-            if opt.choices]  # fmt: skip
+    return [(f.name, opt.flag, opt.choices) for f, opt in options_of(ExtractConfig) if opt.choices]
 
 
 @pytest.mark.parametrize(("name", "flag", "choices"), choice_cases())
@@ -127,8 +134,7 @@ def test_argparse_and_validation_accept_the_same_choices(
 
 def bound_cases() -> list[tuple[str, str, str]]:
     bad = {"positive": "0", "non-negative": "-1"}
-    return [(f.name, opt.flag, bad[opt.check]) for f, opt in options_of(ExtractConfig)
-            if opt.check]  # fmt: skip
+    return [(f.name, opt.flag, bad[opt.check]) for f, opt in options_of(ExtractConfig) if opt.check]
 
 
 @pytest.mark.parametrize(("name", "flag", "bad"), bound_cases())

@@ -13,18 +13,29 @@ from vitcnn_store.interface import plots
 def _result(null: bool = True, depth: bool = True) -> xr.Dataset:
     rng = np.random.default_rng(0)
     a = np.array(["norm_pre"] + [f"blocks.{i}" for i in range(12)], dtype=object)
-    b = np.array(["maxpool"] + [f"layer{s}.{i}" for s in range(1, 5) for i in range(2)],
-                 dtype=object)  # fmt: skip
+    b = np.array(
+        ["maxpool"] + [f"layer{s}.{i}" for s in range(1, 5) for i in range(2)], dtype=object
+    )
     ds = xr.Dataset(
         {"cka": (("layer_a", "layer_b"), rng.uniform(0.2, 1.0, size=(13, 9)))},
         coords={"layer_a": a, "layer_b": b},
-        attrs={"analysis": "cka", "run_a": "vit", "run_b": "r50", "estimator":
-               "unbiased-minibatch", "n": 4096, "batch_size": 512, "n_batches": 8,
-               "repeats": 20, "reduce": "flatten", "null_batches": 8},
-    )  # fmt: skip
+        attrs={
+            "analysis": "cka",
+            "run_a": "vit",
+            "run_b": "r50",
+            "estimator": "unbiased-minibatch",
+            "n": 4096,
+            "batch_size": 512,
+            "n_batches": 8,
+            "repeats": 20,
+            "reduce": "flatten",
+            "null_batches": 8,
+        },
+    )
     if depth:
-        ds = ds.assign_coords(depth_a=("layer_a", np.linspace(0, 1, 13)),
-                              depth_b=("layer_b", np.linspace(0, 1, 9)))  # fmt: skip
+        ds = ds.assign_coords(
+            depth_a=("layer_a", np.linspace(0, 1, 13)), depth_b=("layer_b", np.linspace(0, 1, 9))
+        )
     if null:
         ds["cka_null"] = (("layer_a", "layer_b"), rng.uniform(0.0, 0.08, size=(13, 9)))
     return ds
@@ -45,8 +56,13 @@ def test_depth_axes_and_null_panel(tmp_path: Path) -> None:
     marks = [ln.get_ydata()[0] for ln in bar.get_lines()]
     assert any(abs(m - level) < 1e-9 for m in marks)
     assert "null (same layers, images permuted)" in fig.texts[0].get_text()
-    assert [t.get_text() for t in cka_ax.get_xticklabels()] == ["0.00", "0.25", "0.50", "0.75",
-                                                                 "1.00"]  # fmt: skip
+    assert [t.get_text() for t in cka_ax.get_xticklabels()] == [
+        "0.00",
+        "0.25",
+        "0.50",
+        "0.75",
+        "1.00",
+    ]
     top, right = cka_ax.child_axes  # layer names on the opposite sides
     assert "layer4.1" in [t.get_text() for t in top.get_xticklabels()]
     assert "blocks.11" in [t.get_text() for t in right.get_yticklabels()]
@@ -83,8 +99,11 @@ def test_negative_values_sd_and_percentile_are_shown_not_clipped() -> None:
     assert null_mesh.norm.vmin <= -0.07 and null_mesh.norm.vmax >= ds["cka_null"].values.max()
     assert "sd over" in _panel(fig, "sd over").get_title()
     assert "20 permutations" in _panel(fig, "percentile").get_title()
-    labels = sorted(ax.get_ylabel() for ax in fig.axes if ax.get_ylabel() in
-                    ("CKA", "sd of CKA", "null CKA", "percentile"))  # fmt: skip
+    labels = sorted(
+        ax.get_ylabel()
+        for ax in fig.axes
+        if ax.get_ylabel() in ("CKA", "sd of CKA", "null CKA", "percentile")
+    )
     assert labels == ["CKA", "null CKA", "percentile", "sd of CKA"]  # one bar per panel
     bar = next(ax for ax in fig.axes if ax.get_ylabel() == "CKA")
     (label,) = [t for t in bar.texts if t.get_text() == "null max"]

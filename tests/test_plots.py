@@ -91,8 +91,14 @@ def _datasets() -> dict[str, xr.Dataset]:
         coords={"head_layer": _names("blocks.attn.norm", 3), "layer_b": _names("layer1.", 2)},
         attrs={"analysis": "heads", "run_a": "vit", "run_b": "r50", "n": 64},
     )
-    return {"cka": cka, "attention": att, "localization": loc, "skip": skip, "probe": probe,
-            "heads": heads}  # fmt: skip
+    return {
+        "cka": cka,
+        "attention": att,
+        "localization": loc,
+        "skip": skip,
+        "probe": probe,
+        "heads": heads,
+    }
 
 
 @pytest.mark.parametrize("kind", [e.name for e in ANALYSES.values() if e.draws_figure])

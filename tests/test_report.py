@@ -14,10 +14,12 @@ from vitcnn_store import open_store
 from vitcnn_store.cli import main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ANALYSES = {"vit": {"cka", "cka__resnet", "attention", "localization"},
-            "resnet": {"cka", "localization"},
-            "vit_faces": {"skip", "probe"},
-            "resnet_faces": {"skip", "probe"}}  # fmt: skip
+ANALYSES = {
+    "vit": {"cka", "cka__resnet", "attention", "localization"},
+    "resnet": {"cka", "localization"},
+    "vit_faces": {"skip", "probe"},
+    "resnet_faces": {"skip", "probe"},
+}
 OVERLAYS = {"probe", "skip"}  # every run's curve on one normalized-depth axis
 N_FIGURES = sum(len(v) for v in ANALYSES.values()) + len(OVERLAYS)
 # The store's figure folder, where vitcnn analyze and vitcnn report also draw (one convention).
@@ -62,10 +64,16 @@ def test_report_in_headless_browser(demo: Path) -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync"],
-        )  # fmt: skip
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))

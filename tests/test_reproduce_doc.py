@@ -78,8 +78,11 @@ def _values_per_image(name: str, layers: str) -> tuple[int, int]:
     ]
     heads = [model.get_submodule(n).num_heads for n in attention_modules(model)]
     if heads:
-        hooks.append(model.get_submodule("norm_pre").register_forward_hook(
-            lambda _m, _i, out: tokens.append(out.shape[1])))  # fmt: skip
+        hooks.append(
+            model.get_submodule("norm_pre").register_forward_hook(
+                lambda _m, _i, out: tokens.append(out.shape[1])
+            )
+        )
     with torch.no_grad():
         model(torch.zeros(1, 3, 224, 224, device="meta"))
     for h in hooks:

@@ -67,8 +67,16 @@ def test_reuse_prints_reused_line(store: Path, tmp_path: Path) -> None:
 
     from tests.test_light_startup import ROOT
 
-    cmd = [sys.executable, "-m", "vitcnn_store.cli", "analyze", "cka", str(store), "v",
-           "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "vitcnn_store.cli",
+        "analyze",
+        "cka",
+        str(store),
+        "v",
+        "--no-progress",
+    ]
     env_path = {"PYTHONPATH": str(ROOT)}
     import os
 
@@ -78,6 +86,7 @@ def test_reuse_prints_reused_line(store: Path, tmp_path: Path) -> None:
     assert "cka: reused " in out and "(same parameters; --recompute to redo)" in out
     assert "figure: " in out
     # --recompute computes again and redraws.
-    out = subprocess.run([*cmd, "--recompute"], check=True, capture_output=True, text=True,
-                         env=env).stdout  # fmt: skip
+    out = subprocess.run(
+        [*cmd, "--recompute"], check=True, capture_output=True, text=True, env=env
+    ).stdout
     assert "cka: rewrote " in out

@@ -36,8 +36,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     url = str(tmp_path_factory.mktemp("spec") / "acts.zarr")
     extract_tiny(url, "vit", "vit", layers="preset:blocks", attention=True)
     extract_tiny(url, "resnet", "resnet", layers="preset:blocks", compression="lz4")
-    run_cka(CKAConfig(store=url, run="vit", batch_size=8, repeats=2, gram_tile=24,
-                      progress=False))  # fmt: skip
+    run_cka(CKAConfig(store=url, run="vit", batch_size=8, repeats=2, gram_tile=24, progress=False))
     return url
 
 
@@ -59,8 +58,14 @@ def test_reader_imports_no_zarr_xarray_or_vitcnn(store: str) -> None:
         "bad = [m for m in sys.modules if m.split('.')[0] in ('zarr', 'xarray', 'vitcnn_store')];"
         "assert not bad, bad"
     )
-    out = subprocess.run([sys.executable, "-c", code, store], cwd=REPO, capture_output=True,
-                         text=True, timeout=120, env={"PYTHONPATH": str(REPO)})  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code, store],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO)},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "['resnet', 'vit']"
 
@@ -157,10 +162,15 @@ def test_gram_gives_x_xt(store: str) -> None:
         want = x @ x.T
         k, row_mean = spec.gram("vit", layer)
         scale = np.abs(want).max()
-        np.testing.assert_allclose(k[np.ix_(usable, usable)], want[np.ix_(usable, usable)],
-                                   rtol=1e-10, atol=1e-10 * scale)  # fmt: skip
-        np.testing.assert_allclose(row_mean[usable], want[np.ix_(usable, usable)].mean(axis=1),
-                                   rtol=1e-10, atol=1e-10 * scale)  # fmt: skip
+        np.testing.assert_allclose(
+            k[np.ix_(usable, usable)], want[np.ix_(usable, usable)], rtol=1e-10, atol=1e-10 * scale
+        )
+        np.testing.assert_allclose(
+            row_mean[usable],
+            want[np.ix_(usable, usable)].mean(axis=1),
+            rtol=1e-10,
+            atol=1e-10 * scale,
+        )
         # The stored numbers are the shifted Gram xarray sees too; tiles of min(tile, n).
         g = xr.open_zarr(store, group=f"vit/_grams/{layer}", consolidated=False)["gram"].values
         _same(spec.read(f"vit/_grams/{layer}/gram"), g)

@@ -145,9 +145,13 @@ class DamagedDataError(StoreError, EnvironmentFailureError):
     """
 
     def __init__(
-        self, message: str, *, run: str | None = None, layer: str | None = None,
+        self,
+        message: str,
+        *,
+        run: str | None = None,
+        layer: str | None = None,
         unit: int | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(message)
         self.run, self.layer, self.unit = run, layer, unit
 

@@ -190,8 +190,9 @@ def add_arguments(
         default = _default_of(f)
         dest = prefix + f.name
         if opt.action == "positional":
-            target.add_argument(dest, help=opt.help, metavar=opt.metavar or f.name.upper(),
-                                type=_argparse_type(opt))  # fmt: skip
+            target.add_argument(
+                dest, help=opt.help, metavar=opt.metavar or f.name.upper(), type=_argparse_type(opt)
+            )
         elif opt.action in ("true", "false"):
             action = "store_true" if opt.action == "true" else "store_false"
             target.add_argument(opt.flag, dest=dest, help=opt.help, action=action)

@@ -111,13 +111,18 @@ def _distance_interval(
     for j in range(layers):
         rows = np.concatenate([per_image[i] for i in sorted(per_image) if owner[i] == j])
         columns.append(np.pad(rows, ((0, 0), (0, heads - rows.shape[1])), constant_values=np.nan))
-    lo, hi = bootstrap_mean_interval(np.stack(columns, axis=1), n_boot=cfg.bootstrap,
-                                     level=cfg.ci_level, seed=0)  # fmt: skip
+    lo, hi = bootstrap_mean_interval(
+        np.stack(columns, axis=1), n_boot=cfg.bootstrap, level=cfg.ci_level, seed=0
+    )
     for name, values in (("mean_distance_lo", lo), ("mean_distance_hi", hi)):
         ds[name] = (("layer", "head"), values)
-        ds[name].attrs.update(units="input pixels", long_name=(
-            f"{'lower' if name.endswith('lo') else 'upper'} end of the {cfg.ci_level:g} "
-            f"percentile bootstrap interval over images ({cfg.bootstrap} resamples)"))  # fmt: skip
+        ds[name].attrs.update(
+            units="input pixels",
+            long_name=(
+                f"{'lower' if name.endswith('lo') else 'upper'} end of the {cfg.ci_level:g} "
+                f"percentile bootstrap interval over images ({cfg.bootstrap} resamples)"
+            ),
+        )
     ds.attrs.update(ci_level=cfg.ci_level, bootstrap_resamples=cfg.bootstrap, bootstrap_seed=0)
 
 

@@ -173,10 +173,18 @@ def run_findings(run: Run, results: Sequence[xr.Dataset] = (), *, limit: int = 6
     }
     if zeros and not set(zeros) <= named_dead:  # dead branches are named with the skip result
         more = f" (+{len(zeros) - 4} more)" if len(zeros) > 4 else ""
-        out.append(Finding(run.name, "zero-layers", tuple(zeros), (
-            f"{len(zeros)} layer(s) exactly 0 on the {rows.size} images compared: "
-            f"{', '.join(zeros[:4])}{more}"
-        ), zero_init))  # fmt: skip
+        out.append(
+            Finding(
+                run.name,
+                "zero-layers",
+                tuple(zeros),
+                (
+                    f"{len(zeros)} layer(s) exactly 0 on the {rows.size} images compared: "
+                    f"{', '.join(zeros[:4])}{more}"
+                ),
+                zero_init,
+            )
+        )
     named = {frozenset(f.layers) for f in out}
     for ds in results:
         kind = ds.attrs.get("analysis")
@@ -184,14 +192,29 @@ def run_findings(run: Run, results: Sequence[xr.Dataset] = (), *, limit: int = 6
             for group in cka_one_blocks(ds):
                 if frozenset(group) in named:
                     continue  # already explained by identical activations
-                out.append(Finding(run.name, "cka-one", group, (
-                    f"CKA ≥ {CKA_ONE} between {', '.join(group)}: one representation up to "
-                    "rotation and scale, shown as a block of 1 in the CKA figure"
-                )))  # fmt: skip
+                out.append(
+                    Finding(
+                        run.name,
+                        "cka-one",
+                        group,
+                        (
+                            f"CKA ≥ {CKA_ONE} between {', '.join(group)}: one representation up to "
+                            "rotation and scale, shown as a block of 1 in the CKA figure"
+                        ),
+                    )
+                )
         elif kind == "skip" and (dead := dead_branches(ds)):
             extra = f" (+{len(dead) - 4} more)" if len(dead) > 4 else ""
-            out.append(Finding(run.name, "dead-branches", tuple(dead), (
-                f"{len(dead)} residual branch(es) output exactly 0 on every image: "
-                f"{', '.join(dead[:4])}{extra}; their skip ratio is undefined and not drawn"
-            ), zero_init))  # fmt: skip
+            out.append(
+                Finding(
+                    run.name,
+                    "dead-branches",
+                    tuple(dead),
+                    (
+                        f"{len(dead)} residual branch(es) output exactly 0 on every image: "
+                        f"{', '.join(dead[:4])}{extra}; their skip ratio is undefined and not drawn"
+                    ),
+                    zero_init,
+                )
+            )
     return out

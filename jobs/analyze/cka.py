@@ -112,8 +112,11 @@ def _plan(cfg: CKAConfig) -> _Plan:
     if run_b is run_a:
         mask_b = mask_a
         idx_a = idx_b = np.flatnonzero(mask_a)
-        layers_b = select_by_role(run_a, cfg.layers2, cfg.roles, "--layers2")[0] if cfg.layers2 \
-            else layers_a  # fmt: skip
+        layers_b = (
+            select_by_role(run_a, cfg.layers2, cfg.roles, "--layers2")[0]
+            if cfg.layers2
+            else layers_a
+        )
     else:
         mask_b = usable_mask(run_b, cfg.allow_incomplete)
         idx_a, idx_b = align_images(run_a, mask_a, run_b, mask_b)
@@ -122,8 +125,9 @@ def _plan(cfg: CKAConfig) -> _Plan:
     if cfg.full_sample:
         need = 4 if cfg.estimator == "unbiased" else 2
         if n < need:
-            raise UsageError(f"the {cfg.estimator} estimator needs at least {need} usable "
-                             f"images, got {n}")  # fmt: skip
+            raise UsageError(
+                f"the {cfg.estimator} estimator needs at least {need} usable images, got {n}"
+            )
         batches = [[np.arange(n)]]
     else:
         batch = cap_batch_size(cfg.batch_size, n)
@@ -172,10 +176,12 @@ def _plan_null(cfg: CKAConfig, plan: _Plan) -> None:
     # More permutations reorder each gathered side-b batch Gram's rows and columns: a
     # fresh random pairing of the same images, with no further pass over the cache.
     plan.null_perms = [
-        [np.random.default_rng((cfg.seed, _NULL_SEED, k, g)).permutation(b.size)
-         for g, b in enumerate(plan.null_a)]
+        [
+            np.random.default_rng((cfg.seed, _NULL_SEED, k, g)).permutation(b.size)
+            for g, b in enumerate(plan.null_a)
+        ]
         for k in range(1, cfg.null_permutations)
-    ]  # fmt: skip
+    ]
 
 
 # -- computing ----------------------------------------------------------------------------
@@ -257,8 +263,11 @@ def _compute(cfg: CKAConfig, plan: _Plan, executor: Executor) -> tuple[Any, ...]
         layer = gram_layer(e.layer or "")
         if layer is None or e.run is None:
             raise
-        warnings.warn(f"the Gram cache of {e.run}/{layer} is damaged: computing it again",
-                      AnalysisWarning, stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"the Gram cache of {e.run}/{layer} is damaged: computing it again",
+            AnalysisWarning,
+            stacklevel=3,
+        )
         delete_grams(cfg.store, e.run, layer)
         return _compute_once(cfg, plan, executor)
 
@@ -267,14 +276,21 @@ def _compute_once(cfg: CKAConfig, plan: _Plan, executor: Executor) -> tuple[Any,
     label = f"cka {cfg.run}" + (f" × {cfg.run2}" if cfg.run2 else "")
     opts: dict[str, Any] = {"tile": cfg.gram_tile, "dtype": cfg.gram_dtype, "label": "grams"}
     wanted_a = list(dict.fromkeys(plan.layers_a + ([] if plan.cross else plan.layers_b)))
-    infos, computed = ensure_grams(executor, plan.run_a, wanted_a, cfg.reduce, plan.mask_a,
-                                   plan.states_a, **opts)  # fmt: skip
+    infos, computed = ensure_grams(
+        executor, plan.run_a, wanted_a, cfg.reduce, plan.mask_a, plan.states_a, **opts
+    )
     grams_a = dict(zip(wanted_a, infos, strict=True))
     grams_b: dict[str, GramInfo] = {}
     if plan.cross:
         infos_b, computed_b = ensure_grams(
-            executor, plan.run_b, plan.layers_b, cfg.reduce, plan.mask_b, plan.states_b, **opts,
-        )  # fmt: skip
+            executor,
+            plan.run_b,
+            plan.layers_b,
+            cfg.reduce,
+            plan.mask_b,
+            plan.states_b,
+            **opts,
+        )
         grams_b = dict(zip(plan.layers_b, infos_b, strict=True))
         computed = [f"{plan.run_a.name}/{n}" for n in computed] + [
             f"{plan.run_b.name}/{n}" for n in computed_b
@@ -286,9 +302,14 @@ def _compute_once(cfg: CKAConfig, plan: _Plan, executor: Executor) -> tuple[Any,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConstantRepresentationWarning)
         if cfg.kernel == "linear":
-            job = TilePass(side_a, side_b, BatchLayout.from_batches(plan.n, plan.batches),
-                           unbiased=cfg.estimator != "biased", requests_a=plan.null_a,
-                           requests_b=plan.null_b)  # fmt: skip
+            job = TilePass(
+                side_a,
+                side_b,
+                BatchLayout.from_batches(plan.n, plan.batches),
+                unbiased=cfg.estimator != "biased",
+                requests_a=plan.null_a,
+                requests_b=plan.null_b,
+            )
             acc, ga, gb = run_tile_pass(executor, job, desc=label)
             assert acc is not None
             per_repeat = list(acc.result(warn=False))
@@ -306,9 +327,13 @@ def _compute_once(cfg: CKAConfig, plan: _Plan, executor: Executor) -> tuple[Any,
 
 
 def _compute_rbf(
-    cfg: CKAConfig, plan: _Plan, executor: Executor, side_a: GramSide,
-    side_b: GramSide | None, label: str,
-) -> tuple[list[np.ndarray], list[np.ndarray] | None]:  # fmt: skip
+    cfg: CKAConfig,
+    plan: _Plan,
+    executor: Executor,
+    side_a: GramSide,
+    side_b: GramSide | None,
+    label: str,
+) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
     """RBF needs each batch Gram whole (its bandwidth is a median): gather them, in as
     many passes over the tiles as ``gather_bytes`` requires."""
     flat = [(r, j) for r in range(len(plan.batches)) for j in range(len(plan.batches[r]))]
@@ -329,8 +354,9 @@ def _compute_rbf(
         requests = [plan.batches[r][j] for r, j in chunk]
         extra_a = plan.null_a if first else []
         extra_b = plan.null_b if first else []
-        job = TilePass(side_a, side_b, None, requests_a=requests + extra_a,
-                       requests_b=requests + extra_b)  # fmt: skip
+        job = TilePass(
+            side_a, side_b, None, requests_a=requests + extra_a, requests_b=requests + extra_b
+        )
         _, ga, gb = run_tile_pass(executor, job, desc=f"{label} (rbf {start // per_round + 1})")
         assert ga is not None and gb is not None
         for k, (r, _) in enumerate(chunk):
@@ -338,8 +364,10 @@ def _compute_rbf(
                 biased += _from_gathered(cfg, plan, ga, gb, [[k]])
             else:
                 acc = accs[r]
-                acc.update_grams(_transform(ga.grams(k), cfg, plan.layers_a),
-                                 _transform(gb.grams(k), cfg, plan.layers_b))  # fmt: skip
+                acc.update_grams(
+                    _transform(ga.grams(k), cfg, plan.layers_a),
+                    _transform(gb.grams(k), cfg, plan.layers_b),
+                )
         if first and plan.null_a:
             null = _null(cfg, plan, ga, gb, len(chunk))
     if cfg.estimator == "biased":
@@ -444,8 +472,9 @@ def _dataset(
                 for perms in plan.null_perms
             ]
             data["null_permutation_image_b"] = (
-                ("permutation", "null_batch", "null_member"), plan.idx_b[np.stack(order)],
-            )  # fmt: skip
+                ("permutation", "null_batch", "null_member"),
+                plan.idx_b[np.stack(order)],
+            )
     coords: dict[str, Any] = {
         "layer_a": string_coord(plan.layers_a),
         "layer_b": string_coord(plan.layers_b),

@@ -109,8 +109,16 @@ def _task(
     raw_b = None if job.side_b is None else _read(job.side_b, rows, cols)
     part = None
     if job.layout is not None:
-        part = tile_part(job.layout, rows, None if diagonal else cols, raw_a, shift_a, raw_b,
-                         shift_b, unbiased=job.unbiased)  # fmt: skip
+        part = tile_part(
+            job.layout,
+            rows,
+            None if diagonal else cols,
+            raw_a,
+            shift_a,
+            raw_b,
+            shift_b,
+            unbiased=job.unbiased,
+        )
     c = None if diagonal else cols
     pieces_a = gather_part(job.requests_a, rows, c, raw_a) if job.requests_a else []
     pieces_b = (

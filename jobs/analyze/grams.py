@@ -159,9 +159,16 @@ def ensure_grams(
         layer = layers[i]
         data, _ = reduce_layer(run[layer], reduce)
         info = create_gram(
-            run.store.url, run.name, layer, reduce, n=run.n_images, tile=size,
-            features=_features(data), state=states[layer], dtype=dtype,
-        )  # fmt: skip
+            run.store.url,
+            run.name,
+            layer,
+            reduce,
+            n=run.n_images,
+            tile=size,
+            features=_features(data),
+            state=states[layer],
+            dtype=dtype,
+        )
         tasks = _layer_tasks(info, data, mask)
         sums = np.zeros(info.n)
         offset = np.full(info.n, np.nan)

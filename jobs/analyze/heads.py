@@ -111,12 +111,14 @@ def run_heads(cfg: HeadsConfig) -> AnalysisResult:
             rows_a, rows_b = idx_a[batches[i]], idx_b[batches[i]]
             return delayed(_batch, pure=True)(
                 [row_pieces(x, rows_a) for x in data_a],
-                [row_pieces(y, rows_b) for y in data_b], splits,
-            )  # fmt: skip
+                [row_pieces(y, rows_b) for y in data_b],
+                splits,
+            )
 
         acc = MinibatchCKAMatrix()
-        for _, part in executor.imap(LazyTasks(len(batches), task), desc=f"heads {cfg.run}",
-                                     window=len(batches)):  # fmt: skip
+        for _, part in executor.imap(
+            LazyTasks(len(batches), task), desc=f"heads {cfg.run}", window=len(batches)
+        ):
             acc.merge(part)
         cka = acc.result()
         # Mean attention distance per head, over every usable image of the run.
@@ -131,8 +133,9 @@ def run_heads(cfg: HeadsConfig) -> AnalysisResult:
             current = accs[owner[i]]
             accs[owner[i]] = part if current is None else current.merge(part)
         distances = [a.mean_distance() if a is not None else None for a in accs]
-        return _dataset(cfg, layers, others, splits, cka, distances, idx_a, idx_b, batches,
-                        int(mask.sum()))  # fmt: skip
+        return _dataset(
+            cfg, layers, others, splits, cka, distances, idx_a, idx_b, batches, int(mask.sum())
+        )
 
     return run_analysis(
         cfg,
@@ -145,10 +148,17 @@ def run_heads(cfg: HeadsConfig) -> AnalysisResult:
 
 
 def _dataset(
-    cfg: HeadsConfig, layers: list[str], others: list[str], splits: list[tuple[int, int]],
-    cka: np.ndarray, distances: list[Any], idx_a: np.ndarray, idx_b: np.ndarray,
-    batches: list[np.ndarray], n_attention: int,
-) -> xr.Dataset:  # fmt: skip
+    cfg: HeadsConfig,
+    layers: list[str],
+    others: list[str],
+    splits: list[tuple[int, int]],
+    cka: np.ndarray,
+    distances: list[Any],
+    idx_a: np.ndarray,
+    idx_b: np.ndarray,
+    batches: list[np.ndarray],
+    n_attention: int,
+) -> xr.Dataset:
     import xarray as xr
 
     heads = max(h for h, _ in splits)

@@ -172,8 +172,9 @@ def run_localization(cfg: LocalizationConfig) -> AnalysisResult:
         x = run[layer]
         info = layer_info(x)
         ys, xs, where = patch_grid(x, info)  # refuses a layer stored reduced
-        opened.update(x=x, info=info, ys=ys, xs=xs, inputs=run.inputs,
-                      index=[where[t] for t in targets])  # fmt: skip
+        opened.update(
+            x=x, info=info, ys=ys, xs=xs, inputs=run.inputs, index=[where[t] for t in targets]
+        )
 
     def compute(executor: Executor) -> xr.Dataset:
         from dask import delayed
@@ -221,8 +222,9 @@ def run_localization(cfg: LocalizationConfig) -> AnalysisResult:
         if cfg.bootstrap and len(batches) < 2:
             ds.attrs["bootstrap"] = "no interval: one batch, nothing to resample"
         elif cfg.bootstrap:
-            lo, hi = batch_bootstrap_interval([p for p, _ in ordered], n_boot=cfg.bootstrap,
-                                              level=cfg.ci_level, seed=cfg.seed)  # fmt: skip
+            lo, hi = batch_bootstrap_interval(
+                [p for p, _ in ordered], n_boot=cfg.bootstrap, level=cfg.ci_level, seed=cfg.seed
+            )
             for end, v in (("lo", lo), ("hi", hi)):
                 ds[f"localization_{end}"] = (("target", "grid_y", "grid_x"), v.reshape(shape))
                 ds[f"localization_{end}"].attrs["long_name"] = (
@@ -230,9 +232,12 @@ def run_localization(cfg: LocalizationConfig) -> AnalysisResult:
                     f"percentile bootstrap interval over the {len(batches)} batches "
                     f"({cfg.bootstrap} resamples)"
                 )
-            ds.attrs.update(ci_level=cfg.ci_level, bootstrap_resamples=cfg.bootstrap,
-                            bootstrap_seed=cfg.seed,
-                            bootstrap_unit="batch (disjoint random image sets)")  # fmt: skip
+            ds.attrs.update(
+                ci_level=cfg.ci_level,
+                bootstrap_resamples=cfg.bootstrap,
+                bootstrap_seed=cfg.seed,
+                bootstrap_unit="batch (disjoint random image sets)",
+            )
         return ds
 
     return run_analysis(

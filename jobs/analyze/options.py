@@ -68,9 +68,17 @@ __all__ = [
 # Options that change how a result is computed, never what it is: left out of the
 # parameter dict compared for reuse.
 EXECUTION_OPTIONS = frozenset(
-    {"store", "recompute", "replace", "dask_address", "threads", "progress", "gram_tile",
-     "gather_bytes"}
-)  # fmt: skip
+    {
+        "store",
+        "recompute",
+        "replace",
+        "dask_address",
+        "threads",
+        "progress",
+        "gram_tile",
+        "gather_bytes",
+    }
+)
 ESTIMATORS = ("unbiased-minibatch", "biased", "unbiased")
 KERNELS = ("linear", "rbf")
 FEATURES = ("auto", "cls", "gap")
@@ -212,24 +220,48 @@ class AnalysisOptions:
     {'run': 'vit', 'name': None, 'allow_incomplete': False}
     """
 
-    # fmt: off
     store: str  # the positionals of the CLI, typed by hand there
     run: str
-    name: str | None = option(None, flag="--name", parse=str,
-        help="result name under <run>/_analyses/ (default: the analysis)")
-    recompute: bool = option(False, flag="--recompute", action="true",
-        help="recompute even if a result with the same parameters is stored (rewriting it)")
-    replace: bool = option(False, flag="--replace", action="true",
+    name: str | None = option(
+        None,
+        flag="--name",
+        parse=str,
+        help="result name under <run>/_analyses/ (default: the analysis)",
+    )
+    recompute: bool = option(
+        False,
+        flag="--recompute",
+        action="true",
+        help="recompute even if a result with the same parameters is stored (rewriting it)",
+    )
+    replace: bool = option(
+        False,
+        flag="--replace",
+        action="true",
         help="delete this name's results with other parameters once the new one is written "
-        "(default: keep them)")
-    allow_incomplete: bool = option(False, flag="--allow-incomplete", action="true",
-        help="analyse the written units of an unfinished run (recorded in the result)")
-    dask_address: str | None = option(None, flag="--dask-address", parse=str,
-        metavar="tcp://HOST:PORT", help="dask scheduler to run on (default: local threads)")
-    threads: int | None = option(None, flag="--threads", parse=int, check="positive",
-        help="local threads (default: all cores)")
+        "(default: keep them)",
+    )
+    allow_incomplete: bool = option(
+        False,
+        flag="--allow-incomplete",
+        action="true",
+        help="analyse the written units of an unfinished run (recorded in the result)",
+    )
+    dask_address: str | None = option(
+        None,
+        flag="--dask-address",
+        parse=str,
+        metavar="tcp://HOST:PORT",
+        help="dask scheduler to run on (default: local threads)",
+    )
+    threads: int | None = option(
+        None,
+        flag="--threads",
+        parse=int,
+        check="positive",
+        help="local threads (default: all cores)",
+    )
     progress: bool = option(True, flag="--no-progress", action="false", help="no progress bar")
-    # fmt: on
 
     def __post_init__(self) -> None:
         self.validate()
@@ -243,8 +275,10 @@ class AnalysisOptions:
         return {k: v for k, v in asdict(self).items() if k not in EXECUTION_OPTIONS}
 
 
-_ROLES_HELP = ("layers without --layers: the residual stream (stem and block outputs), plus "
-               "branch outputs, or every stored layer")  # fmt: skip
+_ROLES_HELP = (
+    "layers without --layers: the residual stream (stem and block outputs), plus "
+    "branch outputs, or every stored layer"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -265,47 +299,106 @@ class CKAConfig(AnalysisOptions):
     how the result is computed, never what it is.
     """
 
-    # fmt: off
     run2: str | None = None  # the optional positional RUN2 of the CLI
-    estimator: str = option("unbiased-minibatch", flag="--estimator", choices=ESTIMATORS,
+    estimator: str = option(
+        "unbiased-minibatch",
+        flag="--estimator",
+        choices=ESTIMATORS,
         help="unbiased HSIC1 summed over minibatches (the paper's), biased HSIC over all "
-        "images, or unbiased HSIC1 over all images")
-    batch_size: int = option(DEFAULT_BATCH_SIZE, flag="--batch-size", parse=int,
-        check=_AT_LEAST_BATCH, help="images per batch, capped to the usable images")
-    repeats: int = option(1, flag="--repeats", parse=int, check="positive",
-        help="fresh samplings, averaged (std reported)")
-    max_batches: int | None = option(None, flag="--batches", parse=int, check="positive",
-        metavar="N", help="at most N batches per repeat (default: every full batch)")
+        "images, or unbiased HSIC1 over all images",
+    )
+    batch_size: int = option(
+        DEFAULT_BATCH_SIZE,
+        flag="--batch-size",
+        parse=int,
+        check=_AT_LEAST_BATCH,
+        help="images per batch, capped to the usable images",
+    )
+    repeats: int = option(
+        1,
+        flag="--repeats",
+        parse=int,
+        check="positive",
+        help="fresh samplings, averaged (std reported)",
+    )
+    max_batches: int | None = option(
+        None,
+        flag="--batches",
+        parse=int,
+        check="positive",
+        metavar="N",
+        help="at most N batches per repeat (default: every full batch)",
+    )
     seed: int = option(0, flag="--seed", parse=int, check="non-negative", help="sampling seed")
-    reduce: str = option("flatten", flag="--reduce", choices=FEATURE_REDUCTIONS,
-        help="flatten tokens x channels, token/spatial mean, or CLS")
+    reduce: str = option(
+        "flatten",
+        flag="--reduce",
+        choices=FEATURE_REDUCTIONS,
+        help="flatten tokens x channels, token/spatial mean, or CLS",
+    )
     kernel: str = option("linear", flag="--kernel", choices=KERNELS, help="the CKA kernel")
-    rbf_threshold: float = option(1.0, flag="--rbf-threshold", parse=float, check="positive",
-        help="RBF bandwidth as a fraction of the median distance")
-    layers: str | None = option(None, flag="--layers", parse=str, metavar="PATTERNS",
-        help="pick the first run's layers")
-    layers2: str | None = option(None, flag="--layers2", parse=str, metavar="PATTERNS",
+    rbf_threshold: float = option(
+        1.0,
+        flag="--rbf-threshold",
+        parse=float,
+        check="positive",
+        help="RBF bandwidth as a fraction of the median distance",
+    )
+    layers: str | None = option(
+        None, flag="--layers", parse=str, metavar="PATTERNS", help="pick the first run's layers"
+    )
+    layers2: str | None = option(
+        None,
+        flag="--layers2",
+        parse=str,
+        metavar="PATTERNS",
         help="pick the second side's layers (default: --layers within a run, the same "
-        "roles of RUN2 across runs)")
+        "roles of RUN2 across runs)",
+    )
     roles: str = option("stream", flag="--roles", choices=ROLE_SETS, help=_ROLES_HELP)
-    null_batches: int | None = option(None, flag="--null-batches", parse=int,
-        check="non-negative", metavar="K",
+    null_batches: int | None = option(
+        None,
+        flag="--null-batches",
+        parse=int,
+        check="non-negative",
+        metavar="K",
         help="batches of the permutation null (default: one repeat's, within 1 GiB of batch "
-        "Grams; 0: no null)")
-    null_permutations: int = option(1, flag="--null-permutations", parse=int,
-        check="positive", metavar="K",
+        "Grams; 0: no null)",
+    )
+    null_permutations: int = option(
+        1,
+        flag="--null-permutations",
+        parse=int,
+        check="positive",
+        metavar="K",
         help="permutations of the null: K >= 2 stores the null distribution (a permutation "
-        "dimension) and each CKA value's percentile against it")
-    gram_dtype: str = option("float64", flag="--gram-dtype", choices=GRAM_DTYPES,
+        "dimension) and each CKA value's percentile against it",
+    )
+    gram_dtype: str = option(
+        "float64",
+        flag="--gram-dtype",
+        choices=GRAM_DTYPES,
         help="storage of the Gram cache (always accumulated in float64; float32 halves it "
-        "and changes CKA by ~1e-10, benchmarks/cka_gram_precision.py)")
-    gram_tile: int | None = option(None, flag="--gram-tile", parse=int, check="positive",
-        metavar="N", help="images per Gram tile when computing the cache (default 512, "
-        "whole units)")
-    gather_bytes: int = option(2 * 2**30, flag="--gather-memory", parse=parse_mebibytes,
-        check="positive", metavar="MIB", shown="2048 MiB", note=" bytes (the flag takes MiB)",
-        help="memory for whole batch Grams of the RBF kernel")
-    # fmt: on
+        "and changes CKA by ~1e-10, benchmarks/cka_gram_precision.py)",
+    )
+    gram_tile: int | None = option(
+        None,
+        flag="--gram-tile",
+        parse=int,
+        check="positive",
+        metavar="N",
+        help="images per Gram tile when computing the cache (default 512, whole units)",
+    )
+    gather_bytes: int = option(
+        2 * 2**30,
+        flag="--gather-memory",
+        parse=parse_mebibytes,
+        check="positive",
+        metavar="MIB",
+        shown="2048 MiB",
+        note=" bytes (the flag takes MiB)",
+        help="memory for whole batch Grams of the RBF kernel",
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -329,13 +422,21 @@ class BootstrapOptions(AnalysisOptions):
     interval's coverage ``ci_level``; the resamples are drawn from the analysis's
     ``--seed`` where it has one, else from 0."""
 
-    # fmt: off
-    bootstrap: int = option(DEFAULT_BOOTSTRAP, flag="--bootstrap", parse=int,
-        check="non-negative", metavar="N",
-        help="bootstrap resamples of the images for the intervals (0: none)")
-    ci_level: float = option(DEFAULT_LEVEL, flag="--ci-level", parse=float, check="fraction",
-        help="coverage of the percentile bootstrap intervals")
-    # fmt: on
+    bootstrap: int = option(
+        DEFAULT_BOOTSTRAP,
+        flag="--bootstrap",
+        parse=int,
+        check="non-negative",
+        metavar="N",
+        help="bootstrap resamples of the images for the intervals (0: none)",
+    )
+    ci_level: float = option(
+        DEFAULT_LEVEL,
+        flag="--ci-level",
+        parse=float,
+        check="fraction",
+        help="coverage of the percentile bootstrap intervals",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -345,13 +446,16 @@ class AttentionConfig(BootstrapOptions):
     reports it per head as ``cls_key_mass`` either way, and records the choice);
     ``layers`` restricts the attention modules with glob patterns."""
 
-    # fmt: off
-    renormalize: bool = option(False, flag="--renormalize", action="true",
+    renormalize: bool = option(
+        False,
+        flag="--renormalize",
+        action="true",
         help="rescale rows to sum to 1 over patch keys after dropping prefix tokens "
-             "(default: drop the CLS-key mass without rescaling, as the reference code)")
-    layers: str | None = option(None, flag="--layers", parse=str, metavar="PATTERNS",
-        help="restrict the attention layers")
-    # fmt: on
+        "(default: drop the CLS-key mass without rescaling, as the reference code)",
+    )
+    layers: str | None = option(
+        None, flag="--layers", parse=str, metavar="PATTERNS", help="restrict the attention layers"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -363,16 +467,25 @@ class LocalizationConfig(BootstrapOptions):
     defaults to :func:`jobs.analyze.localization.default_targets`.
     """
 
-    # fmt: off
-    layer: str | None = option(None, flag="--layer", parse=str,
-        help="layer (default: the last stored block)")
-    tokens: tuple[TokenSpec, ...] | None = option(None, flag="--tokens", parse=parse_tokens,
-        metavar="LIST", help="grid positions row:col or flat patch indices, comma-separated "
-        "(default: 4-5 spread over the grid)")
-    batch_size: int = option(DEFAULT_BATCH_SIZE, flag="--batch-size", parse=int,
-        check=_AT_LEAST_BATCH, help="images per batch, capped to the usable images")
+    layer: str | None = option(
+        None, flag="--layer", parse=str, help="layer (default: the last stored block)"
+    )
+    tokens: tuple[TokenSpec, ...] | None = option(
+        None,
+        flag="--tokens",
+        parse=parse_tokens,
+        metavar="LIST",
+        help="grid positions row:col or flat patch indices, comma-separated "
+        "(default: 4-5 spread over the grid)",
+    )
+    batch_size: int = option(
+        DEFAULT_BATCH_SIZE,
+        flag="--batch-size",
+        parse=int,
+        check=_AT_LEAST_BATCH,
+        help="images per batch, capped to the usable images",
+    )
     seed: int = option(0, flag="--seed", parse=int, check="non-negative", help="sampling seed")
-    # fmt: on
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -392,36 +505,77 @@ class ProbeConfig(BootstrapOptions):
     images (the crops of one photograph) on one side of every split and fold.
     """
 
-    # fmt: off
-    shots: int = option(0, flag="--shots", parse=parse_shots, check="non-negative",
-        metavar="K|full", shown="full", note=" (0 or full: a stratified split)",
-        help="training images per class; full: a stratified split")
-    features: str = option("auto", flag="--features", choices=FEATURES,
+    shots: int = option(
+        0,
+        flag="--shots",
+        parse=parse_shots,
+        check="non-negative",
+        metavar="K|full",
+        shown="full",
+        note=" (0 or full: a stratified split)",
+        help="training images per class; full: a stratified split",
+    )
+    features: str = option(
+        "auto",
+        flag="--features",
+        choices=FEATURES,
         help="auto: the CLS token where a layer has one that varies between images, else "
         "the token/spatial mean, recorded per layer with the reason; cls: the CLS token "
-        "(layers without one are refused); gap: the token/spatial mean")
-    seed: int = option(0, flag="--seed", parse=int, check="non-negative",
-        help="split (and fold) seed")
-    l2: float | None = option(None, flag="--l2", parse=parse_l2, check="non-negative",
-        metavar="auto|VALUE", help="ridge penalty: auto (default) chooses it per layer by "
-        "cross-validation over --l2-grid; a number fixes it")
-    l2_grid: tuple[float, ...] = option(DEFAULT_L2_GRID, flag="--l2-grid", parse=parse_numbers,
-        check="positive", metavar="LIST", shown="1e-3 to 1e5 in half decades",
-        help="penalties tried by cross-validation, comma-separated")
-    cv_folds: int = option(5, flag="--cv-folds", parse=int, check="at least 2", metavar="K",
-        help="stratified folds of the training split (capped at the smallest class count)")
-    repeats: int = option(1, flag="--repeats", parse=int, check="positive",
-        help="splits, averaged")
-    test_fraction: float = option(0.25, flag="--test-fraction", parse=float, check="fraction",
-        help="held-out share of each class for --shots full")
-    layers: str | None = option(None, flag="--layers", parse=str, metavar="PATTERNS",
-        help="layers by pattern (default: the residual stream, one point per block)")
+        "(layers without one are refused); gap: the token/spatial mean",
+    )
+    seed: int = option(
+        0, flag="--seed", parse=int, check="non-negative", help="split (and fold) seed"
+    )
+    l2: float | None = option(
+        None,
+        flag="--l2",
+        parse=parse_l2,
+        check="non-negative",
+        metavar="auto|VALUE",
+        help="ridge penalty: auto (default) chooses it per layer by "
+        "cross-validation over --l2-grid; a number fixes it",
+    )
+    l2_grid: tuple[float, ...] = option(
+        DEFAULT_L2_GRID,
+        flag="--l2-grid",
+        parse=parse_numbers,
+        check="positive",
+        metavar="LIST",
+        shown="1e-3 to 1e5 in half decades",
+        help="penalties tried by cross-validation, comma-separated",
+    )
+    cv_folds: int = option(
+        5,
+        flag="--cv-folds",
+        parse=int,
+        check="at least 2",
+        metavar="K",
+        help="stratified folds of the training split (capped at the smallest class count)",
+    )
+    repeats: int = option(1, flag="--repeats", parse=int, check="positive", help="splits, averaged")
+    test_fraction: float = option(
+        0.25,
+        flag="--test-fraction",
+        parse=float,
+        check="fraction",
+        help="held-out share of each class for --shots full",
+    )
+    layers: str | None = option(
+        None,
+        flag="--layers",
+        parse=str,
+        metavar="PATTERNS",
+        help="layers by pattern (default: the residual stream, one point per block)",
+    )
     roles: str = option("stream", flag="--roles", choices=ROLE_SETS, help=_ROLES_HELP)
-    groups: str = option("auto", flag="--groups", choices=GROUPINGS,
+    groups: str = option(
+        "auto",
+        flag="--groups",
+        choices=GROUPINGS,
         help="images that must stay on one side of every split and fold: auto (the crops "
         "of one photograph of builtin:photos, else none), parent (the image_id's folder), "
-        "none")
-    # fmt: on
+        "none",
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -442,19 +596,38 @@ class HeadsConfig(AnalysisOptions):
     layers (default: its residual stream up to half depth).
     """
 
-    # fmt: off
     run2: str = ""  # the positional RUN2 of the CLI (required)
-    layers: str | None = option(None, flag="--layers", parse=str, metavar="PATTERNS",
+    layers: str | None = option(
+        None,
+        flag="--layers",
+        parse=str,
+        metavar="PATTERNS",
         help="head layers by pattern (default: every <attention module>.norm stored by "
-        "--attention-heads)")
-    layers2: str | None = option(None, flag="--layers2", parse=str, metavar="PATTERNS",
-        help="layers of RUN2 (default: its residual stream up to half depth)")
-    batch_size: int = option(DEFAULT_BATCH_SIZE, flag="--batch-size", parse=int,
-        check=_AT_LEAST_BATCH, help="images per batch, capped to the usable images")
-    max_batches: int | None = option(None, flag="--batches", parse=int, check="positive",
-        metavar="N", help="at most N batches (default: every full batch)")
+        "--attention-heads)",
+    )
+    layers2: str | None = option(
+        None,
+        flag="--layers2",
+        parse=str,
+        metavar="PATTERNS",
+        help="layers of RUN2 (default: its residual stream up to half depth)",
+    )
+    batch_size: int = option(
+        DEFAULT_BATCH_SIZE,
+        flag="--batch-size",
+        parse=int,
+        check=_AT_LEAST_BATCH,
+        help="images per batch, capped to the usable images",
+    )
+    max_batches: int | None = option(
+        None,
+        flag="--batches",
+        parse=int,
+        check="positive",
+        metavar="N",
+        help="at most N batches (default: every full batch)",
+    )
     seed: int = option(0, flag="--seed", parse=int, check="non-negative", help="sampling seed")
-    # fmt: on
 
     def validate(self) -> None:
         super().validate()
@@ -469,12 +642,20 @@ class TopImagesConfig(AnalysisOptions):
     matching ``layers`` (default: every stored layer), ranked by the channel's maximum
     over positions (:mod:`vitcnn_store.analysis.top_images`)."""
 
-    # fmt: off
-    layers: str | None = option(None, flag="--layers", parse=str, metavar="PATTERNS",
-        help="layers by pattern (default: every stored layer)")
-    k: int = option(16, flag="--k", parse=int, check="positive",
-        help="images kept per channel (capped to the usable images)")
-    # fmt: on
+    layers: str | None = option(
+        None,
+        flag="--layers",
+        parse=str,
+        metavar="PATTERNS",
+        help="layers by pattern (default: every stored layer)",
+    )
+    k: int = option(
+        16,
+        flag="--k",
+        parse=int,
+        check="positive",
+        help="images kept per channel (capped to the usable images)",
+    )
 
 
 def cap_batch_size(requested: int, n: int, what: str = "--batch-size") -> int:
@@ -495,8 +676,11 @@ def cap_batch_size(requested: int, n: int, what: str = "--batch-size") -> int:
     if n < least:
         raise UsageError(f"the unbiased estimator needs at least {least} usable images, got {n}")
     if requested > n:
-        given = (f"the default batch size {requested}" if requested == DEFAULT_BATCH_SIZE
-                 else f"{what} {requested}")  # fmt: skip
+        given = (
+            f"the default batch size {requested}"
+            if requested == DEFAULT_BATCH_SIZE
+            else f"{what} {requested}"
+        )
         warnings.warn(
             f"{given} is more than the {n} usable images: using {n}",
             AnalysisWarning,

@@ -102,8 +102,9 @@ class AnalysisResult:
                 raise DamagedDataError(
                     f"analysis result {self.group} is damaged ({type(e).__name__}): run "
                     f"`vitcnn verify {self.store} --repair` and analyse again",
-                    run=self.run, layer=self.group.split("/", 1)[1],
-                ) from e  # fmt: skip
+                    run=self.run,
+                    layer=self.group.split("/", 1)[1],
+                ) from e
         return self.loaded
 
     @property
@@ -177,10 +178,18 @@ def run_analysis(
         _label(ds, analysis, opts, prints, parameters)
         written = write_analysis(opts.store, opts.run, name, ds, replace_all=opts.replace)
     return AnalysisResult(
-        analysis, opts.store, opts.run, name, ds, reused=False, key=key,
-        replaced=written.replaced, kept=written.kept, removed=written.removed,
+        analysis,
+        opts.store,
+        opts.run,
+        name,
+        ds,
+        reused=False,
+        key=key,
+        replaced=written.replaced,
+        kept=written.kept,
+        removed=written.removed,
         digest=written.digest,
-    )  # fmt: skip
+    )
 
 
 def _reused(
@@ -189,12 +198,20 @@ def _reused(
     """The stored result reused (not loaded); the name's other results kept, or deleted
     with ``replace`` (the caller then holds the lock)."""
     key = stored.key
-    attrs = {k: v for k, v in stored.attrs.items()
-             if k not in (COMPLETE_ATTR, ARRAYS_ATTR, DIGEST_ATTR)}  # fmt: skip
+    attrs = {
+        k: v for k, v in stored.attrs.items() if k not in (COMPLETE_ATTR, ARRAYS_ATTR, DIGEST_ATTR)
+    }
     result = AnalysisResult(
-        analysis, opts.store, opts.run, name, None, reused=True, key=key,
-        digest=str(stored.attrs.get(DIGEST_ATTR, "")), stored_attrs=attrs,
-    )  # fmt: skip
+        analysis,
+        opts.store,
+        opts.run,
+        name,
+        None,
+        reused=True,
+        key=key,
+        digest=str(stored.attrs.get(DIGEST_ATTR, "")),
+        stored_attrs=attrs,
+    )
     results = list_results(opts.store, opts.run, name, root=root)
     for other in results:
         if other.key == key:
@@ -214,9 +231,12 @@ def _reused(
 
 
 def _label(
-    ds: xr.Dataset, analysis: str, opts: AnalysisOptions, prints: list[dict[str, Any]],
+    ds: xr.Dataset,
+    analysis: str,
+    opts: AnalysisOptions,
+    prints: list[dict[str, Any]],
     parameters: Any,
-) -> None:  # fmt: skip
+) -> None:
     """The attributes every result carries."""
     ds.attrs.update(
         plain_json(

@@ -75,8 +75,10 @@ def image_groups(cfg: ProbeConfig, image_ids: np.ndarray) -> tuple[np.ndarray | 
         return np.array([i.rsplit("/", 1)[0] if "/" in i else i for i in ids]), "image_id folder"
     matches = [_PHOTO_CROP.match(i) for i in ids]
     if ids and all(matches):
-        return (np.array([m.group(1) for m in matches if m]),
-                "source photograph (builtin:photos crops)")  # fmt: skip
+        return (
+            np.array([m.group(1) for m in matches if m]),
+            "source photograph (builtin:photos crops)",
+        )
     return None, "none: every image on its own (auto: not builtin:photos crops)"
 
 
@@ -86,9 +88,13 @@ def _splits(
     try:
         return probe_splits(labels, cfg.shots, cfg.seed, cfg.repeats, cfg.test_fraction, groups)
     except ValueError as e:  # too few images (or groups) of some class
-        hint = ("; the labels name the groups themselves (e.g. builtin:photos: label = "
-                "photograph), so a probe would measure instance identity; --groups none "
-                "allows it anyway" if groups is not None else "")  # fmt: skip
+        hint = (
+            "; the labels name the groups themselves (e.g. builtin:photos: label = "
+            "photograph), so a probe would measure instance identity; --groups none "
+            "allows it anyway"
+            if groups is not None
+            else ""
+        )
         raise UsageError((f"--shots {cfg.shots}: {e}" if cfg.shots else str(e)) + hint) from None
 
 
@@ -158,11 +164,20 @@ def _probe_layer(
     if cfg.features == "auto" and constant and gap is not None:
         feature, reason, x = "gap", _CONSTANT_CLS, np.asarray(gap, dtype=np.float64)
     fits = [
-        ridge_probe(x[tr], labels[tr], x[te], labels[te], n_classes=n_classes, l2=cfg.l2,
-                    l2_grid=cfg.l2_grid, cv_folds=cfg.cv_folds, seed=cfg.seed + r,
-                    groups=None if groups is None else groups[tr])
+        ridge_probe(
+            x[tr],
+            labels[tr],
+            x[te],
+            labels[te],
+            n_classes=n_classes,
+            l2=cfg.l2,
+            l2_grid=cfg.l2_grid,
+            cv_folds=cfg.cv_folds,
+            seed=cfg.seed + r,
+            groups=None if groups is None else groups[tr],
+        )
         for r, (tr, te) in enumerate(splits)
-    ]  # fmt: skip
+    ]
     cv = [f.cv_accuracy for f in fits]
     return (
         feature,
@@ -230,8 +245,9 @@ def run_probe(cfg: ProbeConfig) -> AnalysisResult:
         if has_input:  # the raw-pixel baseline: the same probe on the stored input
             pixels = run.inputs.data
             flat = pixels.reshape(pixels.shape[0], -1).astype(np.float64)[rows]
-            tasks.append(probe(flat, None, "stored input pixels", labels, splits, cfg,
-                               n_classes, groups))  # fmt: skip
+            tasks.append(
+                probe(flat, None, "stored input pixels", labels, splits, cfg, n_classes, groups)
+            )
         out: list[Any] = [None] * len(tasks)
         for i, res in executor.imap(tasks, desc=f"probe {cfg.run}"):
             out[i] = res
@@ -289,10 +305,13 @@ def _intervals(cfg: ProbeConfig, ds: xr.Dataset, out: list[Any], raw: Any) -> No
 
     def replicates(results: list[Any]) -> np.ndarray:
         reps = [
-            bootstrap_means(np.stack([r[6][k][0] for r in results], axis=1),
-                            n_boot=cfg.bootstrap, seed=(cfg.seed, k))
+            bootstrap_means(
+                np.stack([r[6][k][0] for r in results], axis=1),
+                n_boot=cfg.bootstrap,
+                seed=(cfg.seed, k),
+            )
             for k in range(cfg.repeats)
-        ]  # fmt: skip
+        ]
         return np.mean(reps, axis=0)
 
     if raw is not None:
@@ -313,8 +332,11 @@ def _intervals(cfg: ProbeConfig, ds: xr.Dataset, out: list[Any], raw: Any) -> No
             f"{'lower' if str(name).endswith('_lo') else 'upper'} end of the {cfg.ci_level:g} "
             f"percentile bootstrap interval over test images ({cfg.bootstrap} resamples)"
         )
-    ds.attrs.update(ci_level=cfg.ci_level, bootstrap_resamples=cfg.bootstrap,
-                    bootstrap_seed=f"({cfg.seed}, repeat)")  # fmt: skip
+    ds.attrs.update(
+        ci_level=cfg.ci_level,
+        bootstrap_resamples=cfg.bootstrap,
+        bootstrap_seed=f"({cfg.seed}, repeat)",
+    )
 
 
 def _protocol(cfg: ProbeConfig, splits: list[tuple[np.ndarray, np.ndarray]]) -> str:

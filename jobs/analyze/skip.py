@@ -151,8 +151,9 @@ def run_skip(cfg: SkipConfig) -> AnalysisResult:
             owner += [j] * len(new)
         done: dict[int, Any] = dict(executor.imap(tasks, desc=f"skip {cfg.run}"))
         # In task order (image order within a block): the bootstrap's rows line up.
-        sums: list[list[Any]] = [[done[i] for i in sorted(done) if owner[i] == j]
-                                 for j in range(len(blocks))]  # fmt: skip
+        sums: list[list[Any]] = [
+            [done[i] for i in sorted(done) if owner[i] == j] for j in range(len(blocks))
+        ]
         ds = _dataset(run, found, blocks, sums, int(mask.sum()))
         _intervals(cfg, ds, found, blocks, sums)
         return ds
@@ -239,10 +240,12 @@ def _dataset(
 
     def taps(pick: Any) -> np.ndarray:
         return np.array(
-            [[pick(where[block, name]) if (block, name) in where else "" for block in blocks]
-             for name in names],
+            [
+                [pick(where[block, name]) if (block, name) in where else "" for block in blocks]
+                for name in names
+            ],
             dtype=object,
-        )  # fmt: skip
+        )
 
     stored = [b for b in blocks if b in run.layers]
     depth, depth_axis = block_depth(run, stored)
@@ -266,11 +269,13 @@ def _dataset(
         data["ratio_cls"] = (("branch", "block"), cls)
         coords.update(
             position=np.arange(ratio.shape[-1]),
-            position_kind=("position", schema.string_coord(schema.as_str_array(
-                x["token_kind"].values))),
+            position_kind=(
+                "position",
+                schema.string_coord(schema.as_str_array(x["token_kind"].values)),
+            ),
             position_y=("position", np.asarray(x["token_y"].values, float)),
             position_x=("position", np.asarray(x["token_x"].values, float)),
-        )  # fmt: skip
+        )
     ds = xr.Dataset(data, coords=coords)
     ds["ratio_spatial"].attrs["long_name"] = "mean over images and spatial tokens of ‖z‖/‖f(z)‖"
     ds["skip_taps"].attrs["long_name"] = "stored layers whose sum is z on the skip path"

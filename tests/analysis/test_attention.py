@@ -239,8 +239,9 @@ def test_cls_key_mass_against_loops(n_prefix):
     np.testing.assert_allclose(acc.cls_key_mass(), cls, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(acc.prefix_key_mass(), prefix, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(acc.mean_distance(), plain, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(mean_attention_distance(attn, yx, renormalize=True), renorm,
-                               rtol=1e-12, atol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(
+        mean_attention_distance(attn, yx, renormalize=True), renorm, rtol=1e-12, atol=1e-12
+    )
     # The head on CLS reads as far more local than the others without renormalization,
     # and like them with it (its patch attention is as random as theirs).
     assert cls[0] > 0.5 and plain[0] < 0.5 * plain[1:].min()

@@ -19,8 +19,7 @@ def _loop_means(values: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     """The textbook bootstrap: draw n row indices with replacement, take the rows' mean."""
     rng = np.random.default_rng(seed)
     n = values.shape[0]
-    return np.stack([values[rng.integers(0, n, size=n)].mean(axis=0)
-                     for _ in range(n_boot)])  # fmt: skip
+    return np.stack([values[rng.integers(0, n, size=n)].mean(axis=0) for _ in range(n_boot)])
 
 
 def test_means_equal_the_loop_over_resampled_rows() -> None:
@@ -45,8 +44,14 @@ def test_interval_agrees_with_scipy_percentile_bootstrap() -> None:
 
     x = np.random.default_rng(2).exponential(size=200)
     lo, hi = bootstrap_mean_interval(x[:, None], n_boot=4000, level=0.9, seed=0)
-    ref = bootstrap((x,), np.mean, n_resamples=4000, confidence_level=0.9,
-                    method="percentile", rng=np.random.default_rng(5))  # fmt: skip
+    ref = bootstrap(
+        (x,),
+        np.mean,
+        n_resamples=4000,
+        confidence_level=0.9,
+        method="percentile",
+        rng=np.random.default_rng(5),
+    )
     ref = ref.confidence_interval
     # Two independent Monte Carlo draws of the same interval: agree to the MC error.
     se = x.std() / np.sqrt(x.size)

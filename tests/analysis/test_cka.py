@@ -318,11 +318,13 @@ def test_matrix_from_grams_against_explicit_references():
     ka, kb = [ref_gram(x) for x in a], [ref_gram(y) for y in b]
     for unbiased, ref in ((False, ref_biased_hsic), (True, ref_hsic1)):
         expect = [[ref(K, L) / np.sqrt(ref(K, K) * ref(L, L)) for L in kb] for K in ka]
-        np.testing.assert_allclose(cka_matrix_from_grams(ka, kb, unbiased=unbiased), expect,
-                                   rtol=1e-10, atol=1e-10)  # fmt: skip
+        np.testing.assert_allclose(
+            cka_matrix_from_grams(ka, kb, unbiased=unbiased), expect, rtol=1e-10, atol=1e-10
+        )
         within = cka_matrix_from_grams(ka, unbiased=unbiased)
-        np.testing.assert_allclose(within, cka_matrix_from_grams(ka, ka, unbiased=unbiased),
-                                   rtol=1e-12, atol=1e-12)  # fmt: skip
+        np.testing.assert_allclose(
+            within, cka_matrix_from_grams(ka, ka, unbiased=unbiased), rtol=1e-12, atol=1e-12
+        )
     with pytest.raises(ValueError, match="different numbers of images"):
         cka_matrix_from_grams(ka, [g[:9, :9] for g in kb])
     with pytest.raises(ValueError, match="n >= 4"):
@@ -345,8 +347,13 @@ def test_second_side_taken_in_pieces_equals_one_stack(monkeypatch):
 
 
 @FAST
-@given(n=st.integers(1, 40), batch=st.integers(1, 12), repeats=st.integers(1, 3),
-       seed=st.integers(0, 2**31), cap=st.one_of(st.none(), st.integers(1, 5)))  # fmt: skip
+@given(
+    n=st.integers(1, 40),
+    batch=st.integers(1, 12),
+    repeats=st.integers(1, 3),
+    seed=st.integers(0, 2**31),
+    cap=st.one_of(st.none(), st.integers(1, 5)),
+)
 def test_sample_batches_are_equal_disjoint_and_sorted(n, batch, repeats, seed, cap):
     reps = sample_batches(n, batch, repeats, seed, cap)
     assert len(reps) == repeats

@@ -140,8 +140,9 @@ def test_centred_triangle_is_the_centring_halved(monkeypatch, row_bytes, n):
     whatever the row blocks; twice its inner products are the centred Grams' ones."""
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("vitcnn_store.analysis.gram"), "_ROW_BLOCK_BYTES",
-                        row_bytes)  # fmt: skip
+    monkeypatch.setattr(
+        importlib.import_module("vitcnn_store.analysis.gram"), "_ROW_BLOCK_BYTES", row_bytes
+    )
     rng = np.random.default_rng(n)
     x, y = rng.normal(size=(n, 4)), rng.normal(size=(n, 2))
     k, ll = x @ x.T, np.tanh(y) @ np.tanh(y).T
@@ -162,8 +163,13 @@ def test_centred_triangle_is_the_centring_halved(monkeypatch, row_bytes, n):
 
 
 @FAST
-@given(n=st.integers(1, 8), m=st.integers(1, 6), p=st.integers(1, 30),
-       block_cols=st.integers(1, 40), seed=st.integers(0, 2**31))  # fmt: skip
+@given(
+    n=st.integers(1, 8),
+    m=st.integers(1, 6),
+    p=st.integers(1, 30),
+    block_cols=st.integers(1, 40),
+    seed=st.integers(0, 2**31),
+)
 def test_shifted_products_equal_reference(n, m, p, block_cols, seed):
     rng = np.random.default_rng(seed)
     x = (rng.normal(size=(n, p)) * 40 + 500).astype(np.float16)
@@ -171,9 +177,11 @@ def test_shifted_products_equal_reference(n, m, p, block_cols, seed):
     mu = rng.normal(size=p) * 30 + 500
     block = 8 * max(n, m) * block_cols
     xs, ys = x.astype(np.float64) - mu, y.astype(np.float64) - mu
-    np.testing.assert_allclose(gram_linear(x, shift=mu, block_bytes=block), ref_gram(xs),
-                               rtol=1e-9, atol=1e-6)  # fmt: skip
-    np.testing.assert_allclose(gram_linear(x, y, shift=mu, block_bytes=block), ref_gram(xs, ys),
-                               rtol=1e-9, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        gram_linear(x, shift=mu, block_bytes=block), ref_gram(xs), rtol=1e-9, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        gram_linear(x, y, shift=mu, block_bytes=block), ref_gram(xs, ys), rtol=1e-9, atol=1e-6
+    )
     with pytest.raises(ValueError, match="shift has"):
         gram_linear(x, shift=mu[:-1] if p > 1 else np.zeros(2))

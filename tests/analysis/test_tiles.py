@@ -28,8 +28,11 @@ def ref_hsic1(K, L):
     np.fill_diagonal(Kt, 0.0)
     np.fill_diagonal(Lt, 0.0)
     one = np.ones(n)
-    return (np.trace(Kt @ Lt) + (one @ Kt @ one) * (one @ Lt @ one) / ((n - 1) * (n - 2))
-            - 2.0 / (n - 2) * (one @ Kt @ Lt @ one)) / (n * (n - 3))  # fmt: skip
+    return (
+        np.trace(Kt @ Lt)
+        + (one @ Kt @ one) * (one @ Lt @ one) / ((n - 1) * (n - 2))
+        - 2.0 / (n - 2) * (one @ Kt @ Lt @ one)
+    ) / (n * (n - 3))
 
 
 def ref_hsic0(K, L):
@@ -78,16 +81,30 @@ def tiled(layout, Ka, Kb, tile, *, unbiased):
         rows = np.arange(p, min(p + tile, n))
         cols = np.arange(q, min(q + tile, n))
         rb = None if Kb is None else Kb[:, rows][:, :, cols]
-        part = tile_part(layout, rows, None if p == q else cols, Ka[:, rows][:, :, cols], sa,
-                         rb, sb, unbiased=unbiased)  # fmt: skip
+        part = tile_part(
+            layout,
+            rows,
+            None if p == q else cols,
+            Ka[:, rows][:, :, cols],
+            sa,
+            rb,
+            sb,
+            unbiased=unbiased,
+        )
         acc.add(part)
     return acc
 
 
 # ---------------------------------------------------------------- estimators
 @FAST
-@given(n=st.integers(8, 40), tile=st.integers(1, 45), m=st.integers(4, 8),
-       repeats=st.integers(1, 3), seed=st.integers(0, 2**31), cross=st.booleans())  # fmt: skip
+@given(
+    n=st.integers(8, 40),
+    tile=st.integers(1, 45),
+    m=st.integers(4, 8),
+    repeats=st.integers(1, 3),
+    seed=st.integers(0, 2**31),
+    cross=st.booleans(),
+)
 def test_minibatch_sums_equal_whole_batch_reference(n, tile, m, repeats, seed, cross):
     rng = np.random.default_rng(seed)
     Ka = grams(rng, n, 3)
@@ -122,8 +139,16 @@ def test_shift_keeps_digits_that_raw_sums_lose():
     for p in range(0, 24, 7):
         for q in range(p, 24, 7):
             r, c = np.arange(p, min(p + 7, 24)), np.arange(q, min(q + 7, 24))
-            raw.add(tile_part(layout, r, None if p == q else c, K[:, r][:, :, c],
-                              np.zeros((1, 24)), unbiased=True))  # fmt: skip
+            raw.add(
+                tile_part(
+                    layout,
+                    r,
+                    None if p == q else c,
+                    K[:, r][:, :, c],
+                    np.zeros((1, 24)),
+                    unbiased=True,
+                )
+            )
     assert abs(raw.result(warn=False)[0, 0, 0] - 1.0) > 1e-6 or np.isnan(raw.result(warn=False))
 
 
@@ -143,13 +168,17 @@ def test_missing_tile_and_bad_shapes_raise():
     K = grams(np.random.default_rng(0), 8, 1)
     layout = BatchLayout.from_batches(8, [[np.arange(8)]])
     acc = TiledHSIC(layout, 1, unbiased=True)
-    acc.add(tile_part(layout, np.arange(4), None, K[:, :4, :4], centring_shift(K.mean(2)),
-                      unbiased=True))  # fmt: skip
+    acc.add(
+        tile_part(
+            layout, np.arange(4), None, K[:, :4, :4], centring_shift(K.mean(2)), unbiased=True
+        )
+    )
     with pytest.raises(ValueError, match="diagonal tile is missing"):
         acc.result()
     with pytest.raises(ValueError, match="does not match"):
-        tile_part(layout, np.arange(4), None, K[:, :4, :3], centring_shift(K.mean(2)),
-                  unbiased=True)  # fmt: skip
+        tile_part(
+            layout, np.arange(4), None, K[:, :4, :3], centring_shift(K.mean(2)), unbiased=True
+        )
     with pytest.raises(ValueError, match="overlap"):
         BatchLayout.from_batches(8, [[np.arange(4), np.arange(3, 7)]])
 
@@ -166,8 +195,10 @@ def test_gathered_batches_equal_fancy_indexing(n, tile, seed):
         for q in range(p, n, tile):
             rows, cols = np.arange(p, min(p + tile, n)), np.arange(q, min(q + tile, n))
             diagonal = p == q
-            acc.add(gather_part(requests, rows, None if diagonal else cols,
-                                K[:, rows][:, :, cols]), diagonal=diagonal)  # fmt: skip
+            acc.add(
+                gather_part(requests, rows, None if diagonal else cols, K[:, rows][:, :, cols]),
+                diagonal=diagonal,
+            )
     for g, members in enumerate(requests):
         np.testing.assert_array_equal(acc.grams(g), K[:, members][:, :, members])
     with pytest.raises(ValueError, match="incomplete"):

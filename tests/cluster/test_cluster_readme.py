@@ -81,8 +81,12 @@ def test_readme_shows_the_commands_of_each_path() -> None:
     vitcnn = [c for c in cmds if c[0] == "vitcnn"]
     assert len(vitcnn) >= 6, vitcnn  # local, KubeRay, ray up, dask, object storage
     heads = {tuple(c[:2]) for c in cmds}
-    for path in [("python", "cluster/local_cluster.py"), ("ray", "up"),
-                 ("kubectl", "apply"), ("python", "cluster/dask/local_cluster.py")]:  # fmt: skip
+    for path in [
+        ("python", "cluster/local_cluster.py"),
+        ("ray", "up"),
+        ("kubectl", "apply"),
+        ("python", "cluster/dask/local_cluster.py"),
+    ]:
         assert path in heads, f"no `{' '.join(path)}` in the README"
 
 
@@ -117,8 +121,11 @@ def test_every_repository_path_exists() -> None:
     file_table = text[: text.index("\n## ")]  # the table of this folder's files
     paths |= {f"cluster/{p}" for p in re.findall(r"^\| `([\w./-]+)` \|", file_table, re.M)}
     built = {"cluster/docker/dist", "cluster/aws/env/cluster.env"}  # made by the steps shown
-    missing = [p for p in sorted(paths) if p.rstrip(".") not in built
-               and not (ROOT / p.rstrip(".")).exists()]  # fmt: skip
+    missing = [
+        p
+        for p in sorted(paths)
+        if p.rstrip(".") not in built and not (ROOT / p.rstrip(".")).exists()
+    ]
     assert not missing, missing
 
 

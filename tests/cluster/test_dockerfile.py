@@ -92,8 +92,9 @@ def test_the_ownership_check_catches_the_old_failure() -> None:
     )
     assert ownership_problems(fixed) == []
     as_root = parse_dockerfile("FROM x\nUSER root\nCOPY a /a\nRUN rm /a\n")
-    assert ownership_problems(as_root) == ["the image ends as user root, not the base image's "
-                                           "ray (UID 1000)"]  # fmt: skip
+    assert ownership_problems(as_root) == [
+        "the image ends as user root, not the base image's ray (UID 1000)"
+    ]
 
 
 def test_dockerfile_parses_with_dockers_parser() -> None:
@@ -146,9 +147,12 @@ def test_the_one_run_step_uses_the_build_context_read_only() -> None:
 def install(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """Run install.sh with this interpreter as its PYTHON."""
     return subprocess.run(
-        ["bash", str(INSTALL), *args], capture_output=True, text=True, timeout=120,
+        ["bash", str(INSTALL), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "PYTHON": sys.executable, **env},
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("platform", ["cu128", "cu130", "cpu"])

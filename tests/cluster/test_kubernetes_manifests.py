@@ -286,8 +286,11 @@ def test_secret_references_exist() -> None:
     known = secret_keys()
     refs = {path: [r for doc in load(path) for r in secret_refs(doc)] for path in K8S_FILES}
     referring = {str(path.relative_to(CLUSTER)) for path, found in refs.items() if found}
-    assert referring >= {"kuberay/raycluster.yaml", "kuberay/rayjob.yaml",
-                         "dask/daskcluster.yaml"}, referring  # fmt: skip
+    assert referring >= {
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob.yaml",
+        "dask/daskcluster.yaml",
+    }, referring
     for path, found in refs.items():
         for ref in found:
             assert (ref["name"], ref["key"]) in known, f"{path}: {ref} not in secrets.example.yaml"

@@ -129,8 +129,11 @@ def alive_nodes(exports: dict[str, str]) -> int:
     """Alive nodes as the README asks for them: `ray list nodes` with the helper's exports."""
     out = subprocess.run(
         [str(BIN / "ray"), "list", "nodes", "--filter", "state=ALIVE", "--format", "json"],
-        capture_output=True, text=True, timeout=120, env=clean_env(**exports),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(**exports),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return len(json.loads(out.stdout))
 
@@ -148,14 +151,26 @@ def test_local_cluster_py_two_nodes() -> None:
     env = clean_env()
     env.pop("RAY_AUTH_MODE", None)
     cmd = [
-        sys.executable, str(CLUSTER / "local_cluster.py"), "--nodes", "1", "--port", "0",
-        "--dashboard-port", "0", "--object-store-mb", "100", "--temp-dir", folder,
-        "--ready-file", str(ready),
-    ]  # fmt: skip
+        sys.executable,
+        str(CLUSTER / "local_cluster.py"),
+        "--nodes",
+        "1",
+        "--port",
+        "0",
+        "--dashboard-port",
+        "0",
+        "--object-store-mb",
+        "100",
+        "--temp-dir",
+        folder,
+        "--ready-file",
+        str(ready),
+    ]
     log = Path(base) / "out.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=base,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=base, start_new_session=True
+        )
     recorded: dict[int, bytes] = {}
     try:
         deadline = time.monotonic() + 180
@@ -191,11 +206,20 @@ def test_dask_local_cluster_serves_and_stops() -> None:
     base = tempfile.mkdtemp(prefix="vcd")
     address_file = Path(base) / "address"
     cmd = [
-        sys.executable, str(CLUSTER / "dask" / "local_cluster.py"), "--workers", "1",
-        "--memory-limit", "1GiB", "--port", "0", "--address-file", str(address_file),
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=base,
-                            start_new_session=True)  # fmt: skip
+        sys.executable,
+        str(CLUSTER / "dask" / "local_cluster.py"),
+        "--workers",
+        "1",
+        "--memory-limit",
+        "1GiB",
+        "--port",
+        "0",
+        "--address-file",
+        str(address_file),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=base, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while not address_file.exists() or not address_file.read_text().strip():
@@ -208,8 +232,9 @@ def test_dask_local_cluster_serves_and_stops() -> None:
             "import sys; from distributed import Client; c = Client(sys.argv[1], timeout=30); "
             "print(c.submit(sum, [1, 2, 3]).result()); c.close()"
         )
-        out = subprocess.run([sys.executable, "-c", code, address], capture_output=True,
-                             text=True, timeout=120)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 0 and out.stdout.strip().endswith("6"), out.stderr[-2000:]
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
         output = proc.communicate(timeout=60)[0].decode()

@@ -25,8 +25,23 @@ from tests.cluster.common import CLUSTER, ROOT, base_image, load_one
 CONFIG = CLUSTER / "aws" / "ray-cluster.yaml"
 # NVIDIA GPU instance families of EC2 (G4dn T4, G5 A10G, G6 L4, G6e L40S, P3 V100,
 # P4d A100, P5 H100, P6 B200 ...); the worker type must be one of them.
-NVIDIA_FAMILIES = {"g4dn", "g5", "g6", "g6e", "gr6", "g7", "p3", "p3dn", "p4d", "p4de", "p5",
-                   "p5e", "p5en", "p6-b200", "p6-b300"}  # fmt: skip
+NVIDIA_FAMILIES = {
+    "g4dn",
+    "g5",
+    "g6",
+    "g6e",
+    "gr6",
+    "g7",
+    "p3",
+    "p3dn",
+    "p4d",
+    "p4de",
+    "p5",
+    "p5e",
+    "p5en",
+    "p6-b200",
+    "p6-b300",
+}
 
 
 @pytest.fixture(scope="module")

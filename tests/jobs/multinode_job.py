@@ -24,8 +24,16 @@ def main(store: str) -> None:
     try:
         ray.init(address=cluster.address, logging_level="warning")
         # One CPU per node and one per worker: the two actors must land on both nodes.
-        summary = extract_tiny(store, "multi", "vit", layers="preset:paper", attention=True,
-                               inputs=True, dtype="float32", workers=2)  # fmt: skip
+        summary = extract_tiny(
+            store,
+            "multi",
+            "vit",
+            layers="preset:paper",
+            attention=True,
+            inputs=True,
+            dtype="float32",
+            workers=2,
+        )
         for node in summary.nodes:  # type: ignore[attr-defined]
             print(f"node:{node}")
     finally:

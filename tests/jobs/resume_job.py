@@ -17,8 +17,16 @@ def main(url: str, run: str, variant: str) -> int:
     if variant == "tanh":
         net.block[2] = torch.nn.Tanh()  # the same weights, another module
     try:
-        vitcnn_store.extract(net, "builtin:faces", url, run, layers="stem,head",
-                             transform=small_transform, resume=True, **COMMON)  # fmt: skip
+        vitcnn_store.extract(
+            net,
+            "builtin:faces",
+            url,
+            run,
+            layers="stem,head",
+            transform=small_transform,
+            resume=True,
+            **COMMON,
+        )
     except VitcnnError as e:
         print(e, file=sys.stderr)
         return e.exit_code

@@ -95,13 +95,29 @@ def test_cls_key_mass_end_to_end(tiny_vit_store: str, tmp_path: Path) -> None:
     """CLS-key mass per head from a real extraction, against numpy on the stored arrays;
     the convention is chosen on the command line and recorded in the result."""
     url = tiny_vit_store
-    assert cli(["analyze", "attention", url, "vit", "--renormalize", "--name", "att_r",
-                "--no-progress", "--figures", str(tmp_path)]) == 0  # fmt: skip
+    assert (
+        cli(
+            [
+                "analyze",
+                "attention",
+                url,
+                "vit",
+                "--renormalize",
+                "--name",
+                "att_r",
+                "--no-progress",
+                "--figures",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     run = open_store(url)["vit"]
     for renormalize in (False, True):
         name = "att_r" if renormalize else "att"
-        cfg = AttentionConfig(store=url, run="vit", renormalize=renormalize, name=name,
-                              progress=False)  # fmt: skip
+        cfg = AttentionConfig(
+            store=url, run="vit", renormalize=renormalize, name=name, progress=False
+        )
         ds = run_attention(cfg).dataset
         assert ds["cls_key_mass"].dims == ("layer", "head")
         assert ds.attrs["renormalize"] is renormalize
@@ -135,8 +151,11 @@ def test_cls_key_mass_end_to_end(tiny_vit_store: str, tmp_path: Path) -> None:
 def test_distance_interval_is_the_bootstrap_of_per_image_distances(synth: str) -> None:
     """Each image's mean distance from plain numpy, resampled by a loop drawing from the
     same stream as the kernel (row b: ``integers(0, n, (B, n))[b]``), percentiles."""
-    ds = run_attention(AttentionConfig(store=synth, run="vit", bootstrap=200, ci_level=0.8,
-                                       progress=False, name="att-ci")).dataset  # fmt: skip
+    ds = run_attention(
+        AttentionConfig(
+            store=synth, run="vit", bootstrap=200, ci_level=0.8, progress=False, name="att-ci"
+        )
+    ).dataset
     run = open_store(synth)["vit"]
     per_layer = []
     for layer in run.attention_layers:
@@ -151,13 +170,16 @@ def test_distance_interval_is_the_bootstrap_of_per_image_distances(synth: str) -
     n = values.shape[0]
     draws = np.random.default_rng(0).integers(0, n, size=(200, n))
     reps = np.stack([values[d].mean(axis=0) for d in draws])
-    np.testing.assert_allclose(ds["mean_distance_lo"].values, np.percentile(reps, 10, axis=0),
-                               rtol=0, atol=1e-8)  # fmt: skip
-    np.testing.assert_allclose(ds["mean_distance_hi"].values, np.percentile(reps, 90, axis=0),
-                               rtol=0, atol=1e-8)  # fmt: skip
+    np.testing.assert_allclose(
+        ds["mean_distance_lo"].values, np.percentile(reps, 10, axis=0), rtol=0, atol=1e-8
+    )
+    np.testing.assert_allclose(
+        ds["mean_distance_hi"].values, np.percentile(reps, 90, axis=0), rtol=0, atol=1e-8
+    )
     assert (ds["mean_distance_lo"] <= ds["mean_distance"]).all()
     assert (ds["mean_distance"] <= ds["mean_distance_hi"]).all()
     assert ds.attrs["ci_level"] == 0.8 and ds.attrs["bootstrap_resamples"] == 200
-    none = run_attention(AttentionConfig(store=synth, run="vit", bootstrap=0, progress=False,
-                                         name="att-noci")).dataset  # fmt: skip
+    none = run_attention(
+        AttentionConfig(store=synth, run="vit", bootstrap=0, progress=False, name="att-noci")
+    ).dataset
     assert "mean_distance_lo" not in none

@@ -58,8 +58,14 @@ def ref_hsic1(K: np.ndarray, L: np.ndarray) -> float:
     np.fill_diagonal(Lt, 0.0)
     # tr(K̃L̃) = Σ K̃∘L̃ and 1ᵀK̃L̃1 = (K̃1)·(L̃1): the same terms without slow extended matmuls.
     rk, rl = Kt.sum(axis=1), Lt.sum(axis=1)
-    return float((np.sum(Kt * Lt) + rk.sum() * rl.sum() / ((n - 1) * (n - 2))
-                  - 2.0 / (n - 2) * np.dot(rk, rl)) / (n * (n - 3)))  # fmt: skip
+    return float(
+        (
+            np.sum(Kt * Lt)
+            + rk.sum() * rl.sum() / ((n - 1) * (n - 2))
+            - 2.0 / (n - 2) * np.dot(rk, rl)
+        )
+        / (n * (n - 3))
+    )
 
 
 def ref_hsic0(K: np.ndarray, L: np.ndarray) -> float:
@@ -116,9 +122,18 @@ def test_estimators_equal_reference_on_recorded_batches(
     request: pytest.FixtureRequest,
 ) -> None:
     address = request.getfixturevalue("dask_cluster") if where == "cluster" else None
-    cfg = CKAConfig(store=synth, run="vit", estimator=estimator, batch_size=12, repeats=3, seed=7,
-                    gram_tile=16, progress=False, dask_address=address,
-                    name=f"cka-{estimator}-{where}")  # fmt: skip
+    cfg = CKAConfig(
+        store=synth,
+        run="vit",
+        estimator=estimator,
+        batch_size=12,
+        repeats=3,
+        seed=7,
+        gram_tile=16,
+        progress=False,
+        dask_address=address,
+        name=f"cka-{estimator}-{where}",
+    )
     ds = run_cka(cfg).dataset
     layers = ["norm_pre", "blocks.0", "blocks.1"]  # the residual stream, by default
     assert ds["layer_a"].values.tolist() == layers == ds["layer_b"].values.tolist()
@@ -148,16 +163,26 @@ def test_estimators_equal_reference_on_recorded_batches(
     assert ds.attrs["null_batches"] == len(null_a)
 
 
-@pytest.mark.parametrize(("estimator", "kernel"),
-                         [("unbiased-minibatch", "linear"), ("biased", "rbf")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("estimator", "kernel"), [("unbiased-minibatch", "linear"), ("biased", "rbf")]
+)
 def test_null_permutations_equal_reference(synth: str, estimator: str, kernel: str) -> None:
     """Each stored permutation's pairing, through the independent reference; the percentile
     against scipy's percentileofscore; a cross-run null permutes the second run's images."""
     from scipy.stats import percentileofscore
 
-    cfg = CKAConfig(store=synth, run="vit", run2="resnet", estimator=estimator, kernel=kernel,
-                    batch_size=12, seed=3, null_permutations=5, progress=False,
-                    name=f"perm-{estimator}")  # fmt: skip
+    cfg = CKAConfig(
+        store=synth,
+        run="vit",
+        run2="resnet",
+        estimator=estimator,
+        kernel=kernel,
+        batch_size=12,
+        seed=3,
+        null_permutations=5,
+        progress=False,
+        name=f"perm-{estimator}",
+    )
     ds = run_cka(cfg).dataset
     assert ds.sizes["permutation"] == 5 and ds.attrs["null_permutations"] == 5
     la, lb = ds["layer_a"].values.tolist(), ds["layer_b"].values.tolist()
@@ -170,55 +195,80 @@ def test_null_permutations_equal_reference(synth: str, estimator: str, kernel: s
     for k in range(5):
         # Same images on side b in every permutation, paired differently.
         assert (np.sort(pairings[k], axis=1) == np.sort(pairings[0], axis=1)).all()
-        ref = ref_cka(reps_a, reps_b, [null_a], [pairings[k]], hsic,
-                      kernel=rbf if kernel == "rbf" else None)[0]  # fmt: skip
-        np.testing.assert_allclose(ds["cka_null_permutations"].values[k], ref, rtol=0,
-                                   atol=1e-10)  # fmt: skip
+        ref = ref_cka(
+            reps_a, reps_b, [null_a], [pairings[k]], hsic, kernel=rbf if kernel == "rbf" else None
+        )[0]
+        np.testing.assert_allclose(ds["cka_null_permutations"].values[k], ref, rtol=0, atol=1e-10)
     np.testing.assert_array_equal(ds["cka_null"].values, ds["cka_null_permutations"].values[0])
     dist, cka = ds["cka_null_permutations"].values, ds["cka"].values
-    want = [[percentileofscore(dist[:, i, j], cka[i, j], kind="mean")
-             for j in range(len(lb))] for i in range(len(la))]  # fmt: skip
+    want = [
+        [percentileofscore(dist[:, i, j], cka[i, j], kind="mean") for j in range(len(lb))]
+        for i in range(len(la))
+    ]
     np.testing.assert_allclose(ds["cka_percentile"].values, want, rtol=0, atol=1e-12)
 
 
 def test_null_permutations_refused_without_a_null(synth: str) -> None:
-    assert cli(["analyze", "cka", synth, "vit", "--null-batches", "0",
-                "--null-permutations", "3"]) == 2  # fmt: skip
+    assert (
+        cli(["analyze", "cka", synth, "vit", "--null-batches", "0", "--null-permutations", "3"])
+        == 2
+    )
     assert cli(["analyze", "cka", synth, "vit", "--null-permutations", "0"]) == 2
 
 
 def test_rbf_and_reductions_equal_reference(synth: str) -> None:
     common = {"store": synth, "run": "vit", "progress": False, "gram_tile": 16}
-    ds = run_cka(CKAConfig(**common, kernel="rbf", batch_size=16, seed=2, repeats=2,
-                           gather_bytes=3 * 6 * 16 * 16 * 8, name="r")).dataset  # fmt: skip
+    ds = run_cka(
+        CKAConfig(
+            **common,
+            kernel="rbf",
+            batch_size=16,
+            seed=2,
+            repeats=2,
+            gather_bytes=3 * 6 * 16 * 16 * 8,
+            name="r",
+        )
+    ).dataset
     layers = ds["layer_a"].values.tolist()
     reps = activations(synth, "vit", layers)
     b = ds["batch_image"].values
     ref = ref_cka(reps, reps, b, b, kernel=rbf)
     np.testing.assert_allclose(ds["cka_repeats"].values, ref, rtol=0, atol=1e-10)
-    null_ref = ref_cka(reps, reps, [ds["null_image_a"].values], [ds["null_image_b"].values],
-                       kernel=rbf)[0]  # fmt: skip
+    null_ref = ref_cka(
+        reps, reps, [ds["null_image_a"].values], [ds["null_image_b"].values], kernel=rbf
+    )[0]
     np.testing.assert_allclose(ds["cka_null"].values, null_ref, rtol=0, atol=1e-10)
     # gap over patch tokens (CLS excluded) and the CLS token, every role.
-    for reduce, pick in (("gap", lambda x: x[:, 1:].astype(np.float64).mean(1)),
-                         ("cls", lambda x: x[:, 0])):  # fmt: skip
-        ds = run_cka(CKAConfig(**common, reduce=reduce, roles="all", estimator="biased",
-                               name=f"red-{reduce}")).dataset  # fmt: skip
+    for reduce, pick in (
+        ("gap", lambda x: x[:, 1:].astype(np.float64).mean(1)),
+        ("cls", lambda x: x[:, 0]),
+    ):
+        ds = run_cka(
+            CKAConfig(
+                **common, reduce=reduce, roles="all", estimator="biased", name=f"red-{reduce}"
+            )
+        ).dataset
         layers = ds["layer_a"].values.tolist()
         assert len(layers) == 7
         reps = [pick(x) for x in activations(synth, "vit", layers)]
         b = ds["batch_image"].values
-        np.testing.assert_allclose(ds["cka"].values, ref_cka(reps, reps, b, b, ref_hsic0)[0],
-                                   rtol=0, atol=1e-10)  # fmt: skip
+        np.testing.assert_allclose(
+            ds["cka"].values, ref_cka(reps, reps, b, b, ref_hsic0)[0], rtol=0, atol=1e-10
+        )
 
 
 def test_roles_and_layer_patterns(synth: str) -> None:
     common = {"store": synth, "run": "vit", "progress": False, "batch_size": 16}
     ds = run_cka(CKAConfig(**common, roles="branches", name="br")).dataset
     assert ds["layer_a"].values.tolist() == [
-        "norm_pre", "blocks.0.attn", "blocks.0.mlp", "blocks.0",
-        "blocks.1.attn", "blocks.1.mlp", "blocks.1",
-    ]  # fmt: skip
+        "norm_pre",
+        "blocks.0.attn",
+        "blocks.0.mlp",
+        "blocks.0",
+        "blocks.1.attn",
+        "blocks.1.mlp",
+        "blocks.1",
+    ]
     assert ds["role_a"].values.tolist()[:3] == ["stream", "branch", "branch"]
     depth = ds["depth_a"].values
     assert depth[0] == 0 and depth[-1] == 1 and (np.diff(depth) > 0).all()
@@ -234,8 +284,9 @@ def test_cross_run_aligned_by_image_id(tmp_path: Path) -> None:
     # b: part of a's images in another order, plus images a does not have.
     b_ids = list(rng.permutation(ids(40)[10:])) + ids(6, "new")
     make_run(url, "b", b_ids, family="resnet", chunk=5, inputs=False, seed=3)
-    cfg = CKAConfig(store=url, run="a", run2="b", batch_size=8, repeats=2, seed=1,
-                    gram_tile=8, progress=False)  # fmt: skip
+    cfg = CKAConfig(
+        store=url, run="a", run2="b", batch_size=8, repeats=2, seed=1, gram_tile=8, progress=False
+    )
     ds = run_cka(cfg).dataset
     assert ds["layer_b"].values.tolist() == ["maxpool", "layer1.0", "layer2.0"]
     ia, ib = ds["batch_image"].values, ds["batch_image_b"].values
@@ -243,12 +294,14 @@ def test_cross_run_aligned_by_image_id(tmp_path: Path) -> None:
     assert (ra.image_ids[ia] == rb.image_ids[ib]).all() and ds.attrs["n"] == 30
     reps_a = activations(url, "a", ds["layer_a"].values.tolist())
     reps_b = activations(url, "b", ds["layer_b"].values.tolist())
-    np.testing.assert_allclose(ds["cka_repeats"].values, ref_cka(reps_a, reps_b, ia, ib),
-                               rtol=0, atol=1e-10)  # fmt: skip
+    np.testing.assert_allclose(
+        ds["cka_repeats"].values, ref_cka(reps_a, reps_b, ia, ib), rtol=0, atol=1e-10
+    )
     na, nb = ds["null_image_a"].values, ds["null_image_b"].values
     assert not (ra.image_ids[na] == rb.image_ids[nb]).all()
-    np.testing.assert_allclose(ds["cka_null"].values, ref_cka(reps_a, reps_b, [na], [nb])[0],
-                               rtol=0, atol=1e-10)  # fmt: skip
+    np.testing.assert_allclose(
+        ds["cka_null"].values, ref_cka(reps_a, reps_b, [na], [nb])[0], rtol=0, atol=1e-10
+    )
     assert ds["depth_b"].values.tolist() == [0.0, 0.5, 1.0]
     assert ds.attrs["source_runs"] == ["a", "b"]
     again = run_cka(cfg)
@@ -309,20 +362,32 @@ def test_gram_cache_reused_then_recomputed_when_units_change(tmp_path: Path) -> 
     assert not rewritten.reused and rewritten.dataset.attrs["grams_computed"] != []
     reps = activations(url, "p", layers)
     b = rewritten.dataset["batch_image"].values
-    np.testing.assert_allclose(rewritten.dataset["cka"].values, ref_cka(reps, reps, b, b)[0],
-                               atol=1e-10)  # fmt: skip
+    np.testing.assert_allclose(
+        rewritten.dataset["cka"].values, ref_cka(reps, reps, b, b)[0], atol=1e-10
+    )
     # The result written before the rewrite is not reused either.
     assert not run_cka(CKAConfig(**common)).reused
     # Re-extraction (--overwrite) replaces the run, its Gram cache with it.
-    create_run(url, "p", image_ids=ids(8), labels=[0] * 8, chunk=8, dtype="float16",
-               arrays=[], attrs={"chunk_size": 8})  # fmt: skip
+    create_run(
+        url,
+        "p",
+        image_ids=ids(8),
+        labels=[0] * 8,
+        chunk=8,
+        dtype="float16",
+        arrays=[],
+        attrs={"chunk_size": 8},
+    )
     assert "_grams" not in zarr.open_group(url, path="p", mode="r")
 
 
 def test_gram_cache_format_read_by_plain_xarray(synth: str, tmp_path: Path) -> None:
     url = copy_store(synth, tmp_path / "s.zarr")
-    run_cka(CKAConfig(store=url, run="vit", layers="blocks.0", batch_size=16, gram_tile=16,
-                      progress=False))  # fmt: skip
+    run_cka(
+        CKAConfig(
+            store=url, run="vit", layers="blocks.0", batch_size=16, gram_tile=16, progress=False
+        )
+    )
     x = open_store(url)["vit"]["blocks.0"].values.astype(np.float64).reshape(48, -1)
     usable = np.ones(48, bool)
     usable[5] = False
@@ -343,8 +408,9 @@ assert "vitcnn_store" not in sys.modules
     # g + a_i + a_j rounds relative to its terms, not to the sum: an entry of X Xᵀ near 0
     # (issue 16: 0.0039864629507 off by 4e-15) needs a tolerance on the Gram's scale.
     ref = (x @ x.T)[np.ix_(usable, usable)]
-    np.testing.assert_allclose(g[np.ix_(usable, usable)], ref, rtol=1e-12,
-                               atol=1e-12 * np.abs(ref).max())  # fmt: skip
+    np.testing.assert_allclose(
+        g[np.ix_(usable, usable)], ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max()
+    )
     assert np.isnan(g[5]).all() and np.isnan(mean[5])
 
 
@@ -353,8 +419,9 @@ def test_each_chunk_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     make_run(url, "vit", ids(48), failed=[5])
     layers = ["norm_pre", "blocks.0", "blocks.1"]
     with counted_reads(monkeypatch) as reads:
-        run_cka(CKAConfig(store=url, run="vit", batch_size=8, repeats=5, gram_tile=16,
-                          progress=False))  # fmt: skip
+        run_cka(
+            CKAConfig(store=url, run="vit", batch_size=8, repeats=5, gram_tile=16, progress=False)
+        )
     read = stored = 0
     for layer in layers:
         chunks = chunk_reads(reads, f"vit/{layer}/activation")
@@ -373,8 +440,11 @@ def test_constant_layer_is_nan_with_a_warning(tmp_path: Path) -> None:
     writer = RunWriter(url, "c")
     group = zarr.open_group(url, path="c", mode="r")
     for u, (s, e) in enumerate(writer.units):
-        values = {k: np.asarray(group[k][s:e]) for k in writer._arrays
-                  if k not in ("image", "image_id", "label", "failed", "failure")}  # fmt: skip
+        values = {
+            k: np.asarray(group[k][s:e])
+            for k in writer._arrays
+            if k not in ("image", "image_id", "label", "failed", "failure")
+        }
         values["blocks.0/activation"] = np.full_like(values["blocks.0/activation"], 1000.5)
         writer.write_unit(u, values, np.zeros(e - s, bool), [""] * (e - s))
     with pytest.warns(AnalysisWarning, match=r"blocks\.0 constant over the images"):
@@ -384,8 +454,11 @@ def test_constant_layer_is_nan_with_a_warning(tmp_path: Path) -> None:
     assert np.isnan(m[1]).all() and np.isnan(m[:, 1]).all() and m[0, 0] == pytest.approx(1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the kernels' own warnings are not repeated
-        run_cka(CKAConfig(store=url, run="c", batch_size=8, progress=False, layers="norm_pre",
-                          name="ok"))  # fmt: skip
+        run_cka(
+            CKAConfig(
+                store=url, run="c", batch_size=8, progress=False, layers="norm_pre", name="ok"
+            )
+        )
 
 
 # ---------------------------------------------------------------- scale
@@ -397,12 +470,27 @@ def test_memory_limited_cluster_never_holds_a_gram(tmp_path: Path) -> None:
     assert 8 * n * n > limit  # one layer's Gram does not fit a worker
     url = str(tmp_path / "big.zarr")
     make_run(url, "big", ids(n), depth=1, chunk=256, attention=False, inputs=False)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, memory_limit=limit,
-                      dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
-            Client(cluster, set_as_default=False) as client:  # fmt: skip
-        cfg = CKAConfig(store=url, run="big", batch_size=512, max_batches=4, repeats=2,
-                        null_batches=1, dask_address=cluster.scheduler_address,
-                        progress=False)  # fmt: skip
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,
+            memory_limit=limit,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        cfg = CKAConfig(
+            store=url,
+            run="big",
+            batch_size=512,
+            max_batches=4,
+            repeats=2,
+            null_batches=1,
+            dask_address=cluster.scheduler_address,
+            progress=False,
+        )
         ds = run_cka(cfg).dataset
         peak = max(client.run(_peak_rss).values())
     assert peak < limit, f"a worker peaked at {peak / 2**20:.0f} MiB"
@@ -437,8 +525,22 @@ def test_capped_batch_warns_and_bad_options_exit_2(synth: str) -> None:
     assert cli([*base[:3], "vit", "--roles", "some", *base[3:]]) == 2
     assert cli([*base[:3], "vit", "--gram-tile", "0", *base[3:]]) == 2
     assert cli([*base[:3], "ghost", *base[3:]]) == 2
-    assert cli([*base[:3], "vit", "--estimator", "unbiased", "--null-batches", "0",
-                "--name", "u", *base[3:]]) == 0  # fmt: skip
+    assert (
+        cli(
+            [
+                *base[:3],
+                "vit",
+                "--estimator",
+                "unbiased",
+                "--null-batches",
+                "0",
+                "--name",
+                "u",
+                *base[3:],
+            ]
+        )
+        == 0
+    )
     assert "cka_null" not in open_store(synth)["vit"].analysis("u")
 
 

@@ -56,9 +56,13 @@ def analyze(url: str, *args: str, hook: str = "") -> subprocess.Popen[str]:
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
     return subprocess.Popen(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 # SIGKILL the process at a function of ours: after what it wrote, before what follows.

@@ -101,8 +101,10 @@ def _ref_cka1(K: np.ndarray, L: np.ndarray) -> tuple[float, float, float]:
         np.fill_diagonal(A, 0.0)
         np.fill_diagonal(B, 0.0)
         ra, rb = A.sum(1), B.sum(1)
-        return float((np.sum(A * B) + ra.sum() * rb.sum() / ((n - 1) * (n - 2))
-                      - 2.0 / (n - 2) * ra @ rb) / (n * (n - 3)))  # fmt: skip
+        return float(
+            (np.sum(A * B) + ra.sum() * rb.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * ra @ rb)
+            / (n * (n - 3))
+        )
 
     return h(K, L), h(K, K), h(L, L)
 
@@ -110,8 +112,16 @@ def _ref_cka1(K: np.ndarray, L: np.ndarray) -> tuple[float, float, float]:
 def test_batches_baseline_and_batch_bootstrap_recorded(synth: str) -> None:
     """Recorded batches; the input baseline and the bootstrap over batches recomputed with a
     term-by-term HSIC₁ from the un-normalized pixels."""
-    cfg = LocalizationConfig(store=synth, run="vit", tokens=((1, 1),), batch_size=8, seed=2,
-                             bootstrap=100, ci_level=0.8, progress=False)  # fmt: skip
+    cfg = LocalizationConfig(
+        store=synth,
+        run="vit",
+        tokens=((1, 1),),
+        batch_size=8,
+        seed=2,
+        bootstrap=100,
+        ci_level=0.8,
+        progress=False,
+    )
     ds = run_localization(cfg).dataset
     run = open_store(synth)["vit"]
     usable = np.flatnonzero(run.valid)
@@ -132,18 +142,22 @@ def test_batches_baseline_and_batch_bootstrap_recorded(synth: str) -> None:
     def cka(t: np.ndarray) -> np.ndarray:
         return t[..., 0] / np.sqrt(t[..., 1] * t[..., 2])
 
-    np.testing.assert_allclose(ds["localization_input"].values.ravel(), cka(base_a.sum(0)),
-                               rtol=1e-6, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        ds["localization_input"].values.ravel(), cka(base_a.sum(0)), rtol=1e-6, atol=1e-6
+    )
     assert ds["localization_input"].values.ravel()[3] == pytest.approx(1.0, abs=1e-9)
     counts = np.zeros((100, len(batches)))
     draws = np.random.default_rng(2).integers(0, len(batches), size=(100, len(batches)))
     for b, d in enumerate(draws):
         np.add.at(counts[b], d, 1.0)
     reps = np.stack([cka(np.tensordot(c, terms_a, 1)) for c in counts])
-    np.testing.assert_allclose(ds["localization_lo"].values.ravel(),
-                               np.percentile(reps, 10, axis=0), rtol=1e-5, atol=1e-5)  # fmt: skip
-    np.testing.assert_allclose(ds["localization_hi"].values.ravel(),
-                               np.percentile(reps, 90, axis=0), rtol=1e-5, atol=1e-5)  # fmt: skip
-    one = run_localization(LocalizationConfig(store=synth, run="vit", tokens=((1, 1),),
-                                              progress=False, name="one")).dataset  # fmt: skip
+    np.testing.assert_allclose(
+        ds["localization_lo"].values.ravel(), np.percentile(reps, 10, axis=0), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        ds["localization_hi"].values.ravel(), np.percentile(reps, 90, axis=0), rtol=1e-5, atol=1e-5
+    )
+    one = run_localization(
+        LocalizationConfig(store=synth, run="vit", tokens=((1, 1),), progress=False, name="one")
+    ).dataset
     assert "localization_lo" not in one and "one batch" in one.attrs["bootstrap"]

@@ -24,9 +24,16 @@ def _features(run, layer: str, rows: np.ndarray, how: str) -> np.ndarray:
 @pytest.mark.parametrize(("shots", "features", "l2"), [(0, "cls", None), (4, "gap", 0.3)])
 def test_probe_matches_kernel(synth: str, shots: int, features: str, l2: float | None) -> None:
     cfg = ProbeConfig(
-        store=synth, run="vit", shots=shots, features=features, l2=l2, repeats=2, seed=5,
-        progress=False, name=f"p{shots}",
-    )  # fmt: skip
+        store=synth,
+        run="vit",
+        shots=shots,
+        features=features,
+        l2=l2,
+        repeats=2,
+        seed=5,
+        progress=False,
+        name=f"p{shots}",
+    )
     ds = run_probe(cfg).dataset
     run = open_store(synth)["vit"]
     rows = np.flatnonzero(run.valid & (run.labels >= 0))
@@ -66,18 +73,24 @@ def test_branches_on_request_and_patterns(synth: str) -> None:
         ProbeConfig(store=synth, run="vit", roles="branches", l2=1.0, progress=False, name="br")
     ).dataset
     assert ds["layer"].values.tolist() == [
-        "norm_pre", "blocks.0.attn", "blocks.0.mlp", "blocks.0",
-        "blocks.1.attn", "blocks.1.mlp", "blocks.1",
-    ]  # fmt: skip
+        "norm_pre",
+        "blocks.0.attn",
+        "blocks.0.mlp",
+        "blocks.0",
+        "blocks.1.attn",
+        "blocks.1.mlp",
+        "blocks.1",
+    ]
     np.testing.assert_allclose(
         ds["depth_fraction"].values, [0, 1 / 6, 2 / 6, 0.5, 4 / 6, 5 / 6, 1], atol=1e-12
     )
     assert ds["role"].values.tolist()[:2] == ["stream", "branch"]
     assert "branch outputs" in ds.attrs["layer_selection"]
     only = run_probe(
-        ProbeConfig(store=synth, run="vit", layers="blocks.*.mlp", l2=1.0, progress=False,
-                    name="pat")
-    ).dataset  # fmt: skip
+        ProbeConfig(
+            store=synth, run="vit", layers="blocks.*.mlp", l2=1.0, progress=False, name="pat"
+        )
+    ).dataset
     assert only["layer"].values.tolist() == ["blocks.0.mlp", "blocks.1.mlp"]
 
 
@@ -102,8 +115,9 @@ def test_real_vit_constant_input_cls_is_named(tiny_store: str, tmp_path: Path) -
     url = copy_store(tiny_store, tmp_path / "t.zarr")
     ds = run_probe(ProbeConfig(store=url, run="vit", shots=5, progress=False)).dataset
     feats = dict(zip(ds["layer"].values.tolist(), ds["feature"].values.tolist(), strict=True))
-    reasons = dict(zip(ds["layer"].values.tolist(), ds["feature_reason"].values.tolist(),
-                       strict=True))  # fmt: skip
+    reasons = dict(
+        zip(ds["layer"].values.tolist(), ds["feature_reason"].values.tolist(), strict=True)
+    )
     assert feats == {"norm_pre": "gap", "blocks.0": "cls", "blocks.1": "cls"}
     assert "identical on every image" in reasons["norm_pre"]
     run = open_store(url)["vit"]
@@ -132,16 +146,40 @@ def test_bad_probe_options_are_one_line_errors(
     assert cli(["analyze", "probe", url, "w", "--l2-grid", "1,0", "--no-progress"]) == 2
     assert cli(["analyze", "probe", url, "w", "--cv-folds", "1", "--no-progress"]) == 2
     # 1-shot with a fixed penalty is allowed.
-    assert cli(["analyze", "probe", url, "w", "--shots", "1", "--l2", "1", "--no-progress",
-                "--no-figure"]) == 0  # fmt: skip
+    assert (
+        cli(
+            [
+                "analyze",
+                "probe",
+                url,
+                "w",
+                "--shots",
+                "1",
+                "--l2",
+                "1",
+                "--no-progress",
+                "--no-figure",
+            ]
+        )
+        == 0
+    )
 
 
 def test_splits_folds_intervals_and_raw_input_are_recorded(synth: str) -> None:
     """The recorded splits are the ones the reference draws; the interval is the bootstrap of
     each repeat's per-image correctness (a loop on the kernel's streams), averaged over
     repeats; the raw-pixel probe is a ridge probe on the flattened stored input."""
-    cfg = ProbeConfig(store=synth, run="vit", features="cls", repeats=2, seed=3, bootstrap=120,
-                      ci_level=0.9, progress=False, name="p-ci")  # fmt: skip
+    cfg = ProbeConfig(
+        store=synth,
+        run="vit",
+        features="cls",
+        repeats=2,
+        seed=3,
+        bootstrap=120,
+        ci_level=0.9,
+        progress=False,
+        name="p-ci",
+    )
     ds = run_probe(cfg).dataset
     run = open_store(synth)["vit"]
     rows = np.flatnonzero(run.valid & (run.labels >= 0))
@@ -168,11 +206,16 @@ def test_splits_folds_intervals_and_raw_input_are_recorded(synth: str) -> None:
     np.testing.assert_allclose(ds["accuracy_lo"].values, np.percentile(rep, 5, axis=0), atol=1e-12)
     np.testing.assert_allclose(ds["accuracy_hi"].values, np.percentile(rep, 95, axis=0), atol=1e-12)
     pixels = run.inputs.values[rows].reshape(rows.size, -1).astype(np.float64)
-    raw = [ridge_probe(pixels[tr], y[tr], pixels[te], y[te], n_classes=3, seed=3 + r).accuracy
-           for r, (tr, te) in enumerate(splits)]  # fmt: skip
+    raw = [
+        ridge_probe(pixels[tr], y[tr], pixels[te], y[te], n_classes=3, seed=3 + r).accuracy
+        for r, (tr, te) in enumerate(splits)
+    ]
     assert float(ds["input_accuracy"]) == pytest.approx(np.mean(raw), abs=1e-12)
-    assert float(ds["input_accuracy_lo"]) <= float(ds["input_accuracy"]) <= float(
-        ds["input_accuracy_hi"])  # fmt: skip
+    assert (
+        float(ds["input_accuracy_lo"])
+        <= float(ds["input_accuracy"])
+        <= float(ds["input_accuracy_hi"])
+    )
     assert ds.attrs["ci_level"] == 0.9 and ds.attrs["groups"].startswith("none")
 
 
@@ -196,8 +239,16 @@ def test_photo_crops_never_straddle_a_split(tmp_path: Path) -> None:
             assert len({folds[k] for k, i in enumerate(members) if group[i] == g}) == 1
     assert ds.attrs["groups"].startswith("source photograph")
     assert "accuracy_lo" not in ds
-    make_run(url, "w", names, labels=[photos.index(n.split("/")[1]) for n in names], depth=1,
-             attention=False)  # fmt: skip
+    make_run(
+        url,
+        "w",
+        names,
+        labels=[photos.index(n.split("/")[1]) for n in names],
+        depth=1,
+        attention=False,
+    )
     assert cli(["analyze", "probe", url, "w", "--no-progress"]) == 2
-    assert cli(["analyze", "probe", url, "w", "--no-progress", "--groups", "none",
-                "--bootstrap", "0"]) == 0  # fmt: skip
+    assert (
+        cli(["analyze", "probe", url, "w", "--no-progress", "--groups", "none", "--bootstrap", "0"])
+        == 0
+    )

@@ -64,18 +64,36 @@ def test_skip_inputs_come_from_recorded_roles(tmp_path: Path) -> None:
         "enc.0.mix": {"role": "branch", "block": "enc.0", "branch": "mix", "skip_input": ["stem"]},
         "enc.0": {"role": "stream", "block": "enc.0", "branches": ["enc.0.mix"]},
         # A branch whose skip path is the sum of two earlier layers.
-        "enc.1.mix": {"role": "branch", "block": "enc.1", "branch": "mix",
-                      "skip_input": ["stem", "enc.0"]},
+        "enc.1.mix": {
+            "role": "branch",
+            "block": "enc.1",
+            "branch": "mix",
+            "skip_input": ["stem", "enc.0"],
+        },
         "enc.1": {"role": "stream", "block": "enc.1", "branches": ["enc.1.mix"]},
-    }  # fmt: skip
+    }
     specs = [
-        ArraySpec(name, "activation", ("token", "channel"), (5, 6), _token_coords(),
-                  {"kind": "token", "depth_index": i, "depth_fraction": i / 4, **attrs})
+        ArraySpec(
+            name,
+            "activation",
+            ("token", "channel"),
+            (5, 6),
+            _token_coords(),
+            {"kind": "token", "depth_index": i, "depth_fraction": i / 4, **attrs},
+        )
         for i, (name, attrs) in enumerate(roles.items())
-    ]  # fmt: skip
+    ]
     url = str(tmp_path / "r.zarr")
-    create_run(url, "r", image_ids=ids(16), labels=[0] * 16, chunk=8, dtype="float32",
-               arrays=specs, attrs={"model": "custom", "chunk_size": 8})  # fmt: skip
+    create_run(
+        url,
+        "r",
+        image_ids=ids(16),
+        labels=[0] * 16,
+        chunk=8,
+        dtype="float32",
+        arrays=specs,
+        attrs={"model": "custom", "chunk_size": 8},
+    )
     writer, rng = RunWriter(url, "r"), np.random.default_rng(0)
     for u in range(2):
         values = {s.key: rng.normal(size=(8, 5, 6)).astype(np.float32) for s in specs}
@@ -119,10 +137,19 @@ def bottleneck_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     from vitcnn_store.models import ModelSpec
 
     url = str(tmp_path_factory.mktemp("bottleneck") / "b.zarr")
-    spec = ModelSpec("resnet50", img_size=32,
-                     model_args={"layers": [1, 1, 1, 1], "zero_init_last": False})  # fmt: skip
-    cfg = ExtractConfig(model=spec, images="builtin:faces", store=url, run="r50",
-                        layers="preset:paper", limit=24, chunk_size=12, progress=False)  # fmt: skip
+    spec = ModelSpec(
+        "resnet50", img_size=32, model_args={"layers": [1, 1, 1, 1], "zero_init_last": False}
+    )
+    cfg = ExtractConfig(
+        model=spec,
+        images="builtin:faces",
+        store=url,
+        run="r50",
+        layers="preset:paper",
+        limit=24,
+        chunk_size=12,
+        progress=False,
+    )
     extract(cfg)
     return url
 
@@ -143,8 +170,9 @@ def test_bottleneck_skip_inputs_are_what_the_block_adds(bottleneck_store: str) -
     assert ds["block"].values.tolist() == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
     assert ds["branch_tap"].values.tolist() == [[f"layer{s}.0.bn3" for s in range(1, 5)]]
     for j, stage in enumerate(range(1, 5)):
-        ref = skip_norm_ratio(run[f"layer{stage}.0.downsample"].values,
-                              run[f"layer{stage}.0.bn3"].values).mean()  # fmt: skip
+        ref = skip_norm_ratio(
+            run[f"layer{stage}.0.downsample"].values, run[f"layer{stage}.0.bn3"].values
+        ).mean()
         assert ds["ratio_spatial"].values[0, j] == pytest.approx(ref, rel=1e-10)
     assert (ds["dead_fraction"].values == 0).all() and ds.attrs["dead_branches"] == "none"
     np.testing.assert_allclose(ds["depth_fraction"].values, [0.25, 0.5, 0.75, 1.0], atol=1e-12)
@@ -172,8 +200,11 @@ def test_dead_branches_are_named_not_divided(tmp_path: Path) -> None:
 def test_ratio_intervals_are_the_bootstrap_of_per_image_ratios(synth: str) -> None:
     """Per image, ‖z‖/‖f(z)‖ from plain numpy norms, resampled by a loop drawing from the
     kernel's stream; the percentiles are the stored interval."""
-    ds = run_skip(SkipConfig(store=synth, run="vit", bootstrap=150, ci_level=0.9,
-                             progress=False, name="skip-ci")).dataset  # fmt: skip
+    ds = run_skip(
+        SkipConfig(
+            store=synth, run="vit", bootstrap=150, ci_level=0.9, progress=False, name="skip-ci"
+        )
+    ).dataset
     run = open_store(synth)["vit"]
     valid = run.valid
     spatial, cls = [], []
@@ -192,9 +223,11 @@ def test_ratio_intervals_are_the_bootstrap_of_per_image_ratios(synth: str) -> No
     draws = np.random.default_rng(0).integers(0, n, size=(150, n))
     for var, v in (("ratio_spatial", sp), ("ratio_cls", cl)):
         reps = np.stack([v[d].mean(axis=0) for d in draws])
-        np.testing.assert_allclose(ds[f"{var}_lo"].values, np.percentile(reps, 5, axis=0),
-                                   rtol=1e-10, atol=1e-10)  # fmt: skip
-        np.testing.assert_allclose(ds[f"{var}_hi"].values, np.percentile(reps, 95, axis=0),
-                                   rtol=1e-10, atol=1e-10)  # fmt: skip
+        np.testing.assert_allclose(
+            ds[f"{var}_lo"].values, np.percentile(reps, 5, axis=0), rtol=1e-10, atol=1e-10
+        )
+        np.testing.assert_allclose(
+            ds[f"{var}_hi"].values, np.percentile(reps, 95, axis=0), rtol=1e-10, atol=1e-10
+        )
         assert (ds[f"{var}_lo"] <= ds[var]).all() and (ds[var] <= ds[f"{var}_hi"]).all()
     assert ds.attrs["ci_level"] == 0.9

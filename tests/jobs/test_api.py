@@ -75,9 +75,16 @@ def own_forward(net: torch.nn.Module, x: torch.Tensor, names: list[str]) -> dict
 def module_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     url = str(tmp_path_factory.mktemp("api") / "acts.zarr")
     net = tiny_net().train()
-    run = vitcnn_store.extract(net, "builtin:faces", url, "mine",
-                               layers="stem,block,tokens,head", data_config=DATA, inputs=True,
-                               **COMMON)  # fmt: skip
+    run = vitcnn_store.extract(
+        net,
+        "builtin:faces",
+        url,
+        "mine",
+        layers="stem,block,tokens,head",
+        data_config=DATA,
+        inputs=True,
+        **COMMON,
+    )
     assert run.complete
     # The module comes back as it was handed in: training mode, memory format, no hooks.
     assert net.training and net.stem.weight.is_contiguous()
@@ -112,15 +119,31 @@ def test_provenance_records_the_class_and_the_weights(module_store: str) -> None
 
 
 def test_resume_and_changed_weights(module_store: str) -> None:
-    again = vitcnn_store.extract(tiny_net(), "builtin:faces", module_store, "mine",
-                                 layers="stem,block,tokens,head", data_config=DATA, inputs=True,
-                                 resume=True, **COMMON)  # fmt: skip
+    again = vitcnn_store.extract(
+        tiny_net(),
+        "builtin:faces",
+        module_store,
+        "mine",
+        layers="stem,block,tokens,head",
+        data_config=DATA,
+        inputs=True,
+        resume=True,
+        **COMMON,
+    )
     assert again.complete
     before = snapshot(Path(module_store))
     with pytest.raises(RunMismatchError, match="weights_sha256"):
-        vitcnn_store.extract(tiny_net(seed=1), "builtin:faces", module_store, "mine",
-                             layers="stem,block,tokens,head", data_config=DATA, inputs=True,
-                             resume=True, **COMMON)  # fmt: skip
+        vitcnn_store.extract(
+            tiny_net(seed=1),
+            "builtin:faces",
+            module_store,
+            "mine",
+            layers="stem,block,tokens,head",
+            data_config=DATA,
+            inputs=True,
+            resume=True,
+            **COMMON,
+        )
     assert snapshot(Path(module_store)) == before
 
 
@@ -130,8 +153,15 @@ def test_a_custom_transform(tmp_path: Path) -> None:
         return torch.from_numpy(a).permute(2, 0, 1)
 
     url = str(tmp_path / "acts.zarr")
-    run = vitcnn_store.extract(tiny_net(), "builtin:faces", url, "t", layers=["stem", "head"],
-                               transform=transform, **COMMON)  # fmt: skip
+    run = vitcnn_store.extract(
+        tiny_net(),
+        "builtin:faces",
+        url,
+        "t",
+        layers=["stem", "head"],
+        transform=transform,
+        **COMMON,
+    )
     images = open_image_set("builtin:faces", limit=20)
     x = torch.stack([transform(images.load(i)) for i in range(20)])
     ref = own_forward(tiny_net(), x, ["head"])
@@ -145,14 +175,37 @@ def test_refusals_before_anything_is_written(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"transform= .* or data_config="):
         vitcnn_store.extract(tiny_net(), "builtin:faces", str(url), "r", layers="stem", **COMMON)
     with pytest.raises(LayerPatternError, match="no attention module that exposes"):
-        vitcnn_store.extract(tiny_net(), "builtin:faces", str(url), "r", layers="stem",
-                             attention=True, data_config=DATA, **COMMON)  # fmt: skip
+        vitcnn_store.extract(
+            tiny_net(),
+            "builtin:faces",
+            str(url),
+            "r",
+            layers="stem",
+            attention=True,
+            data_config=DATA,
+            **COMMON,
+        )
     with pytest.raises(LayerPatternError, match="preset:blocks is defined for the ViT"):
-        vitcnn_store.extract(tiny_net(), "builtin:faces", str(url), "r", layers="preset:blocks",
-                             data_config=DATA, **COMMON)  # fmt: skip
+        vitcnn_store.extract(
+            tiny_net(),
+            "builtin:faces",
+            str(url),
+            "r",
+            layers="preset:blocks",
+            data_config=DATA,
+            **COMMON,
+        )
     with pytest.raises(UsageError, match="a module is used as it is"):
-        vitcnn_store.extract(tiny_net(), "builtin:faces", str(url), "r", layers="stem",
-                             img_size=32, data_config=DATA, **COMMON)  # fmt: skip
+        vitcnn_store.extract(
+            tiny_net(),
+            "builtin:faces",
+            str(url),
+            "r",
+            layers="stem",
+            img_size=32,
+            data_config=DATA,
+            **COMMON,
+        )
     assert not url.exists()
 
 
@@ -161,8 +214,15 @@ def test_timm_attention_modules_are_captured_from_a_module(tmp_path: Path) -> No
 
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1).eval()
-    run = vitcnn_store.extract(vit, "builtin:faces", str(tmp_path / "a.zarr"), "v",
-                               layers="blocks.*", attention=True, **COMMON)  # fmt: skip
+    run = vitcnn_store.extract(
+        vit,
+        "builtin:faces",
+        str(tmp_path / "a.zarr"),
+        "v",
+        layers="blocks.*",
+        attention=True,
+        **COMMON,
+    )
     attn = run.attention("blocks.0.attn").values
     np.testing.assert_allclose(attn.sum(-1), 1.0, atol=1e-5)
     assert run.attrs["model_family"] == "vit" and run["blocks.0"].attrs["role"] == "stream"
@@ -172,11 +232,41 @@ def test_a_timm_name_gives_the_same_run_as_the_cli(tmp_path: Path) -> None:
     from vitcnn_store.cli import main
 
     url = str(tmp_path / "a.zarr")
-    run = vitcnn_store.extract("resnet18", "builtin:faces", url, "api", layers="layer1.*",
-                               img_size=32, limit=12, chunk_size=8, progress=False)  # fmt: skip
-    assert main(["extract", "resnet18", "--img-size", "32", "--images", "builtin:faces",
-                 "--limit", "12", "--chunk-size", "8", "--store", url, "--run", "cli",
-                 "--layers", "layer1.*", "--no-progress"]) == 0  # fmt: skip
+    run = vitcnn_store.extract(
+        "resnet18",
+        "builtin:faces",
+        url,
+        "api",
+        layers="layer1.*",
+        img_size=32,
+        limit=12,
+        chunk_size=8,
+        progress=False,
+    )
+    assert (
+        main(
+            [
+                "extract",
+                "resnet18",
+                "--img-size",
+                "32",
+                "--images",
+                "builtin:faces",
+                "--limit",
+                "12",
+                "--chunk-size",
+                "8",
+                "--store",
+                url,
+                "--run",
+                "cli",
+                "--layers",
+                "layer1.*",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert run.attrs["model"] == "resnet18"
     assert_runs_identical(url, "api", url, "cli")
     tree = xr.open_datatree(url, engine="zarr")
@@ -187,8 +277,15 @@ def test_the_plan_is_printed_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     options = {**COMMON, "progress": True}
-    vitcnn_store.extract(tiny_net(), "builtin:faces", str(tmp_path / "a.zarr"), "r",
-                         layers="head", data_config=DATA, **options)  # fmt: skip
+    vitcnn_store.extract(
+        tiny_net(),
+        "builtin:faces",
+        str(tmp_path / "a.zarr"),
+        "r",
+        layers="head",
+        data_config=DATA,
+        **options,
+    )
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("vitcnn extract:")]
     assert len(lines) == 1 and "in this process: " in lines[0] and "torch thread" in lines[0]
 
@@ -197,9 +294,17 @@ def test_the_plan_is_printed_in_one_line(
 def test_a_module_travels_to_ray_actors(module_store: str, tmp_path: Path) -> None:
     """The driver's module reaches the actors through the object store: same values."""
     url = str(tmp_path / "ray.zarr")
-    vitcnn_store.extract(tiny_net(), "builtin:faces", url, "mine", workers=2,
-                         layers="stem,block,tokens,head", data_config=DATA, inputs=True,
-                         **COMMON)  # fmt: skip
+    vitcnn_store.extract(
+        tiny_net(),
+        "builtin:faces",
+        url,
+        "mine",
+        workers=2,
+        layers="stem,block,tokens,head",
+        data_config=DATA,
+        inputs=True,
+        **COMMON,
+    )
     assert_runs_identical(url, "mine", module_store, "mine")
 
 
@@ -212,9 +317,17 @@ def test_resume_refuses_the_same_weights_in_another_module(module_store: str) ->
     assert weights_sha256(tanh) == weights_sha256(tiny_net())
     before = snapshot(Path(module_store))
     with pytest.raises(RunMismatchError, match="module_sha256") as e:
-        vitcnn_store.extract(tanh, "builtin:faces", module_store, "mine",
-                             layers="stem,block,tokens,head", data_config=DATA, inputs=True,
-                             resume=True, **COMMON)  # fmt: skip
+        vitcnn_store.extract(
+            tanh,
+            "builtin:faces",
+            module_store,
+            "mine",
+            layers="stem,block,tokens,head",
+            data_config=DATA,
+            inputs=True,
+            resume=True,
+            **COMMON,
+        )
     assert "\n" not in str(e.value) and e.value.exit_code == 2
     assert snapshot(Path(module_store)) == before
 
@@ -223,8 +336,12 @@ def _resume_in_a_new_process(url: str, variant: str) -> subprocess.CompletedProc
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     return subprocess.run(
         [sys.executable, "-m", "tests.jobs.resume_job", url, "t", variant],
-        capture_output=True, text=True, env=env, timeout=600, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
 
 
 def test_resume_in_a_new_process_with_a_function_transform(tmp_path: Path) -> None:
@@ -235,8 +352,15 @@ def test_resume_in_a_new_process_with_a_function_transform(tmp_path: Path) -> No
     from jobs.worker import UnitExtractor
 
     url = str(tmp_path / "acts.zarr")
-    cfg = ExtractConfig(model=tiny_net(), images="builtin:faces", store=url, run="t",
-                        layers="stem,head", transform=small_transform, **COMMON)  # fmt: skip
+    cfg = ExtractConfig(
+        model=tiny_net(),
+        images="builtin:faces",
+        store=url,
+        run="t",
+        layers="stem,head",
+        transform=small_transform,
+        **COMMON,
+    )
     template = plan_extraction(cfg)
     prepare_store(cfg, template)
     UnitExtractor(template.plan, template.model).run_unit(0)  # a job that stopped early
@@ -252,8 +376,15 @@ def test_resume_in_a_new_process_with_a_function_transform(tmp_path: Path) -> No
     resumed = _resume_in_a_new_process(url, "same")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert vitcnn_store.open_store(url)["t"].complete
-    vitcnn_store.extract(tiny_net(), "builtin:faces", url, "clean", layers="stem,head",
-                         transform=small_transform, **COMMON)  # fmt: skip
+    vitcnn_store.extract(
+        tiny_net(),
+        "builtin:faces",
+        url,
+        "clean",
+        layers="stem,head",
+        transform=small_transform,
+        **COMMON,
+    )
     assert_runs_identical(url, "t", url, "clean")
 
 
@@ -284,17 +415,26 @@ class ArgMax(torch.nn.Module):
 
 @pytest.mark.parametrize(
     ("layer", "words"),
-    [("shared", "'shared' runs 2 times in one forward pass"),
-     ("zarr.json", "cannot store layer 'zarr.json': zarr.json is the run's own metadata"),
-     ("d.a/b", "cannot store layer 'd.a/b': a '/' would nest it"),
-     ("pick", "'pick' outputs int64 values")],
-)  # fmt: skip
+    [
+        ("shared", "'shared' runs 2 times in one forward pass"),
+        ("zarr.json", "cannot store layer 'zarr.json': zarr.json is the run's own metadata"),
+        ("d.a/b", "cannot store layer 'd.a/b': a '/' would nest it"),
+        ("pick", "'pick' outputs int64 values"),
+    ],
+)
 def test_layers_a_run_cannot_store_are_refused_before_writing(
     module_store: str, layer: str, words: str
 ) -> None:
     before = snapshot(Path(module_store))
     with pytest.raises(LayerPatternError) as e:
-        vitcnn_store.extract(Hostile(), "builtin:faces", module_store, "hostile", layers=layer,
-                             data_config=DATA, **COMMON)  # fmt: skip
+        vitcnn_store.extract(
+            Hostile(),
+            "builtin:faces",
+            module_store,
+            "hostile",
+            layers=layer,
+            data_config=DATA,
+            **COMMON,
+        )
     assert words in str(e.value) and "\n" not in str(e.value) and e.value.exit_code == 2
     assert snapshot(Path(module_store)) == before

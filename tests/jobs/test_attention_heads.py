@@ -32,8 +32,15 @@ def test_head_outputs_are_the_heads_context_vectors(tmp_path: Path) -> None:
     import torch
 
     url = tmp_path / "h.zarr"
-    extract_tiny(url, "v", layers="preset:blocks", attention_heads=True, limit=16,
-                 dtype="float32", inputs=True)  # fmt: skip
+    extract_tiny(
+        url,
+        "v",
+        layers="preset:blocks",
+        attention_heads=True,
+        limit=16,
+        dtype="float32",
+        inputs=True,
+    )
     run = open_store(str(url))["v"]
     assert "blocks.0.attn.norm" in run.layers and "blocks.1.attn.norm" in run.layers
     x = run["blocks.0.attn.norm"]
@@ -42,8 +49,11 @@ def test_head_outputs_are_the_heads_context_vectors(tmp_path: Path) -> None:
     from vitcnn_store.models import ModelSpec, build_model
 
     # The run's weights, rebuilt from its spec (random init from the recorded seed).
-    model = build_model(ModelSpec(TINY_VIT["name"], img_size=TINY_VIT["img_size"],
-                                  model_args=TINY_VIT["model_args"])).eval()  # fmt: skip
+    model = build_model(
+        ModelSpec(
+            TINY_VIT["name"], img_size=TINY_VIT["img_size"], model_args=TINY_VIT["model_args"]
+        )
+    ).eval()
     inputs = torch.as_tensor(run.inputs.values).permute(0, 3, 1, 2).float()
     ref = _heads_by_hand(model, inputs)
     stored = x.values.reshape(16, x.shape[1], 3, 64).transpose(0, 2, 1, 3)
@@ -77,8 +87,10 @@ def _ref_hsic1(K: np.ndarray, L: np.ndarray) -> float:
     np.fill_diagonal(K, 0.0)
     np.fill_diagonal(L, 0.0)
     rk, rl = K.sum(1), L.sum(1)
-    return float((np.sum(K * L) + rk.sum() * rl.sum() / ((n - 1) * (n - 2))
-                  - 2.0 / (n - 2) * rk @ rl) / (n * (n - 3)))  # fmt: skip
+    return float(
+        (np.sum(K * L) + rk.sum() * rl.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * rk @ rl)
+        / (n * (n - 3))
+    )
 
 
 def test_per_head_cka_and_distance_equal_numpy(tmp_path: Path) -> None:
@@ -88,11 +100,19 @@ def test_per_head_cka_and_distance_equal_numpy(tmp_path: Path) -> None:
     from vitcnn_store.interface import plots
 
     url = str(tmp_path / "p.zarr")
-    extract_tiny(url, "vit", layers="preset:blocks", attention=True, attention_heads=True,
-                 limit=24, dtype="float32")  # fmt: skip
+    extract_tiny(
+        url,
+        "vit",
+        layers="preset:blocks",
+        attention=True,
+        attention_heads=True,
+        limit=24,
+        dtype="float32",
+    )
     extract_tiny(url, "resnet", "resnet", layers="preset:blocks", limit=24, dtype="float32")
-    ds = run_heads(HeadsConfig(store=url, run="vit", run2="resnet", batch_size=8,
-                               progress=False)).dataset  # fmt: skip
+    ds = run_heads(
+        HeadsConfig(store=url, run="vit", run2="resnet", batch_size=8, progress=False)
+    ).dataset
     store = open_store(url)
     vit, resnet = store["vit"], store["resnet"]
     assert ds["head_layer"].values.tolist() == ["blocks.0.attn.norm", "blocks.1.attn.norm"]

@@ -24,9 +24,19 @@ from vitcnn_store import open_store
 from vitcnn_store.cli import main
 
 TINY = [
-    str(TINY_VIT["name"]), "--img-size", "32", "--model-arg", "depth=2",
-    "--images", "builtin:faces", "--limit", "24", "--chunk-size", "8", "--no-progress",
-]  # fmt: skip
+    str(TINY_VIT["name"]),
+    "--img-size",
+    "32",
+    "--model-arg",
+    "depth=2",
+    "--images",
+    "builtin:faces",
+    "--limit",
+    "24",
+    "--chunk-size",
+    "8",
+    "--no-progress",
+]
 REFUSALS = ("is being written by", "was changed by another job", "exists in")
 
 

@@ -23,9 +23,18 @@ def all_store(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     url = str(tmp_path_factory.mktemp("all") / "all.zarr")
     for run, spec in SPECS.items():
-        extract(ExtractConfig(model=spec, images="builtin:faces", store=url, run=run,
-                              layers="preset:all", limit=4, chunk_size=4,
-                              progress=False))  # fmt: skip
+        extract(
+            ExtractConfig(
+                model=spec,
+                images="builtin:faces",
+                store=url,
+                run=run,
+                layers="preset:all",
+                limit=4,
+                chunk_size=4,
+                progress=False,
+            )
+        )
     return url
 
 

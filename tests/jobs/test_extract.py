@@ -144,8 +144,12 @@ def test_in_process_identical_to_ray(f32_store: str) -> None:
 def _config(url: str, run: str, **changes: object) -> ExtractConfig:
     model = ModelSpec(TINY_VIT["name"], img_size=32, model_args=TINY_VIT["model_args"])
     options: dict[str, object] = {
-        "images": "builtin:faces", "limit": 40, "chunk_size": 16, "progress": False, **OPTIONS,
-    }  # fmt: skip
+        "images": "builtin:faces",
+        "limit": 40,
+        "chunk_size": 16,
+        "progress": False,
+        **OPTIONS,
+    }
     options.update(changes)
     return ExtractConfig(model=model, store=url, run=run, **options)  # type: ignore[arg-type]
 
@@ -219,8 +223,16 @@ def test_resume_refuses_changed_images(tmp_path: Path) -> None:
     for i in range(6):  # BMP: same size whatever the pixels
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.bmp")
     url = str(tmp_path / "acts.zarr")
-    cfg = _config(url, "r", images=str(folder), limit=None, chunk_size=2, attention=False,
-                  inputs=False, layers="blocks.0")  # fmt: skip
+    cfg = _config(
+        url,
+        "r",
+        images=str(folder),
+        limit=None,
+        chunk_size=2,
+        attention=False,
+        inputs=False,
+        layers="blocks.0",
+    )
     template = plan_extraction(cfg)
     prepare_store(cfg, template)
     UnitExtractor(template.plan, template.model).run_unit(0)  # a job that stopped after one unit
@@ -235,6 +247,17 @@ def test_resume_refuses_changed_images(tmp_path: Path) -> None:
     assert (folder / "4.bmp").stat().st_size == size
     before = snapshot(Path(url))
     with pytest.raises(RunMismatchError, match=r"2 image\(s\) changed .*\(1\.bmp, 4\.bmp\)"):
-        extract(_config(url, "r", images=str(folder), limit=None, chunk_size=2, attention=False,
-                        inputs=False, layers="blocks.0", resume=True))  # fmt: skip
+        extract(
+            _config(
+                url,
+                "r",
+                images=str(folder),
+                limit=None,
+                chunk_size=2,
+                attention=False,
+                inputs=False,
+                layers="blocks.0",
+                resume=True,
+            )
+        )
     assert snapshot(Path(url)) == before

@@ -93,12 +93,33 @@ def test_killed_driver_resume_completes_identically(clean: str, tmp_path: Path) 
     url = str(tmp_path / "acts.zarr")
     address = ray.get_runtime_context().gcs_address
     argv = [
-        sys.executable, "-m", "vitcnn_store.cli", "extract", TINY_VIT["name"],
-        "--img-size", "64", "--model-arg", "depth=2", "--images", JOB["images"],
-        "--limit", str(JOB["limit"]), "--chunk-size", str(JOB["chunk_size"]),
-        "--layers", JOB["layers"], "--store", url, "--run", "r", "--address", address,
-        "--lease-ttl", "3", "--no-progress",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "vitcnn_store.cli",
+        "extract",
+        TINY_VIT["name"],
+        "--img-size",
+        "64",
+        "--model-arg",
+        "depth=2",
+        "--images",
+        JOB["images"],
+        "--limit",
+        str(JOB["limit"]),
+        "--chunk-size",
+        str(JOB["chunk_size"]),
+        "--layers",
+        JOB["layers"],
+        "--store",
+        url,
+        "--run",
+        "r",
+        "--address",
+        address,
+        "--lease-ttl",
+        "3",
+        "--no-progress",
+    ]
     driver = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: n_done(url, "r") >= 2 or driver.poll() is not None)

@@ -73,11 +73,29 @@ def test_session_cluster_listens_on_loopback_only() -> None:
 def test_extract_starts_a_loopback_only_ray(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in LOOPBACK_ENV and k != "RAY_ADDRESS"}
     argv = [
-        sys.executable, "-m", "vitcnn_store.cli", "extract", "vit_tiny_patch16_224",
-        "--img-size", "32", "--model-arg", "depth=1", "--images", "builtin:faces",
-        "--limit", "48", "--chunk-size", "4", "--workers", "2", "--store",
-        str(tmp_path / "s.zarr"), "--run", "r", "--no-progress",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "vitcnn_store.cli",
+        "extract",
+        "vit_tiny_patch16_224",
+        "--img-size",
+        "32",
+        "--model-arg",
+        "depth=1",
+        "--images",
+        "builtin:faces",
+        "--limit",
+        "48",
+        "--chunk-size",
+        "4",
+        "--workers",
+        "2",
+        "--store",
+        str(tmp_path / "s.zarr"),
+        "--run",
+        "r",
+        "--no-progress",
+    ]
     job = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen: dict[str, set[str]] = {}
     try:

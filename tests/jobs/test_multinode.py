@@ -20,12 +20,23 @@ def test_two_nodes_identical_to_one(tmp_path: Path) -> None:
     url = str(tmp_path / "acts.zarr")
     result = subprocess.run(
         [sys.executable, "-m", "tests.jobs.multinode_job", url],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     nodes = {line[5:] for line in result.stdout.splitlines() if line.startswith("node:")}
     assert len(nodes) == 2, result.stdout
-    extract_tiny(url, "single", "vit", layers="preset:paper", attention=True, inputs=True,
-                 dtype="float32", workers=1)  # fmt: skip
+    extract_tiny(
+        url,
+        "single",
+        "vit",
+        layers="preset:paper",
+        attention=True,
+        inputs=True,
+        dtype="float32",
+        workers=1,
+    )
     assert_runs_identical(url, "multi", url, "single")

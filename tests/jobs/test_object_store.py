@@ -47,8 +47,16 @@ def s3_bucket() -> Iterator[str]:
 
 def test_extract_resume_and_read_on_s3(s3_bucket: str, tiny_store: str) -> None:
     url = f"{s3_bucket}/acts.zarr"
-    extract_tiny(url, "vit", "vit", layers="preset:paper", attention=True, inputs=True, limit=24,
-                 chunk_size=8)  # fmt: skip
+    extract_tiny(
+        url,
+        "vit",
+        "vit",
+        layers="preset:paper",
+        attention=True,
+        inputs=True,
+        limit=24,
+        chunk_size=8,
+    )
     run = open_store(url)["vit"]
     assert run.complete and run.n_images == 24
     local = open_store(tiny_store)["vit"]
@@ -57,8 +65,20 @@ def test_extract_resume_and_read_on_s3(s3_bucket: str, tiny_store: str) -> None:
         run.attention("blocks.0.attn").values, local.attention("blocks.0.attn").values[:24]
     )
     # Resume on S3 finds nothing left to do, and the store reads with plain xarray.
-    assert extract_tiny(url, "vit", "vit", layers="preset:paper", attention=True, inputs=True,
-                        limit=24, chunk_size=8, resume=True).units_written == 0  # type: ignore[attr-defined]  # fmt: skip
+    assert (
+        extract_tiny(
+            url,
+            "vit",
+            "vit",
+            layers="preset:paper",
+            attention=True,
+            inputs=True,
+            limit=24,
+            chunk_size=8,
+            resume=True,
+        ).units_written
+        == 0
+    )  # type: ignore[attr-defined]
     import xarray as xr
 
     tree = xr.open_datatree(url, engine="zarr")
@@ -110,8 +130,15 @@ def test_unreachable_object_store() -> None:
 
 # -- storage options through the job, and two writers of one registry ---------------------
 
-_AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
-        "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")  # fmt: skip
+_AWS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+)
 
 
 @pytest.fixture()
@@ -164,8 +191,9 @@ def test_plan_carries_resolved_options_but_never_shows_them() -> None:
     with storage_options_scope():
         use_storage_options("s3://b/a.zarr", {"key": "AK", "secret": "SECRET"})
         images = open_image_set("builtin:faces", limit=2)
-        plan = ExtractionPlan("0" * 64, None, images, "s3://b/a.zarr", "r", (), (), False,
-                              "float32", 2, (3, 32, 32))  # fmt: skip
+        plan = ExtractionPlan(
+            "0" * 64, None, images, "s3://b/a.zarr", "r", (), (), False, "float32", 2, (3, 32, 32)
+        )
     assert plan.storage_options == {"key": "AK", "secret": "SECRET"}
     assert "SECRET" not in repr(plan)
 

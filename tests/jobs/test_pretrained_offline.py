@@ -92,11 +92,31 @@ def test_extract_pretrained_offline_from_a_hub_cache(tmp_path: Path) -> None:
     }
     env.pop("RAY_ADDRESS", None)
     cmd = [
-        sys.executable, "-m", "vitcnn_store.cli", "extract", MODEL, "--pretrained",
-        "--model-arg", "depth=2", "--img-size", "32", "--images", "builtin:faces",
-        "--limit", "8", "--chunk-size", "4", "--store", str(store), "--run", "pre",
-        "--layers", "preset:blocks", "--workers", "1",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "vitcnn_store.cli",
+        "extract",
+        MODEL,
+        "--pretrained",
+        "--model-arg",
+        "depth=2",
+        "--img-size",
+        "32",
+        "--images",
+        "builtin:faces",
+        "--limit",
+        "8",
+        "--chunk-size",
+        "4",
+        "--store",
+        str(store),
+        "--run",
+        "pre",
+        "--layers",
+        "preset:blocks",
+        "--workers",
+        "1",
+    ]
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
     finally:
@@ -112,8 +132,9 @@ def test_extract_pretrained_offline_from_a_hub_cache(tmp_path: Path) -> None:
     model = timm.create_model(MODEL, pretrained=False, **ARGS)
     model.load_state_dict(state)
     assert run.attrs["weights_sha256"] == weights_sha256(model)
-    assert run.attrs["weights_sha256"] != weights_sha256(build_model(ModelSpec(MODEL, **{
-        "img_size": 32, "model_args": {"depth": 2}})))  # fmt: skip
+    assert run.attrs["weights_sha256"] != weights_sha256(
+        build_model(ModelSpec(MODEL, **{"img_size": 32, "model_args": {"depth": 2}}))
+    )
 
     images = open_image_set("builtin:faces", limit=8)
     ref = _reference(state, [images.load(i) for i in range(8)])
@@ -133,10 +154,25 @@ def test_pretrained_without_cache_offline_is_one_line_error(tmp_path: Path) -> N
         "HF_HUB_CACHE": str(tmp_path / "empty" / "hub"),
     }
     cmd = [
-        sys.executable, "-m", "vitcnn_store.cli", "extract", MODEL, "--pretrained",
-        "--model-arg", "depth=2", "--img-size", "32", "--images", "builtin:faces",
-        "--limit", "4", "--store", str(tmp_path / "n.zarr"), "--run", "pre",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "vitcnn_store.cli",
+        "extract",
+        MODEL,
+        "--pretrained",
+        "--model-arg",
+        "depth=2",
+        "--img-size",
+        "32",
+        "--images",
+        "builtin:faces",
+        "--limit",
+        "4",
+        "--store",
+        str(tmp_path / "n.zarr"),
+        "--run",
+        "pre",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode in (1, 2), done.stderr
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]

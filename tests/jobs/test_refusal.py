@@ -41,9 +41,22 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def overwrite_args(store: Path, *extra: str, images: str = "builtin:faces") -> list[str]:
     return [
-        "extract", *TINY, "--images", images, "--limit", "16", "--chunk-size", "8",
-        "--store", str(store), "--run", "v", "--overwrite", "--no-progress", *extra,
-    ]  # fmt: skip
+        "extract",
+        *TINY,
+        "--images",
+        images,
+        "--limit",
+        "16",
+        "--chunk-size",
+        "8",
+        "--store",
+        str(store),
+        "--run",
+        "v",
+        "--overwrite",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def refused(args: list[str], store: Path, code: int, capsys: pytest.CaptureFixture[str]) -> str:
@@ -116,10 +129,18 @@ def test_workers_that_fail_to_start_leave_the_run(finished: Path) -> None:
     before = snapshot(finished)
     with pytest.raises(ClusterError, match="a worker failed to start"):
         vitcnn_store.extract(
-            OnlyHere(), "builtin:faces", str(finished), "v", layers="fc", overwrite=True,
-            workers=1, limit=16, chunk_size=8, progress=False,
+            OnlyHere(),
+            "builtin:faces",
+            str(finished),
+            "v",
+            layers="fc",
+            overwrite=True,
+            workers=1,
+            limit=16,
+            chunk_size=8,
+            progress=False,
             data_config={"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3},
-        )  # fmt: skip
+        )
     assert snapshot(finished) == before, "a refused job changed the store"
     assert open_store(str(finished))["v"].complete
 

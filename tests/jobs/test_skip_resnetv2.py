@@ -17,18 +17,30 @@ from vitcnn_store.models import ModelSpec, build_model
 # A bottleneck network (one block per stage, every block with a projection) and a
 # basic-block one whose first blocks have none (z is the stem, then the previous block).
 SPECS = {
-    "bottleneck": ModelSpec("resnetv2_50", img_size=32,
-                            model_args={"layers": [1, 1, 1, 1], "stem_type": "fixed"}),
+    "bottleneck": ModelSpec(
+        "resnetv2_50", img_size=32, model_args={"layers": [1, 1, 1, 1], "stem_type": "fixed"}
+    ),
     "basic": ModelSpec("resnetv2_18", img_size=32, model_args={"layers": [2, 1, 1, 1]}),
-}  # fmt: skip
+}
 
 
 def _extract(url: str, run: str, spec: ModelSpec, layers: str) -> None:
     from jobs.extract import ExtractConfig, extract
 
-    extract(ExtractConfig(model=spec, images="builtin:faces", store=url, run=run, layers=layers,
-                          limit=12, chunk_size=6, inputs=True, dtype="float32",
-                          progress=False))  # fmt: skip
+    extract(
+        ExtractConfig(
+            model=spec,
+            images="builtin:faces",
+            store=url,
+            run=run,
+            layers=layers,
+            limit=12,
+            chunk_size=6,
+            inputs=True,
+            dtype="float32",
+            progress=False,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +82,11 @@ def _reference(spec: ModelSpec, x: Any) -> dict[str, tuple[np.ndarray, np.ndarra
             )
         )
         if block.downsample is not None:
-            hooks.append(block.downsample.register_forward_hook(
-                lambda _m, _a, o, s=store: s.__setitem__("shortcut", o.clone())))  # fmt: skip
+            hooks.append(
+                block.downsample.register_forward_hook(
+                    lambda _m, _a, o, s=store: s.__setitem__("shortcut", o.clone())
+                )
+            )
     with torch.no_grad():
         model(x)
     for h in hooks:
@@ -104,8 +119,9 @@ def test_ratios_match_hooks_on_the_raw_model(v2_store: str, run_name: str) -> No
         # What the store holds for z and f(z) is what the model added.
         skip_tap = str(ds["skip_taps"].values[0, j])
         np.testing.assert_allclose(run[skip_tap].values, z, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(run[str(ds["branch_tap"].values[0, j])].values, f,
-                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        np.testing.assert_allclose(
+            run[str(ds["branch_tap"].values[0, j])].values, f, rtol=1e-5, atol=1e-6
+        )
     assert ds.attrs["family"] == "resnetv2"
     assert ds.attrs["block_output"].startswith("z + f(z)")
     assert (ds["dead_fraction"].values == 0).all()  # ResNetV2 does not zero-init by default
@@ -114,16 +130,20 @@ def test_ratios_match_hooks_on_the_raw_model(v2_store: str, run_name: str) -> No
 def test_basic_blocks_without_projection_add_onto_the_previous_tensor(v2_store: str) -> None:
     ds = run_skip(SkipConfig(store=v2_store, run="basic", progress=False)).dataset
     assert ds["skip_tap"].values.tolist() == [
-        "stem", "stages.0.blocks.0", "stages.1.blocks.0.downsample",
-        "stages.2.blocks.0.downsample", "stages.3.blocks.0.downsample",
-    ]  # fmt: skip
+        "stem",
+        "stages.0.blocks.0",
+        "stages.1.blocks.0.downsample",
+        "stages.2.blocks.0.downsample",
+        "stages.3.blocks.0.downsample",
+    ]
     assert ds["branch_tap"].values[0, 0] == "stages.0.blocks.0.conv2"
 
 
 def test_v1_results_say_the_block_applies_a_relu(tmp_path: Path) -> None:
     url = str(tmp_path / "v1.zarr")
-    spec = ModelSpec("resnet18", img_size=32, model_args={"layers": [1, 1, 1, 1],
-                                                           "zero_init_last": False})  # fmt: skip
+    spec = ModelSpec(
+        "resnet18", img_size=32, model_args={"layers": [1, 1, 1, 1], "zero_init_last": False}
+    )
     _extract(url, "r18", spec, "preset:paper")
     ds = run_skip(SkipConfig(store=url, run="r18", progress=False)).dataset
     assert ds.attrs["block_output"].startswith("ReLU(z + f(z))")

@@ -51,16 +51,28 @@ def ray_head() -> Iterator[str]:
     dashboard = free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
     argv = [
-        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-        f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        "--include-dashboard=true", "--num-cpus=1", f"--temp-dir={temp_dir}",
-        f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-        f"--metrics-export-port={free_port()}", "--disable-usage-stats",
-    ]  # fmt: skip
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={free_port()}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        "--include-dashboard=true",
+        "--num-cpus=1",
+        f"--temp-dir={temp_dir}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        "--disable-usage-stats",
+    ]
     log = open(Path(temp_dir) / "head.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.monotonic() + 120
@@ -86,10 +98,31 @@ def test_entrypoint_is_the_parsed_config() -> None:
     config, without the client's options (--address, --wait, --pip, --job-id)."""
     from vitcnn_store.interface.cli import _extract_config, build_parser
 
-    argv = ["submit", "extract", "resnet50", "--address=http://h:8265", "--pip", "x", "--wait",
-            "--images", "builtin:faces", "--store", "s3://b/a.zarr", "--run", "r",
-            "--model-arg", "depth=2", "--model-arg", "act='relu'", "--reduce", "layer*=mean",
-            "--workers", "3", "--no-progress", "--overwrite"]  # fmt: skip
+    argv = [
+        "submit",
+        "extract",
+        "resnet50",
+        "--address=http://h:8265",
+        "--pip",
+        "x",
+        "--wait",
+        "--images",
+        "builtin:faces",
+        "--store",
+        "s3://b/a.zarr",
+        "--run",
+        "r",
+        "--model-arg",
+        "depth=2",
+        "--model-arg",
+        "act='relu'",
+        "--reduce",
+        "layer*=mean",
+        "--workers",
+        "3",
+        "--no-progress",
+        "--overwrite",
+    ]
     cfg = _extract_config(build_parser().parse_args(argv))
     args = entrypoint_args(cfg)
     assert "--address" not in args and "--wait" not in args and "--pip" not in args

@@ -13,8 +13,13 @@ from tests.store.test_integrity import chunk, flip
 from vitcnn_store import open_store
 from vitcnn_store.cli import main
 
-OPTIONS = {"layers": "preset:blocks", "attention": True, "inputs": True, "limit": 24,
-           "chunk_size": 8}  # fmt: skip
+OPTIONS = {
+    "layers": "preset:blocks",
+    "attention": True,
+    "inputs": True,
+    "limit": 24,
+    "chunk_size": 8,
+}
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +54,41 @@ def test_damage_is_refused_found_and_repaired(
     capsys.readouterr()
     # Every analysis reads through the same checked arrays.
     figures = str(tmp_path / "figures")
-    assert main(["analyze", "cka", store, "vit", "--figures", figures, "--no-progress",
-                 "--batch-size", "24"]) == 1  # fmt: skip
+    assert (
+        main(
+            [
+                "analyze",
+                "cka",
+                store,
+                "vit",
+                "--figures",
+                figures,
+                "--no-progress",
+                "--batch-size",
+                "24",
+            ]
+        )
+        == 1
+    )
     assert "damaged chunk" in one_line(capsys)
-    assert main(["analyze", "localization", store, "vit", "--layer", "blocks.1", "--figures",
-                 figures, "--no-progress", "--batch-size", "24"]) == 1  # fmt: skip
+    assert (
+        main(
+            [
+                "analyze",
+                "localization",
+                store,
+                "vit",
+                "--layer",
+                "blocks.1",
+                "--figures",
+                figures,
+                "--no-progress",
+                "--batch-size",
+                "24",
+            ]
+        )
+        == 1
+    )
     assert "missing chunk in" in one_line(capsys)  # the input of unit 2 is gone
 
     assert main(["verify", store, "--no-progress"]) == 1
@@ -93,8 +128,10 @@ def test_a_lost_layer_is_restored_by_resume(
     assert main(["verify", store, "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert "blocks.1" in out and "layer missing" in out and "image_sha256" in out
-    assert main(["analyze", "cka", store, "vit", "--figures", str(tmp_path / "f"),
-                 "--no-progress"]) == 1  # fmt: skip
+    assert (
+        main(["analyze", "cka", store, "vit", "--figures", str(tmp_path / "f"), "--no-progress"])
+        == 1
+    )
     assert "blocks.1, image_sha256 missing" in one_line(capsys)  # refused, naming the loss
     summary = extract_tiny(url, "vit", resume=True, **OPTIONS)
     assert summary.units_written == 3  # type: ignore[attr-defined]

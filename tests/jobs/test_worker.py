@@ -29,9 +29,13 @@ def _bmp(path: Path, seed: int) -> None:
 def _config(url: str, folder: Path, **changes: object) -> ExtractConfig:
     model = ModelSpec(TINY_VIT["name"], img_size=32, model_args={"depth": 1})
     options: dict[str, object] = {
-        "images": str(folder), "chunk_size": 2, "layers": "blocks.0", "dtype": "float32",
-        "progress": False, **changes,
-    }  # fmt: skip
+        "images": str(folder),
+        "chunk_size": 2,
+        "layers": "blocks.0",
+        "dtype": "float32",
+        "progress": False,
+        **changes,
+    }
     return ExtractConfig(model=model, store=url, run="r", **options)  # type: ignore[arg-type]
 
 

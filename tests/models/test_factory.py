@@ -110,9 +110,15 @@ def test_pretrained_and_checkpoint_are_exclusive() -> None:
 
 
 @pytest.mark.parametrize(
-    "key", ["checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
-            "pretrained_strict"],
-)  # fmt: skip
+    "key",
+    [
+        "checkpoint_path",
+        "pretrained",
+        "pretrained_cfg",
+        "pretrained_cfg_overlay",
+        "pretrained_strict",
+    ],
+)
 def test_model_args_cannot_load_weights(key: str) -> None:
     # Weights loaded behind provenance's back would be recorded as random-init.
     with pytest.raises(ModelError, match=r"--checkpoint PATH .* --pretrained"):

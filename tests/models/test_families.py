@@ -34,8 +34,12 @@ def test_family_module_never_imports_torch() -> None:
 def test_vit_branches_chain_the_residual_stream() -> None:
     modules = {"norm_pre": "Identity"}
     for i in range(3):
-        modules |= {f"blocks.{i}": "Block", f"blocks.{i}.attn": "Attention",
-                    f"blocks.{i}.mlp": "Mlp", f"blocks.{i}.ls1": "Identity"}  # fmt: skip
+        modules |= {
+            f"blocks.{i}": "Block",
+            f"blocks.{i}.attn": "Attention",
+            f"blocks.{i}.mlp": "Mlp",
+            f"blocks.{i}.ls1": "Identity",
+        }
     found = branches("vit", modules)
     assert found[2] == Branch("blocks.1", "attn", "blocks.1.attn", ("blocks.0",))
     assert found[5] == Branch("blocks.2", "mlp", "blocks.2.mlp", ("blocks.1", "blocks.2.attn"))
@@ -44,8 +48,13 @@ def test_vit_branches_chain_the_residual_stream() -> None:
 
 
 def test_resnet_first_block_of_a_stage_takes_the_previous_stage() -> None:
-    modules = {"maxpool": "", "layer1.0": "Bottleneck", "layer1.1": "Bottleneck",
-               "layer2.0": "Bottleneck", "layer2.0.bn3": ""}  # fmt: skip
+    modules = {
+        "maxpool": "",
+        "layer1.0": "Bottleneck",
+        "layer1.1": "Bottleneck",
+        "layer2.0": "Bottleneck",
+        "layer2.0.bn3": "",
+    }
     found = {b.block: b for b in branches("resnet", modules)}
     assert found["layer1.1"].skip_input == ("layer1.0",)
     assert found["layer2.0"].skip_input == ("layer1.1",)  # no downsample stored
@@ -91,8 +100,9 @@ def test_missing_branch_outputs_are_named() -> None:
 
 
 def test_roles_tell_stream_from_branch() -> None:
-    roles = layer_roles("vit", {"norm_pre": "", "blocks.0": "", "blocks.0.attn": "",
-                                "blocks.0.mlp": "", "norm": ""})  # fmt: skip
+    roles = layer_roles(
+        "vit", {"norm_pre": "", "blocks.0": "", "blocks.0.attn": "", "blocks.0.mlp": "", "norm": ""}
+    )
     assert [n for n, a in roles.items() if is_residual_stream(n, a)] == ["norm_pre", "blocks.0"]
     assert roles["blocks.0.attn"]["role"] == BRANCH and roles["blocks.0"]["role"] == STREAM
     assert [n for n, a in roles.items() if is_block_output(n, a)] == ["blocks.0"]
@@ -107,10 +117,14 @@ def test_presets_of_unknown_name() -> None:
 
 
 def test_resnetv2_first_block_takes_the_stem_and_branches_end_at_the_last_conv() -> None:
-    modules = {"stem": "Sequential", "stages.0.blocks.0": "PreActBasic",
-               "stages.0.blocks.1": "PreActBasic", "stages.1.blocks.0": "PreActBottleneck",
-               "stages.1.blocks.0.downsample": "DownsampleConv",
-               "stages.2.blocks.0": "Bottleneck"}  # fmt: skip
+    modules = {
+        "stem": "Sequential",
+        "stages.0.blocks.0": "PreActBasic",
+        "stages.0.blocks.1": "PreActBasic",
+        "stages.1.blocks.0": "PreActBottleneck",
+        "stages.1.blocks.0.downsample": "DownsampleConv",
+        "stages.2.blocks.0": "Bottleneck",
+    }
     found = {b.block: b for b in branches("resnetv2", modules)}
     assert found["stages.0.blocks.0"].skip_input == ("stem",)
     assert found["stages.0.blocks.1"].skip_input == ("stages.0.blocks.0",)

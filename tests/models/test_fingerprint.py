@@ -39,9 +39,15 @@ class Holder:
 
 
 def _fingerprints() -> list[str]:
-    return [callable_fingerprint(f) for f in (
-        scale, scaler(3.0), functools.partial(scale, factor=4.0), Holder(scale),
-    )]  # fmt: skip
+    return [
+        callable_fingerprint(f)
+        for f in (
+            scale,
+            scaler(3.0),
+            functools.partial(scale, factor=4.0),
+            Holder(scale),
+        )
+    ]
 
 
 def test_fingerprints_hold_no_address_and_are_the_same_in_another_process() -> None:
@@ -50,8 +56,14 @@ def test_fingerprints_hold_no_address_and_are_the_same_in_another_process() -> N
     assert here[0].startswith("tests.models.test_fingerprint.scale (function, sha256 ")
     code = "from tests.models.test_fingerprint import _fingerprints; print(repr(_fingerprints()))"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         check=True, timeout=300).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=300,
+    ).stdout
     assert out.strip() == repr(here)
 
 

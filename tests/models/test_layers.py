@@ -167,18 +167,31 @@ def test_all_preset_counts(name: str, kwargs: dict[str, object], count: int) -> 
 def test_all_preset_layers_of_each_family() -> None:
     vit = timm.create_model("vit_tiny_patch16_224", depth=1, img_size=32)
     assert expand_layers(vit, "preset:all") == [
-        "norm_pre", "blocks.0", "blocks.0.norm1", "blocks.0.attn", "blocks.0.norm2",
-        "blocks.0.mlp", "blocks.0.mlp.fc1", "blocks.0.mlp.act",
-    ]  # fmt: skip
+        "norm_pre",
+        "blocks.0",
+        "blocks.0.norm1",
+        "blocks.0.attn",
+        "blocks.0.norm2",
+        "blocks.0.mlp",
+        "blocks.0.mlp.fc1",
+        "blocks.0.mlp.act",
+    ]
     v1 = timm.create_model("resnet50", layers=[1, 1, 1, 1])
     assert [n for n in expand_layers(v1, "preset:all") if n.startswith("layer1")] == [
-        "layer1.0", "layer1.0.act1", "layer1.0.act2", "layer1.0.bn3", "layer1.0.downsample",
-    ]  # fmt: skip
+        "layer1.0",
+        "layer1.0.act1",
+        "layer1.0.act2",
+        "layer1.0.bn3",
+        "layer1.0.downsample",
+    ]
     v2 = timm.create_model("resnetv2_50x1_bit")
     assert [n for n in expand_layers(v2, "preset:all") if n.startswith("stages.0.blocks.0")] == [
-        "stages.0.blocks.0", "stages.0.blocks.0.downsample", "stages.0.blocks.0.conv1",
-        "stages.0.blocks.0.conv2", "stages.0.blocks.0.conv3",
-    ]  # fmt: skip
+        "stages.0.blocks.0",
+        "stages.0.blocks.0.downsample",
+        "stages.0.blocks.0.conv1",
+        "stages.0.blocks.0.conv2",
+        "stages.0.blocks.0.conv3",
+    ]
     roles = layer_roles(v2)
     assert roles["stages.1.blocks.0.conv3"]["skip_input"] == ["stages.1.blocks.0.downsample"]
     assert roles["stages.0.blocks.1.conv3"]["skip_input"] == ["stages.0.blocks.0"]

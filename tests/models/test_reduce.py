@@ -74,8 +74,9 @@ def test_token_reductions_equal_numpy(how: str) -> None:
     prefix, gh, gw, c = 2, 5, 4, 6
     x = rng.normal(size=(3, prefix + gh * gw, c)).astype(np.float32)
     coords = token_coords(prefix, gh, gw)
-    fitted, kind, shape, new = resolve_reduction("b", Reduction.parse(how), "token", x.shape[1:],
-                                                 coords)  # fmt: skip
+    fitted, kind, shape, new = resolve_reduction(
+        "b", Reduction.parse(how), "token", x.shape[1:], coords
+    )
     got = fitted.apply(torch.from_numpy(x)).numpy()
     assert got.shape[1:] == shape
     if how == "cls":
@@ -104,8 +105,9 @@ def test_spatial_reductions_equal_numpy(how: str) -> None:
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2, 7, 8, 5)).astype(np.float32)
     coords = {"y": (np.arange(7) + 0.5) * 4, "x": (np.arange(8) + 0.5) * 4}
-    fitted, kind, shape, new = resolve_reduction("l", Reduction.parse(how), "spatial", x.shape[1:],
-                                                 coords)  # fmt: skip
+    fitted, kind, shape, new = resolve_reduction(
+        "l", Reduction.parse(how), "spatial", x.shape[1:], coords
+    )
     got = fitted.apply(torch.from_numpy(x)).numpy()
     assert got.shape[1:] == shape
     if how == "mean":
@@ -126,14 +128,22 @@ def test_reductions_a_layer_cannot_take_are_refused() -> None:
     no_cls = token_coords(0, 2, 2)
     with pytest.raises(LayerPatternError, match="no CLS token"):
         resolve_reduction("l", Reduction.parse("cls"), "token", (4, 3), no_cls)
-    other = {"token_kind": np.array(["other"] * 4), "token_y": np.full(4, np.nan),
-             "token_x": np.full(4, np.nan)}  # fmt: skip
+    other = {
+        "token_kind": np.array(["other"] * 4),
+        "token_y": np.full(4, np.nan),
+        "token_x": np.full(4, np.nan),
+    }
     with pytest.raises(LayerPatternError, match="not prefix tokens followed by a patch grid"):
         resolve_reduction("l", Reduction.parse("pool:2"), "token", (4, 3), other)
 
 
 def test_attrs_record_the_reduction() -> None:
-    fitted, *_ = resolve_reduction("l", Reduction.parse("pool:2"), "spatial", (4, 4, 2),
-                                   {"y": np.arange(4.0), "x": np.arange(4.0)})  # fmt: skip
+    fitted, *_ = resolve_reduction(
+        "l",
+        Reduction.parse("pool:2"),
+        "spatial",
+        (4, 4, 2),
+        {"y": np.arange(4.0), "x": np.arange(4.0)},
+    )
     assert reduced_attrs(fitted, (4, 4, 2)) == {"reduction": "pool:2", "unreduced_shape": [4, 4, 2]}
     assert reduced_attrs(None, (4,)) == {}

@@ -15,9 +15,23 @@ from vitcnn_store import open_store
 from vitcnn_store.serve.config import ServeConfig
 
 # The `vit` run of the served store, as `vitcnn extract` arguments (TINY_VIT, 16 faces).
-ARGS = ["vit_tiny_patch16_224", "--img-size", "32", "--model-arg", "depth=2", "--layers",
-        "blocks.*", "--attention", "--images", "builtin:faces", "--limit", "16",
-        "--chunk-size", "8", "--no-progress"]  # fmt: skip
+ARGS = [
+    "vit_tiny_patch16_224",
+    "--img-size",
+    "32",
+    "--model-arg",
+    "depth=2",
+    "--layers",
+    "blocks.*",
+    "--attention",
+    "--images",
+    "builtin:faces",
+    "--limit",
+    "16",
+    "--chunk-size",
+    "8",
+    "--no-progress",
+]
 
 
 def test_an_extraction_job_runs_on_ray_and_survives_a_restart(
@@ -28,13 +42,17 @@ def test_an_extraction_job_runs_on_ray_and_survives_a_restart(
     store = str(tmp_path / "acts.zarr")
     shutil.copytree(serve_store, store)
     config = ServeConfig(
-        store=store, token=TOKEN, allow_jobs=True, jobs_dir=str(tmp_path / "jobs"),
+        store=store,
+        token=TOKEN,
+        allow_jobs=True,
+        jobs_dir=str(tmp_path / "jobs"),
         ray_address=ray_head,
-    )  # fmt: skip
+    )
     first = ThreadServer(config)
     try:
-        job = first.json("/api/jobs", method="POST", body={"kind": "extract", "run": "sub",
-                                                            "args": ARGS})  # fmt: skip
+        job = first.json(
+            "/api/jobs", method="POST", body={"kind": "extract", "run": "sub", "args": ARGS}
+        )
         assert job["status"] == "running" and job["ray_job_id"] == f"vitcnn-{job['id']}"
     finally:
         first.stop()  # the server goes away mid-job; the Ray job goes on
@@ -71,13 +89,21 @@ def test_a_record_whose_ray_job_is_unknown_is_reported_failed(
     from vitcnn_store.serve.jobs import JobManager, JobRecord
 
     config = ServeConfig(
-        store=serve_store, token=TOKEN, allow_jobs=True, jobs_dir=str(tmp_path),
+        store=serve_store,
+        token=TOKEN,
+        allow_jobs=True,
+        jobs_dir=str(tmp_path),
         ray_address=ray_head,
-    )  # fmt: skip
+    )
     JobManager(config).save(
-        JobRecord(id="00000000000000ff", kind="extract", request={"run": "gone"},
-                  status="running", ray_job_id="vitcnn-00000000000000ff")
-    )  # fmt: skip
+        JobRecord(
+            id="00000000000000ff",
+            kind="extract",
+            request={"run": "gone"},
+            status="running",
+            ray_job_id="vitcnn-00000000000000ff",
+        )
+    )
     server = ThreadServer(config)
     try:
         job = server.json("/api/jobs/00000000000000ff")

@@ -14,8 +14,11 @@ from vitcnn_store.cli import main
 from vitcnn_store.errors import RunMismatchError
 from vitcnn_store.store import prepare_run, verify_store
 
-TOKENS = {"token_kind": np.array(["cls", "patch"]), "token_y": np.array([np.nan, 8.0]),
-          "token_x": np.array([np.nan, 8.0])}  # fmt: skip
+TOKENS = {
+    "token_kind": np.array(["cls", "patch"]),
+    "token_y": np.array([np.nan, 8.0]),
+    "token_x": np.array([np.nan, 8.0]),
+}
 
 
 def make_v1_store(url: str, n: int = 4, chunk: int = 2) -> np.ndarray:
@@ -28,13 +31,19 @@ def _make_v1_store(url: str, n: int, chunk: int) -> np.ndarray:
     root = zarr.open_group(url, mode="w", zarr_format=3)
     root.attrs["vitcnn_store.format"] = 1
     run = root.create_group("old")
-    run.attrs.update({"model": "m", "chunk_size": chunk, "dtype": "float32", "format": 1,
-                      "n_images": n})  # fmt: skip
+    run.attrs.update(
+        {"model": "m", "chunk_size": chunk, "dtype": "float32", "format": 1, "n_images": n}
+    )
 
     def plain(group, name, values, dims, chunks, **kw):  # type: ignore[no-untyped-def]
-        arr = group.create_array(name, shape=values.shape, chunks=chunks,
-                                 dtype=str if values.dtype.kind in "OU" else values.dtype,
-                                 dimension_names=list(dims), **kw)  # fmt: skip
+        arr = group.create_array(
+            name,
+            shape=values.shape,
+            chunks=chunks,
+            dtype=str if values.dtype.kind in "OU" else values.dtype,
+            dimension_names=list(dims),
+            **kw,
+        )
         arr[...] = values
 
     plain(run, "image", np.arange(n), ("image",), (chunk,))
@@ -49,17 +58,29 @@ def _make_v1_store(url: str, n: int, chunk: int) -> np.ndarray:
     layer = run.create_group("blocks.0")
     layer.attrs.update({"kind": "token", "depth_index": 0, "depth_fraction": 0.0})
     for name, values in TOKENS.items():
-        plain(layer, name, values.astype(object if name == "token_kind" else np.float32),
-              ("token",), (2,))  # fmt: skip
+        plain(
+            layer,
+            name,
+            values.astype(object if name == "token_kind" else np.float32),
+            ("token",),
+            (2,),
+        )
     values = np.random.default_rng(0).standard_normal((n, 2, 3)).astype(np.float32)
     wrong = {"coordinates": "token_kind token_y token_x"}  # format 1 put this on attention too
-    for name, dims, shape in (("activation", ("token", "channel"), (2, 3)),
-                              ("attention", ("head", "query", "key"), (1, 2, 2))):  # fmt: skip
+    for name, dims, shape in (
+        ("activation", ("token", "channel"), (2, 3)),
+        ("attention", ("head", "query", "key"), (1, 2, 2)),
+    ):
         arr = layer.create_array(
-            name, shape=(n, *shape), chunks=(chunk, *shape), dtype="float32", fill_value=np.nan,
+            name,
+            shape=(n, *shape),
+            chunks=(chunk, *shape),
+            dtype="float32",
+            fill_value=np.nan,
             compressors=BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"),
-            dimension_names=["image", *dims], attributes=wrong,
-        )  # fmt: skip
+            dimension_names=["image", *dims],
+            attributes=wrong,
+        )
         arr[...] = values if name == "activation" else np.full((n, *shape), 0.5, np.float32)
     zarr.consolidate_metadata(url)
     return values

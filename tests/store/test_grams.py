@@ -43,8 +43,9 @@ def _full_gram(url: str, run: str, layer: str, tile: int) -> tuple[np.ndarray, o
     k[~mask] = np.nan
     k[:, ~mask] = np.nan
     state = source_state(r, layer, mask)
-    info = create_gram(url, run, layer, "flatten", n=20, tile=tile, features=x.shape[1],
-                       state=state)  # fmt: skip
+    info = create_gram(
+        url, run, layer, "flatten", n=20, tile=tile, features=x.shape[1], state=state
+    )
     for p, (r0, r1) in enumerate(info.panels):
         for q, (c0, c1) in enumerate(info.panels):
             if q >= p:
@@ -84,8 +85,11 @@ def test_source_state_follows_the_content_of_the_units(store: str) -> None:
     assert before["digest"] != source_state(run, "blocks.0", ~run.valid)["digest"]
     writer = RunWriter(store, "r")
     group = zarr.open_group(store, path="r", mode="r")
-    values = {k: np.asarray(group[k][4:8]) for k in writer._arrays
-              if k not in ("image", "image_id", "label", "failed", "failure")}  # fmt: skip
+    values = {
+        k: np.asarray(group[k][4:8])
+        for k in writer._arrays
+        if k not in ("image", "image_id", "label", "failed", "failure")
+    }
     writer.write_unit(1, values, np.zeros(4, bool), [""] * 4)  # same bytes, rewritten
     same = source_state(open_store(store)["r"], "blocks.0", run.valid)
     assert same["digest"] == before["digest"]  # the content decides, not the file's mtime

@@ -24,8 +24,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str,
     """``(local store, the same store over HTTP without listing, request counter)``."""
     folder = tmp_path_factory.mktemp("served")
     store = str(folder / "acts.zarr")
-    extract_tiny(store, "vit", "vit", layers="preset:blocks", attention=True, limit=16,
-                 chunk_size=8)  # fmt: skip
+    extract_tiny(
+        store, "vit", "vit", layers="preset:blocks", attention=True, limit=16, chunk_size=8
+    )
     extract_tiny(store, "resnet", "resnet", layers="preset:blocks", limit=16, chunk_size=8)
     _cli(["analyze", "cka", store, "vit", "--batch-size", "8", "--figures", str(folder / "f")])
     with serve_without_listing(str(folder)) as (base, counter):
@@ -69,8 +70,9 @@ def test_python_api_reads_runs_layers_and_results(served: tuple[str, str, list[i
     assert run.layers == here["vit"].layers and run.attention_layers
     np.testing.assert_array_equal(run["blocks.1"].values, here["vit"]["blocks.1"].values)
     assert run.analyses == ["cka"]
-    np.testing.assert_array_equal(run.analysis("cka")["cka"].values,
-                                  here["vit"].analysis("cka")["cka"].values)  # fmt: skip
+    np.testing.assert_array_equal(
+        run.analysis("cka")["cka"].values, here["vit"].analysis("cka")["cka"].values
+    )
     assert run.recorded_bytes() == here["vit"].nbytes_stored() > 0
     assert counter[0] > before  # it was the server that answered
 

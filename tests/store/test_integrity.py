@@ -131,8 +131,16 @@ def interrupt_creation(url: str, name: str, after: int, monkeypatch: pytest.Monk
     with monkeypatch.context() as m:
         m.setattr(zarr.Group, "create_array", create_array)
         with pytest.raises(_Interrupt):
-            create_run(url, name, image_ids=["a", "b", "c"], labels=[0, 1, 2], chunk=2,
-                       dtype="float32", arrays=SPECS, attrs=PROVENANCE)  # fmt: skip
+            create_run(
+                url,
+                name,
+                image_ids=["a", "b", "c"],
+                labels=[0, 1, 2],
+                chunk=2,
+                dtype="float32",
+                arrays=SPECS,
+                attrs=PROVENANCE,
+            )
 
 
 @pytest.mark.parametrize("after", [0, 3, 12])

@@ -18,8 +18,15 @@ from vitcnn_store import open_store
 from vitcnn_store.errors import StoreUnavailableError
 from vitcnn_store.interface.cli import main, parse_storage_options
 
-_AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
-        "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")  # fmt: skip
+_AWS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +55,14 @@ def endpoint() -> Iterator[str]:
 
 
 def _opts(endpoint: str) -> list[str]:
-    return ["--storage-option", f"endpoint_url={endpoint}", "--storage-option", "key=k",
-            "--storage-option", "secret=s"]  # fmt: skip
+    return [
+        "--storage-option",
+        f"endpoint_url={endpoint}",
+        "--storage-option",
+        "key=k",
+        "--storage-option",
+        "secret=s",
+    ]
 
 
 def _cli(argv: list[str]) -> tuple[int, str, str]:
@@ -61,7 +74,9 @@ def _cli(argv: list[str]) -> tuple[int, str, str]:
 
 def test_parse_storage_options() -> None:
     assert parse_storage_options(["anon=true", "client_kwargs.region_name=auto"]) == {
-        "anon": True, "client_kwargs": {"region_name": "auto"}}  # fmt: skip
+        "anon": True,
+        "client_kwargs": {"region_name": "auto"},
+    }
 
 
 @pytest.mark.slow  # an extraction and an analysis through a moto server
@@ -71,9 +86,24 @@ def test_cli_end_to_end_with_storage_options(
     monkeypatch.delenv("VITCNN_STORAGE_OPTIONS", raising=False)
     url = "s3://team/acts.zarr"
     for run in ("a", "b"):
-        code, _, err = _cli(["extract", *TINY, "--images", "builtin:faces", "--store", url,
-                             "--run", run, "--limit", "8", "--chunk-size", "4", "--no-progress",
-                             *_opts(endpoint)])  # fmt: skip
+        code, _, err = _cli(
+            [
+                "extract",
+                *TINY,
+                "--images",
+                "builtin:faces",
+                "--store",
+                url,
+                "--run",
+                run,
+                "--limit",
+                "8",
+                "--chunk-size",
+                "4",
+                "--no-progress",
+                *_opts(endpoint),
+            ]
+        )
         assert code == 0, err
     code, out, err = _cli(["ls", url, *_opts(endpoint)])
     assert code == 0 and "2 run(s)" in out and "\na " in out and "?" not in out, out + err
@@ -83,11 +113,33 @@ def test_cli_end_to_end_with_storage_options(
     assert code == 0 and "3 image(s) with data" in out
     code, out, _ = _cli(["verify", url, "--no-progress", *_opts(endpoint)])
     assert code == 0 and "OK, 2 run(s)" in out
-    code, out, err = _cli(["analyze", "cka", url, "a", "--batch-size", "4",
-                           "--figures", str(tmp_path), *_opts(endpoint)])  # fmt: skip
+    code, out, err = _cli(
+        [
+            "analyze",
+            "cka",
+            url,
+            "a",
+            "--batch-size",
+            "4",
+            "--figures",
+            str(tmp_path),
+            *_opts(endpoint),
+        ]
+    )
     assert code == 0 and "cka: wrote s3://team/acts.zarr/a/_analyses/cka/" in out, out + err
-    code, out, err = _cli(["analyze", "cka", url, "a", "--batch-size", "4",
-                           "--figures", str(tmp_path), *_opts(endpoint)])  # fmt: skip
+    code, out, err = _cli(
+        [
+            "analyze",
+            "cka",
+            url,
+            "a",
+            "--batch-size",
+            "4",
+            "--figures",
+            str(tmp_path),
+            *_opts(endpoint),
+        ]
+    )
     assert code == 0 and "cka: reused" in out, out + err
     store = open_store(url, {"endpoint_url": endpoint, "key": "k", "secret": "s"})
     assert store.runs == ["a", "b"]
@@ -100,14 +152,25 @@ def test_errors_in_one_line_and_nothing_written(endpoint: str) -> None:
     fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="k", secret="s")
     before = sorted(fs.find("team"))
     # Nothing listens on port 9: a wrong endpoint.
-    code, _, err = _cli(["ls", "s3://team/acts.zarr", "--storage-option",
-                         "endpoint_url=http://127.0.0.1:9", "--storage-option", "key=k",
-                         "--storage-option", "secret=s", "--storage-option",
-                         'config_kwargs={"retries": {"max_attempts": 1}}'])  # fmt: skip
+    code, _, err = _cli(
+        [
+            "ls",
+            "s3://team/acts.zarr",
+            "--storage-option",
+            "endpoint_url=http://127.0.0.1:9",
+            "--storage-option",
+            "key=k",
+            "--storage-option",
+            "secret=s",
+            "--storage-option",
+            'config_kwargs={"retries": {"max_attempts": 1}}',
+        ]
+    )
     assert code == 1 and err.count("\n") == 1 and "endpoint" in err, err
     # No credentials at all (and none in the environment).
-    code, _, err = _cli(["ls", "s3://team/acts.zarr", "--storage-option",
-                         f"endpoint_url={endpoint}"])  # fmt: skip
+    code, _, err = _cli(
+        ["ls", "s3://team/acts.zarr", "--storage-option", f"endpoint_url={endpoint}"]
+    )
     assert code == 1 and err.count("\n") == 1 and "credentials" in err, err
     with pytest.raises(StoreUnavailableError):
         open_store("s3://team/acts.zarr", {"endpoint_url": endpoint})

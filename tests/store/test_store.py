@@ -33,21 +33,38 @@ TOKENS = {
     "token_x": (("token",), np.array([np.nan, 8.0, 24.0], dtype=np.float32)),
 }
 SPECS = [
-    ArraySpec("blocks.0", "activation", ("token", "channel"), (3, 4), TOKENS,
-              {"kind": "token", "depth_index": 0, "depth_fraction": 0.0}),
-    ArraySpec("layer1.0", "activation", ("y", "x", "channel"), (2, 2, 5),
-              {"y": (("y",), np.array([8.0, 24.0])), "x": (("x",), np.array([8.0, 24.0]))},
-              {"kind": "spatial", "depth_index": 1, "depth_fraction": 1.0}),
-]  # fmt: skip
+    ArraySpec(
+        "blocks.0",
+        "activation",
+        ("token", "channel"),
+        (3, 4),
+        TOKENS,
+        {"kind": "token", "depth_index": 0, "depth_fraction": 0.0},
+    ),
+    ArraySpec(
+        "layer1.0",
+        "activation",
+        ("y", "x", "channel"),
+        (2, 2, 5),
+        {"y": (("y",), np.array([8.0, 24.0])), "x": (("x",), np.array([8.0, 24.0]))},
+        {"kind": "spatial", "depth_index": 1, "depth_fraction": 1.0},
+    ),
+]
 PROVENANCE = {"model": "m", "dtype": "float32", "chunk_size": 2, "n_images": 5}
 
 
 ATTENTION = ArraySpec(
-    "blocks.0", "attention", ("head", "query", "key"), (2, 3, 3),
-    {f"{axis}_{c.removeprefix('token_')}": ((axis,), v) for axis in ("query", "key")
-     for c, (_, v) in TOKENS.items()},
+    "blocks.0",
+    "attention",
+    ("head", "query", "key"),
+    (2, 3, 3),
+    {
+        f"{axis}_{c.removeprefix('token_')}": ((axis,), v)
+        for axis in ("query", "key")
+        for c, (_, v) in TOKENS.items()
+    },
     {"kind": "token", "depth_index": 0, "depth_fraction": 0.0},
-)  # fmt: skip
+)
 
 
 def hashes(n: int) -> list[str]:
@@ -56,10 +73,16 @@ def hashes(n: int) -> list[str]:
 
 def make_run(url: str, name: str = "r", n: int = 5, attention: bool = False) -> None:
     create_run(
-        url, name, image_ids=[f"img{i}" for i in range(n)], labels=list(range(n)), chunk=2,
-        dtype="float32", arrays=[*SPECS, ATTENTION] if attention else SPECS, attrs=PROVENANCE,
+        url,
+        name,
+        image_ids=[f"img{i}" for i in range(n)],
+        labels=list(range(n)),
+        chunk=2,
+        dtype="float32",
+        arrays=[*SPECS, ATTENTION] if attention else SPECS,
+        attrs=PROVENANCE,
         image_sha256=hashes(n),
-    )  # fmt: skip
+    )
 
 
 def fill_run(url: str, name: str = "r", attention: bool = False) -> dict[int, dict]:
@@ -129,8 +152,9 @@ def test_run_to_datatree_is_the_run_as_xarray_reads_it(tmp_path: Path) -> None:
     assert set(tree.children) >= {"blocks.0", "layer1.0"}
     for layer in run.layers:
         np.testing.assert_array_equal(tree[layer]["activation"].values, run[layer].values)
-    np.testing.assert_array_equal(tree["blocks.0"]["attention"].values,
-                                  run.attention("blocks.0").values)  # fmt: skip
+    np.testing.assert_array_equal(
+        tree["blocks.0"]["attention"].values, run.attention("blocks.0").values
+    )
 
 
 def test_opens_with_plain_xarray_and_zarr(tmp_path: Path) -> None:
@@ -196,13 +220,24 @@ def test_existing_run_resume_and_overwrite(tmp_path: Path) -> None:
         prepare_run(url, "r", PROVENANCE, resume=False, overwrite=False)
     assert prepare_run(url, "r", PROVENANCE, resume=True, overwrite=False) is False
     ids = [f"img{i}" for i in range(5)]
-    assert prepare_run(url, "r", PROVENANCE, resume=True, overwrite=False, image_ids=ids,
-                       image_sha256=hashes(5)) is False  # fmt: skip
+    assert (
+        prepare_run(
+            url,
+            "r",
+            PROVENANCE,
+            resume=True,
+            overwrite=False,
+            image_ids=ids,
+            image_sha256=hashes(5),
+        )
+        is False
+    )
     changed = hashes(5)
     changed[3] = "f" * 64
     with pytest.raises(RunMismatchError, match=r"1 image\(s\) changed .*img3"):
-        prepare_run(url, "r", PROVENANCE, resume=True, overwrite=False, image_ids=ids,
-                    image_sha256=changed)  # fmt: skip
+        prepare_run(
+            url, "r", PROVENANCE, resume=True, overwrite=False, image_ids=ids, image_sha256=changed
+        )
     with pytest.raises(RunMismatchError, match="dtype"):
         prepare_run(url, "r", {**PROVENANCE, "dtype": "float16"}, resume=True, overwrite=False)
     assert prepare_run(url, "r", PROVENANCE, resume=False, overwrite=True) is True
@@ -264,27 +299,46 @@ def test_memory_url() -> None:
 def test_compressions_round_trip(tmp_path: Path, compression: str) -> None:
     url = str(tmp_path / "s.zarr")
     create_run(
-        url, "r", image_ids=["a", "b"], labels=[0, 1], chunk=2, dtype="float32",
-        arrays=SPECS[:1], attrs=PROVENANCE, compression=compression,
-    )  # fmt: skip
+        url,
+        "r",
+        image_ids=["a", "b"],
+        labels=[0, 1],
+        chunk=2,
+        dtype="float32",
+        arrays=SPECS[:1],
+        attrs=PROVENANCE,
+        compression=compression,
+    )
     values = {"blocks.0/activation": np.arange(24, dtype=np.float32).reshape(2, 3, 4)}
     RunWriter(url, "r").write_unit(0, values, np.zeros(2, bool), ["", ""])
     np.testing.assert_array_equal(
         open_store(url)["r"]["blocks.0"].values, values["blocks.0/activation"]
     )
     with pytest.raises(UsageError):
-        create_run(url, "r2", image_ids=["a"], labels=[0], chunk=1, dtype="float32",
-                   arrays=SPECS[:1], attrs=PROVENANCE, compression="gzip")  # fmt: skip
+        create_run(
+            url,
+            "r2",
+            image_ids=["a"],
+            labels=[0],
+            chunk=1,
+            dtype="float32",
+            arrays=SPECS[:1],
+            attrs=PROVENANCE,
+            compression="gzip",
+        )
 
 
 def test_xarray_encoding_checksums_derived_results(tmp_path: Path) -> None:
     from vitcnn_store.store import xarray_encoding
 
     ds = xr.Dataset(
-        {"cka": (("a", "b"), np.eye(3)), "depth_index_a": ("a", np.arange(3)),
-         "offset": ("a", np.array([-1, 0, 1]))},
+        {
+            "cka": (("a", "b"), np.eye(3)),
+            "depth_index_a": ("a", np.arange(3)),
+            "offset": ("a", np.array([-1, 0, 1])),
+        },
         coords={"layer": ("a", ["x", "y", "z"])},
-    )  # fmt: skip
+    )
     url = str(tmp_path / "r.zarr")
     ds.to_zarr(url, mode="w", zarr_format=3, consolidated=False, encoding=xarray_encoding(ds))
     group = zarr.open_group(url, mode="r")

@@ -92,8 +92,11 @@ def test_verify_changes_nothing_without_repair(store: str) -> None:
     chunk(store, "r", "layer1.0/activation", 0).unlink()
 
     def snapshot() -> dict[str, str]:
-        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in Path(store).rglob("*") if p.is_file()}  # fmt: skip
+        return {
+            str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in Path(store).rglob("*")
+            if p.is_file()
+        }
 
     before = snapshot()
     assert not verify_store(store).ok

@@ -184,13 +184,22 @@ class AttentionAccumulator:
         self._add(n, idx.size, dist_sum, ent_sum, cls_sum, cls_key_sum, prefix_key_sum)
 
     def _add(
-        self, n: int, queries: int, dist: FloatArray, ent: FloatArray, cls: FloatArray,
-        cls_key: FloatArray, prefix_key: FloatArray,
-    ) -> None:  # fmt: skip
+        self,
+        n: int,
+        queries: int,
+        dist: FloatArray,
+        ent: FloatArray,
+        cls: FloatArray,
+        cls_key: FloatArray,
+        prefix_key: FloatArray,
+    ) -> None:
         if (
-            self.distance_sum is None or self.entropy_sum is None or self.cls_sum is None
-            or self.cls_key_sum is None or self.prefix_key_sum is None
-        ):  # fmt: skip
+            self.distance_sum is None
+            or self.entropy_sum is None
+            or self.cls_sum is None
+            or self.cls_key_sum is None
+            or self.prefix_key_sum is None
+        ):
             self.distance_sum, self.entropy_sum, self.cls_sum = dist.copy(), ent.copy(), cls.copy()
             self.cls_key_sum, self.prefix_key_sum = cls_key.copy(), prefix_key.copy()
         else:

@@ -403,9 +403,13 @@ class MinibatchCKAMatrix:
         if other.hsic_ab is not None and other.hsic_aa is not None and other.hsic_bb is not None:
             self.batch_size = _check_batch(self.batch_size, other.batch_size or 0)
             self._add(
-                other.hsic_ab, other.hsic_aa, other.hsic_bb,
-                other.scale_aa, other.scale_bb, other.n_batches,
-            )  # fmt: skip
+                other.hsic_ab,
+                other.hsic_aa,
+                other.hsic_bb,
+                other.scale_aa,
+                other.scale_bb,
+                other.n_batches,
+            )
         return self
 
     def result(self, *, warn: bool = True) -> FloatArray:

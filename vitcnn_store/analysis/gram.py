@@ -114,9 +114,9 @@ class GramAccumulator:
             # and multiplies its share of the blocks on one BLAS thread.
             shares = [starts[i::threads] for i in range(threads)]
             with _single_blas(), ThreadPoolExecutor(threads) as pool:
-                products = list(pool.map(
-                    lambda share: _block_products(xm, ym, off, share, step, p), shares
-                ))  # fmt: skip
+                products = list(
+                    pool.map(lambda share: _block_products(xm, ym, off, share, step, p), shares)
+                )
         for product in products:
             if product is None:
                 continue
@@ -134,9 +134,13 @@ class GramAccumulator:
 
 
 def _block_products(
-    xm: np.ndarray, ym: np.ndarray | None, off: np.ndarray | None, starts: list[int],
-    step: int, p: int,
-) -> FloatArray | None:  # fmt: skip
+    xm: np.ndarray,
+    ym: np.ndarray | None,
+    off: np.ndarray | None,
+    starts: list[int],
+    step: int,
+    p: int,
+) -> FloatArray | None:
     """Sum of the float64 products of the feature blocks starting at ``starts``."""
     n_x = xm.shape[0]
     n_y = n_x if ym is None else ym.shape[0]

@@ -172,8 +172,10 @@ def batch_bootstrap_interval(
     sa = np.stack([s.scale_aa for s in sums])
     sb = np.stack([s.scale_bb for s in sums])
     counts = bootstrap_counts(len(sums), n_boot, seed)
-    reps = np.stack([
-        cka_from_sums(np.tensordot(c, ab, 1), c @ aa, c @ bb, c @ sa, c @ sb, warn=False)
-        for c in counts
-    ])  # fmt: skip
+    reps = np.stack(
+        [
+            cka_from_sums(np.tensordot(c, ab, 1), c @ aa, c @ bb, c @ sa, c @ sb, warn=False)
+            for c in counts
+        ]
+    )
     return percentile_interval(reps, level)

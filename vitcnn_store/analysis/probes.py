@@ -250,8 +250,7 @@ def probe_splits(
     [2, 2]
     """
     if groups is not None:
-        return [group_split(labels, groups, shots, test_fraction, seed + r)
-                for r in range(repeats)]  # fmt: skip
+        return [group_split(labels, groups, shots, test_fraction, seed + r) for r in range(repeats)]
     if shots:
         return [few_shot_split(labels, shots, seed + r) for r in range(repeats)]
     return [stratified_split(labels, test_fraction, seed + r) for r in range(repeats)]

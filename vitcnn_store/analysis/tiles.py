@@ -293,8 +293,9 @@ class TiledHSIC:
     def add(self, part: TilePart) -> None:
         """Add one tile's share."""
         if part.products.shape != self.products.shape:
-            raise ValueError(f"tile part of shape {part.products.shape}, expected "
-                             f"{self.products.shape}")  # fmt: skip
+            raise ValueError(
+                f"tile part of shape {part.products.shape}, expected {self.products.shape}"
+            )
         if (part.self_b is None) != self.same:
             raise ValueError("tile part and accumulator disagree on the second side")
         self.products += part.products
@@ -354,9 +355,9 @@ class TiledHSIC:
     def result(self, *, warn: bool = True) -> FloatArray:
         """(R, L_a, L_b): the CKA matrix of each repeat (NaN for constant representations)."""
         ab, aa, bb, sa, sb = self.hsic()
-        return np.stack([
-            cka_from_sums(ab[r], aa[r], bb[r], sa[r], sb[r], warn=warn) for r in range(len(ab))
-        ])  # fmt: skip
+        return np.stack(
+            [cka_from_sums(ab[r], aa[r], bb[r], sa[r], sb[r], warn=warn) for r in range(len(ab))]
+        )
 
 
 # -- whole batch Grams cut out of tiles ---------------------------------------------------
@@ -421,8 +422,9 @@ class GatheredGrams:
         self.requests = [np.asarray(r, dtype=np.int64) for r in requests]
         self._grams = [np.full((n_layers, r.size, r.size), np.nan) for r in self.requests]
 
-    def add(self, pieces: Sequence[tuple[int, np.ndarray, np.ndarray, FloatArray]], *,
-            diagonal: bool) -> None:  # fmt: skip
+    def add(
+        self, pieces: Sequence[tuple[int, np.ndarray, np.ndarray, FloatArray]], *, diagonal: bool
+    ) -> None:
         """Place one tile's pieces (and, off the diagonal, their mirror images)."""
         for g, u, v, block in pieces:
             self._grams[g][:, u[:, None], v[None, :]] = block

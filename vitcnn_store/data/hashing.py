@@ -87,8 +87,13 @@ def hash_images(
     if progress and len(sources) > 1000:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(sources), unit="img", desc="hashing images", file=sys.stderr,
-                   dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            total=len(sources),
+            unit="img",
+            desc="hashing images",
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
     out: list[str] = []
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for digest in pool.map(sha256_source, sources, chunksize=64):

@@ -43,8 +43,18 @@ __all__ = [
 
 #: File name endings (lower case) that a folder scan treats as images.
 IMAGE_EXTENSIONS = (
-    ".bmp", ".gif", ".jpeg", ".jpg", ".pbm", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp",
-)  # fmt: skip
+    ".bmp",
+    ".gif",
+    ".jpeg",
+    ".jpg",
+    ".pbm",
+    ".pgm",
+    ".png",
+    ".ppm",
+    ".tif",
+    ".tiff",
+    ".webp",
+)
 #: File name endings (lower case) of manifests: ``path[,label]`` rows.
 MANIFEST_EXTENSIONS = (".csv", ".tsv", ".txt")
 #: Largest label a manifest may give (labels are stored as int64).

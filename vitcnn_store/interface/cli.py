@@ -74,16 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run name (vitcnn ls lists them)")
 
     p = sub.add_parser(
-        "verify", help="read every chunk of a store; report damaged or missing data",
+        "verify",
+        help="read every chunk of a store; report damaged or missing data",
         description="Scrub a store: every chunk of every done unit must exist and match its "
         "checksum. Exit 0 when all is well, 1 when anything is wrong.",
-    )  # fmt: skip
+    )
     p.add_argument("store", help=STORE_HELP)
     p.add_argument("run", nargs="?", help="check only this run")
     p.add_argument(
-        "--repair", action="store_true",
+        "--repair",
+        action="store_true",
         help="mark damaged units as not done, so that vitcnn extract ... --resume rewrites them",
-    )  # fmt: skip
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("query", help="read stored activations of one layer")
@@ -143,8 +145,14 @@ def _add_storage_options(parser: argparse.ArgumentParser) -> None:
             for sub in dict.fromkeys(action.choices.values()):
                 _add_storage_options(sub)
     if any(a.dest == "store" for a in parser._actions):
-        parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                            dest="storage_option", help=STORAGE_OPTION_HELP)  # fmt: skip
+        parser.add_argument(
+            "--storage-option",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            dest="storage_option",
+            help=STORAGE_OPTION_HELP,
+        )
 
 
 def parse_storage_options(items: Sequence[str]) -> dict[str, Any]:
@@ -197,8 +205,13 @@ class LayersOptions:
     """Options of ``vitcnn layers``."""
 
     model: ModelSpec = option(flag="model", nested=ModelSpec)  # noqa: RUF009 (field specifier)
-    layers: str | None = option(None, flag="--layers", parse=str, metavar="PATTERNS",
-                                help="show only what these patterns select")  # fmt: skip
+    layers: str | None = option(
+        None,
+        flag="--layers",
+        parse=str,
+        metavar="PATTERNS",
+        help="show only what these patterns select",
+    )
 
 
 def _extract_config(args: argparse.Namespace) -> Any:
@@ -264,8 +277,9 @@ def _parse_images(text: str, n: int) -> Any:
     if ":" not in text:
         indices = [i for i in parts if i is not None]
         if not indices or any(not 0 <= i < n for i in indices):
-            raise UsageError(f"--images {text}: indices must be in 0..{n - 1} "
-                             f"(the run has {n} images)")  # fmt: skip
+            raise UsageError(
+                f"--images {text}: indices must be in 0..{n - 1} (the run has {n} images)"
+            )
         return indices
     if len(parts) == 3 and parts[2] == 0:
         raise UsageError(f"--images {text!r}: the step must not be zero (START:STOP:STEP)")
@@ -283,8 +297,10 @@ def _out_path(path: str | None) -> str | None:
     if path is None:
         return None
     if path.endswith(".npy"):
-        raise UsageError(f"--out {path}: query writes the values with their image ids as "
-                         f"one .npz file; name it {path[:-4]}.npz")  # fmt: skip
+        raise UsageError(
+            f"--out {path}: query writes the values with their image ids as "
+            f"one .npz file; name it {path[:-4]}.npz"
+        )
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"--out {path}: folder {folder} does not exist; create it first")
@@ -313,9 +329,14 @@ def cmd_query(args: argparse.Namespace) -> int:
 
         # The image ids travel with the values: an array alone loses which image is which.
         with store_io(out), open(out, "wb") as f:
-            np.savez(f, values=values, dims=np.array(data.dims, dtype=str),
-                     image=data["image"].values, image_id=data["image_id"].values.astype(str),
-                     label=data["label"].values)  # fmt: skip
+            np.savez(
+                f,
+                values=values,
+                dims=np.array(data.dims, dtype=str),
+                image=data["image"].values,
+                image_id=data["image_id"].values.astype(str),
+                label=data["label"].values,
+            )
     mask = ~np.isnan(values.reshape(values.shape[0], -1)).all(axis=1) if values.size else []
     print(
         f"{args.run}/{args.layer} {'attention' if args.attention else 'activation'} "

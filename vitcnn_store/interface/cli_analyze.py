@@ -111,8 +111,10 @@ def describe_result(result: AnalysisResult, figure: Path | None = None) -> str:
     else:
         lines = [f"{result.analysis}: wrote {where}"]
     if result.kept:
-        lines.append(f"  kept {len(result.kept)} earlier result(s) of {result.name!r} "
-                     "(other parameters; --replace deletes them):")  # fmt: skip
+        lines.append(
+            f"  kept {len(result.kept)} earlier result(s) of {result.name!r} "
+            "(other parameters; --replace deletes them):"
+        )
         lines += [f"    {base}/{group}" for group in result.kept]
     lines += [f"  removed {base}/{group} (--replace)" for group in result.removed]
     summary = result.attrs.get("summary")

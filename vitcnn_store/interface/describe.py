@@ -132,10 +132,17 @@ def _run_row(store: Any, name: str) -> list[str]:
     except DamagedDataError:
         units, damage, failed = "?", "DAMAGED: unreadable flags, run vitcnn verify", "?"
     return [
-        name, str(a.get("model")), str(a.get("weights_source")), str(run.n_images),
-        str(len(run.layers)), str(len(run.attention_layers)), str(a.get("dtype")), size,
-        units + (f" {damage}" if damage else ""), failed,
-    ]  # fmt: skip
+        name,
+        str(a.get("model")),
+        str(a.get("weights_source")),
+        str(run.n_images),
+        str(len(run.layers)),
+        str(len(run.attention_layers)),
+        str(a.get("dtype")),
+        size,
+        units + (f" {damage}" if damage else ""),
+        failed,
+    ]
 
 
 def _broken_row(name: str, problem: str) -> list[str]:
@@ -168,16 +175,26 @@ def describe_store(url: str) -> str:
         except DamagedDataError as e:  # e.g. a damaged image_id chunk
             rows.append(_broken_row(entry.name, f"damaged ({str(e).split(':')[0]})"))
     header = [
-        "run", "model", "weights", "images", "layers", "attn", "dtype", "size", "units", "failed",
-    ]  # fmt: skip
+        "run",
+        "model",
+        "weights",
+        "images",
+        "layers",
+        "attn",
+        "dtype",
+        "size",
+        "units",
+        "failed",
+    ]
     return f"{url}: {len(rows)} run(s)\n" + table(rows, header)
 
 
 _RESTORE = "vitcnn verify lists what is lost; --resume restores it"
 
 
-def _describe_broken(url: str, run_name: str, problem: str, state: str = "BROKEN",
-                     recover: str = RECOVER) -> str:  # fmt: skip
+def _describe_broken(
+    url: str, run_name: str, problem: str, state: str = "BROKEN", recover: str = RECOVER
+) -> str:
     from vitcnn_store.store import open_root
 
     lines = [f"run {run_name!r} in {url}: {state} ({problem}); {recover}"]
@@ -196,8 +213,17 @@ _SKIP = {"layers", "attention_layers", "label_names", "vitcnn_store.manifest"}
 # Parameters no user option sets, or too long for one line.
 _QUIET_PARAMETERS = {"analysis", "run", "name", "sources", "source_states", "allow_incomplete"}
 # Shown when a name's results do not differ in any option (or it has one result).
-_USUAL_PARAMETERS = ("run2", "estimator", "reduce", "batch_size", "repeats", "seed", "layer",
-                     "features", "shots")  # fmt: skip
+_USUAL_PARAMETERS = (
+    "run2",
+    "estimator",
+    "reduce",
+    "batch_size",
+    "repeats",
+    "seed",
+    "layer",
+    "features",
+    "shots",
+)
 
 
 def parameter_summary(parameters: Any, keys: Any = None, width: int = 60) -> str:
@@ -247,8 +273,15 @@ def _describe_analyses(url: str, run_name: str) -> list[str]:
         keys = _differing([r.parameters for r in mine]) or None
         for r in mine:
             state = "complete" + (" (latest)" if r is latest else "") if r.complete else r.problem
-            rows.append([name, r.key or "-", parameter_summary(r.parameters, keys),
-                         r.computed_at[:19] or "-", state])  # fmt: skip
+            rows.append(
+                [
+                    name,
+                    r.key or "-",
+                    parameter_summary(r.parameters, keys),
+                    r.computed_at[:19] or "-",
+                    state,
+                ]
+            )
     n_bad = sum(1 for r in results if not r.complete)
     head = f"analyses ({len(results)} result(s)"
     head += f", {n_bad} not usable: vitcnn verify --repair removes them):" if n_bad else "):"
@@ -272,8 +305,10 @@ def describe_run(url: str, run_name: str) -> str:
         if key not in _SKIP:
             lines.append(f"  {key}: {value}")
     names = run.attrs.get("label_names") or []
-    lines.append(f"  label_names: {len(names)} ({', '.join(map(str, names[:10]))}"
-                 f"{' ...' if len(names) > 10 else ''})")  # fmt: skip
+    lines.append(
+        f"  label_names: {len(names)} ({', '.join(map(str, names[:10]))}"
+        f"{' ...' if len(names) > 10 else ''})"
+    )
 
     def shape(x: Any) -> str:
         return str(dict(zip(x.dims[1:], x.shape[1:], strict=True)))
@@ -281,10 +316,12 @@ def describe_run(url: str, run_name: str) -> str:
     rows = []
     for label, read in [
         *((layer, lambda layer=layer: run[layer]) for layer in run.layers),
-        *((f"{layer}/attention", lambda layer=layer: run.attention(layer))
-          for layer in run.attention_layers),
+        *(
+            (f"{layer}/attention", lambda layer=layer: run.attention(layer))
+            for layer in run.attention_layers
+        ),
         *([("input", lambda: run.inputs)] if "input" in run.group else []),
-    ]:  # fmt: skip
+    ]:
         try:
             x = read()
         except DamagedDataError as e:  # e.g. a damaged coordinate chunk: say so, go on

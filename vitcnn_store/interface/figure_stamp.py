@@ -73,8 +73,11 @@ def stamp_figure(path: str | Path, stamp: dict[str, Any]) -> None:
     raw = path.read_bytes()
     chunks = _chunks(raw)
     text = json.dumps(stamp, sort_keys=True, separators=(",", ":")).encode("latin-1")
-    kept = [raw[s:e] for kind, data, s, e in chunks
-            if not (kind == b"tEXt" and data.startswith(STAMP_KEYWORD + b"\0"))]  # fmt: skip
+    kept = [
+        raw[s:e]
+        for kind, data, s, e in chunks
+        if not (kind == b"tEXt" and data.startswith(STAMP_KEYWORD + b"\0"))
+    ]
     ours = _chunk(b"tEXt", STAMP_KEYWORD + b"\0" + text)
     tmp = path.with_name(f".{path.name}.stamp")
     tmp.write_bytes(_SIGNATURE + kept[0] + ours + b"".join(kept[1:]))

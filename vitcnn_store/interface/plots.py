@@ -129,8 +129,9 @@ def _cka_norm(values: list[np.ndarray]) -> Any:
     from matplotlib.colors import TwoSlopeNorm
 
     finite = np.concatenate([v[np.isfinite(v)] for v in values] + [np.zeros(1)])
-    return TwoSlopeNorm(vcenter=0.0, vmin=min(float(finite.min()), -0.05),
-                        vmax=max(float(finite.max()), 1.0))  # fmt: skip
+    return TwoSlopeNorm(
+        vcenter=0.0, vmin=min(float(finite.min()), -0.05), vmax=max(float(finite.max()), 1.0)
+    )
 
 
 def _cka_panels(ds: xr.Dataset) -> list[tuple[str, np.ndarray, Any, str, str]]:
@@ -145,20 +146,40 @@ def _cka_panels(ds: xr.Dataset) -> list[tuple[str, np.ndarray, Any, str, str]]:
     std = get("cka_std")
     if std is not None and np.isfinite(std).any():
         top = max(float(np.nanmax(std)), 1e-6)
-        panels.append((f"sd over {ds.attrs.get('repeats', '?')} repeats", std,
-                       Normalize(0.0, top), "viridis", "sd of CKA"))  # fmt: skip
+        panels.append(
+            (
+                f"sd over {ds.attrs.get('repeats', '?')} repeats",
+                std,
+                Normalize(0.0, top),
+                "viridis",
+                "sd of CKA",
+            )
+        )
     null = get("cka_null")
     if null is not None:
         level = float(np.nanmax(np.abs(null))) if np.isfinite(null).any() else 1.0
         level = max(level, 1e-6)
-        panels.append(("null: images permuted (own scale)", null,
-                       TwoSlopeNorm(vcenter=0.0, vmin=-level, vmax=level), "RdBu_r",
-                       "null CKA"))  # fmt: skip
+        panels.append(
+            (
+                "null: images permuted (own scale)",
+                null,
+                TwoSlopeNorm(vcenter=0.0, vmin=-level, vmax=level),
+                "RdBu_r",
+                "null CKA",
+            )
+        )
     pct = get("cka_percentile")
     if pct is not None:
         k = ds.sizes.get("permutation", "?")
-        panels.append((f"percentile among {k} permutations", pct, Normalize(0.0, 100.0),
-                       "cividis", "percentile"))  # fmt: skip
+        panels.append(
+            (
+                f"percentile among {k} permutations",
+                pct,
+                Normalize(0.0, 100.0),
+                "cividis",
+                "percentile",
+            )
+        )
     return panels
 
 
@@ -197,14 +218,24 @@ def cka_figure(ds: xr.Dataset) -> Figure:
     cka = panels[0][1]
     lines = [f"CKA {a} × {b}: {cka_protocol(ds.attrs)}"]
     if np.isfinite(cka).any():
-        lines.append(f"CKA range {np.nanmin(cka):.3f} … {np.nanmax(cka):.3f} (diverging scale "
-                     "centred on 0, nothing clipped)")  # fmt: skip
+        lines.append(
+            f"CKA range {np.nanmin(cka):.3f} … {np.nanmax(cka):.3f} (diverging scale "
+            "centred on 0, nothing clipped)"
+        )
     if null is not None and np.isfinite(null).any():
         level = float(np.nanmax(np.abs(null)))
         bars[0].ax.axhline(level, color="black", linewidth=1.5)
         # On the bar's left: the tick labels (0.0 among them) are on its right.
-        bars[0].ax.text(-0.15, level, "null max", color="black", fontsize=7, ha="right",
-                        va="center", transform=bars[0].ax.get_yaxis_transform())  # fmt: skip
+        bars[0].ax.text(
+            -0.15,
+            level,
+            "null max",
+            color="black",
+            fontsize=7,
+            ha="right",
+            va="center",
+            transform=bars[0].ax.get_yaxis_transform(),
+        )
         lines.append(
             f"null (same layers, images permuted): mean {np.nanmean(null):.3f}, "
             f"max |CKA| {level:.3f} over {ds.attrs.get('null_batches', '?')} batch(es)"
@@ -216,9 +247,12 @@ def cka_figure(ds: xr.Dataset) -> Figure:
 
 
 def _column_dots(
-    ax: Any, values: np.ndarray, cmap: Any, lo: np.ndarray | None = None,
+    ax: Any,
+    values: np.ndarray,
+    cmap: Any,
+    lo: np.ndarray | None = None,
     hi: np.ndarray | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """One column per layer at x = layer index, heads as dots sorted by value, with their
     intervals (``lo``/``hi``, same shape) as vertical bars."""
     n_layers, n_heads = values.shape
@@ -301,8 +335,14 @@ def draw_attention(ds: xr.Dataset) -> Figure:
             _baseline(ax, ds[base].values, "uniform attention")
             ax.legend(fontsize=7, loc="lower right")
         if lo is not None:
-            ax.text(0.01, 0.01, f"bars: {ds.attrs.get('ci_level', '?')} bootstrap interval "
-                    "over images", transform=ax.transAxes, fontsize=6, va="bottom")  # fmt: skip
+            ax.text(
+                0.01,
+                0.01,
+                f"bars: {ds.attrs.get('ci_level', '?')} bootstrap interval over images",
+                transform=ax.transAxes,
+                fontsize=6,
+                va="bottom",
+            )
         ax.set_xticks(np.arange(n), layers, rotation=90, fontsize=6)
         ax.set_xlabel("layer (forward order); dots = heads, sorted", fontsize=8)
         ax.set_ylabel(label)
@@ -320,14 +360,20 @@ def draw_attention(ds: xr.Dataset) -> Figure:
         top_value = float(np.nanmax(maps)) if np.isfinite(maps).any() else 1.0
         im = None
         for i, ax in enumerate(small):
-            im = ax.imshow(maps[i], cmap="viridis", interpolation="nearest", vmin=0.0,
-                           vmax=max(top_value, 1e-9))  # fmt: skip
+            im = ax.imshow(
+                maps[i],
+                cmap="viridis",
+                interpolation="nearest",
+                vmin=0.0,
+                vmax=max(top_value, 1e-9),
+            )
             ax.set_title(layers[i], fontsize=6)
             ax.set_axis_off()
         if im is not None:
             bottom.colorbar(im, ax=list(small), shrink=0.9, label="attention")
-        bottom.suptitle("mean CLS attention to patches (mean over heads; one scale for all "
-                        "layers)", fontsize=8)  # fmt: skip
+        bottom.suptitle(
+            "mean CLS attention to patches (mean over heads; one scale for all layers)", fontsize=8
+        )
     return fig
 
 
@@ -376,8 +422,9 @@ def draw_localization(ds: xr.Dataset) -> Figure:
             ax.set_axis_off()
             continue
         used.append(ax)
-        im = ax.imshow(maps[i], cmap="magma", vmin=low, vmax=LOCALIZATION_SCALE[1],
-                       interpolation="nearest")  # fmt: skip
+        im = ax.imshow(
+            maps[i], cmap="magma", vmin=low, vmax=LOCALIZATION_SCALE[1], interpolation="nearest"
+        )
         # Outline the chosen token's own cell.
         ax.add_patch(
             Rectangle(
@@ -394,15 +441,22 @@ def draw_localization(ds: xr.Dataset) -> Figure:
         ax.set_xticks([])
         ax.set_yticks([])
     if im is not None:
-        fig.colorbar(im, ax=used, shrink=0.8, label="CKA with input patch",
-                     extend="min" if low < LOCALIZATION_SCALE[0] else "neither")  # fmt: skip
+        fig.colorbar(
+            im,
+            ax=used,
+            shrink=0.8,
+            label="CKA with input patch",
+            extend="min" if low < LOCALIZATION_SCALE[0] else "neither",
+        )
     lines = [
         f"localization: {ds.attrs.get('run', '')} {ds.attrs.get('layer', '')} "
         f"(patch {ds.attrs.get('patch_size', '?')} px, n={ds.attrs.get('n', '?')})"
     ]
     if has_base:
-        lines.append("lower rows: baseline, the target's own input patch against every patch "
-                     "(neighbouring patches are correlated)")  # fmt: skip
+        lines.append(
+            "lower rows: baseline, the target's own input patch against every patch "
+            "(neighbouring patches are correlated)"
+        )
     fig.suptitle("\n".join(lines), fontsize=9)
     return fig
 
@@ -435,18 +489,33 @@ def _skip_lines(ax: Any, ds: xr.Dataset, label: str = "", start: int = 0) -> int
             if var not in ds or not np.isfinite(ds[var].values[j]).any():
                 continue
             c, marker = f"C{k % 10}", _MARKERS[k % len(_MARKERS)]
-            ax.plot(x, ds[var].values[j], ls=ls, marker=marker, color=c, ms=4,
-                    label=f"{name}: {what}")  # fmt: skip
+            ax.plot(
+                x, ds[var].values[j], ls=ls, marker=marker, color=c, ms=4, label=f"{name}: {what}"
+            )
             if f"{var}_lo" in ds:
-                ax.fill_between(x, ds[f"{var}_lo"].values[j], ds[f"{var}_hi"].values[j],
-                                color=c, alpha=0.2, lw=0)  # fmt: skip
+                ax.fill_between(
+                    x,
+                    ds[f"{var}_lo"].values[j],
+                    ds[f"{var}_hi"].values[j],
+                    color=c,
+                    alpha=0.2,
+                    lw=0,
+                )
             k += 1
         if "dead_fraction" in ds:
             dead = np.asarray(ds["dead_fraction"].values[j], dtype=float) == 1.0
             if dead.any():
-                ax.plot(x[dead], np.ones(int(dead.sum())), "x", color="0.2", ms=7, mew=2,
-                        transform=ax.get_xaxis_transform(), clip_on=False,
-                        label=f"{name}: f(z) ≡ 0, no ratio")  # fmt: skip
+                ax.plot(
+                    x[dead],
+                    np.ones(int(dead.sum())),
+                    "x",
+                    color="0.2",
+                    ms=7,
+                    mew=2,
+                    transform=ax.get_xaxis_transform(),
+                    clip_on=False,
+                    label=f"{name}: f(z) ≡ 0, no ratio",
+                )
     return k
 
 
@@ -469,12 +538,21 @@ def draw_skip(ds: xr.Dataset) -> Figure:
     ax.grid(alpha=0.3, which="both")
     if "ratio_spatial" in ds and not np.isfinite(ds["ratio_spatial"].values).any():
         ax.set_ylim(0.1, 10.0)
-        ax.text(0.5, 0.5, "every branch outputs exactly 0: no ratio\n"
-                "(e.g. timm's zero-initialised last BatchNorm at random init)",
-                ha="center", va="center", transform=ax.transAxes, fontsize=8)  # fmt: skip
+        ax.text(
+            0.5,
+            0.5,
+            "every branch outputs exactly 0: no ratio\n"
+            "(e.g. timm's zero-initialised last BatchNorm at random init)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            fontsize=8,
+        )
     ax.legend(fontsize=7)
-    ax.set_title(f"skip-connection norm ratio, run {ds.attrs.get('run', '')} "
-                 f"(n={ds.attrs.get('n', '?')})", fontsize=9)  # fmt: skip
+    ax.set_title(
+        f"skip-connection norm ratio, run {ds.attrs.get('run', '')} (n={ds.attrs.get('n', '?')})",
+        fontsize=9,
+    )
     return fig
 
 
@@ -508,16 +586,25 @@ def _probe_points(ax: Any, ds: xr.Dataset, label: str, color: str) -> None:
     stream = np.array([r in ("stream", "") for r in roles])
     if not stream.any():
         stream[:] = True
-    ax.errorbar(x[stream], y[stream], yerr=None if err is None else err[..., stream], fmt="-",
-                color=color, capsize=2, lw=1.2, label=label)  # fmt: skip
+    ax.errorbar(
+        x[stream],
+        y[stream],
+        yerr=None if err is None else err[..., stream],
+        fmt="-",
+        color=color,
+        capsize=2,
+        lw=1.2,
+        label=label,
+    )
     for feat, marker, what in (("cls", "o", "CLS token"), ("gap", "s", "token/spatial mean")):
         pick = stream & (np.array(feats) == feat)
         if pick.any():
             ax.plot(x[pick], y[pick], marker, color=color, ms=4, label=f"{label}: {what}")
     other = ~stream
     if other.any():
-        ax.plot(x[other], y[other], "o", mfc="none", color=color, ms=4,
-                label=f"{label}: branch outputs")  # fmt: skip
+        ax.plot(
+            x[other], y[other], "o", mfc="none", color=color, ms=4, label=f"{label}: branch outputs"
+        )
 
 
 def draw_probe(ds: xr.Dataset) -> Figure:
@@ -577,8 +664,14 @@ def draw_heads(ds: xr.Dataset) -> Figure:
         x = np.asarray(ds["mean_distance"].values[j], dtype=float)
         y = np.asarray(ds["cka_lower"].values[j], dtype=float)
         keep = np.isfinite(x) & np.isfinite(y)
-        ax.scatter(x[keep], y[keep], s=22, color=cmap(j / max(len(layers) - 1, 1)),
-                   marker=_MARKERS[j % len(_MARKERS)], label=layer)  # fmt: skip
+        ax.scatter(
+            x[keep],
+            y[keep],
+            s=22,
+            color=cmap(j / max(len(layers) - 1, 1)),
+            marker=_MARKERS[j % len(_MARKERS)],
+            label=layer,
+        )
     ax.set_xlabel("mean attention distance of the head (px)")
     b = ds.attrs.get("run_b", "run2")
     ax.set_ylabel(f"mean CKA with {b}'s layers")
@@ -587,9 +680,12 @@ def draw_heads(ds: xr.Dataset) -> Figure:
     ax.legend(fontsize=6, title="head layer", title_fontsize=7)
     chosen = _names(ds["layer_b"].values)
     shown = ", ".join(chosen[:6]) + (" …" if len(chosen) > 6 else "")
-    ax.set_title(f"per-head CKA, {ds.attrs.get('run_a', '')} heads × {b} ({shown})\n"
-                 f"n={ds.attrs.get('n', '?')}, batch {ds.attrs.get('batch_size', '?')} × "
-                 f"{ds.attrs.get('n_batches', '?')}", fontsize=8)  # fmt: skip
+    ax.set_title(
+        f"per-head CKA, {ds.attrs.get('run_a', '')} heads × {b} ({shown})\n"
+        f"n={ds.attrs.get('n', '?')}, batch {ds.attrs.get('batch_size', '?')} × "
+        f"{ds.attrs.get('n_batches', '?')}",
+        fontsize=8,
+    )
     return fig
 
 

@@ -83,8 +83,11 @@ def collect_results(url: str, skipped: list[str] | None = None) -> list[ResultEn
                     skipped.append(f"{latest.group}: {e}")
                 continue
             earlier = sum(1 for r in mine if r.complete) - 1
-            out.append(ResultEntry(name, result, str(ds.attrs.get("analysis", "")), ds,
-                                   latest.key, earlier))  # fmt: skip
+            out.append(
+                ResultEntry(
+                    name, result, str(ds.attrs.get("analysis", "")), ds, latest.key, earlier
+                )
+            )
     return out
 
 
@@ -215,8 +218,9 @@ def _caveats_html(findings: dict[str, list[Any]]) -> str:
     esc = html.escape
     items, causes = [], []
     for number, run, f in _numbered(findings):
-        items.append(f'<li id="finding-{number}" value="{number}"><b>{esc(run)}</b>: '
-                     f"{esc(f.message)}</li>")  # fmt: skip
+        items.append(
+            f'<li id="finding-{number}" value="{number}"><b>{esc(run)}</b>: {esc(f.message)}</li>'
+        )
         if f.cause and f.cause not in causes:
             causes.append(f.cause)
     if not items:
@@ -247,8 +251,9 @@ def _card_caveats(entry: ResultEntry, findings: dict[str, list[Any]]) -> str:
     return f'<div class="caveat"><b>Caveats</b> among this figure\'s layers: {links}</div>'
 
 
-def _overlay_html(analysis: str, entries: list[ResultEntry], runs: dict[str, Any],
-                  out: Path) -> str:  # fmt: skip
+def _overlay_html(
+    analysis: str, entries: list[ResultEntry], runs: dict[str, Any], out: Path
+) -> str:
     """One figure with every run's curve on the normalized-depth axis (probe, skip)."""
     from vitcnn_store.interface.plots import OVERLAYS, plot_overlay
 

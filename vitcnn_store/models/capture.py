@@ -249,8 +249,11 @@ class Capture:
         repeated = [(k, n) for k, n in self._calls.items() if n > 1]
         if repeated:
             key, n = repeated[0]
-            what = f"attention of {key.removesuffix('/attention')!r}" if key.endswith(
-                "/attention") else f"layer {key!r}"  # fmt: skip
+            what = (
+                f"attention of {key.removesuffix('/attention')!r}"
+                if key.endswith("/attention")
+                else f"layer {key!r}"
+            )
             raise LayerPatternError(
                 f"{what} runs {n} times in one forward pass (a module called more than once, "
                 "e.g. shared weights): only one output per image can be stored; choose a "
@@ -267,9 +270,11 @@ class Capture:
         return self.layouts(acts, attn, (int(x.shape[-2]), int(x.shape[-1])))
 
     def layouts(
-        self, acts: Mapping[str, torch.Tensor], attn: Mapping[str, torch.Tensor],
+        self,
+        acts: Mapping[str, torch.Tensor],
+        attn: Mapping[str, torch.Tensor],
         input_hw: tuple[int, int],
-    ) -> dict[str, LayerLayout]:  # fmt: skip
+    ) -> dict[str, LayerLayout]:
         """Describe the arrays of the last call's outputs ``acts`` and ``attn``.
 
         Layers are described as captured without reductions (the template's

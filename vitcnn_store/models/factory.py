@@ -74,26 +74,44 @@ class ModelSpec:
     """
 
     name: str = option(
-        flag="model", action="positional", metavar="model", parse=str,
+        flag="model",
+        action="positional",
+        metavar="model",
+        parse=str,
         help="timm model name, e.g. vit_base_patch16_224 or resnet50",
-    )  # fmt: skip
+    )
     pretrained: bool = option(
-        False, flag="--pretrained", action="true", exclusive="weights",
+        False,
+        flag="--pretrained",
+        action="true",
+        exclusive="weights",
         help="timm pretrained weights",
-    )  # fmt: skip
+    )
     checkpoint: str | None = option(
-        None, flag="--checkpoint", parse=str, metavar="PATH", exclusive="weights",
+        None,
+        flag="--checkpoint",
+        parse=str,
+        metavar="PATH",
+        exclusive="weights",
         help="local .safetensors/.pth weights",
-    )  # fmt: skip
+    )
     img_size: int | None = option(
-        None, flag="--img-size", parse=int, check="positive", metavar="N",
+        None,
+        flag="--img-size",
+        parse=int,
+        check="positive",
+        metavar="N",
         help="input resolution",
-    )  # fmt: skip
+    )
     model_args: Mapping[str, Any] = option(
-        flag="--model-arg", parse=parse_model_arg, action="append", collect=dict,
-        metavar="KEY=VALUE", default_factory=dict,
+        flag="--model-arg",
+        parse=parse_model_arg,
+        action="append",
+        collect=dict,
+        metavar="KEY=VALUE",
+        default_factory=dict,
         help="keyword argument for timm.create_model, VALUE a Python literal (repeatable)",
-    )  # fmt: skip
+    )
     seed: int = option(0, flag="--seed", parse=int, help="seed of random-init weights")
 
     def __post_init__(self) -> None:

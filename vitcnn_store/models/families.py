@@ -189,8 +189,9 @@ def _cnn_branch_end(family: str, block: str, modules: Mapping[str, str]) -> str:
     if family == RESNETV2:
         if kind == "Bottleneck":  # preact=False: conv → norm, the ReLU after the sum
             return f"{block}.norm3"
-        if kind == "PreActBasic" or (not kind and f"{block}.conv3" not in modules
-                                     and f"{block}.conv2" in modules):  # fmt: skip
+        if kind == "PreActBasic" or (
+            not kind and f"{block}.conv3" not in modules and f"{block}.conv2" in modules
+        ):
             return f"{block}.conv2"
         return f"{block}.conv3"
     if f"{block}.se" in modules:
@@ -287,8 +288,11 @@ def layer_roles(family: str | None, modules: Mapping[str, str]) -> dict[str, dic
             roles[f"{block}.downsample"] = {"role": SHORTCUT, "block": block}
     for b in found:
         roles[b.output] = {
-            "role": BRANCH, "block": b.block, "branch": b.name, "skip_input": list(b.skip_input),
-        }  # fmt: skip
+            "role": BRANCH,
+            "block": b.block,
+            "branch": b.name,
+            "skip_input": list(b.skip_input),
+        }
     return {name: attrs for name, attrs in roles.items() if name in modules}
 
 
@@ -434,8 +438,16 @@ def preset_layers(family: str, modules: Mapping[str, str], preset: str) -> list[
     for block in names:
         if family == VIT:
             hidden = [f"{block}.mlp.fc1"] if every and f"{block}.mlp.fc1" in modules else []
-            taps = [f"{block}.norm1", f"{block}.attn", found[block, "attn"], f"{block}.norm2",
-                    *hidden, f"{block}.mlp.act", f"{block}.mlp", found[block, "mlp"]]  # fmt: skip
+            taps = [
+                f"{block}.norm1",
+                f"{block}.attn",
+                found[block, "attn"],
+                f"{block}.norm2",
+                *hidden,
+                f"{block}.mlp.act",
+                f"{block}.mlp",
+                found[block, "mlp"],
+            ]
         else:
             units = [u for u in _cnn_inner_units(family, block, modules) if u in modules]
             units = units if every else []

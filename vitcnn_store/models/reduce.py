@@ -178,9 +178,12 @@ def _window_centres(centres: np.ndarray, k: int) -> np.ndarray:
 
 
 def resolve_reduction(
-    name: str, reduction: Reduction, kind: str, shape: tuple[int, ...],
+    name: str,
+    reduction: Reduction,
+    kind: str,
+    shape: tuple[int, ...],
     coords: Mapping[str, np.ndarray],
-) -> tuple[ResolvedReduction, str, tuple[int, ...], dict[str, np.ndarray]]:  # fmt: skip
+) -> tuple[ResolvedReduction, str, tuple[int, ...], dict[str, np.ndarray]]:
     """Fit ``reduction`` to a layer of ``kind``/``shape`` (per image) with ``coords``.
 
     Returns the resolved reduction and the reduced layer's kind, shape and

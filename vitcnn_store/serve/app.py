@@ -103,10 +103,12 @@ class TokenMiddleware:
         await _send_json(
             send,
             401,
-            {"error": f"{why} bearer token: send Authorization: Bearer TOKEN"
-                      " (a browser: open the URL once with ?token=TOKEN)"},
+            {
+                "error": f"{why} bearer token: send Authorization: Bearer TOKEN"
+                " (a browser: open the URL once with ?token=TOKEN)"
+            },
             [(b"www-authenticate", b'Bearer realm="vitcnn"')],
-        )  # fmt: skip
+        )
 
 
 def _query_token(scope: Scope) -> tuple[bytes, bytes] | None:

@@ -29,13 +29,18 @@ if TYPE_CHECKING:
 _HOMES = {
     "codecs": ("COMPRESSIONS", "checksummed", "xarray_encoding"),
     "layout": (
-        "CREATED_ATTR", "FORMAT_ATTR", "check_name", "check_writable", "open_root", "unit_bounds",
+        "CREATED_ATTR",
+        "FORMAT_ATTR",
+        "check_name",
+        "check_writable",
+        "open_root",
+        "unit_bounds",
     ),
     "reader": ("Run", "Store", "open_store"),
     "runs": ("RunEntry", "list_runs", "prepare_run"),
     "verify": ("Problem", "VerifyReport", "verify_store"),
     "writer": ("ArraySpec", "RunWriter", "consolidate", "create_run"),
-}  # fmt: skip
+}
 _LAZY = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [

@@ -223,9 +223,13 @@ def _results_of(run: str, name: str, node: Any, url: str | None = None) -> list[
 
 
 def list_results(
-    url: str, run: str, name: str | None = None, *, listing: bool | None = None,
+    url: str,
+    run: str,
+    name: str | None = None,
+    *,
+    listing: bool | None = None,
     root: Any = None,
-) -> list[ResultInfo]:  # fmt: skip
+) -> list[ResultInfo]:
     """Every stored result of ``run`` (of one ``name``), complete or not, by name then
     computation time.
 
@@ -291,8 +295,13 @@ def _open(url: str, group: str) -> xr.Dataset:
     with quiet_zarr(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated")
         # chunks=None: numpy, not dask (a dask compute would import ``distributed``).
-        ds = xr.open_zarr(zarr_store(url), group=group, zarr_format=3, chunks=None,
-                          consolidated=None if can_list(url) else True).load()  # fmt: skip
+        ds = xr.open_zarr(
+            zarr_store(url),
+            group=group,
+            zarr_format=3,
+            chunks=None,
+            consolidated=None if can_list(url) else True,
+        ).load()
     if ds.attrs.get(COMPLETE_ATTR) is not True and ARRAYS_ATTR in ds.attrs:
         raise DamagedDataError(f"analysis result {group} lost its commit marker")
     # The marker describes the stored group, not the data: a rewrite computes its own.
@@ -320,8 +329,9 @@ def read_analysis(run: Run, name: str, key: str | None = None) -> xr.Dataset:
         raise DamagedDataError(
             f"analysis result {chosen.group} is damaged ({type(e).__name__}): run "
             f"`vitcnn verify {run.store.url} --repair` and analyse again",
-            run=run.name, layer=chosen.group.split("/", 1)[1],
-        ) from e  # fmt: skip
+            run=run.name,
+            layer=chosen.group.split("/", 1)[1],
+        ) from e
 
 
 def load_result(url: str, group: str) -> xr.Dataset:
@@ -453,8 +463,14 @@ def write_analysis(
         # Not consolidated=True: xarray would consolidate the whole store (every node's
         # zarr.json read, every folder listed: ~600 requests on S3). Only the result's
         # group here; refresh_derived splices it into the run's and the root's metadata.
-        clean.to_zarr(zarr_store(url), group=group, mode="w", zarr_format=3,
-                      consolidated=False, encoding=xarray_encoding(clean))  # fmt: skip
+        clean.to_zarr(
+            zarr_store(url),
+            group=group,
+            mode="w",
+            zarr_format=3,
+            consolidated=False,
+            encoding=xarray_encoding(clean),
+        )
         zarr.consolidate_metadata(zarr_store(url), path=group, zarr_format=3)
         node = open_root(url, mode="r+")[group]  # keeps its consolidated metadata
         digest, shapes = result_digest(node)

@@ -41,9 +41,14 @@ def _advice(url: str, run: str) -> str:
 
 
 def damage_error(
-    url: str, run: str, layer: str, e: BaseException, unit: int | None = None,
-    images: tuple[int, int] | None = None, what: str = "chunk",
-) -> Exception:  # fmt: skip
+    url: str,
+    run: str,
+    layer: str,
+    e: BaseException,
+    unit: int | None = None,
+    images: tuple[int, int] | None = None,
+    what: str = "chunk",
+) -> Exception:
     """The error for a failed read: a storage failure, or damaged data named precisely."""
     mapped = environment_error(url, e)
     if mapped is not None:
@@ -55,8 +60,10 @@ def damage_error(
         where += f" (images {images[0]}-{images[1] - 1})"
     return DamagedDataError(
         f"damaged {what} in {url}: {where}: {failure_reason(e)}; {_advice(url, run)}",
-        run=run, layer=layer, unit=unit,
-    )  # fmt: skip
+        run=run,
+        layer=layer,
+        unit=unit,
+    )
 
 
 def read_checked(array: Any, url: str, run: str, layer: str) -> np.ndarray:
@@ -108,9 +115,15 @@ class CheckedArray:
     """
 
     def __init__(
-        self, array: Any, *, url: str, run: str, layer: str, chunk: int,
+        self,
+        array: Any,
+        *,
+        url: str,
+        run: str,
+        layer: str,
+        chunk: int,
         expected: np.ndarray | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.array = array
         self.shape = tuple(array.shape)
         self.dtype = np.dtype(array.dtype)
@@ -155,8 +168,10 @@ class CheckedArray:
                 f"missing chunk in {self.url}: run {self.run!r}, layer {self.layer!r}, unit "
                 f"{unit} (images {start}-{stop - 1}) is marked done but its data is gone; "
                 f"{_advice(self.url, self.run)}",
-                run=self.run, layer=self.layer, unit=unit,
-            )  # fmt: skip
+                run=self.run,
+                layer=self.layer,
+                unit=unit,
+            )
 
 
 def checked_dask(checked: CheckedArray, name: str) -> Any:

@@ -156,9 +156,13 @@ def _chunk_stamps(url: str, run: str, layer: str) -> dict[int, list[Any]]:
         except ValueError:
             continue
         stamp = next(
-            (str(info[k]) for k in ("mtime", "LastModified", "last_modified", "updated", "created")
-             if k in info), "",
-        )  # fmt: skip
+            (
+                str(info[k])
+                for k in ("mtime", "LastModified", "last_modified", "updated", "created")
+                if k in info
+            ),
+            "",
+        )
         etag = str(info.get("ETag", info.get("etag", "")))
         out[unit] = [int(info.get("size", 0) or 0), stamp, etag]
     return out
@@ -304,8 +308,13 @@ def finish_gram(info: GramInfo, row_mean: np.ndarray, offset: np.ndarray | None 
             (info.row_mean_path, row_mean, "mean of each row of gram over the usable images")
         ]
         if offset is not None:
-            vectors.append((info.offset_path, offset, "x_i . mu - |mu|^2 / 2: X Xᵀ = gram + "
-                            "offset[i] + offset[j]"))  # fmt: skip
+            vectors.append(
+                (
+                    info.offset_path,
+                    offset,
+                    "x_i . mu - |mu|^2 / 2: X Xᵀ = gram + offset[i] + offset[j]",
+                )
+            )
         for path, values, what in vectors:
             arr = group.create_array(
                 path.rsplit("/", 1)[1],
@@ -354,9 +363,12 @@ def find_grams(
     paths = [
         f"{base}/{p}/zarr.json"
         for layer in layers
-        for p in (gram_path(run.name, layer, reduce), _row_mean_path(run.name, layer, reduce),
-                  _offset_path(run.name, layer, reduce))
-    ]  # fmt: skip
+        for p in (
+            gram_path(run.name, layer, reduce),
+            _row_mean_path(run.name, layer, reduce),
+            _offset_path(run.name, layer, reduce),
+        )
+    ]
     got: Any = {}
     if paths:
         with store_io(url):
@@ -390,8 +402,11 @@ def find_grams(
             and n == run.n_images
         )
         tile = int(attrs.get("tile", n))
-        out.append(GramInfo(url, run.name, layer, reduce, n, tile, (gram, row_mean, offset))
-                   if usable else None)  # fmt: skip
+        out.append(
+            GramInfo(url, run.name, layer, reduce, n, tile, (gram, row_mean, offset))
+            if usable
+            else None
+        )
     return out
 
 
@@ -488,8 +503,11 @@ class GramReader:
     def _needed(self, rows: np.ndarray, cols: np.ndarray) -> list[tuple[int, int]]:
         """Stored tiles (p <= q) that ``K[rows][:, cols]`` needs and that are not read yet."""
         T = self.info.tile
-        keys = {(min(i, j), max(i, j)) for i in np.unique(rows // T).tolist()
-                for j in np.unique(cols // T).tolist()}  # fmt: skip
+        keys = {
+            (min(i, j), max(i, j))
+            for i in np.unique(rows // T).tolist()
+            for j in np.unique(cols // T).tolist()
+        }
         return sorted(keys - set(self._tiles))
 
     def _tile_read(self, key: tuple[int, int]) -> tuple[Any, Any]:
@@ -499,8 +517,9 @@ class GramReader:
 
     def _keep(self, key: tuple[int, int], got: Any) -> None:
         if isinstance(got, BaseException):  # a checksum mismatch: the cache is damaged
-            raise damage_error(self.info.url, self.info.run, self.where, got,
-                               what=f"Gram tile {key}") from got  # fmt: skip
+            raise damage_error(
+                self.info.url, self.info.run, self.where, got, what=f"Gram tile {key}"
+            ) from got
         self._tiles[key] = np.asarray(got, dtype=np.float64)
 
     def _tile(self, i: int, j: int) -> np.ndarray:
@@ -528,8 +547,9 @@ class GramReader:
                 "some requested images (a tile is missing, or they were unusable when it was "
                 f"computed): drop it with `vitcnn verify {self.info.url} --repair` and analyse "
                 "again",
-                run=self.info.run, layer=self.where,
-            )  # fmt: skip
+                run=self.info.run,
+                layer=self.where,
+            )
         return out
 
 
@@ -548,8 +568,9 @@ def read_vectors(infos: Sequence[GramInfo], kind: str) -> list[np.ndarray]:
             continue
         value = got.pop(0)
         if isinstance(value, BaseException):
-            raise damage_error(reader.info.url, reader.info.run, reader.where, value,
-                               what=what) from value  # fmt: skip
+            raise damage_error(
+                reader.info.url, reader.info.run, reader.where, value, what=what
+            ) from value
         out.append(np.asarray(value, dtype=np.float64))
     return out
 

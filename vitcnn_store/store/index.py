@@ -174,9 +174,12 @@ def run_group(url: str, path: str, *, mode: str = "r", consolidated: bool = True
 
     with quiet_zarr(), store_io(url):
         return zarr.open_group(
-            zarr_store(url), path=path, mode=mode, zarr_format=3,  # type: ignore[arg-type]
+            zarr_store(url),
+            path=path,
+            mode=mode,  # type: ignore[arg-type]
+            zarr_format=3,
             use_consolidated=None if consolidated else False,
-        )  # fmt: skip
+        )
 
 
 def consolidate_run(url: str, run: str) -> None:
@@ -250,8 +253,7 @@ def CountingStore(url: str) -> Any:
 def _empty_children(node: dict[str, Any]) -> dict[str, Any]:
     if node.get("node_type") == "group":
         node = dict(node)
-        node["consolidated_metadata"] = {"kind": "inline", "must_understand": False,
-                                         "metadata": {}}  # fmt: skip
+        node["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": {}}
     return node
 
 
@@ -294,8 +296,9 @@ def refresh_derived(url: str, run: str, subtree: str) -> None:
     for i in range(1, len(parts)):
         above = "/".join(parts[:i])
         if nodes and above not in nodes:
-            nodes[above] = _empty_children({"zarr_format": 3, "node_type": "group",
-                                            "attributes": {}})  # fmt: skip
+            nodes[above] = _empty_children(
+                {"zarr_format": 3, "node_type": "group", "attributes": {}}
+            )
     _splice(url, f"{base}/zarr.json", run_doc, subtree, nodes)
     with store_io(url):
         try:
@@ -304,20 +307,25 @@ def refresh_derived(url: str, run: str, subtree: str) -> None:
             return
     if isinstance(root_doc.get("consolidated_metadata"), dict):
         prefixed = {f"{run}/{k}": v for k, v in nodes.items()}
-        _splice(url, f"{str(root).rstrip('/')}/zarr.json", root_doc, f"{run}/{subtree}",
-                prefixed)  # fmt: skip
+        _splice(url, f"{str(root).rstrip('/')}/zarr.json", root_doc, f"{run}/{subtree}", prefixed)
 
 
-def _splice(url: str, target: str, doc: dict[str, Any], subtree: str,
-            nodes: dict[str, dict[str, Any]]) -> None:  # fmt: skip
+def _splice(
+    url: str, target: str, doc: dict[str, Any], subtree: str, nodes: dict[str, dict[str, Any]]
+) -> None:
     """Replace ``subtree``'s entries of ``doc``'s consolidated metadata by ``nodes`` and
     write ``doc`` back to ``target`` (whole, atomically on a local disk)."""
     meta = dict(doc["consolidated_metadata"].get("metadata") or {})
     for key in [k for k in meta if k == subtree or k.startswith(subtree + "/")]:
         del meta[key]
     meta.update(nodes)
-    doc = {**doc, "consolidated_metadata": {**doc["consolidated_metadata"],
-                                            "metadata": dict(sorted(meta.items()))}}  # fmt: skip
+    doc = {
+        **doc,
+        "consolidated_metadata": {
+            **doc["consolidated_metadata"],
+            "metadata": dict(sorted(meta.items())),
+        },
+    }
     data = json.dumps(doc, indent=2).encode()
     fs, _ = filesystem(url)
     with store_io(url):

@@ -78,8 +78,15 @@ FEATURE_REDUCTIONS = ("flatten", "gap", "cls")
 GRAM_DTYPES = ("float64", "float32")
 # Arrays directly under a run; layer groups may not take these names.
 RUN_ARRAYS = (
-    *IMAGE_COORDS, "done", "failed", "failure", "input", "input_y", "input_x", "unit_record",
-)  # fmt: skip
+    *IMAGE_COORDS,
+    "done",
+    "failed",
+    "failure",
+    "input",
+    "input_y",
+    "input_x",
+    "unit_record",
+)
 #: Fill value of ``label``: never a real label (labels are >= -1, -1 = unknown).
 LABEL_FILL = -(2**63)
 #: Longest run or analysis name: a path component on every file system and object store.
@@ -351,9 +358,10 @@ def store_object(url: str) -> Any:
         from zarr.storage import FsspecStore, LocalStore
 
         _STORE_CACHE[key] = (
-            LocalStore(target.removeprefix("file://")) if is_local(target)
+            LocalStore(target.removeprefix("file://"))
+            if is_local(target)
             else FsspecStore.from_url(target)
-        )  # fmt: skip
+        )
     return _STORE_CACHE[key]
 
 

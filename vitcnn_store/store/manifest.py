@@ -117,8 +117,11 @@ def manifest_problems(group: Any, attrs: Mapping[str, Any]) -> list[tuple[str, s
         except Exception as e:  # unreadable metadata
             out.append((path, f"metadata unreadable ({type(e).__name__})"))
             continue
-        diffs = [f"{k} {have[k]} (created as {want.get(k)})"
-                 for k in ("shape", "data_type", "chunks") if have[k] != want.get(k)]  # fmt: skip
+        diffs = [
+            f"{k} {have[k]} (created as {want.get(k)})"
+            for k in ("shape", "data_type", "chunks")
+            if have[k] != want.get(k)
+        ]
         if diffs:
             out.append((path, "; ".join(diffs)))
     return out

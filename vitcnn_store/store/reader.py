@@ -364,9 +364,13 @@ class Run:
             if dim in group and dim not in coords:
                 coords[dim] = self._coord(group, dim, layer)[1]
         checked = CheckedArray(
-            arr, url=self.store.url, run=self.name, layer=layer, chunk=self.chunk_size,
+            arr,
+            url=self.store.url,
+            run=self.name,
+            layer=layer,
+            chunk=self.chunk_size,
             expected=self._expected,
-        )  # fmt: skip
+        )
         data = checked_dask(checked, f"vitcnn-{self.store.url}-{self.name}-{layer}-{name}")
         attrs.update(run=self.name, layer=layer)
         return xr.DataArray(data, dims=dims, coords=coords, name=name, attrs=attrs)
@@ -422,8 +426,9 @@ class Run:
 
         options = storage_options(self.store.url)
         with quiet_zarr():
-            return xr.open_datatree(self.store.url, engine="zarr", group=self.name,
-                                    storage_options=options or None)  # fmt: skip
+            return xr.open_datatree(
+                self.store.url, engine="zarr", group=self.name, storage_options=options or None
+            )
 
     @property
     def unit_records(self) -> np.ndarray | None:

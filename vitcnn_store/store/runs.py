@@ -33,19 +33,42 @@ from vitcnn_store.store.layout import (
 from vitcnn_store.store.manifest import MANIFEST_ATTR, missing_names
 
 __all__ = [
-    "RESUME_KEYS", "RunEntry", "list_runs", "prepare_run", "run_entry", "run_format", "run_names",
+    "RESUME_KEYS",
+    "RunEntry",
+    "list_runs",
+    "prepare_run",
+    "run_entry",
+    "run_format",
+    "run_names",
     "run_state",
-]  # fmt: skip
+]
 
 # Provenance keys that must match for --resume to continue a run.
 RESUME_KEYS = (
-    "model", "model_args", "img_size", "weights_source", "weights_sha256", "input_size",
-    "interpolation", "mean", "std", "crop_pct", "crop_mode", "image_set_sha256", "n_images",
-    "layers", "attention_layers", "inputs", "dtype", "chunk_size",
+    "model",
+    "model_args",
+    "img_size",
+    "weights_source",
+    "weights_sha256",
+    "input_size",
+    "interpolation",
+    "mean",
+    "std",
+    "crop_pct",
+    "crop_mode",
+    "image_set_sha256",
+    "n_images",
+    "layers",
+    "attention_layers",
+    "inputs",
+    "dtype",
+    "chunk_size",
     # Absent unless used (so older runs still resume): --reduce, a Python transform, and
     # the whole configuration of a module handed in from Python.
-    "reductions", "transform", "module_sha256",
-)  # fmt: skip
+    "reductions",
+    "transform",
+    "module_sha256",
+)
 
 
 @dataclass(frozen=True)

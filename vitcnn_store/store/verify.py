@@ -222,10 +222,15 @@ def _restore_done(url: str, run: str, report: VerifyReport) -> None:
         if want is None:
             return
         group.create_array(
-            "done", shape=tuple(want["shape"]), chunks=tuple(want["chunks"]), dtype=bool,
-            fill_value=False, dimension_names=["unit"], compressors=checksummed("none"),
+            "done",
+            shape=tuple(want["shape"]),
+            chunks=tuple(want["chunks"]),
+            dtype=bool,
+            fill_value=False,
+            dimension_names=["unit"],
+            compressors=checksummed("none"),
             attributes={"long_name": "unit fully written (all arrays)"},
-        )  # fmt: skip
+        )
     report.repaired[run] = list(range(int(want["shape"][0])))
 
 
@@ -329,12 +334,16 @@ def _repair_derived(url: str, report: VerifyReport) -> bool:
             with analysis_lock(url, [run], "vitcnn verify --repair"):
                 for layer in sorted(grams.get(run, ())):
                     delete_grams(url, run, layer)
-                    report.notes.append(f"dropped the damaged Gram cache of {run}/{layer}: "
-                                        "`vitcnn analyze cka` recomputes it")  # fmt: skip
+                    report.notes.append(
+                        f"dropped the damaged Gram cache of {run}/{layer}: "
+                        "`vitcnn analyze cka` recomputes it"
+                    )
                 for result in results.get(run, []):
                     delete_result(url, result)
-                    report.notes.append(f"removed the analysis result {result.group}: "
-                                        "`vitcnn analyze` recomputes it")  # fmt: skip
+                    report.notes.append(
+                        f"removed the analysis result {result.group}: "
+                        "`vitcnn analyze` recomputes it"
+                    )
                 changed = True
         except RunLockedError as e:
             report.notes.append(f"left {run}'s derived data alone: {e}")
@@ -375,8 +384,9 @@ def _repair_held(url: str, report: VerifyReport) -> None:
         if p.repairable and p.unit is not None:
             units.setdefault(p.run, set()).add(p.unit)
     derived = _repair_derived(url, report)
-    runs = sorted({p.run for p in report.problems if p.run != "-"}
-                  | {r.run for r in report.bad_results})  # fmt: skip
+    runs = sorted(
+        {p.run for p in report.problems if p.run != "-"} | {r.run for r in report.bad_results}
+    )
     if not units:
         if derived or changed:
             consolidate(url, *runs)
@@ -392,9 +402,14 @@ def _repair_held(url: str, report: VerifyReport) -> None:
 
 
 def verify_store(
-    url: str, run: str | None = None, *, repair: bool = False, progress: bool = False,
-    threads: int = 8, on_progress: Callable[[int], None] | None = None,
-) -> VerifyReport:  # fmt: skip
+    url: str,
+    run: str | None = None,
+    *,
+    repair: bool = False,
+    progress: bool = False,
+    threads: int = 8,
+    on_progress: Callable[[int], None] | None = None,
+) -> VerifyReport:
     """Scrub ``url`` (or one run of it); with ``repair``, clear ``done`` of damaged units.
 
     Examples
@@ -431,8 +446,9 @@ def verify_store(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(tasks), unit="chunk", desc="verify", file=sys.stderr,
-                   dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            total=len(tasks), unit="chunk", desc="verify", file=sys.stderr, dynamic_ncols=True
+        )
     with ThreadPoolExecutor(max(1, threads)) as pool, store_io(url):
         for task, outcome in zip(tasks, pool.map(_check, tasks), strict=True):
             report.chunks_checked += 1

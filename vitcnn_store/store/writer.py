@@ -140,9 +140,14 @@ def _check_specs(arrays: Sequence[ArraySpec]) -> None:
 
 
 def _layout(
-    image_ids: Sequence[str], labels: Sequence[int], chunk: int, dtype: str,
-    arrays: Sequence[ArraySpec], compression: str, image_sha256: Sequence[str] | None,
-) -> _Layout:  # fmt: skip
+    image_ids: Sequence[str],
+    labels: Sequence[int],
+    chunk: int,
+    dtype: str,
+    arrays: Sequence[ArraySpec],
+    compression: str,
+    image_sha256: Sequence[str] | None,
+) -> _Layout:
     """Check a run's inputs before any write and gather them."""
     n = len(image_ids)
     if n == 0:
@@ -154,14 +159,18 @@ def _layout(
     checksummed(compression)  # refuses an unknown compression before any write
     _check_specs(arrays)
     layout = _Layout(
-        n=n, chunk=chunk, dtype=dtype, compression=compression, arrays=list(arrays),
+        n=n,
+        chunk=chunk,
+        dtype=dtype,
+        compression=compression,
+        arrays=list(arrays),
         image_values={
             "image": np.arange(n, dtype=np.int64),
             "image_id": np.asarray(list(image_ids), dtype=object),
             "label": label_values,
             "image_sha256": np.asarray(hashes, dtype=object),
         },
-    )  # fmt: skip
+    )
     return layout
 
 
@@ -184,8 +193,16 @@ class _Layout:
         self.created.append(path)  # list.append: safe from populate()'s threads
         self.made.append((path, array))
 
-    def coord(self, group: Any, cname: str, values: np.ndarray, dims: Sequence[str],
-              cshape: Any, restore: bool, fresh: bool) -> None:  # fmt: skip
+    def coord(
+        self,
+        group: Any,
+        cname: str,
+        values: np.ndarray,
+        dims: Sequence[str],
+        cshape: Any,
+        restore: bool,
+        fresh: bool,
+    ) -> None:
         if not fresh and cname in group:
             if restore and not _readable(group[cname]):
                 group[cname][...] = values  # a damaged coordinate: its values are known
@@ -216,8 +233,10 @@ class _Layout:
         run_specs = by_group.pop("", [])
         with ThreadPoolExecutor(_CREATE_THREADS, thread_name_prefix="vitcnn-create") as pool:
             futures = [pool.submit(self._run_arrays, run, run_specs, restore, fresh)]
-            futures += [pool.submit(self._layer, run, name, specs, restore, fresh)
-                        for name, specs in by_group.items()]  # fmt: skip
+            futures += [
+                pool.submit(self._layer, run, name, specs, restore, fresh)
+                for name, specs in by_group.items()
+            ]
             made = [f.result() for f in futures]  # every one, so that the first error raises
         return any(made)
 
@@ -229,39 +248,56 @@ class _Layout:
         self.image_coords(run, restore, fresh)
         if fresh or "done" not in run:
             done = run.create_array(
-                "done", shape=(len(unit_bounds(n, chunk)),), chunks=(1,), dtype=bool,
-                fill_value=False, dimension_names=["unit"], compressors=checksummed("none"),
+                "done",
+                shape=(len(unit_bounds(n, chunk)),),
+                chunks=(1,),
+                dtype=bool,
+                fill_value=False,
+                dimension_names=["unit"],
+                compressors=checksummed("none"),
                 attributes={"long_name": "unit fully written (all arrays)"},
-            )  # fmt: skip
+            )
             self.made.append((f"{run.path}/done", done))
             unit_made = True
         if fresh or RECORD not in run:
             # Per unit: stored bytes and a fingerprint of its chunks (store/index.py). Not a
             # "unit array": a resumed older run gains it without rewriting its units.
             record = run.create_array(
-                RECORD, shape=(len(unit_bounds(n, chunk)), len(RECORD_FIELDS)),
-                chunks=(1, len(RECORD_FIELDS)), dtype="int64", fill_value=0,
-                dimension_names=["unit", "unit_field"], compressors=checksummed("none"),
-                attributes={"long_name": "per unit: stored bytes of its chunks, and a "
-                            "fingerprint of their lengths and crc32c (0: not recorded)",
-                            "fields": list(RECORD_FIELDS)},
-            )  # fmt: skip
+                RECORD,
+                shape=(len(unit_bounds(n, chunk)), len(RECORD_FIELDS)),
+                chunks=(1, len(RECORD_FIELDS)),
+                dtype="int64",
+                fill_value=0,
+                dimension_names=["unit", "unit_field"],
+                compressors=checksummed("none"),
+                attributes={
+                    "long_name": "per unit: stored bytes of its chunks, and a "
+                    "fingerprint of their lengths and crc32c (0: not recorded)",
+                    "fields": list(RECORD_FIELDS),
+                },
+            )
             self.made.append((f"{run.path}/{RECORD}", record))
         for key, kind, fill in (("failed", bool, False), ("failure", str, "")):
             if fresh or key not in run:
                 arr = run.create_array(
-                    key, shape=(n,), chunks=(chunk,), dtype=kind, fill_value=fill,
-                    dimension_names=["image"], attributes=image_attrs,
+                    key,
+                    shape=(n,),
+                    chunks=(chunk,),
+                    dtype=kind,
+                    fill_value=fill,
+                    dimension_names=["image"],
+                    attributes=image_attrs,
                     compressors=checksummed("zstd"),
-                )  # fmt: skip
+                )
                 self.made.append((f"{run.path}/{key}", arr))
                 unit_made = True
         for spec in specs:
             unit_made |= self._array(run, spec, restore, fresh)
         return unit_made
 
-    def _layer(self, run: Any, name: str, specs: list[ArraySpec], restore: bool,
-               fresh: bool) -> bool:  # fmt: skip
+    def _layer(
+        self, run: Any, name: str, specs: list[ArraySpec], restore: bool, fresh: bool
+    ) -> bool:
         """One layer's group: its attributes (one write), coordinates and arrays."""
         attrs: dict[str, Any] = {}
         for spec in specs:
@@ -314,12 +350,19 @@ class _Copies:
         self._lock = threading.Lock()
         self._sources: dict[tuple[Any, ...], Future[tuple[Any, dict[str, Any]]]] = {}
 
-    def write(self, group: Any, cname: str, values: np.ndarray, dims: Sequence[str],
-              chunks: Sequence[int]) -> Any:  # fmt: skip
+    def write(
+        self, group: Any, cname: str, values: np.ndarray, dims: Sequence[str], chunks: Sequence[int]
+    ) -> Any:
         """Create ``group/cname`` holding ``values``; returns an array with its metadata."""
         content = np.asarray(values, dtype=str) if values.dtype.kind in "OUT" else values
-        key = (cname, tuple(dims), tuple(chunks), values.dtype.str, values.shape,
-               hashlib.sha256(np.ascontiguousarray(content).tobytes()).hexdigest())  # fmt: skip
+        key = (
+            cname,
+            tuple(dims),
+            tuple(chunks),
+            values.dtype.str,
+            values.shape,
+            hashlib.sha256(np.ascontiguousarray(content).tobytes()).hexdigest(),
+        )
         with self._lock:
             source = self._sources.get(key)
             first = source is None
@@ -374,16 +417,21 @@ def _put_objects(store: Any, path: str, objects: Mapping[str, Any]) -> None:
 _FILLS: dict[str, Any] = {"image": -1, "label": LABEL_FILL, "image_id": "", "image_sha256": ""}
 
 
-def write_coordinate(group: Any, cname: str, values: np.ndarray, dims: Sequence[str],
-                     chunks: Sequence[int]) -> Any:  # fmt: skip
+def write_coordinate(
+    group: Any, cname: str, values: np.ndarray, dims: Sequence[str], chunks: Sequence[int]
+) -> Any:
     """Create coordinate array ``cname`` of ``group`` holding ``values``; returns it."""
     is_str = values.dtype.kind in "OUT"
     default: Any = "" if is_str else np.nan if values.dtype.kind == "f" else -1
     arr = group.create_array(
-        cname, shape=values.shape, dtype=str if is_str else values.dtype,
-        chunks=tuple(chunks), dimension_names=list(dims), compressors=checksummed("zstd"),
+        cname,
+        shape=values.shape,
+        dtype=str if is_str else values.dtype,
+        chunks=tuple(chunks),
+        dimension_names=list(dims),
+        compressors=checksummed("zstd"),
         fill_value=_FILLS.get(cname, default),
-    )  # fmt: skip
+    )
     arr[...] = values
     return arr
 
