@@ -31,6 +31,7 @@ __all__ = [
     "layer_roles",
     "patch_grid",
     "reduce_layer",
+    "refuse_reduced",
     "select_attention_layers",
     "select_layers",
     "stored_grid",
@@ -216,17 +217,23 @@ def token_positions(run: Run, attention: xr.DataArray) -> tuple[np.ndarray, int 
     return yx, int(cls[0]) if cls.size else None
 
 
+def refuse_reduced(layer: str, attrs: Any) -> None:
+    """Refuse a layer reduced at extraction (``--reduce``, recorded in its ``attrs``): its
+    tokens are gone, so no map can be made of them."""
+    if attrs.get("reduction"):
+        raise UsageError(
+            f"layer {layer!r} was stored reduced (--reduce ...={attrs['reduction']}): "
+            "localization needs its tokens; re-extract the layer without --reduce"
+        )
+
+
 def patch_grid(
     x: xr.DataArray, info: LayerInfo
 ) -> tuple[np.ndarray, np.ndarray, dict[tuple[int, int], int]]:
     """Pixel centres of a layer's grid rows and columns, and (row, col) → index along
     its flattened token (or y·x) axis. Refuses a layer reduced at extraction
     (``--reduce``): its tokens are gone, so no map can be made of them."""
-    if x.attrs.get("reduction"):
-        raise UsageError(
-            f"layer {info.name!r} was stored reduced (--reduce ...={x.attrs['reduction']}): "
-            "localization needs its tokens; re-extract the layer without --reduce"
-        )
+    refuse_reduced(info.name, x.attrs)
     if info.kind == schema.KIND_TOKEN:
         ty = np.asarray(x["token_y"].values, float)[list(info.patches)]
         tx = np.asarray(x["token_x"].values, float)[list(info.patches)]

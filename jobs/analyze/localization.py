@@ -30,6 +30,7 @@ from jobs.analyze.layers import (
     layer_info,
     layer_roles,
     patch_grid,
+    refuse_reduced,
     stored_grid,
     stored_kind,
     stored_sizes,
@@ -48,6 +49,7 @@ from vitcnn_store.analysis.localization import (
 from vitcnn_store.errors import UsageError
 from vitcnn_store.models.families import is_block_output
 from vitcnn_store.store import schema
+from vitcnn_store.store.layout import quiet_zarr
 from vitcnn_store.store.schema import string_coord
 
 if TYPE_CHECKING:
@@ -150,6 +152,9 @@ def run_localization(cfg: LocalizationConfig) -> AnalysisResult:
     layer = cfg.layer or _default_layer(run)
     if stored_kind(run, layer) not in (schema.KIND_TOKEN, schema.KIND_SPATIAL):
         raise UsageError(f"layer {layer!r} is pooled: localization needs a token or spatial layer")
+    with quiet_zarr():  # before the grid: a reduced layer has none worth checking
+        node = run.group[layer]
+        refuse_reduced(layer, {**node.attrs, **node["activation"].attrs})
     gy, gx = stored_grid(run, layer)
     input_sizes = stored_sizes(run, "input", "input")
     h, w = input_sizes["input_y"], input_sizes["input_x"]

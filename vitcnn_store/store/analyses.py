@@ -174,6 +174,23 @@ class ResultInfo:
         return self.attrs.get("parameters")
 
 
+def _stored_shapes(node: Any, names: Any) -> dict[str, list[int]]:
+    """Shapes of the arrays ``names`` of result group ``node`` as stored now: each
+    array's own metadata is read, since the group's consolidated snapshot still names
+    an array that was lost since."""
+    import zarr
+
+    have: dict[str, list[int]] = {}
+    with quiet_zarr():
+        for k in names:
+            try:
+                a = zarr.open_array(store=node.store, path=f"{node.path}/{k}", mode="r")
+            except FileNotFoundError:  # zarr's ArrayNotFoundError is one
+                continue
+            have[k] = [int(s) for s in a.shape]
+    return have
+
+
 def _problem(node: Any, attrs: dict[str, Any], legacy: bool) -> str:
     """Why a result group is not usable, "" when its marker and arrays are there."""
     if legacy:
@@ -181,8 +198,7 @@ def _problem(node: Any, attrs: dict[str, Any], legacy: bool) -> str:
     if attrs.get(COMPLETE_ATTR) is not True:
         return "incomplete: no commit marker (its job was interrupted while writing it)"
     want = attrs.get(ARRAYS_ATTR) or {}
-    with quiet_zarr():
-        have = {k: [int(s) for s in a.shape] for k, a in node.arrays()}
+    have = _stored_shapes(node, want)
     missing = sorted(set(want) - set(have))
     if missing:
         return f"damaged: array(s) {', '.join(missing)} missing"
