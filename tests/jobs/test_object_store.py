@@ -10,39 +10,16 @@ import numpy as np
 import pytest
 
 from tests.conftest import extract_tiny
+from tests.helpers import moto_s3
 from vitcnn_store import open_store
 from vitcnn_store.errors import StoreError
 
 
 @pytest.fixture(scope="module")
 def s3_bucket() -> Iterator[str]:
-    """An S3-compatible server on 127.0.0.1 (moto, as s3fs's own tests use) with one bucket."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()
-        s3fs.S3FileSystem().mkdir("vitcnn-test")
-        yield "s3://vitcnn-test"
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+    """An S3-compatible server on 127.0.0.1 (moto) with one bucket."""
+    with moto_s3("vitcnn-test") as bucket:
+        yield bucket
 
 
 def test_extract_resume_and_read_on_s3(s3_bucket: str, tiny_store: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import moto_s3
 from tests.store.test_store import filled_store
 from vitcnn_store import open_store
 from vitcnn_store.errors import RunLockedError
@@ -102,32 +103,8 @@ def test_a_legacy_lease_attribute_is_honoured_while_live(tmp_path: Path) -> None
 @pytest.fixture(scope="module")
 def s3_url() -> Iterator[str]:
     """An S3 server on loopback (moto honours If-None-Match: * on PUT)."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()
-        s3fs.S3FileSystem().mkdir("leases")
-        yield "s3://leases/acts.zarr"
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+    with moto_s3("leases") as bucket:
+        yield f"{bucket}/acts.zarr"
 
 
 def test_on_s3_one_winner_by_conditional_write(s3_url: str) -> None:
