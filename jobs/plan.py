@@ -28,9 +28,9 @@ from vitcnn_store.models import (
     build_model,
     data_config,
     expand_layers,
-    layer_roles,
     match_patterns,
     model_family,
+    model_roles,
     pretrained_hub_id,
     weights_sha256,
 )
@@ -453,7 +453,7 @@ def plan_extraction(
         transform=custom,
         reductions=resolved,
     )
-    specs = array_specs(layouts, input_size, cfg.inputs, layer_roles(model), reduce_attrs)
+    specs = array_specs(layouts, input_size, cfg.inputs, model_roles(model), reduce_attrs)
     return RunTemplate(plan, provenance, specs, hashes, cfg.chunk_size, model, clock.laps)
 
 

@@ -220,6 +220,40 @@ def test_analyze_parsers_are_built_from_the_option_tables() -> None:
         assert analysis_config(args) == config(store="s.zarr", run="r", **run2), name
 
 
+def test_mean_is_gap_wherever_an_analysis_takes_a_feature_reduction() -> None:
+    """``mean`` (extraction's word) is an alias of ``gap``: the CLI and the Python config
+    both keep ``gap``, so parameters, result keys and argv are the same for both words."""
+    from vitcnn_store.interface.cli_analyze import analysis_config
+    from vitcnn_store.interface.registry import ANALYSES
+    from vitcnn_store.store.analyses import parameters_key
+
+    aliased = [
+        (entry, f, opt)
+        for entry in ANALYSES.values()
+        for f, opt in options_of(entry.config)
+        if opt.aliases
+    ]
+    flags = {(entry.name, opt.flag) for entry, _, opt in aliased}
+    assert {("cka", "--reduce"), ("probe", "--features")} <= flags
+    for entry, f, opt in aliased:
+        assert opt.aliases == {"mean": "gap"}
+        base = ["analyze", entry.name, "s.zarr", "r", *(["r2"] if entry.name == "heads" else [])]
+        run2 = {"run2": "r2"} if entry.name == "heads" else {}
+        configs = [
+            analysis_config(build_parser().parse_args([*base, opt.flag, word]))
+            for word in ("mean", "gap")
+        ]
+        configs += [
+            entry.config(store="s.zarr", run="r", **run2, **{f.name: w}) for w in ("mean", "gap")
+        ]
+        assert all(c == configs[-1] for c in configs), (entry.name, opt.flag)
+        assert getattr(configs[0], f.name) == "gap"
+        assert len({parameters_key(c.parameters()) for c in configs}) == 1
+        argv = to_argv(configs[0])
+        assert argv[argv.index(opt.flag) + 1] == "gap"
+        assert opt.help.count("also spelled mean") == 1, (entry.name, opt.flag)
+
+
 # (analysis, CLI arguments, the same value given to the Python config)
 ANALYZE_REFUSALS = [
     ("cka", ["--batch-size", "3"], {"batch_size": 3}),

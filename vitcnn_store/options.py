@@ -51,6 +51,7 @@ __all__ = [
     "option",
     "options_of",
     "parse_auto",
+    "resolve_aliases",
     "to_argv",
 ]
 
@@ -85,7 +86,9 @@ class Option:
     would not read well (``--gather-memory``: "2048 MiB", not the bytes).
     ``exclusive`` names a group of flags of which at most one may be given.
     ``nested`` is a dataclass whose own options stand for this field
-    (``--img-size`` for ``model.img_size``).
+    (``--img-size`` for ``model.img_size``). ``aliases`` maps other spellings of
+    ``choices`` to the choice each stands for (``mean`` → ``gap``): argparse and
+    :func:`resolve_aliases` replace them, so only the choice itself is ever stored.
     """
 
     flag: str
@@ -101,8 +104,11 @@ class Option:
     note: str = ""  # appended to the message of a failed check (how to fix it)
     collect: Callable[[list[Any]], Any] | None = None  # "append": the list -> the field
     shown: str | None = None
+    aliases: Mapping[str, str] | None = None
 
     def __post_init__(self) -> None:
+        if self.aliases and not set(self.aliases.values()) <= set(self.choices or ()):
+            raise ValueError(f"{self.flag}: aliases must stand for choices")
         if self.check is None:
             return
         try:
@@ -139,6 +145,8 @@ def parse_auto(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def _argparse_type(opt: Option) -> Callable[[str], Any] | None:
+    if opt.aliases:  # argparse converts before it checks the choices
+        return _canonical(opt.aliases)
     parse = opt.parse
     if parse is None:
         return None
@@ -155,6 +163,36 @@ def _argparse_type(opt: Option) -> Callable[[str], Any] | None:
             raise argparse.ArgumentTypeError(f"{detail}, got {text!r}") from None
 
     return convert
+
+
+def _canonical(aliases: Mapping[str, str]) -> Callable[[str], str]:
+    def canonical(text: str) -> str:
+        return aliases.get(text, text)
+
+    return canonical
+
+
+def resolve_aliases(config: Any) -> None:
+    """Replace each alias in ``config`` by the choice it stands for (:class:`Option`).
+
+    Run on construction (frozen dataclasses included), before validation, so a
+    config, its parameters and what it stores are the same whichever spelling
+    the user gave.
+
+    Examples
+    --------
+    >>> @dataclass(frozen=True)
+    ... class Demo:
+    ...     how: str = option("gap", flag="--how", choices=("gap", "cls"), aliases={"mean": "gap"})
+    ...     def __post_init__(self) -> None:
+    ...         resolve_aliases(self)
+    >>> Demo(how="mean")
+    Demo(how='gap')
+    """
+    for f, opt in options_of(config):
+        value = getattr(config, f.name)
+        if opt.aliases and isinstance(value, str) and value in opt.aliases:
+            object.__setattr__(config, f.name, opt.aliases[value])
 
 
 def _default_of(f: dataclasses.Field[Any]) -> Any:

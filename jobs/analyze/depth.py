@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jobs.analyze.layers import layer_attrs, layer_roles, select_layers
+from jobs.analyze.layers import layer_attrs, run_roles, select_layers
 from jobs.analyze.options import ROLE_SETS
 from vitcnn_store.errors import UsageError
 from vitcnn_store.models.families import BRANCH, is_residual_stream
@@ -43,7 +43,7 @@ def select_by_role(
     names = select_layers(run, None, option)
     if roles == "all":
         return names, "every stored layer"
-    attrs = layer_roles(run)
+    attrs = run_roles(run)
     chosen = [
         n
         for n in names
@@ -57,8 +57,10 @@ def select_by_role(
 
 
 def layer_role_names(run: Run, layers: Sequence[str]) -> list[str]:
-    """Each layer's recorded role (``stream``, ``branch``, ...; ``""`` when unknown)."""
-    attrs = layer_roles(run)
+    """Each layer's role as the ``role`` coordinate of a result states it (``stream``,
+    ``branch``, ...): recorded or derived (:func:`~jobs.analyze.layers.run_roles`), else
+    ``stream`` where the name rules put the layer on the residual stream, else ``""``."""
+    attrs = run_roles(run)
     out = []
     for name in layers:
         role = str(attrs.get(name, {}).get("role", ""))
@@ -79,7 +81,7 @@ def block_depth(run: Run, layers: Sequence[str]) -> tuple[np.ndarray, str]:
     to 0 before the first block and 1 after the last. Runs without recorded
     blocks keep their stored ``depth_fraction`` (forward order of stored layers).
     """
-    roles = layer_roles(run)
+    roles = run_roles(run)
     attrs = {n: layer_attrs(run, n) for n in run.layers}
     order = {n: int(attrs[n].get("depth_index", i)) for i, n in enumerate(run.layers)}
     members: dict[str, list[str]] = {}

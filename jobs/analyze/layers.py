@@ -28,10 +28,10 @@ __all__ = [
     "LayerInfo",
     "layer_attrs",
     "layer_info",
-    "layer_roles",
     "patch_grid",
     "reduce_layer",
     "refuse_reduced",
+    "run_roles",
     "select_attention_layers",
     "select_layers",
     "stored_grid",
@@ -110,10 +110,11 @@ def stored_grid(run: Run, layer: str) -> tuple[int, int]:
     return int(np.unique(ty).size), int(np.unique(tx).size)
 
 
-def layer_roles(run: Run) -> dict[str, dict[str, Any]]:
-    """Each stored layer's attributes with its role (stream, branch, ...), recorded at
-    extraction or, for older stores, derived from the layer names
-    (:func:`vitcnn_store.models.families.stored_roles`)."""
+def run_roles(run: Run) -> dict[str, dict[str, Any]]:
+    """Each stored layer's attributes with its role (stream, branch, ...), as recorded at
+    extraction or, for older stores, derived by the family rule from the stored layer
+    names (:func:`vitcnn_store.models.families.stored_roles`); this only reads the run's
+    metadata."""
     attrs = {name: layer_attrs(run, name) for name in run.layers}
     return stored_roles(run.attrs.get("model_family"), attrs)
 

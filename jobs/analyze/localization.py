@@ -28,9 +28,9 @@ import numpy as np
 from jobs.analyze.executor import Executor, LazyTasks
 from jobs.analyze.layers import (
     layer_info,
-    layer_roles,
     patch_grid,
     refuse_reduced,
+    run_roles,
     stored_grid,
     stored_kind,
     stored_sizes,
@@ -109,7 +109,7 @@ def _default_layer(run: Any) -> str:
     candidates = [n for n in run.layers if stored_kind(run, n) in kinds]
     if not candidates:
         raise UsageError(f"run {run.name!r} has no token or spatial layer to localize")
-    roles = layer_roles(run)
+    roles = run_roles(run)
     blocks = [n for n in candidates if is_block_output(n, roles.get(n))]
     return (blocks or candidates)[-1]
 

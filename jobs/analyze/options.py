@@ -35,8 +35,13 @@ from vitcnn_store.defaults import (
     MIN_HSIC_SAMPLES,
 )
 from vitcnn_store.errors import UsageError
-from vitcnn_store.options import check_options, option
-from vitcnn_store.store.layout import FEATURE_REDUCTIONS, GRAM_DTYPES, check_name
+from vitcnn_store.options import check_options, option, resolve_aliases
+from vitcnn_store.store.layout import (
+    FEATURE_ALIASES,
+    FEATURE_REDUCTIONS,
+    GRAM_DTYPES,
+    check_name,
+)
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -264,6 +269,7 @@ class AnalysisOptions:
     progress: bool = option(True, flag="--no-progress", action="false", help="no progress bar")
 
     def __post_init__(self) -> None:
+        resolve_aliases(self)  # --reduce mean is stored as gap
         self.validate()
 
     def validate(self) -> None:
@@ -334,7 +340,9 @@ class CKAConfig(AnalysisOptions):
         "flatten",
         flag="--reduce",
         choices=FEATURE_REDUCTIONS,
-        help="flatten tokens x channels, token/spatial mean, or CLS",
+        aliases=FEATURE_ALIASES,
+        help="flatten tokens x channels, gap: the token/spatial mean (also spelled mean), "
+        "or cls: the CLS token",
     )
     kernel: str = option("linear", flag="--kernel", choices=KERNELS, help="the CKA kernel")
     rbf_threshold: float = option(
@@ -519,9 +527,10 @@ class ProbeConfig(BootstrapOptions):
         "auto",
         flag="--features",
         choices=FEATURES,
+        aliases=FEATURE_ALIASES,
         help="auto: the CLS token where a layer has one that varies between images, else "
         "the token/spatial mean, recorded per layer with the reason; cls: the CLS token "
-        "(layers without one are refused); gap: the token/spatial mean",
+        "(layers without one are refused); gap: the token/spatial mean, also spelled mean",
     )
     seed: int = option(
         0, flag="--seed", parse=int, check="non-negative", help="split (and fold) seed"

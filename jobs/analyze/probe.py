@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jobs.analyze.depth import block_depth, select_by_role
+from jobs.analyze.depth import block_depth, layer_role_names, select_by_role
 from jobs.analyze.executor import Executor
-from jobs.analyze.layers import layer_info, layer_roles, reduce_layer
+from jobs.analyze.layers import layer_info, reduce_layer
 from jobs.analyze.options import FEATURES, ProbeConfig
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.runs import open_runs, usable_mask
@@ -364,7 +364,6 @@ def _dataset(
     accs = np.stack([o[2] for o in out], axis=1)  # (repeat, layer)
     l2s = np.stack([o[3] for o in out], axis=1)
     depth, depth_axis = block_depth(run, layers)
-    roles = layer_roles(run)
     data: dict[str, Any] = {
         "accuracy": (("layer",), accs.mean(axis=0)),
         "l2": (("repeat", "layer"), l2s),
@@ -377,7 +376,7 @@ def _dataset(
         "layer": string_coord(layers),
         "depth_fraction": ("layer", depth),
         "depth_index": ("layer", np.array([layer_info(run[n]).depth_index for n in layers])),
-        "role": ("layer", string_coord(str(roles.get(n, {}).get("role", "")) for n in layers)),
+        "role": ("layer", string_coord(layer_role_names(run, layers))),
         "feature": ("layer", string_coord(o[0] for o in out)),
         "feature_reason": ("layer", string_coord(o[1] for o in out)),
         "repeat": np.arange(cfg.repeats),

@@ -35,7 +35,7 @@ import numpy as np
 
 from jobs.analyze.depth import block_depth
 from jobs.analyze.executor import Executor
-from jobs.analyze.layers import layer_info, layer_roles, stored_shape
+from jobs.analyze.layers import layer_info, run_roles, stored_shape
 from jobs.analyze.options import SkipConfig
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.runs import open_runs, usable_mask
@@ -75,7 +75,7 @@ def _refuse_missing(run: Run, missing: Sequence[str]) -> None:
 
 def skip_branches(run: Run) -> list[Branch]:
     """The residual branches of the run's blocks, each with its stored taps checked."""
-    roles = layer_roles(run)
+    roles = run_roles(run)
     found, missing = branches_from_roles(roles)
     if not found and not missing:
         raise UsageError(

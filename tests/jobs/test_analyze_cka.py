@@ -257,6 +257,26 @@ def test_rbf_and_reductions_equal_reference(synth: str) -> None:
         )
 
 
+def test_reduce_mean_is_stored_as_gap(tmp_path: Path) -> None:
+    """``--reduce mean`` (extraction's word for the token/spatial mean) is ``gap``: the same
+    parameters, result key, result bytes and Gram cache whichever spelling was typed."""
+    from vitcnn_store.store.analyses import list_results, result_digest
+
+    fresh = str(tmp_path / "fresh.zarr")  # no other test's Grams; one run, copied twice
+    make_run(fresh, "vit", ids(32))
+    stored = {}
+    for spelling in ("mean", "gap"):
+        url = copy_store(fresh, tmp_path / f"{spelling}.zarr")
+        argv = ["analyze", "cka", url, "vit", "--reduce", spelling, "--name", "spelled"]
+        assert cli([*argv, "--batch-size", "16", "--no-progress", "--no-figure"]) == 0
+        [result] = list_results(url, "vit", "spelled")
+        grams = sorted(p.name for p in (Path(url) / "vit" / "_grams").glob("*/gram*"))
+        digest = result_digest(zarr.open_group(url, mode="r")[result.group])
+        stored[spelling] = (result.key, result.parameters, digest, grams)
+        assert result.parameters["reduce"] == "gap" and set(grams) == {"gram_gap"}
+    assert stored["mean"] == stored["gap"]
+
+
 def test_roles_and_layer_patterns(synth: str) -> None:
     common = {"store": synth, "run": "vit", "progress": False, "batch_size": 16}
     ds = run_cka(CKAConfig(**common, roles="branches", name="br")).dataset

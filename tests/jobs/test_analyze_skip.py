@@ -116,6 +116,24 @@ def test_real_extraction_records_roles(tiny_store: str) -> None:
     assert resnet["maxpool"].attrs["role"] == "stream"
 
 
+def test_run_roles_read_back_the_model_roles(tiny_store: str) -> None:
+    """The roles an analysis reads off a run are those the family rule gave the model at
+    extraction: one rule, read at two levels."""
+    import timm
+
+    from jobs.analyze.layers import run_roles
+    from tests.conftest import TINY_VIT
+    from vitcnn_store.models import model_roles
+
+    run = open_store(tiny_store)["vit"]
+    model = timm.create_model(TINY_VIT["name"], img_size=32, **TINY_VIT["model_args"])
+    expected = model_roles(model)
+    read = run_roles(run)
+    assert set(read) == set(run.layers)
+    for name in run.layers:
+        assert {k: read[name][k] for k in expected[name]} == expected[name], name
+
+
 def test_vit_block_output_is_skip_input_plus_branches(tiny_store: str) -> None:
     """The recorded skip inputs are what the model adds: blocks.i = z + attn + mlp."""
     run = open_store(tiny_store)["vit"]

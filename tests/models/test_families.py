@@ -76,8 +76,7 @@ def test_old_store_fallback_equals_recorded_roles(
     model: str, family: str, kwargs: dict[str, object]
 ) -> None:
     """A preset:paper run read without role attributes finds the same branches."""
-    from vitcnn_store.models import expand_layers
-    from vitcnn_store.models import layer_roles as model_roles
+    from vitcnn_store.models import expand_layers, model_roles
 
     m = timm.create_model(model, **kwargs)
     types = module_types(m)

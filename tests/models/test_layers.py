@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vitcnn_store.errors import LayerPatternError
-from vitcnn_store.models import attention_modules, expand_layers, layer_roles, pattern_regex
+from vitcnn_store.models import attention_modules, expand_layers, model_roles, pattern_regex
 
 
 @pytest.fixture(scope="module")
@@ -114,27 +114,27 @@ def test_layer_scale_and_squeeze_excitation_branch_outputs() -> None:
     deit3 = timm.create_model("deit3_small_patch16_224", depth=1, img_size=32)
     paper = expand_layers(deit3, "preset:paper")
     assert {"blocks.0.attn", "blocks.0.ls1", "blocks.0.ls2", "blocks.0.mlp"} <= set(paper)
-    roles = layer_roles(deit3)
+    roles = model_roles(deit3)
     assert roles["blocks.0.ls2"]["skip_input"] == ["norm_pre", "blocks.0.ls1"]
     assert roles["blocks.0.attn"]["role"] == "inner"
     se = timm.create_model("seresnet50")
     assert "layer1.0.se" in expand_layers(se, "preset:paper")
-    assert layer_roles(se)["layer1.0.se"]["skip_input"] == ["layer1.0.downsample"]
+    assert model_roles(se)["layer1.0.se"]["skip_input"] == ["layer1.0.downsample"]
 
 
 def test_roles_of_real_models(vit: object, resnet: object) -> None:
-    roles = layer_roles(vit)
+    roles = model_roles(vit)
     assert roles["norm_pre"] == {"role": "stream"}
     assert roles["blocks.1"]["branches"] == ["blocks.1.attn", "blocks.1.mlp"]
     assert roles["blocks.1.mlp"]["skip_input"] == ["blocks.0", "blocks.1.attn"]
     assert roles["blocks.0.norm1"] == {"role": "inner", "block": "blocks.0"}
     assert roles["head"] == {"role": "other"} and roles["blocks"] == {"role": "other"}
-    roles = layer_roles(resnet)
+    roles = model_roles(resnet)
     assert roles["layer1.0.bn2"]["skip_input"] == ["maxpool"]
     assert roles["layer2.0.bn2"]["skip_input"] == ["layer2.0.downsample"]
     assert roles["layer2.0.downsample"] == {"role": "shortcut", "block": "layer2.0"}
     assert roles["layer3.0.downsample.0"] == {"role": "inner", "block": "layer3.0"}
-    assert layer_roles(timm.create_model("convnext_atto")) == {}
+    assert model_roles(timm.create_model("convnext_atto")) == {}
 
 
 @pytest.mark.parametrize(
@@ -192,7 +192,7 @@ def test_all_preset_layers_of_each_family() -> None:
         "stages.0.blocks.0.conv2",
         "stages.0.blocks.0.conv3",
     ]
-    roles = layer_roles(v2)
+    roles = model_roles(v2)
     assert roles["stages.1.blocks.0.conv3"]["skip_input"] == ["stages.1.blocks.0.downsample"]
     assert roles["stages.0.blocks.1.conv3"]["skip_input"] == ["stages.0.blocks.0"]
     assert roles["stem"] == {"role": "stream"} and roles["norm"] == {"role": "other"}

@@ -266,6 +266,9 @@ def branches(family: str, modules: Mapping[str, str]) -> list[Branch]:
 def layer_roles(family: str | None, modules: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """Role attributes (see the module docstring) of every module; empty for other families.
 
+    The one rule for roles: :func:`vitcnn_store.models.layers.model_roles` applies it to a
+    torch model at extraction, :func:`stored_roles` to the stored layers of an older run.
+
     Examples
     --------
     >>> roles = layer_roles(RESNET, {"maxpool": "", "layer1.0": "BasicBlock",

@@ -27,9 +27,9 @@ __all__ = [
     "PRESETS",
     "attention_modules",
     "expand_layers",
-    "layer_roles",
     "match_patterns",
     "model_family",
+    "model_roles",
     "module_names",
     "module_types",
     "pattern_regex",
@@ -118,10 +118,14 @@ def module_types(model: torch.nn.Module) -> dict[str, str]:
     return {name: type(m).__name__ for name, m in model.named_modules() if name}
 
 
-def layer_roles(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+def model_roles(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     """Role attributes (stream/branch/shortcut/inner/other, block, skip inputs) of every
     module of a ViT, ResNet or ResNetV2, recorded on the stored layers; empty for other
-    families."""
+    families.
+
+    The rule is :func:`vitcnn_store.models.families.layer_roles`; this only reads its
+    inputs (family and module types) off the torch model.
+    """
     return families.layer_roles(model_family(model), module_types(model))
 
 

@@ -75,6 +75,9 @@ GRAMS = "_grams"  # the Gram cache (store/grams.py); like _analyses, derived fro
 # CLI's parser must not import numpy). "gap" is the same operation as extraction's
 # "mean" (models/reduce.py EXTRACT_REDUCTIONS): the mean over patch tokens or positions.
 FEATURE_REDUCTIONS = ("flatten", "gap", "cls")
+#: Other spellings the analyses accept, stored as the reduction they stand for (so a result
+#: and its Gram cache are the same whichever the user typed).
+FEATURE_ALIASES = {"mean": "gap"}
 GRAM_DTYPES = ("float64", "float32")
 # Arrays directly under a run; layer groups may not take these names.
 RUN_ARRAYS = (
