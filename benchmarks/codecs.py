@@ -78,7 +78,7 @@ def unit_values(name: str, images: int, folder: str) -> tuple[dict[str, np.ndarr
             chunk_size=images,
             progress=False,
         )
-        template = plan_extraction(cfg, threads=torch.get_num_threads())
+        template = plan_extraction(cfg)
         prepare_store(cfg, template)
         ex = UnitExtractor(template.plan, template.model)
         batch = ex.decode(0, images).batch

@@ -30,7 +30,7 @@ import zarr
 
 import vitcnn_store.store.writer as writer_module
 from jobs.extract import ExtractConfig, plan_extraction, prepare_store
-from jobs.plan import with_threads
+from jobs.sizing import ExecutionPlan
 from jobs.worker import UnitExtractor
 from vitcnn_store.interface.describe import format_bytes, table
 from vitcnn_store.models import ModelSpec, build_model, make_transform
@@ -110,7 +110,18 @@ def measure(
         "nchw": build_model(spec).to(device),
         "cl": build_model(spec).to(device, memory_format=fmt_cl),
     }
-    extractors = {k: UnitExtractor(p, build_model(spec)) for k, p in plans.items()}
+    # This process, the given device and threads, one decoding thread: the forward and the
+    # write path alone, as the job's workers run them.
+    sizing = ExecutionPlan(
+        mode="in-process",
+        workers=0,
+        threads=torch.get_num_threads(),
+        cpus_per_worker=float(torch.get_num_threads()),
+        gpus_per_worker=0.0,
+        device=device,
+        reason="benchmark",
+    )
+    extractors = {k: UnitExtractor(p, build_model(spec), sizing) for k, p in plans.items()}
     batches, _ = decode_all(plan, n, batch)
     bare_pass(models["nchw"], batches[:1], device, torch.contiguous_format)  # warm-ups
     bare_pass(models["cl"], batches[:1], device, fmt_cl)
@@ -215,7 +226,7 @@ def main() -> None:
                     progress=False,
                     device=args.device,
                 )
-                template = with_threads(plan_extraction(cfg), args.threads)
+                template = plan_extraction(cfg)
                 with without_checksums() if key == "nocrc" else contextlib.nullcontext():
                     writer = prepare_store(cfg, template)
                 plans[key] = replace(template.plan, url=url)

@@ -4,25 +4,50 @@ For notebooks and scripts: ``model`` is a timm name or any ``torch.nn.Module``;
 the job is the same as ``vitcnn extract`` (same units, same store, same
 checks, resume, checksums, content hashes and lease), run in this process
 unless Ray workers or a cluster address are asked for.
+
+The keywords are the fields of :class:`~jobs.config.ExtractConfig` (the one
+declaration of every extraction option and its default, which the CLI reads
+too) and, for a timm name, those of :class:`~vitcnn_store.models.ModelSpec`;
+nothing here re-declares them. :func:`extract_config` turns the Python-friendly
+forms (a list of layers, a dict of reductions, ``attention="blocks.*"``, paths)
+into the config.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, Field, fields
 from os import PathLike
 from typing import TYPE_CHECKING, Any
 
 from jobs.config import ExtractConfig
+from vitcnn_store.errors import UsageError
 from vitcnn_store.models.factory import ModelSpec
-from vitcnn_store.options import AUTO
-from vitcnn_store.store.codecs import DEFAULT_COMPRESSION
 
 if TYPE_CHECKING:
     import torch
 
     from vitcnn_store.store.reader import Run
 
-__all__ = ["extract"]
+__all__ = ["KEYWORDS", "MODEL_KEYWORDS", "extract", "extract_config"]
+
+#: The config's fields that :func:`extract`'s positional arguments fill.
+POSITIONAL = ("model", "images", "store", "run")
+#: :class:`ModelSpec`'s fields but its name: keywords that build a timm model by name.
+MODEL_KEYWORDS = tuple(f.name for f in fields(ModelSpec) if f.name != "name")
+#: Every keyword of :func:`extract`: the config's other fields, then the model's.
+KEYWORDS = (
+    *(f.name for f in fields(ExtractConfig) if f.name not in POSITIONAL),
+    *MODEL_KEYWORDS,
+)
+#: ``seed`` only seeds a random initialisation: a module handed in has its weights
+#: already, and a seed given with one is ignored (as it always was), not refused.
+_BUILD_BY_NAME = tuple(k for k in MODEL_KEYWORDS if k != "seed")
+
+
+def _joined(layers: str | Sequence[str]) -> str:
+    return layers if isinstance(layers, str) else ",".join(layers)
 
 
 def _reduce_items(reduce: Mapping[str, str] | Sequence[str] | None) -> tuple[str, ...]:
@@ -35,6 +60,81 @@ def _reduce_items(reduce: Mapping[str, str] | Sequence[str] | None) -> tuple[str
     return tuple(reduce)
 
 
+#: The Python-friendly form a keyword may take, turned into the config field's value.
+_FROM_PYTHON: dict[str, Callable[[Any], Any]] = {
+    "layers": _joined,
+    "reduce": _reduce_items,
+    "extra_attrs": lambda attrs: dict(attrs or {}),
+}
+#: How the signature shows those keywords (and the positional ones).
+_SHOWN_TYPES = {
+    "model": "str | torch.nn.Module",
+    "images": "str | PathLike[str]",
+    "store": "str | PathLike[str]",
+    "layers": "str | Sequence[str]",
+    "attention": "bool | str",
+    "reduce": "Mapping[str, str] | Sequence[str] | None",
+}
+
+
+def _model(model: str | torch.nn.Module, options: Mapping[str, Any]) -> Any:
+    """A timm name built with ``options`` (ModelSpec's fields), or the module as it is."""
+    if isinstance(model, str):
+        return ModelSpec(model, **{**options, "model_args": dict(options.get("model_args") or {})})
+    if any(options.get(k) for k in _BUILD_BY_NAME):
+        names = ", ".join(_BUILD_BY_NAME[:-1]) + f" and {_BUILD_BY_NAME[-1]}"
+        raise UsageError(f"{names} build a timm model by name; a module is used as it is")
+    return model
+
+
+def extract_config(
+    model: str | torch.nn.Module,
+    images: str | PathLike[str],
+    store: str | PathLike[str],
+    run: str,
+    **options: Any,
+) -> ExtractConfig:
+    """The :class:`ExtractConfig` that :func:`extract` runs (not validated yet: the job
+    validates it once).
+
+    Examples
+    --------
+    >>> cfg = extract_config("resnet18", "builtin:faces", "acts.zarr", "r18",
+    ...                      layers=["layer1", "layer2"], reduce={"layer*": "mean"},
+    ...                      attention="blocks.*", lease_ttl=30.0, seed=3)
+    >>> cfg.layers, cfg.reduce, cfg.attention, cfg.attention_layers, cfg.lease_ttl
+    ('layer1,layer2', ('layer*=mean',), True, 'blocks.*', 30.0)
+    >>> cfg.model.seed, cfg.chunk_size  # the config's own default
+    (3, 32)
+    >>> extract_config("resnet18", "builtin:faces", "acts.zarr", "r18", chunk=8)
+    Traceback (most recent call last):
+    ...
+    TypeError: extract() got an unexpected keyword argument 'chunk'
+    """
+    for name in options:
+        if name not in KEYWORDS:
+            raise TypeError(f"extract() got an unexpected keyword argument {name!r}")
+    spec = _model(model, {k: options.pop(k) for k in MODEL_KEYWORDS if k in options})
+    attention = options.pop("attention", False)
+    if isinstance(attention, str):  # attention="PATTERNS": --attention --attention-layers
+        if options.get("attention_layers") is not None:
+            raise UsageError("give attention='PATTERNS' or attention_layers, not both")
+        options["attention_layers"] = attention
+    values = {k: _FROM_PYTHON.get(k, _as_given)(v) for k, v in options.items()}
+    return ExtractConfig(
+        model=spec,
+        images=str(images),
+        store=str(store),
+        run=run,
+        attention=bool(attention),
+        **values,
+    )
+
+
+def _as_given(value: Any) -> Any:
+    return value
+
+
 def extract(
     model: str | torch.nn.Module,
     images: str | PathLike[str],
@@ -42,35 +142,14 @@ def extract(
     run: str,
     *,
     layers: str | Sequence[str],
-    transform: Callable[[Any], Any] | None = None,
-    data_config: Mapping[str, Any] | None = None,
-    attention: bool | str = False,
-    attention_heads: bool = False,
-    inputs: bool = False,
-    reduce: Mapping[str, str] | Sequence[str] | None = None,
-    pretrained: bool = False,
-    checkpoint: str | None = None,
-    img_size: int | None = None,
-    model_args: Mapping[str, Any] | None = None,
-    seed: int = 0,
-    dtype: str = "float16",
-    compression: str = DEFAULT_COMPRESSION,
-    chunk_size: int = 32,
-    batch_size: int | None = None,
-    limit: int | None = None,
-    strict: bool = False,
-    resume: bool = False,
-    overwrite: bool = False,
-    workers: int | str = AUTO,
-    cpus_per_worker: float | str = AUTO,
-    gpus_per_worker: float | str = AUTO,
-    device: str = "auto",
-    autocast: bool = False,
-    address: str | None = None,
-    progress: bool = True,
-    extra_attrs: Mapping[str, Any] | None = None,
+    **options: Any,
 ) -> Run:
     """Extract ``layers`` of ``model`` over ``images`` into run ``run`` of ``store``.
+
+    Every other keyword is a field of :class:`jobs.config.ExtractConfig` with its
+    default there (``help(vitcnn_store.extract)`` shows them all); each is the
+    ``vitcnn extract`` option of the same name (``chunk_size`` is ``--chunk-size``,
+    ``lease_ttl`` is ``--lease-ttl``, ...).
 
     Parameters
     ----------
@@ -96,7 +175,8 @@ def extract(
     attention
         ``True`` stores the softmax probabilities of every attention module
         that exposes them the way timm's do; a string restricts it to the
-        matching modules. Refused for a model without such modules.
+        matching modules (as ``attention_layers`` does). Refused for a model
+        without such modules.
     attention_heads
         Also store every such module's per-head outputs (context vectors before
         the output projection) as layer ``<module>.norm`` (``--attention-heads``).
@@ -107,9 +187,8 @@ def extract(
         ``"auto"`` (default): in this process unless ``address``/``RAY_ADDRESS``
         names a cluster or the machine has several GPUs; ``0``: in this
         process; ``N``: N Ray actors.
-
-    Other parameters are those of ``vitcnn extract`` (``--chunk-size`` is
-    ``chunk_size``, ...).
+    extra_attrs
+        Extra provenance recorded in the run's attributes.
 
     Returns
     -------
@@ -127,56 +206,39 @@ def extract(
     >>> run["0"].dims  # doctest: +SKIP
     ('image', 'y', 'x', 'channel')
     """
-    if isinstance(model, str):
-        spec: Any = ModelSpec(
-            model,
-            pretrained=pretrained,
-            checkpoint=checkpoint,
-            img_size=img_size,
-            model_args=dict(model_args or {}),
-            seed=seed,
-        )
-    else:
-        if pretrained or checkpoint or img_size or model_args:
-            from vitcnn_store.errors import UsageError
-
-            raise UsageError(
-                "pretrained, checkpoint, img_size and model_args build a timm model by name; "
-                "a module is used as it is"
-            )
-        spec = model
-    cfg = ExtractConfig(
-        model=spec,
-        images=str(images),
-        store=str(store),
-        run=run,
-        layers=layers if isinstance(layers, str) else ",".join(layers),
-        reduce=_reduce_items(reduce),
-        attention=bool(attention),
-        attention_heads=attention_heads,
-        attention_layers=attention if isinstance(attention, str) else None,
-        inputs=inputs,
-        dtype=dtype,
-        compression=compression,
-        chunk_size=chunk_size,
-        batch_size=batch_size,
-        limit=limit,
-        strict=strict,
-        resume=resume,
-        overwrite=overwrite,
-        workers=workers,
-        cpus_per_worker=cpus_per_worker,
-        gpus_per_worker=gpus_per_worker,
-        device=device,
-        autocast=autocast,
-        address=address,
-        progress=progress,
-        extra_attrs=dict(extra_attrs or {}),
-        transform=transform,
-        data_config=data_config,
-    )
+    cfg = extract_config(model, images, store, run, layers=layers, **options)
     from jobs.extract import extract as run_job
     from vitcnn_store.store import open_store
 
     run_job(cfg)
     return open_store(str(store))[run]
+
+
+def _default(f: Field[Any]) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return inspect.Parameter.empty
+
+
+def _signature() -> inspect.Signature:
+    """:func:`extract`'s signature as ``help()`` and notebooks show it: every keyword with
+    its default, read from the config's and the model's fields (declared there only)."""
+    by_name = {f.name: f for f in (*fields(ExtractConfig), *fields(ModelSpec))}
+    kinds = dict.fromkeys(POSITIONAL, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = [
+        inspect.Parameter(
+            name,
+            kinds.get(name, inspect.Parameter.KEYWORD_ONLY),
+            # layers is required here: the API names what to extract (the CLI has a preset).
+            default=inspect.Parameter.empty if name in (*POSITIONAL, "layers") else _default(f),
+            annotation=_SHOWN_TYPES.get(name, f.type),
+        )
+        for name in (*POSITIONAL, *KEYWORDS)
+        for f in (by_name[name],)
+    ]
+    return inspect.Signature(params, return_annotation="Run")
+
+
+extract.__signature__ = _signature()  # type: ignore[attr-defined]

@@ -20,12 +20,15 @@ from vitcnn_store.models.reduce import parse_reduce_item
 from vitcnn_store.options import AUTO, check_options, option
 from vitcnn_store.store.codecs import COMPRESSIONS, DEFAULT_COMPRESSION
 
-__all__ = ["DEVICES", "DTYPES", "ExtractConfig"]
+__all__ = ["DEVICES", "DTYPES", "PYTHON_ONLY", "ExtractConfig"]
 
 DTYPES = ("float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 #: Seconds a crashed job's lease keeps its run locked (docs/format.md §7).
 DEFAULT_LEASE_TTL = 120.0
+#: The fields without a command-line flag: extra provenance, and the preprocessing of a
+#: module handed in from Python (every other field is a ``vitcnn extract`` option).
+PYTHON_ONLY = ("extra_attrs", "transform", "data_config")
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,8 @@ class ExtractConfig:
         metavar="SECONDS",
         help="how long after a crash its run stays locked before --resume may take over",
     )
-    # Python only (no flag): extra provenance, and the preprocessing of a custom module.
+    # Python only (no flag, PYTHON_ONLY): extra provenance, and the preprocessing of a
+    # custom module.
     extra_attrs: Mapping[str, Any] = field(default_factory=dict)
     transform: Callable[[Any], Any] | None = None
     data_config: Mapping[str, Any] | None = None

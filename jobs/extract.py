@@ -8,10 +8,10 @@ costs no more than it must:
    broken run without ``--resume``/``--overwrite``, a format-1 run with
    ``--resume`` (:func:`jobs.run_setup.check_store`) — before torch is imported,
    any model built or any image hashed; open the image set (a missing folder is
-   refused here); decide where the job runs (:mod:`jobs.sizing`): in this
-   process, or on Ray actors;
+   refused here); size the job (:mod:`jobs.sizing`): its images and units, and
+   where it runs — in this process, or on Ray actors — on which device;
 2. hash the images; get the model once (build a timm name, or take the module
-   handed in) and run the template (:mod:`jobs.plan`);
+   handed in) and run the template (:mod:`jobs.plan`): the plan is made once, whole;
 3. check the store again with the template — resume compatibility, changed
    images, ``--strict`` decoding (:mod:`jobs.run_setup`);
 4. start the workers: in process, move the model to its device; on Ray (reached
@@ -33,12 +33,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from jobs.config import ExtractConfig
 from jobs.run_setup import RunSession, check_run, check_store, prepare_store
-from jobs.sizing import ExecutionPlan, local_resources, size_job
+from jobs.sizing import ExecutionPlan, JobShape, Resources, local_resources, shape_job, size_job
 from vitcnn_store.models.factory import ModelSpec
 from vitcnn_store.store import consolidate, unit_bounds
 from vitcnn_store.store.runs import run_state
@@ -151,7 +151,7 @@ def _lost_arrays(cfg: ExtractConfig) -> bool:
     return True
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class _Prepared:
     template: RunTemplate
     create: bool
@@ -160,7 +160,7 @@ class _Prepared:
     restore: bool = False  # resume a run that lost arrays: recreate them first
 
 
-def _prepare(cfg: ExtractConfig, sizing: ExecutionPlan, state: Any, images: ImageSet) -> _Prepared:
+def _prepare(cfg: ExtractConfig, shape: JobShape, state: Any, images: ImageSet) -> _Prepared:
     """Steps 2 and 3: the template and every store-side check (writes nothing).
 
     ``state`` is the run as the job found it when it began: the job writes only if
@@ -168,16 +168,13 @@ def _prepare(cfg: ExtractConfig, sizing: ExecutionPlan, state: Any, images: Imag
     """
     from jobs.plan import plan_extraction
 
-    template = plan_extraction(cfg, threads=sizing.threads, images=images)
-    plan = replace(template.plan, device=sizing.device, decode_threads=sizing.decode_threads)
-    template = replace(template, plan=plan)
+    template = plan_extraction(cfg, images=images, shape=shape)
     t = time.perf_counter()
     create = check_run(cfg, template)
-    n_units = -(-len(template.plan.images) // template.chunk_size)
     restore = not create and _lost_arrays(cfg)
-    units = list(range(n_units)) if restore else _units_to_write(cfg, create, n_units)
+    units = list(range(shape.n_units)) if restore else _units_to_write(cfg, create, shape.n_units)
     template.timings["store checks"] = time.perf_counter() - t
-    return _Prepared(template, create, units, state, restore)
+    return _Prepared(template=template, create=create, units=units, state=state, restore=restore)
 
 
 def _announce(cfg: ExtractConfig, summary: ExtractSummary, t0: float) -> None:
@@ -244,7 +241,7 @@ def _in_process(
 
     plan = prep.template.plan
     t = time.perf_counter()
-    extractor = UnitExtractor(plan, prep.template.model)  # the model on its device
+    extractor = UnitExtractor(plan, prep.template.model, sizing)  # the model on its device
     summary.lap("workers", t)
     try:
         with _writing(cfg, prep, summary, t0) as (session, on_written):
@@ -292,6 +289,7 @@ def _as_found(model: Any) -> Iterator[None]:
 def _on_ray(
     cfg: ExtractConfig,
     sizing: ExecutionPlan,
+    shape: JobShape,
     address: str | None,
     summary: ExtractSummary,
     t0: float,
@@ -308,7 +306,7 @@ def _on_ray(
 
     def prepare() -> None:  # step 2-3 while Ray starts or connects
         try:
-            box["prep"] = _prepare(cfg, sizing, state, images)
+            box["prep"] = _prepare(cfg, shape, state, images)
         except BaseException as e:
             box["error"] = e
 
@@ -328,21 +326,9 @@ def _on_ray(
         if not prep.units:
             return prep
         if address and "auto" in (cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker):
-            sizing = size_job(
-                cfg.workers,
-                cfg.cpus_per_worker,
-                cfg.gpus_per_worker,
-                cfg.device,
-                cluster_resources(ray.nodes()),
-                address,
-            )
-            plan = replace(
-                prep.template.plan,
-                threads=sizing.threads,
-                device=sizing.device,
-                decode_threads=sizing.decode_threads,
-            )
-            prep.template = replace(prep.template, plan=plan)
+            # Sized again from the cluster now reached; the plan says what to extract,
+            # not where, so it stands as it was made.
+            sizing = _size(cfg, cluster_resources(ray.nodes()), address)
         check_resources(sizing.workers, sizing.cpus_per_worker, sizing.gpus_per_worker)
         summary.plan = sizing.describe()
         n = min(sizing.workers, len(prep.units))
@@ -358,6 +344,13 @@ def _on_ray(
         return prep
     finally:
         disconnect(started)
+
+
+def _size(cfg: ExtractConfig, resources: Resources, address: str | None) -> ExecutionPlan:
+    """Where the job runs and on which device, from its options and ``resources``."""
+    return size_job(
+        cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker, cfg.device, resources, address
+    )
 
 
 def extract(cfg: ExtractConfig) -> ExtractSummary:
@@ -378,25 +371,23 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     from vitcnn_store.data import open_image_set
 
     images = open_image_set(cfg.images, limit=cfg.limit)  # lists; decodes nothing
+    shape = shape_job(len(images), cfg.chunk_size)
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
-    sizing = size_job(
-        cfg.workers,
-        cfg.cpus_per_worker,
-        cfg.gpus_per_worker,
-        cfg.device,
-        local_resources(),
-        address,
+    sizing = _size(cfg, local_resources(), address)
+    summary = ExtractSummary(
+        run=cfg.run,
+        store=cfg.store,
+        n_images=shape.n_images,
+        units_total=shape.n_units,
+        plan=sizing.describe(),
     )
-    summary = ExtractSummary(run=cfg.run, store=cfg.store, plan=sizing.describe())
     with _as_found(cfg.model):
         if sizing.on_ray:
-            prep = _on_ray(cfg, sizing, address, summary, t0, state, images)
+            prep = _on_ray(cfg, sizing, shape, address, summary, t0, state, images)
         else:
-            prep = _prepare(cfg, sizing, state, images)
+            prep = _prepare(cfg, shape, state, images)
             if prep.units:
                 _in_process(cfg, sizing, prep, summary, t0)
-    summary.n_images = len(prep.template.plan.images)
-    summary.units_total = -(-summary.n_images // prep.template.chunk_size)
     summary.timings = {**prep.template.timings, **summary.timings}
     if prep.units:
         t = time.perf_counter()

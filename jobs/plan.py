@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from jobs.sizing import JobShape, shape_job
 from jobs.worker import ExtractionPlan
 from vitcnn_store._version import FORMAT_VERSION, __version__
 from vitcnn_store.data import ImageSet, image_set_sha256, open_image_set
@@ -226,6 +227,7 @@ def _model_provenance(cfg: ExtractConfig, model: Any) -> dict[str, Any]:
 
 def _provenance(
     cfg: ExtractConfig,
+    shape: JobShape,
     model: Any,
     sha: str,
     dcfg: dict[str, Any],
@@ -252,7 +254,7 @@ def _provenance(
         "inputs": cfg.inputs,
         "dtype": cfg.dtype,
         "compression": cfg.compression,
-        "chunk_size": cfg.chunk_size,
+        "chunk_size": shape.chunk_size,
         "timm_version": timm.__version__,
         "torch_version": torch.__version__,
         "code_version": __version__,
@@ -326,14 +328,6 @@ def data_config_from(cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _resolve_device(cfg: ExtractConfig) -> str:
-    if cfg.device != "auto":
-        return cfg.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _first_image(images: ImageSet, transform: Callable[[Any], Any]) -> Any:
     """The first decodable image, preprocessed, as a batch of one (None if none decode)."""
     from vitcnn_store.errors import ImageDecodeError
@@ -371,21 +365,24 @@ def _reductions(
 
 
 def plan_extraction(
-    cfg: ExtractConfig, threads: int | None = None, images: ImageSet | None = None
+    cfg: ExtractConfig, images: ImageSet | None = None, shape: JobShape | None = None
 ) -> RunTemplate:
     """Get the model once and derive the run's template and the workers' plan.
 
-    ``images``: the image set, when the caller opened it already (the job opens it
-    before importing torch, to refuse a missing folder early).
+    ``cfg`` is validated already (:func:`jobs.extract.extract` validates it once).
+    ``images`` and ``shape``: the image set and the job's size, when the caller has
+    them already (the job opens the set and sizes itself before importing torch, to
+    refuse a missing folder early). The plan says what to extract; where (device,
+    threads) is the job's :class:`~jobs.sizing.ExecutionPlan`, given to the workers
+    beside it.
     """
     import torch
 
-    cfg.validate()
     clock = _Clock()
     if images is None:
         images = open_image_set(cfg.images, limit=cfg.limit)
-    # A chunk longer than the set would be allocated, and stored, at its full length.
-    cfg = replace(cfg, chunk_size=min(cfg.chunk_size, len(images)))
+    if shape is None:
+        shape = shape_job(len(images), cfg.chunk_size)
     clock.lap("image set")
     model = _get_model(cfg)
     clock.lap("model")
@@ -433,7 +430,7 @@ def plan_extraction(
     )
     hashes = images.content_hashes(progress=cfg.progress)
     clock.lap("image hashes")
-    provenance = _provenance(cfg, model, sha, dcfg, images, hashes, layers, attention)
+    provenance = _provenance(cfg, shape, model, sha, dcfg, images, hashes, layers, attention)
     plan = ExtractionPlan(
         weights_sha256=sha,
         data_config=None if custom is not None else dcfg,
@@ -444,17 +441,23 @@ def plan_extraction(
         attention_layers=tuple(attention),
         inputs=cfg.inputs,
         dtype=cfg.dtype,
-        batch_size=cfg.batch_size or cfg.chunk_size,
+        batch_size=cfg.batch_size or shape.chunk_size,
         input_size=input_size,
-        device=_resolve_device(cfg),
         autocast=cfg.autocast,
-        threads=threads,
         channels_last=is_cnn,
         transform=custom,
         reductions=resolved,
     )
     specs = array_specs(layouts, input_size, cfg.inputs, model_roles(model), reduce_attrs)
-    return RunTemplate(plan, provenance, specs, hashes, cfg.chunk_size, model, clock.laps)
+    return RunTemplate(
+        plan=plan,
+        provenance=provenance,
+        specs=specs,
+        image_sha256=hashes,
+        chunk_size=shape.chunk_size,
+        model=model,
+        timings=clock.laps,
+    )
 
 
 class _Clock:
@@ -471,8 +474,3 @@ class _Clock:
         now = self._now()
         self.laps[name] = self.laps.get(name, 0.0) + now - self._last
         self._last = now
-
-
-def with_threads(template: RunTemplate, threads: int) -> RunTemplate:
-    """The same template with another torch thread count for the workers (benchmarks)."""
-    return replace(template, plan=replace(template.plan, threads=threads))

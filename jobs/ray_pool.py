@@ -58,7 +58,7 @@ class Pool:
     """Started actors, and the object references they were given (kept alive here)."""
 
     actors: list[Any]
-    objects: tuple[Any, ...] = field(default=())  # (plan, model) in the object store
+    objects: tuple[Any, ...] = field(default=())  # (plan, model) in the object store, sizing
     nodes: list[str] = field(default_factory=list)
 
     def reload(self, actor: Any) -> None:
@@ -92,7 +92,9 @@ def start_actors(plan: ExtractionPlan, model: Any, sizing: ExecutionPlan, n: int
         max_task_retries=MAX_RESTARTS,  # a retried unit rewrites the same chunks: idempotent
         runtime_env={"env_vars": passthrough_env()},
     )
-    objects = (ray.put(plan), ray.put(model))  # one copy for every actor, and for restarts
+    # One copy of the plan and the model for every actor, and for restarts; the sizing
+    # (device, threads) is small and goes as it is.
+    objects = (ray.put(plan), ray.put(model), sizing)
     actors = [actor_cls.remote() for _ in range(n)]
     pool = Pool(actors, objects)
     try:

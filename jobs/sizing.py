@@ -1,4 +1,8 @@
-"""How a job uses the machine: in this process or on Ray actors, with how many threads.
+"""How big a job is and how it uses the machine, decided before its plan is made.
+
+:func:`shape_job` gives its size: images, images per unit, units.
+:func:`size_job` gives where it runs: in this process or on Ray actors, with how
+many threads, on which device (the job's one decision of its device).
 
 ``--workers auto`` and ``--cpus-per-worker auto`` are decided here, from what
 was asked and what there is (:class:`Resources`):
@@ -42,9 +46,11 @@ from vitcnn_store.options import AUTO
 __all__ = [
     "MAX_THREADS",
     "ExecutionPlan",
+    "JobShape",
     "NodeResources",
     "Resources",
     "local_resources",
+    "shape_job",
     "size_job",
 ]
 
@@ -55,6 +61,32 @@ MAX_THREADS = 16
 GPU_WRITE_THREADS = 4
 #: Torch threads of a GPU forward in process (kernel launches and host copies).
 GPU_TORCH_THREADS = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobShape:
+    """How much work a job is: its images, cut into units of ``chunk_size`` images."""
+
+    n_images: int
+    #: Images per chunk (= work unit): ``--chunk-size``, capped at the number of images.
+    chunk_size: int
+
+    @property
+    def n_units(self) -> int:
+        return -(-self.n_images // self.chunk_size)
+
+
+def shape_job(n_images: int, chunk_size: int) -> JobShape:
+    """The shape of a job over ``n_images`` images with ``--chunk-size chunk_size``.
+
+    Examples
+    --------
+    >>> shape = shape_job(20, 32)
+    >>> shape.chunk_size, shape.n_units
+    (20, 1)
+    """
+    # A chunk longer than the set would be allocated, and stored, at its full length.
+    return JobShape(n_images=n_images, chunk_size=min(chunk_size, n_images))
 
 
 @dataclass(frozen=True)

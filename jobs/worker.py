@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from jobs.sizing import ExecutionPlan, local_resources, size_job
 from vitcnn_store.data import ImageSet
 from vitcnn_store.errors import ImageDecodeError
 from vitcnn_store.models.capture import Capture
+from vitcnn_store.options import AUTO
 from vitcnn_store.store import RunWriter
 from vitcnn_store.store.layout import storage_options, use_storage_options
 from vitcnn_store.store.writer import check_peaks
@@ -53,7 +55,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ExtractionPlan:
-    """Everything a worker needs besides the model, picklable; made once by the driver."""
+    """What every worker extracts, picklable; made once by the driver, after the job was sized.
+
+    Where a worker runs it — device, torch threads, decoding threads — is the job's
+    :class:`~jobs.sizing.ExecutionPlan`, handed to :class:`UnitExtractor` next to it.
+    """
 
     weights_sha256: str
     data_config: Mapping[str, Any] | None
@@ -66,13 +72,10 @@ class ExtractionPlan:
     dtype: str
     batch_size: int
     input_size: tuple[int, int, int]
-    device: str = "cpu"
     autocast: bool = False
-    threads: int | None = None
     channels_last: bool = False
     transform: Callable[[Any], Any] | None = None
     reductions: Mapping[str, ResolvedReduction] = field(default_factory=dict)
-    decode_threads: int = 1
     #: fsspec options of ``url`` (endpoint, credentials, ...): resolved on the driver when
     #: the plan is made (``--storage-option``, the config file, ``VITCNN_STORAGE_OPTIONS``)
     #: and carried to every actor with the plan, since a worker on another node sees
@@ -140,16 +143,24 @@ def check_finite(values: Mapping[str, np.ndarray], dtype: str) -> None:
 class UnitExtractor:
     """Extracts whole work units of one run with ``model`` (the driver's module).
 
+    ``sizing`` says where: the device, the forward's torch threads and the decoding
+    threads (the job's :func:`~jobs.sizing.size_job`); without it, in this process
+    as a job with every option ``auto`` would run here (tests and benchmarks that
+    drive one extractor themselves).
+
     Thread-safe: stages may run on different threads; forwards run one at a time.
     """
 
-    def __init__(self, plan: ExtractionPlan, model: torch.nn.Module) -> None:
+    def __init__(
+        self, plan: ExtractionPlan, model: torch.nn.Module, sizing: ExecutionPlan | None = None
+    ) -> None:
         import torch
 
-        if plan.threads:
-            torch.set_num_threads(plan.threads)
-        self.plan = plan
-        self.device = torch.device(plan.device)
+        if sizing is None:
+            sizing = size_job(AUTO, AUTO, AUTO, AUTO, local_resources(), address=None)
+        torch.set_num_threads(sizing.threads)
+        self.plan, self.sizing = plan, sizing
+        self.device = torch.device(sizing.device)
         self.model = model.eval().to(self.device)
         if plan.channels_last:
             # CNN feature maps then come out NHWC in memory: the stored layout, so the
@@ -186,7 +197,7 @@ class UnitExtractor:
 
         if self._decoders is None:
             self._decoders = ThreadPoolExecutor(
-                self.plan.decode_threads,
+                self.sizing.decode_threads,
                 thread_name_prefix="vitcnn-decode",
                 initializer=torch.set_num_threads,
                 initargs=(1,),
@@ -232,7 +243,7 @@ class UnitExtractor:
                 return torch.zeros(self.plan.input_size)
 
         indices = range(start, stop)
-        if self.plan.decode_threads > 1:
+        if self.sizing.decode_threads > 1:
             tensors = list(self._decoder_pool().map(one, indices))
         else:
             tensors = [one(i) for i in indices]
@@ -342,11 +353,11 @@ def make_actor_class() -> Any:
             self.extractor: UnitExtractor | None = None
             self._lock = threading.Lock()
 
-        def load(self, plan: ExtractionPlan, model: Any) -> tuple[str, int]:
-            """Take the plan and the model (once); returns node and pid."""
+        def load(self, plan: ExtractionPlan, model: Any, sizing: ExecutionPlan) -> tuple[str, int]:
+            """Take the plan, the model and the job's sizing (once); returns node and pid."""
             with self._lock:
                 if self.extractor is None:
-                    self.extractor = UnitExtractor(plan, model)
+                    self.extractor = UnitExtractor(plan, model, sizing)
             return ray.get_runtime_context().get_node_id(), os.getpid()
 
         def run_unit(self, unit: int) -> tuple[int, int, float]:
