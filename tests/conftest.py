@@ -80,8 +80,8 @@ def _extracting_fixtures(item: pytest.Item) -> bool:
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
-    """A local Ray cluster shared by every test that needs one, started as the tool starts
-    its own (loopback only)."""
+    """A local Ray cluster shared by every test that needs one (one per pytest-xdist worker),
+    started as the tool starts its own (loopback only)."""
     import ray
 
     from jobs.ray_cluster import disconnect, start_local_ray
