@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Set up, then run the test suite: `scripts/test.sh [pytest args]`.
+#
+# Two pytest-xdist workers: most tests use one core (imports, zarr I/O, a tiny model), so
+# a second process halves the suite's time on a two-core machine. `--dist loadscope` keeps
+# a module's tests in one worker, so a module's fixture (the demo, a dask cluster) is built
+# once; each worker has its own session fixtures (one Ray cluster, the tiny stores).
+# `-n 0` after the script's name runs everything in one process (e.g. for --pdb).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RAY_USAGE_STATS_ENABLED=0 MPLBACKEND=Agg
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest -n 2 --dist loadscope "$@"

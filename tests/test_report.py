@@ -50,8 +50,10 @@ def test_every_figure_is_a_real_png(demo: Path) -> None:
     for path in figures:
         with Image.open(path) as im:
             im.verify()
-        pixels = np.asarray(Image.open(path).convert("RGB"))
-        assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 16, path
+        pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.uint32)
+        # One 24-bit code per pixel: a 1-D unique, not a slow row-wise one (15 s on 16 figures).
+        colours = (pixels[..., 0] << 16) | (pixels[..., 1] << 8) | pixels[..., 2]
+        assert len(np.unique(colours)) > 16, path
     assert sorted((demo / FIGURES / "data").glob("*.csv"))
 
 

@@ -3,94 +3,16 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from jobs.submit import entrypoint_args
 from vitcnn_store import open_store
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stop_cluster(proc: subprocess.Popen[bytes], temp_dir: str) -> None:
-    """Stop only this cluster: its process group, then anything still using its temp dir."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=30)
-            break
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            continue
-    for p in psutil.process_iter(["cmdline"]):
-        if any(temp_dir in part for part in (p.info["cmdline"] or [])):
-            p.kill()
-
-
-@pytest.fixture(scope="module")
-def ray_head() -> Iterator[str]:
-    """A Ray head with the job server on loopback; yields its http address."""
-    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths are long
-    dashboard = free_port()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
-    argv = [
-        str(BIN / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address=127.0.0.1",
-        f"--port={free_port()}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}",
-        "--include-dashboard=true",
-        "--num-cpus=1",
-        f"--temp-dir={temp_dir}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--ray-client-server-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
-        "--disable-usage-stats",
-    ]
-    log = open(Path(temp_dir) / "head.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break  # the server answers (token auth says 401): it is up
-            except Exception as e:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError((Path(temp_dir) / "head.log").read_text()[-2000:]) from e
-                time.sleep(1)
-        yield address
-    finally:
-        stop_cluster(proc, temp_dir)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_entrypoint_is_the_parsed_config() -> None:

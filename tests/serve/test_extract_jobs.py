@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.jobs.test_submit import ray_head  # noqa: F401 (a fixture: a Ray head with its job server)
 from tests.serve.conftest import TOKEN, ThreadServer
 from vitcnn_store import open_store
 from vitcnn_store.serve.config import ServeConfig
@@ -35,7 +34,7 @@ ARGS = [
 
 
 def test_an_extraction_job_runs_on_ray_and_survives_a_restart(
-    ray_head: str,  # noqa: F811
+    ray_head: str,
     serve_store: str,
     tmp_path: Path,
 ) -> None:
@@ -80,7 +79,7 @@ def test_an_extraction_job_runs_on_ray_and_survives_a_restart(
 
 
 def test_a_record_whose_ray_job_is_unknown_is_reported_failed(
-    ray_head: str,  # noqa: F811
+    ray_head: str,
     serve_store: str,
     tmp_path: Path,
 ) -> None:
