@@ -10,7 +10,8 @@ store sees, in this order (each step one concurrent batch):
 
 1. reads: the root's, the run's, ``_analyses``', ``<name>``'s and the key's
    ``zarr.json``, then the name's other results' ``zarr.json`` (their markers);
-2. the key's leftovers from an earlier write removed (one listing of the key);
+2. an earlier write of the key removed, if its ``zarr.json`` is there (then one
+   listing of the key);
 3. the result's group without its marker, and missing parent groups;
 4. every array object (metadata and chunks);
 5. the commit marker: the result's ``zarr.json`` with ``vitcnn_store.complete``;
@@ -149,20 +150,29 @@ def _put(url: str, objects: dict[str, bytes]) -> None:
             os.replace(tmp, path)
 
 
-def _clear(url: str, prefix: str) -> None:
-    """Remove whatever an earlier write left below ``prefix`` (one listing)."""
+def _clear(url: str, prefix: str, *, listed: bool) -> None:
+    """Remove what an earlier write of this key left below ``prefix``: on a local disk
+    whatever is there; on object storage, where a listing is a request, when ``listed``
+    (the key's ``zarr.json`` exists: a write creates it before any other object of the
+    result, and this removes it last, so without it nothing is below)."""
     fs, _ = filesystem(url)
     with store_io(url):
         if is_local(url):
             if os.path.isdir(prefix):
                 shutil.rmtree(prefix)
             return
+        if not listed:
+            return
         try:
-            found = fs.find(prefix, withdirs=False)
+            found = [str(p) for p in fs.find(prefix, withdirs=False)]
         except FileNotFoundError:
             return
-        if found:
-            fs.rm(list(found))
+        group_doc = [p for p in found if p.rstrip("/").endswith(f"{prefix.rstrip('/')}/zarr.json")]
+        rest = [p for p in found if p not in group_doc]
+        if rest:
+            fs.rm(rest)
+        if group_doc:
+            fs.rm(group_doc)
 
 
 def _node(doc: dict[str, Any]) -> dict[str, Any]:
@@ -228,7 +238,8 @@ def write_analysis(
         clean.attrs.pop(attr, None)
     staged = _stage(clean)
 
-    _clear(url, f"{base}/{group}")  # a rewrite (--recompute), or an interrupted write
+    # A rewrite (--recompute) or an interrupted write: its objects go first.
+    _clear(url, f"{base}/{group}", listed=docs[where["key"]] is not None)
     name_doc = docs[where["name"]]
     first = {where["key"]: staged.unmarked}
     if docs[where["analyses"]] is None:
