@@ -174,18 +174,29 @@ class ResultInfo:
 
 def _stored_shapes(node: Any, names: Any) -> dict[str, list[int]]:
     """Shapes of the arrays ``names`` of result group ``node`` as stored now: each
-    array's own metadata is read, since the group's consolidated snapshot still names
-    an array that was lost since."""
-    import zarr
+    array's own ``zarr.json`` is read (all at once, concurrently), since the group's
+    consolidated snapshot still names an array that was lost since."""
+    import asyncio
+
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    names = list(names)
+    prefix = f"{node.path}/" if node.path else ""
+
+    async def read_all() -> list[Any]:
+        proto = default_buffer_prototype()
+        return await asyncio.gather(
+            *(node.store.get(f"{prefix}{k}/zarr.json", prototype=proto) for k in names)
+        )
 
     have: dict[str, list[int]] = {}
-    with quiet_zarr():
-        for k in names:
-            try:
-                a = zarr.open_array(store=node.store, path=f"{node.path}/{k}", mode="r")
-            except FileNotFoundError:  # zarr's ArrayNotFoundError is one
-                continue
-            have[k] = [int(s) for s in a.shape]
+    for k, raw in zip(names, sync(read_all()), strict=True):
+        if raw is None:
+            continue  # absent: missing
+        doc = json.loads(raw.to_bytes())  # unreadable metadata raises: reported as damage
+        if doc.get("node_type") == "array":
+            have[k] = [int(s) for s in doc["shape"]]
     return have
 
 
