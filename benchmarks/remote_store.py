@@ -57,7 +57,7 @@ class _Count(logging.Handler):
             import re
 
             msg = record.getMessage()
-            m = re.search(r'"(\w+) ([^ ?]*)(\?[^ ]*)? HTTP', msg)
+            m = re.search(r'"(?:\x1b\[[0-9;]*m)?(\w+) ([^ ?]*)(\?[^ ]*)? HTTP', msg)
             if m:
                 key = m.group(1) + " " + re.sub(r"/c/[0-9/]+$", "/c/*", m.group(2))
                 key = re.sub(r"blocks\.\d+[^/]*", "L", key)

@@ -26,14 +26,19 @@ class _NoListing(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    # socketserver's default backlog of 5 drops the connections of a burst of concurrent
+    # requests (the readers' concurrent rounds), which the client's TCP retries after a
+    # second: a stall no CDN or gateway has.
+    request_queue_size = 128
+
+
 @contextmanager
 def serve_without_listing(folder: str) -> Iterator[tuple[str, list[int]]]:
     """``("http://127.0.0.1:PORT", [requests answered])`` while the server runs."""
     counter = [0]
     handler = type("Handler", (_NoListing,), {"counter": counter})
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(handler, directory=folder)
-    )
+    server = _Server(("127.0.0.1", 0), functools.partial(handler, directory=folder))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

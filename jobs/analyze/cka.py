@@ -144,6 +144,7 @@ def _check_reductions(cfg: CKAConfig, plan: _Plan) -> None:
     """A bad ``--reduce`` for some layer fails before any work (not needed to reuse:
     the layers are opened only here and in the computation)."""
     for run, layers in ((plan.run_a, plan.layers_a), (plan.run_b, plan.layers_b)):
+        run.prefetch(layers)  # the coordinates of these layers only, in one round
         for layer in layers:
             reduce_layer(run[layer], cfg.reduce)
 

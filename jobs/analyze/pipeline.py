@@ -51,12 +51,12 @@ from vitcnn_store.store.analyses import (
     plain_json,
     set_latest,
     stored_result,
-    write_analysis,
 )
 from vitcnn_store.store.index import refresh_derived
 from vitcnn_store.store.layout import ANALYSES, check_name
 from vitcnn_store.store.locks import analysis_lock
 from vitcnn_store.store.reader import Run
+from vitcnn_store.store.result_write import write_analysis
 
 if TYPE_CHECKING:
     import xarray as xr

@@ -23,8 +23,8 @@ from vitcnn_store.store.analyses import (
     list_results,
     parameters_key,
     plain_json,
-    write_analysis,
 )
+from vitcnn_store.store.result_write import write_analysis
 from vitcnn_store.store.verify import verify_store
 
 

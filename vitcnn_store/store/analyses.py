@@ -7,7 +7,8 @@ are kept: ``<key>`` is a short hash of the result's ``parameters`` attribute
 with other parameters *adds* a result beside the earlier ones, and a rerun with
 the same parameters finds the stored one (:func:`find_reusable`).
 
-A result becomes visible only when complete: its arrays are written first,
+A result becomes visible only when complete (written by
+:func:`vitcnn_store.store.result_write.write_analysis`): its arrays are written first,
 then, last, the commit marker — attributes ``vitcnn_store.complete = true``,
 ``vitcnn_store.arrays`` (each array's shape) and ``vitcnn_store.digest`` (a
 sha256 over every array's name, dtype, shape and values, as stored). A result
@@ -34,14 +35,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vitcnn_store.errors import DamagedDataError, RunNotFoundError
-from vitcnn_store.store.codecs import xarray_encoding
 from vitcnn_store.store.index import refresh_derived
 from vitcnn_store.store.layout import ANALYSES, check_name, open_root, quiet_zarr
 
@@ -56,7 +56,6 @@ __all__ = [
     "DIGEST_ATTR",
     "LATEST_ATTR",
     "ResultInfo",
-    "WriteOutcome",
     "analysis_group",
     "analysis_names",
     "delete_result",
@@ -70,7 +69,6 @@ __all__ = [
     "result_digest",
     "set_latest",
     "stored_result",
-    "write_analysis",
 ]
 
 #: Commit marker of a result, written last: without it the result does not exist to readers.
@@ -176,18 +174,29 @@ class ResultInfo:
 
 def _stored_shapes(node: Any, names: Any) -> dict[str, list[int]]:
     """Shapes of the arrays ``names`` of result group ``node`` as stored now: each
-    array's own metadata is read, since the group's consolidated snapshot still names
-    an array that was lost since."""
-    import zarr
+    array's own ``zarr.json`` is read (all at once, concurrently), since the group's
+    consolidated snapshot still names an array that was lost since."""
+    import asyncio
+
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    names = list(names)
+    prefix = f"{node.path}/" if node.path else ""
+
+    async def read_all() -> list[Any]:
+        proto = default_buffer_prototype()
+        return await asyncio.gather(
+            *(node.store.get(f"{prefix}{k}/zarr.json", prototype=proto) for k in names)
+        )
 
     have: dict[str, list[int]] = {}
-    with quiet_zarr():
-        for k in names:
-            try:
-                a = zarr.open_array(store=node.store, path=f"{node.path}/{k}", mode="r")
-            except FileNotFoundError:  # zarr's ArrayNotFoundError is one
-                continue
-            have[k] = [int(s) for s in a.shape]
+    for k, raw in zip(names, sync(read_all()), strict=True):
+        if raw is None:
+            continue  # absent: missing
+        doc = json.loads(raw.to_bytes())  # unreadable metadata raises: reported as damage
+        if doc.get("node_type") == "array":
+            have[k] = [int(s) for s in doc["shape"]]
     return have
 
 
@@ -393,18 +402,6 @@ def find_reusable(url: str, run: str, name: str, parameters: Any) -> xr.Dataset 
     return None
 
 
-@dataclass
-class WriteOutcome:
-    """What :func:`write_analysis` did: the group written and what it kept or removed."""
-
-    group: str
-    key: str
-    digest: str = ""  # the commit marker's digest of the written arrays
-    replaced: bool = False  # a stored result with the same parameters was rewritten
-    kept: list[str] = field(default_factory=list)  # other results of the name, left alone
-    removed: list[str] = field(default_factory=list)  # other results deleted (replace_all)
-
-
 def set_latest(url: str, run: str, name: str, key: str | None) -> None:
     """Point ``<run>/_analyses/<name>``'s ``latest`` at ``key`` (None: at the newest
     complete result left, or nowhere)."""
@@ -444,63 +441,3 @@ def delete_result(url: str, result: ResultInfo) -> None:
         else:  # results with keys live below it: keep only their pointer
             latest = node.attrs.get(LATEST_ATTR)
             node.attrs.put({} if latest is None else {LATEST_ATTR: latest})
-
-
-def write_analysis(
-    url: str, run: str, name: str, ds: xr.Dataset, *, replace_all: bool = False
-) -> WriteOutcome:
-    """Write ``ds`` as a result of ``run`` under ``name``, keyed by its ``parameters``.
-
-    The arrays go first, the commit marker last, then the ``latest`` pointer.
-    Results of ``name`` with other parameters are kept unless ``replace_all``
-    (then deleted once this one is complete). Callers hold the run's analysis
-    lock (:mod:`vitcnn_store.store.locks`).
-    """
-    parameters = ds.attrs.get("parameters")
-    key = parameters_key(parameters)
-    group = analysis_group(run, name, key)
-    import zarr
-
-    from vitcnn_store.store.index import run_group
-    from vitcnn_store.store.layout import zarr_store
-
-    before = list_results(url, run, name, listing=True)
-    same = [r for r in before if r.key == key]
-    clean = ds.copy(deep=False)
-    for attr in _MARKER:
-        clean.attrs.pop(attr, None)
-    root = open_root(url, mode="r+")
-    with quiet_zarr():
-        run_group(url, run, mode="r+", consolidated=False).require_group(ANALYSES).require_group(
-            name
-        )
-        # mode="w" replaces this key's group only (a rewrite with --recompute); the
-        # group has no marker until the last step, so a crash leaves it incomplete.
-        # Not consolidated=True: xarray would consolidate the whole store (every node's
-        # zarr.json read, every folder listed: ~600 requests on S3). Only the result's
-        # group here; refresh_derived splices it into the run's and the root's metadata.
-        clean.to_zarr(
-            zarr_store(url),
-            group=group,
-            mode="w",
-            zarr_format=3,
-            consolidated=False,
-            encoding=xarray_encoding(clean),
-        )
-        zarr.consolidate_metadata(zarr_store(url), path=group, zarr_format=3)
-        node = open_root(url, mode="r+")[group]  # keeps its consolidated metadata
-        digest, shapes = result_digest(node)
-        node.attrs.update({ARRAYS_ATTR: shapes, DIGEST_ATTR: digest})
-        node.attrs[COMPLETE_ATTR] = True  # the commit: last write of the result
-        root[analysis_group(run, name)].attrs[LATEST_ATTR] = key
-    outcome = WriteOutcome(group, key, digest, replaced=any(r.complete for r in same))
-    for other in before:
-        if other.key == key:
-            continue
-        if replace_all:
-            delete_result(url, other)
-            outcome.removed.append(other.group)
-        elif other.complete:
-            outcome.kept.append(other.group)
-    refresh_derived(url, run, f"{ANALYSES}/{name}")
-    return outcome

@@ -65,6 +65,7 @@ __all__ = [
     "register_run",
     "registered_runs",
     "run_group",
+    "spliced",
     "unit_fingerprint",
 ]
 
@@ -315,6 +316,21 @@ def _splice(
 ) -> None:
     """Replace ``subtree``'s entries of ``doc``'s consolidated metadata by ``nodes`` and
     write ``doc`` back to ``target`` (whole, atomically on a local disk)."""
+    data = spliced(doc, subtree, nodes)
+    fs, _ = filesystem(url)
+    with store_io(url):
+        if is_local(url):
+            tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        else:
+            fs.pipe_file(target, data)
+
+
+def spliced(doc: dict[str, Any], subtree: str, nodes: dict[str, dict[str, Any]]) -> bytes:
+    """``doc`` (a group's ``zarr.json`` with consolidated metadata) as bytes, with the
+    entries of ``subtree`` (and below) replaced by ``nodes`` (paths relative to it)."""
     meta = dict(doc["consolidated_metadata"].get("metadata") or {})
     for key in [k for k in meta if k == subtree or k.startswith(subtree + "/")]:
         del meta[key]
@@ -326,13 +342,4 @@ def _splice(
             "metadata": dict(sorted(meta.items())),
         },
     }
-    data = json.dumps(doc, indent=2).encode()
-    fs, _ = filesystem(url)
-    with store_io(url):
-        if is_local(url):
-            tmp = f"{target}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
-        else:
-            fs.pipe_file(target, data)
+    return json.dumps(doc, indent=2).encode()

@@ -12,7 +12,7 @@ package through ``xarray.open_datatree(url, engine="zarr")``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -305,21 +305,34 @@ class Run:
         dims, values = cache[(layer, cname)]
         return list(dims), values
 
-    def _prefetch_coords(self, cache: dict[tuple[str, str], Any]) -> None:
-        """On a remote store, read the coordinates of every layer at once, concurrently:
-        one round of requests instead of one request per coordinate per layer. Done
-        when a second layer is opened (``show`` and analyses open them all; a query of
-        one layer reads only its own). Only once per Run, only from the consolidated
+    def prefetch(self, layers: Sequence[str]) -> None:
+        """Read the coordinates of ``layers`` at once before opening them (a remote store:
+        one round of concurrent requests), instead of every layer's when a second layer
+        is opened: for a reader that knows which few layers it opens (an analysis)."""
+        self._prefetch_coords(self.__dict__.setdefault("_coords", {}), set(layers))
+
+    def _prefetch_coords(
+        self, cache: dict[tuple[str, str], Any], layers: set[str] | None = None
+    ) -> None:
+        """On a remote store, read the coordinates of every layer (or of ``layers``) at
+        once, concurrently: one round of requests instead of one request per coordinate
+        per layer. Done when a second layer is opened (``show`` opens them all; a query
+        of one layer reads only its own). Only once per Run, only from the consolidated
         metadata; what fails here is read again, one by one, by :meth:`_read_coord`
         (which names the damage)."""
-        if self.__dict__.get("_prefetched") or is_local(self.store.url):
+        if is_local(self.store.url):
             return
-        self.__dict__["_prefetched"] = True
+        if layers is None:
+            if self.__dict__.get("_prefetched"):
+                return
+            self.__dict__["_prefetched"] = True
         skip = {*IMAGE_COORDS, "activation", "attention"}
         wanted: list[tuple[str, str, Any]] = []
         try:
             with quiet_zarr():
                 for layer, group in self._layer_groups().items():
+                    if layers is not None and layer not in layers:
+                        continue
                     if group.metadata.consolidated_metadata is None:
                         return  # no snapshot: listing the groups would cost more than it saves
                     for name, arr in group.arrays():
