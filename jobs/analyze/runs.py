@@ -15,11 +15,15 @@ __all__ = ["align_images", "open_runs", "usable_mask"]
 
 
 def open_runs(url: str, names: Sequence[str]) -> list[Run]:
-    """Open runs of one store, validating their names first."""
+    """Open runs of one store, validating their names first.
+
+    Each run is :meth:`~vitcnn_store.store.reader.Run.pinned`: a job reads its
+    progress once, so its mask, Gram keys and provenance agree with each other.
+    """
     for name in names:
         check_name(name)
     store = open_store(url)
-    return [store[name] for name in names]
+    return [store[name].pinned() for name in names]
 
 
 def usable_mask(run: Run, allow_incomplete: bool) -> np.ndarray:

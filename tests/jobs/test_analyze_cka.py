@@ -451,6 +451,9 @@ def test_each_chunk_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         tiles = chunk_reads(reads, f"vit/_grams/{layer}/gram")
         assert len(tiles) == 6 and all(len(v) == 1 for v in tiles.values()), layer  # 3×3 upper
     assert read == stored
+    for progress in ("done", "failed", "unit_record"):  # one reading per job (Run.pinned)
+        chunks = chunk_reads(reads, f"vit/{progress}")
+        assert chunks and all(len(v) == 1 for v in chunks.values()), progress
 
 
 # ---------------------------------------------------------------- constant layers

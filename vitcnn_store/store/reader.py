@@ -12,6 +12,7 @@ package through ``xarray.open_datatree(url, engine="zarr")``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,9 @@ if TYPE_CHECKING:
     import xarray as xr
 
 __all__ = ["Run", "Store", "open_store"]
+
+# The arrays a writer updates as units land (unit_record: see store.index.RECORD).
+_PROGRESS = frozenset({"done", "failed", "failure", "unit_record"})
 
 
 def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Store:
@@ -159,6 +163,21 @@ class Run:
         self.name = name
         with quiet_zarr():
             self.group = store._root[name]
+        # Progress arrays read once, in a pinned view (see pinned()); None: read live.
+        self._progress: dict[str, np.ndarray] | None = None
+
+    def pinned(self) -> Run:
+        """This run with its progress (``done``, ``failed``, unit records) read once.
+
+        A plain :class:`Run` re-reads progress on every access, so a reader watching
+        a live extraction sees units land. A job that derives several things from
+        progress — the usable images, the Gram cache's key, the result's provenance —
+        wants them from one reading: consistent with each other, and one request each
+        on object storage instead of one per use.
+        """
+        view = copy.copy(self)
+        view._progress = {}
+        return view
 
     # -- metadata -------------------------------------------------------------------
 
@@ -219,9 +238,14 @@ class Run:
         return self._holding("attention")
 
     def _read(self, key: str) -> np.ndarray:
+        if self._progress is not None and key in self._progress:
+            return self._progress[key].copy()
         with quiet_zarr():
             array = self.group[key]
-        return read_checked(array, self.store.url, self.name, key)
+        values = read_checked(array, self.store.url, self.name, key)
+        if self._progress is not None and key in _PROGRESS:
+            self._progress[key] = values.copy()
+        return values
 
     @cached_property
     def image_ids(self) -> np.ndarray:
