@@ -19,11 +19,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import logging
 import os
+import re
+import socket
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,26 +48,61 @@ def _cli(argv: list[str]) -> str:
     return out.getvalue()
 
 
-class _Count(logging.Handler):
-    """Counts the requests moto's server logs."""
+class _MotoProcess:
+    """moto's S3 server in a child process; counts the requests it logs (and, with
+    ``BENCH_TRACE=1``, groups them by path)."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._lines = 0
         self.paths: dict[str, int] = {}
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + 30
+        while True:  # ready when it answers
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=1).close()
+                break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                if time.monotonic() > deadline or self._proc.poll() is not None:
+                    raise SystemExit("moto's server did not start") from None
+                time.sleep(0.2)
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.n += 1
-        if os.environ.get("BENCH_TRACE"):
-            import re
-
-            msg = record.getMessage()
-            m = re.search(r'"(?:\x1b\[[0-9;]*m)?(\w+) ([^ ?]*)(\?[^ ]*)? HTTP', msg)
-            if m:
+    def _read(self) -> None:
+        assert self._proc.stderr is not None
+        for line in self._proc.stderr:
+            m = re.search(r'"(?:\x1b\[[0-9;]*m)?(\w+) ([^ ?]*)(\?[^ ]*)? HTTP', line)
+            if not m:
+                continue
+            self._lines += 1
+            if os.environ.get("BENCH_TRACE"):
                 key = m.group(1) + " " + re.sub(r"/c/[0-9/]+$", "/c/*", m.group(2))
                 key = re.sub(r"blocks\.\d+[^/]*", "L", key)
                 key += " (list)" if m.group(3) and "list-type" in m.group(3) else ""
                 self.paths[key] = self.paths.get(key, 0) + 1
+
+    @property
+    def n(self) -> int:
+        """Requests answered so far (the log trails the answers: wait until it is still)."""
+        seen = -1
+        while seen != self._lines:
+            seen = self._lines
+            time.sleep(0.3)
+        return seen
+
+    def stop(self) -> None:
+        self._proc.terminate()
+        self._proc.wait(timeout=10)
 
 
 def _timed(fn: Callable[[], object], counter: Callable[[], int]) -> tuple[float, int, object]:
@@ -76,8 +116,6 @@ def main() -> None:
     p.add_argument("--images", type=int, default=96)
     p.add_argument("--depth", type=int, default=6)
     args = p.parse_args()
-
-    from moto.server import ThreadedMotoServer
 
     from jobs.extract import ExtractConfig, extract
     from vitcnn_store.models import ModelSpec
@@ -101,13 +139,10 @@ def main() -> None:
     cka = ["--batch-size", "32", "--figures", figures]
     _cli(["analyze", "cka", local, "v", *cka])  # fills the Gram cache
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    moto_requests = _Count()
-    logging.getLogger("werkzeug").addHandler(moto_requests)
-    logging.getLogger("werkzeug").setLevel(logging.INFO)
+    # moto in a process of its own, as a real S3 is: in this process its request
+    # handling would share the GIL with the client being measured.
+    moto = _MotoProcess()
+    endpoint = moto.endpoint
     os.environ.pop("AWS_ENDPOINT_URL", None)
     opts = {"endpoint_url": endpoint, "key": "k", "secret": "s"}
     import s3fs
@@ -129,7 +164,7 @@ def main() -> None:
         http = f"{base}/acts.zarr"
         where = {
             "local": (local, [], lambda: 0),
-            "S3 (moto)": (s3, flags, lambda: moto_requests.n),
+            "S3 (moto)": (s3, flags, lambda: moto.n),
             "HTTP, no listing": (http, [], lambda: http_requests[0]),
         }
         ops: dict[str, Callable[[str, list[str]], object]] = {
@@ -160,16 +195,16 @@ def main() -> None:
             if len(outputs) > 1:
                 raise SystemExit(f"{name}: outputs differ between locations")
         before = grams()
-        moto_requests.paths.clear()
+        moto.paths.clear()
         seconds_local, _, _ = _timed(
             lambda: _cli(["analyze", "cka", local, "v", *cka, "--seed", "1"]), lambda: 0
         )
         seconds_s3, requests, _ = _timed(
             lambda: _cli(["analyze", "cka", s3, "v", *cka, "--seed", "1", *flags]),
-            lambda: moto_requests.n,
+            lambda: moto.n,
         )
         if os.environ.get("BENCH_TRACE"):
-            print(sorted(moto_requests.paths.items(), key=lambda kv: -kv[1])[:25])
+            print(sorted(moto.paths.items(), key=lambda kv: -kv[1])[:25])
         rewritten = sum(1 for k, v in grams().items() if before.get(k) != v)
         rows.append(["analyze cka (new seed)", "local", f"{seconds_local:.2f}", "1.00×", "-"])
         rows.append(
@@ -181,7 +216,7 @@ def main() -> None:
                 str(requests),
             ]
         )
-    server.stop()
+    moto.stop()
     print(
         f"store: {args.images} images, depth {args.depth}, preset:paper; "
         f"Gram objects rewritten on the S3 copy: {rewritten}"
