@@ -2,10 +2,12 @@
 
 One store is extracted locally (a tiny ViT, ``preset:paper``, so many layers),
 its CKA computed once (the Gram cache filled), then copied as is to an S3
-bucket served by moto and served by Python's http.server answering 404 for
-every folder (as CDNs and gateways do). Each operation runs in this process
-through the real CLI on each location; the script prints seconds, the ratio
-to local and the requests each made (counted by the servers), and checks that
+bucket served by moto (in a process of its own, as a real S3 is) and served by
+Python's http.server answering 404 for every folder (as CDNs and gateways do).
+Each operation runs in this process through the real CLI on each location,
+``--repeats`` times (medians), and ``ls`` and ``show`` again as whole commands
+(a process each, as a user runs them). The script prints seconds, the ratio to
+local and the requests each made (counted by the servers), and checks that
 ``query``'s output is byte-identical everywhere and that ``analyze cka`` on
 the S3 copy rewrites no Gram object (it computes a new result, with a new
 seed, from the copied Grams).
@@ -22,6 +24,7 @@ import io
 import os
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,6 +108,19 @@ class _MotoProcess:
         self._proc.wait(timeout=10)
 
 
+def _command(argv: list[str]) -> float:
+    """Seconds of ``vitcnn ARGV`` as a process of its own."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    t = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "vitcnn_store.cli", *argv],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - t
+
+
 def _timed(fn: Callable[[], object], counter: Callable[[], int]) -> tuple[float, int, object]:
     before, t = counter(), time.perf_counter()
     value = fn()
@@ -115,6 +131,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=96)
     p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=3, help="medians of this many (default: 3)")
     args = p.parse_args()
 
     from jobs.extract import ExtractConfig, extract
@@ -179,33 +196,51 @@ def main() -> None:
             base_s = None
             outputs = set()
             for label, (url, f, counter) in where.items():
-                seconds, requests, out = _timed(lambda op=op, url=url, f=f: op(url, f), counter)
-                if isinstance(out, str):
-                    outputs.add(out)
+                runs = [
+                    _timed(lambda op=op, url=url, f=f: op(url, f), counter)
+                    for _ in range(args.repeats)
+                ]
+                seconds = statistics.median(r[0] for r in runs)
+                outputs.update(r[2] for r in runs if isinstance(r[2], str))
+                base_s = base_s or seconds
+                requests = str(runs[0][1]) if label != "local" else "-"
+                rows.append([name, label, f"{seconds:.2f}", f"{seconds / base_s:.2f}×", requests])
+            if len(outputs) > 1:
+                raise SystemExit(f"{name}: outputs differ between locations")
+        # Whole commands, as a user runs them: each pays the interpreter, its imports and
+        # (on S3) a new client, which the in-process rows above share.
+        for name in ("ls", "show"):
+            base_s = None
+            for label, (url, f, _) in where.items():
+                argv = [name, url, *(["v"] if name == "show" else []), *f]
+                seconds = statistics.median(_command(argv) for _ in range(args.repeats))
                 base_s = base_s or seconds
                 rows.append(
                     [
-                        name,
+                        f"{name} (whole command)",
                         label,
                         f"{seconds:.2f}",
                         f"{seconds / base_s:.2f}×",
-                        str(requests) if label != "local" else "-",
+                        "",
                     ]
                 )
-            if len(outputs) > 1:
-                raise SystemExit(f"{name}: outputs differ between locations")
         before = grams()
         moto.paths.clear()
-        seconds_local, _, _ = _timed(
-            lambda: _cli(["analyze", "cka", local, "v", *cka, "--seed", "1"]), lambda: 0
-        )
-        seconds_s3, requests, _ = _timed(
-            lambda: _cli(["analyze", "cka", s3, "v", *cka, "--seed", "1", *flags]),
-            lambda: moto.n,
-        )
+        cka_local, cka_s3, cka_requests = [], [], 0
+        for seed in range(1, args.repeats + 1):  # a new seed: computed, not reused
+            new = [*cka, "--seed", str(seed)]
+            cka_local.append(
+                _timed(lambda new=new: _cli(["analyze", "cka", local, "v", *new]), lambda: 0)[0]
+            )
+            seconds, requests, _ = _timed(
+                lambda new=new: _cli(["analyze", "cka", s3, "v", *new, *flags]), lambda: moto.n
+            )
+            cka_s3.append(seconds)
+            cka_requests = cka_requests or requests
         if os.environ.get("BENCH_TRACE"):
             print(sorted(moto.paths.items(), key=lambda kv: -kv[1])[:25])
         rewritten = sum(1 for k, v in grams().items() if before.get(k) != v)
+        seconds_local, seconds_s3 = statistics.median(cka_local), statistics.median(cka_s3)
         rows.append(["analyze cka (new seed)", "local", f"{seconds_local:.2f}", "1.00×", "-"])
         rows.append(
             [
@@ -213,7 +248,7 @@ def main() -> None:
                 "S3 copy",
                 f"{seconds_s3:.2f}",
                 f"{seconds_s3 / seconds_local:.2f}×",
-                str(requests),
+                str(cka_requests),
             ]
         )
     moto.stop()

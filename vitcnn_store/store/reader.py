@@ -149,7 +149,7 @@ class Store:
                 f"run {run!r} in {self.url} is {entry.problem}: see `vitcnn verify`; "
                 "`vitcnn extract ... --resume` restores it"
             )
-        return Run(self, run)
+        return Run(self, run, entry.group)
 
     def __repr__(self) -> str:
         return f"<vitcnn_store.Store {self.url} runs={self.runs}>"
@@ -158,11 +158,13 @@ class Store:
 class Run:
     """One model + weights + preprocessing over one image set, as stored."""
 
-    def __init__(self, store: Store, name: str) -> None:
+    def __init__(self, store: Store, name: str, group: Any = None) -> None:
         self.store = store
         self.name = name
-        with quiet_zarr():
-            self.group = store._root[name]
+        if group is None:
+            with quiet_zarr():
+                group = store._root[name]
+        self.group = group
         # Progress arrays read once, in a pinned view (see pinned()); None: read live.
         self._progress: dict[str, np.ndarray] | None = None
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vitcnn_store.errors import (
@@ -83,6 +83,8 @@ class RunEntry:
     name: str
     created: bool
     problem: str = ""
+    # The run's group as opened to check it, for a reader to keep (not read twice).
+    group: Any = field(default=None, compare=False, repr=False)
 
     @property
     def damaged(self) -> bool:
@@ -121,8 +123,8 @@ def run_entry(root: Any, name: str, url: str | None = None) -> RunEntry | None:
     if missing:
         more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
         shown = ", ".join(missing[:4]) + more
-        return RunEntry(name, True, f"damaged: {shown} missing")
-    return RunEntry(name, True)
+        return RunEntry(name, True, f"damaged: {shown} missing", group)
+    return RunEntry(name, True, group=group)
 
 
 def run_names(url: str) -> list[str]:
