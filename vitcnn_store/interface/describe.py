@@ -106,7 +106,7 @@ def _objects(run: Run) -> dict[str, int] | None:
     if not is_local(run.store.url):
         return None
     try:
-        return list_objects(run.store.url, run.name)
+        return list_objects(run.store, run.name)
     except (StoreUnavailableError, OSError, NotImplementedError):
         return None
 

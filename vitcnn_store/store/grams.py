@@ -149,7 +149,7 @@ def _chunk_stamps(run: Run, layer: str) -> dict[int, list[Any]]:
 
     base = f"{layer}/activation/c"
     out: dict[int, list[Any]] = {}
-    for path, info in list_object_info(run.store.url, run.name, base).items():
+    for path, info in list_object_info(run.store, run.name, base).items():
         rel = path[len(base) :].lstrip("/")
         try:
             unit = int(rel.split("/")[0])

@@ -506,13 +506,13 @@ class Run:
             return recorded
         from vitcnn_store.store.chunks import list_objects
 
-        return sum(list_objects(self.store.url, self.name).values())
+        return sum(list_objects(self.store, self.name).values())
 
     def missing_chunks(self) -> list[tuple[str, int]]:
         """``(array path, unit)`` of every chunk a done unit should have but the store lacks."""
         from vitcnn_store.store.chunks import list_objects, missing_unit_chunks
 
-        return missing_unit_chunks(self.group, self.done, list_objects(self.store.url, self.name))
+        return missing_unit_chunks(self.group, self.done, list_objects(self.store, self.name))
 
     @property
     def analyses(self) -> list[str]:

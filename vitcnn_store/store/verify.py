@@ -40,7 +40,7 @@ from vitcnn_store.store.layout import (
     unit_bounds,
 )
 from vitcnn_store.store.manifest import manifest_problems, missing_names
-from vitcnn_store.store.runs import list_runs, run_format
+from vitcnn_store.store.runs import run_format
 
 if TYPE_CHECKING:
     from vitcnn_store.store.reader import Store
@@ -126,7 +126,7 @@ def _plan_run(store: Store, name: str, group: Any, report: VerifyReport) -> list
     """Missing-chunk problems now; decode tasks for every chunk that should exist."""
     from vitcnn_store.store.checked import read_checked
 
-    objects = _Present() if not can_list(store.url) else list_objects(store.url, name)
+    objects = _Present() if not can_list(store.url) else list_objects(store, name)
     chunk = int(group.attrs["chunk_size"])
     tasks: list[_Task] = []
     try:
@@ -427,7 +427,7 @@ def verify_store(
     store = as_store(url)
     url = url if isinstance(url, str) else store.url  # as the caller named it, in messages
     report = VerifyReport(url)
-    entries = list_runs(store.url, store.root)
+    entries = store.entries
     if run is not None:
         check_name(run)
         entries = [e for e in entries if e.name == run]
