@@ -110,7 +110,7 @@ def kernels(side: str, store: str) -> None:
         from jobs.analyze.cka import CKAConfig, run_cka
         from vitcnn_store.store.grams import delete_grams
 
-        delete_grams(store, "vit")
+        delete_grams(open_store(store), "vit")
         cfg = CKAConfig(
             store=store, run="vit", estimator="unbiased", recompute=True, progress=False
         )

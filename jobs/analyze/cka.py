@@ -269,7 +269,7 @@ def _compute(cfg: CKAConfig, plan: _Plan, executor: Executor) -> tuple[Any, ...]
             AnalysisWarning,
             stacklevel=3,
         )
-        delete_grams(cfg.store, e.run, layer)
+        delete_grams(plan.run_a.store, e.run, layer)
         return _compute_once(cfg, plan, executor)
 
 

@@ -159,8 +159,7 @@ def ensure_grams(
         layer = layers[i]
         data, _ = reduce_layer(run[layer], reduce)
         info = create_gram(
-            run.store.url,
-            run.name,
+            run,
             layer,
             reduce,
             n=run.n_images,

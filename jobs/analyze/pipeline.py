@@ -55,7 +55,7 @@ from vitcnn_store.store.analyses import (
 from vitcnn_store.store.index import refresh_derived
 from vitcnn_store.store.layout import ANALYSES, check_name
 from vitcnn_store.store.locks import analysis_lock
-from vitcnn_store.store.reader import Run
+from vitcnn_store.store.reader import Run, Store
 from vitcnn_store.store.result_write import write_analysis
 
 if TYPE_CHECKING:
@@ -66,8 +66,10 @@ __all__ = ["AnalysisResult", "run_analysis", "source_fingerprint"]
 
 @dataclass
 class AnalysisResult:
-    """What a job produced: the labelled dataset, where it lives in the store, and what
-    happened to the name's other results (``kept`` beside it, or ``removed``).
+    """What a job produced: the labelled dataset, where it lives in the store (the job's
+    handle on it: ``store.url`` says where), and what happened to the name's other
+    results (``kept`` beside it, or ``removed``). ``run`` is the name of the run that
+    holds it.
 
     A reused result is loaded from the store on first use of :attr:`dataset`: a
     caller that needs only its attributes (:attr:`attrs`), its ``digest`` or where
@@ -75,7 +77,7 @@ class AnalysisResult:
     """
 
     analysis: str
-    store: str
+    store: Store
     run: str
     name: str
     loaded: xr.Dataset | None  # None until a reused result is loaded
@@ -101,7 +103,7 @@ class AnalysisResult:
             except Exception as e:  # a chunk that fails its checksum
                 raise DamagedDataError(
                     f"analysis result {self.group} is damaged ({type(e).__name__}): run "
-                    f"`vitcnn verify {self.store} --repair` and analyse again",
+                    f"`vitcnn verify {self.store.url} --repair` and analyse again",
                     run=self.run,
                     layer=self.group.split("/", 1)[1],
                 ) from e
@@ -160,26 +162,26 @@ def run_analysis(
         {"analysis": analysis, **opts.parameters(), **(extra_parameters or {}), "sources": prints}
     )
     key = parameters_key(parameters)
-    root = sources[0][0].store.root  # the store as opened once: no second opening
+    store = sources[0][0].store  # the store as the job opened it: no second opening
     # Reading a complete result needs no lock: incomplete ones are invisible.
-    stored = None if opts.recompute else stored_result(root, opts.run, name, parameters)
+    stored = None if opts.recompute else stored_result(store, opts.run, name, parameters)
     if stored is not None and not opts.replace:
-        return _reused(analysis, opts, name, stored, root)
+        return _reused(analysis, opts, name, stored, store)
     if prepare is not None:
         prepare()
-    runs = {opts.run, *(run.name for run, _ in sources)}
-    with analysis_lock(opts.store, runs, f"vitcnn analyze {analysis} {opts.run}"):
+    run_names = {opts.run, *(run.name for run, _ in sources)}
+    with analysis_lock(store, run_names, f"vitcnn analyze {analysis} {opts.run}"):
         if not opts.recompute:  # another job may have written it while we were not locked
-            stored = stored_result(root, opts.run, name, parameters)
+            stored = stored_result(store, opts.run, name, parameters)
         if stored is not None:
-            return _reused(analysis, opts, name, stored, root)
+            return _reused(analysis, opts, name, stored, store)
         with Executor(opts.dask_address, opts.threads, opts.progress) as executor:
             ds = compute(executor)
         _label(ds, analysis, opts, prints, parameters)
-        written = write_analysis(opts.store, opts.run, name, ds, replace_all=opts.replace)
+        written = write_analysis(store, opts.run, name, ds, replace_all=opts.replace)
     return AnalysisResult(
         analysis,
-        opts.store,
+        store,
         opts.run,
         name,
         ds,
@@ -193,7 +195,7 @@ def run_analysis(
 
 
 def _reused(
-    analysis: str, opts: AnalysisOptions, name: str, stored: ResultInfo, root: Any
+    analysis: str, opts: AnalysisOptions, name: str, stored: ResultInfo, store: Store
 ) -> AnalysisResult:
     """The stored result reused (not loaded); the name's other results kept, or deleted
     with ``replace`` (the caller then holds the lock)."""
@@ -203,7 +205,7 @@ def _reused(
     }
     result = AnalysisResult(
         analysis,
-        opts.store,
+        store,
         opts.run,
         name,
         None,
@@ -212,21 +214,21 @@ def _reused(
         digest=str(stored.attrs.get(DIGEST_ATTR, "")),
         stored_attrs=attrs,
     )
-    results = list_results(opts.store, opts.run, name, root=root)
+    results = list_results(store, opts.run, name)
     for other in results:
         if other.key == key:
             continue
         if opts.replace:
-            delete_result(opts.store, other)
+            delete_result(store, other)
             result.removed.append(other.group)
         elif other.complete:
             result.kept.append(other.group)
     if opts.replace or not any(r.latest and r.key == key for r in results):
         # ``latest`` names what the last job produced; a read-only store keeps its pointer.
         with contextlib.suppress(StoreUnavailableError):
-            set_latest(opts.store, opts.run, name, key)
+            set_latest(store, opts.run, name, key)
     if result.removed:
-        refresh_derived(opts.store, opts.run, f"{ANALYSES}/{name}")
+        refresh_derived(store.url, opts.run, f"{ANALYSES}/{name}")
     return result
 
 

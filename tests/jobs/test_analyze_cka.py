@@ -269,7 +269,7 @@ def test_reduce_mean_is_stored_as_gap(tmp_path: Path) -> None:
         url = copy_store(fresh, tmp_path / f"{spelling}.zarr")
         argv = ["analyze", "cka", url, "vit", "--reduce", spelling, "--name", "spelled"]
         assert cli([*argv, "--batch-size", "16", "--no-progress", "--no-figure"]) == 0
-        [result] = list_results(url, "vit", "spelled")
+        [result] = list_results(open_store(url), "vit", "spelled")
         grams = sorted(p.name for p in (Path(url) / "vit" / "_grams").glob("*/gram*"))
         digest = result_digest(zarr.open_group(url, mode="r")[result.group])
         stored[spelling] = (result.key, result.parameters, digest, grams)

@@ -92,8 +92,8 @@ def test_killed_while_writing_result_never_reused(store: str, tmp_path: Path) ->
     # Killed after every array of the result is written, before its commit marker.
     job = analyze(store, hook=KILL_RESULT)
     assert job.wait(timeout=300) == -9, job.stderr.read() if job.stderr else ""
-    (earlier,) = [r for r in list_results(store, "vit", "cka") if r.complete]
-    (partial,) = [r for r in list_results(store, "vit", "cka") if not r.complete]
+    (earlier,) = [r for r in list_results(open_store(store), "vit", "cka") if r.complete]
+    (partial,) = [r for r in list_results(open_store(store), "vit", "cka") if not r.complete]
     assert "incomplete" in partial.problem
     # Readers see the earlier result only; verify names the partial one.
     assert open_store(store)["vit"].analysis("cka").attrs["seed"] == 1
@@ -166,7 +166,7 @@ def test_two_analyses_on_one_run_one_winner_one_refusal(store: str, tmp_path: Pa
     while not ready.exists():
         assert winner.poll() is None and time.monotonic() < deadline, winner.stderr
         time.sleep(0.05)
-    assert "vitcnn analyze cka vit" in str(lock_holder(store, "vit"))
+    assert "vitcnn analyze cka vit" in str(lock_holder(open_store(store), "vit"))
     before = snapshot(Path(store))
     # Another analysis of that run, with the same or other parameters: refused.
     for args in ([], ["--seed", "5"]):
@@ -180,8 +180,8 @@ def test_two_analyses_on_one_run_one_winner_one_refusal(store: str, tmp_path: Pa
     go.touch()
     out, err = winner.communicate(timeout=300)
     assert winner.returncode == 0, err
-    assert "wrote" in out and lock_holder(store, "vit") is None
-    assert len([r for r in list_results(store, "vit", "cka") if r.complete]) == 2
+    assert "wrote" in out and lock_holder(open_store(store), "vit") is None
+    assert len([r for r in list_results(open_store(store), "vit", "cka") if r.complete]) == 2
     assert verify_store(store).ok
     # Free again: the next job reuses what the winner wrote.
     again = analyze(store)
@@ -190,7 +190,7 @@ def test_two_analyses_on_one_run_one_winner_one_refusal(store: str, tmp_path: Pa
 
 def test_cross_run_analysis_locks_both_runs(store: str, capsys: pytest.CaptureFixture[str]) -> None:
     before = snapshot(Path(store))
-    with analysis_lock(store, ["other"], "vitcnn analyze cka other"):
+    with analysis_lock(open_store(store), ["other"], "vitcnn analyze cka other"):
         # `cka vit other` writes other's Gram cache too: refused while other is analysed.
         assert cli(["analyze", "cka", store, "vit", "other", *CKA]) == 2
         err = capsys.readouterr().err.strip()
@@ -211,7 +211,7 @@ def test_show_lists_the_runs_analyses(store: str, capsys: pytest.CaptureFixture[
     assert cli(["show", store, "vit"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("cka ")]
-    results = {r.key: r for r in list_results(store, "vit", "cka")}
+    results = {r.key: r for r in list_results(open_store(store), "vit", "cka")}
     assert len(rows) == 3 == len(results) and "3 result(s), 1 not usable" in out
     for key, result in results.items():
         (row,) = [r for r in rows if key in r]

@@ -85,11 +85,11 @@ def test_analyses_on_s3(s3_bucket: str, tmp_path: object) -> None:
     from vitcnn_store.errors import RunLockedError
     from vitcnn_store.store.locks import analysis_lock, lock_holder
 
-    with analysis_lock(url, ["vit"], "vitcnn analyze cka vit"):
-        assert "vitcnn analyze cka vit" in str(lock_holder(url, "vit"))
+    with analysis_lock(open_store(url), ["vit"], "vitcnn analyze cka vit"):
+        assert "vitcnn analyze cka vit" in str(lock_holder(open_store(url), "vit"))
         with pytest.raises(RunLockedError, match=r"analysed by vitcnn analyze cka vit .*delete"):
             run_cka(CKAConfig(store=url, run="vit", batch_size=12, seed=9, progress=False))
-    assert lock_holder(url, "vit") is None
+    assert lock_holder(open_store(url), "vit") is None
 
 
 def test_unreachable_object_store() -> None:

@@ -54,28 +54,30 @@ def _uncommit(store: str, group: str) -> None:
 def test_write_list_read_and_reuse(store: str) -> None:
     params = {"analysis": "cka", "seed": np.int64(3), "layers": ("a", "b")}
     assert open_store(store)["v"].analyses == []
-    written = write_analysis(store, "v", "cka", _result(0.5, params))
+    written = write_analysis(open_store(store), "v", "cka", _result(0.5, params))
     assert written.group == f"v/_analyses/cka/{parameters_key(params)}"
     assert written.group == analysis_group("v", "cka", written.key)
-    write_analysis(store, "v", "other", _result(0.25, {"x": 1}))
+    write_analysis(open_store(store), "v", "other", _result(0.25, {"x": 1}))
     run = open_store(store)["v"]
     assert run.analyses == ["cka", "other"]
     np.testing.assert_array_equal(run.analysis("cka")["cka"].values, np.full((2, 2), 0.5))
     assert run.analysis("cka")["layer_a"].values.tolist() == ["blocks.0", "blocks.1"]
     assert COMPLETE_ATTR not in run.analysis("cka").attrs  # the marker is the store's, not data
     # Reuse only when the parameters are equal as JSON (numpy ints and tuples included).
-    again = find_reusable(store, "v", "cka", {"analysis": "cka", "seed": 3, "layers": ["a", "b"]})
+    again = find_reusable(
+        open_store(store), "v", "cka", {"analysis": "cka", "seed": 3, "layers": ["a", "b"]}
+    )
     assert again is not None and float(again["cka"][0, 0]) == 0.5
-    assert find_reusable(store, "v", "cka", {**params, "seed": 4}) is None
-    assert find_reusable(store, "v", "missing", params) is None
+    assert find_reusable(open_store(store), "v", "cka", {**params, "seed": 4}) is None
+    assert find_reusable(open_store(store), "v", "missing", params) is None
     # The layers still read as before: results are not layers.
     assert run.layers == ["norm_pre", "blocks.0.attn", "blocks.0.mlp", "blocks.0"]
 
 
 def test_other_parameters_add_a_result_and_keep_the_earlier(store: str) -> None:
-    first = write_analysis(store, "v", "cka", _result(0.5, {"seed": 0}))
-    write_analysis(store, "v", "keep", _result(0.75, {}))
-    second = write_analysis(store, "v", "cka", _result(0.125, {"seed": 1}))
+    first = write_analysis(open_store(store), "v", "cka", _result(0.5, {"seed": 0}))
+    write_analysis(open_store(store), "v", "keep", _result(0.75, {}))
+    second = write_analysis(open_store(store), "v", "cka", _result(0.125, {"seed": 1}))
     assert second.key != first.key and second.kept == [first.group] and not second.replaced
     run = open_store(store)["v"]
     # The latest is what the name reads as; the earlier one is still there, by key.
@@ -83,25 +85,27 @@ def test_other_parameters_add_a_result_and_keep_the_earlier(store: str) -> None:
     assert float(run.analysis("cka", first.key)["cka"][0, 0]) == 0.5
     assert float(run.analysis("keep")["cka"][0, 0]) == 0.75
     assert zarr.open_group(store, mode="r")["v/_analyses/cka"].attrs[LATEST_ATTR] == second.key
-    assert [r.key for r in list_results(store, "v", "cka")] == [first.key, second.key]
+    assert [r.key for r in list_results(open_store(store), "v", "cka")] == [first.key, second.key]
     # Same parameters again: rewritten in place (the caller asked: --recompute), none added.
-    third = write_analysis(store, "v", "cka", _result(0.25, {"seed": 1}))
+    third = write_analysis(open_store(store), "v", "cka", _result(0.25, {"seed": 1}))
     assert third.replaced and third.key == second.key and third.kept == [first.group]
-    assert len(list_results(store, "v", "cka")) == 2
+    assert len(list_results(open_store(store), "v", "cka")) == 2
     # replace_all deletes the others once the new one is written.
-    fourth = write_analysis(store, "v", "cka", _result(1.0, {"seed": 2}), replace_all=True)
+    fourth = write_analysis(
+        open_store(store), "v", "cka", _result(1.0, {"seed": 2}), replace_all=True
+    )
     assert sorted(fourth.removed) == sorted([first.group, second.group])
-    assert [r.key for r in list_results(store, "v", "cka")] == [fourth.key]
+    assert [r.key for r in list_results(open_store(store), "v", "cka")] == [fourth.key]
     assert verify_store(store).ok
 
 
 def test_uncommitted_result_is_invisible_flagged_and_removed(store: str) -> None:
-    good = write_analysis(store, "v", "cka", _result(0.5, {"seed": 0}))
-    half = write_analysis(store, "v", "cka", _result(0.25, {"seed": 1}))
+    good = write_analysis(open_store(store), "v", "cka", _result(0.5, {"seed": 0}))
+    half = write_analysis(open_store(store), "v", "cka", _result(0.25, {"seed": 1}))
     _uncommit(store, half.group)
     run = open_store(store)["v"]
     # Not reused, not read: the name reads as its last complete result.
-    assert find_reusable(store, "v", "cka", {"seed": 1}) is None
+    assert find_reusable(open_store(store), "v", "cka", {"seed": 1}) is None
     assert float(run.analysis("cka")["cka"][0, 0]) == 0.5
     with pytest.raises(RunNotFoundError, match="no analysis 'cka' with key"):
         run.analysis("cka", half.key)
@@ -110,7 +114,7 @@ def test_uncommitted_result_is_invisible_flagged_and_removed(store: str) -> None
         (half.group.split("/", 1)[1], True)
     ]
     assert verify_store(store, repair=True).notes
-    assert [r.key for r in list_results(store, "v", "cka")] == [good.key]
+    assert [r.key for r in list_results(open_store(store), "v", "cka")] == [good.key]
     assert verify_store(store).ok
     # Only uncommitted results under a name: the name is not listed at all.
     _uncommit(store, good.group)
@@ -118,9 +122,9 @@ def test_uncommitted_result_is_invisible_flagged_and_removed(store: str) -> None
 
 
 def test_verify_finds_missing_arrays_changed_values_and_no_checksum(store: str) -> None:
-    missing = write_analysis(store, "v", "a", _result(0.5, {"k": 1}))
-    changed = write_analysis(store, "v", "b", _result(0.5, {"k": 2}))
-    ok = write_analysis(store, "v", "c", _result(0.5, {"k": 3}))
+    missing = write_analysis(open_store(store), "v", "a", _result(0.5, {"k": 1}))
+    changed = write_analysis(open_store(store), "v", "b", _result(0.5, {"k": 2}))
+    ok = write_analysis(open_store(store), "v", "c", _result(0.5, {"k": 3}))
     del zarr.open_group(store, path=missing.group, mode="r+")["cka"]
     # A valid chunk (its crc32c matches) with other values: only the digest sees it.
     zarr.open_array(store, path=f"{changed.group}/cka", mode="r+")[0, 0] = 0.75
@@ -131,7 +135,7 @@ def test_verify_finds_missing_arrays_changed_values_and_no_checksum(store: str) 
     assert open_store(store)["v"].analyses == ["b", "c"]
     verify_store(store, repair=True)
     assert open_store(store)["v"].analyses == ["c"]
-    assert [r.key for r in list_results(store, "v")] == [ok.key]
+    assert [r.key for r in list_results(open_store(store), "v")] == [ok.key]
     assert verify_store(store).ok
 
 
@@ -141,14 +145,14 @@ def test_result_of_the_older_layout_is_not_used(store: str) -> None:
         store, group="v/_analyses/cka", mode="w", zarr_format=3, consolidated=False
     )
     assert open_store(store)["v"].analyses == []
-    assert find_reusable(store, "v", "cka", {"seed": 0}) is None
-    (old,) = list_results(store, "v")
+    assert find_reusable(open_store(store), "v", "cka", {"seed": 0}) is None
+    (old,) = list_results(open_store(store), "v")
     assert old.key == "" and "no commit marker" in old.problem
-    new = write_analysis(store, "v", "cka", _result(0.25, {"seed": 0}))
+    new = write_analysis(open_store(store), "v", "cka", _result(0.25, {"seed": 0}))
     assert float(open_store(store)["v"].analysis("cka")["cka"][0, 0]) == 0.25
     assert not verify_store(store).ok
     verify_store(store, repair=True)
-    assert [r.key for r in list_results(store, "v")] == [new.key]
+    assert [r.key for r in list_results(open_store(store), "v")] == [new.key]
     assert verify_store(store).ok
 
 
@@ -160,7 +164,7 @@ def test_bad_and_unknown_names(store: str) -> None:
 
 
 def test_plain_xarray_reads_a_result(store: str) -> None:
-    group = write_analysis(store, "v", "cka", _result(0.5, {"seed": 1})).group
+    group = write_analysis(open_store(store), "v", "cka", _result(0.5, {"seed": 1})).group
     code = (
         "import sys, xarray as xr, zarr; "
         f"key = zarr.open_group({store!r}, path='v/_analyses/cka').attrs[{LATEST_ATTR!r}]; "

@@ -43,9 +43,7 @@ def _full_gram(url: str, run: str, layer: str, tile: int) -> tuple[np.ndarray, o
     k[~mask] = np.nan
     k[:, ~mask] = np.nan
     state = source_state(r, layer, mask)
-    info = create_gram(
-        url, run, layer, "flatten", n=20, tile=tile, features=x.shape[1], state=state
-    )
+    info = create_gram(r, layer, "flatten", n=20, tile=tile, features=x.shape[1], state=state)
     for p, (r0, r1) in enumerate(info.panels):
         for q, (c0, c1) in enumerate(info.panels):
             if q >= p:
@@ -74,7 +72,7 @@ def test_layout_checksums_and_reads(store: str) -> None:
         np.testing.assert_array_equal(reader.block(rows, cols), k[np.ix_(rows, cols)])
     with pytest.raises(DamagedDataError, match="no values for some requested images"):
         reader.block(np.array([2]), np.array([0]))  # image 2 failed: no Gram row
-    delete_grams(store, "r", "blocks.0")
+    delete_grams(open_store(store), "r", "blocks.0")
     assert find_gram(run, "blocks.0", "flatten", state) is None
 
 

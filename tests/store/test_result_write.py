@@ -72,9 +72,10 @@ def requests() -> Iterator[_Requests]:
 def test_a_result_on_s3_is_written_in_few_requests(bucket: str, requests: _Requests) -> None:
     url = f"{bucket}/few.zarr"
     make_run(url, "v", ids(8), depth=1, attention=False, inputs=False)
-    first = write_analysis(url, "v", "cka", _result(np.arange(1.0, 4.0), {"seed": 0}))
+    store = open_store(url)  # the job's handle, opened before the requests counted
+    first = write_analysis(store, "v", "cka", _result(np.arange(1.0, 4.0), {"seed": 0}))
     requests.seen.clear()
-    second = write_analysis(url, "v", "cka", _result(np.arange(2.0, 5.0), {"seed": 1}))
+    second = write_analysis(store, "v", "cka", _result(np.arange(2.0, 5.0), {"seed": 1}))
     seen = list(requests.seen)
     import s3fs
 
@@ -111,7 +112,7 @@ def test_a_job_dying_before_the_marker_leaves_an_invisible_result(
 
     url = f"{bucket}/dies.zarr"
     make_run(url, "v", ids(8), depth=1, attention=False, inputs=False)
-    good = write_analysis(url, "v", "cka", _result(np.ones(3), {"seed": 0}))
+    good = write_analysis(open_store(url), "v", "cka", _result(np.ones(3), {"seed": 0}))
     original = s3fs.S3FileSystem._pipe_file
 
     async def dies_at_the_marker(self: object, path: str, data: bytes, **kw: object) -> object:
@@ -121,25 +122,25 @@ def test_a_job_dying_before_the_marker_leaves_an_invisible_result(
 
     monkeypatch.setattr(s3fs.S3FileSystem, "_pipe_file", dies_at_the_marker)
     with pytest.raises(Exception, match="killed"):
-        write_analysis(url, "v", "cka", _result(np.full(3, 2.0), {"seed": 1}))
+        write_analysis(open_store(url), "v", "cka", _result(np.full(3, 2.0), {"seed": 1}))
     monkeypatch.undo()
-    results = list_results(url, "v", "cka")
+    results = list_results(open_store(url), "v", "cka")
     assert [(r.key == good.key, r.complete) for r in results] == [(True, True), (False, False)]
     root = run_group(url, "v/_analyses/cka", consolidated=False)
     assert root.attrs[LATEST_ATTR] == good.key
     assert float(open_store(url)["v"].analysis("cka")["cka"][0, 0]) == 1.0
     assert not verify_store(url).ok
     verify_store(url, repair=True)
-    assert [r.key for r in list_results(url, "v", "cka")] == [good.key]
+    assert [r.key for r in list_results(open_store(url), "v", "cka")] == [good.key]
 
 
 def test_a_rewrite_leaves_no_chunk_of_the_earlier_result(tmp_path: Path) -> None:
     url = str(tmp_path / "a.zarr")
     make_run(url, "v", ids(8), depth=1, attention=False, inputs=False)
-    write_analysis(url, "v", "cka", _result(np.arange(1.0, 4.0), {"seed": 0}))
+    write_analysis(open_store(url), "v", "cka", _result(np.arange(1.0, 4.0), {"seed": 0}))
     # Same parameters (--recompute), now all NaN: zarr writes no chunk for fill values,
     # so an earlier chunk left in place would be read as this result's.
-    again = write_analysis(url, "v", "cka", _result(np.full(3, np.nan), {"seed": 0}))
+    again = write_analysis(open_store(url), "v", "cka", _result(np.full(3, np.nan), {"seed": 0}))
     assert again.replaced
     assert np.isnan(open_store(url)["v"].analysis("cka")["cka"].values).all()
     assert verify_store(url).ok

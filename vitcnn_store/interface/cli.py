@@ -249,15 +249,18 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     from vitcnn_store.interface.describe import describe_store
+    from vitcnn_store.store import open_store
 
-    print(describe_store(args.store))
+    print(describe_store(open_store(args.store)))
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     from vitcnn_store.interface.describe import describe_run
+    from vitcnn_store.store import check_name, open_store
 
-    print(describe_run(args.store, args.run))
+    check_name(args.run)  # a bad name is refused before the store is opened
+    print(describe_run(open_store(args.store), args.run))
     return 0
 
 
@@ -357,8 +360,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from vitcnn_store.interface.report import build_report
+    from vitcnn_store.store import open_store
 
-    print(f"report: {build_report(args.store, args.out)}")
+    print(f"report: {build_report(open_store(args.store), args.out)}")
     return 0
 
 

@@ -102,7 +102,7 @@ def analysis_config(args: argparse.Namespace) -> AnalysisOptions:
 def describe_result(result: AnalysisResult, figure: Path | None = None) -> str:
     """What ``vitcnn analyze`` prints: where the result went (or was reused), its
     summary line, and its figure."""
-    base = result.store.rstrip("/")
+    base = result.store.url.rstrip("/")
     where = f"{base}/{result.group}"
     if result.reused:
         lines = [f"{result.analysis}: reused {where} (same parameters; --recompute to redo)"]
@@ -142,13 +142,13 @@ def analyze(
         from vitcnn_store.interface.figure_stamp import read_stamp, stamp_figure
         from vitcnn_store.interface.plots import figure_dir
 
-        path = figure_dir(result.store, figures) / f"{result.run}__{result.name}.png"
+        path = figure_dir(result.store.url, figures) / f"{result.run}__{result.name}.png"
         stamp = {"group": result.group, "digest": result.digest}
         if not (result.reused and result.digest and read_stamp(path) == stamp):
             from vitcnn_store.interface.plots import save_result_figure
 
             path = save_result_figure(
-                result.dataset, result.store, result.run, result.name, figures
+                result.dataset, result.store.url, result.run, result.name, figures
             )
             if result.digest:
                 stamp_figure(path, stamp)

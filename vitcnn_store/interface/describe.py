@@ -9,9 +9,12 @@ one is the latest, and any left incomplete by an interrupted job.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vitcnn_store.errors import DamagedDataError, StoreUnavailableError
+
+if TYPE_CHECKING:
+    from vitcnn_store.store.reader import Run, Store
 
 __all__ = [
     "describe_model_layers",
@@ -94,7 +97,7 @@ def _damage(run: Any, objects: dict[str, int] | None) -> str:
     return f"DAMAGED: {len(missing)} missing chunk(s) in {len(units)} unit(s), run vitcnn verify"
 
 
-def _objects(run: Any) -> dict[str, int] | None:
+def _objects(run: Run) -> dict[str, int] | None:
     """One listing of a local run's objects (chunk keys and sizes); None for remote
     stores, where a listing costs a request per thousand objects (verify checks them)."""
     from vitcnn_store.store.chunks import list_objects
@@ -103,7 +106,7 @@ def _objects(run: Any) -> dict[str, int] | None:
     if not is_local(run.store.url):
         return None
     try:
-        return list_objects(run.store.url, run.name)
+        return list_objects(run.store, run.name)
     except (StoreUnavailableError, OSError, NotImplementedError):
         return None
 
@@ -119,7 +122,7 @@ def _size(run: Any, objects: dict[str, int] | None) -> str:
     return format_bytes(sum(objects.values())) if objects is not None else "?"
 
 
-def _run_row(store: Any, name: str) -> list[str]:
+def _run_row(store: Store, name: str) -> list[str]:
     run = store[name]
     a = run.attrs
     objects = _objects(run)
@@ -154,11 +157,14 @@ def _damaged_row(name: str, problem: str) -> list[str]:
     return [name, "-", "-", "-", "-", "-", "-", "-", what, "-"]
 
 
-def describe_store(url: str) -> str:
-    """One line per run: model, weights, images, layers, size, completeness, damage."""
-    from vitcnn_store.store import open_store
+def describe_store(where: Store | str) -> str:
+    """One line per run: model, weights, images, layers, size, completeness, damage.
 
-    store = open_store(url)
+    ``where``: the store, opened, or its URL."""
+    from vitcnn_store.store.reader import as_store
+
+    store = as_store(where)
+    url = where if isinstance(where, str) else store.url
     entries = store.entries
     if not entries:
         return f"{url}: empty store (no runs)"
@@ -193,13 +199,19 @@ _RESTORE = "vitcnn verify lists what is lost; --resume restores it"
 
 
 def _describe_broken(
-    url: str, run_name: str, problem: str, state: str = "BROKEN", recover: str = RECOVER
+    store: Store,
+    url: str,
+    run_name: str,
+    problem: str,
+    state: str = "BROKEN",
+    recover: str = RECOVER,
 ) -> str:
-    from vitcnn_store.store import open_root
+    from vitcnn_store.store.layout import quiet_zarr
 
     lines = [f"run {run_name!r} in {url}: {state} ({problem}); {recover}"]
     try:
-        attrs = dict(open_root(url)[run_name].attrs)
+        with quiet_zarr():
+            attrs = dict(store.root[run_name].attrs)
     except Exception:
         return lines[0]
     lines += ["", "provenance (as far as it was written):"]
@@ -256,12 +268,12 @@ def _differing(parameters: list[Any]) -> list[str]:
     return [k for k in keys if len({repr(p.get(k)) for p in dicts}) > 1]
 
 
-def _describe_analyses(url: str, run_name: str) -> list[str]:
+def _describe_analyses(run: Run) -> list[str]:
     """One row per stored result of the run: name, key, parameters, state, when."""
     from vitcnn_store.store.analyses import latest_result, list_results
 
     try:
-        results = list_results(url, run_name)
+        results = list_results(run.store, run.name)
     except (DamagedDataError, StoreUnavailableError) as e:
         return [f"analyses: unreadable ({str(e).split(':')[0]})"]
     if not results:
@@ -288,17 +300,21 @@ def _describe_analyses(url: str, run_name: str) -> list[str]:
     return [head, table(rows, ["name", "key", "parameters", "computed", "state"])]
 
 
-def describe_run(url: str, run_name: str) -> str:
-    """Provenance, layers with shapes and dtypes, failed images and damage of one run."""
-    from vitcnn_store.store import check_name, open_store
+def describe_run(where: Store | str, run_name: str) -> str:
+    """Provenance, layers with shapes and dtypes, failed images and damage of one run.
+
+    ``where``: the store, opened, or its URL."""
+    from vitcnn_store.store import check_name
+    from vitcnn_store.store.reader import as_store
 
     check_name(run_name)
-    store = open_store(url)
+    store = as_store(where)
+    url = where if isinstance(where, str) else store.url
     entry = store.entry(run_name)
     if entry is not None and not entry.created:
-        return _describe_broken(url, run_name, entry.problem)
+        return _describe_broken(store, url, run_name, entry.problem)
     if entry is not None and entry.damaged:
-        return _describe_broken(url, run_name, entry.problem, "DAMAGED", _RESTORE)
+        return _describe_broken(store, url, run_name, entry.problem, "DAMAGED", _RESTORE)
     run = store[run_name]
     lines = [f"run {run_name!r} in {url}", "", "provenance:"]
     for key, value in sorted(run.attrs.items()):
@@ -335,7 +351,7 @@ def describe_run(url: str, run_name: str) -> str:
         f"arrays ({len(rows)}):",
         table(rows, ["layer", "kind", "depth", "shape", "dtype"]),
     ]
-    lines += ["", *_describe_analyses(url, run_name)]
+    lines += ["", *_describe_analyses(run)]
     try:
         done = run.done
         lines += ["", f"units done: {int(done.sum())}/{done.size}"]

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from vitcnn_store.interface.registry import ANALYSES
-from vitcnn_store.store import open_store
 from vitcnn_store.store.analyses import (
     analysis_group,
     latest_result,
     list_results,
     read_analysis,
 )
+from vitcnn_store.store.reader import Store, as_store
 
 __all__ = ["ResultEntry", "build_report", "collect_results", "sections"]
 
@@ -56,19 +56,20 @@ class ResultEntry:
         return analysis_group(self.run, self.name, self.key or None)
 
 
-def collect_results(url: str, skipped: list[str] | None = None) -> list[ResultEntry]:
-    """The latest complete result of every analysis name in ``url``, by run then name.
+def collect_results(where: Store | str, skipped: list[str] | None = None) -> list[ResultEntry]:
+    """The latest complete result of every analysis name in the store ``where`` (opened,
+    or its URL), by run then name.
 
     Incomplete or damaged results are left out (and named in ``skipped``), so
     one of them never stops the report of the others.
     """
     from vitcnn_store.errors import VitcnnError
 
-    store = open_store(url)
+    store = as_store(where)
     out = []
     for name in store.runs:
         run = store[name]
-        results = list_results(url, name)
+        results = list_results(store, name)
         for info in results:
             if not info.complete and skipped is not None:
                 skipped.append(f"{info.group}: {info.problem}")
@@ -330,8 +331,9 @@ margin:8px 0} .caveat ul{margin:4px 0;padding-left:18px}
 """
 
 
-def build_report(url: str, out_dir: str | Path | None = None) -> Path:
-    """Write ``report.html`` with its PNG figures and its ``data/*.csv`` for the store at ``url``.
+def build_report(where: Store | str, out_dir: str | Path | None = None) -> Path:
+    """Write ``report.html`` with its PNG figures and its ``data/*.csv`` for the store
+    ``where`` (opened, or its URL).
 
     They go to ``out_dir``, by default the store's figure folder
     (:func:`vitcnn_store.interface.plots.figure_dir`), where ``vitcnn analyze`` draws its
@@ -339,11 +341,12 @@ def build_report(url: str, out_dir: str | Path | None = None) -> Path:
     """
     from vitcnn_store.interface.plots import figure_dir, plot_result
 
+    store = as_store(where)
+    url = where if isinstance(where, str) else store.url
     out = figure_dir(url, None if out_dir is None else str(out_dir))
     (out / "data").mkdir(parents=True, exist_ok=True)
-    store = open_store(url)
     skipped: list[str] = []
-    results = collect_results(url, skipped)
+    results = collect_results(store, skipped)
     runs = {name: store[name] for name in store.runs}
     esc = html.escape
     body = [

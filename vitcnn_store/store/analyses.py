@@ -43,12 +43,12 @@ import numpy as np
 
 from vitcnn_store.errors import DamagedDataError, RunNotFoundError
 from vitcnn_store.store.index import refresh_derived
-from vitcnn_store.store.layout import ANALYSES, check_name, open_root, quiet_zarr
+from vitcnn_store.store.layout import ANALYSES, check_name, quiet_zarr, store_io
 
 if TYPE_CHECKING:
     import xarray as xr
 
-    from vitcnn_store.store.reader import Run
+    from vitcnn_store.store.reader import Run, Store
 
 __all__ = [
     "ARRAYS_ATTR",
@@ -217,66 +217,65 @@ def _problem(node: Any, attrs: dict[str, Any], legacy: bool) -> str:
     return ""
 
 
-def _fresh_attrs(url: str | None, node: Any) -> dict[str, Any]:
-    """A group's attributes as stored now (``url``: read its zarr.json, one request),
-    not as a consolidated snapshot recorded them."""
-    if url is None:
+def _fresh_attrs(store: Store | None, node: Any) -> dict[str, Any]:
+    """A group's attributes as stored now (``store`` given: read its zarr.json, one
+    request), not as a consolidated snapshot recorded them."""
+    if store is None:
         return dict(node.attrs)
     from vitcnn_store.store.index import run_group
 
-    return dict(run_group(url, node.path, consolidated=False).attrs)
+    return dict(run_group(store.url, node.path, consolidated=False).attrs)
 
 
-def _results_of(run: str, name: str, node: Any, url: str | None = None) -> list[ResultInfo]:
+def _results_of(
+    run_name: str, name: str, node: Any, store: Store | None = None
+) -> list[ResultInfo]:
     with quiet_zarr():
-        latest = _fresh_attrs(url, node).get(LATEST_ATTR)
+        latest = _fresh_attrs(store, node).get(LATEST_ATTR)
         children = sorted(node.groups(), key=lambda kv: kv[0])
         has_arrays = any(True for _ in node.arrays())
     out = []
     if has_arrays:  # a result of the layout before keys: arrays directly in <name>
         attrs = {k: v for k, v in dict(node.attrs).items() if k != LATEST_ATTR}
-        out.append(ResultInfo(run, name, "", attrs, _problem(node, attrs, legacy=True)))
+        out.append(ResultInfo(run_name, name, "", attrs, _problem(node, attrs, legacy=True)))
     for key, child in children:
         try:
             with quiet_zarr():
-                attrs = _fresh_attrs(url, child)
+                attrs = _fresh_attrs(store, child)
             problem = _problem(child, attrs, legacy=False)
         except Exception as e:  # unreadable metadata: report it, never crash a listing
             attrs, problem = {}, f"damaged: metadata unreadable ({type(e).__name__})"
-        out.append(ResultInfo(run, name, key, attrs, problem, latest=key == latest))
+        out.append(ResultInfo(run_name, name, key, attrs, problem, latest=key == latest))
     return out
 
 
 def list_results(
-    url: str,
-    run: str,
+    store: Store,
+    run_name: str,
     name: str | None = None,
     *,
     listing: bool | None = None,
-    root: Any = None,
 ) -> list[ResultInfo]:
-    """Every stored result of ``run`` (of one ``name``), complete or not, by name then
-    computation time.
+    """Every stored result of run ``run_name`` (of one ``name``), complete or not, by
+    name then computation time.
 
     Where the storage lists folders (``listing`` None: local disks, object
-    stores), the results are found as stored. Where it cannot (plain HTTP), they
+    stores), the results are found as stored, below the store's open root group
+    (opened without consolidated metadata). Where it cannot (plain HTTP), they
     are found from the run's consolidated metadata, and each result's commit
     marker is then read from its own ``zarr.json`` (a snapshot may predate an
-    interrupted rewrite). ``root``, the store's open root group (opened without
-    consolidated metadata), saves opening the store again where it lists.
+    interrupted rewrite).
     """
     from vitcnn_store.store.index import can_list, run_group
 
-    listing = can_list(url) if listing is None else listing
-    reuse_root = root is not None and listing
-    if not reuse_root:
-        open_root(url, mode="r")
+    listing = can_list(store.url) if listing is None else listing
     with quiet_zarr():
         try:
-            if reuse_root:  # a path below the root: read as stored, not from a snapshot
-                base = root[f"{run}/{ANALYSES}"]
+            if listing:  # a path below the root: read as stored, not from a snapshot
+                with store_io(store.url):
+                    base = store.root[f"{run_name}/{ANALYSES}"]
             else:
-                base = run_group(url, run, consolidated=not listing)[ANALYSES]
+                base = run_group(store.url, run_name, consolidated=True)[ANALYSES]
         except (KeyError, FileNotFoundError):
             return []
         if not hasattr(base, "groups"):
@@ -289,8 +288,8 @@ def list_results(
                 node = base[n]
             except KeyError:
                 continue
-        fresh = None if listing else url
-        out += sorted(_results_of(run, n, node, fresh), key=lambda r: (r.computed_at, r.key))
+        fresh = None if listing else store
+        out += sorted(_results_of(run_name, n, node, fresh), key=lambda r: (r.computed_at, r.key))
     return out
 
 
@@ -304,16 +303,15 @@ def latest_result(results: list[ResultInfo]) -> ResultInfo | None:
 
 def analysis_names(run: Run) -> list[str]:
     """Names under which ``run`` holds at least one complete result, sorted."""
-    return sorted({r.name for r in list_results(run.store.url, run.name) if r.complete})
+    return sorted({r.name for r in list_results(run.store, run.name) if r.complete})
 
 
-def _open(url: str, group: str) -> xr.Dataset:
+def _open(store: Store, group: str) -> xr.Dataset:
     import warnings
 
     import xarray as xr
 
     from vitcnn_store.store.index import can_list
-    from vitcnn_store.store.layout import zarr_store
 
     # A result carries its own consolidated metadata (one read opens it, and a server that
     # cannot list serves it); results written before that are listed where possible.
@@ -321,11 +319,11 @@ def _open(url: str, group: str) -> xr.Dataset:
         warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated")
         # chunks=None: numpy, not dask (a dask compute would import ``distributed``).
         ds = xr.open_zarr(
-            zarr_store(url),
+            store.zarr_store,
             group=group,
             zarr_format=3,
             chunks=None,
-            consolidated=None if can_list(url) else True,
+            consolidated=None if can_list(store.url) else True,
         ).load()
     if ds.attrs.get(COMPLETE_ATTR) is not True and ARRAYS_ATTR in ds.attrs:
         raise DamagedDataError(f"analysis result {group} lost its commit marker")
@@ -337,7 +335,7 @@ def _open(url: str, group: str) -> xr.Dataset:
 
 def read_analysis(run: Run, name: str, key: str | None = None) -> xr.Dataset:
     """Result ``name`` of ``run`` (the latest complete one, or the one of ``key``), loaded."""
-    results = [r for r in list_results(run.store.url, run.name, name) if r.complete]
+    results = [r for r in list_results(run.store, run.name, name) if r.complete]
     if key is None:
         chosen = latest_result(results)
     else:
@@ -349,7 +347,7 @@ def read_analysis(run: Run, name: str, key: str | None = None) -> xr.Dataset:
             f"no analysis {what} in run {run.name!r} (complete results: {known})"
         )
     try:
-        return _open(run.store.url, chosen.group)
+        return _open(run.store, chosen.group)
     except Exception as e:  # a chunk that fails its checksum
         raise DamagedDataError(
             f"analysis result {chosen.group} is damaged ({type(e).__name__}): run "
@@ -359,79 +357,80 @@ def read_analysis(run: Run, name: str, key: str | None = None) -> xr.Dataset:
         ) from e
 
 
-def load_result(url: str, group: str) -> xr.Dataset:
+def load_result(store: Store, group: str) -> xr.Dataset:
     """The stored result at ``group``, loaded into memory (numpy, no dask)."""
-    return _open(url, group)
+    return _open(store, group)
 
 
-def stored_result(root: Any, run: str, name: str, parameters: Any) -> ResultInfo | None:
-    """The complete stored result ``name`` of ``run`` with ``parameters``, else None.
+def stored_result(store: Store, run_name: str, name: str, parameters: Any) -> ResultInfo | None:
+    """The complete stored result ``name`` of run ``run_name`` with ``parameters``, else None.
 
-    Read through ``root``, the store's open root group: the result's group is
+    Read through the store's open root group: the result's group is
     found by the key of ``parameters`` (no listing) and its own ``zarr.json`` read
     as stored now (one read: attributes, commit marker and, consolidated in it,
     its arrays), then the stored ``parameters`` are compared as plain JSON.
     Nothing is loaded (:func:`load_result` loads it).
     """
     key = parameters_key(parameters)
-    group = analysis_group(run, name, key)
+    group = analysis_group(run_name, name, key)
     try:
         with quiet_zarr():
-            node = root[group]
+            node = store.root[group]
             attrs = dict(node.attrs)
             problem = _problem(node, attrs, legacy=False)
     except Exception:  # absent, or unreadable metadata: nothing to reuse (verify reports it)
         return None
     if problem or plain_json(attrs.get("parameters")) != plain_json(parameters):
         return None  # incomplete, damaged, or a hash collision (48 bits): compute again
-    return ResultInfo(run, name, key, attrs)
+    return ResultInfo(run_name, name, key, attrs)
 
 
-def find_reusable(url: str, run: str, name: str, parameters: Any) -> xr.Dataset | None:
-    """The complete stored result ``name`` of ``run`` whose ``parameters`` attribute equals
-    ``parameters`` (compared as plain JSON), else None."""
+def find_reusable(store: Store, run_name: str, name: str, parameters: Any) -> xr.Dataset | None:
+    """The complete stored result ``name`` of run ``run_name`` whose ``parameters``
+    attribute equals ``parameters`` (compared as plain JSON), else None."""
     key = parameters_key(parameters)
-    for result in list_results(url, run, name):
+    for result in list_results(store, run_name, name):
         if result.key == key and result.complete:
             if plain_json(result.parameters) != plain_json(parameters):
                 return None  # a hash collision (48 bits): compute again
             try:
-                return _open(url, result.group)
+                return _open(store, result.group)
             except Exception:  # damaged: recompute (verify reports it)
                 return None
     return None
 
 
-def set_latest(url: str, run: str, name: str, key: str | None) -> None:
-    """Point ``<run>/_analyses/<name>``'s ``latest`` at ``key`` (None: at the newest
+def set_latest(store: Store, run_name: str, name: str, key: str | None) -> None:
+    """Point ``<run_name>/_analyses/<name>``'s ``latest`` at ``key`` (None: at the newest
     complete result left, or nowhere)."""
     if key is None:
-        newest = latest_result(list_results(url, run, name, listing=True))
+        newest = latest_result(list_results(store, run_name, name, listing=True))
         key = newest.key if newest is not None and newest.key else None
-    root = open_root(url, mode="r+")
+    root = store.writable_root()
     with quiet_zarr():
         try:
-            node = root[analysis_group(run, name)]
+            node = root[analysis_group(run_name, name)]
         except KeyError:
             return
         if key is not None:
             node.attrs[LATEST_ATTR] = key
         elif LATEST_ATTR in node.attrs:
             del node.attrs[LATEST_ATTR]
-    refresh_derived(url, run, f"{ANALYSES}/{name}")  # readers see it through the run's metadata
+    # Readers see it through the run's metadata.
+    refresh_derived(store.url, run_name, f"{ANALYSES}/{name}")
 
 
-def delete_result(url: str, result: ResultInfo) -> None:
+def delete_result(store: Store, result: ResultInfo) -> None:
     """Delete one stored result (a legacy result: its arrays and attributes only); a
     ``latest`` pointer at it moves to the newest complete result left."""
-    root = open_root(url, mode="r+")
+    root = store.writable_root()
     with quiet_zarr():
         name_group = root[analysis_group(result.run, result.name)]
         pointed = name_group.attrs.get(LATEST_ATTR)
         if result.key:
             del name_group[result.key]
             if pointed == result.key:
-                set_latest(url, result.run, result.name, None)
+                set_latest(store, result.run, result.name, None)
             return
         node = root[result.group]
         for k in [k for k, _ in node.arrays()]:

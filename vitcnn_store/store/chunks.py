@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vitcnn_store.errors import DamagedDataError
 from vitcnn_store.store.layout import IMAGE_COORDS, environment_error, quiet_zarr, store_io
+
+if TYPE_CHECKING:
+    from vitcnn_store.store.reader import Store
 
 __all__ = [
     "chunk_key",
@@ -63,15 +66,13 @@ def chunk_key(array: Any, coords: tuple[int, ...]) -> str:
     return str(array.metadata.encode_chunk_key(coords))
 
 
-def list_object_info(url: str, run: str, under: str = "") -> dict[str, dict[str, Any]]:
-    """Every stored object of ``run`` (below its folder ``under``) as ``{key relative to
-    the run: the store's details (size, and where it has them mtime, etag)}``: the one
-    listing of a run's objects. A folder that does not exist lists nothing."""
-    from vitcnn_store.store.layout import filesystem
-
-    with store_io(url):
-        fs, path = filesystem(url)
-        base = f"{path.rstrip('/')}/{run}"
+def list_object_info(store: Store, run_name: str, under: str = "") -> dict[str, dict[str, Any]]:
+    """Every stored object of run ``run_name`` (below its folder ``under``) as ``{key
+    relative to the run: the store's details (size, and where it has them mtime, etag)}``:
+    the one listing of a run's objects. A folder that does not exist lists nothing."""
+    with store_io(store.url):
+        fs = store.fs
+        base = f"{store.path}/{run_name}"
         try:
             found = fs.find(f"{base}/{under}".rstrip("/"), detail=True)
         except FileNotFoundError:
@@ -84,9 +85,11 @@ def list_object_info(url: str, run: str, under: str = "") -> dict[str, dict[str,
     return out
 
 
-def list_objects(url: str, run: str) -> dict[str, int]:
-    """Every stored object of ``run`` as ``{key relative to the run: size in bytes}``."""
-    return {key: int(info.get("size") or 0) for key, info in list_object_info(url, run).items()}
+def list_objects(store: Store, run_name: str) -> dict[str, int]:
+    """Every stored object of run ``run_name`` as ``{key relative to the run: size in bytes}``."""
+    return {
+        key: int(info.get("size") or 0) for key, info in list_object_info(store, run_name).items()
+    }
 
 
 def missing_unit_chunks(

@@ -60,7 +60,7 @@ from vitcnn_store.store.layout import (
 )
 
 if TYPE_CHECKING:
-    from vitcnn_store.store.reader import Run
+    from vitcnn_store.store.reader import Run, Store
 
 __all__ = [
     "FEATURE_REDUCTIONS",
@@ -142,14 +142,14 @@ class GramInfo:
 # -- what a Gram is computed from -----------------------------------------------------
 
 
-def _chunk_stamps(url: str, run: str, layer: str) -> dict[int, list[Any]]:
+def _chunk_stamps(run: Run, layer: str) -> dict[int, list[Any]]:
     """Per unit: size, modification time and etag of the layer's chunk object (runs
     written before unit records only)."""
     from vitcnn_store.store.chunks import list_object_info
 
     base = f"{layer}/activation/c"
     out: dict[int, list[Any]] = {}
-    for path, info in list_object_info(url, run, base).items():
+    for path, info in list_object_info(run.store, run.name, base).items():
         rel = path[len(base) :].lstrip("/")
         try:
             unit = int(rel.split("/")[0])
@@ -203,7 +203,7 @@ def source_state(
         payload = {"creation_id": creation, "units": units, "usable": usable}
         how = "creation id, done flag and content fingerprint (unit_record) per unit"
     else:
-        stamps = _chunk_stamps(run.store.url, run.name, layer)
+        stamps = _chunk_stamps(run, layer)
         units = [[bool(done[u]), *stamps.get(u, [0, "", ""])] for u in range(done.size)]
         payload = {"created_at": run.attrs.get("created_at"), "units": units, "usable": usable}
         how = "done flag, size, modification time, etag per unit"
@@ -230,8 +230,7 @@ def _compressors() -> Any:
 
 
 def create_gram(
-    url: str,
-    run: str,
+    run: Run,
     layer: str,
     reduce: str,
     *,
@@ -249,10 +248,11 @@ def create_gram(
         raise ValueError(f"a Gram needs n >= 1 and tile >= 1, got n={n}, tile={tile}")
     from vitcnn_store.store.index import run_group
 
-    info = GramInfo(url, run, layer, reduce, n, min(tile, n))
-    open_root(url, mode="r+")  # refuses a read-only or foreign location with one line
+    url = run.store.url
+    info = GramInfo(url, run.name, layer, reduce, n, min(tile, n))
+    run.store.writable_root()  # refuses a read-only or foreign location with one line
     with quiet_zarr(), store_io(url):
-        group = run_group(url, run, mode="r+", consolidated=False)
+        group = run_group(url, run.name, mode="r+", consolidated=False)
         group = group.require_group(GRAMS).require_group(layer)
         name = info.path.rsplit("/", 1)[1]
         for key in (name, *(p.rsplit("/", 1)[1] for p in (info.row_mean_path, info.offset_path))):
@@ -355,11 +355,8 @@ def find_grams(
     it replaces. The documents travel in the :class:`GramInfo`, so readers open the
     arrays without asking again.
     """
-    from vitcnn_store.store.layout import filesystem
-
     url = run.store.url
-    fs, root = filesystem(url)
-    base = str(root).rstrip("/")
+    fs, base = run.store.fs, run.store.path
     paths = [
         f"{base}/{p}/zarr.json"
         for layer in layers
@@ -422,14 +419,14 @@ def gram_layer(where: str) -> str | None:
     return parts[1] if len(parts) > 2 and parts[0] == GRAMS else None
 
 
-def delete_grams(url: str, run: str, layer: str | None = None) -> None:
-    """Drop the cached Grams of one layer (or of the whole run); the caller consolidates
-    the run's metadata afterwards."""
+def delete_grams(store: Store, run_name: str, layer: str | None = None) -> None:
+    """Drop the cached Grams of one layer (or of the whole run ``run_name``); the caller
+    consolidates the run's metadata afterwards."""
     from vitcnn_store.store.index import run_group
 
-    open_root(url, mode="r+")
-    with quiet_zarr(), store_io(url):
-        group = run_group(url, run, mode="r+", consolidated=False)
+    store.writable_root()  # refuses a read-only or foreign location with one line
+    with quiet_zarr(), store_io(store.url):
+        group = run_group(store.url, run_name, mode="r+", consolidated=False)
         if GRAMS not in group:
             return
         grams = group[GRAMS]

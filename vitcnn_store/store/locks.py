@@ -18,7 +18,8 @@ The lock is created atomically, if absent:
 
 Examples
 --------
->>> with analysis_lock("acts.zarr", ["vitb16"], "vitcnn analyze cka"):  # doctest: +SKIP
+>>> store = open_store("acts.zarr")  # doctest: +SKIP
+>>> with analysis_lock(store, ["vitb16"], "vitcnn analyze cka"):  # doctest: +SKIP
 ...     pass  # compute and write vitb16's Grams and results
 """
 
@@ -30,10 +31,13 @@ import os
 import socket
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vitcnn_store.errors import RunLockedError
 from vitcnn_store.store.layout import check_name, store_io
+
+if TYPE_CHECKING:
+    from vitcnn_store.store.reader import Store
 
 __all__ = ["LOCKS", "analysis_lock", "lock_holder", "lock_location"]
 
@@ -41,12 +45,9 @@ __all__ = ["LOCKS", "analysis_lock", "lock_holder", "lock_location"]
 LOCKS = "_leases/_analysis"  # "_": never a run name, so never a run's lease folder
 
 
-def lock_location(url: str, run: str) -> tuple[Any, str]:
-    """``(filesystem, path)`` of ``run``'s analysis lock."""
-    from vitcnn_store.store.layout import filesystem
-
-    fs, root = filesystem(url)
-    return fs, f"{str(root).rstrip('/')}/{LOCKS}/{check_name(run)}.json"
+def lock_location(store: Store, run_name: str) -> tuple[Any, str]:
+    """``(filesystem, path)`` of run ``run_name``'s analysis lock."""
+    return store.fs, f"{store.path}/{LOCKS}/{check_name(run_name)}.json"
 
 
 def _is_local(fs: Any) -> bool:
@@ -68,10 +69,10 @@ def _describe(raw: bytes) -> str:
         return "another job (starting)"
 
 
-def lock_holder(url: str, run: str) -> str | None:
-    """Who holds ``run``'s analysis lock, or None when it is free."""
-    fs, path = lock_location(url, run)
-    with store_io(url):
+def lock_holder(store: Store, run_name: str) -> str | None:
+    """Who holds run ``run_name``'s analysis lock, or None when it is free."""
+    fs, path = lock_location(store, run_name)
+    with store_io(store.url):
         if _is_local(fs):
             return _local_holder(path)
         try:
@@ -99,13 +100,15 @@ def _local_holder(path: str) -> str | None:
         os.close(fd)
 
 
-def _refusal(run: str, holder: str, path: str, local: bool) -> RunLockedError:
+def _refusal(run_name: str, holder: str, path: str, local: bool) -> RunLockedError:
     gone = "" if local else f"; if that job is gone, delete {path}"
-    return RunLockedError(f"run {run!r} is being analysed by {holder}: wait for it to finish{gone}")
+    return RunLockedError(
+        f"run {run_name!r} is being analysed by {holder}: wait for it to finish{gone}"
+    )
 
 
 @contextmanager
-def _local_lock(run: str, path: str, job: str) -> Iterator[None]:
+def _local_lock(run_name: str, path: str, job: str) -> Iterator[None]:
     import fcntl
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -116,7 +119,7 @@ def _local_lock(run: str, path: str, job: str) -> Iterator[None]:
         except BlockingIOError:
             holder = _describe(os.pread(fd, 4096, 0))
             os.close(fd)
-            raise _refusal(run, holder, path, local=True) from None
+            raise _refusal(run_name, holder, path, local=True) from None
         try:  # the file may have been released and unlinked between open and flock
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -137,7 +140,7 @@ def _local_lock(run: str, path: str, job: str) -> Iterator[None]:
 
 
 @contextmanager
-def _remote_lock(run: str, fs: Any, path: str, job: str) -> Iterator[None]:
+def _remote_lock(run_name: str, fs: Any, path: str, job: str) -> Iterator[None]:
     body = json.dumps(_holder(job)).encode()
     try:
         with fs.open(path, "xb") as f:
@@ -148,7 +151,7 @@ def _remote_lock(run: str, fs: Any, path: str, job: str) -> Iterator[None]:
                 holder = _describe(f.read())
         except FileNotFoundError:
             holder = "another job (finishing)"
-        raise _refusal(run, holder, path, local=False) from None
+        raise _refusal(run_name, holder, path, local=False) from None
     try:
         yield
     finally:
@@ -156,18 +159,19 @@ def _remote_lock(run: str, fs: Any, path: str, job: str) -> Iterator[None]:
 
 
 @contextmanager
-def analysis_lock(url: str, runs: Iterable[str], job: str) -> Iterator[None]:
-    """Hold the analysis lock of every run in ``runs`` (in name order) while in the block.
+def analysis_lock(store: Store, run_names: Iterable[str], job: str) -> Iterator[None]:
+    """Hold the analysis lock of every run named in ``run_names`` (in name order) while in
+    the block.
 
     Raises :class:`~vitcnn_store.errors.RunLockedError` (one line naming the holder)
     when another job holds one of them; the locks taken so far are released.
     """
     with ExitStack() as stack:
-        for run in sorted(set(runs)):
-            fs, path = lock_location(url, run)
-            with store_io(url):
+        for run_name in sorted(set(run_names)):
+            fs, path = lock_location(store, run_name)
+            with store_io(store.url):
                 if _is_local(fs):
-                    stack.enter_context(_local_lock(run, path, job))
+                    stack.enter_context(_local_lock(run_name, path, job))
                 else:
-                    stack.enter_context(_remote_lock(run, fs, path, job))
+                    stack.enter_context(_remote_lock(run_name, fs, path, job))
         yield

@@ -68,6 +68,12 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Store
     return Store(str(url), storage_options)
 
 
+def as_store(store: Store | str) -> Store:
+    """``store`` itself, or the store at ``store`` (a URL) opened: for entry points that
+    take either, so that a command opens its store once and passes the handle down."""
+    return store if isinstance(store, Store) else open_store(store)
+
+
 class Store:
     """A vitcnn store: a zarr v3 group of runs, opened once.
 
@@ -85,6 +91,11 @@ class Store:
     def root(self) -> Any:
         """The store's root zarr group (opened read-only)."""
         return self._root
+
+    def writable_root(self) -> Any:
+        """The root group opened for writing (opened anew on each call: it refuses a
+        read-only or foreign location with one line, at the moment a writer needs it)."""
+        return open_root(self.url, mode="r+")
 
     @property
     def fs(self) -> Any:
@@ -495,13 +506,13 @@ class Run:
             return recorded
         from vitcnn_store.store.chunks import list_objects
 
-        return sum(list_objects(self.store.url, self.name).values())
+        return sum(list_objects(self.store, self.name).values())
 
     def missing_chunks(self) -> list[tuple[str, int]]:
         """``(array path, unit)`` of every chunk a done unit should have but the store lacks."""
         from vitcnn_store.store.chunks import list_objects, missing_unit_chunks
 
-        return missing_unit_chunks(self.group, self.done, list_objects(self.store.url, self.name))
+        return missing_unit_chunks(self.group, self.done, list_objects(self.store, self.name))
 
     @property
     def analyses(self) -> list[str]:

@@ -46,10 +46,12 @@ from vitcnn_store.store.analyses import (
 )
 from vitcnn_store.store.codecs import xarray_encoding
 from vitcnn_store.store.index import consolidate_run, refresh_derived, spliced
-from vitcnn_store.store.layout import ANALYSES, filesystem, is_local, quiet_zarr, store_io
+from vitcnn_store.store.layout import ANALYSES, is_local, quiet_zarr, store_io
 
 if TYPE_CHECKING:
     import xarray as xr
+
+    from vitcnn_store.store.reader import Store
 
 __all__ = ["WriteOutcome", "write_analysis"]
 
@@ -108,20 +110,19 @@ def _group_bytes(doc: dict[str, Any] | None, attributes: dict[str, Any]) -> byte
     return meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
 
 
-def _read(url: str, paths: list[str]) -> dict[str, Any]:
+def _read(store: Store, paths: list[str]) -> dict[str, Any]:
     """Parsed JSON of the objects ``paths`` (None where absent), read concurrently."""
     if not paths:
         return {}
-    fs, _ = filesystem(url)
-    with store_io(url):
-        got = fs.cat(paths, on_error="return")
+    with store_io(store.url):
+        got = store.fs.cat(paths, on_error="return")
     out: dict[str, Any] = {}
     for path in paths:
         raw = got.get(path) if isinstance(got, dict) else None
         if isinstance(raw, FileNotFoundError) or raw is None:
             out[path] = None
         elif isinstance(raw, BaseException):
-            with store_io(url):
+            with store_io(store.url):
                 raise raw
         else:
             try:
@@ -131,15 +132,14 @@ def _read(url: str, paths: list[str]) -> dict[str, Any]:
     return out
 
 
-def _put(url: str, objects: dict[str, bytes]) -> None:
+def _put(store: Store, objects: dict[str, bytes]) -> None:
     """Write ``objects`` (full path -> bytes): one concurrent batch on object storage;
     on a local disk each file whole (a temporary file renamed over it)."""
     if not objects:
         return
-    fs, _ = filesystem(url)
-    with store_io(url):
-        if not is_local(url):
-            fs.pipe(objects)
+    with store_io(store.url):
+        if not is_local(store.url):
+            store.fs.pipe(objects)
             return
         for path, data in objects.items():
             folder = os.path.dirname(path)
@@ -150,29 +150,28 @@ def _put(url: str, objects: dict[str, bytes]) -> None:
             os.replace(tmp, path)
 
 
-def _clear(url: str, prefix: str, *, listed: bool) -> None:
+def _clear(store: Store, prefix: str, *, listed: bool) -> None:
     """Remove what an earlier write of this key left below ``prefix``: on a local disk
     whatever is there; on object storage, where a listing is a request, when ``listed``
     (the key's ``zarr.json`` exists: a write creates it before any other object of the
     result, and this removes it last, so without it nothing is below)."""
-    fs, _ = filesystem(url)
-    with store_io(url):
-        if is_local(url):
+    with store_io(store.url):
+        if is_local(store.url):
             if os.path.isdir(prefix):
                 shutil.rmtree(prefix)
             return
         if not listed:
             return
         try:
-            found = [str(p) for p in fs.find(prefix, withdirs=False)]
+            found = [str(p) for p in store.fs.find(prefix, withdirs=False)]
         except FileNotFoundError:
             return
         group_doc = [p for p in found if p.rstrip("/").endswith(f"{prefix.rstrip('/')}/zarr.json")]
         rest = [p for p in found if p not in group_doc]
         if rest:
-            fs.rm(rest)
+            store.fs.rm(rest)
         if group_doc:
-            fs.rm(group_doc)
+            store.fs.rm(group_doc)
 
 
 def _node(doc: dict[str, Any]) -> dict[str, Any]:
@@ -195,9 +194,10 @@ def _marker(doc: dict[str, Any] | None) -> bool:
 
 
 def write_analysis(
-    url: str, run: str, name: str, ds: xr.Dataset, *, replace_all: bool = False
+    store: Store, run_name: str, name: str, ds: xr.Dataset, *, replace_all: bool = False
 ) -> WriteOutcome:
-    """Write ``ds`` as a result of ``run`` under ``name``, keyed by its ``parameters``.
+    """Write ``ds`` as a result of run ``run_name`` under ``name``, keyed by its
+    ``parameters``.
 
     The arrays go first, the commit marker last, then the ``latest`` pointer
     and the run's (and the root's) consolidated metadata, in the steps the
@@ -206,21 +206,20 @@ def write_analysis(
     run's analysis lock (:mod:`vitcnn_store.store.locks`).
     """
     key = parameters_key(ds.attrs.get("parameters"))
-    group = analysis_group(run, name, key)
-    _, root_path = filesystem(url)
-    base = str(root_path).rstrip("/")
-    name_group = analysis_group(run, name)
+    group = analysis_group(run_name, name, key)
+    base = store.path
+    name_group = analysis_group(run_name, name)
     where = {
         "root": f"{base}/zarr.json",
-        "run": f"{base}/{run}/zarr.json",
-        "analyses": f"{base}/{run}/{ANALYSES}/zarr.json",
+        "run": f"{base}/{run_name}/zarr.json",
+        "analyses": f"{base}/{run_name}/{ANALYSES}/zarr.json",
         "name": f"{base}/{name_group}/zarr.json",
         "key": f"{base}/{group}/zarr.json",
     }
-    docs = _read(url, [where["run"], where["analyses"], where["name"], where["key"]])
+    docs = _read(store, [where["run"], where["analyses"], where["name"], where["key"]])
     run_doc = docs[where["run"]]
     if run_doc is None:
-        raise RunNotFoundError(f"no run {run!r} in {url}")
+        raise RunNotFoundError(f"no run {run_name!r} in {store.url}")
     # The name's other results, from the run's snapshot (no listing); their markers
     # are read from their own zarr.json (the snapshot may predate a rewrite).
     snapshot = (run_doc.get("consolidated_metadata") or {}).get("metadata") or {}
@@ -231,7 +230,7 @@ def write_analysis(
         if k.startswith(prefix) and "/" not in k[len(prefix) :] and k != prefix + key
         if v.get("node_type") == "group"
     ]
-    other_docs = _read(url, [f"{base}/{name_group}/{k}/zarr.json" for k in others])
+    other_docs = _read(store, [f"{base}/{name_group}/{k}/zarr.json" for k in others])
 
     clean = ds.copy(deep=False)
     for attr in (COMPLETE_ATTR, ARRAYS_ATTR, DIGEST_ATTR):  # a rewrite computes its own
@@ -239,16 +238,16 @@ def write_analysis(
     staged = _stage(clean)
 
     # A rewrite (--recompute) or an interrupted write: its objects go first.
-    _clear(url, f"{base}/{group}", listed=docs[where["key"]] is not None)
+    _clear(store, f"{base}/{group}", listed=docs[where["key"]] is not None)
     name_doc = docs[where["name"]]
     first = {where["key"]: staged.unmarked}
     if docs[where["analyses"]] is None:
         first[where["analyses"]] = _group_bytes(None, {})
     if name_doc is None:
         first[where["name"]] = _group_bytes(None, {})
-    _put(url, first)
-    _put(url, {f"{base}/{group}/{k}": v for k, v in staged.arrays.items()})
-    _put(url, {where["key"]: staged.marked})  # the commit: last write of the result
+    _put(store, first)
+    _put(store, {f"{base}/{group}/{k}": v for k, v in staged.arrays.items()})
+    _put(store, {where["key"]: staged.marked})  # the commit: last write of the result
 
     pointer = _group_bytes(
         name_doc, {**((name_doc or {}).get("attributes") or {}), LATEST_ATTR: key}
@@ -262,31 +261,31 @@ def write_analysis(
         if k.endswith("/zarr.json"):
             nodes[f"{ANALYSES}/{name}/{key}/{k.removesuffix('/zarr.json')}"] = json.loads(v)
     # Read again just before rewriting them: another job may have rewritten the root.
-    fresh = _read(url, [where["run"], where["root"]])
+    fresh = _read(store, [where["run"], where["root"]])
     run_now, root_now = fresh[where["run"]], fresh[where["root"]]
     subtree = f"{ANALYSES}/{name}/{key}"
     last = {where["name"]: pointer}
     if _consolidated(run_now):
         last[where["run"]] = spliced(run_now, subtree, nodes)
     if _consolidated(root_now):
-        prefixed = {f"{run}/{k}": v for k, v in nodes.items()}
-        last[where["root"]] = spliced(root_now, f"{run}/{subtree}", prefixed)
-    _put(url, last)
+        prefixed = {f"{run_name}/{k}": v for k, v in nodes.items()}
+        last[where["root"]] = spliced(root_now, f"{run_name}/{subtree}", prefixed)
+    _put(store, last)
     if not _consolidated(run_now):  # a run without consolidated metadata: all of it
-        consolidate_run(url, run)
+        consolidate_run(store.url, run_name)
 
     outcome = WriteOutcome(group, key, staged.digest, replaced=_marker(docs[where["key"]]))
     if replace_all:
-        for other in list_results(url, run, name, listing=True):
+        for other in list_results(store, run_name, name, listing=True):
             if other.key != key:
-                delete_result(url, other)
+                delete_result(store, other)
                 outcome.removed.append(other.group)
-        refresh_derived(url, run, f"{ANALYSES}/{name}")
+        refresh_derived(store.url, run_name, f"{ANALYSES}/{name}")
         return outcome
     kept = []
     for k in others:
         doc = other_docs[f"{base}/{name_group}/{k}/zarr.json"]
         if _marker(doc):
             kept.append((str(doc["attributes"].get("computed_at") or ""), k))
-    outcome.kept = [analysis_group(run, name, k) for _, k in sorted(kept)]
+    outcome.kept = [analysis_group(run_name, name, k) for _, k in sorted(kept)]
     return outcome

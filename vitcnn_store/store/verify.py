@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,13 +35,15 @@ from vitcnn_store.store.layout import (
     IMAGE_COORDS,
     check_name,
     environment_error,
-    open_root,
     quiet_zarr,
     store_io,
     unit_bounds,
 )
 from vitcnn_store.store.manifest import manifest_problems, missing_names
-from vitcnn_store.store.runs import list_runs, run_format
+from vitcnn_store.store.runs import run_format
+
+if TYPE_CHECKING:
+    from vitcnn_store.store.reader import Store
 
 __all__ = ["Problem", "VerifyReport", "verify_store"]
 
@@ -120,15 +122,15 @@ class _Present(dict):
         return True
 
 
-def _plan_run(url: str, name: str, group: Any, report: VerifyReport) -> list[_Task]:
+def _plan_run(store: Store, name: str, group: Any, report: VerifyReport) -> list[_Task]:
     """Missing-chunk problems now; decode tasks for every chunk that should exist."""
     from vitcnn_store.store.checked import read_checked
 
-    objects = _Present() if not can_list(url) else list_objects(url, name)
+    objects = _Present() if not can_list(store.url) else list_objects(store, name)
     chunk = int(group.attrs["chunk_size"])
     tasks: list[_Task] = []
     try:
-        done = read_checked(group["done"], url, name, "done").astype(bool)
+        done = read_checked(group["done"], store.url, name, "done").astype(bool)
     except Exception:
         # A damaged flag chunk: check each unit's flag on its own below.
         done = np.ones(group["done"].shape[0], dtype=bool)
@@ -184,15 +186,15 @@ def _check_manifest(name: str, group: Any, report: VerifyReport) -> set[str]:
     return {path for path, _ in found} | gone
 
 
-def _copy_from_intact(url: str, run: str, path: str, report: VerifyReport) -> bool:
+def _copy_from_intact(store: Store, run_name: str, path: str, report: VerifyReport) -> bool:
     """Rewrite (or recreate) image coordinate ``path`` from an intact copy: the run and
     every layer hold one. False when no intact copy exists."""
     from vitcnn_store.store.chunks import walk_arrays
     from vitcnn_store.store.writer import write_coordinate
 
     name = path.rsplit("/", 1)[-1]
-    with quiet_zarr(), store_io(url):
-        group = run_group(url, run, mode="r+", consolidated=False)
+    with quiet_zarr(), store_io(store.url):
+        group = run_group(store.url, run_name, mode="r+", consolidated=False)
         copies = [p for p, _ in walk_arrays(group) if p.rsplit("/", 1)[-1] == name]
         for source in (p for p in copies if p != path and not p.startswith("_")):
             try:
@@ -206,18 +208,18 @@ def _copy_from_intact(url: str, run: str, path: str, report: VerifyReport) -> bo
                 parent, _, cname = path.rpartition("/")
                 target = group[parent] if parent else group
                 write_coordinate(target, cname, values, ["image"], src.chunks)
-            report.notes.append(f"rewrote {run}/{path} from its intact copy {source}")
+            report.notes.append(f"rewrote {run_name}/{path} from its intact copy {source}")
             return True
     return False
 
 
-def _restore_done(url: str, run: str, report: VerifyReport) -> None:
+def _restore_done(store: Store, run_name: str, report: VerifyReport) -> None:
     """Recreate a lost ``done`` array as the manifest says, every unit not done."""
     from vitcnn_store.store.codecs import checksummed
     from vitcnn_store.store.manifest import manifest_arrays
 
-    with quiet_zarr(), store_io(url):
-        group = run_group(url, run, mode="r+", consolidated=False)
+    with quiet_zarr(), store_io(store.url):
+        group = run_group(store.url, run_name, mode="r+", consolidated=False)
         want = (manifest_arrays(dict(group.attrs)) or {}).get("done")
         if want is None:
             return
@@ -231,21 +233,21 @@ def _restore_done(url: str, run: str, report: VerifyReport) -> None:
             compressors=checksummed("none"),
             attributes={"long_name": "unit fully written (all arrays)"},
         )
-    report.repaired[run] = list(range(int(want["shape"][0])))
+    report.repaired[run_name] = list(range(int(want["shape"][0])))
 
 
-def _check_results(url: str, run: str, report: VerifyReport) -> None:
-    """Problems of ``run``'s analysis results: no commit marker, a missing array, an
+def _check_results(store: Store, run_name: str, report: VerifyReport) -> None:
+    """Problems of run ``run_name``'s analysis results: no commit marker, a missing array, an
     array without checksums, a digest that does not match."""
     from vitcnn_store.store.locks import lock_holder
 
-    results = list_results(url, run, listing=can_list(url))
-    grams = _incomplete_grams(url, run)
+    results = list_results(store, run_name, listing=can_list(store.url))
+    grams = _incomplete_grams(store, run_name)
     if not results and not grams:
         return
     # Incomplete derived data is expected while a job writes it: ask who, once.
-    holder = lock_holder(url, run) if grams or any(not r.complete for r in results) else None
-    group = run_group(url, run, consolidated=not can_list(url))
+    holder = lock_holder(store, run_name) if grams or any(not r.complete for r in results) else None
+    group = run_group(store.url, run_name, consolidated=not can_list(store.url))
     for result in results:
         where = result.group.split("/", 1)[1]
         problem = result.problem
@@ -267,16 +269,18 @@ def _check_results(url: str, run: str, report: VerifyReport) -> None:
         if not problem:
             continue
         if holder is not None and not result.complete:
-            report.notes.append(f"{run}/{where}: being written by {holder}, not checked")
+            report.notes.append(f"{run_name}/{where}: being written by {holder}, not checked")
             continue
         report.bad_results.append(result)
-        report.problems.append(Problem(run, where, None, f"analysis result {problem}; {REDO}"))
+        report.problems.append(Problem(run_name, where, None, f"analysis result {problem}; {REDO}"))
     for path in grams:
         if holder is not None:
-            report.notes.append(f"{run}/{path}: being written by {holder}, not checked")
+            report.notes.append(f"{run_name}/{path}: being written by {holder}, not checked")
             continue
         what = "incomplete cached Gram (its job was interrupted); --repair drops it, "
-        report.problems.append(Problem(run, path, None, what + "`vitcnn analyze cka` redoes it"))
+        report.problems.append(
+            Problem(run_name, path, None, what + "`vitcnn analyze cka` redoes it")
+        )
 
 
 def _result_of(run: str, path: str) -> ResultInfo | None:
@@ -298,13 +302,13 @@ def _result_of(run: str, path: str) -> ResultInfo | None:
     return ResultInfo(run, parts[1], key, {}, "damaged chunk")
 
 
-def _incomplete_grams(url: str, run: str) -> list[str]:
+def _incomplete_grams(store: Store, run_name: str) -> list[str]:
     """Paths (in the run) of cached Grams not marked complete."""
     from vitcnn_store.store.layout import GRAMS
 
     out = []
     with quiet_zarr():
-        group = run_group(url, run, consolidated=not can_list(url))
+        group = run_group(store.url, run_name, consolidated=not can_list(store.url))
         if GRAMS not in group:
             return []
         for path, arr in walk_arrays(group[GRAMS], f"{GRAMS}/"):
@@ -314,7 +318,7 @@ def _incomplete_grams(url: str, run: str) -> list[str]:
     return out
 
 
-def _repair_derived(url: str, report: VerifyReport) -> bool:
+def _repair_derived(store: Store, report: VerifyReport) -> bool:
     """Remove bad analysis results and Grams, under each run's analysis lock; whether
     anything was removed."""
     from vitcnn_store.errors import RunLockedError
@@ -331,15 +335,15 @@ def _repair_derived(url: str, report: VerifyReport) -> bool:
     changed = False
     for run in sorted(set(grams) | set(results)):
         try:
-            with analysis_lock(url, [run], "vitcnn verify --repair"):
+            with analysis_lock(store, [run], "vitcnn verify --repair"):
                 for layer in sorted(grams.get(run, ())):
-                    delete_grams(url, run, layer)
+                    delete_grams(store, run, layer)
                     report.notes.append(
                         f"dropped the damaged Gram cache of {run}/{layer}: "
                         "`vitcnn analyze cka` recomputes it"
                     )
                 for result in results.get(run, []):
-                    delete_result(url, result)
+                    delete_result(store, result)
                     report.notes.append(
                         f"removed the analysis result {result.group}: "
                         "`vitcnn analyze` recomputes it"
@@ -350,7 +354,7 @@ def _repair_derived(url: str, report: VerifyReport) -> bool:
     return changed
 
 
-def _repair(url: str, report: VerifyReport) -> None:
+def _repair(store: Store, report: VerifyReport) -> None:
     """Repair holding the lease of every run it touches (refused while a job holds one)."""
     from vitcnn_store.store.lease import acquire_lease, new_owner, release_lease
 
@@ -358,15 +362,15 @@ def _repair(url: str, report: VerifyReport) -> None:
     owner, held = new_owner(), []
     try:
         for run in sorted(touched):
-            acquire_lease(url, run, owner)
+            acquire_lease(store.url, run, owner)
             held.append(run)
-        _repair_held(url, report)
+        _repair_held(store, report)
     finally:
         for run in held:
-            release_lease(url, run, owner)
+            release_lease(store.url, run, owner)
 
 
-def _repair_held(url: str, report: VerifyReport) -> None:
+def _repair_held(store: Store, report: VerifyReport) -> None:
     from vitcnn_store.store.writer import consolidate
 
     units: dict[str, set[int]] = {}
@@ -375,34 +379,34 @@ def _repair_held(url: str, report: VerifyReport) -> None:
         if p.unit is not None or not p.repairable:
             continue
         if p.layer == "done":
-            _restore_done(url, p.run, report)
-        elif not _copy_from_intact(url, p.run, p.layer, report):  # an image coordinate
+            _restore_done(store, p.run, report)
+        elif not _copy_from_intact(store, p.run, p.layer, report):  # an image coordinate
             report.notes.append(f"{p.run}/{p.layer}: no intact copy; {RECOVER}")
             continue
         changed = True
     for p in report.problems:
         if p.repairable and p.unit is not None:
             units.setdefault(p.run, set()).add(p.unit)
-    derived = _repair_derived(url, report)
+    derived = _repair_derived(store, report)
     runs = sorted(
         {p.run for p in report.problems if p.run != "-"} | {r.run for r in report.bad_results}
     )
     if not units:
         if derived or changed:
-            consolidate(url, *runs)
+            consolidate(store.url, *runs)
         return
-    open_root(url, mode="r+")
+    store.writable_root()  # refuses a read-only or foreign location with one line
     for run, todo in units.items():
-        with quiet_zarr(), store_io(url):
-            done = run_group(url, run, mode="r+", consolidated=False)["done"]
+        with quiet_zarr(), store_io(store.url):
+            done = run_group(store.url, run, mode="r+", consolidated=False)["done"]
             for u in sorted(todo):
                 done[u] = False
         report.repaired[run] = sorted(todo)
-    consolidate(url, *runs)
+    consolidate(store.url, *runs)
 
 
 def verify_store(
-    url: str,
+    url: str | Store,
     run: str | None = None,
     *,
     repair: bool = False,
@@ -418,9 +422,12 @@ def verify_store(
     >>> report.ok, len(report.problems)  # doctest: +SKIP
     (True, 0)
     """
-    root = open_root(url, mode="r")
+    from vitcnn_store.store.reader import as_store
+
+    store = as_store(url)
+    url = url if isinstance(url, str) else store.url  # as the caller named it, in messages
     report = VerifyReport(url)
-    entries = list_runs(url, root)
+    entries = store.entries
     if run is not None:
         check_name(run)
         entries = [e for e in entries if e.name == run]
@@ -433,13 +440,13 @@ def verify_store(
             report.problems.append(Problem(entry.name, "-", None, f"{entry.problem}: {RECOVER}"))
             continue
         # Scrub what is stored, not the run's metadata snapshot (unless nothing lists).
-        group = run_group(url, entry.name, consolidated=not can_list(url))
+        group = run_group(store.url, entry.name, consolidated=not can_list(store.url))
         lost = _check_manifest(entry.name, group, report)
         if lost & {"done", "image"}:
             continue  # the unit grid is unknown: nothing more to check until restored
         try:
-            tasks += _plan_run(url, entry.name, group, report)
-            _check_results(url, entry.name, report)
+            tasks += _plan_run(store, entry.name, group, report)
+            _check_results(store, entry.name, report)
         except DamagedDataError as e:
             report.problems.append(Problem(entry.name, "-", None, f"{e}: {RECOVER}"))
     bar = None
@@ -449,7 +456,7 @@ def verify_store(
         bar = tqdm(
             total=len(tasks), unit="chunk", desc="verify", file=sys.stderr, dynamic_ncols=True
         )
-    with ThreadPoolExecutor(max(1, threads)) as pool, store_io(url):
+    with ThreadPoolExecutor(max(1, threads)) as pool, store_io(store.url):
         for task, outcome in zip(tasks, pool.map(_check, tasks), strict=True):
             report.chunks_checked += 1
             if bar is not None:
@@ -479,5 +486,5 @@ def verify_store(
         bar.close()
     report.problems.sort(key=lambda p: (p.run, p.unit if p.unit is not None else -1, p.layer))
     if repair:
-        _repair(url, report)
+        _repair(store, report)
     return report
