@@ -238,6 +238,8 @@ def demo_plan(cfg: DemoConfig) -> DemoPlan:
     (['vit', 'resnet', 'vit_faces', 'resnet_faces'], 12)
     >>> plan.extractions[2].images, plan.extractions[0].model.name
     ('builtin:faces', 'vit_tiny_patch16_224')
+    >>> [e.workers for e in plan.extractions]  # photographs on Ray actors, faces in process
+    [2, 2, 0, 0]
     """
     return DemoPlan(_extractions(cfg), _analyses(cfg.store, cfg.quick))
 
