@@ -18,8 +18,9 @@ runs it, prints as it goes and writes the report.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -244,13 +245,28 @@ def demo_plan(cfg: DemoConfig) -> DemoPlan:
     return DemoPlan(_extractions(cfg), _analyses(cfg.store, cfg.quick))
 
 
+def _import_extraction() -> None:
+    """Import what an extraction's plan needs (torch, timm): seconds on a small machine."""
+    with suppress(Exception):  # an extraction imports it again and says what is wrong
+        import jobs.plan  # noqa: F401
+
+
 @contextmanager
 def local_ray() -> Iterator[None]:
     """One local Ray cluster (loopback only) for every extraction of a block, unless
-    Ray is already running; shut down on exit if started here."""
+    Ray is already running; shut down on exit if started here.
+
+    While Ray starts (its processes come up: seconds), a thread imports torch and timm
+    for the first extraction, as an extraction that starts Ray itself plans meanwhile.
+    """
     from jobs.ray_cluster import connect, disconnect
 
-    started = connect(None)  # the tool's own Ray: loopback only (jobs/ray_cluster.py)
+    warm = threading.Thread(target=_import_extraction, name="vitcnn-import", daemon=True)
+    warm.start()
+    try:
+        started = connect(None)  # the tool's own Ray: loopback only (jobs/ray_cluster.py)
+    finally:
+        warm.join()
     try:
         yield
     finally:
