@@ -18,7 +18,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import psutil
@@ -134,6 +134,39 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     extract_tiny(store, "vit", "vit", layers="preset:paper", attention=True, inputs=True)
     extract_tiny(store, "resnet", "resnet", layers="preset:paper", inputs=True)
     return str(store)
+
+
+#: Seconds a worker waits for another one's build of a shared fixture (:func:`built_once`).
+SHARED_BUILD_TIMEOUT = 600.0
+
+
+def built_once(
+    tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]
+) -> Path:
+    """``build(path)`` once per test run, by whichever pytest-xdist worker asks first; the
+    others wait for it and get the same ``path``. Only for fixtures no test writes to
+    (a test would change another worker's data), and that take seconds to build."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's temp folder, above each worker's own
+    path, done = root / name, root / f"{name}.done"
+    deadline = time.monotonic() + SHARED_BUILD_TIMEOUT
+    with open(root / f"{name}.lock", "w") as lock:  # the lock goes with the file's closing
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another worker is still building {path}") from None
+                time.sleep(0.2)
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)  # what a failed build left
+            build(path)
+            done.touch()
+    return path
 
 
 BIN = Path(sys.executable).parent

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import extract_tiny
+from tests.conftest import built_once, extract_tiny
 from vitcnn_store.serve.config import ServeConfig
 
 TOKEN = "test-token-0123456789abcdef"
@@ -154,10 +154,11 @@ def token_server(
 @pytest.fixture(scope="session")
 def explorer_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A ViT (attention, inputs) and a ResNet over 24 faces with every analysis
-    (:mod:`tests.serve.explorer_store`)."""
+    (:mod:`tests.serve.explorer_store`), built once for every pytest-xdist worker:
+    only read-only servers serve it."""
     from tests.serve.explorer_store import build_explorer_store
 
-    return build_explorer_store(tmp_path_factory.mktemp("explorer") / "explorer.zarr")
+    return str(built_once(tmp_path_factory, "explorer.zarr", build_explorer_store))
 
 
 @pytest.fixture(scope="session")

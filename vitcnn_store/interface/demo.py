@@ -1,13 +1,13 @@
 """``vitcnn demo``: the main job on an embedded default, no network and no GPU needed.
 
 Runs the plan of :mod:`jobs.demo` — a local Ray cluster extracts a ViT and a
-ResNet over built-in photographs (for CKA, attention and localization) and
-over built-in faces and non-faces (for probes with real classes, and skip
-ratios) into ``<out>/acts.zarr``, dask runs every analysis — printing as it
-goes, then writes ``report.html`` with each figure's protocol beside the
-paper's and the artifacts of random initialisation named, with the figures,
-into the store's figure folder ``<out>/acts.zarr.figures/`` (where ``vitcnn
-analyze`` and ``vitcnn report`` put them too).
+ResNet over built-in photographs (for CKA, attention and localization), this
+process the same two over built-in faces and non-faces (for probes with real
+classes, and skip ratios), into ``<out>/acts.zarr``, dask runs every analysis
+— printing as it goes, then writes ``report.html`` with each figure's protocol
+beside the paper's and the artifacts of random initialisation named, with the
+figures, into the store's figure folder ``<out>/acts.zarr.figures/`` (where
+``vitcnn analyze`` and ``vitcnn report`` put them too).
 """
 
 from __future__ import annotations
