@@ -89,14 +89,41 @@ KERNELS = ("linear", "rbf")
 FEATURES = ("auto", "cls", "gap")
 #: ``--groups`` of probes: which images a split keeps together.
 GROUPINGS = ("auto", "parent", "none")
-#: Layer selections of the analyses drawn along depth (:func:`jobs.analyze.depth.select_by_role`).
 #: A batch's size check: the unbiased HSIC₁ (every batched estimate here) needs 4 images.
 _AT_LEAST_BATCH = f"at least {MIN_HSIC_SAMPLES[True]}"
+
+#: Layer selections of the analyses drawn along depth (:func:`jobs.analyze.depth.select_by_role`).
 ROLE_SETS = ("stream", "branches", "all")
 # A target token: a grid position (row, col) or a flat patch index (row-major).
 TokenSpec = tuple[int, int] | int
 #: ``--batch-size`` of CKA and localization when not given (the paper's minibatch).
 DEFAULT_BATCH_SIZE = 1024
+
+
+# The sampling options, declared once: the analyses that sample images share them.
+def _batch_size() -> Any:
+    return option(
+        DEFAULT_BATCH_SIZE,
+        flag="--batch-size",
+        parse=int,
+        check=_AT_LEAST_BATCH,
+        help="images per batch, capped to the usable images",
+    )
+
+
+def _max_batches(help: str) -> Any:
+    return option(
+        None,
+        flag="--batches",
+        parse=int,
+        check="positive",
+        metavar="N",
+        help=f"{help} (default: every full batch)",
+    )
+
+
+def _seed(help: str = "sampling seed") -> Any:
+    return option(0, flag="--seed", parse=int, check="non-negative", help=help)
 
 
 def parse_mebibytes(text: str) -> int:
@@ -313,13 +340,7 @@ class CKAConfig(AnalysisOptions):
         help="unbiased HSIC1 summed over minibatches (the paper's), biased HSIC over all "
         "images, or unbiased HSIC1 over all images",
     )
-    batch_size: int = option(
-        DEFAULT_BATCH_SIZE,
-        flag="--batch-size",
-        parse=int,
-        check=_AT_LEAST_BATCH,
-        help="images per batch, capped to the usable images",
-    )
+    batch_size: int = _batch_size()
     repeats: int = option(
         1,
         flag="--repeats",
@@ -327,15 +348,8 @@ class CKAConfig(AnalysisOptions):
         check="positive",
         help="fresh samplings, averaged (std reported)",
     )
-    max_batches: int | None = option(
-        None,
-        flag="--batches",
-        parse=int,
-        check="positive",
-        metavar="N",
-        help="at most N batches per repeat (default: every full batch)",
-    )
-    seed: int = option(0, flag="--seed", parse=int, check="non-negative", help="sampling seed")
+    max_batches: int | None = _max_batches("at most N batches per repeat")
+    seed: int = _seed()
     reduce: str = option(
         "flatten",
         flag="--reduce",
@@ -486,14 +500,8 @@ class LocalizationConfig(BootstrapOptions):
         help="grid positions row:col or flat patch indices, comma-separated "
         "(default: 4-5 spread over the grid)",
     )
-    batch_size: int = option(
-        DEFAULT_BATCH_SIZE,
-        flag="--batch-size",
-        parse=int,
-        check=_AT_LEAST_BATCH,
-        help="images per batch, capped to the usable images",
-    )
-    seed: int = option(0, flag="--seed", parse=int, check="non-negative", help="sampling seed")
+    batch_size: int = _batch_size()
+    seed: int = _seed()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -532,9 +540,7 @@ class ProbeConfig(BootstrapOptions):
         "the token/spatial mean, recorded per layer with the reason; cls: the CLS token "
         "(layers without one are refused); gap: the token/spatial mean, also spelled mean",
     )
-    seed: int = option(
-        0, flag="--seed", parse=int, check="non-negative", help="split (and fold) seed"
-    )
+    seed: int = _seed("split (and fold) seed")
     l2: float | None = option(
         None,
         flag="--l2",
@@ -621,22 +627,9 @@ class HeadsConfig(AnalysisOptions):
         metavar="PATTERNS",
         help="layers of RUN2 (default: its residual stream up to half depth)",
     )
-    batch_size: int = option(
-        DEFAULT_BATCH_SIZE,
-        flag="--batch-size",
-        parse=int,
-        check=_AT_LEAST_BATCH,
-        help="images per batch, capped to the usable images",
-    )
-    max_batches: int | None = option(
-        None,
-        flag="--batches",
-        parse=int,
-        check="positive",
-        metavar="N",
-        help="at most N batches (default: every full batch)",
-    )
-    seed: int = option(0, flag="--seed", parse=int, check="non-negative", help="sampling seed")
+    batch_size: int = _batch_size()
+    max_batches: int | None = _max_batches("at most N batches")
+    seed: int = _seed()
 
     def validate(self) -> None:
         super().validate()
