@@ -14,7 +14,7 @@ start leaves an existing run exactly as it was.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vitcnn_store.errors import ImageSetError, RunLockedError, VitcnnError
 from vitcnn_store.store import RunWriter, check_writable, create_run, prepare_run
@@ -88,35 +88,27 @@ def check_run(cfg: ExtractConfig, template: RunTemplate) -> bool:
 
 def create_run_from(cfg: ExtractConfig, template: RunTemplate) -> None:
     """Create (or replace) the run from its template; the creation marker comes last."""
-    records = template.plan.images.records
-    create_run(
-        cfg.store,
-        cfg.run,
-        image_ids=[r.image_id for r in records],
-        labels=[r.label for r in records],
-        image_sha256=template.image_sha256,
-        chunk=template.chunk_size,
-        dtype=cfg.dtype,
-        arrays=template.specs,
-        attrs=template.provenance,
-        compression=cfg.compression,
-    )
+    create_run(cfg.store, cfg.run, attrs=template.provenance, **_layout(cfg, template))
 
 
 def restore_run_from(cfg: ExtractConfig, template: RunTemplate) -> list[str]:
     """Recreate what a resumed run lost (missing arrays, unreadable coordinates)."""
+    return restore_run(cfg.store, cfg.run, **_layout(cfg, template))
+
+
+def _layout(cfg: ExtractConfig, template: RunTemplate) -> dict[str, Any]:
+    """What a run is made of — images, chunking, dtype, arrays, codecs — as both
+    creating it and restoring what it lost lay it out."""
     records = template.plan.images.records
-    return restore_run(
-        cfg.store,
-        cfg.run,
-        image_ids=[r.image_id for r in records],
-        labels=[r.label for r in records],
-        image_sha256=template.image_sha256,
-        chunk=template.chunk_size,
-        dtype=cfg.dtype,
-        arrays=template.specs,
-        compression=cfg.compression,
-    )
+    return {
+        "image_ids": [r.image_id for r in records],
+        "labels": [r.label for r in records],
+        "image_sha256": template.image_sha256,
+        "chunk": template.chunk_size,
+        "dtype": cfg.dtype,
+        "arrays": template.specs,
+        "compression": cfg.compression,
+    }
 
 
 def prepare_store(cfg: ExtractConfig, template: RunTemplate) -> RunWriter:
