@@ -37,7 +37,7 @@ import numpy as np
 from jobs.analyze.executor import Executor
 from jobs.analyze.options import AnalysisOptions
 from vitcnn_store._version import __version__
-from vitcnn_store.errors import DamagedDataError, StoreUnavailableError
+from vitcnn_store.errors import StoreUnavailableError
 from vitcnn_store.store.analyses import (
     ARRAYS_ATTR,
     COMPLETE_ATTR,
@@ -98,15 +98,7 @@ class AnalysisResult:
     def dataset(self) -> xr.Dataset:
         """The result, loaded into memory (read from the store on first use if reused)."""
         if self.loaded is None:
-            try:
-                self.loaded = load_result(self.store, self.group)
-            except Exception as e:  # a chunk that fails its checksum
-                raise DamagedDataError(
-                    f"analysis result {self.group} is damaged ({type(e).__name__}): run "
-                    f"`vitcnn verify {self.store.url} --repair` and analyse again",
-                    run=self.run,
-                    layer=self.group.split("/", 1)[1],
-                ) from e
+            self.loaded = load_result(self.store, self.group)
         return self.loaded
 
     @property

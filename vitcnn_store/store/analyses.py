@@ -346,20 +346,22 @@ def read_analysis(run: Run, name: str, key: str | None = None) -> xr.Dataset:
         raise RunNotFoundError(
             f"no analysis {what} in run {run.name!r} (complete results: {known})"
         )
-    try:
-        return _open(run.store, chosen.group)
-    except Exception as e:  # a chunk that fails its checksum
-        raise DamagedDataError(
-            f"analysis result {chosen.group} is damaged ({type(e).__name__}): run "
-            f"`vitcnn verify {run.store.url} --repair` and analyse again",
-            run=run.name,
-            layer=chosen.group.split("/", 1)[1],
-        ) from e
+    return load_result(run.store, chosen.group)
 
 
 def load_result(store: Store, group: str) -> xr.Dataset:
-    """The stored result at ``group``, loaded into memory (numpy, no dask)."""
-    return _open(store, group)
+    """The stored result at ``group`` (``<run>/_analyses/<name>/<key>``), loaded into
+    memory (numpy, no dask); :class:`DamagedDataError` naming the repair if it is not whole."""
+    try:
+        return _open(store, group)
+    except Exception as e:  # a chunk that fails its checksum, a lost marker
+        run, inside = group.split("/", 1)
+        raise DamagedDataError(
+            f"analysis result {group} is damaged ({type(e).__name__}): run "
+            f"`vitcnn verify {store.url} --repair` and analyse again",
+            run=run,
+            layer=inside,
+        ) from e
 
 
 def stored_result(store: Store, run_name: str, name: str, parameters: Any) -> ResultInfo | None:
