@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from vitcnn_store.errors import ImageSetError, RunLockedError, VitcnnError
+from vitcnn_store.errors import ImageSetError, RunExistsError, RunLockedError, VitcnnError
 from vitcnn_store.store import RunWriter, check_writable, create_run, prepare_run
 from vitcnn_store.store.lease import (
     Lease,
@@ -50,6 +50,25 @@ def _refuse_if_leased(cfg: ExtractConfig) -> None:
     check_not_leased(cfg.store, cfg.run)
 
 
+def _prepare_run(cfg: ExtractConfig, provenance: dict[str, Any] | None, **images: Any) -> bool:
+    """:func:`prepare_run` for this job, its refusal told truthfully under a race."""
+    try:
+        return prepare_run(
+            cfg.store,
+            cfg.run,
+            provenance,
+            resume=cfg.resume,
+            overwrite=cfg.overwrite,
+            **images,
+        )
+    except RunExistsError:
+        # The run may have appeared after the lease was checked: a live job taking it and
+        # creating it meanwhile leaves a run "broken" until its marker lands. Its holder,
+        # not the half-made run, is the reason to give.
+        _refuse_if_leased(cfg)
+        raise
+
+
 def check_store(cfg: ExtractConfig) -> None:
     """The store-side checks that need no model and no image (writes nothing).
 
@@ -59,7 +78,7 @@ def check_store(cfg: ExtractConfig) -> None:
     """
     check_writable(cfg.store)
     _refuse_if_leased(cfg)
-    prepare_run(cfg.store, cfg.run, None, resume=cfg.resume, overwrite=cfg.overwrite)
+    _prepare_run(cfg, None)
 
 
 def check_run(cfg: ExtractConfig, template: RunTemplate) -> bool:
@@ -67,12 +86,9 @@ def check_run(cfg: ExtractConfig, template: RunTemplate) -> bool:
     check_writable(cfg.store)
     _refuse_if_leased(cfg)
     images = template.plan.images
-    create = prepare_run(
-        cfg.store,
-        cfg.run,
+    create = _prepare_run(
+        cfg,
         template.provenance,
-        resume=cfg.resume,
-        overwrite=cfg.overwrite,
         image_ids=[r.image_id for r in images.records],
         image_sha256=template.image_sha256,
     )

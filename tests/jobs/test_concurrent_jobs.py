@@ -115,3 +115,37 @@ def test_refused_job_writes_nothing_while_a_lease_is_held(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"run {run!r} is being written by job-holder" in err
     assert snapshot(store) == before
+
+
+def test_a_run_taken_between_the_checks_is_refused_naming_its_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The race the two-job test meets now and then, made to happen every time.
+
+    Another job takes the lease and starts creating the run right after this job's
+    lease check: the half-made run must not be reported as broken (inviting
+    ``--overwrite``) but its holder named, and this job must write nothing.
+    """
+    import zarr
+
+    from jobs import run_setup
+    from tests.jobs.test_refusal import snapshot
+    from vitcnn_store.store.lease import acquire_lease
+
+    store = tmp_path / "acts.zarr"
+    extract_tiny(store, "v", limit=16, chunk_size=8)
+    real_check = run_setup.check_not_leased
+    after_other_job: dict[str, object] = {}
+
+    def then_another_job_starts(url: str, run: str, owner: str | None = None) -> None:
+        real_check(url, run, owner)
+        if not after_other_job:  # the other job: its lease, then its run being created
+            acquire_lease(url, run, "job-holder", ttl=300)
+            zarr.open_group(url, mode="r+").create_group(run)
+            after_other_job["store"] = snapshot(store)
+
+    monkeypatch.setattr(run_setup, "check_not_leased", then_another_job_starts)
+    assert main(["extract", *TINY, "--store", str(store), "--run", "new"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "run 'new' is being written by job-holder" in err, err
+    assert snapshot(store) == after_other_job["store"]
