@@ -10,4 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RAY_USAGE_STATS_ENABLED=0 MPLBACKEND=Agg
+# Some machines set PYTHONDONTWRITEBYTECODE: then every process compiles our modules again,
+# and pytest rewrites every test module's asserts again in each worker (seconds per worker).
+unset PYTHONDONTWRITEBYTECODE
 exec .venv/bin/python -m pytest -n 2 --dist loadscope "$@"
