@@ -301,7 +301,7 @@ def stop_actors(pool: Pool, park: bool = False) -> None:
         return
     # Each drops the job's model before it waits: a parked actor holds no memory of it.
     refs = {a.unload.remote(): a for a in keep}
-    done, pending = ray.wait(list(refs), num_returns=len(refs), timeout=UNLOAD_TIMEOUT)
+    done, _late = ray.wait(list(refs), num_returns=len(refs), timeout=UNLOAD_TIMEOUT)
     unloaded = []
     for ref in done:
         with contextlib.suppress(Exception):
