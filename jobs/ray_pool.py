@@ -133,14 +133,18 @@ class Pool:
 
 
 def _connection() -> tuple[str, str, str] | None:
-    """This driver's Ray connection (``None``: none): a parked actor serves only the
-    connection it was created on, not one made after ``ray.shutdown``."""
+    """This driver's Ray connection (``None``: none, or one that cannot say which it
+    is): a parked actor serves only the connection it was created on, not one made
+    after ``ray.shutdown`` (a new cluster has another node, a new driver another job)."""
     import ray
 
     if not ray.is_initialized():
         return None
-    ctx = ray.get_runtime_context()
-    return (str(ctx.gcs_address), str(ctx.get_job_id()), str(ctx.get_node_id()))
+    try:
+        ctx = ray.get_runtime_context()
+        return (str(ctx.gcs_address), str(ctx.get_job_id()), str(ctx.get_node_id()))
+    except Exception:  # e.g. a Ray Client connection: nothing is parked
+        return None
 
 
 @dataclass(eq=False)
@@ -295,7 +299,7 @@ def stop_actors(pool: Pool, park: bool = False) -> None:
     those Ray did not restart during the job, for the driver's next job."""
     import ray
 
-    keep = pool.actors if park and pool.options is not None else []
+    keep = pool.actors if park and pool.options is not None and _connection() else []
     _kill([a for a in pool.actors if not any(a is k for k in keep)])
     if not keep:
         return
