@@ -335,12 +335,17 @@ def _on_ray(
         t = time.perf_counter()
         pool = start_actors(prep.template.plan, prep.template.model, sizing, n)
         summary.lap("workers", t)
+        ended_well = False
         try:
             with _writing(cfg, prep, summary, t0) as (session, on_written):
                 session.open()
                 summary.nodes = drive(pool, prep.units, cfg.store, on_written, session.check)
+            ended_well = True
         finally:
-            stop_actors(pool)
+            # A job that ended without error leaves its actors to this driver's next
+            # job (jobs.ray_pool: parked, killed when idle), unless the job started Ray
+            # itself and shuts it down now; any other job kills them.
+            stop_actors(pool, park=ended_well and not started)
         return prep
     finally:
         disconnect(started)

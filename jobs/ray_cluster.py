@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,6 +32,7 @@ __all__ = [
     "check_resources",
     "connect",
     "disconnect",
+    "on_disconnect",
     "passthrough_env",
     "probe_address",
     "start_local_ray",
@@ -43,6 +44,9 @@ CONNECT_TIMEOUT = 15.0
 #: Environment that makes Ray treat this machine as a one-node cluster on loopback.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 _saved_env: dict[str, str | None] | None = None
+#: Called before :func:`disconnect` shuts Ray down (the extraction actors parked for
+#: the next job are killed there: :mod:`jobs.ray_pool`).
+_before_disconnect: list[Callable[[], object]] = []
 
 
 def _debug() -> bool:
@@ -193,11 +197,20 @@ def connect(address: str | None) -> bool:
     return True
 
 
+def on_disconnect(callback: Callable[[], object]) -> None:
+    """Have :func:`disconnect` call ``callback`` before it shuts Ray down."""
+    if callback not in _before_disconnect:
+        _before_disconnect.append(callback)
+
+
 def disconnect(started: bool) -> None:
     """Shut down what :func:`connect` or :func:`start_local_ray` started."""
     if not started:
         return
     import ray
+
+    for callback in _before_disconnect:
+        callback()
 
     ray.shutdown()
     _restore_env()

@@ -217,9 +217,12 @@ class UnitExtractor:
             return self._writer
 
     def close(self) -> None:
+        """Remove the capture hooks and stop the decoding threads (the run's writer
+        holds no threads or open files: it is dropped with the extractor)."""
         self.capture.__exit__(None, None, None)
         if self._decoders is not None:
             self._decoders.shutdown()
+            self._decoders = None
 
     # -- stages ---------------------------------------------------------------------
 
@@ -344,6 +347,10 @@ def make_actor_class() -> Any:
     it again.) It runs two unit calls at once (``max_concurrency=2``): the
     forward lock serialises the forwards, so the write of one unit overlaps the
     decode and forward of the next.
+
+    An actor outlives its job when the driver parks it for the next job
+    (:func:`jobs.ray_pool.park_actors`): ``unload`` drops what the job gave it,
+    and ``load`` with another job's token replaces whatever it still held.
     """
     import ray
 
@@ -351,14 +358,43 @@ def make_actor_class() -> Any:
     class ExtractionActor:
         def __init__(self) -> None:
             self.extractor: UnitExtractor | None = None
+            self.job = ""
             self._lock = threading.Lock()
 
-        def load(self, plan: ExtractionPlan, model: Any, sizing: ExecutionPlan) -> tuple[str, int]:
-            """Take the plan, the model and the job's sizing (once); returns node and pid."""
+        def load(
+            self, plan: ExtractionPlan, model: Any, sizing: ExecutionPlan, job: str
+        ) -> tuple[str, int]:
+            """Take job ``job``'s plan, model and sizing; returns node and pid.
+
+            Loading the job it holds already is a no-op (both unit calls of an
+            actor restarted mid-job may ask); another job's load replaces it.
+            """
             with self._lock:
-                if self.extractor is None:
-                    self.extractor = UnitExtractor(plan, model, sizing)
+                if self.extractor is None or self.job != job:
+                    self._drop()
+                    self.extractor, self.job = UnitExtractor(plan, model, sizing), job
             return ray.get_runtime_context().get_node_id(), os.getpid()
+
+        def unload(self) -> int:
+            """Drop the job's model and plan (the actor waits, parked, for another job);
+            returns the pid."""
+            with self._lock:
+                self._drop()
+            return os.getpid()
+
+        def _drop(self) -> None:
+            if self.extractor is None:
+                return
+            cuda = self.extractor.device.type == "cuda"
+            self.extractor.close()
+            self.extractor, self.job = None, ""
+            import gc
+
+            gc.collect()  # the module's tensors, now: a parked actor holds no model
+            if cuda:
+                import torch
+
+                torch.cuda.empty_cache()
 
         def run_unit(self, unit: int) -> tuple[int, int, float]:
             if self.extractor is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 import ray
 
 from jobs.extract import ExtractConfig, extract, plan_extraction, prepare_store
+from jobs.ray_pool import release_idle_actors
 from jobs.worker import UnitExtractor
 from tests.conftest import TINY_VIT
 from tests.helpers import assert_runs_identical
@@ -61,16 +63,19 @@ def wait_for(predicate, timeout: float = 120.0) -> None:  # type: ignore[no-unty
 
 
 def actor_pids() -> list[int]:
-    return [
-        p.pid
-        for p in psutil.process_iter(["cmdline"])
-        if any("ExtractionActor" in part for part in (p.info["cmdline"] or []))
-    ]
+    """Extraction actors of this process's Ray cluster (not another test process's)."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any("ExtractionActor" in part for part in p.cmdline()):
+                found.append(p.pid)
+    return found
 
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_killed_actor_job_completes_identically(clean: str, tmp_path: Path) -> None:
     url = str(tmp_path / "acts.zarr")
+    release_idle_actors()  # the job's actor is then the only one to strike
     result: dict[str, object] = {}
     # One Ray actor: killed, restarted by Ray, loaded again by the driver.
     job = threading.Thread(
@@ -92,6 +97,7 @@ def test_killed_actor_job_completes_identically(clean: str, tmp_path: Path) -> N
 def test_killed_driver_resume_completes_identically(clean: str, tmp_path: Path) -> None:
     url = str(tmp_path / "acts.zarr")
     address = ray.get_runtime_context().gcs_address
+    release_idle_actors()  # the other driver's actors need the CPUs this one's idle ones hold
     argv = [
         sys.executable,
         "-m",
