@@ -56,20 +56,45 @@ def is_dead(actor: Any) -> bool:
 
 
 @pytest.mark.usefixtures("empty_park")
-def test_the_next_job_reuses_the_actors_and_replaces_their_model(tmp_path: Path) -> None:
+def test_the_next_job_reuses_the_actors_other_options_kill_them_idle_ones_die(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Parked actors hold their CPUs and would outlive this test: a job that waited for
+    # them would fail after READY_TIMEOUT instead of succeeding.
+    monkeypatch.setattr(ray_pool, "IDLE_SECONDS", 600.0)
+    monkeypatch.setattr(ray_pool, "READY_TIMEOUT", 60.0)
     url = str(tmp_path / "acts.zarr")
     extract_tiny(url, "vit", workers=2, cpus_per_worker=1, **SMALL)
     first = parked_actors()
     assert len(first) == 2
+    assert ray.available_resources().get("CPU", 0) == 0, "parked actors hold their CPUs"
     before = pids(first)
     # Another model on the same actors: `load` replaces what the last job left.
     extract_tiny(url, "resnet", "resnet", workers=2, cpus_per_worker=1, **SMALL)
     assert pids(parked_actors()) == before
-    assert release_idle_actors() == 2
-    assert parked_actors() == [] and all(is_dead(a) for a in first)
+    # A job whose actors are made otherwise kills the parked ones before it starts its own.
+    monkeypatch.setattr(ray_pool, "IDLE_SECONDS", 0.5)
+    extract_tiny(url, "wide", "resnet", workers=1, cpus_per_worker=2, **SMALL)
+    assert all(is_dead(a) for a in first)
+    # Its actor was parked with the idle time now in force: without the timer it would
+    # hold both CPUs until released.
     wait_for(lambda: ray.available_resources().get("CPU", 0) == 2, timeout=10.0)
-    extract_tiny(url, "fresh", "resnet", workers=2, cpus_per_worker=1, **SMALL)
-    assert_runs_identical(url, "resnet", url, "fresh")
+    assert parked_actors() == [] and release_idle_actors() == 0
+    # The reused actors wrote what a job in this process writes (as new actors do:
+    # tests/jobs/test_extract.py).
+    extract_tiny(url, "here", "resnet", workers=0, **SMALL)
+    assert_runs_identical(url, "resnet", url, "here")
+    assert_runs_identical(url, "wide", url, "here")
+
+
+def test_release_kills_parked_actors_at_once(ray_cluster: None, tmp_path: Path) -> None:
+    url = str(tmp_path / "acts.zarr")
+    release_idle_actors()
+    extract_tiny(url, "vit", workers=1, cpus_per_worker=2, **SMALL)
+    parked = parked_actors()
+    assert len(parked) == 1
+    assert release_idle_actors() == 1
+    assert parked_actors() == [] and is_dead(parked[0])
 
 
 class FailsOnWorkers(torch.nn.Module):
@@ -108,28 +133,6 @@ def test_a_failed_jobs_actors_are_killed_not_parked(tmp_path: Path) -> None:
         )
     assert parked_actors() == []
     assert is_dead(parked), "the failed job took the parked actor and killed it"
-
-
-@pytest.mark.usefixtures("empty_park")
-def test_other_options_kill_the_parked_actors_first_and_idle_ones_die(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The parked actors hold both CPUs and would outlive this test: a job that waited
-    # for their resources would fail after READY_TIMEOUT, not succeed.
-    monkeypatch.setattr(ray_pool, "IDLE_SECONDS", 600.0)
-    monkeypatch.setattr(ray_pool, "READY_TIMEOUT", 60.0)
-    url = str(tmp_path / "acts.zarr")
-    extract_tiny(url, "two", workers=2, cpus_per_worker=1, **SMALL)
-    old = parked_actors()
-    assert len(old) == 2
-    assert ray.available_resources().get("CPU", 0) == 0, "parked actors hold their CPUs"
-    monkeypatch.setattr(ray_pool, "IDLE_SECONDS", 0.5)
-    extract_tiny(url, "one", workers=1, cpus_per_worker=2, **SMALL)
-    assert all(is_dead(a) for a in old)
-    # Parked with the idle time now in force: without the timer it would hold both
-    # CPUs until released.
-    wait_for(lambda: ray.available_resources().get("CPU", 0) == 2, timeout=10.0)
-    assert parked_actors() == []
 
 
 def test_only_actors_created_alike_are_reused(monkeypatch: pytest.MonkeyPatch) -> None:
