@@ -87,8 +87,12 @@ def test_report_draws_into_the_folder_of_the_analyses_figures(
     assert cli(["report", store]) == 0
     assert capsys.readouterr().out == f"report: {figures / 'report.html'}\n"
     assert set(drawn) < {p.name for p in figures.glob("*.png")}  # + the overlays of probe and skip
-    # analyze's figures show the results the report shows: kept, not drawn again.
+    # analyze's figures show the results the report shows: kept, not drawn again; and a
+    # second report keeps every figure, the overlays of several runs' results too.
     assert {name: (figures / name).stat().st_mtime_ns for name in drawn} == drawn
+    every = {p.name: p.stat().st_mtime_ns for p in figures.glob("*.png")}
+    assert cli(["report", store]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in figures.glob("*.png")} == every
     assert sorted(p.name for p in figures.iterdir() if p.is_dir()) == ["data"]
     for name in drawn:
         png_ok(figures / name)

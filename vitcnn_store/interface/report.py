@@ -279,14 +279,14 @@ def _overlay_html(
         f"{e.run}{'' if e.name == analysis else f'/{e.name}'} ({runs[e.run].attrs.get('model')})"
         for e in entries
     ]
-    # Kept while it shows the same results under the same labels (a run's model in them).
+    # Kept while it shows the same results under the same labels (a run's model in them);
+    # its digest joins theirs, empty (so never kept) if one of them has none.
     parts = [{"label": label, **e.stamp} for label, e in zip(labels, entries, strict=True)]
+    digests = [str(part["digest"]) for part in parts]
     stamp = {
         "overlay": analysis,
         "results": parts,
-        "digest": "|".join(str(p["digest"]) for p in parts)
-        if all(e.digest for e in entries)
-        else "",
+        "digest": "|".join(digests) if all(digests) else "",
         "plots": parts[0]["plots"],
     }
     png = out / f"overlay__{analysis}.png"
