@@ -82,11 +82,17 @@ def test_report_draws_into_the_folder_of_the_analyses_figures(
     """One folder per store: analyze's figures, and report.html with its figures (under the
     same names) and data, all in <store>.figures/ (issue 16: the demo and analyze used two)."""
     figures = Path(store + ".figures")
-    drawn = {p.name for p in figures.glob("*.png")}
+    drawn = {p.name: p.stat().st_mtime_ns for p in figures.glob("*.png")}
     assert len(drawn) == len(COMMANDS)
     assert cli(["report", store]) == 0
     assert capsys.readouterr().out == f"report: {figures / 'report.html'}\n"
-    assert drawn < {p.name for p in figures.glob("*.png")}  # + the overlays of probe and skip
+    assert set(drawn) < {p.name for p in figures.glob("*.png")}  # + the overlays of probe and skip
+    # analyze's figures show the results the report shows: kept, not drawn again; and a
+    # second report keeps every figure, the overlays of several runs' results too.
+    assert {name: (figures / name).stat().st_mtime_ns for name in drawn} == drawn
+    every = {p.name: p.stat().st_mtime_ns for p in figures.glob("*.png")}
+    assert cli(["report", store]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in figures.glob("*.png")} == every
     assert sorted(p.name for p in figures.iterdir() if p.is_dir()) == ["data"]
     for name in drawn:
         png_ok(figures / name)

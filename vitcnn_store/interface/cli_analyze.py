@@ -132,26 +132,24 @@ def analyze(
 
     Figures go to ``figures``, by default beside a local store
     (:func:`vitcnn_store.interface.plots.figure_dir`). Each figure is stamped with
-    the result it shows (:mod:`vitcnn_store.interface.figure_stamp`): a reused result
-    whose figure carries its stamp is not redrawn (nor loaded, nor matplotlib imported).
+    the result it shows (:func:`vitcnn_store.interface.plots.result_stamp`): a reused
+    result whose figure carries its stamp is not redrawn (nor loaded, nor matplotlib
+    imported), and ``vitcnn report`` keeps the figure too.
     """
     entry = ANALYSES[analysis]
     result = entry.run(config)
     path = None
     if figure and entry.draws_figure:
-        from vitcnn_store.interface.figure_stamp import read_stamp, stamp_figure
-        from vitcnn_store.interface.plots import figure_dir
+        from vitcnn_store.interface.plots import figure_dir, figure_is_current, result_stamp
 
         path = figure_dir(result.store.url, figures) / f"{result.run}__{result.name}.png"
-        stamp = {"group": result.group, "digest": result.digest}
-        if not (result.reused and result.digest and read_stamp(path) == stamp):
+        stamp = result_stamp(result.group, result.digest, str(result.attrs.get("computed_at", "")))
+        if not (result.reused and figure_is_current(path, stamp)):
             from vitcnn_store.interface.plots import save_result_figure
 
             path = save_result_figure(
-                result.dataset, result.store.url, result.run, result.name, figures
+                result.dataset, result.store.url, result.run, result.name, figures, stamp=stamp
             )
-            if result.digest:
-                stamp_figure(path, stamp)
     return result, path
 
 

@@ -1,20 +1,26 @@
 """Which stored result a figure shows, recorded in the PNG itself.
 
-``vitcnn analyze`` stamps each figure it draws with the result's group and the
-digest of its stored arrays (a PNG ``tEXt`` chunk, keyword
-``vitcnn_store.result``). A rerun that reuses the result finds the stamp and
-leaves the figure alone: nothing is redrawn and matplotlib is not imported. A
-missing, unstamped or differently stamped figure is drawn again. Plain PNG
-chunk reading and writing (zlib's crc32): no imaging library.
+Each figure of a result is stamped with what it was drawn from (a PNG ``tEXt``
+chunk, keyword ``vitcnn_store.result``): the result's group, the digest of its
+stored arrays, when it was computed, and the version of the plotting code
+(:data:`vitcnn_store.interface.plots.PLOTS_VERSION`). ``vitcnn analyze`` and
+``vitcnn report`` keep a figure whose stamp matches the result they would draw
+(an analysis that reuses its result then imports no matplotlib); a missing,
+unstamped or differently stamped figure is drawn again. The stamp is written by
+the PNG encoder with the figure (:func:`stamp_text`) and read back here with
+plain PNG chunk parsing: no imaging library.
 
 Examples
 --------
 >>> import tempfile, pathlib
 >>> png = pathlib.Path(tempfile.mkdtemp()) / "f.png"
->>> _ = png.write_bytes(_SIGNATURE + _chunk(b"IHDR", bytes(13)) + _chunk(b"IEND", b""))
->>> stamp_figure(png, {"group": "v/_analyses/cka/abc", "digest": "sha256:00"})
+>>> stamp = {"group": "v/_analyses/cka/abc", "digest": "sha256:00"}
+>>> text = STAMP_KEYWORD + b"\\0" + stamp_text(stamp).encode("latin-1")
+>>> _ = png.write_bytes(_SIGNATURE + _chunk(b"IHDR", bytes(13)) + _chunk(b"tEXt", text))
 >>> read_stamp(png)
 {'digest': 'sha256:00', 'group': 'v/_analyses/cka/abc'}
+>>> read_stamp(png.with_name("missing.png")) is None
+True
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-__all__ = ["STAMP_KEYWORD", "read_stamp", "stamp_figure"]
+__all__ = ["STAMP_KEYWORD", "read_stamp", "stamp_text"]
 
 #: ``tEXt`` keyword of the stamp.
 STAMP_KEYWORD = b"vitcnn_store.result"
@@ -66,19 +72,6 @@ def read_stamp(path: str | Path) -> dict[str, Any] | None:
     return None
 
 
-def stamp_figure(path: str | Path, stamp: dict[str, Any]) -> None:
-    """Record ``stamp`` (plain JSON) in the PNG at ``path``, after its header chunk,
-    replacing an earlier stamp; the file is replaced whole (written beside it, renamed)."""
-    path = Path(path)
-    raw = path.read_bytes()
-    chunks = _chunks(raw)
-    text = json.dumps(stamp, sort_keys=True, separators=(",", ":")).encode("latin-1")
-    kept = [
-        raw[s:e]
-        for kind, data, s, e in chunks
-        if not (kind == b"tEXt" and data.startswith(STAMP_KEYWORD + b"\0"))
-    ]
-    ours = _chunk(b"tEXt", STAMP_KEYWORD + b"\0" + text)
-    tmp = path.with_name(f".{path.name}.stamp")
-    tmp.write_bytes(_SIGNATURE + kept[0] + ours + b"".join(kept[1:]))
-    tmp.replace(path)
+def stamp_text(stamp: dict[str, Any]) -> str:
+    """The text of the ``tEXt`` chunk that records ``stamp`` (plain JSON, ASCII)."""
+    return json.dumps(stamp, sort_keys=True, separators=(",", ":"))

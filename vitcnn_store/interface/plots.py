@@ -12,10 +12,17 @@ distance and entropy, ‖z‖ = ‖f(z)‖ for skip ratios. matplotlib is import
 when a figure is drawn, and pyplot never is: figures are built on
 :class:`matplotlib.figure.Figure` with an Agg canvas, so no GUI backend or
 global state is touched.
+
+Each figure is drawn once, layout included, and written with its stamp
+(:mod:`vitcnn_store.interface.figure_stamp`: the result it shows and
+:data:`PLOTS_VERSION`) to a temporary name beside its final one, then renamed:
+a killed process never leaves a half-written PNG under the final name.
+:func:`figure_is_current` tells whether a PNG already shows a result.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +36,7 @@ __all__ = [
     "DEPTH_LABEL",
     "LOCALIZATION_SCALE",
     "OVERLAYS",
+    "PLOTS_VERSION",
     "attention_convention",
     "cka_figure",
     "draw_attention",
@@ -38,6 +46,7 @@ __all__ = [
     "draw_probe",
     "draw_skip",
     "figure_dir",
+    "figure_is_current",
     "plot_attention",
     "plot_cka",
     "plot_heads",
@@ -46,23 +55,75 @@ __all__ = [
     "plot_probe",
     "plot_result",
     "plot_skip",
+    "result_stamp",
     "save_result_figure",
 ]
+
+#: Version of what the figures show: bump it when a change here alters a figure's
+#: content (panels, labels, scales, annotations), so stamped figures drawn by the
+#: older code are drawn again instead of kept.
+PLOTS_VERSION = 1
+#: Pixels per inch of the saved figures.
+DPI = 110
+
+
+def result_stamp(group: str, digest: str, computed_at: str = "") -> dict[str, Any]:
+    """What a figure of the result at ``group`` is stamped with: the group, the digest of
+    its stored arrays, when it was computed (a recomputed result is drawn again even if
+    its values come out the same) and :data:`PLOTS_VERSION`.
+
+    Examples
+    --------
+    >>> result_stamp("v/_analyses/cka/abc", "sha256:00", "2026-01-01T00:00:00")["plots"]
+    1
+    """
+    return {"group": group, "digest": digest, "computed_at": computed_at, "plots": PLOTS_VERSION}
+
+
+def figure_is_current(path: str | Path, stamp: dict[str, Any]) -> bool:
+    """Whether the PNG at ``path`` was drawn from what ``stamp`` names (and by this
+    plotting code): False when it is missing, unstamped, differently stamped, or
+    ``stamp`` knows no digest. Reads the PNG's chunks only (no matplotlib)."""
+    from vitcnn_store.interface.figure_stamp import read_stamp
+
+    return bool(stamp.get("digest")) and read_stamp(path) == stamp
 
 
 def _figure(width: float, height: float) -> Figure:
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), layout="constrained")
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path, stamp: dict[str, Any] | None = None) -> Path:
+    """Draw ``fig`` once and write it to ``path`` as PNG, with ``stamp`` if given.
+
+    ``savefig`` would draw twice (a pass for the layout, then the pixels); the
+    canvas's own draw runs the layout and renders in one pass, and PIL (which
+    matplotlib writes PNGs with anyway) encodes its pixels. Written beside
+    ``path`` under a temporary name, then renamed over it.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image, PngImagePlugin
 
-    FigureCanvasAgg(fig)
+    from vitcnn_store.interface.figure_stamp import STAMP_KEYWORD, stamp_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.set_dpi(DPI)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    size = canvas.get_width_height(physical=True)
+    image = Image.frombuffer("RGBA", size, canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
+    info = PngImagePlugin.PngInfo()
+    if stamp is not None:
+        info.add_text(STAMP_KEYWORD.decode("latin-1"), stamp_text(stamp))
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        image.save(partial, format="PNG", pnginfo=info)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 
@@ -108,7 +169,7 @@ def _name_ticks(
     axis.set_ticks(positions[::step], names[::step], fontsize=6, rotation=rotation)
 
 
-def plot_cka(ds: xr.Dataset, path: str | Path) -> Path:
+def plot_cka(ds: xr.Dataset, path: str | Path, *, stamp: dict[str, Any] | None = None) -> Path:
     """CKA matrix heatmap, rows ``layer_a`` and columns ``layer_b`` from the first layer up.
 
     With ``depth_a``/``depth_b`` (the fraction of the residual stream) the axes
@@ -120,8 +181,9 @@ def plot_cka(ds: xr.Dataset, path: str | Path) -> Path:
     estimate over randomly permuted images, on a symmetric scale of its own;
     its largest magnitude is also marked on the CKA colour bar), and each
     value's percentile among the null's permutations (``cka_percentile``).
+    The PNG is stamped with ``stamp``, if given.
     """
-    return _save(cka_figure(ds), path)
+    return _save(cka_figure(ds), path, stamp)
 
 
 def _cka_norm(values: list[np.ndarray]) -> Any:
@@ -377,14 +439,18 @@ def draw_attention(ds: xr.Dataset) -> Figure:
     return fig
 
 
-def plot_attention(ds: xr.Dataset, path: str | Path) -> Path:
-    """Draw :func:`draw_attention` to ``path``."""
-    return _save(draw_attention(ds), path)
+def plot_attention(
+    ds: xr.Dataset, path: str | Path, *, stamp: dict[str, Any] | None = None
+) -> Path:
+    """Draw :func:`draw_attention` to ``path`` (stamped with ``stamp``, if given)."""
+    return _save(draw_attention(ds), path, stamp)
 
 
-def plot_localization(ds: xr.Dataset, path: str | Path) -> Path:
-    """Draw :func:`draw_localization` to ``path``."""
-    return _save(draw_localization(ds), path)
+def plot_localization(
+    ds: xr.Dataset, path: str | Path, *, stamp: dict[str, Any] | None = None
+) -> Path:
+    """Draw :func:`draw_localization` to ``path`` (stamped with ``stamp``, if given)."""
+    return _save(draw_localization(ds), path, stamp)
 
 
 #: Colour scale of every localization map (CKA): the same for every model and the baseline.
@@ -556,9 +622,9 @@ def draw_skip(ds: xr.Dataset) -> Figure:
     return fig
 
 
-def plot_skip(ds: xr.Dataset, path: str | Path) -> Path:
-    """Draw :func:`draw_skip` to ``path``."""
-    return _save(draw_skip(ds), path)
+def plot_skip(ds: xr.Dataset, path: str | Path, *, stamp: dict[str, Any] | None = None) -> Path:
+    """Draw :func:`draw_skip` to ``path`` (stamped with ``stamp``, if given)."""
+    return _save(draw_skip(ds), path, stamp)
 
 
 def _chance(ds: xr.Dataset) -> float | None:
@@ -646,9 +712,9 @@ def draw_probe(ds: xr.Dataset) -> Figure:
     return fig
 
 
-def plot_probe(ds: xr.Dataset, path: str | Path) -> Path:
-    """Draw :func:`draw_probe` to ``path``."""
-    return _save(draw_probe(ds), path)
+def plot_probe(ds: xr.Dataset, path: str | Path, *, stamp: dict[str, Any] | None = None) -> Path:
+    """Draw :func:`draw_probe` to ``path`` (stamped with ``stamp``, if given)."""
+    return _save(draw_probe(ds), path, stamp)
 
 
 def draw_heads(ds: xr.Dataset) -> Figure:
@@ -689,9 +755,9 @@ def draw_heads(ds: xr.Dataset) -> Figure:
     return fig
 
 
-def plot_heads(ds: xr.Dataset, path: str | Path) -> Path:
-    """Draw :func:`draw_heads` to ``path``."""
-    return _save(draw_heads(ds), path)
+def plot_heads(ds: xr.Dataset, path: str | Path, *, stamp: dict[str, Any] | None = None) -> Path:
+    """Draw :func:`draw_heads` to ``path`` (stamped with ``stamp``, if given)."""
+    return _save(draw_heads(ds), path, stamp)
 
 
 #: Analyses whose results several runs can share one figure for (:func:`draw_overlay`).
@@ -729,20 +795,27 @@ def draw_overlay(kind: str, results: list[tuple[str, xr.Dataset]]) -> Figure:
     return fig
 
 
-def plot_overlay(kind: str, results: list[tuple[str, xr.Dataset]], path: str | Path) -> Path:
-    """Draw :func:`draw_overlay` to ``path``."""
-    return _save(draw_overlay(kind, results), path)
+def plot_overlay(
+    kind: str,
+    results: list[tuple[str, xr.Dataset]],
+    path: str | Path,
+    *,
+    stamp: dict[str, Any] | None = None,
+) -> Path:
+    """Draw :func:`draw_overlay` to ``path`` (stamped with ``stamp``, if given)."""
+    return _save(draw_overlay(kind, results), path, stamp)
 
 
-def plot_result(ds: xr.Dataset, path: str | Path) -> Path:
+def plot_result(ds: xr.Dataset, path: str | Path, *, stamp: dict[str, Any] | None = None) -> Path:
     """Draw any result dataset by its ``analysis`` attribute, with the plotter its
-    registry entry names (:mod:`vitcnn_store.interface.registry`)."""
+    registry entry names (:mod:`vitcnn_store.interface.registry`), stamped with
+    ``stamp`` (:func:`result_stamp`) if given."""
     from vitcnn_store.interface.registry import ANALYSES
 
     kind = str(ds.attrs.get("analysis", ""))
     if kind not in ANALYSES:
         raise ValueError(f"no figure for analysis {kind!r}")
-    return ANALYSES[kind].plot(ds, path)
+    return ANALYSES[kind].plot(ds, path, stamp=stamp)
 
 
 def figure_dir(store: str, figures: str | None = None) -> Path:
@@ -763,9 +836,16 @@ def figure_dir(store: str, figures: str | None = None) -> Path:
 
 
 def save_result_figure(
-    ds: xr.Dataset, store: str, run: str, name: str, figures: str | None = None
+    ds: xr.Dataset,
+    store: str,
+    run: str,
+    name: str,
+    figures: str | None = None,
+    *,
+    stamp: dict[str, Any] | None = None,
 ) -> Path:
-    """Draw result ``name`` of ``run`` as ``<run>__<name>.png`` in :func:`figure_dir`."""
+    """Draw result ``name`` of ``run`` as ``<run>__<name>.png`` in :func:`figure_dir`
+    (stamped with ``stamp``, if given)."""
     folder = figure_dir(store, figures)
     folder.mkdir(parents=True, exist_ok=True)
-    return plot_result(ds, folder / f"{run}__{name}.png")
+    return plot_result(ds, folder / f"{run}__{name}.png", stamp=stamp)

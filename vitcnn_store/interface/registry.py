@@ -103,12 +103,13 @@ class AnalysisEntry:
         result: AnalysisResult = job(config)
         return result
 
-    def plot(self, ds: xr.Dataset, path: str | Path) -> Path:
-        """Draw result ``ds`` to ``path`` (matplotlib loads now)."""
+    def plot(self, ds: xr.Dataset, path: str | Path, stamp: dict[str, Any] | None = None) -> Path:
+        """Draw result ``ds`` to ``path``, stamped with ``stamp`` if given (matplotlib
+        loads now)."""
         if self.plotter is None:
             raise ValueError(f"no figure for analysis {self.name!r}")
         plotter: Any = getattr(importlib.import_module(_PLOTS), self.plotter)
-        out: Path = plotter(ds, path)
+        out: Path = plotter(ds, path, stamp=stamp)
         return out
 
 

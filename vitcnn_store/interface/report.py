@@ -24,6 +24,7 @@ from typing import Any
 
 from vitcnn_store.interface.registry import ANALYSES
 from vitcnn_store.store.analyses import (
+    DIGEST_ATTR,
     analysis_group,
     latest_result,
     list_results,
@@ -50,6 +51,14 @@ class ResultEntry:
     dataset: Any
     key: str = ""
     earlier: int = 0  # other complete results of the name, kept in the store
+    digest: str = ""  # of the stored arrays (the commit marker's)
+
+    @property
+    def stamp(self) -> dict[str, Any]:
+        """What its figure is stamped with (:func:`vitcnn_store.interface.plots.result_stamp`)."""
+        from vitcnn_store.interface.plots import result_stamp
+
+        return result_stamp(self.group, self.digest, str(self.dataset.attrs.get("computed_at", "")))
 
     @property
     def group(self) -> str:
@@ -86,7 +95,13 @@ def collect_results(where: Store | str, skipped: list[str] | None = None) -> lis
             earlier = sum(1 for r in mine if r.complete) - 1
             out.append(
                 ResultEntry(
-                    name, result, str(ds.attrs.get("analysis", "")), ds, latest.key, earlier
+                    name,
+                    result,
+                    str(ds.attrs.get("analysis", "")),
+                    ds,
+                    latest.key,
+                    earlier,
+                    str(latest.attrs.get(DIGEST_ATTR, "")),
                 )
             )
     return out
@@ -256,7 +271,7 @@ def _overlay_html(
     analysis: str, entries: list[ResultEntry], runs: dict[str, Any], out: Path
 ) -> str:
     """One figure with every run's curve on the normalized-depth axis (probe, skip)."""
-    from vitcnn_store.interface.plots import OVERLAYS, plot_overlay
+    from vitcnn_store.interface.plots import OVERLAYS, figure_is_current, plot_overlay
 
     if analysis not in OVERLAYS or len({e.run for e in entries}) < 2:
         return ""
@@ -264,11 +279,21 @@ def _overlay_html(
         f"{e.run}{'' if e.name == analysis else f'/{e.name}'} ({runs[e.run].attrs.get('model')})"
         for e in entries
     ]
-    png = plot_overlay(
-        analysis,
-        list(zip(labels, [e.dataset for e in entries], strict=True)),
-        out / f"overlay__{analysis}.png",
-    )
+    # Kept while it shows the same results under the same labels (a run's model in them);
+    # its digest joins theirs, empty (so never kept) if one of them has none.
+    parts = [{"label": label, **e.stamp} for label, e in zip(labels, entries, strict=True)]
+    digests = [str(part["digest"]) for part in parts]
+    stamp = {
+        "overlay": analysis,
+        "results": parts,
+        "digest": "|".join(digests) if all(digests) else "",
+        "plots": parts[0]["plots"],
+    }
+    png = out / f"overlay__{analysis}.png"
+    if not figure_is_current(png, stamp):
+        plot_overlay(
+            analysis, list(zip(labels, [e.dataset for e in entries], strict=True)), png, stamp=stamp
+        )
     alt = f"{analysis} of {', '.join(e.run for e in entries)} on one depth axis"
     return (
         f'<div class="card"><b>All runs on one normalized-depth axis</b>'
@@ -337,9 +362,12 @@ def build_report(where: Store | str, out_dir: str | Path | None = None) -> Path:
 
     They go to ``out_dir``, by default the store's figure folder
     (:func:`vitcnn_store.interface.plots.figure_dir`), where ``vitcnn analyze`` draws its
-    figures under the same names (``<run>__<name>.png``).
+    figures under the same names (``<run>__<name>.png``). A figure already there whose
+    stamp names the result it would show, drawn by the same plotting code
+    (:func:`vitcnn_store.interface.plots.figure_is_current`), is kept; any other is drawn
+    again.
     """
-    from vitcnn_store.interface.plots import figure_dir, plot_result
+    from vitcnn_store.interface.plots import figure_dir, figure_is_current, plot_result
 
     store = as_store(where)
     url = where if isinstance(where, str) else store.url
@@ -395,7 +423,9 @@ def build_report(where: Store | str, out_dir: str | Path | None = None) -> Path:
         body.append(_overlay_html(analysis, entries, runs, out))
         for entry in entries:
             stem = f"{entry.run}__{entry.name}"
-            png = plot_result(entry.dataset, out / f"{stem}.png")
+            png = out / f"{stem}.png"
+            if not figure_is_current(png, entry.stamp):  # e.g. drawn by vitcnn analyze
+                plot_result(entry.dataset, png, stamp=entry.stamp)
             links = []
             for var, data in _csv(entry.dataset).items():
                 (out / "data" / f"{stem}__{var}.csv").write_bytes(data)
