@@ -100,6 +100,9 @@ def start_local_ray(
 
     _loopback_only()
     kwargs: dict[str, Any] = {
+        # A new cluster even when a `ray start` on this machine left its address in
+        # /tmp/ray/ray_current_cluster: without "local", ray.init() would join that one.
+        "address": "local",
         "include_dashboard": False,
         "_node_ip_address": "127.0.0.1",
         "logging_level": logging.WARNING,
