@@ -23,7 +23,10 @@ def open_runs(url: str, names: Sequence[str]) -> list[Run]:
     for name in names:
         check_name(name)
     store = open_store(url)
-    return [store[name].pinned() for name in names]
+    runs = [store[name].pinned() for name in names]
+    for run in runs:
+        run.preload()  # what every job reads next (its mask, its Gram keys), in one round
+    return runs
 
 
 def usable_mask(run: Run, allow_incomplete: bool) -> np.ndarray:
