@@ -104,7 +104,8 @@ class _Plan:
 
 def _plan(cfg: CKAConfig) -> _Plan:
     names = [cfg.run] if cfg.run2 is None else [cfg.run, cfg.run2]
-    runs = open_runs(cfg.store, names)
+    # The unit records key the Gram cache (source_states): read with the other progress.
+    runs = open_runs(cfg.store, names, ("done", "failed", "unit_record", "image_id"))
     run_a = runs[0]
     run_b = runs[-1]
     mask_a = usable_mask(run_a, cfg.allow_incomplete)

@@ -49,6 +49,9 @@ def test_a_copied_store_reuses_its_grams_in_few_requests(tmp_path: Path) -> None
         assert gets[f"{where}/row_mean/c/0"] == gets[f"{where}/offset/c/0"] == 1, layer
         assert sum(v for k, v in gets.items() if k.startswith(f"{where}/gram/c/")) == 1, layer
     assert not [p for m, p, _ in seen if m != "GET" and "/_grams/" in p]  # nothing rewritten
+    for progress in ("done", "failed", "unit_record", "image_id"):  # once per job
+        chunks = [v for k, v in gets.items() if k.startswith(f"{progress}/c/")]
+        assert chunks and set(chunks) == {1}, progress
     # The same numbers as the original store computes from its own Grams.
     here = run_cka(CKAConfig(store=local, run="vit", batch_size=8, seed=1, progress=False))
     assert here.attrs["grams_computed"] == []
