@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -114,3 +116,33 @@ def moto_s3(bucket: str) -> Iterator[str]:
             else:
                 os.environ[k] = v
         server.stop()
+
+
+class MotoRequests(logging.Handler):
+    """The requests an in-process moto server (:func:`moto_s3`) logs, as
+    ``(method, path, listing?)`` in ``seen``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seen: list[tuple[str, str, bool]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # A 404 is logged in colour: the method follows an escape sequence.
+        m = re.search(r'"(?:\x1b\[[0-9;]*m)?(\w+) ([^ ?]*)(\?[^ ]*)? HTTP', record.getMessage())
+        if m:
+            self.seen.append((m.group(1), m.group(2), "list-type" in (m.group(3) or "")))
+
+
+@contextmanager
+def moto_requests() -> Iterator[MotoRequests]:
+    """Count the requests :func:`moto_s3`'s server answers while the block runs."""
+    handler = MotoRequests()
+    log = logging.getLogger("werkzeug")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)

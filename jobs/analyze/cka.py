@@ -31,7 +31,7 @@ from jobs.analyze.cka_tiles import GramSide, TilePass, run_tile_pass
 from jobs.analyze.depth import block_depth, layer_role_names, select_by_role
 from jobs.analyze.executor import Executor
 from jobs.analyze.grams import ensure_grams
-from jobs.analyze.layers import layer_info, reduce_layer
+from jobs.analyze.layers import layer_attrs, reduce_layer
 from jobs.analyze.options import ESTIMATORS, KERNELS, AnalysisWarning, CKAConfig, cap_batch_size
 from jobs.analyze.pipeline import AnalysisResult, run_analysis
 from jobs.analyze.protocol import cka_protocol
@@ -104,7 +104,8 @@ class _Plan:
 
 def _plan(cfg: CKAConfig) -> _Plan:
     names = [cfg.run] if cfg.run2 is None else [cfg.run, cfg.run2]
-    runs = open_runs(cfg.store, names)
+    # The unit records key the Gram cache (source_states): read with the other progress.
+    runs = open_runs(cfg.store, names, ("done", "failed", "unit_record", "image_id"))
     run_a = runs[0]
     run_b = runs[-1]
     mask_a = usable_mask(run_a, cfg.allow_incomplete)
@@ -143,6 +144,10 @@ def _plan(cfg: CKAConfig) -> _Plan:
 def _check_reductions(cfg: CKAConfig, plan: _Plan) -> None:
     """A bad ``--reduce`` for some layer fails before any work (not needed to reuse:
     the layers are opened only here and in the computation)."""
+    if cfg.reduce == "flatten":
+        # Every layer flattens as stored: nothing to check, and opening the layers would
+        # read their token coordinates (three requests a token layer on object storage).
+        return
     for run, layers in ((plan.run_a, plan.layers_a), (plan.run_b, plan.layers_b)):
         run.prefetch(layers)  # the coordinates of these layers only, in one round
         for layer in layers:
@@ -437,11 +442,13 @@ def _dataset(
     null = None if nulls is None else nulls[0]
 
     def axis(run: Run, layers: list[str]) -> dict[str, Any]:
-        infos = [layer_info(run[name]) for name in layers]
+        # From the layers' attributes (the run's metadata): opening a layer would read
+        # its coordinates, which no axis needs.
+        attrs = [layer_attrs(run, name) for name in layers]
         return {
             "depth": block_depth(run, layers)[0],
-            "depth_fraction": np.array([i.depth_fraction for i in infos]),
-            "depth_index": np.array([i.depth_index for i in infos]),
+            "depth_fraction": np.array([float(a.get("depth_fraction", np.nan)) for a in attrs]),
+            "depth_index": np.array([int(a.get("depth_index", -1)) for a in attrs]),
             "role": string_coord(layer_role_names(run, layers)),
         }
 

@@ -36,7 +36,7 @@ from vitcnn_store.analysis.tiles import (
     gather_part,
     tile_part,
 )
-from vitcnn_store.store.grams import GramInfo, read_blocks, read_vectors
+from vitcnn_store.store.grams import GramInfo, read_blocks, read_vector_kinds, read_vectors
 
 __all__ = ["GramSide", "TilePass", "offsets_of", "panels_of", "run_tile_pass", "shifts_of"]
 
@@ -70,6 +70,20 @@ def shifts_of(side: GramSide) -> np.ndarray:
 def offsets_of(side: GramSide) -> np.ndarray:
     """(L, N) offsets ``a`` of a side's stored Grams (``X Xᵀ = gram + a_i + a_j``)."""
     return np.stack([v[side.index] for v in read_vectors(side.grams, "offset")])
+
+
+def _shifts_and_offsets(sides: Sequence[GramSide]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`shifts_of` and :func:`offsets_of` of each side, all read in one round of
+    requests."""
+    got = read_vector_kinds([g for side in sides for g in side.grams], ("row_mean", "offset"))
+    out, start = [], 0
+    for side in sides:
+        end = start + len(side.grams)
+        means = np.stack([v[side.index] for v in got["row_mean"][start:end]])
+        offsets = np.stack([v[side.index] for v in got["offset"][start:end]])
+        out.append((centring_shift(means), offsets))
+        start = end
+    return out
 
 
 def panels_of(side: GramSide) -> list[tuple[int, int]]:
@@ -139,8 +153,11 @@ def run_tile_pass(
     pairs = [(p, q) for p in range(len(panels)) for q in range(p, len(panels))]
     # Shared inputs (the batches, the shifts) travel to each worker once, not once per task.
     shared_job = executor.share(job)
-    shift_a = executor.share(shifts_of(job.side_a))
-    shift_b = None if job.side_b is None else executor.share(shifts_of(job.side_b))
+    # Both sides' row means (the shifts) and offsets (needed at the end), in one round.
+    vectors = _shifts_and_offsets([job.side_a] + ([] if job.side_b is None else [job.side_b]))
+    (raw_shift_a, off_a), (raw_shift_b, off_b) = vectors[0], vectors[-1]
+    shift_a = executor.share(raw_shift_a)
+    shift_b = None if job.side_b is None else executor.share(raw_shift_b)
     tasks = LazyTasks(
         len(pairs),
         lambda i: delayed(_task, pure=True)(
@@ -165,8 +182,6 @@ def run_tile_pass(
             gathered_b.add(pieces_b, diagonal=diagonal)
     # Stored Grams are shifted (store/grams.py): raw traces for the scales, raw batch Grams
     # for whatever takes them whole, exactly as if computed from the activations.
-    off_a = offsets_of(job.side_a)
-    off_b = off_a if job.side_b is None else offsets_of(job.side_b)
     if acc is not None:
         acc.unshift(off_a, None if job.side_b is None else off_b)
     if gathered_a is not None:

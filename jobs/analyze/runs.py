@@ -14,16 +14,23 @@ from vitcnn_store.store.reader import Run
 __all__ = ["align_images", "open_runs", "usable_mask"]
 
 
-def open_runs(url: str, names: Sequence[str]) -> list[Run]:
+def open_runs(
+    url: str, names: Sequence[str], preload: Sequence[str] = ("done", "failed", "image_id")
+) -> list[Run]:
     """Open runs of one store, validating their names first.
 
     Each run is :meth:`~vitcnn_store.store.reader.Run.pinned`: a job reads its
     progress once, so its mask, Gram keys and provenance agree with each other.
+    The run-level arrays ``preload`` (what every job reads next: its usable images)
+    are read at once, one round of requests on object storage.
     """
     for name in names:
         check_name(name)
     store = open_store(url)
-    return [store[name].pinned() for name in names]
+    runs = [store[name].pinned() for name in names]
+    for run in runs:
+        run.preload(preload)
+    return runs
 
 
 def usable_mask(run: Run, allow_incomplete: bool) -> np.ndarray:

@@ -4,8 +4,6 @@ over from an earlier write of the same key."""
 from __future__ import annotations
 
 import json
-import logging
-import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +12,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from tests.helpers import moto_s3
+from tests.helpers import MotoRequests, moto_requests, moto_s3
 from tests.jobs.test_analyze_common import ids, make_run
 from vitcnn_store import open_store
 from vitcnn_store.store.analyses import COMPLETE_ATTR, LATEST_ATTR, list_results, plain_json
@@ -35,20 +33,6 @@ def _result(values: np.ndarray, parameters: dict[str, object]) -> xr.Dataset:
     )
 
 
-class _Requests(logging.Handler):
-    """The requests moto's server logs, as (method, path, listing?)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.seen: list[tuple[str, str, bool]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        # A 404 is logged in colour: the method follows an escape sequence.
-        m = re.search(r'"(?:\x1b\[[0-9;]*m)?(\w+) ([^ ?]*)(\?[^ ]*)? HTTP', record.getMessage())
-        if m:
-            self.seen.append((m.group(1), m.group(2), "list-type" in (m.group(3) or "")))
-
-
 @pytest.fixture(scope="module")
 def bucket() -> Iterator[str]:
     with moto_s3("results") as url:
@@ -56,20 +40,12 @@ def bucket() -> Iterator[str]:
 
 
 @pytest.fixture()
-def requests() -> Iterator[_Requests]:
-    handler = _Requests()
-    log = logging.getLogger("werkzeug")
-    level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
+def requests() -> Iterator[MotoRequests]:
+    with moto_requests() as handler:
         yield handler
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
 
 
-def test_a_result_on_s3_is_written_in_few_requests(bucket: str, requests: _Requests) -> None:
+def test_a_result_on_s3_is_written_in_few_requests(bucket: str, requests: MotoRequests) -> None:
     url = f"{bucket}/few.zarr"
     make_run(url, "v", ids(8), depth=1, attention=False, inputs=False)
     store = open_store(url)  # the job's handle, opened before the requests counted

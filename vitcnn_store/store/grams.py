@@ -75,6 +75,7 @@ __all__ = [
     "gram_layer",
     "gram_path",
     "read_blocks",
+    "read_vector_kinds",
     "read_vectors",
     "source_state",
     "source_states",
@@ -350,38 +351,27 @@ def find_grams(
 ) -> list[GramInfo | None]:
     """:func:`find_gram` of each of ``layers``: their metadata read at once, concurrently.
 
-    Each Gram's own ``zarr.json`` (and its row means' and offsets'), never the run's
-    consolidated snapshot: a Gram being rewritten must not pass for the complete one
-    it replaces. The documents travel in the :class:`GramInfo`, so readers open the
-    arrays without asking again.
+    Each Gram's own ``zarr.json``, never the run's consolidated snapshot: a Gram
+    being rewritten must not pass for the complete one it replaces (its ``complete``
+    flag and source digest are read fresh). The row means' and offsets' metadata only
+    say how to decode their chunks (shape, dtype, codecs; the chunks themselves are
+    read fresh), so they come from the snapshot when it holds both of a layer's, and
+    match the Gram's size; otherwise they are read with the Gram's. The documents
+    travel in the :class:`GramInfo`, so readers open the arrays without asking again.
     """
     url = run.store.url
-    fs, base = run.store.fs, run.store.path
-    paths = [
-        f"{base}/{p}/zarr.json"
+    known = _snapshot_vectors(run, layers, reduce)
+    wanted = [gram_path(run.name, layer, reduce) for layer in layers]
+    wanted += [
+        p
         for layer in layers
-        for p in (
-            gram_path(run.name, layer, reduce),
-            _row_mean_path(run.name, layer, reduce),
-            _offset_path(run.name, layer, reduce),
-        )
+        if layer not in known
+        for p in (_row_mean_path(run.name, layer, reduce), _offset_path(run.name, layer, reduce))
     ]
-    got: Any = {}
-    if paths:
-        with store_io(url):
-            got = fs.cat(paths, on_error="return")
-    docs: list[str] = []
-    for path in paths:
-        raw = got.get(path, got.get(fs._strip_protocol(path))) if isinstance(got, dict) else None
-        if isinstance(raw, BaseException):
-            if not isinstance(raw, (FileNotFoundError, KeyError)):
-                with store_io(url):
-                    raise raw
-            raw = None
-        docs.append("" if raw is None else bytes(raw).decode("utf-8", "replace"))
+    docs = dict(zip(wanted, _read_docs(run, wanted), strict=True))
     out: list[GramInfo | None] = []
-    for k, layer in enumerate(layers):
-        gram, row_mean, offset = docs[3 * k : 3 * k + 3]
+    for layer in layers:
+        gram = docs[gram_path(run.name, layer, reduce)]
         try:
             meta = json.loads(gram) if gram else None
         except ValueError:
@@ -398,12 +388,68 @@ def find_grams(
             and source.get("digest") == states[layer].get("digest")
             and n == run.n_images
         )
-        tile = int(attrs.get("tile", n))
-        out.append(
-            GramInfo(url, run.name, layer, reduce, n, tile, (gram, row_mean, offset))
-            if usable
-            else None
+        if not usable:
+            out.append(None)
+            continue
+        if layer in known and known[layer][2] != n:  # a snapshot of other vectors
+            paths = [_row_mean_path(run.name, layer, reduce), _offset_path(run.name, layer, reduce)]
+            docs.update(zip(paths, _read_docs(run, paths), strict=True))
+            del known[layer]
+        row_mean, offset = (
+            known[layer][:2]
+            if layer in known
+            else (
+                docs[_row_mean_path(run.name, layer, reduce)],
+                docs[_offset_path(run.name, layer, reduce)],
+            )
         )
+        tile = int(attrs.get("tile", n))
+        out.append(GramInfo(url, run.name, layer, reduce, n, tile, (gram, row_mean, offset)))
+    return out
+
+
+def _read_docs(run: Run, paths: list[str]) -> list[str]:
+    """The text of the ``zarr.json`` of each array at ``paths`` (inside the store), read
+    concurrently; "" where absent."""
+    if not paths:
+        return []
+    url = run.store.url
+    fs, base = run.store.fs, run.store.path
+    full = [f"{base}/{p}/zarr.json" for p in paths]
+    with store_io(url):
+        got = fs.cat(full, on_error="return")
+    docs: list[str] = []
+    for path in full:
+        raw = got.get(path, got.get(fs._strip_protocol(path))) if isinstance(got, dict) else None
+        if isinstance(raw, BaseException):
+            if not isinstance(raw, (FileNotFoundError, KeyError)):
+                with store_io(url):
+                    raise raw
+            raw = None
+        docs.append("" if raw is None else bytes(raw).decode("utf-8", "replace"))
+    return docs
+
+
+def _snapshot_vectors(run: Run, layers: list[str], reduce: str) -> dict[str, tuple[str, str, int]]:
+    """Per layer whose row means and offsets both appear in the run's consolidated
+    snapshot: their ``zarr.json`` documents, and their length."""
+    try:
+        with quiet_zarr():
+            snapshot = run.group.metadata.consolidated_metadata
+            flat = {} if snapshot is None else snapshot.flattened_metadata
+    except Exception:
+        return {}
+    out: dict[str, tuple[str, str, int]] = {}
+    for layer in layers:
+        row_mean = flat.get(_row_mean_path(run.name, layer, reduce).split("/", 1)[1])
+        offset = flat.get(_offset_path(run.name, layer, reduce).split("/", 1)[1])
+        if row_mean is None or offset is None:
+            continue  # not in the snapshot (a Gram stored unshifted has no offset)
+        shape = getattr(row_mean, "shape", None)
+        if shape is None or len(shape) != 1 or getattr(offset, "shape", None) != shape:
+            continue
+        docs = (json.dumps(row_mean.to_dict()), json.dumps(offset.to_dict()))
+        out[layer] = (*docs, int(shape[0]))
     return out
 
 
@@ -553,22 +599,28 @@ class GramReader:
 def read_vectors(infos: Sequence[GramInfo], kind: str) -> list[np.ndarray]:
     """Each Gram's ``row_mean`` or ``offset`` (``kind``; zeros for a Gram stored
     unshifted), read concurrently."""
-    readers = [GramReader(info) for info in infos]
-    arrays = [r._vector_array(kind) for r in readers]
-    what = "Gram row means" if kind == "row_mean" else "Gram offsets"
+    return read_vector_kinds(infos, (kind,))[kind]
 
-    got = read_many([(a, slice(None)) for a in arrays if a is not None])
-    out: list[np.ndarray] = []
-    for reader, arr in zip(readers, arrays, strict=True):
+
+def read_vector_kinds(
+    infos: Sequence[GramInfo], kinds: Sequence[str] = ("row_mean", "offset")
+) -> dict[str, list[np.ndarray]]:
+    """:func:`read_vectors` of each of ``kinds``, all read in one round of requests."""
+    readers = [GramReader(info) for info in infos]
+    wanted = [(kind, r, r._vector_array(kind)) for kind in kinds for r in readers]
+    got = read_many([(a, slice(None)) for _, _, a in wanted if a is not None])
+    out: dict[str, list[np.ndarray]] = {kind: [] for kind in kinds}
+    for kind, reader, arr in wanted:
         if arr is None:
-            out.append(np.zeros(reader.info.n))
+            out[kind].append(np.zeros(reader.info.n))
             continue
         value = got.pop(0)
         if isinstance(value, BaseException):
+            what = "Gram row means" if kind == "row_mean" else "Gram offsets"
             raise damage_error(
                 reader.info.url, reader.info.run, reader.where, value, what=what
             ) from value
-        out.append(np.asarray(value, dtype=np.float64))
+        out[kind].append(np.asarray(value, dtype=np.float64))
     return out
 
 

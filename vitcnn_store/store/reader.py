@@ -192,6 +192,33 @@ class Run:
         view._progress = {}
         return view
 
+    def preload(self, keys: Sequence[str] = ("done", "failed", "image_id")) -> None:
+        """Read the run-level arrays ``keys`` (progress, ``image_id``) at once: on object
+        storage one round of concurrent requests instead of one round each as a job
+        reaches them. Progress is kept only by a :meth:`pinned` view; what fails here is
+        read again, and its damage named, where it is used."""
+        wanted = [
+            k for k in keys if k == "image_id" or (self._progress is not None and k in _PROGRESS)
+        ]
+        wanted = [k for k in wanted if k not in (self._progress or {})]
+        if "image_ids" in self.__dict__ and "image_id" in wanted:
+            wanted.remove("image_id")
+        arrays = []
+        for key in wanted:
+            try:
+                with quiet_zarr():
+                    arrays.append((key, self.group[key]))
+            except Exception:
+                continue  # absent (unit_record of an older run) or unreadable: read where used
+        got = read_many([(arr, slice(None)) for _, arr in arrays])
+        for (key, _), values in zip(arrays, got, strict=True):
+            if isinstance(values, BaseException):
+                continue
+            if key == "image_id":
+                self.__dict__["image_ids"] = np.array(np.asarray(values).tolist(), dtype=str)
+            elif self._progress is not None:
+                self._progress[key] = np.asarray(values).copy()
+
     # -- metadata -------------------------------------------------------------------
 
     @cached_property

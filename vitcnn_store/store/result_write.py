@@ -8,15 +8,16 @@ objects are built in a zarr ``MemoryStore`` (the bytes xarray and zarr would
 write, byte for byte), its digest and commit marker computed there, and the
 store sees, in this order (each step one concurrent batch):
 
-1. reads: the root's, the run's, ``_analyses``', ``<name>``'s and the key's
-   ``zarr.json``, then the name's other results' ``zarr.json`` (their markers);
+1. reads: the run's, ``_analyses``', ``<name>``'s and the key's ``zarr.json``;
 2. an earlier write of the key removed, if its ``zarr.json`` is there (then one
    listing of the key);
 3. the result's group without its marker, and missing parent groups;
 4. every array object (metadata and chunks);
 5. the commit marker: the result's ``zarr.json`` with ``vitcnn_store.complete``;
-6. the ``latest`` pointer and the run's and the root's consolidated metadata
-   (the result spliced in from memory, the rest of the snapshot kept as read).
+6. the run's and the root's ``zarr.json`` read again, with the name's other
+   results' (their markers, for the report); then the ``latest`` pointer and the
+   run's and the root's consolidated metadata (the result spliced in from memory,
+   the rest of the snapshot kept as read).
 
 A job killed at any step leaves a result without its marker (or none), which
 readers never see and ``verify --repair`` removes, as before.
@@ -230,7 +231,7 @@ def write_analysis(
         if k.startswith(prefix) and "/" not in k[len(prefix) :] and k != prefix + key
         if v.get("node_type") == "group"
     ]
-    other_docs = _read(store, [f"{base}/{name_group}/{k}/zarr.json" for k in others])
+    other_paths = [f"{base}/{name_group}/{k}/zarr.json" for k in others]
 
     clean = ds.copy(deep=False)
     for attr in (COMPLETE_ATTR, ARRAYS_ATTR, DIGEST_ATTR):  # a rewrite computes its own
@@ -261,7 +262,8 @@ def write_analysis(
         if k.endswith("/zarr.json"):
             nodes[f"{ANALYSES}/{name}/{key}/{k.removesuffix('/zarr.json')}"] = json.loads(v)
     # Read again just before rewriting them: another job may have rewritten the root.
-    fresh = _read(store, [where["run"], where["root"]])
+    # The other results' markers (only reported) come in the same round.
+    fresh = _read(store, [where["run"], where["root"], *other_paths])
     run_now, root_now = fresh[where["run"]], fresh[where["root"]]
     subtree = f"{ANALYSES}/{name}/{key}"
     last = {where["name"]: pointer}
@@ -284,7 +286,7 @@ def write_analysis(
         return outcome
     kept = []
     for k in others:
-        doc = other_docs[f"{base}/{name_group}/{k}/zarr.json"]
+        doc = fresh[f"{base}/{name_group}/{k}/zarr.json"]
         if _marker(doc):
             kept.append((str(doc["attributes"].get("computed_at") or ""), k))
     outcome.kept = [analysis_group(run_name, name, k) for _, k in sorted(kept)]
