@@ -144,9 +144,11 @@ def private_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]
         server.stop()
 
 
+@pytest.mark.usefixtures("ray_cluster")  # the session's: a Ray of its own costs seconds
 def test_ray_actors_write_with_the_jobs_storage_options(private_endpoint: dict[str, str]) -> None:
     """Extraction on Ray actors into a bucket whose endpoint and credentials reach the
-    actors only in the job (the plan), not through any environment variable."""
+    actors only in the job (the plan), not through any environment variable (the private
+    server's address and keys were never in one)."""
     from vitcnn_store.store.layout import storage_options_scope, use_storage_options
 
     opts = dict(private_endpoint)
