@@ -8,6 +8,7 @@ Ray or spawns an interpreter is left out of the quick loop without anyone rememb
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -93,11 +94,19 @@ def ray_cluster() -> Iterator[None]:
     started as the tool starts its own (loopback only)."""
     import ray
 
-    from jobs.ray_cluster import disconnect, start_local_ray
+    from jobs.ray_cluster import disconnect, passthrough_env, start_local_ray
 
     started = not ray.is_initialized()
     if started:
-        start_local_ray(num_cpus=2, object_store_memory=256 * 1024**2)
+        # Its workers never inherit the object-store variables of the test that happens
+        # to start it (a moto server's, tests.helpers.moto_s3): a job hands its actors
+        # its own (jobs.ray_cluster.passthrough_env), and a test that gives them none
+        # (test_ray_actors_write_with_the_jobs_storage_options) must see them get none.
+        hidden = {k: os.environ.pop(k) for k in passthrough_env()}
+        try:
+            start_local_ray(num_cpus=2, object_store_memory=256 * 1024**2)
+        finally:
+            os.environ.update(hidden)
     yield
     disconnect(started)
 
@@ -180,15 +189,12 @@ def free_port() -> int:
 
 def stop_cluster(proc: subprocess.Popen[bytes], temp_dir: str) -> None:
     """Stop only this cluster: its process group, then anything still using its temp dir."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-            # `ray start --block` outlives a SIGTERM by more than 30 s: a test's head is
-            # thrown away, so give it 5 s before SIGKILL (then the temp-dir sweep below).
-            proc.wait(timeout=5)
-            break
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            continue
+    # SIGKILL at once: `ray start --block` outlives a SIGTERM by more than 30 s, and a
+    # test's head is thrown away (a grace period of 5 s always ran out, at every session's
+    # end); the temp-dir sweep below finds what left the group.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
     for p in psutil.process_iter(["cmdline"]):
         if any(temp_dir in part for part in (p.info["cmdline"] or [])):
             p.kill()
@@ -236,7 +242,7 @@ def ray_head() -> Iterator[str]:
             except Exception as e:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError((Path(temp_dir) / "head.log").read_text()[-2000:]) from e
-                time.sleep(1)
+                time.sleep(0.2)
         yield address
     finally:
         stop_cluster(proc, temp_dir)

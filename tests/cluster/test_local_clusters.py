@@ -177,7 +177,7 @@ def test_local_cluster_py_two_nodes() -> None:
         while not ready.exists():
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "no cluster after 180 s: " + log.read_text()[-3000:]
-            time.sleep(0.5)
+            time.sleep(0.1)
         time.sleep(0.2)  # the file is written in one go; let the write finish
         info = json.loads(ready.read_text())
         recorded = processes_of(folder)
@@ -191,7 +191,7 @@ def test_local_cluster_py_two_nodes() -> None:
         assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
         deadline = time.monotonic() + 30  # Ray's own helpers exit once their parent is gone
         while still_alive(recorded) and time.monotonic() < deadline:
-            time.sleep(0.5)
+            time.sleep(0.1)
         left = still_alive(recorded)
         assert not left, "processes outlived the helper:\n" + describe(left)
     finally:

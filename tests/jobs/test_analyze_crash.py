@@ -2,7 +2,9 @@
 cases 1 and 2), with real ``vitcnn analyze`` processes on a store that holds data.
 
 A job is stopped at an exact point by a hook run in its own process: it SIGKILLs
-itself (no cleanup, no ``finally``), or waits for the test to let it go on.
+itself (no cleanup, no ``finally``), or waits for the test to let it go on. The jobs
+that follow it (reruns, refused rivals) run in the test's process: what they find is a
+dead or another process's lock either way, and an interpreter costs a second or two.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.jobs.test_analyze_common import cli, ids, make_run
+from tests.jobs.test_analyze_common import cli, copy_store, ids, make_run
 from vitcnn_store import open_store
 from vitcnn_store.interface.report import build_report
 from vitcnn_store.store.analyses import list_results
@@ -30,14 +32,20 @@ ROOT = Path(__file__).resolve().parents[2]
 CKA = ["--no-progress", "--no-figure", "--batch-size", "8", "--threads", "1"]
 
 
-@pytest.fixture()
-def store(tmp_path: Path) -> str:
-    """Two runs of data and a first CKA result (other parameters) to keep."""
-    url = str(tmp_path / "s.zarr")
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Two runs of data and a first CKA result (other parameters) to keep; read-only."""
+    url = str(tmp_path_factory.mktemp("crash") / "s.zarr")
     make_run(url, "vit", ids(32), depth=2, attention=False, inputs=False)
     make_run(url, "other", ids(32), depth=1, attention=False, inputs=False, seed=1)
     assert cli(["analyze", "cka", url, "vit", *CKA, "--seed", "1"]) == 0
     return url
+
+
+@pytest.fixture()
+def store(made: str, tmp_path: Path) -> str:
+    """A private copy of :func:`made` (built once: its analysis takes seconds)."""
+    return copy_store(made, tmp_path / "s.zarr")
 
 
 def snapshot(path: Path) -> dict[str, str]:
@@ -88,7 +96,9 @@ w._put = put_unless_marker
 """
 
 
-def test_killed_while_writing_result_never_reused(store: str, tmp_path: Path) -> None:
+def test_killed_while_writing_result_never_reused(
+    store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Killed after every array of the result is written, before its commit marker.
     job = analyze(store, hook=KILL_RESULT)
     assert job.wait(timeout=300) == -9, job.stderr.read() if job.stderr else ""
@@ -103,10 +113,12 @@ def test_killed_while_writing_result_never_reused(store: str, tmp_path: Path) ->
     # The report is made from what is complete, and says what it left out.
     page = build_report(store, tmp_path / "report").read_text(encoding="utf-8")
     assert partial.group in page and "Left out" in page
-    # The rerun computes it again (the lock died with the process), never "reused".
-    again = analyze(store)
-    out, err = again.communicate(timeout=300)
-    assert again.returncode == 0, err
+    # The rerun (in this process) computes it again (the lock died with the killed
+    # process), never "reused".
+    capsys.readouterr()
+    code = cli(["analyze", "cka", store, "vit", *CKA])
+    out, err = capsys.readouterr()
+    assert code == 0, err
     assert f"wrote {store}/{partial.group}\n" in out and "reused" not in out
     assert "kept 1 earlier result(s)" in out and earlier.group in out
     ds = open_store(store)["vit"].analysis("cka")
@@ -120,7 +132,9 @@ def test_killed_while_writing_result_never_reused(store: str, tmp_path: Path) ->
     assert open_store(store)["vit"].analysis("cka").attrs["seed"] == 1  # the one left
 
 
-def test_killed_while_writing_a_gram_recomputes_it(store: str) -> None:
+def test_killed_while_writing_a_gram_recomputes_it(
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Killed after every tile of the first Gram is written, before it is marked complete
     # (token-mean Grams: the fixture's analysis cached only the flattened ones).
     kill = KILL_AT.format(where="jobs.analyze.grams.finish_gram")
@@ -129,10 +143,8 @@ def test_killed_while_writing_a_gram_recomputes_it(store: str) -> None:
     bad = verify_store(store).problems
     assert len(bad) == 1 and "incomplete cached Gram" in bad[0].problem, bad
     assert bad[0].layer.startswith("_grams/") and bad[0].layer.endswith("/gram_gap")
-    # The incomplete Gram is never used: the rerun computes it.
-    again = analyze(store, "--reduce", "gap")
-    _, err = again.communicate(timeout=300)
-    assert again.returncode == 0, err
+    # The incomplete Gram is never used: the rerun (in this process) computes it.
+    assert cli(["analyze", "cka", store, "vit", *CKA, "--reduce", "gap"]) == 0, capsys.readouterr()
     ds = open_store(store)["vit"].analysis("cka")
     assert "vit/" + bad[0].layer.split("/")[1] in ds.attrs["grams_computed"]
     assert np.isfinite(ds["cka"].values).all() and verify_store(store).ok
@@ -159,7 +171,9 @@ ex.Executor.__enter__ = paused
 """
 
 
-def test_two_analyses_on_one_run_one_winner_one_refusal(store: str, tmp_path: Path) -> None:
+def test_two_analyses_on_one_run_one_winner_one_refusal(
+    store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ready, go = tmp_path / "ready", tmp_path / "go"
     winner = analyze(store, hook=PAUSE.format(ready=str(ready), go=str(go)))
     deadline = time.monotonic() + 120
@@ -168,11 +182,13 @@ def test_two_analyses_on_one_run_one_winner_one_refusal(store: str, tmp_path: Pa
         time.sleep(0.05)
     assert "vitcnn analyze cka vit" in str(lock_holder(open_store(store), "vit"))
     before = snapshot(Path(store))
-    # Another analysis of that run, with the same or other parameters: refused.
+    # Another analysis of that run (in this process), with the same or other
+    # parameters: refused.
+    capsys.readouterr()
     for args in ([], ["--seed", "5"]):
-        loser = analyze(store, *args)
-        out, err = loser.communicate(timeout=300)
-        assert loser.returncode == 2 and out == "", (out, err)
+        code = cli(["analyze", "cka", store, "vit", *CKA, *args])
+        out, err = capsys.readouterr()
+        assert code == 2 and out == "", (out, err)
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert "run 'vit' is being analysed by vitcnn analyze cka vit" in err
         assert f"pid {winner.pid}" in err
@@ -184,8 +200,8 @@ def test_two_analyses_on_one_run_one_winner_one_refusal(store: str, tmp_path: Pa
     assert len([r for r in list_results(open_store(store), "vit", "cka") if r.complete]) == 2
     assert verify_store(store).ok
     # Free again: the next job reuses what the winner wrote.
-    again = analyze(store)
-    assert "reused" in again.communicate(timeout=300)[0]
+    assert cli(["analyze", "cka", store, "vit", *CKA]) == 0
+    assert "reused" in capsys.readouterr().out
 
 
 def test_cross_run_analysis_locks_both_runs(store: str, capsys: pytest.CaptureFixture[str]) -> None:

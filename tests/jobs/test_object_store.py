@@ -24,16 +24,8 @@ def s3_bucket() -> Iterator[str]:
 
 def test_extract_resume_and_read_on_s3(s3_bucket: str, tiny_store: str) -> None:
     url = f"{s3_bucket}/acts.zarr"
-    extract_tiny(
-        url,
-        "vit",
-        "vit",
-        layers="preset:paper",
-        attention=True,
-        inputs=True,
-        limit=24,
-        chunk_size=8,
-    )
+    # The layers read below: every array is one PUT per unit through moto.
+    extract_tiny(url, "vit", "vit", layers="blocks.1", attention=True, limit=24, chunk_size=8)
     run = open_store(url)["vit"]
     assert run.complete and run.n_images == 24
     local = open_store(tiny_store)["vit"]
@@ -47,9 +39,8 @@ def test_extract_resume_and_read_on_s3(s3_bucket: str, tiny_store: str) -> None:
             url,
             "vit",
             "vit",
-            layers="preset:paper",
+            layers="blocks.1",
             attention=True,
-            inputs=True,
             limit=24,
             chunk_size=8,
             resume=True,
@@ -144,9 +135,11 @@ def private_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]
         server.stop()
 
 
+@pytest.mark.usefixtures("ray_cluster")  # the session's: a Ray of its own costs seconds
 def test_ray_actors_write_with_the_jobs_storage_options(private_endpoint: dict[str, str]) -> None:
     """Extraction on Ray actors into a bucket whose endpoint and credentials reach the
-    actors only in the job (the plan), not through any environment variable."""
+    actors only in the job (the plan), not through any environment variable (the private
+    server's address and keys were never in one)."""
     from vitcnn_store.store.layout import storage_options_scope, use_storage_options
 
     opts = dict(private_endpoint)
@@ -175,13 +168,16 @@ def test_plan_carries_resolved_options_but_never_shows_them() -> None:
     assert "SECRET" not in repr(plan)
 
 
+# Says "ready" once imported, then reads the instant to start registering from stdin.
 _REGISTER = """
 import sys, time
 from vitcnn_store.store.index import register_run
 from vitcnn_store.store.layout import use_storage_options
-url, endpoint, prefix, go = sys.argv[1:5]
+url, endpoint, prefix = sys.argv[1:4]
 use_storage_options(url, {"endpoint_url": endpoint, "key": "k", "secret": "s"})
-while time.time() < float(go):
+print("ready", flush=True)
+go = float(sys.stdin.readline())
+while time.time() < go:
     time.sleep(0.001)
 for i in range(4):
     register_run(url, f"{prefix}{i}")
@@ -195,6 +191,7 @@ def test_two_processes_registering_runs_at_once_are_both_listed(
     (entries created only if absent) keeps every run of both."""
     import subprocess
     import sys
+    import threading
     import time
 
     from vitcnn_store.store.index import registered_runs
@@ -202,14 +199,29 @@ def test_two_processes_registering_runs_at_once_are_both_listed(
 
     opts = dict(private_endpoint)
     url = f"s3://{opts.pop('bucket')}/race.zarr"
-    go = str(time.time() + 8)  # both processes start registering at this instant
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     argv = [sys.executable, "-c", _REGISTER, url, private_endpoint["endpoint_url"]]
     procs = [
-        subprocess.Popen([*argv, prefix, go], env=env, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [*argv, prefix],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for prefix in ("a", "b")
     ]
-    errors = [p.communicate(timeout=120)[1] for p in procs]
+    # Once both are imported, both start registering at one instant, a moment from now.
+    watchdog = threading.Timer(120, lambda: [p.kill() for p in procs])  # never hang
+    watchdog.start()
+    try:
+        ready = [p.stdout.readline() for p in procs]  # type: ignore[union-attr]
+        go = f"{time.time() + 0.5}\n"
+        errors = [p.communicate(go, timeout=120)[1] for p in procs]
+    finally:
+        watchdog.cancel()
+    assert ready == ["ready\n"] * 2, errors
     assert [p.returncode for p in procs] == [0, 0], errors
     with storage_options_scope():
         use_storage_options(url, opts)

@@ -79,6 +79,10 @@ def test_submit_and_wait(ray_head: str, tmp_path: Path) -> None:
             "sub",
             "--address",
             ray_head,
+            # The job extracts in its own process on the head: a submitted job's Ray
+            # actors are tests/serve/test_extract_jobs.py's (an actor costs seconds).
+            "--workers",
+            "0",
             "--wait",
             "--no-progress",
         ],

@@ -63,7 +63,7 @@ def test_an_extraction_job_runs_on_ray_and_survives_a_restart(
             if got["status"] in ("succeeded", "failed"):
                 break
             assert time.monotonic() < deadline, got
-            time.sleep(1)
+            time.sleep(0.2)
         assert got["status"] == "succeeded", got
         assert got["result"]["url"] == "/api/runs/sub" and got["logs_tail"]
         summary = second.json("/api/runs/sub")
