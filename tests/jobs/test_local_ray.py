@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,7 +73,13 @@ def test_session_cluster_listens_on_loopback_only() -> None:
 
 
 def test_extract_starts_a_loopback_only_ray(tmp_path: Path) -> None:
+    """...and a new one, even where a `ray start` left the address of a cluster (gone
+    here) in <RAY_TMPDIR>/ray/ray_current_cluster, which a bare ray.init() would join."""
     env = {k: v for k, v in os.environ.items() if k not in LOOPBACK_ENV and k != "RAY_ADDRESS"}
+    ray_tmp = Path(tempfile.mkdtemp(prefix="vr", dir="/tmp"))  # short: Ray's socket paths
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")
+    env["RAY_TMPDIR"] = str(ray_tmp)
     argv = [
         sys.executable,
         "-m",
@@ -109,6 +117,7 @@ def test_extract_starts_a_loopback_only_ray(tmp_path: Path) -> None:
     finally:
         if job.poll() is None:
             job.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert job.returncode == 0, err.decode()[-2000:]
     names = " ".join(seen)
     assert "raylet" in names and "gcs_server" in names and "ExtractionActor" in names, seen
