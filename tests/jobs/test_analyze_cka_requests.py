@@ -55,5 +55,5 @@ def test_a_copied_store_reuses_its_grams_in_few_requests(tmp_path: Path) -> None
     # The same numbers as the original store computes from its own Grams.
     here = run_cka(CKAConfig(store=local, run="vit", batch_size=8, seed=1, progress=False))
     assert here.attrs["grams_computed"] == []
-    np.testing.assert_allclose(remote.dataset["cka"], here.dataset["cka"], rtol=1e-12)
+    np.testing.assert_allclose(remote.dataset["cka"], here.dataset["cka"], rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(remote.dataset["depth_index_a"], here.dataset["depth_index_a"])
