@@ -36,9 +36,9 @@ from vitcnn_store.analysis.tiles import (
     gather_part,
     tile_part,
 )
-from vitcnn_store.store.grams import GramInfo, read_blocks, read_vector_kinds, read_vectors
+from vitcnn_store.store.grams import GramInfo, read_blocks, read_vector_kinds
 
-__all__ = ["GramSide", "TilePass", "offsets_of", "panels_of", "run_tile_pass", "shifts_of"]
+__all__ = ["GramSide", "TilePass", "panels_of", "run_tile_pass"]
 
 
 @dataclass(frozen=True)
@@ -61,20 +61,10 @@ class TilePass:
     requests_b: Sequence[np.ndarray] = ()
 
 
-def shifts_of(side: GramSide) -> np.ndarray:
-    """(L, N) centring shifts of a side's Grams at its positions, from the stored row means."""
-    means = np.stack([v[side.index] for v in read_vectors(side.grams, "row_mean")])
-    return centring_shift(means)
-
-
-def offsets_of(side: GramSide) -> np.ndarray:
-    """(L, N) offsets ``a`` of a side's stored Grams (``X Xᵀ = gram + a_i + a_j``)."""
-    return np.stack([v[side.index] for v in read_vectors(side.grams, "offset")])
-
-
 def _shifts_and_offsets(sides: Sequence[GramSide]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """:func:`shifts_of` and :func:`offsets_of` of each side, all read in one round of
-    requests."""
+    """Per side, the (L, N) centring shifts of its Grams at its positions (from the
+    stored row means) and the (L, N) offsets ``a`` of its stored Grams
+    (``X Xᵀ = gram + a_i + a_j``): every side's vectors read in one round of requests."""
     got = read_vector_kinds([g for side in sides for g in side.grams], ("row_mean", "offset"))
     out, start = [], 0
     for side in sides:
