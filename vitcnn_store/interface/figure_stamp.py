@@ -15,8 +15,10 @@ Examples
 >>> import tempfile, pathlib
 >>> png = pathlib.Path(tempfile.mkdtemp()) / "f.png"
 >>> stamp = {"group": "v/_analyses/cka/abc", "digest": "sha256:00"}
->>> text = STAMP_KEYWORD + b"\\0" + stamp_text(stamp).encode("latin-1")
->>> _ = png.write_bytes(_SIGNATURE + _chunk(b"IHDR", bytes(13)) + _chunk(b"tEXt", text))
+>>> from PIL import Image, PngImagePlugin  # written as plots._save writes figures
+>>> info = PngImagePlugin.PngInfo()
+>>> info.add_text(STAMP_KEYWORD.decode("latin-1"), stamp_text(stamp))
+>>> Image.new("RGB", (2, 2)).save(png, format="PNG", pnginfo=info)
 >>> read_stamp(png)
 {'digest': 'sha256:00', 'group': 'v/_analyses/cka/abc'}
 >>> read_stamp(png.with_name("missing.png")) is None
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import json
 import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +39,8 @@ STAMP_KEYWORD = b"vitcnn_store.result"
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-
-def _chunks(raw: bytes) -> list[tuple[bytes, bytes, int, int]]:
-    """``(kind, data, start, end)`` of each chunk of PNG bytes ``raw``."""
+def _chunks(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """``(kind, data)`` of each chunk of PNG bytes ``raw``."""
     if not raw.startswith(_SIGNATURE):
         raise ValueError("not a PNG")
     out, at = [], len(_SIGNATURE)
@@ -52,7 +48,7 @@ def _chunks(raw: bytes) -> list[tuple[bytes, bytes, int, int]]:
         (length,) = struct.unpack(">I", raw[at : at + 4])
         kind = raw[at + 4 : at + 8]
         end = at + 12 + length
-        out.append((kind, raw[at + 8 : at + 8 + length], at, end))
+        out.append((kind, raw[at + 8 : at + 8 + length]))
         at = end
         if kind == b"IEND":
             break
@@ -63,7 +59,7 @@ def read_stamp(path: str | Path) -> dict[str, Any] | None:
     """The stamp of the PNG at ``path``; None when it is missing, unreadable or unstamped."""
     try:
         raw = Path(path).read_bytes()
-        for kind, data, _, _ in _chunks(raw):
+        for kind, data in _chunks(raw):
             if kind == b"tEXt" and data.startswith(STAMP_KEYWORD + b"\0"):
                 stamp = json.loads(data[len(STAMP_KEYWORD) + 1 :].decode("latin-1"))
                 return stamp if isinstance(stamp, dict) else None
