@@ -299,10 +299,10 @@ def stop_actors(pool: Pool, park: bool = False) -> None:
     those Ray did not restart during the job, for the driver's next job."""
     import ray
 
-    keep = pool.actors if park and pool.options is not None and _connection() else []
-    _kill([a for a in pool.actors if not any(a is k for k in keep)])
-    if not keep:
+    if not (park and pool.options is not None and _connection()):
+        _kill(pool.actors)
         return
+    keep = pool.actors
     # Each drops the job's model before it waits: a parked actor holds no memory of it.
     refs = {a.unload.remote(): a for a in keep}
     done, _late = ray.wait(list(refs), num_returns=len(refs), timeout=UNLOAD_TIMEOUT)

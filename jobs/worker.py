@@ -349,7 +349,7 @@ def make_actor_class() -> Any:
     decode and forward of the next.
 
     An actor outlives its job when the driver parks it for the next job
-    (:func:`jobs.ray_pool.park_actors`): ``unload`` drops what the job gave it,
+    (:func:`jobs.ray_pool.stop_actors` with ``park``): ``unload`` drops what the job gave it,
     and ``load`` with another job's token replaces whatever it still held.
     """
     import ray
