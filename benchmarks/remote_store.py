@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.helpers import MOTO_REQUEST
 from tests.http_store import serve_without_listing
 
 
@@ -84,7 +85,7 @@ class _MotoProcess:
     def _read(self) -> None:
         assert self._proc.stderr is not None
         for line in self._proc.stderr:
-            m = re.search(r'"(?:\x1b\[[0-9;]*m)?(\w+) ([^ ?]*)(\?[^ ]*)? HTTP', line)
+            m = MOTO_REQUEST.search(line)
             if not m:
                 continue
             self._lines += 1

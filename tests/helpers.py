@@ -118,6 +118,11 @@ def moto_s3(bucket: str) -> Iterator[str]:
         server.stop()
 
 
+#: A request in moto's log: method, path, query. A 404 is logged in colour: the method
+#: follows an escape sequence.
+MOTO_REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)?(\w+) ([^ ?]*)(\?[^ ]*)? HTTP')
+
+
 class MotoRequests(logging.Handler):
     """The requests an in-process moto server (:func:`moto_s3`) logs, as
     ``(method, path, listing?)`` in ``seen``."""
@@ -127,8 +132,7 @@ class MotoRequests(logging.Handler):
         self.seen: list[tuple[str, str, bool]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        # A 404 is logged in colour: the method follows an escape sequence.
-        m = re.search(r'"(?:\x1b\[[0-9;]*m)?(\w+) ([^ ?]*)(\?[^ ]*)? HTTP', record.getMessage())
+        m = MOTO_REQUEST.search(record.getMessage())
         if m:
             self.seen.append((m.group(1), m.group(2), "list-type" in (m.group(3) or "")))
 
