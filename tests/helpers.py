@@ -69,6 +69,19 @@ def module_outputs(model: Any, x: Any, names: list[str]) -> dict[str, Any]:
     return out
 
 
+def png_ok(path: Any, colours: int = 8) -> None:
+    """Assert ``path`` is a PNG with more than ``colours`` colours (not blank)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    with Image.open(path) as image:
+        # getcolors gives None past ``colours`` colours: a count that stops early, where a
+        # row-wise np.unique of the pixels sorted them all (seconds per figure).
+        assert image.convert("RGBA").getcolors(colours) is None, f"{path}: one colour or few"
+
+
 def snapshot(path: Any) -> dict[str, str]:
     """Every file under folder ``path`` with a hash of its bytes (``{}`` if it does not exist):
     a refusal must leave it equal."""
