@@ -83,7 +83,9 @@ def test_analyses_on_s3(s3_bucket: str, tmp_path: object) -> None:
     assert lock_holder(open_store(url), "vit") is None
 
 
-def test_unreachable_object_store() -> None:
+def test_unreachable_object_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One attempt: botocore's retries of a refused connection only add seconds of backoff.
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     saved = os.environ.get("AWS_ENDPOINT_URL")
     os.environ["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"  # nothing listens there
     try:
