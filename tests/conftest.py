@@ -138,11 +138,14 @@ def extract_tiny(store: str | Path, run: str, family: str = "vit", **options: ob
 def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A store with runs ``vit`` (preset:paper, attention, inputs) and ``resnet``
     (preset:paper, inputs) over 40 labelled built-in face images, extracted in this
-    process (no Ray). Treat as read-only."""
-    store = tmp_path_factory.mktemp("stores") / "tiny.zarr"
+    process (no Ray), once for every pytest-xdist worker (:func:`built_once`). Treat as
+    read-only."""
+    return str(built_once(tmp_path_factory, "tiny.zarr", _build_tiny_store))
+
+
+def _build_tiny_store(store: Path) -> None:
     extract_tiny(store, "vit", "vit", layers="preset:paper", attention=True, inputs=True)
     extract_tiny(store, "resnet", "resnet", layers="preset:paper", inputs=True)
-    return str(store)
 
 
 #: Seconds a worker waits for another one's build of a shared fixture (:func:`built_once`).

@@ -69,6 +69,19 @@ def module_outputs(model: Any, x: Any, names: list[str]) -> dict[str, Any]:
     return out
 
 
+def png_ok(path: Any, colours: int = 8) -> None:
+    """Assert ``path`` is a PNG with more than ``colours`` colours (not blank)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    with Image.open(path) as image:
+        # getcolors gives None past ``colours`` colours: a count that stops early, where a
+        # row-wise np.unique of the pixels sorted them all (seconds per figure).
+        assert image.convert("RGBA").getcolors(colours) is None, f"{path}: one colour or few"
+
+
 def snapshot(path: Any) -> dict[str, str]:
     """Every file under folder ``path`` with a hash of its bytes (``{}`` if it does not exist):
     a refusal must leave it equal."""
@@ -86,36 +99,56 @@ def snapshot(path: Any) -> dict[str, str]:
 
 
 @contextmanager
-def moto_s3(bucket: str) -> Iterator[str]:
-    """An S3 server on loopback (moto, as s3fs's own tests use; it honours
-    ``If-None-Match: *`` on PUT) holding ``bucket``, reached through the AWS
-    environment variables while the block runs; yields ``s3://<bucket>``."""
-    from moto.server import ThreadedMotoServer
+def moto_server() -> Iterator[str]:
+    """An S3 server on loopback (moto's S3 app in a thread, as s3fs's own tests use
+    moto); yields its endpoint, ``http://127.0.0.1:<port>``. moto's servers in one
+    process share their buckets.
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
+    moto's ``ThreadedMotoServer`` serves every AWS service, finding each request's among
+    them (a listing of moto's package folders per request): a quarter of the CPU of each
+    S3 request, which the S3 tests make by the thousand."""
+    import threading
+
+    from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    app = create_backend_app("s3")
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+@contextmanager
+def moto_s3(bucket: str) -> Iterator[str]:
+    """An S3 server on loopback (:func:`moto_server`; it honours ``If-None-Match: *``
+    on PUT) holding ``bucket``, reached through the AWS environment variables while the
+    block runs; yields ``s3://<bucket>``."""
     env = {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        import s3fs
+    saved = {k: os.environ.get(k) for k in (*env, "AWS_ENDPOINT_URL")}
+    with moto_server() as endpoint:
+        os.environ.update(env, AWS_ENDPOINT_URL=endpoint)
+        try:
+            import s3fs
 
-        s3fs.S3FileSystem.clear_instance_cache()
-        s3fs.S3FileSystem().mkdir(bucket)
-        yield f"s3://{bucket}"
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+            s3fs.S3FileSystem.clear_instance_cache()
+            s3fs.S3FileSystem().mkdir(bucket)
+            yield f"s3://{bucket}"
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 #: A request in moto's log: method, path, query. A 404 is logged in colour: the method

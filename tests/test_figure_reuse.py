@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import extract_tiny
-from tests.jobs.test_analyze_common import cli, png_ok
+from tests.helpers import png_ok
+from tests.jobs.test_analyze_common import cli
 from vitcnn_store.interface import plots
 from vitcnn_store.interface.figure_stamp import STAMP_KEYWORD, read_stamp
 from vitcnn_store.interface.report import build_report

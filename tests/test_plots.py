@@ -10,16 +10,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from tests.helpers import png_ok
 from vitcnn_store.interface import plots
 from vitcnn_store.interface.registry import ANALYSES
-
-
-def _png_ok(path: Path) -> None:
-    from matplotlib.image import imread
-
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    img = imread(str(path))
-    assert len(np.unique(img.reshape(-1, img.shape[-1]), axis=0)) > 8
 
 
 def _names(prefix: str, n: int) -> np.ndarray:
@@ -105,13 +98,13 @@ def _datasets() -> dict[str, xr.Dataset]:
 def test_each_figure_is_a_png(kind: str, tmp_path: Path) -> None:
     path = plots.plot_result(_datasets()[kind], tmp_path / "sub" / f"{kind}.png")
     assert path == tmp_path / "sub" / f"{kind}.png"
-    _png_ok(path)
+    png_ok(path)
 
 
 def test_attention_without_cls_and_skip_without_cls(tmp_path: Path) -> None:
     ds = _datasets()
-    _png_ok(plots.plot_attention(ds["attention"].drop_vars("cls_attention"), tmp_path / "a.png"))
-    _png_ok(plots.plot_skip(ds["skip"].drop_vars("ratio_cls"), tmp_path / "s.png"))
+    png_ok(plots.plot_attention(ds["attention"].drop_vars("cls_attention"), tmp_path / "a.png"))
+    png_ok(plots.plot_skip(ds["skip"].drop_vars("ratio_cls"), tmp_path / "s.png"))
 
 
 def test_no_pyplot_and_unknown_analysis(tmp_path: Path) -> None:
@@ -125,7 +118,7 @@ def test_no_pyplot_and_unknown_analysis(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-    _png_ok(tmp_path / "p.png")
+    png_ok(tmp_path / "p.png")
     with pytest.raises(ValueError, match="no figure"):
         plots.plot_result(xr.Dataset(attrs={"analysis": "other"}), tmp_path / "x.png")
 
@@ -141,7 +134,7 @@ def test_figure_dir_defaults(tmp_path: Path) -> None:
 def test_result_figure_named_after_run_and_result(tmp_path: Path) -> None:
     path = plots.save_result_figure(_datasets()["probe"], str(tmp_path / "s.zarr"), "vit", "p")
     assert path == tmp_path / "s.zarr.figures" / "vit__p.png"
-    _png_ok(path)
+    png_ok(path)
 
 
 # --- baselines and axes, read off the figures themselves ------------------------------

@@ -215,17 +215,6 @@ def copy_store(src: str | Path, dst: Path) -> str:
     return str(dst)
 
 
-def png_ok(path: str | Path) -> None:
-    """Assert ``path`` is a PNG with more than one colour."""
-    from matplotlib.image import imread
-
-    data = Path(path).read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
-    img = imread(str(path))
-    flat = img.reshape(-1, img.shape[-1])
-    assert len(np.unique(flat, axis=0)) > 8, f"{path} is (nearly) a single colour"
-
-
 # -- tests of the common machinery ----------------------------------------------------
 
 

@@ -10,7 +10,8 @@ import pytest
 import xarray as xr
 import zarr
 
-from tests.jobs.test_analyze_common import cli, copy_store, png_ok
+from tests.helpers import png_ok
+from tests.jobs.test_analyze_common import cli, copy_store
 from vitcnn_store import open_store
 from vitcnn_store.store.analyses import LATEST_ATTR
 from vitcnn_store.store.layout import quiet_zarr

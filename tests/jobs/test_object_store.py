@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import extract_tiny
-from tests.helpers import moto_s3
+from tests.helpers import moto_s3, moto_server
 from vitcnn_store import open_store
 from vitcnn_store.errors import StoreError
 
@@ -83,7 +83,9 @@ def test_analyses_on_s3(s3_bucket: str, tmp_path: object) -> None:
     assert lock_holder(open_store(url), "vit") is None
 
 
-def test_unreachable_object_store() -> None:
+def test_unreachable_object_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One attempt: botocore's retries of a refused connection only add seconds of backoff.
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     saved = os.environ.get("AWS_ENDPOINT_URL")
     os.environ["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"  # nothing listens there
     try:
@@ -114,25 +116,18 @@ def private_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]
     """A second moto server whose endpoint and keys are known only through storage
     options: no AWS variable names it, so no worker can find it from its environment.
     Yields the options and, under ``bucket``, an empty bucket's name."""
-    from moto.server import ThreadedMotoServer
-
     for k in _AWS:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    opts = {"endpoint_url": f"http://{host}:{port}", "key": "k", "secret": "s"}
-    # moto's servers in one process share their buckets: a fresh name per test.
-    bucket = f"private-{uuid.uuid4().hex[:12]}"
-    try:
+    with moto_server() as endpoint:
+        opts = {"endpoint_url": endpoint, "key": "k", "secret": "s"}
+        # moto's servers in one process share their buckets: a fresh name per test.
+        bucket = f"private-{uuid.uuid4().hex[:12]}"
         import s3fs
 
         s3fs.S3FileSystem(**opts).mkdir(bucket)
         yield {**opts, "bucket": bucket}
-    finally:
-        server.stop()
 
 
 @pytest.mark.usefixtures("ray_cluster")  # the session's: a Ray of its own costs seconds

@@ -3,6 +3,7 @@ checked by verify, read by plain xarray."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,11 +38,18 @@ def _result(value: float, parameters: dict[str, object]) -> xr.Dataset:
     )
 
 
-@pytest.fixture()
-def store(tmp_path: Path) -> str:
-    url = str(tmp_path / "a.zarr")
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The store the tests start from, made once; read-only (each test takes a copy)."""
+    url = str(tmp_path_factory.mktemp("analyses") / "a.zarr")
     make_run(url, "v", ids(8), depth=1, attention=False, inputs=False)
     return url
+
+
+@pytest.fixture
+def store(template: str, tmp_path: Path) -> str:
+    """A private copy of :func:`template` (copying its files costs less than making its run)."""
+    return str(shutil.copytree(template, tmp_path / "a.zarr"))
 
 
 def _uncommit(store: str, group: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,18 @@ from vitcnn_store.store.grams import (
 from vitcnn_store.store.verify import verify_store
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> str:
-    url = str(tmp_path / "g.zarr")
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The store the tests start from, made once; read-only (each test takes a copy)."""
+    url = str(tmp_path_factory.mktemp("grams") / "g.zarr")
     make_run(url, "r", ids(20), depth=1, chunk=4, attention=False, inputs=False, failed=[2])
     return url
+
+
+@pytest.fixture
+def store(template: str, tmp_path: Path) -> str:
+    """A private copy of :func:`template` (copying its files costs less than making its run)."""
+    return str(shutil.copytree(template, tmp_path / "g.zarr"))
 
 
 def _full_gram(url: str, run: str, layer: str, tile: int) -> tuple[np.ndarray, object]:

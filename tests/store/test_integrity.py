@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
-from tests.store.test_store import PROVENANCE, SPECS, filled_store, make_run, unit_values
+from tests.store.test_store import PROVENANCE, SPECS, make_run, unit_values
 from vitcnn_store import open_store
 from vitcnn_store.cli import main
 from vitcnn_store.errors import BrokenRunError, DamagedDataError
@@ -31,8 +32,9 @@ def flip(path: Path, offset: int = 12) -> None:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> str:
-    return filled_store(tmp_path)
+def store(filled_template: str, tmp_path: Path) -> str:
+    """A private copy of :func:`tests.store.test_store.filled_store` (made once)."""
+    return str(shutil.copytree(filled_template, tmp_path / "s.zarr"))
 
 
 def chunk(url: str, run: str, array: str, unit: int) -> Path:

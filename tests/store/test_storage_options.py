@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers import moto_server
 from tests.test_bad_input import TINY
 from vitcnn_store import open_store
 from vitcnn_store.errors import StoreUnavailableError
@@ -31,22 +32,16 @@ _AWS = (
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
     """A moto S3 server on 127.0.0.1 with bucket ``team``; no AWS variable is set."""
-    from moto.server import ThreadedMotoServer
-
     saved = {k: os.environ.pop(k, None) for k in _AWS}
     os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.environ["AWS_CONFIG_FILE"] = os.devnull
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
     try:
-        import s3fs
+        with moto_server() as url:
+            import s3fs
 
-        s3fs.S3FileSystem.clear_instance_cache()
-        s3fs.S3FileSystem(endpoint_url=url, key="k", secret="s").mkdir("team")
-        yield url
+            s3fs.S3FileSystem.clear_instance_cache()
+            s3fs.S3FileSystem(endpoint_url=url, key="k", secret="s").mkdir("team")
+            yield url
     finally:
-        server.stop()
         for k, v in saved.items():
             os.environ.pop(k, None)
             if v is not None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.store.test_integrity import chunk, flip, interrupt_creation
-from tests.store.test_store import filled_store
 from vitcnn_store import open_store
 from vitcnn_store.cli import main
 from vitcnn_store.store import verify_store
@@ -17,8 +17,9 @@ from vitcnn_store.store.lease import acquire_lease
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> str:
-    return filled_store(tmp_path)
+def store(filled_template: str, tmp_path: Path) -> str:
+    """A private copy of :func:`tests.store.test_store.filled_store` (made once)."""
+    return str(shutil.copytree(filled_template, tmp_path / "s.zarr"))
 
 
 def run_verify(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
