@@ -61,32 +61,17 @@ def test_reuse_loads_and_redraws_nothing(analysis: str, store: Path, tmp_path: P
     assert snapshot(store) == before
 
 
-def test_reuse_prints_reused_line(store: Path, tmp_path: Path) -> None:
-    import subprocess
-    import sys
+def test_reuse_prints_reused_line(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # What is printed, not what is imported (the test above): the CLI in this process.
+    from vitcnn_store.cli import main
 
-    from tests.test_light_startup import ROOT
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "vitcnn_store.cli",
-        "analyze",
-        "cka",
-        str(store),
-        "v",
-        "--no-progress",
-    ]
-    env_path = {"PYTHONPATH": str(ROOT)}
-    import os
-
-    env = {**os.environ, **env_path}
-    subprocess.run(cmd, check=True, capture_output=True, env=env)
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    args = ["analyze", "cka", str(store), "v", "--no-progress"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
     assert "cka: reused " in out and "(same parameters; --recompute to redo)" in out
     assert "figure: " in out
     # --recompute computes again and redraws.
-    out = subprocess.run(
-        [*cmd, "--recompute"], check=True, capture_output=True, text=True, env=env
-    ).stdout
-    assert "cka: rewrote " in out
+    assert main([*args, "--recompute"]) == 0
+    assert "cka: rewrote " in capsys.readouterr().out
