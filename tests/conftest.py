@@ -88,12 +88,21 @@ def _extracting_fixtures(item: pytest.Item) -> bool:
     return False
 
 
+#: Seconds an actor parked on the session's cluster waits for this driver's next job
+#: (``jobs.ray_pool.IDLE_SECONDS`` is 15 s): as long as a session, so the actors one module's
+#: job parks serve the next module's job created alike (a new actor is a process importing
+#: torch: seconds). A test that needs the cluster's CPUs free calls ``release_idle_actors()``.
+SESSION_IDLE_SECONDS = 1800.0
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
     """A local Ray cluster shared by every test that needs one (one per pytest-xdist worker),
-    started as the tool starts its own (loopback only)."""
+    started as the tool starts its own (loopback only); its parked actors wait
+    :data:`SESSION_IDLE_SECONDS` for the next job."""
     import ray
 
+    from jobs import ray_pool
     from jobs.ray_cluster import disconnect, passthrough_env, start_local_ray
 
     started = not ray.is_initialized()
@@ -107,8 +116,12 @@ def ray_cluster() -> Iterator[None]:
             start_local_ray(num_cpus=2, object_store_memory=256 * 1024**2)
         finally:
             os.environ.update(hidden)
-    yield
-    disconnect(started)
+    idle, ray_pool.IDLE_SECONDS = ray_pool.IDLE_SECONDS, SESSION_IDLE_SECONDS
+    try:
+        yield
+    finally:
+        ray_pool.IDLE_SECONDS = idle
+        disconnect(started)  # kills the parked actors (ray_pool.release_idle_actors)
 
 
 TINY_VIT = {"name": "vit_tiny_patch16_224", "img_size": 32, "model_args": {"depth": 2}}
