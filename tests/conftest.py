@@ -101,7 +101,8 @@ def _check_ray_scope(items: Sequence[pytest.Item]) -> None:
     cluster in the other worker: say so at collection rather than cost seconds quietly."""
     for item in items:
         path = getattr(item, "path", None)
-        if item.get_closest_marker("ray") and path is not None and not asks_for_ray(path):
+        uses_ray = set(getattr(item, "fixturenames", ())) & RAY_FIXTURES
+        if uses_ray and path is not None and not asks_for_ray(path):
             raise pytest.UsageError(
                 f"{path} uses a Ray fixture only through another fixture: name it in the "
                 "module (a parameter `ray_cluster: None`, or usefixtures), so that "
