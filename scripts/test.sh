@@ -4,7 +4,9 @@
 # Two pytest-xdist workers: most tests use one core (imports, zarr I/O, a tiny model), so
 # a second process halves the suite's time on a two-core machine. `--dist loadscope` keeps
 # a module's tests in one worker, so a module's fixture (the demo, a dask cluster) is built
-# once; each worker has its own session fixtures (one Ray cluster, the tiny stores).
+# once; each worker has its own session fixtures (the tiny stores). Every Ray-using module
+# goes to one worker as one unit (tests/conftest.py: pytest_xdist_make_scheduler), so the
+# suite starts one Ray cluster and one Ray head, and parked actors serve the next module.
 # `-n 0` after the script's name runs everything in one process (e.g. for --pdb).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -9,7 +9,9 @@ Ray or spawns an interpreter is left out of the quick loop without anyone rememb
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -73,6 +75,62 @@ def pytest_collection_modifyitems(items: Sequence[pytest.Item]) -> None:
         names = _names_in(getattr(item, "function", None), getattr(item, "module", None))
         if used & SLOW_FIXTURES or names & (SPAWNS | EXTRACTS) or _extracting_fixtures(item):
             item.add_marker(pytest.mark.slow)
+    _check_ray_scope(items)
+
+
+#: A test module asks for a Ray fixture by parameter (``ray_cluster: None``) or with
+#: ``usefixtures("ray_head")``: how the scheduler tells Ray modules from their text.
+_ASKS_FOR_RAY = re.compile(
+    r"\b(?:ray_cluster|ray_head)\s*:|usefixtures\(\s*[\"'](?:ray_cluster|ray_head)[\"']"
+)
+#: The pytest-xdist work unit of every Ray-using module (:func:`pytest_xdist_make_scheduler`).
+RAY_SCOPE = "ray-modules"
+
+
+@functools.cache
+def asks_for_ray(module: Path) -> bool:
+    """Whether a test module's text asks for :data:`RAY_FIXTURES` (see :data:`_ASKS_FOR_RAY`)."""
+    try:
+        return bool(_ASKS_FOR_RAY.search(module.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _check_ray_scope(items: Sequence[pytest.Item]) -> None:
+    """A module whose tests use Ray but whose text does not say so would start its own
+    cluster in the other worker: say so at collection rather than cost seconds quietly."""
+    for item in items:
+        path = getattr(item, "path", None)
+        uses_ray = set(getattr(item, "fixturenames", ())) & RAY_FIXTURES
+        if uses_ray and path is not None and not asks_for_ray(path):
+            raise pytest.UsageError(
+                f"{path} uses a Ray fixture only through another fixture: name it in the "
+                "module (a parameter `ray_cluster: None`, or usefixtures), so that "
+                "scripts/test.sh runs it in the worker that holds the Ray cluster"
+            )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """``--dist loadscope`` with every Ray-using module in one work unit: one worker starts
+    the session's Ray cluster and the Ray head (each costs seconds of CPU and starts
+    processes), and a module's parked actors serve the next module's jobs. The unit is
+    the largest, so the worker gets it first (``--loadscope-reorder``) while the other
+    worker runs the rest of the suite."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    root = config.rootpath
+
+    class RayModulesTogether(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            if module.endswith(".py") and asks_for_ray(root / module):
+                return RAY_SCOPE
+            return str(super()._split_scope(nodeid))
+
+    return RayModulesTogether(config, log)
 
 
 def _extracting_fixtures(item: pytest.Item) -> bool:
@@ -88,12 +146,22 @@ def _extracting_fixtures(item: pytest.Item) -> bool:
     return False
 
 
+#: Seconds an actor parked on the session's cluster waits for this driver's next job
+#: (``jobs.ray_pool.IDLE_SECONDS`` is 15 s): as long as a session, so the actors one module's
+#: job parks serve the next module's job created alike (a new actor is a process importing
+#: torch: seconds). A test that needs the cluster's CPUs free calls ``release_idle_actors()``.
+SESSION_IDLE_SECONDS = 1800.0
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
-    """A local Ray cluster shared by every test that needs one (one per pytest-xdist worker),
-    started as the tool starts its own (loopback only)."""
+    """A local Ray cluster shared by every test that needs one (one per pytest-xdist worker
+    that runs Ray modules: one, :func:`pytest_xdist_make_scheduler`), started as the tool
+    starts its own (loopback only); its parked actors wait
+    :data:`SESSION_IDLE_SECONDS` for the next job."""
     import ray
 
+    from jobs import ray_pool
     from jobs.ray_cluster import disconnect, passthrough_env, start_local_ray
 
     started = not ray.is_initialized()
@@ -107,8 +175,12 @@ def ray_cluster() -> Iterator[None]:
             start_local_ray(num_cpus=2, object_store_memory=256 * 1024**2)
         finally:
             os.environ.update(hidden)
-    yield
-    disconnect(started)
+    idle, ray_pool.IDLE_SECONDS = ray_pool.IDLE_SECONDS, SESSION_IDLE_SECONDS
+    try:
+        yield
+    finally:
+        ray_pool.IDLE_SECONDS = idle
+        disconnect(started)  # kills the parked actors (ray_pool.release_idle_actors)
 
 
 TINY_VIT = {"name": "vit_tiny_patch16_224", "img_size": 32, "model_args": {"depth": 2}}

@@ -28,9 +28,12 @@ OPTIONS = {"layers": "preset:paper", "attention": True, "inputs": True, "dtype":
 @pytest.fixture(scope="module")
 def f32_store(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> str:
     """Runs ``w1`` (one Ray actor), ``w2`` (two Ray actors) and ``here`` (in this process,
-    the default without a cluster address) of the same float32 extraction."""
+    the default without a cluster address) of the same float32 extraction.
+
+    ``w1``'s actor asks for one CPU, as each of ``w2``'s does: ``w2`` takes it from the
+    park and starts one more (a new actor costs seconds: a process importing torch)."""
     url = str(tmp_path_factory.mktemp("f32") / "acts.zarr")
-    extract_tiny(url, "w1", workers=1, **OPTIONS)
+    extract_tiny(url, "w1", workers=1, cpus_per_worker=1, **OPTIONS)
     extract_tiny(url, "w2", workers=2, **OPTIONS)
     extract_tiny(url, "here", **OPTIONS)
     return url

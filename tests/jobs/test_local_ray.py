@@ -22,6 +22,7 @@ import pytest
 import ray
 
 from jobs.ray_cluster import LOOPBACK_ENV
+from jobs.ray_pool import release_idle_actors
 
 
 def listening(root: psutil.Process) -> dict[str, set[str]]:
@@ -62,6 +63,7 @@ def test_session_cluster_listens_on_loopback_only() -> None:
         def pid(self) -> int:
             return os.getpid()
 
+    release_idle_actors()  # an earlier module's parked actors may hold both CPUs
     probe = Probe.remote()  # type: ignore[attr-defined]
     worker = ray.get(probe.pid.remote())
     sockets = listening(psutil.Process())
