@@ -75,9 +75,7 @@ def encode_vectors(row_mean: np.ndarray, offset: np.ndarray | None) -> dict[str,
     return out
 
 
-def decode_vectors(
-    attrs: Mapping[str, Any], n: int
-) -> tuple[np.ndarray, np.ndarray | None] | None:
+def decode_vectors(attrs: Mapping[str, Any], n: int) -> tuple[np.ndarray, np.ndarray | None] | None:
     """``(row_mean, offset)`` from a Gram's attributes (offset None: not stored), or
     None when the Gram carries no readable copy of ``n`` values (then read the arrays)."""
     attr = attrs.get(VECTORS_ATTR)

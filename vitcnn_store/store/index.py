@@ -213,7 +213,7 @@ def lean_consolidated(url: str, path: str, group: Any) -> None:
     doc = json.loads(raw)
     meta = doc["consolidated_metadata"]["metadata"]
     doc["consolidated_metadata"]["metadata"] = {k: lean_entry(k, v) for k, v in meta.items()}
-    fs, root = filesystem(url)
+    _, root = filesystem(url)
     target = "/".join(p for p in (str(root).rstrip("/"), path, "zarr.json") if p)
     _write_whole(url, target, json.dumps(doc, indent=2).encode())
 

@@ -121,10 +121,7 @@ def _read(store: Store, paths: list[str], put: dict[str, bytes] | None = None) -
     if not paths and not put:
         return {}
     with store_io(store.url):
-        if put:
-            got = _pipe_and_cat(store.fs, put, paths)
-        else:
-            got = store.fs.cat(paths, on_error="return")
+        got = _pipe_and_cat(store.fs, put, paths) if put else store.fs.cat(paths, on_error="return")
     out: dict[str, Any] = {}
     for path in paths:
         raw = got.get(path) if isinstance(got, dict) else None
