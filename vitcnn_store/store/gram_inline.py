@@ -24,6 +24,8 @@ Examples
 (1.0, [0.5, -2.0])
 >>> decode_vectors({VECTORS_ATTR: attr}, 3) is None  # another size: not this Gram's
 True
+>>> decode_vectors({"complete": True}, 2) is None  # an older Gram: read the arrays
+True
 """
 
 from __future__ import annotations
