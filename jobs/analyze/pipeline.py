@@ -27,9 +27,8 @@ Drawing and printing are the interface's (:mod:`vitcnn_store.interface.cli_analy
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import datetime as _dt
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +53,7 @@ from vitcnn_store.store.analyses import (
     stored_result,
 )
 from vitcnn_store.store.index import refresh_derived
-from vitcnn_store.store.layout import ANALYSES, check_name, is_local
+from vitcnn_store.store.layout import ANALYSES, check_name
 from vitcnn_store.store.locks import analysis_lock
 from vitcnn_store.store.reader import Run, Store
 from vitcnn_store.store.result_write import write_analysis
@@ -62,7 +61,7 @@ from vitcnn_store.store.result_write import write_analysis
 if TYPE_CHECKING:
     import xarray as xr
 
-__all__ = ["AnalysisResult", "run_analysis", "source_fingerprint", "while_uploading"]
+__all__ = ["AnalysisResult", "run_analysis", "source_fingerprint"]
 
 
 @dataclass
@@ -106,34 +105,6 @@ class AnalysisResult:
     def attrs(self) -> dict[str, Any]:
         """The result's attributes (for a reused result: as stored, without loading it)."""
         return dict(self.loaded.attrs) if self.loaded is not None else dict(self.stored_attrs)
-
-
-#: What the caller does while a computed result is uploaded to object storage.
-_WHILE_UPLOADING: contextvars.ContextVar[Callable[[xr.Dataset, str, str], Any] | None] = (
-    contextvars.ContextVar("while_uploading", default=None)
-)
-
-
-@contextlib.contextmanager
-def while_uploading(work: Callable[[xr.Dataset, str, str], Any]) -> Iterator[None]:
-    """Within the block, an analysis that writes a new result to object storage calls
-    ``work(dataset, group, digest)`` (the result as written, its group and its digest)
-    while the result's objects are uploaded, and finishes the upload before it returns
-    (:func:`~vitcnn_store.store.result_write.write_analysis`). On a local disk, and
-    for a reused result, ``work`` is not called.
-
-    ``vitcnn analyze`` draws the result's figure so: on object storage each object
-    is a request, which the server handles meanwhile.
-    """
-    token = _WHILE_UPLOADING.set(work)
-    try:
-        yield
-    finally:
-        _WHILE_UPLOADING.reset(token)
-
-
-def _with(work: Callable[[xr.Dataset, str, str], Any], ds: xr.Dataset) -> Callable[[str, str], Any]:
-    return lambda group, digest: work(ds, group, digest)
 
 
 def source_fingerprint(run: Run, mask: np.ndarray) -> dict[str, Any]:
@@ -199,11 +170,7 @@ def run_analysis(
         with Executor(opts.dask_address, opts.threads, opts.progress) as executor:
             ds = compute(executor)
         _label(ds, analysis, opts, prints, parameters)
-        work = _WHILE_UPLOADING.get()
-        alongside = None if work is None or is_local(store.url) else _with(work, ds)
-        written = write_analysis(
-            store, opts.run, name, ds, replace_all=opts.replace, alongside=alongside
-        )
+        written = write_analysis(store, opts.run, name, ds, replace_all=opts.replace)
     return AnalysisResult(
         analysis,
         store,

@@ -7,7 +7,6 @@ reused-Gram CKA makes. These counts keep the cuts from silently coming back.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -17,8 +16,6 @@ import numpy as np
 from jobs.analyze.cka import CKAConfig, run_cka
 from tests.helpers import moto_requests, moto_s3
 from tests.jobs.test_analyze_common import ids, make_run
-from vitcnn_store import open_store
-from vitcnn_store.store.analyses import DIGEST_ATTR, list_results
 
 LAYERS = ["norm_pre", "blocks.0", "blocks.1"]  # the residual stream of make_run's ViT
 
@@ -60,45 +57,3 @@ def test_a_copied_store_reuses_its_grams_in_few_requests(tmp_path: Path) -> None
     assert here.attrs["grams_computed"] == []
     np.testing.assert_allclose(remote.dataset["cka"], here.dataset["cka"], rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(remote.dataset["depth_index_a"], here.dataset["depth_index_a"])
-
-
-def test_on_object_storage_the_figure_is_drawn_while_the_result_uploads(tmp_path: Path) -> None:
-    """``while_uploading`` work runs while the new result's objects travel (another
-    thread uploading), with the result's group and digest; ``vitcnn analyze`` draws the
-    figure so, stamped as it would be afterwards, and only the figure is left."""
-    import threading
-
-    from jobs.analyze.pipeline import while_uploading
-    from tests.jobs.test_analyze_common import cli
-    from vitcnn_store.interface.figure_stamp import read_stamp
-    from vitcnn_store.interface.plots import result_stamp
-
-    local = str(tmp_path / "s.zarr")
-    make_run(local, "vit", ids(24), attention=False, inputs=False)
-    calls: list[tuple[str, str, bool]] = []
-
-    def work(ds: object, group: str, digest: str) -> None:
-        uploading = any(t.name.startswith("upload") for t in threading.enumerate())
-        calls.append((group, digest, uploading))
-
-    with while_uploading(work):
-        run_cka(CKAConfig(store=local, run="vit", batch_size=8, progress=False))
-    assert calls == []  # a local disk: nothing to wait for
-    with moto_s3("drawn") as bucket:
-        import s3fs
-
-        url = f"{bucket}/s.zarr"
-        s3fs.S3FileSystem().put(local, url, recursive=True)
-        with while_uploading(work):
-            result = run_cka(CKAConfig(store=url, run="vit", batch_size=8, seed=1, progress=False))
-        assert calls == [(result.group, result.digest, True)]
-        figures = tmp_path / "figures"
-        argv = ["analyze", "cka", url, "vit", "--batch-size", "8", "--seed", "2"]
-        assert cli([*argv, "--figures", str(figures), "--no-progress"]) == 0
-        assert [p.name for p in figures.iterdir()] == ["vit__cka.png"]
-        stamp = read_stamp(figures / "vit__cka.png")
-        assert stamp is not None
-        (written,) = [k for k in list_results(open_store(url), "vit", "cka") if k.latest]
-        attrs = json.loads(s3fs.S3FileSystem().cat_file(f"{url}/{written.group}/zarr.json"))
-        digest, computed_at = (attrs["attributes"][k] for k in (DIGEST_ATTR, "computed_at"))
-        assert stamp == result_stamp(written.group, digest, computed_at)

@@ -13,7 +13,6 @@ the parser; the jobs (dask, xarray, matplotlib) load when a command runs.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from dataclasses import fields
@@ -138,30 +137,9 @@ def analyze(
     imported), and ``vitcnn report`` keeps the figure too.
     """
     entry = ANALYSES[analysis]
-    drawn: dict[str, Path] = {}
-    if figure and entry.draws_figure:
-        # On object storage the figure is drawn while the new result uploads, into a
-        # file of its own, and takes its place only once the result is written.
-        from jobs.analyze.pipeline import while_uploading
-        from vitcnn_store.interface.plots import figure_dir
-
-        def draw(ds: Any, group: str, digest: str) -> None:
-            _draw(ds, group, digest, figure_dir(config.store, figures), drawn)
-
-        with while_uploading(draw):
-            try:
-                result = entry.run(config)
-            except BaseException:
-                if "pending" in drawn:
-                    drawn["pending"].unlink(missing_ok=True)
-                raise
-    else:
-        result = entry.run(config)
+    result = entry.run(config)
     path = None
-    if "pending" in drawn:
-        path = drawn["final"]
-        os.replace(drawn["pending"], path)
-    elif figure and entry.draws_figure:
+    if figure and entry.draws_figure:
         from vitcnn_store.interface.plots import figure_dir, figure_is_current, result_stamp
 
         path = figure_dir(result.store.url, figures) / f"{result.run}__{result.name}.png"
@@ -173,20 +151,6 @@ def analyze(
                 result.dataset, result.store.url, result.run, result.name, figures, stamp=stamp
             )
     return result, path
-
-
-def _draw(ds: Any, group: str, digest: str, folder: Path, drawn: dict[str, Path]) -> None:
-    """Draw the figure of the result ``ds`` being written to ``group``, stamped, into
-    ``folder`` under a name of its own (``drawn``: that path and the figure's own)."""
-    from vitcnn_store.interface.plots import plot_result, result_stamp
-
-    run, _, name, _ = group.split("/", 3)
-    final = folder / f"{run}__{name}.png"
-    pending = final.with_name(f".{final.name}.{os.getpid()}.drawn")
-    stamp = result_stamp(group, digest, str(ds.attrs.get("computed_at", "")))
-    final.parent.mkdir(parents=True, exist_ok=True)
-    drawn["pending"] = plot_result(ds, pending, stamp=stamp)
-    drawn["final"] = final
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:

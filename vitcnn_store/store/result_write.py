@@ -30,8 +30,6 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -222,13 +220,7 @@ def _marker(doc: dict[str, Any] | None) -> bool:
 
 
 def write_analysis(
-    store: Store,
-    run_name: str,
-    name: str,
-    ds: xr.Dataset,
-    *,
-    replace_all: bool = False,
-    alongside: Callable[[str, str], Any] | None = None,
+    store: Store, run_name: str, name: str, ds: xr.Dataset, *, replace_all: bool = False
 ) -> WriteOutcome:
     """Write ``ds`` as a result of run ``run_name`` under ``name``, keyed by its
     ``parameters``.
@@ -238,10 +230,6 @@ def write_analysis(
     module describes. Results of ``name`` with other parameters are kept unless
     ``replace_all`` (then deleted once this one is complete). Callers hold the
     run's analysis lock (:mod:`vitcnn_store.store.locks`).
-
-    ``alongside(group, digest)``, if given, runs in the caller's thread once the
-    result is built in memory, while its objects are uploaded (from another
-    thread); the write completes either way, and an error of either is raised.
     """
     key = parameters_key(ds.attrs.get("parameters"))
     group = analysis_group(run_name, name, key)
@@ -275,70 +263,57 @@ def write_analysis(
         clean.attrs.pop(attr, None)
     staged = _stage(clean)
 
-    def upload() -> WriteOutcome:
-        # A rewrite (--recompute) or an interrupted write: its objects go first.
-        _clear(store, f"{base}/{group}", listed=docs[where["key"]] is not None)
-        name_doc = docs[where["name"]]
-        first = {where["key"]: staged.unmarked}
-        if docs[where["analyses"]] is None:
-            first[where["analyses"]] = _group_bytes(None, {})
-        if name_doc is None:
-            first[where["name"]] = _group_bytes(None, {})
-        _put(store, first)
-        _put(store, {f"{base}/{group}/{k}": v for k, v in staged.arrays.items()})
+    # A rewrite (--recompute) or an interrupted write: its objects go first.
+    _clear(store, f"{base}/{group}", listed=docs[where["key"]] is not None)
+    name_doc = docs[where["name"]]
+    first = {where["key"]: staged.unmarked}
+    if docs[where["analyses"]] is None:
+        first[where["analyses"]] = _group_bytes(None, {})
+    if name_doc is None:
+        first[where["name"]] = _group_bytes(None, {})
+    _put(store, first)
+    _put(store, {f"{base}/{group}/{k}": v for k, v in staged.arrays.items()})
 
-        commit = {where["key"]: staged.marked}
-        pointer = _group_bytes(
-            name_doc, {**((name_doc or {}).get("attributes") or {}), LATEST_ATTR: key}
-        )
-        nodes = {
-            ANALYSES: _node(docs[where["analyses"]] or json.loads(first[where["analyses"]])),
-            f"{ANALYSES}/{name}": _node(json.loads(pointer)),
-            f"{ANALYSES}/{name}/{key}": _node(json.loads(staged.marked)),
-        }
-        for k, v in staged.arrays.items():
-            if k.endswith("/zarr.json"):
-                nodes[f"{ANALYSES}/{name}/{key}/{k.removesuffix('/zarr.json')}"] = json.loads(v)
-        # The commit (the last write of the result), and in the same round the run's and
-        # the root's snapshots read again just before rewriting them (another job may have
-        # rewritten the root), with the other results' markers (only reported).
-        fresh = _read(store, [where["run"], where["root"], *other_paths], put=commit)
-        run_now, root_now = fresh[where["run"]], fresh[where["root"]]
-        subtree = f"{ANALYSES}/{name}/{key}"
-        last = {where["name"]: pointer}
-        if _consolidated(run_now):
-            last[where["run"]] = spliced(run_now, subtree, nodes)
-        if _consolidated(root_now):
-            prefixed = {f"{run_name}/{k}": v for k, v in nodes.items()}
-            last[where["root"]] = spliced(root_now, f"{run_name}/{subtree}", prefixed)
-        _put(store, last)
-        if not _consolidated(run_now):  # a run without consolidated metadata: all of it
-            consolidate_run(store.url, run_name)
+    commit = {where["key"]: staged.marked}
+    pointer = _group_bytes(
+        name_doc, {**((name_doc or {}).get("attributes") or {}), LATEST_ATTR: key}
+    )
+    nodes = {
+        ANALYSES: _node(docs[where["analyses"]] or json.loads(first[where["analyses"]])),
+        f"{ANALYSES}/{name}": _node(json.loads(pointer)),
+        f"{ANALYSES}/{name}/{key}": _node(json.loads(staged.marked)),
+    }
+    for k, v in staged.arrays.items():
+        if k.endswith("/zarr.json"):
+            nodes[f"{ANALYSES}/{name}/{key}/{k.removesuffix('/zarr.json')}"] = json.loads(v)
+    # The commit (the last write of the result), and in the same round the run's and
+    # the root's snapshots read again just before rewriting them (another job may have
+    # rewritten the root), with the other results' markers (only reported).
+    fresh = _read(store, [where["run"], where["root"], *other_paths], put=commit)
+    run_now, root_now = fresh[where["run"]], fresh[where["root"]]
+    subtree = f"{ANALYSES}/{name}/{key}"
+    last = {where["name"]: pointer}
+    if _consolidated(run_now):
+        last[where["run"]] = spliced(run_now, subtree, nodes)
+    if _consolidated(root_now):
+        prefixed = {f"{run_name}/{k}": v for k, v in nodes.items()}
+        last[where["root"]] = spliced(root_now, f"{run_name}/{subtree}", prefixed)
+    _put(store, last)
+    if not _consolidated(run_now):  # a run without consolidated metadata: all of it
+        consolidate_run(store.url, run_name)
 
-        outcome = WriteOutcome(group, key, staged.digest, replaced=_marker(docs[where["key"]]))
-        if replace_all:
-            for other in list_results(store, run_name, name, listing=True):
-                if other.key != key:
-                    delete_result(store, other)
-                    outcome.removed.append(other.group)
-            refresh_derived(store.url, run_name, f"{ANALYSES}/{name}")
-            return outcome
-        kept = []
-        for k in others:
-            doc = fresh[f"{base}/{name_group}/{k}/zarr.json"]
-            if _marker(doc):
-                kept.append((str(doc["attributes"].get("computed_at") or ""), k))
-        outcome.kept = [analysis_group(run_name, name, k) for _, k in sorted(kept)]
+    outcome = WriteOutcome(group, key, staged.digest, replaced=_marker(docs[where["key"]]))
+    if replace_all:
+        for other in list_results(store, run_name, name, listing=True):
+            if other.key != key:
+                delete_result(store, other)
+                outcome.removed.append(other.group)
+        refresh_derived(store.url, run_name, f"{ANALYSES}/{name}")
         return outcome
-
-    if alongside is None:
-        return upload()
-    # The caller's work (drawing the figure) while the objects travel: on object storage
-    # the server handles the requests meanwhile. The upload finishes either way.
-    with ThreadPoolExecutor(1, thread_name_prefix="upload") as pool:
-        uploading = pool.submit(upload)
-        try:
-            alongside(group, staged.digest)
-        finally:
-            outcome = uploading.result()
+    kept = []
+    for k in others:
+        doc = fresh[f"{base}/{name_group}/{k}/zarr.json"]
+        if _marker(doc):
+            kept.append((str(doc["attributes"].get("computed_at") or ""), k))
+    outcome.kept = [analysis_group(run_name, name, k) for _, k in sorted(kept)]
     return outcome
