@@ -11,6 +11,7 @@ everything it reads against zarr-python and xarray.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -221,6 +222,19 @@ class SpecStore:
         usable = ~np.isnan(row_mean)
         k = g + offset[:, None] + offset[None, :]
         return k, row_mean + offset + offset[usable].mean()
+
+    def gram_vectors(
+        self, run: str, layer: str, reduce: str = "flatten"
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """§9.1: ``(row_mean, offset)`` from the Gram's ``vectors`` attribute, or None
+        when it carries no copy (then the arrays are the only source)."""
+        suffix = "" if reduce == "flatten" else f"_{reduce}"
+        copy = self.attrs(f"{run}/_grams/{layer}/gram{suffix}").get("vectors")
+        if not isinstance(copy, dict) or copy.get("encoding") != "base64 of float64, little endian":
+            return None
+        row_mean = np.frombuffer(base64.b64decode(copy["row_mean"]), dtype="<f8")
+        offset = np.frombuffer(base64.b64decode(copy["offset"]), dtype="<f8")
+        return row_mean, offset
 
     def gram_digest(self, run: str, layer: str, usable: np.ndarray) -> str:
         """§9.1: ``source.digest`` recomputed from what the run records (its manifest's

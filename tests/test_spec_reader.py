@@ -178,6 +178,11 @@ def test_gram_gives_x_xt(store: str) -> None:
         chunk = spec.metadata(f"vit/_grams/{layer}/gram")["chunk_grid"]["configuration"]
         assert attrs["tile"] == 32 and chunk["chunk_shape"] == [32, 32]
         assert np.isnan(g[32:, :32]).all()  # the lower tile is not stored
+        # The copy of the vectors in the Gram's own metadata is the arrays', bit for bit.
+        copy = spec.gram_vectors("vit", layer)
+        assert copy is not None
+        _same(copy[0], spec.read(f"vit/_grams/{layer}/row_mean"))
+        _same(copy[1], spec.read(f"vit/_grams/{layer}/offset"))
         # source.digest recomputed from the run as it is now.
         assert spec.gram_digest("vit", layer, usable) == attrs["source"]["digest"]
 

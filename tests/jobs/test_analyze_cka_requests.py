@@ -42,11 +42,11 @@ def test_a_copied_store_reuses_its_grams_in_few_requests(tmp_path: Path) -> None
     assert not [p for p in gets if re.match(r"(norm_pre|blocks\.\d)/", p)], gets
     for layer in LAYERS:
         where = f"_grams/{layer}"
-        # The Gram's own metadata fresh (its completeness and source); its row means'
-        # and offsets' from the run's snapshot; each chunk once.
+        # The Gram's own metadata fresh (its completeness and source), which carries its
+        # row means and offsets (store/gram_inline.py): their arrays are not read; each
+        # tile once.
         assert gets[f"{where}/gram/zarr.json"] == 1, layer
-        assert gets[f"{where}/row_mean/zarr.json"] == gets[f"{where}/offset/zarr.json"] == 0
-        assert gets[f"{where}/row_mean/c/0"] == gets[f"{where}/offset/c/0"] == 1, layer
+        assert not [k for k in gets if k.startswith((f"{where}/row_mean", f"{where}/offset"))]
         assert sum(v for k, v in gets.items() if k.startswith(f"{where}/gram/c/")) == 1, layer
     assert not [p for m, p, _ in seen if m != "GET" and "/_grams/" in p]  # nothing rewritten
     for progress in ("done", "failed", "unit_record", "image_id"):  # once per job

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -176,6 +177,9 @@ def test_batched_reads_match_single_reads_and_see_fresh_metadata(store: str) -> 
     np.testing.assert_allclose(
         single, k[np.ix_(rows, cols)], rtol=1e-12, atol=1e-12 * np.abs(k).max()
     )
+    # found[0]'s vectors come from the copy in its metadata document, plain's from the
+    # row_mean and offset arrays: the same numbers.
+    assert "vectors" in json.loads(g.meta[0])["attributes"]
     means = read_vectors([found[0], plain], "row_mean")
     np.testing.assert_array_equal(means[0], means[1])
     np.testing.assert_array_equal(read_vectors([found[0]], "offset")[0], np.zeros(20))
@@ -183,3 +187,34 @@ def test_batched_reads_match_single_reads_and_see_fresh_metadata(store: str) -> 
     zarr.open_array(store, path=gram_path("r", "blocks.0"), mode="r+").attrs["complete"] = False
     r = open_store(store)["r"]  # ... the Gram's own metadata, read fresh, does not
     assert find_grams(r, ["blocks.0"], "flatten", {"blocks.0": state}) == [None]
+
+
+def test_the_snapshots_leave_out_the_vectors_copy(store: str) -> None:
+    """A finished Gram's own zarr.json carries its row means and offsets (the read that
+    checks it brings them); the run's and the root's consolidated metadata, which every
+    command reads, do not, whether spliced by an analysis or consolidated whole."""
+    from vitcnn_store.store.writer import consolidate
+
+    run_cka(CKAConfig(store=store, run="r", batch_size=8, gram_tile=8, progress=False))
+    own = json.loads((Path(store) / "r/_grams/blocks.0/gram/zarr.json").read_text())
+    assert {"row_mean", "offset"} <= set(own["attributes"]["vectors"])
+
+    def snapshots() -> list[dict]:
+        run = json.loads((Path(store) / "r/zarr.json").read_text())
+        root = json.loads((Path(store) / "zarr.json").read_text())
+        flat = run["consolidated_metadata"]["metadata"]
+        return [flat["_grams/blocks.0/gram"], root["consolidated_metadata"]["metadata"]]
+
+    run_entry, root_meta = snapshots()  # spliced in by the analysis (refresh_derived)
+    assert run_entry["attributes"]["complete"] is True and "vectors" not in run_entry["attributes"]
+    assert "vectors" not in root_meta["r/_grams/blocks.0/gram"]["attributes"]
+    consolidate(store, "r")  # the run and the root consolidated whole (extraction, repair)
+    run_entry, root_meta = snapshots()
+    assert run_entry["attributes"]["complete"] is True and "vectors" not in run_entry["attributes"]
+    assert "vectors" not in root_meta["r/_grams/blocks.0/gram"]["attributes"]
+    own = json.loads((Path(store) / "r/_grams/blocks.0/gram/zarr.json").read_text())
+    assert "vectors" in own["attributes"]  # the Gram's own document keeps it
+    # The snapshot still opens, and the Gram is still found and reused.
+    cfg = CKAConfig(store=store, run="r", batch_size=8, gram_tile=8, seed=5, progress=False)
+    again = run_cka(cfg)
+    assert again.attrs["grams_computed"] == []

@@ -49,6 +49,7 @@ import numpy as np
 from vitcnn_store.errors import DamagedDataError
 from vitcnn_store.store.checked import damage_error, read_many
 from vitcnn_store.store.codecs import checksummed
+from vitcnn_store.store.gram_inline import INLINE_MAX, VECTORS_ATTR, decode_vectors, encode_vectors
 from vitcnn_store.store.layout import (
     FEATURE_REDUCTIONS,
     GRAM_DTYPES,
@@ -298,7 +299,10 @@ def write_tile(info: GramInfo, p: int, q: int, block: np.ndarray) -> None:
 
 
 def finish_gram(info: GramInfo, row_mean: np.ndarray, offset: np.ndarray | None = None) -> None:
-    """Write the row means and offsets, then mark the Gram complete (last).
+    """Write the row means and offsets, then mark the Gram complete (last), with a copy
+    of both vectors in its ``vectors`` attribute when it has at most
+    :data:`~vitcnn_store.store.gram_inline.INLINE_MAX` images (one write: the read that
+    checks the Gram brings them; :mod:`vitcnn_store.store.gram_inline`).
 
     The store's consolidated metadata is left to the caller (once per job).
     """
@@ -328,7 +332,10 @@ def finish_gram(info: GramInfo, row_mean: np.ndarray, offset: np.ndarray | None 
                 attributes={"long_name": what},
             )
             arr[...] = np.asarray(values, dtype=np.float64)
-        root[info.path].attrs["complete"] = True
+        last: dict[str, Any] = {"complete": True}
+        if info.n <= INLINE_MAX:
+            last[VECTORS_ATTR] = encode_vectors(row_mean, offset)
+        root[info.path].attrs.update(last)
 
 
 # -- reading ----------------------------------------------------------------------------
@@ -602,15 +609,37 @@ def read_vectors(infos: Sequence[GramInfo], kind: str) -> list[np.ndarray]:
     return read_vector_kinds(infos, (kind,))[kind]
 
 
+def _inline(info: GramInfo) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The Gram's row means and offsets from the copy in its metadata document as
+    :func:`find_grams` read it (None: no copy, or no document; read the arrays)."""
+    if not info.meta or not info.meta[0]:
+        return None
+    try:
+        attrs = json.loads(info.meta[0]).get("attributes") or {}
+    except (ValueError, AttributeError):
+        return None
+    return decode_vectors(attrs, info.n) if isinstance(attrs, dict) else None
+
+
 def read_vector_kinds(
     infos: Sequence[GramInfo], kinds: Sequence[str] = ("row_mean", "offset")
 ) -> dict[str, list[np.ndarray]]:
-    """:func:`read_vectors` of each of ``kinds``, all read in one round of requests."""
+    """:func:`read_vectors` of each of ``kinds``, all read in one round of requests (none
+    for a Gram whose metadata carries them: :mod:`vitcnn_store.store.gram_inline`)."""
     readers = [GramReader(info) for info in infos]
-    wanted = [(kind, r, r._vector_array(kind)) for kind in kinds for r in readers]
-    got = read_many([(a, slice(None)) for _, _, a in wanted if a is not None])
+    inline = [_inline(info) for info in infos]
+    wanted = [
+        (kind, r, None if copy is not None else r._vector_array(kind), copy)
+        for kind in kinds
+        for r, copy in zip(readers, inline, strict=True)
+    ]
+    got = read_many([(a, slice(None)) for _, _, a, _ in wanted if a is not None])
     out: dict[str, list[np.ndarray]] = {kind: [] for kind in kinds}
-    for kind, reader, arr in wanted:
+    for kind, reader, arr, copy in wanted:
+        if copy is not None:
+            value = copy[0] if kind == "row_mean" else copy[1]
+            out[kind].append(np.zeros(reader.info.n) if value is None else value)
+            continue
         if arr is None:
             out[kind].append(np.zeros(reader.info.n))
             continue

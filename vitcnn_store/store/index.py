@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from vitcnn_store.errors import StoreError
+from vitcnn_store.store.gram_inline import VECTORS_ATTR, is_gram, lean_entry
 from vitcnn_store.store.layout import (
     LEASES,
     RUNS_INDEX,
@@ -60,6 +61,7 @@ __all__ = [
     "CountingStore",
     "can_list",
     "consolidate_run",
+    "lean_consolidated",
     "listed_runs",
     "refresh_derived",
     "register_run",
@@ -192,7 +194,28 @@ def consolidate_run(url: str, run: str) -> None:
     import zarr
 
     with quiet_zarr(), store_io(url):
-        zarr.consolidate_metadata(zarr_store(url), path=run, zarr_format=3)
+        group = zarr.consolidate_metadata(zarr_store(url), path=run, zarr_format=3)
+    lean_consolidated(url, run, group)
+
+
+def lean_consolidated(url: str, path: str, group: Any) -> None:
+    """Rewrite the ``zarr.json`` of ``group`` at ``path`` ("" for the root), just
+    consolidated by zarr, without the Grams' copies of their vectors
+    (:func:`~vitcnn_store.store.gram_inline.lean_entry`), when it holds any: every
+    reader opens this snapshot, only a CKA needs them (from the Gram's own document)."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    snapshot = group.metadata.consolidated_metadata
+    flat = {} if snapshot is None else snapshot.flattened_metadata
+    if not any(VECTORS_ATTR in (v.attributes or {}) for k, v in flat.items() if is_gram(k)):
+        return
+    raw = group.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+    doc = json.loads(raw)
+    meta = doc["consolidated_metadata"]["metadata"]
+    doc["consolidated_metadata"]["metadata"] = {k: lean_entry(k, v) for k, v in meta.items()}
+    _, root = filesystem(url)
+    target = "/".join(p for p in (str(root).rstrip("/"), path, "zarr.json") if p)
+    _write_whole(url, target, json.dumps(doc, indent=2).encode())
 
 
 def unit_fingerprint(chunks: dict[str, tuple[int, bytes]]) -> tuple[int, int]:
@@ -289,7 +312,8 @@ def refresh_derived(url: str, run: str, subtree: str) -> None:
         rel = fs._strip_protocol(str(path))
         rel = rel[len(strip) :] if rel.startswith(strip) else rel
         try:
-            nodes[rel.removesuffix("/zarr.json")] = _empty_children(json.loads(data))
+            key = rel.removesuffix("/zarr.json")
+            nodes[key] = lean_entry(key, _empty_children(json.loads(data)))
         except ValueError:
             continue  # an unreadable node: verify reports it
     # The groups above the subtree (e.g. ``_analyses``) exist when the subtree does.
@@ -316,7 +340,11 @@ def _splice(
 ) -> None:
     """Replace ``subtree``'s entries of ``doc``'s consolidated metadata by ``nodes`` and
     write ``doc`` back to ``target`` (whole, atomically on a local disk)."""
-    data = spliced(doc, subtree, nodes)
+    _write_whole(url, target, spliced(doc, subtree, nodes))
+
+
+def _write_whole(url: str, target: str, data: bytes) -> None:
+    """Write ``data`` to ``target`` whole (atomically on a local disk)."""
     fs, _ = filesystem(url)
     with store_io(url):
         if is_local(url):

@@ -13,11 +13,11 @@ store sees, in this order (each step one concurrent batch):
    listing of the key);
 3. the result's group without its marker, and missing parent groups;
 4. every array object (metadata and chunks);
-5. the commit marker: the result's ``zarr.json`` with ``vitcnn_store.complete``;
-6. the run's and the root's ``zarr.json`` read again, with the name's other
-   results' (their markers, for the report); then the ``latest`` pointer and the
-   run's and the root's consolidated metadata (the result spliced in from memory,
-   the rest of the snapshot kept as read).
+5. the commit marker: the result's ``zarr.json`` with ``vitcnn_store.complete``,
+   and in the same round the run's and the root's ``zarr.json`` read again, with
+   the name's other results' (their markers, for the report);
+6. the ``latest`` pointer and the run's and the root's consolidated metadata (the
+   result spliced in from memory, the rest of the snapshot kept as read).
 
 A job killed at any step leaves a result without its marker (or none), which
 readers never see and ``verify --repair`` removes, as before.
@@ -111,12 +111,17 @@ def _group_bytes(doc: dict[str, Any] | None, attributes: dict[str, Any]) -> byte
     return meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
 
 
-def _read(store: Store, paths: list[str]) -> dict[str, Any]:
-    """Parsed JSON of the objects ``paths`` (None where absent), read concurrently."""
-    if not paths:
+def _read(store: Store, paths: list[str], put: dict[str, bytes] | None = None) -> dict[str, Any]:
+    """Parsed JSON of the objects ``paths`` (None where absent), read concurrently; with
+    ``put``, those objects written in the same round on object storage (:func:`_put`;
+    a failed write raises, as there)."""
+    if put and (is_local(store.url) or not getattr(store.fs, "async_impl", False)):
+        _put(store, put)
+        put = None
+    if not paths and not put:
         return {}
     with store_io(store.url):
-        got = store.fs.cat(paths, on_error="return")
+        got = _pipe_and_cat(store.fs, put, paths) if put else store.fs.cat(paths, on_error="return")
     out: dict[str, Any] = {}
     for path in paths:
         raw = got.get(path) if isinstance(got, dict) else None
@@ -131,6 +136,26 @@ def _read(store: Store, paths: list[str]) -> dict[str, Any]:
             except ValueError:
                 out[path] = None  # unreadable: treated as absent (verify reports it)
     return out
+
+
+def _pipe_and_cat(fs: Any, objects: dict[str, bytes], paths: list[str]) -> dict[str, Any]:
+    """``fs.pipe(objects)`` and ``fs.cat(paths, on_error="return")`` as one round of
+    concurrent requests (an asynchronous fsspec file system)."""
+    import asyncio
+
+    from fsspec.asyn import sync
+
+    async def both() -> Any:
+        _, got = await asyncio.gather(
+            fs._pipe(objects), fs._cat(paths, on_error="return") if paths else _nothing()
+        )
+        return got
+
+    return sync(fs.loop, both) or {}
+
+
+async def _nothing() -> dict[str, Any]:
+    return {}
 
 
 def _put(store: Store, objects: dict[str, bytes]) -> None:
@@ -248,8 +273,8 @@ def write_analysis(
         first[where["name"]] = _group_bytes(None, {})
     _put(store, first)
     _put(store, {f"{base}/{group}/{k}": v for k, v in staged.arrays.items()})
-    _put(store, {where["key"]: staged.marked})  # the commit: last write of the result
 
+    commit = {where["key"]: staged.marked}
     pointer = _group_bytes(
         name_doc, {**((name_doc or {}).get("attributes") or {}), LATEST_ATTR: key}
     )
@@ -261,9 +286,10 @@ def write_analysis(
     for k, v in staged.arrays.items():
         if k.endswith("/zarr.json"):
             nodes[f"{ANALYSES}/{name}/{key}/{k.removesuffix('/zarr.json')}"] = json.loads(v)
-    # Read again just before rewriting them: another job may have rewritten the root.
-    # The other results' markers (only reported) come in the same round.
-    fresh = _read(store, [where["run"], where["root"], *other_paths])
+    # The commit (the last write of the result), and in the same round the run's and
+    # the root's snapshots read again just before rewriting them (another job may have
+    # rewritten the root), with the other results' markers (only reported).
+    fresh = _read(store, [where["run"], where["root"], *other_paths], put=commit)
     run_now, root_now = fresh[where["run"]], fresh[where["root"]]
     subtree = f"{ANALYSES}/{name}/{key}"
     last = {where["name"]: pointer}

@@ -37,6 +37,7 @@ from vitcnn_store.store.index import (
     RECORD,
     RECORD_FIELDS,
     consolidate_run,
+    lean_consolidated,
     register_run,
     unit_fingerprint,
 )
@@ -544,7 +545,8 @@ def consolidate(url: str, *runs: str) -> None:
     for run in dict.fromkeys(runs):
         consolidate_run(url, run)
     with quiet_zarr(), store_io(url):
-        zarr.consolidate_metadata(zarr_store(url), zarr_format=3)
+        group = zarr.consolidate_metadata(zarr_store(url), zarr_format=3)
+    lean_consolidated(url, "", group)
 
 
 def check_peaks(peaks: Iterable[tuple[str, float]], dtype: str) -> None:
