@@ -9,9 +9,7 @@ Ray or spawns an interpreter is left out of the quick loop without anyone rememb
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-import re
 import shutil
 import signal
 import socket
@@ -21,7 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -65,7 +63,7 @@ def _names_in(function: object, module: object) -> set[str]:
     return names
 
 
-def pytest_collection_modifyitems(items: Sequence[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
         if used & RAY_FIXTURES:
@@ -75,62 +73,29 @@ def pytest_collection_modifyitems(items: Sequence[pytest.Item]) -> None:
         names = _names_in(getattr(item, "function", None), getattr(item, "module", None))
         if used & SLOW_FIXTURES or names & (SPAWNS | EXTRACTS) or _extracting_fixtures(item):
             item.add_marker(pytest.mark.slow)
-    _check_ray_scope(items)
+    _slow_modules_first(items)
 
 
-#: A test module asks for a Ray fixture by parameter (``ray_cluster: None``) or with
-#: ``usefixtures("ray_head")``: how the scheduler tells Ray modules from their text.
-_ASKS_FOR_RAY = re.compile(
-    r"\b(?:ray_cluster|ray_head)\s*:|usefixtures\(\s*[\"'](?:ray_cluster|ray_head)[\"']"
-)
-#: The pytest-xdist work unit of every Ray-using module (:func:`pytest_xdist_make_scheduler`).
-RAY_SCOPE = "ray-modules"
+def _slow_modules_first(items: list[pytest.Item]) -> None:
+    """Modules with a slow test first, each module's tests kept together and in order.
 
+    scripts/test.sh hands modules to its two workers in this order (``--dist loadscope
+    --no-loadscope-reorder``): the long ones start early and the many quick modules fill
+    the end, so neither worker is left running one long module while the other idles
+    (pytest-xdist's own order, by test count, started a 40 s one-test module last)."""
+    first: dict[str, int] = {}
+    slow: set[str] = set()
+    for i, item in enumerate(items):
+        module = item.nodeid.split("::", 1)[0]
+        first.setdefault(module, i)
+        if item.get_closest_marker("slow"):
+            slow.add(module)
 
-@functools.cache
-def asks_for_ray(module: Path) -> bool:
-    """Whether a test module's text asks for :data:`RAY_FIXTURES` (see :data:`_ASKS_FOR_RAY`)."""
-    try:
-        return bool(_ASKS_FOR_RAY.search(module.read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError):
-        return False
+    def order(pair: tuple[int, pytest.Item]) -> tuple[bool, int, int]:
+        module = pair[1].nodeid.split("::", 1)[0]
+        return module not in slow, first[module], pair[0]
 
-
-def _check_ray_scope(items: Sequence[pytest.Item]) -> None:
-    """A module whose tests use Ray but whose text does not say so would start its own
-    cluster in the other worker: say so at collection rather than cost seconds quietly."""
-    for item in items:
-        path = getattr(item, "path", None)
-        uses_ray = set(getattr(item, "fixturenames", ())) & RAY_FIXTURES
-        if uses_ray and path is not None and not asks_for_ray(path):
-            raise pytest.UsageError(
-                f"{path} uses a Ray fixture only through another fixture: name it in the "
-                "module (a parameter `ray_cluster: None`, or usefixtures), so that "
-                "scripts/test.sh runs it in the worker that holds the Ray cluster"
-            )
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
-    """``--dist loadscope`` with every Ray-using module in one work unit: one worker starts
-    the session's Ray cluster and the Ray head (each costs seconds of CPU and starts
-    processes), and a module's parked actors serve the next module's jobs. The unit is
-    the largest, so the worker gets it first (``--loadscope-reorder``) while the other
-    worker runs the rest of the suite."""
-    if config.getvalue("dist") != "loadscope":
-        return None
-    from xdist.scheduler import LoadScopeScheduling
-
-    root = config.rootpath
-
-    class RayModulesTogether(LoadScopeScheduling):  # type: ignore[misc]
-        def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            if module.endswith(".py") and asks_for_ray(root / module):
-                return RAY_SCOPE
-            return str(super()._split_scope(nodeid))
-
-    return RayModulesTogether(config, log)
+    items[:] = [item for _, item in sorted(enumerate(items), key=order)]
 
 
 def _extracting_fixtures(item: pytest.Item) -> bool:
@@ -156,9 +121,8 @@ SESSION_IDLE_SECONDS = 1800.0
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
     """A local Ray cluster shared by every test that needs one (one per pytest-xdist worker
-    that runs Ray modules: one, :func:`pytest_xdist_make_scheduler`), started as the tool
-    starts its own (loopback only); its parked actors wait
-    :data:`SESSION_IDLE_SECONDS` for the next job."""
+    that runs Ray modules), started as the tool starts its own (loopback only); its parked
+    actors wait :data:`SESSION_IDLE_SECONDS` for the next job."""
     import ray
 
     from jobs import ray_pool
