@@ -83,19 +83,13 @@ def _slow_modules_first(items: list[pytest.Item]) -> None:
     --no-loadscope-reorder``): the long ones start early and the many quick modules fill
     the end, so neither worker is left running one long module while the other idles
     (pytest-xdist's own order, by test count, started a 40 s one-test module last)."""
+    modules = [item.nodeid.split("::", 1)[0] for item in items]
     first: dict[str, int] = {}
-    slow: set[str] = set()
-    for i, item in enumerate(items):
-        module = item.nodeid.split("::", 1)[0]
+    for i, module in enumerate(modules):
         first.setdefault(module, i)
-        if item.get_closest_marker("slow"):
-            slow.add(module)
-
-    def order(pair: tuple[int, pytest.Item]) -> tuple[bool, int, int]:
-        module = pair[1].nodeid.split("::", 1)[0]
-        return module not in slow, first[module], pair[0]
-
-    items[:] = [item for _, item in sorted(enumerate(items), key=order)]
+    slow = {m for m, item in zip(modules, items, strict=True) if item.get_closest_marker("slow")}
+    order = sorted(range(len(items)), key=lambda i: (modules[i] not in slow, first[modules[i]], i))
+    items[:] = [items[i] for i in order]
 
 
 def _extracting_fixtures(item: pytest.Item) -> bool:

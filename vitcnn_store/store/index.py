@@ -215,7 +215,7 @@ def lean_consolidated(url: str, path: str, group: Any) -> None:
     doc["consolidated_metadata"]["metadata"] = {k: lean_entry(k, v) for k, v in meta.items()}
     _, root = filesystem(url)
     target = "/".join(p for p in (str(root).rstrip("/"), path, "zarr.json") if p)
-    _write_whole(url, target, snapshot_bytes(doc))
+    _write_whole(url, target, _snapshot_bytes(doc))
 
 
 def unit_fingerprint(chunks: dict[str, tuple[int, bytes]]) -> tuple[int, int]:
@@ -370,12 +370,12 @@ def spliced(doc: dict[str, Any], subtree: str, nodes: dict[str, dict[str, Any]])
             "metadata": dict(sorted(meta.items())),
         },
     }
-    return snapshot_bytes(doc)
+    return _snapshot_bytes(doc)
 
 
-def snapshot_bytes(doc: dict[str, Any]) -> bytes:
-    """A snapshot's ``zarr.json`` as compact JSON: a run's runs to hundreds of kilobytes,
-    which every result write reads and writes back (twice: run and root), and ``indent``
-    would take Python's own encoder instead of the C one (about 10x slower) and double
-    the bytes sent to object storage."""
+def _snapshot_bytes(doc: dict[str, Any]) -> bytes:
+    """A snapshot's ``zarr.json`` as compact JSON. A run's snapshot runs to hundreds of
+    kilobytes, and every result write reads and rewrites it (the run's and the root's):
+    ``indent`` would double the bytes sent to object storage and take Python's own
+    encoder instead of the C one (about 5x slower)."""
     return json.dumps(doc, separators=(",", ":")).encode()
